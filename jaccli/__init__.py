@@ -1,0 +1,62 @@
+"""jaccli: derivatives of saved PyTorch models with respect to their inputs.
+
+The public API is what this module exports; the ``jaccli`` command calls exactly it.
+
+>>> import torch, jaccli
+>>> x = torch.linspace(-1, 1, 5)[:, None]
+>>> jaccli.jacobian(torch.tanh, x, per_sample=True).shape
+torch.Size([5, 1, 1])
+"""
+
+from .engine import (
+    DivergenceEstimate,
+    Plan,
+    describe,
+    divergence,
+    hessian,
+    jacobian,
+    laplacian,
+    plan,
+)
+from .errors import (
+    CheckFailed,
+    InputError,
+    JaccliError,
+    JaccliWarning,
+    ModelError,
+    NumericalError,
+    OutputError,
+    ResourceError,
+    UsageError,
+)
+from .io import load_tensor, load_tensors, save_tensors
+from .models import LoadedModel, ModelInfo, load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckFailed",
+    "DivergenceEstimate",
+    "InputError",
+    "JaccliError",
+    "JaccliWarning",
+    "LoadedModel",
+    "ModelError",
+    "ModelInfo",
+    "NumericalError",
+    "OutputError",
+    "Plan",
+    "ResourceError",
+    "UsageError",
+    "__version__",
+    "describe",
+    "divergence",
+    "hessian",
+    "jacobian",
+    "laplacian",
+    "load_model",
+    "load_tensor",
+    "load_tensors",
+    "plan",
+    "save_tensors",
+]

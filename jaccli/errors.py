@@ -1,0 +1,129 @@
+"""One exception family: every error a user can cause is a :class:`JaccliError`.
+
+Each subclass carries the process exit code the command line uses for it, so the
+CLI needs no if-chain to map errors to codes and the README's table is checked
+against :data:`EXIT_CODES` by the tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class JaccliError(Exception):
+    """Base class of every error jaccli raises for a problem the user can fix.
+
+    The message is built from parts so that every error reads the same way:
+    ``<where>: <what> (expected <expected>, got <got>); <hint>``.
+    """
+
+    exit_code = 1
+    label = "error"
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        where: str | Path | None = None,
+        expected: object = None,
+        got: object = None,
+        hint: str | None = None,
+    ) -> None:
+        self.what = what
+        self.where = None if where is None else str(where)
+        self.expected = expected
+        self.got = got
+        self.hint = hint
+        super().__init__(self._compose())
+
+    def _compose(self) -> str:
+        text = self.what
+        if self.where:
+            text = f"{self.where}: {text}"
+        if self.expected is not None or self.got is not None:
+            parts = []
+            if self.expected is not None:
+                parts.append(f"expected {self.expected}")
+            if self.got is not None:
+                parts.append(f"got {self.got}")
+            text += f" ({', '.join(parts)})"
+        if self.hint:
+            text += f"; {self.hint}"
+        return text
+
+
+class UsageError(JaccliError):
+    """An option or argument value is invalid (unknown device, dtype, mode, …)."""
+
+    exit_code = 2
+    label = "usage error"
+
+
+class InputError(JaccliError):
+    """A model or tensor file is missing, unreadable, corrupt, unsafe or unsupported."""
+
+    exit_code = 3
+    label = "input error"
+
+
+class ModelError(JaccliError):
+    """The model fails on the input, or its output does not fit the request."""
+
+    exit_code = 4
+    label = "model error"
+
+
+class NumericalError(JaccliError):
+    """Non-finite values where ``strict`` forbids them."""
+
+    exit_code = 5
+    label = "numerical error"
+
+
+class ResourceError(JaccliError):
+    """The device is unavailable or the work cannot fit in memory."""
+
+    exit_code = 6
+    label = "resource error"
+
+
+class OutputError(JaccliError):
+    """The result cannot be written where it was asked to go."""
+
+    exit_code = 7
+    label = "output error"
+
+
+class CheckFailed(JaccliError):
+    """``jaccli check`` found a derivative that disagrees with finite differences."""
+
+    exit_code = 8
+    label = "check failed"
+
+
+class JaccliWarning(UserWarning):
+    """Something the user should know about a result that is still returned."""
+
+
+#: exit code of each error class, the single source the CLI and README follow
+EXIT_CODES: dict[type[JaccliError], int] = {
+    cls: cls.exit_code
+    for cls in (
+        JaccliError,
+        UsageError,
+        InputError,
+        ModelError,
+        NumericalError,
+        ResourceError,
+        OutputError,
+        CheckFailed,
+    )
+}
+
+#: exit code after Ctrl-C, as shells report SIGINT
+EXIT_INTERRUPTED = 130
+
+
+def shape_str(shape) -> str:
+    """``[4, 3]`` for a shape; ``[]`` for a scalar."""
+    return "[" + ", ".join(str(int(s)) if not isinstance(s, str) else s for s in shape) + "]"

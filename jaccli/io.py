@@ -1,0 +1,555 @@
+"""Reading input tensors and writing results.
+
+Formats are rows of two tables (:data:`READERS`, :data:`WRITERS`); a file is
+recognised by its content first (magic bytes), by its suffix second. Nothing here
+runs code from a data file: ``torch.load(weights_only=True)`` and
+``np.load(allow_pickle=False)`` only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+from .errors import InputError, JaccliWarning, OutputError, UsageError, shape_str
+
+STDIO = "-"
+
+#: dtype names accepted by ``--dtype`` and the API's ``dtype=``
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+_SNIFF_BYTES = 64
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """Bytes of one input, with the name errors should show."""
+
+    name: str
+    data: bytes
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.name).suffix.lower() if self.name != STDIO else ""
+
+
+def read_source(path: str | os.PathLike, *, what: str = "file") -> Source:
+    """The whole content of ``path`` (``-``: standard input), or one clear error."""
+    name = os.fspath(path)
+    if name == STDIO:
+        data = sys.stdin.buffer.read()
+        name = "<stdin>"
+    else:
+        p = Path(name)
+        if not p.exists():
+            raise InputError(f"no such {what}", where=name)
+        if p.is_dir():
+            raise InputError(f"is a directory, not a {what}", where=name)
+        try:
+            data = p.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read {what}: {exc.strerror or exc}", where=name) from None
+    if not data:
+        raise InputError(f"empty {what}", where=name, expected="tensor data", got="0 bytes")
+    if data.startswith(_LFS_POINTER):
+        raise InputError(
+            "is a Git LFS pointer, not the real file",
+            where=name,
+            hint="fetch it with `git lfs pull`",
+        )
+    return Source(name, data)
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _check_npy_header(src: Source, buf: BinaryIO, offset: int = 0) -> None:
+    """Refuse a ``.npy`` whose header promises more bytes than the file holds.
+
+    Checked before any allocation: a hostile header can claim a shape of
+    petabytes, and numpy would try to allocate it.
+    """
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(buf)
+        reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _fortran, dtype = reader(buf)
+    except Exception as exc:  # numpy raises ValueError/SyntaxError/... for bad headers
+        raise InputError(f"corrupt .npy header: {exc}", where=src.name) from None
+    if dtype.hasobject:
+        raise InputError(
+            "holds Python objects, which would need pickle to load",
+            where=src.name,
+            expected="a numeric array",
+            got=f"dtype {dtype}",
+        )
+    need = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    have = len(src.data) - offset - buf.tell()
+    if need > have:
+        raise InputError(
+            "truncated or corrupt .npy: the header promises more data than the file holds",
+            where=src.name,
+            expected=f"{need} bytes for shape {shape_str(shape)} {dtype}",
+            got=f"{have} bytes",
+        )
+
+
+def _from_numpy(array: np.ndarray, src: Source) -> torch.Tensor:
+    if array.dtype.hasobject or array.dtype.kind in "USV":
+        raise InputError(
+            "is not a numeric array", where=src.name, expected="numbers", got=f"dtype {array.dtype}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _read_npy(src: Source) -> dict[str, torch.Tensor]:
+    buf = io.BytesIO(src.data)
+    _check_npy_header(src, buf)
+    buf.seek(0)
+    try:
+        array = np.load(buf, allow_pickle=False)
+    except Exception as exc:
+        raise InputError(f"corrupt .npy: {exc}", where=src.name) from None
+    return {"": _from_numpy(array, src)}
+
+
+def _read_npz(src: Source) -> dict[str, torch.Tensor]:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(src.data))
+        members = [m for m in archive.namelist() if m.endswith(".npy")]
+        out = {}
+        for member in members:
+            data = archive.read(member)
+            inner = Source(f"{src.name}[{member[:-4]}]", data)
+            out[member[:-4]] = _read_npy(inner)[""]
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"corrupt .npz: {exc}", where=src.name) from None
+    if not out:
+        raise InputError("holds no arrays", where=src.name)
+    return out
+
+
+def _read_torch(src: Source) -> dict[str, torch.Tensor]:
+    try:
+        # weights_only=True is explicit, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot override it
+        obj = torch.load(io.BytesIO(src.data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise InputError(
+                "refused: the file needs arbitrary code to load (pickle), which jaccli never runs",
+                where=src.name,
+                hint="save plain tensors (torch.save(tensor) or a dict of tensors), .npy or .safetensors",
+            ) from None
+        raise InputError(f"cannot read torch file: {first}", where=src.name) from None
+    if isinstance(obj, torch.Tensor):
+        return {"": obj}
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {str(k): v for k, v in obj.items()}
+    raise InputError(
+        "holds no tensor",
+        where=src.name,
+        expected="a tensor or a dict of tensors",
+        got=type(obj).__name__,
+    )
+
+
+def _read_safetensors(src: Source) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as st_load
+
+    try:
+        out = st_load(src.data)
+    except Exception as exc:
+        raise InputError(f"corrupt .safetensors: {exc}", where=src.name) from None
+    if not out:
+        raise InputError("holds no tensors", where=src.name)
+    return out
+
+
+def _read_text(src: Source) -> dict[str, torch.Tensor]:
+    try:
+        text = src.data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(
+            "unrecognised binary file",
+            where=src.name,
+            expected="one of " + ", ".join(sorted(SUFFIXES)),
+        ) from None
+    delimiter = "," if src.suffix == ".csv" or ("," in text.split("\n", 1)[0]) else None
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if lines:
+        try:
+            [float(v) for v in lines[0].split(delimiter)]
+        except ValueError:
+            lines = lines[1:]  # a header row of column names
+    if not lines:
+        raise InputError("holds no numbers", where=src.name)
+    try:
+        array = np.loadtxt(lines, delimiter=delimiter, ndmin=2, dtype=np.float64)
+    except ValueError as exc:
+        raise InputError(f"not a numeric table: {exc}", where=src.name) from None
+    return {"": torch.from_numpy(array)}
+
+
+def _zip_names(data: bytes) -> list[str]:
+    try:
+        return zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except zipfile.BadZipFile:
+        return []
+
+
+def _is_safetensors(data: bytes) -> bool:
+    if len(data) < 10:
+        return False
+    header_len = int.from_bytes(data[:8], "little")
+    return 2 <= header_len <= len(data) - 8 and data[8:9] == b"{"
+
+
+def _sniff(src: Source) -> str | None:
+    """The tensor format of ``src`` by content, or None when the bytes do not say."""
+    head = src.data[:_SNIFF_BYTES]
+    if head.startswith(_NPY_MAGIC):
+        return "npy"
+    if head.startswith(_ZIP_MAGIC):
+        names = _zip_names(src.data)
+        if any(n.endswith(".npy") for n in names) and not any(n.endswith("data.pkl") for n in names):
+            return "npz"
+        return "pt"
+    if head.startswith(b"\x80"):  # legacy (non-zip) torch.save: a pickle stream
+        return "pt"
+    if _is_safetensors(src.data):
+        return "safetensors"
+    return None
+
+
+#: tensor format name -> reader of its bytes into ``{name: tensor}`` ("" for an unnamed one)
+READERS: dict[str, Callable[[Source], dict[str, torch.Tensor]]] = {
+    "npy": _read_npy,
+    "npz": _read_npz,
+    "pt": _read_torch,
+    "safetensors": _read_safetensors,
+    "text": _read_text,
+}
+
+#: file suffix -> tensor format, used when the content does not identify itself
+SUFFIXES: dict[str, str] = {
+    ".npy": "npy",
+    ".npz": "npz",
+    ".pt": "pt",
+    ".pth": "pt",
+    ".safetensors": "safetensors",
+    ".csv": "text",
+    ".txt": "text",
+}
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor in a file, by name (a single unnamed tensor has the name ``""``).
+
+    >>> import numpy as np, tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "x.npz")
+    >>> np.savez(p, t=np.zeros(3), x=np.ones((3, 2)))
+    >>> sorted(load_tensors(p))
+    ['t', 'x']
+    """
+    src = read_source(path, what="tensor file")
+    fmt = _sniff(src) or SUFFIXES.get(src.suffix, "text")
+    return READERS[fmt](src)
+
+
+def load_tensor(
+    path: str | os.PathLike, *, key: str | None = None, dtype: torch.dtype | str | None = None
+) -> torch.Tensor:
+    """One floating-point tensor from ``path`` (``"-"`` reads ``.npy`` bytes from stdin).
+
+    ``key`` picks a tensor from a file holding several. Integer and boolean data
+    are cast to ``float32`` with a :class:`~jaccli.JaccliWarning` (a derivative needs
+    a floating input); half precision is widened to ``float32`` likewise; complex
+    data are refused. ``dtype`` (``"float32"``/``"float64"``) overrides the result's dtype.
+
+    >>> import numpy as np, tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "x.npy")
+    >>> np.save(p, np.linspace(0, 1, 5)[:, None])
+    >>> load_tensor(p).shape
+    torch.Size([5, 1])
+    """
+    name = "<stdin>" if os.fspath(path) == STDIO else os.fspath(path)
+    tensor = _pick(load_tensors(path), key, name)
+    return as_float(tensor, dtype=dtype, where=name if key is None else f"{name}[{key}]")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A :class:`torch.dtype` from a name in :data:`DTYPES` (None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise UsageError(
+        "unsupported dtype", expected="one of " + ", ".join(DTYPES), got=str(dtype)
+    )
+
+
+def as_float(tensor: torch.Tensor, *, dtype=None, where: str = "input") -> torch.Tensor:
+    """``tensor`` as a float32/float64 tensor, casting with a notice where needed."""
+    want = resolve_dtype(dtype)
+    if tensor.is_complex():
+        raise InputError(
+            "complex inputs are not supported",
+            where=where,
+            expected="real numbers",
+            got=str(tensor.dtype).removeprefix("torch."),
+            hint="split real and imaginary parts into separate inputs",
+        )
+    if want is None:
+        if tensor.dtype in DTYPES.values():
+            return tensor
+        want = torch.float32
+        warnings.warn(
+            f"{where}: {str(tensor.dtype).removeprefix('torch.')} data cast to float32 "
+            "(derivatives need floating-point inputs; pass --dtype float64 for more precision)",
+            JaccliWarning,
+            stacklevel=2,
+        )
+    return tensor.to(want)
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+def _write_npy(fh: BinaryIO, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    if len(tensors) != 1:
+        raise OutputError(
+            ".npy holds one array",
+            expected="one result",
+            got=f"{len(tensors)} ({', '.join(tensors)})",
+            hint="save to .npz, .pt or .safetensors",
+        )
+    (t,) = tensors.values()
+    np.save(fh, _to_numpy(t), allow_pickle=False)
+
+
+def _write_npz(fh: BinaryIO, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    np.savez(fh, **{k: _to_numpy(v) for k, v in tensors.items()})
+
+
+def _write_torch(fh: BinaryIO, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    obj = next(iter(tensors.values())) if len(tensors) == 1 else dict(tensors)
+    torch.save(_detached(obj), fh)
+
+
+def _detached(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().contiguous()
+    return {k: _detached(v) for k, v in obj.items()}
+
+
+def _write_safetensors(fh: BinaryIO, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    fh.write(save(_detached(dict(tensors)), metadata=dict(meta)))
+
+
+#: result format name -> writer of ``{name: tensor}`` and string metadata to a binary stream
+WRITERS: dict[str, Callable[[BinaryIO, dict[str, torch.Tensor], dict[str, str]], None]] = {
+    "npy": _write_npy,
+    "npz": _write_npz,
+    "pt": _write_torch,
+    "safetensors": _write_safetensors,
+}
+
+_SAVE_SUFFIXES = {s: f for s, f in SUFFIXES.items() if f in WRITERS}
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """The result format ``--save PATH`` implies (``-`` is ``.npy`` on stdout)."""
+    name = os.fspath(path)
+    if name == STDIO:
+        return "npy"
+    suffix = Path(name).suffix.lower()
+    if suffix not in _SAVE_SUFFIXES:
+        raise UsageError(
+            "cannot tell the output format from the suffix",
+            where=name,
+            expected="one of " + ", ".join(sorted(_SAVE_SUFFIXES)) + " or - for stdout",
+            got=suffix or "no suffix",
+        )
+    return _SAVE_SUFFIXES[suffix]
+
+
+def check_output(path: str | os.PathLike, *, force: bool = False) -> None:
+    """Fail now, before any work, if ``path`` cannot receive a result."""
+    output_format(path)
+    name = os.fspath(path)
+    if name == STDIO:
+        return
+    p = Path(name)
+    if p.is_dir():
+        raise OutputError("is a directory", where=name, expected="a file path")
+    if p.exists() and not force:
+        raise OutputError("already exists", where=name, hint="pass --force to overwrite it")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError("directory does not exist", where=str(parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError("directory is not writable", where=str(parent))
+
+
+def save_tensors(
+    path: str | os.PathLike,
+    tensors: torch.Tensor | Mapping[str, torch.Tensor],
+    *,
+    metadata: Mapping[str, object] | None = None,
+    force: bool = False,
+) -> None:
+    """Write result tensor(s) to ``path``; the suffix picks the format.
+
+    The file appears complete or not at all: data go to a temporary file beside
+    it that is renamed into place, and removed on any failure (Ctrl-C included).
+    ``metadata`` (JSON-able values) is stored where the format has room for it
+    (``.safetensors`` header).
+    """
+    fmt = output_format(path)
+    check_output(path, force=force)
+    if isinstance(tensors, torch.Tensor):
+        tensors = {"result": tensors}
+    tensors = dict(tensors)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    name = os.fspath(path)
+    if name == STDIO:
+        buf = io.BytesIO()
+        WRITERS[fmt](buf, tensors, meta)
+        sys.stdout.buffer.write(buf.getvalue())
+        sys.stdout.buffer.flush()
+        return
+    target = Path(name)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            WRITERS[fmt](fh, tensors, meta)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write: {exc.strerror or exc}", where=name) from None
+        raise
+
+
+# --------------------------------------------------------------------------- model inputs
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """``NAME=FILE[:KEY]`` from ``--input``."""
+
+    name: str
+    path: str
+    key: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> InputSpec:
+        name, sep, rest = spec.partition("=")
+        if not sep or not name or not rest:
+            raise UsageError("bad --input", expected="NAME=FILE or NAME=FILE:KEY", got=spec)
+        path, key = rest, None
+        head, colon, tail = rest.rpartition(":")
+        if colon and head and "/" not in tail and not Path(rest).exists():
+            path, key = head, tail
+        return cls(name, path, key)
+
+
+def gather_inputs(
+    path: str | None,
+    specs: list[str] | tuple[str, ...] = (),
+    *,
+    key: str | None = None,
+    arg_names: tuple[str, ...] = (),
+) -> tuple[dict[str, torch.Tensor], dict[str, str], bool]:
+    """Collect the model's inputs from the positional INPUT file and ``--input`` specs.
+
+    Returns the tensors by argument name, the file each came from, and whether the
+    model is to be called positionally (one unnamed tensor) or by keyword. A file
+    with several tensors maps them to the model's arguments by name.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    positional = False
+    if path is not None:
+        found = load_tensors(path)
+        shown = "<stdin>" if os.fspath(path) == STDIO else os.fspath(path)
+        if key is not None or len(found) == 1:
+            label = arg_names[0] if arg_names else "input"
+            tensors[label] = _pick(found, key, shown)
+            sources[label] = shown if key is None else f"{shown}:{key}"
+            positional = True
+        else:
+            names = sorted(found)
+            if len(arg_names) <= 1 or not set(arg_names) <= set(found):
+                want = "--key with one of " if len(arg_names) <= 1 else "tensors named "
+                raise InputError(
+                    "holds several tensors; cannot tell which the model takes",
+                    where=shown,
+                    expected=want + ", ".join(arg_names if len(arg_names) > 1 else names),
+                    got=", ".join(names),
+                )
+            for name in arg_names:
+                tensors[name] = found[name]
+                sources[name] = f"{shown}:{name}"
+    for raw in specs:
+        spec = InputSpec.parse(raw)
+        if spec.name in tensors:
+            raise UsageError("input given twice", got=spec.name)
+        if arg_names and spec.name not in arg_names:
+            raise UsageError(
+                "the model has no such argument", expected="one of " + ", ".join(arg_names), got=spec.name
+            )
+        tensors[spec.name] = _pick(load_tensors(spec.path), spec.key, spec.path)
+        sources[spec.name] = spec.path if spec.key is None else f"{spec.path}:{spec.key}"
+        positional = False
+    if not tensors:
+        raise UsageError("no input given", expected="an INPUT file or --input NAME=FILE")
+    if len(tensors) > 1 and positional:
+        positional = False
+    return tensors, sources, positional
+
+
+def _pick(found: dict[str, torch.Tensor], key: str | None, where: str) -> torch.Tensor:
+    if key is None:
+        if len(found) == 1:
+            return next(iter(found.values()))
+        raise InputError(
+            "holds several tensors and no key was given",
+            where=where,
+            expected="--key with one of " + ", ".join(sorted(found)),
+        )
+    if key not in found:
+        raise InputError(
+            f"has no tensor named {key!r}", where=where, expected="one of " + ", ".join(sorted(found))
+        )
+    return found[key]
