@@ -1,0 +1,441 @@
+"""The ``jaccli`` command: a thin Typer layer over the public API in :mod:`jaccli`.
+
+Every error a user can cause is a :class:`~jaccli.JaccliError`; :class:`JaccliGroup`
+turns it (and Typer's own usage errors) into one red line on stderr and the exit
+code of :data:`~jaccli.errors.EXIT_CODES`.
+"""
+
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
+
+import jaccli
+
+from . import render
+from .engine import ESTIMATORS, KINDS, MODES
+from .errors import EXIT_INTERRUPTED, JaccliError, UsageError
+from .io import DTYPES, STDIO, as_float, check_output, gather_inputs, resolve_dtype
+from .models import count_parameters, info_of, resolve_device
+
+try:  # Typer vendors Click from 0.25 on
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - older Typer with Click as a dependency
+    from click import exceptions as click_exc
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def _fail(message: str, label: str, code: int) -> None:
+    _stderr().print(f"[bold red]{label}:[/] {escape(message)}")
+    sys.exit(code)
+
+
+class JaccliGroup(TyperGroup):
+    """Runs a command and reports any failure as one line and an exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(
+                args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra
+            )
+        except JaccliError as exc:
+            _fail(str(exc), exc.label, exc.exit_code)
+        except click_exc.NoArgsIsHelpError as exc:
+            typer.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+            sys.exit(0)
+        except click_exc.ClickException as exc:
+            cmd = f" {exc.ctx.info_name}" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
+            _fail(f"{exc.format_message()} (see 'jaccli{cmd} --help')", "usage error", exc.exit_code)
+        except (click_exc.Abort, KeyboardInterrupt):
+            _fail("interrupted", "error", EXIT_INTERRUPTED)
+        except Exception as exc:  # a bug in jaccli or a library: still one line unless debugging
+            if os.environ.get("JACCLI_DEBUG"):
+                raise
+            _fail(
+                f"{type(exc).__name__}: {exc} (a bug; rerun with JACCLI_DEBUG=1 for the traceback and report it)",
+                "internal error",
+                1,
+            )
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    cls=JaccliGroup,
+    name="jaccli",
+    help=(
+        "Derivatives of a saved PyTorch model with respect to its input: Jacobian, Hessian, "
+        "divergence and Laplacian, per sample or of the whole input, on CPU or GPU.\n\n"
+        "MODEL is a TorchScript archive or a torch.export program (.pt2). Both contain code "
+        "that runs when the model runs: use only files you trust. INPUT is a .npy, .npz, .pt, "
+        ".safetensors, .csv or .txt file, or - for .npy bytes on stdin."
+    ),
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"jaccli {jaccli.__version__} (torch {__import__('torch').__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- shared options
+
+ModelArg = Annotated[str, typer.Argument(help="Model file: TorchScript archive or torch.export .pt2.", show_default=False)]
+InputArg = Annotated[
+    Optional[str],
+    typer.Argument(help="Input tensor file (.npy .npz .pt .safetensors .csv .txt), or - for .npy on stdin.", show_default=False),
+]
+PerSample = Annotated[
+    bool,
+    typer.Option("--per-sample", "-p", help="Axis 0 of the input holds independent points: one derivative per point."),
+]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[
+    Optional[str], typer.Option(help="float32 or float64 [default: the input's float dtype]", show_default=False)
+]
+Mode = Annotated[
+    str, typer.Option(help="auto, forward or reverse; auto picks the mode with fewer products.")
+]
+ChunkSize = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Points per pass with --per-sample, directions per pass otherwise [default: chosen to bound memory]",
+        show_default=False,
+    ),
+]
+Save = Annotated[
+    Optional[str],
+    typer.Option(help="Write the result: .npy, .npz, .pt or .safetensors by suffix; - writes .npy to stdout.", show_default=False),
+]
+Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing --save file.")]
+Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary (schema in the README).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors and warnings.")]
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Print the plan (mode, chunking, result size, peak memory) and compute nothing.")
+]
+Key = Annotated[Optional[str], typer.Option(help="Tensor to use from an INPUT file that holds several.", show_default=False)]
+Inputs = Annotated[
+    Optional[list[str]],
+    typer.Option("--input", "-i", help="NAME=FILE[:KEY] for a model argument; repeat for several.", show_default=False),
+]
+Wrt = Annotated[
+    Optional[list[str]],
+    typer.Option(help="Argument to differentiate (repeat for several); the others are held constant.", show_default=False),
+]
+Output = Annotated[
+    Optional[str], typer.Option(help="Index or name of the output to use when the model returns several.", show_default=False)
+]
+Strict = Annotated[bool, typer.Option("--strict", help="Fail (exit 5) instead of warning when values are NaN or Inf.")]
+NoBatchCheck = Annotated[
+    bool,
+    typer.Option("--no-batch-check", help="Skip the check that the model does not mix batch elements (--per-sample)."),
+]
+
+
+@contextmanager
+def _collect_warnings(collected: list[str]):
+    """Show warnings as yellow lines on stderr and keep their text for --json."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            err = _stderr()
+            seen = set()
+            for w in caught:
+                text = str(w.message)
+                if text in seen:
+                    continue
+                seen.add(text)
+                collected.append(text)
+                err.print(f"[bold yellow]warning:[/] {escape(text)}")
+
+
+def _load(model: str, input: str | None, inputs, key, wrt, device: str, dtype: str | None):
+    """Model and inputs on one device and dtype; returns (model, args, sources, wrt)."""
+    dev = resolve_device(device)
+    want = resolve_dtype(dtype)
+    net = jaccli.load_model(model, device=dev)
+    names = info_of(net).arg_names
+    tensors, sources, positional = gather_inputs(input, inputs or (), key=key, arg_names=names)
+    wrt_names = list(wrt) if wrt else None
+    diff = wrt_names or list(tensors)[:1]
+    if want is None:
+        first = tensors.get(diff[0])
+        want = first.dtype if first is not None and first.dtype in DTYPES.values() else DTYPES["float32"]
+    cast = {}
+    for name, t in tensors.items():
+        if name in diff or t.is_floating_point() or t.is_complex():
+            t = as_float(t, dtype=want if t.dtype != want else None, where=sources[name])
+        cast[name] = t.to(dev)
+    net.to(dtype=want)
+    args = next(iter(cast.values())) if positional else cast
+    return net, args, sources, wrt_names
+
+
+def _model_meta(net, path: str) -> dict:
+    info = info_of(net)
+    return {"path": path, "format": info.format, "parameters": count_parameters(net)}
+
+
+def _input_meta(args, sources: dict[str, str]) -> dict[str, dict]:
+    tensors = args if isinstance(args, dict) else {next(iter(sources)): args}
+    return {
+        name: {
+            "path": sources[name],
+            "shape": list(t.shape),
+            "dtype": str(t.dtype).removeprefix("torch."),
+        }
+        for name, t in tensors.items()
+    }
+
+
+def _name_results(kind: str, value, wrt: list[str] | None, in_ndims: list[int], per_sample: bool):
+    """``{name: tensor}`` and ``{name: axes}`` of an API result (a tensor or nested tuples)."""
+    if kind == "divergence" and isinstance(value, jaccli.DivergenceEstimate):
+        value = value.value
+    if not isinstance(value, tuple):
+        nd = {"jacobian": in_ndims[:1], "hessian": in_ndims[:1] * 2}.get(kind, [])
+        return {kind: value}, {kind: render.axis_names(per_sample, value.dim(), tuple(nd))}
+    results, axes = {}, {}
+    for a, (wa, na) in enumerate(zip(wrt, in_ndims)):
+        if kind == "jacobian":
+            results[f"{kind}_{wa}"] = value[a]
+            axes[f"{kind}_{wa}"] = render.axis_names(per_sample, value[a].dim(), (na,))
+        else:
+            for b, (wb, nb) in enumerate(zip(wrt, in_ndims)):
+                results[f"{kind}_{wa}_{wb}"] = value[a][b]
+                axes[f"{kind}_{wa}_{wb}"] = render.axis_names(per_sample, value[a][b].dim(), (na, nb))
+    return results, axes
+
+
+def _derivative(kind: str, **o) -> None:
+    """Load, plan, compute, save and report one derivative (the four commands share it)."""
+    quiet, as_json, save = o["quiet"], o["json"], o["save"]
+    if save == STDIO and as_json:
+        raise UsageError("--save - writes the result to stdout, which --json also needs", hint="save to a file")
+    if o["mode"] not in MODES:
+        raise UsageError("unknown --mode", expected="one of " + ", ".join(MODES), got=o["mode"])
+    if save is not None:
+        check_output(save, force=o["force"])
+    messages: list[str] = []
+    out = Console(stderr=save == STDIO, highlight=False)
+    with _collect_warnings(messages):
+        net, args, sources, wrt = _load(
+            o["model"], o["input"], o["inputs"], o["key"], o["wrt"], o["device"], o["dtype"]
+        )
+        common = dict(
+            wrt=wrt if wrt is None or len(wrt) > 1 else wrt[0],
+            per_sample=o["per_sample"],
+            mode=o["mode"],
+            chunk_size=o["chunk_size"],
+            output=o["output"],
+            check_batch=not o["no_batch_check"],
+        )
+        extra = {}
+        if kind == "divergence":
+            extra = dict(estimator=o["estimator"], probes=o["probes"])
+        plan = jaccli.plan(kind, net, args, **common, **extra)
+        if o["dry_run"]:
+            if as_json:
+                typer.echo(json.dumps({"schema": "jaccli.plan", "version": render.JSON_SCHEMA_VERSION, **plan.as_dict()}))
+            elif not quiet:
+                render.show_plan(out, plan)
+            return
+        if kind == "divergence":
+            extra["seed"] = o["seed"]
+        start = time.perf_counter()
+        value = getattr(jaccli, kind)(net, args, **common, strict=o["strict"], **extra)
+        seconds = time.perf_counter() - start
+    in_tensors = args if isinstance(args, dict) else {next(iter(sources)): args}
+    diff = wrt or list(in_tensors)[:1]
+    in_ndims = [in_tensors[w].dim() - (1 if o["per_sample"] else 0) for w in diff]
+    results, axes = _name_results(kind, value, wrt if wrt and len(wrt) > 1 else None, in_ndims, o["per_sample"])
+    stderr = value.stderr if isinstance(value, jaccli.DivergenceEstimate) else None
+    if o["flatten"]:
+        flat = {k: _flatten(v, axes[k], kind) for k, v in results.items()}
+        results = {k: v for k, (v, _) in flat.items()}
+        axes = {k: a for k, (_, a) in flat.items()}
+    report = render.Report(
+        command=kind,
+        model=_model_meta(net, o["model"]),
+        inputs=_input_meta(args, sources),
+        wrt=diff,
+        per_sample=o["per_sample"],
+        plan=plan,
+        results=results,
+        axes=axes,
+        stderr=stderr,
+        warnings=messages,
+        seconds=seconds,
+        saved_to=save,
+        estimator=o.get("estimator", "exact"),
+        probes=o.get("probes") if kind == "divergence" else None,
+    )
+    if save is not None:
+        to_save = dict(results)
+        if stderr is not None:
+            to_save["stderr"] = stderr
+        jaccli.save_tensors(save, to_save, metadata=_save_metadata(report), force=o["force"])
+    if as_json:
+        typer.echo(json.dumps(render.result_json(report)))
+    elif not quiet:
+        render.show_result(out, report)
+
+
+def _flatten(t, axes: list[str], kind: str):
+    """The matrix view ``[N, out, in(, in')]``: each group of axes collapsed to one."""
+    groups = [a.rstrip("0123456789") for a in axes]
+    want = (["sample"] if "sample" in groups else []) + ["out", "in"] + (["in'"] if kind == "hessian" else [])
+    shape = [math.prod(s for s, g in zip(t.shape, groups) if g == w) for w in want]
+    return t.reshape(shape), want
+
+
+def _save_metadata(report: render.Report) -> dict:
+    return {
+        "jaccli_version": jaccli.__version__,
+        "command": report.command,
+        "model": report.model["path"],
+        "inputs": {k: v["shape"] for k, v in report.inputs.items()},
+        "per_sample": report.per_sample,
+        "axes": report.axes,
+    }
+
+
+_COMMAND_HELP = {
+    "jacobian": (
+        "Jacobian of the model's output with respect to its input.\n\n"
+        "Shape out.shape + in.shape for the whole input as one point; "
+        "[N, *out, *in] with --per-sample."
+    ),
+    "hessian": (
+        "Second derivatives, one Hessian per output component.\n\n"
+        "[*, *in, *in] for a scalar output per point, [*, *out, *in, *in] otherwise. "
+        "Warns when the model is piecewise linear (ReLU), whose second derivatives vanish."
+    ),
+    "divergence": (
+        "Divergence (trace of the Jacobian) of a map whose output shape equals its input's.\n\n"
+        "Exact by default (one forward product per input dimension); --estimator hutchinson "
+        "gives an unbiased estimate from --probes Rademacher vectors and reports its standard error."
+    ),
+    "laplacian": (
+        "Laplacian (trace of the Hessian) of every output component: [*, *out]."
+    ),
+}
+
+
+def _make_command(kind: str):
+    div = kind == "divergence"
+    flat_help = kind in ("jacobian", "hessian")
+
+    def command(
+        model: ModelArg,
+        input: InputArg = None,
+        per_sample: PerSample = False,
+        device: Device = "cpu",
+        dtype: Dtype = None,
+        mode: Mode = "auto",
+        chunk_size: ChunkSize = None,
+        save: Save = None,
+        force: Force = False,
+        json_: Json = False,
+        quiet: Quiet = False,
+        dry_run: DryRun = False,
+        key: Key = None,
+        inputs: Inputs = None,
+        wrt: Wrt = None,
+        output: Output = None,
+        strict: Strict = False,
+        no_batch_check: NoBatchCheck = False,
+        flatten: Annotated[
+            bool, typer.Option("--flatten", hidden=not flat_help, help="Give the matrix view [N, out, in] of tensor-shaped inputs and outputs.")
+        ] = False,
+        estimator: Annotated[
+            str, typer.Option(hidden=not div, help="exact, or hutchinson for a stochastic estimate.")
+        ] = "exact",
+        probes: Annotated[int, typer.Option(hidden=not div, help="Rademacher probes for hutchinson.")] = 16,
+        seed: Annotated[int, typer.Option(hidden=not div, help="Seed of the hutchinson probes.")] = 0,
+    ) -> None:
+        if not div and (estimator != "exact" or probes != 16 or seed != 0):
+            raise UsageError(f"--estimator, --probes and --seed are options of divergence, not {kind}")
+        if div and estimator not in ESTIMATORS:
+            raise UsageError("unknown --estimator", expected="one of " + ", ".join(ESTIMATORS), got=estimator)
+        if flatten and not flat_help:
+            raise UsageError(f"--flatten applies to jacobian and hessian, not {kind}")
+        _derivative(
+            kind,
+            model=model, input=input, per_sample=per_sample, device=device, dtype=dtype,
+            mode=mode, chunk_size=chunk_size, save=save, force=force, json=json_, quiet=quiet,
+            dry_run=dry_run, key=key, inputs=inputs, wrt=wrt, output=output, strict=strict,
+            no_batch_check=no_batch_check, flatten=flatten, estimator=estimator, probes=probes,
+            seed=seed,
+        )  # fmt: skip
+
+    command.__doc__ = _COMMAND_HELP[kind]
+    return command
+
+
+for _kind in KINDS:
+    app.command(_kind)(_make_command(_kind))
+
+
+@app.command("info")
+def info(
+    model: ModelArg,
+    input: InputArg = None,
+    per_sample: Annotated[
+        bool, typer.Option("--per-sample/--whole", help="Treat axis 0 of INPUT as independent points.")
+    ] = True,
+    device: Device = "cpu",
+    dtype: Dtype = None,
+    key: Key = None,
+    inputs: Inputs = None,
+    output: Output = None,
+    json_: Json = False,
+) -> None:
+    """What was loaded: format, parameters, dtype, shapes on INPUT, smoothness, batch independence."""
+    messages: list[str] = []
+    with _collect_warnings(messages):
+        if input is None and not inputs:
+            net = jaccli.load_model(model, device=resolve_device(device), dtype=dtype)
+            args = None
+        else:
+            net, args, _sources, _ = _load(model, input, inputs, key, None, device, dtype)
+        facts = jaccli.describe(net, args, per_sample=per_sample, output=output)
+    facts = {"model": model, **facts}
+    if json_:
+        typer.echo(json.dumps({"schema": "jaccli.info", "version": render.JSON_SCHEMA_VERSION, **facts, "warnings": messages}))
+    else:
+        render.show_info(Console(highlight=False), facts)
+
+
+def main() -> None:
+    """Entry point of the ``jaccli`` console script and ``python -m jaccli``."""
+    app()
