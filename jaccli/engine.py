@@ -33,6 +33,7 @@ from torch.func import jvp, vjp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import (
+    JaccliError,
     JaccliWarning,
     ModelError,
     NumericalError,
@@ -68,6 +69,19 @@ _MEMORY_FACTOR = {
     ("hessian", "reverse"): 6.0,
     ("laplacian", "forward"): 4.0,
     ("laplacian", "reverse"): 6.0,
+    ("hessian", "reverse-only"): 8.0,
+    ("laplacian", "reverse-only"): 8.0,
+}
+
+#: where a strategy goes when an op of the model has no forward-mode derivative
+_FALLBACK = {
+    ("jacobian", "forward"): "reverse",
+    ("divergence", "forward"): "reverse",
+    ("hutchinson", "forward"): "reverse",
+    ("hessian", "forward"): "reverse-only",
+    ("hessian", "reverse"): "reverse-only",
+    ("laplacian", "forward"): "reverse-only",
+    ("laplacian", "reverse"): "reverse-only",
 }
 _PROBE_POINTS = 8
 _MIB = 2**20
@@ -95,12 +109,16 @@ class _Args(NamedTuple):
     values: tuple[torch.Tensor, ...]
 
 
-def _normalise_args(x) -> _Args:
+def _normalise_args(x, names: Sequence[str] = ()) -> _Args:
     if isinstance(x, torch.Tensor):
         return _Args((0,), (x,))
     if isinstance(x, Mapping):
-        items = list(x.items())
-        return _Args(tuple(str(k) for k, _ in items), tuple(v for _, v in items))
+        keys = [str(k) for k in x]
+        if keys and set(keys) == set(names[: len(keys)]):
+            # positional in the model's order: exported programs accept only the call
+            # form they were traced with, and that is positional for most
+            return _Args(tuple(range(len(keys))), tuple(x[n] for n in names[: len(keys)]))
+        return _Args(tuple(keys), tuple(x.values()))
     if isinstance(x, Sequence) and x and not isinstance(x, (str, bytes)):
         return _Args(tuple(range(len(x))), tuple(x))
     raise UsageError(
@@ -311,8 +329,8 @@ def _check_inputs(
     where = info_of(f).path
     if isinstance(f, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
         f = _unoptimised(f)
-    args = _normalise_args(x)
     names = _arg_names(module)
+    args = _normalise_args(x, names)
     labels = tuple(_arg_label(k, names) for k in args.keys)
     wrt_idx, single = _normalise_wrt(wrt, args, names)
     for label, v in zip(labels, args.values):
@@ -454,7 +472,17 @@ def _check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:
         "or skip this check (check_batch=False, --no-batch-check) if the coupling is intended"
     )
     with torch.no_grad():
-        y, pull = vjp(g, z)
+        try:
+            y, pull = vjp(g, z)
+        except RuntimeError as exc:
+            if "mutate" not in str(exc):
+                raise
+            raise ModelError(
+                "the model mixes batch elements or updates its own state as it runs "
+                "(batch norm in training mode?)",
+                where=problem.where,
+                hint=hint,
+            ) from None
         v = torch.zeros_like(y)
         v[0] = torch.linspace(1.0, 2.0, v.shape[1], dtype=v.dtype, device=v.device)
         grad = pull(v)[0]
@@ -508,6 +536,15 @@ def _hvps(g, z, v, t):
         return jvp(lambda zz: vjp(g, zz)[1](vv)[0], (z,), (tt,))[1]
 
     return vmap(hv)(v, t)
+
+
+def _vvps(g, z, v, u):
+    """``u·d/dz (v·g)(z)`` (reverse over reverse, for ops without forward AD) -> ``[k, B, n_in]``."""
+
+    def vv(vv_, uu):
+        return vjp(lambda zz: vjp(g, zz)[1](vv_)[0], z)[1](uu)[0]
+
+    return vmap(vv)(v, u)
 
 
 def _onehot(idx: torch.Tensor, n: int, b: int, like: torch.Tensor) -> torch.Tensor:
@@ -627,6 +664,11 @@ def _p_hess_rev(g, z, idx, ctx):
     return _hvps(g, z, _onehot(idx[:, 0], ctx["n_out"], b, z), _onehot(idx[:, 1], z.shape[1], b, z))
 
 
+def _p_hess_rr(g, z, idx, ctx):
+    b = z.shape[0]
+    return _vvps(g, z, _onehot(idx[:, 0], ctx["n_out"], b, z), _onehot(idx[:, 1], z.shape[1], b, z))
+
+
 def _p_lap_fwd(g, z, idx, ctx):
     e = _onehot(idx[:, 0], z.shape[1], z.shape[0], z)
     return _jvp2s(g, z, e, e)
@@ -647,6 +689,10 @@ def _p_div_rev(g, z, idx, ctx):
 
 def _p_lap_rev(g, z, idx, ctx):
     return _diag_take(_p_hess_rev(g, z, idx, ctx), idx[:, 1])
+
+
+def _p_lap_rr(g, z, idx, ctx):
+    return _diag_take(_p_hess_rr(g, z, idx, ctx), idx[:, 1])
 
 
 def _p_hutch(product):
@@ -701,6 +747,9 @@ STRATEGIES: dict[tuple[str, str], Strategy] = {
     ("hessian", "reverse"): Strategy(_dirs_out_in, _p_hess_rev, _s_hess_rev, _shape_hess),
     ("laplacian", "forward"): Strategy(_dirs_in, _p_lap_fwd, _s_sum, _shape_lap),
     ("laplacian", "reverse"): Strategy(_dirs_out_in, _p_lap_rev, _s_lap_rev, _shape_lap),
+    # pure reverse mode, for models with ops that have no forward-mode rule (silu_backward, …)
+    ("hessian", "reverse-only"): Strategy(_dirs_out_in, _p_hess_rr, _s_hess_rev, _shape_hess),
+    ("laplacian", "reverse-only"): Strategy(_dirs_out_in, _p_lap_rr, _s_lap_rev, _shape_lap),
     ("divergence", "forward"): Strategy(_dirs_in, _p_div_fwd, _s_sum, _shape_div),
     ("divergence", "reverse"): Strategy(_dirs_out, _p_div_rev, _s_sum, _shape_div),
     ("hutchinson", "forward"): Strategy(
@@ -809,11 +858,18 @@ def _result_shape(kind: str, p: Problem, estimator: str) -> tuple[int, ...]:
     }[kind]
 
 
-def _make_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int, chunk_size) -> Plan:
+def _strategy_key(kind: str, estimator: str, mode: str) -> tuple[str, str]:
+    return ("hutchinson" if estimator == "hutchinson" else kind, mode)
+
+
+def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise UsageError("unknown mode", expected="one of " + ", ".join(MODES), got=str(mode))
+
+
+def _make_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int, chunk_size) -> Plan:
     resolved = _auto_mode(kind, p.n_in, p.n_out) if mode == "auto" else mode
-    key = ("hutchinson" if estimator == "hutchinson" else kind, resolved)
+    key = _strategy_key(kind, estimator, resolved)
     strategy = STRATEGIES[key]
     n_dirs = len(strategy.directions(p, 0, probes))
     shape = _result_shape(kind, p, estimator)
@@ -937,14 +993,36 @@ def _execute(kind: str, p: Problem, plan: Plan, strategy: Strategy, *, seed: int
 
 def _run(kind, f, x, *, wrt, per_sample, mode, chunk_size, output, check_batch, strict,
          estimator="exact", probes=0, seed=0):  # fmt: skip
+    _check_mode(mode)
     p = _check_inputs(f, x, wrt=wrt, per_sample=per_sample, output=output, check_batch=check_batch)
     _check_preconditions(kind, p, estimator, probes)
     plan = _make_plan(kind, p, mode, estimator, probes, chunk_size)
     _check_fits(plan, p)
-    key = ("hutchinson" if estimator == "hutchinson" else kind, plan.mode)
     try:
-        flat = _execute(kind, p, plan, STRATEGIES[key], seed=seed, probes=probes)
-    except (ModelError, UsageError):
+        return p, plan, _guarded(kind, p, plan, seed, probes)
+    except NotImplementedError as exc:
+        fallback = _FALLBACK.get(_strategy_key(kind, estimator, plan.mode))
+        if fallback is None or "forward AD" not in str(exc):
+            _model_failed(p, exc, _probe_rows(p))
+        if mode != "auto":
+            warnings.warn(
+                f"{p.where}: {first_line(exc)}; used {fallback} mode instead of {mode}",
+                JaccliWarning,
+                stacklevel=3,
+            )
+        plan = _make_plan(kind, p, fallback, estimator, probes, chunk_size)
+        try:
+            return p, plan, _guarded(kind, p, plan, seed, probes)
+        except NotImplementedError as exc2:
+            _model_failed(p, exc2, _probe_rows(p))
+
+
+def _guarded(kind: str, p: Problem, plan: Plan, seed: int, probes: int) -> torch.Tensor:
+    """Execute ``plan``, turning failures into jaccli errors (NotImplementedError passes)."""
+    strategy = STRATEGIES[_strategy_key(kind, plan.estimator, plan.mode)]
+    try:
+        return _execute(kind, p, plan, strategy, seed=seed, probes=probes)
+    except (JaccliError, NotImplementedError):
         raise
     except torch.OutOfMemoryError:
         raise ResourceError(
@@ -956,7 +1034,6 @@ def _run(kind, f, x, *, wrt, per_sample, mode, chunk_size, output, check_batch, 
         if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
             raise ResourceError("out of memory while computing", where=str(p.device)) from None
         _model_failed(p, exc, _probe_rows(p))
-    return p, plan, flat
 
 
 def _finish(kind: str, p: Problem, value: torch.Tensor, strict: bool) -> None:
@@ -1033,6 +1110,7 @@ def plan(
     """
     if kind not in KINDS:
         raise UsageError("unknown derivative", expected="one of " + ", ".join(KINDS), got=kind)
+    _check_mode(mode)
     p = _check_inputs(f, x, wrt=wrt, per_sample=per_sample, output=output, check_batch=check_batch)
     _check_preconditions(kind, p, estimator, probes)
     return _make_plan(kind, p, mode, estimator, probes, chunk_size)
@@ -1231,7 +1309,7 @@ def describe(f: Callable, x=None, *, per_sample: bool = True, output=None) -> di
     }
     if x is None:
         return facts
-    args = _normalise_args(x)
+    args = _normalise_args(x, _arg_names(f))
     floating = [i for i, v in enumerate(args.values) if v.is_floating_point()]
     if not floating:
         raise UsageError("no floating-point input to describe", got=", ".join(str(v.dtype) for v in args.values))

@@ -91,19 +91,29 @@ def examples() -> dict[str, tuple[nn.Module, np.ndarray]]:
     }
 
 
+def save_torchscript(module: nn.Module, path: Path) -> Path:
+    """``torch.jit.script`` + ``torch.jit.save``, quiet about their deprecation (still loadable)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(module.eval()), path)
+    return path
+
+
+def save_export(module: nn.Module, example: torch.Tensor, path: Path, dynamic: bool = True) -> Path:
+    """``torch.export`` with a dynamic batch dimension (or the example's, if not ``dynamic``)."""
+    shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic else None
+    torch.export.save(torch.export.export(module.eval(), (example,), dynamic_shapes=shapes), path)
+    return path
+
+
 def save(name: str, module: nn.Module, x: np.ndarray, outdir: Path) -> list[Path]:
     """Write NAME.pt (TorchScript), NAME.pt2 (torch.export, dynamic batch) and NAME_x.npy."""
-    module.eval()
-    example = torch.from_numpy(x[:4])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still loads
-        scripted = torch.jit.script(module)
-    torch.jit.save(scripted, outdir / f"{name}.pt")
-    batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, outdir / f"{name}.pt2")
     np.save(outdir / f"{name}_x.npy", x)
-    return [outdir / f"{name}.pt", outdir / f"{name}.pt2", outdir / f"{name}_x.npy"]
+    return [
+        save_torchscript(module, outdir / f"{name}.pt"),
+        save_export(module, torch.from_numpy(x[:4]), outdir / f"{name}.pt2"),
+        outdir / f"{name}_x.npy",
+    ]
 
 
 def main(outdir: Path = HERE) -> None:

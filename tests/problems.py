@@ -1,0 +1,211 @@
+"""Problems with exact derivatives, shared by every test module.
+
+Each :class:`Exact` is a batch-aware model ``f: [N, *in] -> [N, *out]`` in float64
+with closed-form derivatives per point. The example models of
+``examples/models/make_examples.py`` are here too, so the shipped files are checked
+against the same formulas.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "models"
+
+
+def _load_make_examples():
+    spec = importlib.util.spec_from_file_location("make_examples", EXAMPLES / "make_examples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_examples = _load_make_examples()
+save_torchscript = make_examples.save_torchscript
+save_export = make_examples.save_export
+
+torch.manual_seed(1234)
+_A = torch.randn(4, 3, dtype=torch.float64)
+_Q = torch.randn(3, 3, dtype=torch.float64)
+
+
+def _sech2(x):
+    return 1 - torch.tanh(x) ** 2
+
+
+@dataclass
+class Exact:
+    """A model with closed-form per-point derivatives (each takes one point ``xi``)."""
+
+    name: str
+    f: Callable[[torch.Tensor], torch.Tensor]
+    point_shape: tuple[int, ...]
+    jacobian: Callable[[torch.Tensor], torch.Tensor]
+    hessian: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def points(self, n: int, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand((n, *self.point_shape), generator=g, dtype=torch.float64) + 0.5
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.f(self.points(1)).shape[1:])
+
+    def per_point(self, fn, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([fn(xi) for xi in x])
+
+    def laplacian(self, xi: torch.Tensor) -> torch.Tensor:
+        h = self.hessian(xi)
+        n = math.prod(self.point_shape)
+        return h.reshape(*h.shape[: h.dim() - 2 * len(self.point_shape)], n, n).diagonal(dim1=-2, dim2=-1).sum(-1)
+
+    def divergence(self, xi: torch.Tensor) -> torch.Tensor:
+        n = math.prod(self.point_shape)
+        return self.jacobian(xi).reshape(n, n).trace()
+
+    @property
+    def square(self) -> bool:
+        return self.out_shape == self.point_shape
+
+
+def _polar(x):
+    r, th = x[..., 0], x[..., 1]
+    return torch.stack([r * torch.cos(th), r * torch.sin(th)], dim=-1)
+
+
+def _polar_j(xi):
+    r, th = xi
+    c, s = torch.cos(th), torch.sin(th)
+    return torch.stack([torch.stack([c, -r * s]), torch.stack([s, r * c])])
+
+
+def _polar_h(xi):
+    r, th = xi
+    c, s = torch.cos(th), torch.sin(th)
+    z = torch.zeros((), dtype=xi.dtype)
+    hx = torch.stack([torch.stack([z, -s]), torch.stack([-s, -r * c])])
+    hy = torch.stack([torch.stack([z, c]), torch.stack([c, -r * s])])
+    return torch.stack([hx, hy])
+
+
+def _matsq(x):
+    return x @ x
+
+
+def _matsq_j(xi):
+    # d(X²)_ij / dX_kl = δ_ik X_lj + X_ik δ_jl
+    eye = torch.eye(2, dtype=xi.dtype)
+    return torch.einsum("ik,lj->ijkl", eye, xi) + torch.einsum("ik,jl->ijkl", xi, eye)
+
+
+def _matsq_h(xi):
+    # d²(X²)_ij / dX_kl dX_mn = δ_ik δ_lm δ_nj + δ_im δ_nk δ_jl
+    e = torch.eye(2, dtype=xi.dtype)
+    return torch.einsum("ik,lm,nj->ijklmn", e, e, e) + torch.einsum("im,nk,jl->ijklmn", e, e, e)
+
+
+def _field():
+    return make_examples.VectorField().double().requires_grad_(False)
+
+
+def _potential():
+    return make_examples.Potential().double().requires_grad_(False)
+
+
+def _oscillator():
+    return make_examples.DampedOscillator().double().requires_grad_(False)
+
+
+FIELD, POTENTIAL, OSCILLATOR = _field(), _potential(), _oscillator()
+
+
+def _field_j(xi):
+    return FIELD.A + torch.diag(FIELD.b * _sech2(xi))
+
+
+def _field_h(xi):
+    # F_i = Σ_j A_ij x_j + b_i tanh x_i: only ∂²F_i/∂x_i² = -2 b_i tanh x_i sech² x_i
+    h = torch.zeros(3, 3, 3, dtype=xi.dtype)
+    vals = -2 * FIELD.b * torch.tanh(xi) * _sech2(xi)
+    idx = torch.arange(3)
+    h[idx, idx, idx] = vals
+    return h
+
+
+def _potential_j(xi):
+    Q, c = POTENTIAL.Q, POTENTIAL.c
+    return 0.5 * (Q + Q.T) @ xi + torch.tanh(xi) + c
+
+
+def _potential_h(xi):
+    Q = POTENTIAL.Q
+    return 0.5 * (Q + Q.T) + torch.diag(_sech2(xi))
+
+
+def _osc_j(ti):
+    g, w = float(OSCILLATOR.gamma), float(OSCILLATOR.omega)
+    t = ti[0]
+    e = torch.exp(-g * t)
+    return torch.stack(
+        [e * (-g * torch.cos(w * t) - w * torch.sin(w * t)), e * (-g * torch.sin(w * t) + w * torch.cos(w * t))]
+    )[:, None]
+
+
+def _osc_h(ti):
+    g, w = float(OSCILLATOR.gamma), float(OSCILLATOR.omega)
+    t = ti[0]
+    e = torch.exp(-g * t)
+    c, s = torch.cos(w * t), torch.sin(w * t)
+    u = (g * g - w * w) * c + 2 * g * w * s
+    v = (g * g - w * w) * s - 2 * g * w * c
+    return (e * torch.stack([u, v]))[:, None, None]
+
+
+PROBLEMS = [
+    Exact("linear", lambda x: x @ _A.T, (3,), lambda xi: _A, lambda xi: torch.zeros(4, 3, 3, dtype=xi.dtype)),
+    Exact(
+        "quadratic",
+        lambda x: ((x @ _Q) * x).sum(-1),
+        (3,),
+        lambda xi: (_Q + _Q.T) @ xi,
+        lambda xi: _Q + _Q.T,
+    ),
+    Exact("polar", _polar, (2,), _polar_j, _polar_h),
+    Exact("matrix_square", _matsq, (2, 2), _matsq_j, _matsq_h),
+    Exact("field", FIELD, (3,), _field_j, _field_h),
+    Exact("potential", POTENTIAL, (3,), _potential_j, _potential_h),
+    Exact("oscillator", OSCILLATOR, (1,), _osc_j, _osc_h),
+]
+BY_NAME = {p.name: p for p in PROBLEMS}
+
+
+def tanh_mlp(sizes=(3, 16, 16, 2), dtype=torch.float64, seed=0, act=nn.Tanh) -> nn.Sequential:
+    """A small MLP with no closed form: checked by finite differences."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers).to(dtype).eval()
+
+
+def fd_jacobian(f, x: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
+    """Central finite differences in float64 of ``f`` at one point: ``out + in``."""
+    x = x.double()
+    cols = []
+    flat = x.reshape(-1)
+    for j in range(flat.numel()):
+        e = torch.zeros_like(flat)
+        e[j] = h
+        cols.append((f((flat + e).reshape(x.shape)) - f((flat - e).reshape(x.shape))) / (2 * h))
+    out = torch.stack(cols, dim=-1)
+    return out.reshape(*out.shape[:-1], *x.shape)
