@@ -23,7 +23,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from .errors import InputError, JaccliWarning, OutputError, UsageError, shape_str
+from .errors import InputError, JaccliError, JaccliWarning, OutputError, UsageError, shape_str
 
 STDIO = "-"
 
@@ -32,6 +32,9 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float64": torch.float64,
 }
+
+#: oldest torch whose ``torch.load(weights_only=True)`` has no known bypass (fixed in 2.6 and 2.10)
+MIN_TORCH = (2, 10)
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -120,7 +123,9 @@ def _from_numpy(array: np.ndarray, src: Source) -> torch.Tensor:
         raise InputError(
             "is not a numeric array", where=src.name, expected="numbers", got=f"dtype {array.dtype}"
         )
-    return torch.from_numpy(np.ascontiguousarray(array))
+    if not array.dtype.isnative:  # big-endian files: torch holds native byte order only
+        array = array.astype(array.dtype.newbyteorder("="))
+    return torch.from_numpy(np.asarray(array, order="C"))  # asarray keeps 0-d arrays 0-d
 
 
 def _read_npy(src: Source) -> dict[str, torch.Tensor]:
@@ -152,7 +157,20 @@ def _read_npz(src: Source) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_torch_version(version: str | None = None) -> None:
+    """Refuse to unpickle anything with a torch whose safe loader is known to be bypassable."""
+    text = version or torch.__version__
+    parts = tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
+    if parts < MIN_TORCH:
+        raise JaccliError(
+            f"torch {text} is too old to load .pt files safely: torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} "
+            "is required (earlier releases have known torch.load(weights_only=True) bypasses)",
+            hint="upgrade torch, or use .npy or .safetensors inputs",
+        )
+
+
 def _read_torch(src: Source) -> dict[str, torch.Tensor]:
+    check_torch_version()
     try:
         # weights_only=True is explicit, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot override it
         obj = torch.load(io.BytesIO(src.data), map_location="cpu", weights_only=True)
@@ -238,10 +256,10 @@ def _sniff(src: Source) -> str | None:
         if any(n.endswith(".npy") for n in names) and not any(n.endswith("data.pkl") for n in names):
             return "npz"
         return "pt"
+    if _is_safetensors(src.data):  # before the pickle test: a header length may start with 0x80
+        return "safetensors"
     if head.startswith(b"\x80"):  # legacy (non-zip) torch.save: a pickle stream
         return "pt"
-    if _is_safetensors(src.data):
-        return "safetensors"
     return None
 
 
