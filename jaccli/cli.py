@@ -59,7 +59,7 @@ class JaccliGroup(TyperGroup):
         except click_exc.ClickException as exc:
             cmd = f" {exc.ctx.info_name}" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
             _fail(f"{exc.format_message()} (see 'jaccli{cmd} --help')", "usage error", exc.exit_code)
-        except (click_exc.Abort, KeyboardInterrupt):
+        except (typer.Abort, KeyboardInterrupt):
             _fail("interrupted", "error", EXIT_INTERRUPTED)
         except Exception as exc:  # a bug in jaccli or a library: still one line unless debugging
             if os.environ.get("JACCLI_DEBUG"):
@@ -193,7 +193,7 @@ def _load(model: str, input: str | None, inputs, key, wrt, device: str, dtype: s
     cast = {}
     for name, t in tensors.items():
         if name in diff or t.is_floating_point() or t.is_complex():
-            t = as_float(t, dtype=want if t.dtype != want else None, where=sources[name])
+            t = as_float(t, where=sources[name]).to(want)  # warns when the data were not float
         cast[name] = t.to(dev)
     net.to(dtype=want)
     args = next(iter(cast.values())) if positional else cast
@@ -258,6 +258,7 @@ def _derivative(kind: str, **o) -> None:
             chunk_size=o["chunk_size"],
             output=o["output"],
             check_batch=not o["no_batch_check"],
+            strict=o["strict"],
         )
         extra = {}
         if kind == "divergence":
@@ -272,7 +273,7 @@ def _derivative(kind: str, **o) -> None:
         if kind == "divergence":
             extra["seed"] = o["seed"]
         start = time.perf_counter()
-        value = getattr(jaccli, kind)(net, args, **common, strict=o["strict"], **extra)
+        value = getattr(jaccli, kind)(net, args, **common, **extra)
         seconds = time.perf_counter() - start
     in_tensors = args if isinstance(args, dict) else {next(iter(sources)): args}
     diff = wrt or list(in_tensors)[:1]

@@ -321,6 +321,7 @@ def _check_inputs(
     per_sample: bool,
     output=None,
     check_batch: bool = True,
+    strict: bool = False,
 ) -> Problem:
     """Validate and normalise a request once; probe the model on a few points."""
     if not callable(f):
@@ -376,6 +377,8 @@ def _check_inputs(
         in_shapes = tuple(tuple(args.values[i].shape) for i in wrt_idx)
     for label, v in zip(labels, args.values):
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            if strict:
+                raise NumericalError(f"input {label!r} holds NaN or Inf values", where=where)
             warnings.warn(f"input {label!r} holds NaN or Inf values", JaccliWarning, stacklevel=3)
     problem = Problem(
         f=f,
@@ -994,7 +997,9 @@ def _execute(kind: str, p: Problem, plan: Plan, strategy: Strategy, *, seed: int
 def _run(kind, f, x, *, wrt, per_sample, mode, chunk_size, output, check_batch, strict,
          estimator="exact", probes=0, seed=0):  # fmt: skip
     _check_mode(mode)
-    p = _check_inputs(f, x, wrt=wrt, per_sample=per_sample, output=output, check_batch=check_batch)
+    p = _check_inputs(
+        f, x, wrt=wrt, per_sample=per_sample, output=output, check_batch=check_batch, strict=strict
+    )
     _check_preconditions(kind, p, estimator, probes)
     plan = _make_plan(kind, p, mode, estimator, probes, chunk_size)
     _check_fits(plan, p)
@@ -1097,6 +1102,7 @@ def plan(
     estimator: str = "exact",
     probes: int = 16,
     check_batch: bool = True,
+    strict: bool = False,
 ) -> Plan:
     """What :func:`jacobian` (or ``kind``) would do, without computing it.
 
@@ -1111,7 +1117,9 @@ def plan(
     if kind not in KINDS:
         raise UsageError("unknown derivative", expected="one of " + ", ".join(KINDS), got=kind)
     _check_mode(mode)
-    p = _check_inputs(f, x, wrt=wrt, per_sample=per_sample, output=output, check_batch=check_batch)
+    p = _check_inputs(
+        f, x, wrt=wrt, per_sample=per_sample, output=output, check_batch=check_batch, strict=strict
+    )
     _check_preconditions(kind, p, estimator, probes)
     return _make_plan(kind, p, mode, estimator, probes, chunk_size)
 

@@ -169,7 +169,17 @@ def check_torch_version(version: str | None = None) -> None:
         )
 
 
+_MODEL_ARCHIVES = {"torchscript": "a TorchScript model", "export": "a torch.export model"}
+
+
 def _read_torch(src: Source) -> dict[str, torch.Tensor]:
+    kind = archive_kind(src.data)
+    if kind in _MODEL_ARCHIVES:
+        raise InputError(
+            f"is {_MODEL_ARCHIVES[kind]}, not a tensor file",
+            where=src.name,
+            hint="the model comes first on the command line, then the input",
+        )
     check_torch_version()
     try:
         # weights_only=True is explicit, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot override it
@@ -237,6 +247,21 @@ def _zip_names(data: bytes) -> list[str]:
         return zipfile.ZipFile(io.BytesIO(data)).namelist()
     except zipfile.BadZipFile:
         return []
+
+
+def archive_kind(data: bytes) -> str | None:
+    """``"torchscript"``, ``"export"`` or ``"torch"`` for a zip written by torch; else None."""
+    try:
+        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except zipfile.BadZipFile:
+        return None
+    if any(n.endswith("archive_format") or "/models/" in n and n.endswith(".json") for n in names):
+        return "export"
+    if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+        return "torchscript"
+    if any(n.endswith("data.pkl") for n in names):
+        return "torch"
+    return None
 
 
 def _is_safetensors(data: bytes) -> bool:

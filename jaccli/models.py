@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, ResourceError, UsageError
-from .io import Source, read_source, resolve_dtype
+from .io import Source, archive_kind, read_source, resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -58,21 +57,6 @@ class LoadedModel(nn.Module):
 
 
 # --------------------------------------------------------------------------- sniffing
-
-
-def archive_kind(data: bytes) -> str | None:
-    """``"torchscript"``, ``"export"`` or ``"torch"`` for a zip written by torch; else None."""
-    try:
-        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
-    except zipfile.BadZipFile:
-        return None
-    if any(n.endswith("archive_format") or "/models/" in n and n.endswith(".json") for n in names):
-        return "export"
-    if any("/code/" in n or n.endswith("constants.pkl") for n in names):
-        return "torchscript"
-    if any(n.endswith("data.pkl") for n in names):
-        return "torch"
-    return None
 
 
 # --------------------------------------------------------------------------- loaders
