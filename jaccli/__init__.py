@@ -8,6 +8,7 @@ The public API is what this module exports; the ``jaccli`` command calls exactly
 torch.Size([5, 1, 1])
 """
 
+from .check import CheckReport, check
 from .engine import (
     DivergenceEstimate,
     Plan,
@@ -30,12 +31,14 @@ from .errors import (
     UsageError,
 )
 from .io import load_tensor, load_tensors, save_tensors
-from .models import LoadedModel, ModelInfo, load_model
+from .models import Arch, LoadedModel, ModelInfo, load_model, save_mlp
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Arch",
     "CheckFailed",
+    "CheckReport",
     "DivergenceEstimate",
     "InputError",
     "JaccliError",
@@ -49,6 +52,7 @@ __all__ = [
     "ResourceError",
     "UsageError",
     "__version__",
+    "check",
     "describe",
     "divergence",
     "hessian",
@@ -58,5 +62,6 @@ __all__ = [
     "load_tensor",
     "load_tensors",
     "plan",
+    "save_mlp",
     "save_tensors",
 ]

@@ -180,19 +180,7 @@ def _read_torch(src: Source) -> dict[str, torch.Tensor]:
             where=src.name,
             hint="the model comes first on the command line, then the input",
         )
-    check_torch_version()
-    try:
-        # weights_only=True is explicit, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot override it
-        obj = torch.load(io.BytesIO(src.data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise InputError(
-                "refused: the file needs arbitrary code to load (pickle), which jaccli never runs",
-                where=src.name,
-                hint="save plain tensors (torch.save(tensor) or a dict of tensors), .npy or .safetensors",
-            ) from None
-        raise InputError(f"cannot read torch file: {first}", where=src.name) from None
+    obj = read_torch_object(src)
     if isinstance(obj, torch.Tensor):
         return {"": obj}
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -205,6 +193,23 @@ def _read_torch(src: Source) -> dict[str, torch.Tensor]:
     )
 
 
+def read_torch_object(src: Source):
+    """What a ``torch.save`` file holds, loaded with ``weights_only=True`` (never arbitrary code)."""
+    check_torch_version()
+    try:
+        # weights_only=True is explicit, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot override it
+        return torch.load(io.BytesIO(src.data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise InputError(
+                "refused: the file needs arbitrary code to load (pickle), which jaccli never runs",
+                where=src.name,
+                hint="save plain tensors (torch.save(tensor) or a dict of tensors), .npy or .safetensors",
+            ) from None
+        raise InputError(f"cannot read torch file: {first}", where=src.name) from None
+
+
 def _read_safetensors(src: Source) -> dict[str, torch.Tensor]:
     from safetensors.torch import load as st_load
 
@@ -215,6 +220,16 @@ def _read_safetensors(src: Source) -> dict[str, torch.Tensor]:
     if not out:
         raise InputError("holds no tensors", where=src.name)
     return out
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file's header (empty when absent)."""
+    try:
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return dict(meta) if isinstance(meta, dict) else {}
 
 
 def _read_text(src: Source) -> dict[str, torch.Tensor]:
@@ -264,7 +279,7 @@ def archive_kind(data: bytes) -> str | None:
     return None
 
 
-def _is_safetensors(data: bytes) -> bool:
+def is_safetensors(data: bytes) -> bool:
     if len(data) < 10:
         return False
     header_len = int.from_bytes(data[:8], "little")
@@ -281,7 +296,7 @@ def _sniff(src: Source) -> str | None:
         if any(n.endswith(".npy") for n in names) and not any(n.endswith("data.pkl") for n in names):
             return "npz"
         return "pt"
-    if _is_safetensors(src.data):  # before the pickle test: a header length may start with 0x80
+    if is_safetensors(src.data):  # before the pickle test: a header length may start with 0x80
         return "safetensors"
     if head.startswith(b"\x80"):  # legacy (non-zip) torch.save: a pickle stream
         return "pt"
@@ -464,6 +479,12 @@ def check_output(path: str | os.PathLike, *, force: bool = False) -> None:
         raise OutputError("directory is not writable", where=str(parent))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_tensors(
     path: str | os.PathLike,
     tensors: torch.Tensor | Mapping[str, torch.Tensor],
@@ -496,6 +517,7 @@ def save_tensors(
     try:
         with os.fdopen(fd, "wb") as fh:
             WRITERS[fmt](fh, tensors, meta)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result is an ordinary file
         os.replace(tmp, target)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -136,7 +136,7 @@ def test_pickled_module_is_refused_without_running_it(tmp_path):
     "content,match",
     [
         (b"", "empty"),
-        (b"not a model at all", "not a model archive"),
+        (b"not a model at all", "not a model file"),
         (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n", "Git LFS pointer"),
     ],
 )
@@ -215,3 +215,148 @@ def test_saved_models_on_cuda(tmp_path, square_net, fmt):
         got = getattr(jaccli, kind)(model, x.cuda(), per_sample=True, chunk_size=4)
         want = getattr(jaccli, kind)(square_net, x, per_sample=True)
         torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------- weights files
+
+
+@pytest.mark.parametrize("activation", sorted(jaccli.models.ACTIVATIONS))
+def test_save_mlp_round_trip_for_every_activation(tmp_path, activation):
+    net = jaccli.models.build_mlp([2, 6, 6, 3], activation).double().eval()
+    path = tmp_path / "net.safetensors"
+    jaccli.save_mlp(net, path)
+    model = jaccli.load_model(path)
+    assert model.info.format == "safetensors-mlp" and not model.info.runs_code
+    x = torch.randn(5, 2, dtype=torch.float64)
+    torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)
+
+
+def test_safetensors_metadata_documents_the_network(tmp_path):
+    from safetensors import safe_open
+
+    net = tanh_mlp((3, 5, 2))
+    jaccli.save_mlp(net, tmp_path / "n.safetensors")
+    with safe_open(str(tmp_path / "n.safetensors"), "pt") as fh:
+        meta = fh.metadata()
+    assert meta == {"jaccli.arch": "mlp", "jaccli.sizes": "[3, 5, 2]", "jaccli.activation": "tanh", "jaccli.bias": "true"}
+    assert set(meta) == set(jaccli.models.MLP_METADATA)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)),
+        lambda: nn.Sequential(nn.Linear(2, 2), nn.Softplus(beta=3.0), nn.Linear(2, 1)),
+        lambda: nn.Sequential(nn.Linear(2, 2), nn.Dropout(), nn.Linear(2, 1)),
+        lambda: nn.Linear(2, 2),
+    ],
+    ids=["mixed", "non-default", "dropout", "not-sequential"],
+)
+def test_save_mlp_refuses_what_it_cannot_describe(tmp_path, bad):
+    with pytest.raises(jaccli.UsageError):
+        jaccli.save_mlp(bad(), tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_state_dict_with_mlp_arch_infers_the_widths(tmp_path):
+    net = tanh_mlp((1, 7, 7, 4))
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(jaccli.UsageError, match="--arch mlp --activation NAME"):
+        jaccli.load_model(tmp_path / "w.pt")
+    with pytest.raises(jaccli.UsageError, match="needs --activation"):
+        jaccli.load_model(tmp_path / "w.pt", arch="mlp")
+    model = jaccli.load_model(tmp_path / "w.pt", arch="mlp", activation="tanh")
+    x = torch.rand(3, 1, dtype=torch.float64)
+    torch.testing.assert_close(model(x), net(x))
+    torch.save({"epoch": 3, "state_dict": net.state_dict()}, tmp_path / "ckpt.pt")
+    torch.testing.assert_close(jaccli.load_model(tmp_path / "ckpt.pt", arch="mlp", activation="tanh")(x), net(x))
+
+
+def test_plain_safetensors_weights_need_an_arch(tmp_path):
+    from safetensors.torch import save_file
+
+    net = tanh_mlp((2, 4, 1))
+    save_file(dict(net.state_dict()), str(tmp_path / "w.safetensors"))
+    with pytest.raises(jaccli.UsageError, match="holds weights only"):
+        jaccli.load_model(tmp_path / "w.safetensors")
+    model = jaccli.load_model(tmp_path / "w.safetensors", arch="mlp", activation="tanh")
+    x = torch.rand(3, 2, dtype=torch.float64)
+    torch.testing.assert_close(model(x), net(x))
+
+
+ARCH_FILE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, width=4):
+        super().__init__()
+        self.inner = nn.Linear(2, width)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        return self.head(torch.sin(self.inner(x)))
+
+
+def make(width=4):
+    return Net(width)
+'''
+
+
+def test_user_architecture_from_a_file_with_kwargs(tmp_path):
+    (tmp_path / "arch.py").write_text(ARCH_FILE)
+    spec = f"{tmp_path / 'arch.py'}:make"
+    torch.manual_seed(0)
+    import importlib.util
+
+    mod_spec = importlib.util.spec_from_file_location("arch_for_test", tmp_path / "arch.py")
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    net = mod.make(width=6).double()
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    model = jaccli.load_model(tmp_path / "w.pt", arch=spec, arch_kwargs={"width": 6})
+    assert model.info.format == "weights+arch" and model.info.runs_code
+    x = torch.rand(4, 2, dtype=torch.float64)
+    torch.testing.assert_close(model.double()(x), net(x))
+    # wrong width: the mismatch is listed
+    with pytest.raises(jaccli.ModelError, match=r"head.weight \[1, 6\] in the file, \[1, 4\] in the model"):
+        jaccli.load_model(tmp_path / "w.pt", arch=spec)
+
+
+def test_missing_and_unexpected_keys_are_listed_sorted(tmp_path):
+    net = tanh_mlp((2, 3, 1))
+    state = dict(net.state_dict())
+    del state["2.bias"], state["0.weight"]
+    state["zeta"] = torch.zeros(1)
+    state["alpha"] = torch.zeros(1)
+    torch.save(state, tmp_path / "w.pt")
+    (tmp_path / "arch.py").write_text(
+        "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))\n"
+    )
+    with pytest.raises(jaccli.ModelError, match=r"missing: 0.weight, 2.bias.*unexpected: alpha, zeta"):
+        jaccli.load_model(tmp_path / "w.pt", arch=f"{tmp_path / 'arch.py'}:make")
+
+
+@pytest.mark.parametrize(
+    "spec,error,match",
+    [
+        ("nonsense", jaccli.UsageError, "bad --arch"),
+        ("{d}/none.py:make", jaccli.InputError, "no such architecture file"),
+        ("{d}/arch.py:missing", jaccli.UsageError, "no function 'missing'"),
+        ("{d}/broken.py:make", jaccli.ModelError, "importing the architecture failed"),
+        ("no_such_package_xyz.mod:make", jaccli.ModelError, "importing the architecture failed"),
+    ],
+)
+def test_bad_arch_specs(tmp_path, spec, error, match):
+    (tmp_path / "arch.py").write_text(ARCH_FILE)
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
+    torch.save(tanh_mlp((2, 4, 1)).state_dict(), tmp_path / "w.pt")
+    with pytest.raises(error, match=match):
+        jaccli.load_model(tmp_path / "w.pt", arch=spec.format(d=tmp_path))
+
+
+def test_arch_is_refused_for_saved_programs(tmp_path, square_net):
+    path = save_torchscript(square_net, tmp_path / "m.pt")
+    with pytest.raises(jaccli.UsageError, match="--arch applies to weights files"):
+        jaccli.load_model(path, arch="mlp", activation="tanh")
