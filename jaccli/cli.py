@@ -24,9 +24,9 @@ import jaccli
 
 from . import render
 from .engine import ESTIMATORS, KINDS, MODES
-from .errors import EXIT_INTERRUPTED, JaccliError, UsageError
+from .errors import EXIT_INTERRUPTED, CheckFailed, JaccliError, UsageError
 from .io import DTYPES, STDIO, as_float, check_output, gather_inputs, resolve_dtype
-from .models import count_parameters, info_of, resolve_device
+from .models import ACTIVATIONS, count_parameters, info_of, resolve_device
 
 try:  # Typer vendors Click from 0.25 on
     from typer._click import exceptions as click_exc
@@ -78,9 +78,10 @@ app = typer.Typer(
     help=(
         "Derivatives of a saved PyTorch model with respect to its input: Jacobian, Hessian, "
         "divergence and Laplacian, per sample or of the whole input, on CPU or GPU.\n\n"
-        "MODEL is a TorchScript archive or a torch.export program (.pt2). Both contain code "
-        "that runs when the model runs: use only files you trust. INPUT is a .npy, .npz, .pt, "
-        ".safetensors, .csv or .txt file, or - for .npy bytes on stdin."
+        "MODEL is a TorchScript archive, a torch.export program (.pt2), a safetensors MLP written "
+        "by jaccli.save_mlp, or weights with --arch. Archives contain code that runs when the model "
+        "runs and --arch factories are imported: use only files you trust. INPUT is a .npy, .npz, "
+        ".pt, .safetensors, .csv or .txt file, or - for .npy bytes on stdin."
     ),
     add_completion=False,
     no_args_is_help=True,
@@ -107,10 +108,17 @@ def _root(
 
 # --------------------------------------------------------------------------- shared options
 
-ModelArg = Annotated[str, typer.Argument(help="Model file: TorchScript archive or torch.export .pt2.", show_default=False)]
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="MODEL", help="TorchScript archive, torch.export .pt2, safetensors MLP, or weights with --arch.", show_default=False
+    ),
+]
 InputArg = Annotated[
     Optional[str],
-    typer.Argument(help="Input tensor file (.npy .npz .pt .safetensors .csv .txt), or - for .npy on stdin.", show_default=False),
+    typer.Argument(
+        metavar="INPUT", help="Input tensor file (.npy .npz .pt .safetensors .csv .txt), or - for .npy on stdin.", show_default=False
+    ),
 ]
 PerSample = Annotated[
     bool,
@@ -153,6 +161,20 @@ Output = Annotated[
     Optional[str], typer.Option(help="Index or name of the output to use when the model returns several.", show_default=False)
 ]
 Strict = Annotated[bool, typer.Option("--strict", help="Fail (exit 5) instead of warning when values are NaN or Inf.")]
+Arch = Annotated[
+    Optional[str],
+    typer.Option(
+        help="For weights-only MODEL files (safetensors, state dict): mlp, or FILE.py:FUNC / package.module:FUNC "
+        "returning the nn.Module. A factory imports and runs that code.",
+        show_default=False,
+    ),
+]
+Activation = Annotated[
+    Optional[str], typer.Option(help="Activation of --arch mlp: " + ", ".join(ACTIVATIONS) + ".", show_default=False)
+]
+ArchKwargs = Annotated[
+    Optional[str], typer.Option("--arch-kwargs", help="JSON object of keyword arguments for the --arch factory.", show_default=False)
+]
 NoBatchCheck = Annotated[
     bool,
     typer.Option("--no-batch-check", help="Skip the check that the model does not mix batch elements (--per-sample)."),
@@ -178,11 +200,31 @@ def _collect_warnings(collected: list[str]):
                 err.print(f"[bold yellow]warning:[/] {escape(text)}")
 
 
-def _load(model: str, input: str | None, inputs, key, wrt, device: str, dtype: str | None):
+def _arch_kwargs(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError("--arch-kwargs is not JSON", expected='an object like {"width": 64}', got=f"{text} ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise UsageError("--arch-kwargs must be a JSON object", got=text)
+    return value
+
+
+def _load_model(o: dict, dev, dtype=None):
+    return jaccli.load_model(
+        o["model"], device=dev, dtype=dtype, arch=o.get("arch"), activation=o.get("activation"),
+        arch_kwargs=_arch_kwargs(o.get("arch_kwargs")),
+    )  # fmt: skip
+
+
+def _load(o: dict, wrt=None):
     """Model and inputs on one device and dtype; returns (model, args, sources, wrt)."""
+    input, inputs, key, device, dtype = o["input"], o["inputs"], o["key"], o["device"], o["dtype"]
     dev = resolve_device(device)
     want = resolve_dtype(dtype)
-    net = jaccli.load_model(model, device=dev)
+    net = _load_model(o, dev)
     names = info_of(net).arg_names
     tensors, sources, positional = gather_inputs(input, inputs or (), key=key, arg_names=names)
     wrt_names = list(wrt) if wrt else None
@@ -248,9 +290,7 @@ def _derivative(kind: str, **o) -> None:
     messages: list[str] = []
     out = Console(stderr=save == STDIO, highlight=False)
     with _collect_warnings(messages):
-        net, args, sources, wrt = _load(
-            o["model"], o["input"], o["inputs"], o["key"], o["wrt"], o["device"], o["dtype"]
-        )
+        net, args, sources, wrt = _load(o, o["wrt"])
         common = dict(
             wrt=wrt if wrt is None or len(wrt) > 1 else wrt[0],
             per_sample=o["per_sample"],
@@ -375,6 +415,9 @@ def _make_command(kind: str):
         output: Output = None,
         strict: Strict = False,
         no_batch_check: NoBatchCheck = False,
+        arch: Arch = None,
+        activation: Activation = None,
+        arch_kwargs: ArchKwargs = None,
         flatten: Annotated[
             bool, typer.Option("--flatten", hidden=not flat_help, help="Give the matrix view [N, out, in] of tensor-shaped inputs and outputs.")
         ] = False,
@@ -396,7 +439,7 @@ def _make_command(kind: str):
             mode=mode, chunk_size=chunk_size, save=save, force=force, json=json_, quiet=quiet,
             dry_run=dry_run, key=key, inputs=inputs, wrt=wrt, output=output, strict=strict,
             no_batch_check=no_batch_check, flatten=flatten, estimator=estimator, probes=probes,
-            seed=seed,
+            seed=seed, arch=arch, activation=activation, arch_kwargs=arch_kwargs,
         )  # fmt: skip
 
     command.__doc__ = _COMMAND_HELP[kind]
@@ -419,22 +462,61 @@ def info(
     key: Key = None,
     inputs: Inputs = None,
     output: Output = None,
+    arch: Arch = None,
+    activation: Activation = None,
+    arch_kwargs: ArchKwargs = None,
     json_: Json = False,
 ) -> None:
     """What was loaded: format, parameters, dtype, shapes on INPUT, smoothness, batch independence."""
+    o = dict(model=model, input=input, inputs=inputs, key=key, device=device, dtype=dtype, arch=arch,
+             activation=activation, arch_kwargs=arch_kwargs)  # fmt: skip
     messages: list[str] = []
     with _collect_warnings(messages):
         if input is None and not inputs:
-            net = jaccli.load_model(model, device=resolve_device(device), dtype=dtype)
-            args = None
+            net, args = _load_model(o, resolve_device(device), dtype), None
         else:
-            net, args, _sources, _ = _load(model, input, inputs, key, None, device, dtype)
+            net, args, _sources, _ = _load(o)
         facts = jaccli.describe(net, args, per_sample=per_sample, output=output)
     facts = {"model": model, **facts}
     if json_:
         typer.echo(json.dumps({"schema": "jaccli.info", "version": render.JSON_SCHEMA_VERSION, **facts, "warnings": messages}))
     else:
         render.show_info(Console(highlight=False), facts)
+
+
+@app.command("check")
+def check(
+    model: ModelArg,
+    input: InputArg = None,
+    hessian: Annotated[bool, typer.Option("--hessian", help="Check the Hessian too.")] = False,
+    points: Annotated[int, typer.Option(help="How many points of INPUT (axis 0) to check, evenly spaced.")] = 4,
+    tolerance: Annotated[float, typer.Option(help="Largest relative error that passes (the Hessian gets 10×).")] = 1e-6,
+    key: Key = None,
+    inputs: Inputs = None,
+    output: Output = None,
+    arch: Arch = None,
+    activation: Activation = None,
+    arch_kwargs: ArchKwargs = None,
+    json_: Json = False,
+) -> None:
+    """Compare jaccli's Jacobian (and Hessian) with float64 finite differences on a few points.
+
+    Also verifies that the model does not mix batch elements and reports non-smooth activations. Exit code 0 when every check passes, 8 when one fails.
+    """
+    o = dict(model=model, input=input, inputs=inputs, key=key, device="cpu", dtype="float64", arch=arch,
+             activation=activation, arch_kwargs=arch_kwargs)  # fmt: skip
+    messages: list[str] = []
+    with _collect_warnings(messages):
+        net, args, _sources, _ = _load(o)
+        if isinstance(args, dict):
+            raise UsageError("check takes a model with one input")
+        report = jaccli.check(net, args, points=points, hessian_too=hessian, tolerance=tolerance, output=output)
+    if json_:
+        typer.echo(json.dumps({"schema": "jaccli.check", "version": render.JSON_SCHEMA_VERSION, "model": model, **report.as_dict(), "warnings": messages}))
+    else:
+        render.show_check(Console(highlight=False), report)
+    if not report.passed:
+        raise CheckFailed(report.failures[0], where=model)
 
 
 def main() -> None:

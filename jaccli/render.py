@@ -90,14 +90,13 @@ def stats(t: torch.Tensor) -> dict:
 
 
 def preview(t: torch.Tensor, per_sample: bool) -> str:
-    """A few values: the first point's block with ``per_sample``, else the head of the tensor."""
+    """The first and last few values of the first point's block (``per_sample``) or of the
+    whole result, flattened: a 6-axis Hessian block printed whole would fill the screen."""
     arr = t.detach().cpu().numpy()
     if per_sample and arr.ndim > 1:
         arr = arr[0]
-    if arr.ndim > 1:
-        arr = arr.squeeze()  # a [501, 1] block reads better as one row
-    with np.printoptions(precision=5, threshold=24, edgeitems=3, linewidth=88, suppress=False):
-        return np.array2string(np.asarray(arr), separator=", ")
+    with np.printoptions(precision=5, threshold=12, edgeitems=4, linewidth=10_000, suppress=False):
+        return np.array2string(np.asarray(arr).reshape(-1), separator=", ")
 
 
 def _title(report: Report) -> str:
@@ -132,7 +131,8 @@ def show_result(console: Console, report: Report) -> None:
             table.add_row("  min / max / mean", f"{s['min']:.6g} / {s['max']:.6g} / {s['mean']:.6g}")
         finite = Text("yes", style="green") if s["all_finite"] else Text("NO", style="bold red")
         table.add_row("  all finite", finite)
-        table.add_row("  preview" + (" (sample 0)" if report.per_sample else ""), escape(preview(t, report.per_sample)))
+        where = "sample 0, flattened" if report.per_sample else "flattened"
+        table.add_row(f"  preview ({where})", escape(preview(t, report.per_sample)))
     if report.stderr is not None:
         se = stats(report.stderr)
         table.add_row("standard error", f"max {se['max']:.3g}, mean {se['mean']:.3g}")
@@ -226,3 +226,19 @@ def result_json(report: Report) -> dict:
     if report.stderr is not None:
         doc["stderr"] = {"probes": report.probes, "values": _values(report.stderr), **stats(report.stderr)}
     return doc
+
+
+def show_check(console: Console, report) -> None:
+    """The Rich view of ``jaccli check``."""
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column()
+    table.add_row("points", escape(str(report.points)))
+    table.add_row("Jacobian vs finite differences", f"{report.jacobian_error:.3g} relative (tolerance {report.tolerance:g})")
+    if report.hessian_error is not None:
+        table.add_row("Hessian vs differences", f"{report.hessian_error:.3g} relative (tolerance {10 * report.tolerance:g})")
+    independent = report.batch_independent
+    table.add_row("batch independent", "yes" if independent is True else Text(escape(str(independent)), style="red"))
+    table.add_row("smooth", "yes" if not report.nonsmooth_ops else f"no: {', '.join(report.nonsmooth_ops)}")
+    table.add_row("verdict", Text("PASS", style="bold green") if report.passed else Text("FAIL", style="bold red"))
+    console.print(table)

@@ -264,7 +264,7 @@ ERRORS = [
     (["jacobian", "{d}/missing.pt", "{ex}/pinn_x.npy"], jaccli.InputError, ["missing.pt", "no such model file"]),
     (["jacobian", "{d}", "{ex}/pinn_x.npy"], jaccli.InputError, ["is a directory"]),
     (["jacobian", "{ex}/pinn.pt", "{d}/empty.npy"], jaccli.InputError, ["empty.npy", "empty tensor file"]),
-    (["jacobian", "{d}/garbage.pt", "{ex}/pinn_x.npy"], jaccli.InputError, ["garbage.pt", "not a model archive"]),
+    (["jacobian", "{d}/garbage.pt", "{ex}/pinn_x.npy"], jaccli.InputError, ["garbage.pt", "not a model file"]),
     (["jacobian", "{d}/lfs.pt", "{ex}/pinn_x.npy"], jaccli.InputError, ["Git LFS pointer", "git lfs pull"]),
     (["jacobian", "{d}/pickled.pt", "{ex}/pinn_x.npy"], jaccli.InputError, ["pickled model"]),
     (["jacobian", "{ex}/pinn.pt", "{ex}/pinn.pt"], jaccli.InputError, ["pinn.pt", "TorchScript model, not a tensor file"]),
@@ -340,6 +340,30 @@ def test_exit_codes_table_in_readme_matches_the_code():
         assert re.search(rf"\|\s*{code}\s*\|\s*`{cls.__name__}`", readme), cls.__name__
 
 
+# ----------------------------------------------------------------- check
+
+
+@pytest.mark.parametrize("model,inp", [("pinn.pt", "pinn_x.npy"), ("potential.pt2", "potential_x.npy"), ("pinn.safetensors", "pinn_x.npy")])
+def test_check_passes_on_examples(model, inp):
+    result = run("check", ex(model), ex(inp), "--hessian", "--points", "3")
+    assert result.exit_code == 0, result.stderr
+    assert "PASS" in result.stdout and "Jacobian vs finite differences" in result.stdout
+
+
+def test_check_fails_with_exit_8_on_a_wrong_derivative(tmp_path):
+    class Detached(torch.nn.Module):
+        def forward(self, x):
+            return x.detach() * 2 + x  # the derivative misses the detached branch
+
+    save_export(Detached(), torch.zeros(4, 2), tmp_path / "d.pt2")
+    np.save(tmp_path / "x.npy", np.ones((5, 2), np.float32))
+    result = run("check", tmp_path / "d.pt2", tmp_path / "x.npy", "--json")
+    assert result.exit_code == EXIT_CODES[jaccli.CheckFailed]
+    doc = json.loads(result.stdout)
+    assert doc["schema"] == "jaccli.check" and doc["passed"] is False and doc["jacobian_error"] > 0.5
+    assert len(result.stderr.strip().splitlines()) == 1 and "differs from finite differences" in result.stderr
+
+
 # ----------------------------------------------------------------- info, help, version
 
 
@@ -356,7 +380,7 @@ def test_info_on_a_model_and_an_input():
 
 def test_help_texts():
     top = run("--help").stdout
-    for word in ["jacobian", "hessian", "divergence", "laplacian", "info", "use only files you trust"]:
+    for word in ["jacobian", "hessian", "divergence", "laplacian", "info", "check", "use only files you trust"]:
         assert word in top
     div = run("divergence", "--help").stdout
     assert "--estimator" in div and "--probes" in div
