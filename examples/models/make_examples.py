@@ -4,12 +4,16 @@
 
 Every model is built from fixed seeds, so the files are reproducible; each is saved
 as a TorchScript archive (``NAME.pt``) and as a ``torch.export`` program with a
-dynamic batch dimension (``NAME.pt2``), next to an example input ``NAME_x.npy``.
+dynamic batch dimension (``NAME.pt2``), next to an example input ``NAME_x.npy``
+(``NAME_inputs.npz`` for a model of several arguments).
 
-- ``pinn``: the classic physics-informed network, a 1→50→50→50→501 tanh MLP.
+- ``pinn``: the classic physics-informed network, a 1→50→50→50→501 tanh MLP; also as
+  ``pinn.safetensors`` (self-describing, loads without code) and ``pinn_state.pt`` (a
+  plain state dict, for ``--arch mlp --activation tanh`` or ``--arch make_examples.py:pinn``).
 - ``ode``: the exact solution of a damped oscillator, t ↦ e^{-γt} (cos ωt, sin ωt).
 - ``field``: a vector field R³→R³, F(x) = A x + b ⊙ tanh(x), divergence tr A + Σ bᵢ sech²xᵢ.
 - ``potential``: a scalar potential R³→R, V(x) = ½ xᵀQx + Σ log cosh xᵢ + c·x.
+- ``decay``: two arguments, g(t, x) = e^{-t} sin x + t² x with t [N] and x [N, 3, 2, 2].
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 
 
-def pinn() -> nn.Module:
-    """1→50→50→50→501 tanh MLP with Xavier-initialised weights."""
+def pinn(width: int = 50, depth: int = 3, outputs: int = 501) -> nn.Sequential:
+    """1→50→50→50→501 tanh MLP with Xavier-initialised weights (also an ``--arch`` factory)."""
     torch.manual_seed(0)
-    sizes = [1, 50, 50, 50, 501]
+    sizes = [1] + [width] * depth + [outputs]
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         linear = nn.Linear(a, b)
@@ -80,14 +84,29 @@ class Potential(nn.Module):
         return quad + torch.log(torch.cosh(x)).sum(-1) + x @ self.c
 
 
-def examples() -> dict[str, tuple[nn.Module, np.ndarray]]:
-    """Each example's module (eval mode) and example input."""
+class Decay(nn.Module):
+    """g(t, x) = e^{-t} sin x + t² x for t [N] and x [N, 3, 2, 2]: output [N, 3, 2, 2]."""
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        tt = t[:, None, None, None]
+        return torch.exp(-tt) * torch.sin(x) + tt * tt * x
+
+
+def examples() -> dict[str, tuple[nn.Module, dict[str, np.ndarray]]]:
+    """Each example's module and its example inputs by argument name."""
     rng = np.random.default_rng(3)
     return {
-        "pinn": (pinn(), np.linspace(0.0, 1.0, 1000, dtype=np.float32)[:, None]),
-        "ode": (DampedOscillator(), np.linspace(0.0, 10.0, 200, dtype=np.float32)[:, None]),
-        "field": (VectorField(), rng.standard_normal((500, 3)).astype(np.float32)),
-        "potential": (Potential(), rng.standard_normal((500, 3)).astype(np.float32)),
+        "pinn": (pinn(), {"x": np.linspace(0.0, 1.0, 1000, dtype=np.float32)[:, None]}),
+        "ode": (DampedOscillator(), {"t": np.linspace(0.0, 10.0, 200, dtype=np.float32)[:, None]}),
+        "field": (VectorField(), {"x": rng.standard_normal((500, 3)).astype(np.float32)}),
+        "potential": (Potential(), {"x": rng.standard_normal((500, 3)).astype(np.float32)}),
+        "decay": (
+            Decay(),
+            {
+                "t": np.linspace(0.0, 2.0, 64, dtype=np.float32),
+                "x": rng.standard_normal((64, 3, 2, 2)).astype(np.float32),
+            },
+        ),
     }
 
 
@@ -99,27 +118,49 @@ def save_torchscript(module: nn.Module, path: Path) -> Path:
     return path
 
 
-def save_export(module: nn.Module, example: torch.Tensor, path: Path, dynamic: bool = True) -> Path:
-    """``torch.export`` with a dynamic batch dimension (or the example's, if not ``dynamic``)."""
-    shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic else None
-    torch.export.save(torch.export.export(module.eval(), (example,), dynamic_shapes=shapes), path)
+def save_export(module: nn.Module, example, path: Path, dynamic: bool = True) -> Path:
+    """``torch.export`` with a dynamic batch dimension on every argument (or static, if not ``dynamic``)."""
+    example = example if isinstance(example, tuple) else (example,)
+    shapes = None
+    if dynamic:
+        batch = torch.export.Dim("batch", min=1)
+        shapes = tuple({0: batch} for _ in example)
+    torch.export.save(torch.export.export(module.eval(), example, dynamic_shapes=shapes), path)
     return path
 
 
-def save(name: str, module: nn.Module, x: np.ndarray, outdir: Path) -> list[Path]:
-    """Write NAME.pt (TorchScript), NAME.pt2 (torch.export, dynamic batch) and NAME_x.npy."""
-    np.save(outdir / f"{name}_x.npy", x)
+def save(name: str, module: nn.Module, inputs: dict[str, np.ndarray], outdir: Path) -> list[Path]:
+    """NAME.pt (TorchScript), NAME.pt2 (torch.export, dynamic batch) and NAME_x.npy or NAME_inputs.npz."""
+    if len(inputs) == 1:
+        data = outdir / f"{name}_x.npy"
+        np.save(data, next(iter(inputs.values())))
+    else:
+        data = outdir / f"{name}_inputs.npz"
+        np.savez(data, **inputs)
+    example = tuple(torch.from_numpy(v[:4]) for v in inputs.values())
     return [
         save_torchscript(module, outdir / f"{name}.pt"),
-        save_export(module, torch.from_numpy(x[:4]), outdir / f"{name}.pt2"),
-        outdir / f"{name}_x.npy",
+        save_export(module, example, outdir / f"{name}.pt2"),
+        data,
     ]
+
+
+def save_weights(module: nn.Sequential, outdir: Path, name: str) -> list[Path]:
+    """The safe routes: a self-describing safetensors file and a plain state dict."""
+    from jaccli import save_mlp
+
+    save_mlp(module, outdir / f"{name}.safetensors", force=True)
+    torch.save(module.state_dict(), outdir / f"{name}_state.pt")
+    return [outdir / f"{name}.safetensors", outdir / f"{name}_state.pt"]
 
 
 def main(outdir: Path = HERE) -> None:
     outdir.mkdir(parents=True, exist_ok=True)
-    for name, (module, x) in examples().items():
-        for path in save(name, module, x, outdir):
+    for name, (module, inputs) in examples().items():
+        paths = save(name, module, inputs, outdir)
+        if name == "pinn":
+            paths += save_weights(module, outdir, name)
+        for path in paths:
             print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 
