@@ -7,6 +7,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import jaccli
@@ -420,6 +422,56 @@ def test_rademacher_probes_are_balanced_and_uncorrelated():
 def test_hutchinson_needs_two_probes():
     with pytest.raises(jaccli.UsageError, match="at least 2 probes"):
         jaccli.divergence(lambda v: v, torch.ones(3), estimator="hutchinson", probes=1)
+
+
+# ----------------------------------------------------------------- properties
+
+SMOOTH = [nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.ELU]
+
+
+@st.composite
+def mlps(draw, square=False):
+    n_in = draw(st.integers(1, 4))
+    n_out = n_in if square else draw(st.integers(1, 4))
+    hidden = draw(st.lists(st.integers(1, 6), min_size=1, max_size=2))
+    act = draw(st.sampled_from(SMOOTH))
+    net = tanh_mlp((n_in, *hidden, n_out), act=act, seed=draw(st.integers(0, 10_000)))
+    n = draw(st.integers(1, 5))
+    x = torch.randn(n, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
+    return net, x
+
+
+PROPERTY = settings(max_examples=20, deadline=None)
+
+
+@PROPERTY
+@given(case=mlps(), mode=st.sampled_from(["forward", "reverse"]))
+def test_property_hessian_is_symmetric_and_its_trace_is_the_laplacian(case, mode):
+    net, x = case
+    H = jaccli.hessian(net, x, per_sample=True, mode=mode)
+    torch.testing.assert_close(H, H.transpose(-1, -2), rtol=1e-12, atol=1e-12)
+    L = jaccli.laplacian(net, x, per_sample=True, mode=mode)
+    torch.testing.assert_close(L, H.diagonal(dim1=-2, dim2=-1).sum(-1), rtol=1e-10, atol=1e-12)
+
+
+@PROPERTY
+@given(case=mlps(square=True), mode=st.sampled_from(["forward", "reverse"]))
+def test_property_divergence_is_the_trace_of_the_jacobian(case, mode):
+    net, x = case
+    J = jaccli.jacobian(net, x, per_sample=True, mode=mode)
+    D = jaccli.divergence(net, x, per_sample=True, mode=mode)
+    torch.testing.assert_close(D, J.diagonal(dim1=-2, dim2=-1).sum(-1), rtol=1e-10, atol=1e-12)
+
+
+@PROPERTY
+@given(case=mlps(), chunk=st.integers(1, 4))
+def test_property_per_sample_is_the_diagonal_of_the_whole_jacobian(case, chunk):
+    net, x = case
+    whole = jaccli.jacobian(net, x, chunk_size=chunk)  # [N, out, N, in]
+    per = jaccli.jacobian(net, x, per_sample=True, chunk_size=chunk)
+    idx = torch.arange(x.shape[0])
+    torch.testing.assert_close(per, whole[idx, :, idx, :], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(per, jaccli.jacobian(net, x, per_sample=True, mode="reverse"), rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------- devices
