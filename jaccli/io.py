@@ -475,8 +475,11 @@ def check_output(path: str | os.PathLike, *, force: bool = False) -> None:
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError("directory does not exist", where=str(parent))
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError("directory is not writable", where=str(parent))
+    try:  # a real file, not os.access: root passes permission bits but not read-only mounts
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise OutputError(f"directory is not writable: {exc.strerror or exc}", where=str(parent)) from None
 
 
 def _umask() -> int:

@@ -256,6 +256,17 @@ def bad_files(tmp_path):
     (tmp_path / "lfs.pt").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:1\nsize 2\n")
     np.savez(tmp_path / "two.npz", a=np.zeros((4, 1)), b=np.zeros((4, 1)))
     torch.save(torch.nn.Linear(1, 1), tmp_path / "pickled.pt")
+    for name in ("pinn.pt2", "pinn.pt"):
+        data = (EXAMPLES / name).read_bytes()
+        (tmp_path / f"half{name[4:]}").write_bytes(data[: len(data) // 2])
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, 1000000), }"
+    header += b" " * (-(len(header) + 11) % 64) + b"\n"
+    (tmp_path / "huge.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\0" * 64)
+    from safetensors.numpy import save
+
+    blob = save({"x": np.zeros((10, 1), np.float32)})
+    (tmp_path / "half.safetensors").write_bytes(blob[: len(blob) - 8])
+    np.save(tmp_path / "complex.npy", np.ones((4, 1), np.complex64))
     return tmp_path
 
 
@@ -278,7 +289,15 @@ ERRORS = [
     (["jacobian", "{ex}/pinn.pt", "{ex}/pinn_x.npy", "--mode", "sideways"], jaccli.UsageError, ["auto, forward, reverse"]),
     (["jacobian", "{ex}/pinn.pt", "{ex}/pinn_x.npy", "--save", "{d}/exists.npy"], jaccli.OutputError, ["already exists", "--force"]),
     (["jacobian", "{ex}/pinn.pt", "{ex}/pinn_x.npy", "--save", "{d}/no/dir/J.npy"], jaccli.OutputError, ["does not exist"]),
+    (["jacobian", "{ex}/pinn.pt", "{ex}/pinn_x.npy", "--save", "/sys/J.npy"], jaccli.OutputError, ["not writable"]),
     (["jacobian", "{ex}/pinn.pt", "{ex}/pinn_x.npy", "--save", "{d}/J.h5"], jaccli.UsageError, ["suffix", ".h5"]),
+    (["jacobian", "{d}/half.pt2", "{ex}/pinn_x.npy"], jaccli.InputError, ["half.pt2"]),
+    (["jacobian", "{d}/half.pt", "{ex}/pinn_x.npy"], jaccli.InputError, ["half.pt"]),
+    (["jacobian", "{ex}/pinn.pt", "{d}/huge.npy"], jaccli.InputError, ["promises more data"]),
+    (["jacobian", "{ex}/pinn.pt", "{d}/half.safetensors"], jaccli.InputError, ["corrupt .safetensors"]),
+    (["jacobian", "{ex}/pinn.pt", "{d}/complex.npy", "-p"], jaccli.InputError, ["complex inputs"]),
+    (["jacobian", "{ex}/pinn_state.pt", "{ex}/pinn_x.npy", "--arch", "mlp"], jaccli.UsageError, ["needs --activation"]),
+    (["jacobian", "{ex}/pinn_state.pt", "{ex}/pinn_x.npy", "--arch", "x.py:f", "--arch-kwargs", "{{oops"], jaccli.UsageError, ["not JSON"]),
     (["jacobian", "{ex}/pinn.pt", "{ex}/pinn_x.npy", "--save", "-", "--json"], jaccli.UsageError, ["stdout"]),
     (["jacobian", "{ex}/pinn.pt", "{d}/nan.npy", "-p", "--strict"], jaccli.NumericalError, ["input .input. holds NaN or Inf"]),
     (["hessian", "{ex}/pinn.pt", "{ex}/pinn_x.npy", "--probes", "3"], jaccli.UsageError, ["options of divergence"]),
