@@ -14,7 +14,9 @@ Each derivative is a sum of *products* (Jacobian-vector, vector-Jacobian and the
 second-order compositions, from :mod:`torch.func`) over *directions*; a
 :class:`Strategy` row says which products a (kind, mode) pair uses and where their
 values go. The planner picks the mode and how many points and directions are done at
-once so that memory stays inside a budget.
+once so that memory stays inside a budget. Forward-mode requests on one per-sample
+input take the Taylor fast path of :mod:`jaccli.taylor` instead (see "Taylor fast
+path" below); the plan's ``engine`` says which ran.
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import jvp, vjp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import taylor
 from .errors import (
     JaccliError,
     JaccliWarning,
@@ -743,6 +747,9 @@ def _s_lap_rev(res, idx, block):
     res.index_add_(1, idx[:, 0].to(res.device), block.T)
 
 
+#: scatters that together write every entry of a chunk's rows (the others add into them)
+_ASSIGNING_SCATTERS = frozenset({_s_jac_fwd, _s_jac_rev, _s_hess_fwd, _s_hess_rev})
+
 STRATEGIES: dict[tuple[str, str], Strategy] = {
     ("jacobian", "forward"): Strategy(_dirs_in, _p_jac_fwd, _s_jac_fwd, _shape_jac),
     ("jacobian", "reverse"): Strategy(_dirs_out, _p_jac_rev, _s_jac_rev, _shape_jac),
@@ -822,6 +829,10 @@ class Plan:
     available_bytes: int
     dtype: torch.dtype
     device: torch.device
+    #: "taylor" (traced forward streams, see jaccli.taylor) or "torch.func"
+    engine: str = "torch.func"
+    #: why the Taylor path was tried and not taken (the op without a rule, ...)
+    engine_note: str | None = None
 
     @property
     def chunks(self) -> int:
@@ -846,6 +857,8 @@ class Plan:
             "available_bytes": self.available_bytes,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
+            "engine": self.engine,
+            "engine_note": self.engine_note,
         }
 
 
@@ -969,12 +982,30 @@ def _check_fits(plan: Plan, p: Problem) -> None:
 # --------------------------------------------------------------------------- execution
 
 
+def _empty_result(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised result; on CPU backed by numpy, whose allocator asks the kernel for
+    transparent huge pages: first-touch page faults of a 200 MB result drop from about
+    60 ms to 15 ms, as much as the whole Jacobian of a small network costs beyond its
+    forward pass. The tensor keeps the array alive; nothing else refers to it."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.from_numpy(np.empty(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
+
+
 def _execute(kind: str, p: Problem, plan: Plan, strategy: Strategy, *, seed: int, probes: int):
     """Loop over chunks of points and directions; returns the flat ``[N, …]`` result."""
     dirs = strategy.directions(p, seed, probes).to(p.device)
     row_shape = strategy.result_shape(p)
     acc_dtype = torch.float64 if kind == "divergence" and plan.estimator == "hutchinson" else p.dtype
-    result = torch.zeros((p.n, *row_shape), dtype=acc_dtype, device=p.device)
+    # Scatters that assign every entry (Jacobian, Hessian) need no zero fill, and a chunk
+    # writes straight into its rows of the result (a padded static-batch chunk excepted):
+    # filling and copying a 260 MB Jacobian cost half as much again as computing it.
+    assigns = strategy.scatter in _ASSIGNING_SCATTERS
+    shape = (p.n, *row_shape)
+    if assigns:
+        result = _empty_result(shape, acc_dtype, p.device)
+    else:
+        result = torch.zeros(shape, dtype=acc_dtype, device=p.device)
     ctx = {"n_out": p.n_out, "seed": seed}
     ppc, dpp = plan.points_per_chunk, plan.directions_per_pass
     with torch.no_grad():
@@ -985,12 +1016,138 @@ def _execute(kind: str, p: Problem, plan: Plan, strategy: Strategy, *, seed: int
                 rows = torch.cat([rows, rows[-1:].expand(p.static_batch - rows.numel())])
             g, z = p.fn(rows), p.z(rows)
             ctx["points"] = rows
-            block_rows = torch.zeros((rows.numel(), *row_shape), dtype=acc_dtype, device=p.device)
+            padded = rows.numel() != stop - start
+            if padded:
+                block_rows = torch.zeros((rows.numel(), *row_shape), dtype=acc_dtype, device=p.device)
+            else:
+                block_rows = result[start:stop]
             for d0 in range(0, dirs.shape[0], dpp):
                 idx = dirs[d0 : d0 + dpp]
                 block = strategy.product(g, z, idx, ctx)
                 strategy.scatter(block_rows, idx, block.to(acc_dtype))
-            result[start:stop] = block_rows[: stop - start]
+            if padded:
+                result[start:stop] = block_rows[: stop - start]
+    return result
+
+
+# --------------------------------------------------------------------------- Taylor fast path
+# Forward-mode requests on one per-sample input run through jaccli.taylor: the model is
+# traced once and its value, first- and second-order streams go through it together
+# (one matrix product per layer for all of them) instead of torch.func's vmap over jvp.
+# Everything else (several inputs, reverse mode, an op without a Taylor rule) runs the
+# torch.func strategies above, unchanged; the plan says which engine ran and why.
+
+#: JACCLI_FAST_PATH=0 in the environment turns the Taylor path off (to compare or rule it out)
+FAST_PATH = os.environ.get("JACCLI_FAST_PATH", "1") != "0"
+
+#: on CPU a pass's working set is kept near cache size: more points per pass only
+#: stream the same matrices through memory again (GPUs want big passes instead)
+_CACHE_BYTES = 8 * _MIB
+_MIN_POINTS = 64
+
+
+def _taylor_kind(kind: str, estimator: str) -> str:
+    return "jvp" if estimator == "hutchinson" else kind
+
+
+def _taylor_program(kind: str, p: Problem, mode: str) -> tuple[taylor.TaylorProgram | None, str | None]:
+    """The traced program where the fast path applies; else None and why (None if never tried).
+
+    The fast path is forward mode (forward-over-forward for second derivatives), so it
+    is tried only where that mode was asked for or auto mode picks it, on one
+    per-sample input without a static batch size.
+    """
+    resolved = _auto_mode(kind, p.n_in, p.n_out) if mode == "auto" else mode
+    eligible = p.per_sample and resolved == "forward" and len(p.args.values) == 1
+    if not (FAST_PATH and eligible and p.static_batch is None):
+        return None, None
+    rows = _probe_rows(p)
+    try:
+        return taylor.build(p.fn(rows), p.z(rows), orders=2 if kind in ("hessian", "laplacian") else 1), None
+    except taylor.Unsupported as exc:
+        return None, f"Taylor path not used: {exc}"
+
+
+def _taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, estimator: str, probes: int,
+                 chunk_size) -> Plan:  # fmt: skip
+    """Points per pass and directions per pass from the program's own memory estimate."""
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise UsageError("chunk size must be positive", got=str(chunk_size))
+    tkind = _taylor_kind(kind, estimator)
+    n_dirs = {"jvp": int(probes), "hessian": p.n_in * (p.n_in + 1) // 2}.get(tkind, p.n_in)
+    shape = _result_shape(kind, p, estimator)
+    itemsize = torch.empty((), dtype=p.dtype).element_size()
+    result_bytes = math.prod(shape) * itemsize
+    row_bytes = 16 if tkind == "jvp" else math.prod(shape[1:]) * itemsize
+    budget = working_budget(p.device)
+
+    def per_point(directions: int) -> int:
+        return program.bytes_per_point(tkind, directions) + row_bytes
+
+    lead = int(chunk_size) if chunk_size is not None else min(p.n, _MIN_POINTS)
+    dpp = n_dirs
+    while dpp > 1 and per_point(dpp) * lead > budget:
+        dpp = math.ceil(dpp / 2)
+    if chunk_size is not None:
+        ppc = int(chunk_size)
+    else:
+        ppc = budget // per_point(dpp)
+        if p.device.type == "cpu":
+            ppc = min(ppc, max(_MIN_POINTS, _CACHE_BYTES // per_point(dpp)))
+    ppc = max(1, min(ppc, p.n))
+    return Plan(
+        kind=kind,
+        mode="forward",
+        estimator=estimator,
+        per_sample=True,
+        points=p.n,
+        directions=n_dirs,
+        points_per_chunk=ppc,
+        directions_per_pass=dpp,
+        result_shape=shape,
+        result_bytes=int(result_bytes),
+        peak_bytes=int(result_bytes + ppc * per_point(dpp)),
+        available_bytes=int(memory_available(p.device)),
+        dtype=p.dtype,
+        device=p.device,
+        engine="taylor",
+    )
+
+
+def _choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
+                 chunk_size) -> tuple[Plan, taylor.TaylorProgram | None]:  # fmt: skip
+    """The Taylor plan and program where the fast path applies, else the torch.func plan."""
+    program, why_not = _taylor_program(kind, p, mode)
+    if program is not None:
+        return _taylor_plan(kind, p, program, estimator, probes, chunk_size), program
+    plan = _make_plan(kind, p, mode, estimator, probes, chunk_size)
+    return (replace(plan, engine_note=why_not) if why_not else plan), None
+
+
+def _execute_taylor(kind: str, p: Problem, plan: Plan, program: taylor.TaylorProgram, *,
+                    seed: int, probes: int) -> torch.Tensor:  # fmt: skip
+    """The fast path's loop over chunks of points: each pass writes its rows of the result in place."""
+    ppc, dpp = plan.points_per_chunk, plan.directions_per_pass
+    hutchinson = plan.estimator == "hutchinson"
+    if hutchinson:
+        result = torch.zeros((p.n, 2), dtype=torch.float64, device=p.device)
+        estimate = _p_hutch(lambda g, z, v: program.jvp(z, v))
+    else:
+        # every entry is written by its pass: no zero fill of what may be gigabytes
+        row_shape = STRATEGIES[(kind, "forward")].result_shape(p)
+        result = _empty_result((p.n, *row_shape), p.dtype, p.device)
+        compute = getattr(program, kind)
+    with torch.no_grad():
+        for start in range(0, p.n, ppc):
+            rows = torch.arange(start, min(start + ppc, p.n), device=p.device)
+            z, out = p.z(rows), result[start : start + rows.numel()]
+            if not hutchinson:
+                compute(z, directions=dpp, out=out)
+                continue
+            ctx = {"seed": seed, "points": rows}
+            for d0 in range(0, int(probes), dpp):
+                idx = torch.arange(d0, min(d0 + dpp, int(probes)))[:, None]
+                out += estimate(None, z, idx, ctx)
     return result
 
 
@@ -1001,10 +1158,10 @@ def _run(kind, f, x, *, wrt, per_sample, mode, chunk_size, output, check_batch, 
         f, x, wrt=wrt, per_sample=per_sample, output=output, check_batch=check_batch, strict=strict
     )
     _check_preconditions(kind, p, estimator, probes)
-    plan = _make_plan(kind, p, mode, estimator, probes, chunk_size)
+    plan, program = _choose_plan(kind, p, mode, estimator, probes, chunk_size)
     _check_fits(plan, p)
     try:
-        return p, plan, _guarded(kind, p, plan, seed, probes)
+        return p, plan, _guarded(kind, p, plan, seed, probes, program)
     except NotImplementedError as exc:
         fallback = _FALLBACK.get(_strategy_key(kind, estimator, plan.mode))
         if fallback is None or "forward AD" not in str(exc):
@@ -1022,10 +1179,13 @@ def _run(kind, f, x, *, wrt, per_sample, mode, chunk_size, output, check_batch, 
             _model_failed(p, exc2, _probe_rows(p))
 
 
-def _guarded(kind: str, p: Problem, plan: Plan, seed: int, probes: int) -> torch.Tensor:
+def _guarded(kind: str, p: Problem, plan: Plan, seed: int, probes: int,
+             program: taylor.TaylorProgram | None = None) -> torch.Tensor:  # fmt: skip
     """Execute ``plan``, turning failures into jaccli errors (NotImplementedError passes)."""
     strategy = STRATEGIES[_strategy_key(kind, plan.estimator, plan.mode)]
     try:
+        if program is not None:
+            return _execute_taylor(kind, p, plan, program, seed=seed, probes=probes)
         return _execute(kind, p, plan, strategy, seed=seed, probes=probes)
     except (JaccliError, NotImplementedError):
         raise
@@ -1041,8 +1201,18 @@ def _guarded(kind: str, p: Problem, plan: Plan, seed: int, probes: int) -> torch
         _model_failed(p, exc, _probe_rows(p))
 
 
+def _all_finite(value: torch.Tensor) -> bool:
+    # the extremes say it all (NaN propagates into both, ±Inf is one of them) and cost one
+    # read of the result, where isfinite().all() writes a mask as large as the result:
+    # on a 200 MB Jacobian that scan took as long as computing it
+    if value.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(value)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def _finish(kind: str, p: Problem, value: torch.Tensor, strict: bool) -> None:
-    if not bool(torch.isfinite(value).all()):
+    if not _all_finite(value):
         msg = f"the {kind} holds NaN or Inf values"
         if strict:
             raise NumericalError(msg, where=p.where)
@@ -1107,7 +1277,8 @@ def plan(
     """What :func:`jacobian` (or ``kind``) would do, without computing it.
 
     The model runs once on a few points (to learn output shapes and memory use);
-    no derivative is taken.
+    where the Taylor fast path applies it is also traced and checked on a few
+    points. No derivative of the input is computed.
 
     >>> import torch, jaccli
     >>> p = jaccli.plan("jacobian", torch.nn.Linear(1, 501), torch.zeros(1000, 1), per_sample=True)
@@ -1121,7 +1292,7 @@ def plan(
         f, x, wrt=wrt, per_sample=per_sample, output=output, check_batch=check_batch, strict=strict
     )
     _check_preconditions(kind, p, estimator, probes)
-    return _make_plan(kind, p, mode, estimator, probes, chunk_size)
+    return _choose_plan(kind, p, mode, estimator, probes, chunk_size)[0]
 
 
 def jacobian(
