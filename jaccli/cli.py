@@ -160,6 +160,9 @@ Wrt = Annotated[
 Output = Annotated[
     Optional[str], typer.Option(help="Index or name of the output to use when the model returns several.", show_default=False)
 ]
+Verbose = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Say which engine ran and why (e.g. the op that keeps the fast path off).")
+]
 Strict = Annotated[bool, typer.Option("--strict", help="Fail (exit 5) instead of warning when values are NaN or Inf.")]
 Arch = Annotated[
     Optional[str],
@@ -304,6 +307,9 @@ def _derivative(kind: str, **o) -> None:
         if kind == "divergence":
             extra = dict(estimator=o["estimator"], probes=o["probes"])
         plan = jaccli.plan(kind, net, args, **common, **extra)
+        if o["verbose"]:
+            why = f"; {plan.engine_note}" if plan.engine_note else ""
+            _stderr().print(f"[bold]note:[/] {plan.mode} mode on the {plan.engine} engine{escape(why)}")
         if o["dry_run"]:
             if as_json:
                 typer.echo(json.dumps({"schema": "jaccli.plan", "version": render.JSON_SCHEMA_VERSION, **plan.as_dict()}))
@@ -415,6 +421,7 @@ def _make_command(kind: str):
         output: Output = None,
         strict: Strict = False,
         no_batch_check: NoBatchCheck = False,
+        verbose: Verbose = False,
         arch: Arch = None,
         activation: Activation = None,
         arch_kwargs: ArchKwargs = None,
@@ -439,7 +446,7 @@ def _make_command(kind: str):
             mode=mode, chunk_size=chunk_size, save=save, force=force, json=json_, quiet=quiet,
             dry_run=dry_run, key=key, inputs=inputs, wrt=wrt, output=output, strict=strict,
             no_batch_check=no_batch_check, flatten=flatten, estimator=estimator, probes=probes,
-            seed=seed, arch=arch, activation=activation, arch_kwargs=arch_kwargs,
+            seed=seed, arch=arch, activation=activation, arch_kwargs=arch_kwargs, verbose=verbose,
         )  # fmt: skip
 
     command.__doc__ = _COMMAND_HELP[kind]

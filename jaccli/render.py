@@ -120,7 +120,7 @@ def show_result(console: Console, report: Report) -> None:
     plan = report.plan
     table.add_row(
         "derivative",
-        f"{_title(report)}, {plan.mode} mode, {plan.chunks} pass{'es' if plan.chunks != 1 else ''}",
+        f"{_title(report)}, {plan.mode} mode ({plan.engine}), {plan.chunks} pass{'es' if plan.chunks != 1 else ''}",
     )
     for name, t in report.results.items():
         label = "result" if len(report.results) == 1 else name
@@ -149,7 +149,9 @@ def show_plan(console: Console, plan: Plan) -> None:
     table.add_column()
     d = plan.as_dict()
     table.add_row("derivative", f"{'per-sample ' if plan.per_sample else ''}{plan.kind}")
-    table.add_row("mode", plan.mode)
+    table.add_row("mode", f"{plan.mode} ({plan.engine})")
+    if plan.engine_note:
+        table.add_row("note", escape(plan.engine_note))
     if plan.estimator != "exact":
         table.add_row("estimator", plan.estimator)
     table.add_row("points", f"{plan.points:,}")

@@ -89,8 +89,22 @@ def test_summary_names_axes_and_stats():
     assert result.exit_code == 0, result.stderr
     text = result.stdout
     assert "[sample=1000, out=501, in=1]" in text
-    for word in ["per-sample Jacobian", "forward mode", "min / max / mean", "all finite", "preview", "time", "30,751 parameters"]:
+    for word in ["per-sample Jacobian", "forward mode (taylor)", "min / max / mean", "all finite", "preview", "time", "30,751 parameters"]:
         assert word in text
+
+
+def test_verbose_names_the_engine_and_the_op_that_keeps_the_fast_path_off(tmp_path):
+    class Norm(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.layer_norm(torch.tanh(x), (3,))
+
+    save_export(Norm(), torch.zeros(4, 3), tmp_path / "norm.pt2")
+    result = run("jacobian", tmp_path / "norm.pt2", ex("field_x.npy"), "-p", "-q", "--verbose")
+    assert result.exit_code == 0, result.stderr
+    assert "torch.func engine" in result.stderr and "Taylor path not used" in result.stderr
+    fast = run("jacobian", ex("pinn.pt"), ex("pinn_x.npy"), "-p", "-q", "-v")
+    assert "taylor engine" in fast.stderr
+    assert json.loads(run("jacobian", ex("pinn.pt"), ex("pinn_x.npy"), "-p", "--json").stdout)["plan"]["engine"] == "taylor"
 
 
 def test_hutchinson_reports_a_standard_error():
