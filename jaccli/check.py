@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .engine import _select_output as select_output
+from .engine import select_output
 from .engine import describe, hessian, jacobian
 from .errors import UsageError
 from .models import model_dtype

@@ -163,7 +163,7 @@ def _normalise_wrt(wrt, args: _Args, names: Sequence[str]) -> tuple[tuple[int, .
     return tuple(out), single
 
 
-def _select_output(y, output, where: str):
+def select_output(y, output, where: str):
     """One tensor from a model's return value (a tensor, a sequence or a mapping)."""
     if isinstance(y, torch.Tensor):
         if output not in (None, 0):
@@ -311,7 +311,7 @@ class Problem:
                 values[i] = piece.reshape((b, *shape) if per_sample else shape)
             pos = [values[i] for i, k in enumerate(keys) if isinstance(k, int)]
             kw = {k: values[i] for i, k in enumerate(keys) if isinstance(k, str)}
-            y = _select_output(f(*pos, **kw), self.output, self.where)
+            y = select_output(f(*pos, **kw), self.output, self.where)
             return y.reshape(b, -1)
 
         return g
@@ -418,7 +418,7 @@ def _call(problem: Problem, values: list[torch.Tensor]) -> torch.Tensor:
     keys = problem.args.keys
     pos = [v for k, v in zip(keys, values) if isinstance(k, int)]
     kw = {k: v for k, v in zip(keys, values) if isinstance(k, str)}
-    return _select_output(problem.f(*pos, **kw), problem.output, problem.where)
+    return select_output(problem.f(*pos, **kw), problem.output, problem.where)
 
 
 def _call_shapes(problem: Problem, rows: torch.Tensor) -> str:
