@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 import jaccli  # noqa: E402
 import jaccli.engine as engine  # noqa: E402
 from jaccli import taylor  # noqa: E402
+from jaccli.models import build_mlp  # noqa: E402
 
 try:
     import jax
@@ -121,14 +122,10 @@ def torch_func(fn):
         engine.FAST_PATH = saved
 
 
-def mlp(sizes, seed=0, act=nn.Tanh) -> nn.Sequential:
+def mlp(sizes, seed=0) -> nn.Sequential:
+    """A tanh MLP from jaccli's own builder, seeded."""
     torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).eval().requires_grad_(False)
+    return build_mlp(list(sizes), "tanh").eval().requires_grad_(False)
 
 
 def per_point(net):

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from jaccli.models import build_mlp
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"
 
@@ -187,15 +189,10 @@ PROBLEMS = [
 BY_NAME = {p.name: p for p in PROBLEMS}
 
 
-def tanh_mlp(sizes=(3, 16, 16, 2), dtype=torch.float64, seed=0, act=nn.Tanh) -> nn.Sequential:
-    """A small MLP with no closed form: checked by finite differences."""
+def tanh_mlp(sizes=(3, 16, 16, 2), dtype=torch.float64, seed=0, act: str = "tanh") -> nn.Sequential:
+    """A small MLP with no closed form (checked by finite differences): jaccli's own MLP builder."""
     torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).to(dtype).eval()
+    return build_mlp(list(sizes), act).to(dtype).eval()
 
 
 def fd_jacobian(f, x: torch.Tensor, h: float = 1e-6) -> torch.Tensor:

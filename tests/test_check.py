@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import jaccli
 from problems import BY_NAME, tanh_mlp
@@ -63,7 +62,7 @@ def test_batch_mixing_fails_the_check():
 
 
 def test_relu_is_reported_not_failed():
-    net = tanh_mlp((2, 8, 1), act=nn.ReLU)
+    net = tanh_mlp((2, 8, 1), act="relu")
     with pytest.warns(jaccli.JaccliWarning, match="relu"):
         x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
         report = jaccli.check(net, x, hessian_too=True)
