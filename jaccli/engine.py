@@ -45,7 +45,7 @@ from .errors import (
     UsageError,
     shape_str,
 )
-from .models import describe_expected_input, first_line, info_of, model_dtype
+from .models import count_parameters, describe_expected_input, first_line, info_of, model_dtype
 
 KINDS = ("jacobian", "hessian", "divergence", "laplacian")
 MODES = ("auto", "forward", "reverse")
@@ -960,17 +960,13 @@ def _check_preconditions(kind: str, p: Problem, estimator: str, probes: int) -> 
             )
 
 
-def _format_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``1.5 GiB`` style sizes for messages and summaries."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     raise AssertionError  # pragma: no cover
-
-
-def format_bytes(n: float) -> str:
-    """``1.5 GiB`` style sizes for messages and summaries."""
-    return _format_bytes(n)
 
 
 def _check_fits(plan: Plan, p: Problem) -> None:
@@ -983,8 +979,8 @@ def _check_fits(plan: Plan, p: Problem) -> None:
         raise ResourceError(
             f"the result would not fit in memory ({str(p.dtype).removeprefix('torch.')} "
             f"{shape_str(plan.result_shape)})",
-            expected=f"at most {_format_bytes(0.9 * plan.available_bytes)} available on {p.device}",
-            got=_format_bytes(plan.result_bytes),
+            expected=f"at most {format_bytes(0.9 * plan.available_bytes)} available on {p.device}",
+            got=format_bytes(plan.result_bytes),
             hint=hint,
         )
 
@@ -1489,7 +1485,7 @@ def describe(f: Callable, x=None, *, per_sample: bool = True, output=None) -> di
     dtype = model_dtype(f)
     facts: dict = {
         "format": info.format,
-        "parameters": sum(p.numel() for p in f.parameters()) if isinstance(f, nn.Module) else 0,
+        "parameters": count_parameters(f),
         "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
         "arguments": list(_arg_names(f)),
         "expected_input": describe_expected_input(f),
