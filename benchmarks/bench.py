@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import jaccli  # noqa: E402
-import jaccli.engine as engine  # noqa: E402
+from jaccli.engine import planner, problem  # noqa: E402
 from jaccli import taylor  # noqa: E402
 from jaccli.models import build_mlp  # noqa: E402
 
@@ -114,12 +114,12 @@ def rel_diff(got, want) -> float:
 
 def torch_func(fn):
     """Run ``fn`` with jaccli's fast path switched off."""
-    saved = engine.FAST_PATH
-    engine.FAST_PATH = False
+    saved = planner.FAST_PATH
+    planner.FAST_PATH = False
     try:
         return fn()
     finally:
-        engine.FAST_PATH = saved
+        planner.FAST_PATH = saved
 
 
 def mlp(sizes, seed=0) -> nn.Sequential:
@@ -185,8 +185,8 @@ def case_pinn(t: Table, n: int, repeats: int, budget: float) -> None:
     print(f"\n[seed PINN 1→50→50→50→501 tanh, TorchScript, N={n:,}, float32]")
     model = jaccli.load_model(ROOT / "examples/models/pinn.pt")
     x = torch.linspace(0, 1, n)[:, None]
-    p = engine._check_inputs(model, x, per_sample=True)
-    rows = engine._probe_rows(p)
+    p = problem.check_inputs(model, x, per_sample=True)
+    rows = problem.probe_rows(p)
 
     def forward():
         with torch.no_grad():

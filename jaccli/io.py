@@ -23,15 +23,11 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from .choices import DTYPE_NAMES, STDIO
 from .errors import InputError, JaccliError, JaccliWarning, OutputError, UsageError, shape_str
 
-STDIO = "-"
-
 #: dtype names accepted by ``--dtype`` and the API's ``dtype=``
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 #: oldest torch whose ``torch.load(weights_only=True)`` has no known bypass (fixed in 2.6 and 2.10)
 MIN_TORCH = (2, 10)

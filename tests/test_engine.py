@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import jaccli
-from jaccli.engine import STRATEGIES, rademacher
+from jaccli.engine import planner
+from jaccli.engine.strategies import STRATEGIES, rademacher
 from problems import BY_NAME, PROBLEMS, fd_jacobian, tanh_mlp
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -342,9 +343,7 @@ def test_auto_mode_picks_fewer_products(kind, n_in, n_out, mode):
 
 
 def test_plan_bounds_chunks_by_memory(monkeypatch):
-    import jaccli.engine as engine
-
-    monkeypatch.setattr(engine, "working_budget", lambda device: 4 * 2**20)
+    monkeypatch.setattr(planner, "working_budget", lambda device: 4 * 2**20)
     net = tanh_mlp((1, 64, 64, 501), dtype=torch.float32)
     p = jaccli.plan("hessian", net, torch.zeros(100_000, 1), per_sample=True)
     assert p.points_per_chunk < 100_000 and p.chunks > 1
@@ -353,7 +352,7 @@ def test_plan_bounds_chunks_by_memory(monkeypatch):
     # and the chunked result equals the unchunked one
     x = torch.rand(300, 1)
     small = jaccli.hessian(net, x, per_sample=True)
-    monkeypatch.setattr(engine, "working_budget", lambda device: 64 * 2**10)
+    monkeypatch.setattr(planner, "working_budget", lambda device: 64 * 2**10)
     assert jaccli.plan("hessian", net, x, per_sample=True).chunks > 1
     torch.testing.assert_close(jaccli.hessian(net, x, per_sample=True), small)
 

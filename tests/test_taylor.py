@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import jaccli
-import jaccli.engine as engine
+from jaccli.engine import planner
 from jaccli import taylor
 from problems import BY_NAME, EXAMPLES, PROBLEMS, save_export, save_torchscript, tanh_mlp
 
@@ -35,7 +35,7 @@ def torch_func(kind: str, f, x, **kwargs):
     """The same request with the fast path off (advice about kinks in the model silenced)."""
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
         warnings.simplefilter("ignore", jaccli.JaccliWarning)
-        mp.setattr(engine, "FAST_PATH", False)
+        mp.setattr(planner, "FAST_PATH", False)
         assert jaccli.plan(kind, f, x, **{k: v for k, v in kwargs.items() if k != "seed"}).engine == "torch.func"
         return getattr(jaccli, kind)(f, x, **kwargs)
 
@@ -330,7 +330,7 @@ def test_several_inputs_and_static_batches_use_torch_func(tmp_path):
 
 
 def test_fast_path_can_be_switched_off(monkeypatch):
-    monkeypatch.setattr(engine, "FAST_PATH", False)
+    monkeypatch.setattr(planner, "FAST_PATH", False)
     assert jaccli.plan("jacobian", torch.tanh, _points(), per_sample=True).engine == "torch.func"
 
 
@@ -341,7 +341,7 @@ def test_small_budgets_split_points_and_directions(monkeypatch):
     net = tanh_mlp((20, 32, 32, 1), seed=2)
     x = torch.randn(50, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     want = torch_func("laplacian", net, x, per_sample=True)
-    monkeypatch.setattr(engine, "working_budget", lambda device: 64 * 2**10)
+    monkeypatch.setattr(planner, "working_budget", lambda device: 64 * 2**10)
     p = jaccli.plan("laplacian", net, x, per_sample=True)
     assert p.engine == "taylor" and p.directions == 20
     assert p.directions_per_pass < 20 and p.points_per_chunk < 50

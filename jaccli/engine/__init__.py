@@ -1,0 +1,57 @@
+"""The derivative engine: Jacobians, Hessians, divergences and Laplacians of a callable.
+
+Everything here is a function of a callable and tensors; nothing imports the CLI.
+The pipeline, one module per stage:
+
+========================  =================================================================
+:mod:`.problem`           normalise a request once into a *flat batch function*
+                          ``g: [B, n_in] -> [B, n_out]`` (:class:`~.problem.Problem`): the
+                          points are rows, the differentiated arguments are flattened and
+                          concatenated into columns; probe the model on a few points
+                          (output shape, memory per point, ops) and check that it does not
+                          mix batch elements
+:mod:`.strategies`        the torch.func products (JVP, VJP and their second-order
+                          compositions) and the ``(kind, mode)`` table saying which
+                          directions each request takes and where their values go
+:mod:`.planner`           mode, memory budget, points and directions per pass, and the
+                          choice of engine: the Taylor fast path (:mod:`jaccli.taylor`) for
+                          forward-mode requests on one per-sample input, else torch.func
+:mod:`.execute`           the chunk loops that fill the result, and the fall-backs when an
+                          op has no forward-mode derivative
+:mod:`.results`           NaN/Inf and non-smoothness warnings; per-argument shapes
+:mod:`.api`               the public functions, exported by :mod:`jaccli`
+========================  =================================================================
+
+With ``per_sample=True`` axis 0 of the input holds independent points and the model is
+called on batches of them exactly as it was saved; the per-point derivatives come from
+products with one-hot directions that are the same for every row, which never forms
+the cross-point blocks of the full Jacobian. Without it the whole input is one point.
+
+Imports go one way, down the table (``api`` → ``execute`` → ``planner`` →
+``strategies`` → ``problem``); this package imports :mod:`jaccli.taylor`,
+:mod:`jaccli.models` and :mod:`jaccli.errors`, and nothing imports it but :mod:`jaccli`
+and :mod:`jaccli.check`.
+"""
+
+from ..choices import ESTIMATORS, KINDS, MODES
+from .api import DivergenceEstimate, describe, divergence, hessian, jacobian, laplacian, plan
+from .planner import Plan, format_bytes
+from .problem import select_output
+from .results import NONSMOOTH_OPS
+
+__all__ = [
+    "ESTIMATORS",
+    "KINDS",
+    "MODES",
+    "NONSMOOTH_OPS",
+    "DivergenceEstimate",
+    "Plan",
+    "describe",
+    "divergence",
+    "format_bytes",
+    "hessian",
+    "jacobian",
+    "laplacian",
+    "plan",
+    "select_output",
+]

@@ -1,0 +1,448 @@
+"""Normalise a request once: arguments, ``wrt``, outputs → one flat batch function, probed.
+
+Owns :class:`Problem` (the flat batch function ``g: [B, n_in] -> [B, n_out]`` with
+everything the planner needs), :func:`check_inputs` (validation, in the spirit of
+torchdiffeq's ``_check_inputs``: every later stage trusts what it returns), the probe
+that learns output shape, memory per point and the ops the model runs, and the
+batch-independence check for per-sample work.
+
+Imports: torch, :mod:`jaccli.errors`, :mod:`jaccli.models`; nothing else of the engine.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.func import vjp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..errors import JaccliWarning, ModelError, NumericalError, UsageError, shape_str
+from ..models import describe_expected_input, first_line, info_of, model_dtype
+
+_PROBE_POINTS = 8
+
+
+class QuietDispatchMode(TorchDispatchMode):
+    """A dispatch mode that never wakes torch.compile.
+
+    ``TorchDispatchMode`` subclasses get their ``__torch_dispatch__`` wrapped in
+    ``torch._dynamo.disable`` unless they opt out here; the wrapper imports dynamo on
+    the first call, about a second of start-up for every command. jaccli's modes only
+    observe eager ops and never run under torch.compile, so they opt out.
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+
+class _Args(NamedTuple):
+    keys: tuple[int | str, ...]  # position or keyword of each model argument
+    values: tuple[torch.Tensor, ...]
+
+
+def normalise_args(x, names: Sequence[str] = ()) -> _Args:
+    if isinstance(x, torch.Tensor):
+        return _Args((0,), (x,))
+    if isinstance(x, Mapping):
+        keys = [str(k) for k in x]
+        if keys and set(keys) == set(names[: len(keys)]):
+            # positional in the model's order: exported programs accept only the call
+            # form they were traced with, and that is positional for most
+            return _Args(tuple(range(len(keys))), tuple(x[n] for n in names[: len(keys)]))
+        return _Args(tuple(keys), tuple(x.values()))
+    if isinstance(x, Sequence) and x and not isinstance(x, (str, bytes)):
+        return _Args(tuple(range(len(x))), tuple(x))
+    raise UsageError(
+        "unsupported input", expected="a tensor, a sequence or a mapping of tensors", got=type(x).__name__
+    )
+
+
+def _arg_label(key: int | str, names: Sequence[str]) -> str:
+    if isinstance(key, str):
+        return key
+    return names[key] if key < len(names) else f"arg{key}"
+
+
+def _normalise_wrt(wrt, args: _Args, names: Sequence[str]) -> tuple[tuple[int, ...], bool]:
+    """Indices of the differentiated arguments, and whether one tensor (not a tuple) is returned."""
+    labels = [_arg_label(k, names) for k in args.keys]
+    if wrt is None:
+        if len(args.values) == 1:
+            return (0,), True
+        raise UsageError(
+            f"the model takes {len(labels)} inputs; say which to differentiate",
+            expected="wrt= (--wrt) naming one or more of " + ", ".join(labels),
+        )
+    single = isinstance(wrt, (int, str))
+    wanted = [wrt] if single else list(wrt)
+    out = []
+    for w in wanted:
+        if isinstance(w, int) and 0 <= w < len(labels):
+            out.append(w)
+        elif isinstance(w, str) and w in labels:
+            out.append(labels.index(w))
+        else:
+            raise UsageError(
+                "unknown input to differentiate", expected="one of " + ", ".join(labels), got=str(w)
+            )
+    if len(set(out)) != len(out) or not out:
+        raise UsageError("wrt must name distinct inputs", got=", ".join(map(str, wanted)))
+    return tuple(out), single
+
+
+def select_output(y, output, where: str):
+    """One tensor from a model's return value (a tensor, a sequence or a mapping)."""
+    if isinstance(y, torch.Tensor):
+        if output not in (None, 0):
+            raise ModelError("the model returns a single tensor", where=where, got=f"--output {output}")
+        return y
+    if isinstance(y, Mapping):
+        names = [str(k) for k in y]
+        if output is None and len(y) == 1:
+            output = names[0]
+        if output is None or str(output) not in names:
+            raise ModelError(
+                f"the model returns {len(y)} outputs; choose one",
+                where=where,
+                expected="--output with one of " + ", ".join(names),
+                got=None if output is None else str(output),
+            )
+        y = y[str(output)] if str(output) in y else dict(zip(names, y.values()))[str(output)]
+    elif isinstance(y, (tuple, list)):
+        fields = getattr(y, "_fields", None)
+        if output is None and len(y) == 1:
+            output = 0
+        if isinstance(output, str) and output.isdigit():
+            output = int(output)
+        if isinstance(output, str) and fields and output in fields:
+            output = fields.index(output)
+        if not isinstance(output, int) or not 0 <= output < len(y):
+            choices = ", ".join(fields) if fields else f"0..{len(y) - 1}"
+            raise ModelError(
+                f"the model returns {len(y)} outputs; choose one",
+                where=where,
+                expected=f"--output with one of {choices}",
+                got=None if output is None else str(output),
+            )
+        y = y[output]
+    else:
+        raise ModelError("the model returns no tensor", where=where, got=type(y).__name__)
+    if not isinstance(y, torch.Tensor):
+        raise ModelError("the selected output is not a tensor", where=where, got=type(y).__name__)
+    return y
+
+
+def _unoptimised(f: Callable) -> Callable:
+    """TorchScript run outside its optimising executor (see :class:`~jaccli.models.LoadedModel`)."""
+
+    def call(*args, **kwargs):
+        with torch.jit.optimized_execution(False):
+            return f(*args, **kwargs)
+
+    return call
+
+
+def arg_names(f: Callable) -> tuple[str, ...]:
+    info_names = info_of(f).arg_names
+    if info_names:
+        return info_names
+    target = f.forward if isinstance(f, nn.Module) else f
+    schema = getattr(target, "schema", None)
+    if schema is not None:  # TorchScript
+        return tuple(a.name for a in schema.arguments if a.name != "self")
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    return tuple(
+        p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    )
+
+
+def static_batch_of(f: Callable) -> int | None:
+    """The only batch size ``f`` accepts, for models exported with a static batch dimension."""
+    return info_of(f).static_batch
+
+
+class _Recorder(QuietDispatchMode):
+    """Counts the bytes each op produces and remembers which ops ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(func.overloadpacket.__name__)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.bytes += t.numel() * t.element_size()
+        return out
+
+
+@dataclass
+class Problem:
+    """A request normalised once: the flat batch function and everything the planner needs."""
+
+    f: Callable  # what is called (TorchScript wrapped, see _unoptimised)
+    module: Callable  # what the user passed, for names and messages
+    args: _Args
+    wrt: tuple[int, ...]
+    single: bool
+    per_sample: bool
+    output: int | str | None
+    where: str
+    labels: tuple[str, ...]
+    n: int  # points
+    in_shapes: tuple[tuple[int, ...], ...]  # per point, of each differentiated argument
+    out_shape: tuple[int, ...]  # per point
+    dtype: torch.dtype
+    device: torch.device
+    static_batch: int | None
+    act_bytes: float = 0.0  # forward bytes per point
+    ops: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def n_in(self) -> int:
+        return sum(math.prod(s) for s in self.in_shapes)
+
+    @property
+    def n_out(self) -> int:
+        return math.prod(self.out_shape)
+
+    def z(self, rows: torch.Tensor) -> torch.Tensor:
+        """The differentiated arguments of ``rows`` as one ``[B, n_in]`` matrix."""
+        parts = []
+        for i in self.wrt:
+            v = self.args.values[i]
+            v = v.index_select(0, rows) if self.per_sample else v[None]
+            parts.append(v.reshape(v.shape[0], -1))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def fn(self, rows: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The flat batch function ``g(z) -> [B, n_out]`` of ``rows`` (constants bound)."""
+        consts = {
+            i: (v.index_select(0, rows) if self.per_sample else v)
+            for i, v in enumerate(self.args.values)
+            if i not in self.wrt
+        }
+        sizes = [math.prod(s) for s in self.in_shapes]
+        keys, f, per_sample = self.args.keys, self.f, self.per_sample
+
+        def g(z: torch.Tensor) -> torch.Tensor:
+            b = z.shape[0]
+            pieces = z.split(sizes, dim=1) if len(sizes) > 1 else (z,)
+            values = dict(consts)
+            for i, piece, shape in zip(self.wrt, pieces, self.in_shapes):
+                values[i] = piece.reshape((b, *shape) if per_sample else shape)
+            pos = [values[i] for i, k in enumerate(keys) if isinstance(k, int)]
+            kw = {k: values[i] for i, k in enumerate(keys) if isinstance(k, str)}
+            y = select_output(f(*pos, **kw), self.output, self.where)
+            return y.reshape(b, -1)
+
+        return g
+
+
+def check_inputs(
+    f: Callable,
+    x,
+    *,
+    wrt=None,
+    per_sample: bool,
+    output=None,
+    check_batch: bool = True,
+    strict: bool = False,
+) -> Problem:
+    """Validate and normalise a request once; probe the model on a few points."""
+    if not callable(f):
+        raise UsageError("the model is not callable", got=type(f).__name__)
+    module = f
+    where = info_of(f).path
+    if isinstance(f, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+        f = _unoptimised(f)
+    names = arg_names(module)
+    args = normalise_args(x, names)
+    labels = tuple(_arg_label(k, names) for k in args.keys)
+    wrt_idx, single = _normalise_wrt(wrt, args, names)
+    for label, v in zip(labels, args.values):
+        if not isinstance(v, torch.Tensor):
+            raise UsageError(f"input {label!r} is not a tensor", got=type(v).__name__)
+    diff = [args.values[i] for i in wrt_idx]
+    for i in wrt_idx:
+        v = args.values[i]
+        if not v.is_floating_point() or v.dtype not in (torch.float32, torch.float64):
+            raise UsageError(
+                f"input {labels[i]!r} must be float32 or float64 to differentiate",
+                got=str(v.dtype).removeprefix("torch."),
+                hint="cast it (jaccli.load_tensor casts integer data to float32)",
+            )
+    dtype, device = diff[0].dtype, diff[0].device
+    if any(v.dtype != dtype for v in diff) or any(v.device != device for v in args.values):
+        raise UsageError(
+            "inputs differ in dtype or device",
+            got=", ".join(f"{l}: {v.dtype}/{v.device}" for l, v in zip(labels, args.values)),
+        )
+    mdtype = model_dtype(module)
+    if mdtype is not None and mdtype != dtype:
+        raise UsageError(
+            "the model's parameters and the input differ in dtype",
+            where=where,
+            expected=str(mdtype).removeprefix("torch."),
+            got=str(dtype).removeprefix("torch."),
+            hint="convert one of them (load_model(..., dtype=...) or --dtype)",
+        )
+    if per_sample:
+        ns = {v.shape[0] if v.dim() else None for v in args.values}
+        if len(ns) != 1 or None in ns:
+            raise UsageError(
+                "per_sample needs every input to share axis 0 (the points)",
+                got=", ".join(f"{l}: {shape_str(v.shape)}" for l, v in zip(labels, args.values)),
+            )
+        (n,) = ns
+        if n == 0:
+            raise UsageError("the input holds no points", got=shape_str(args.values[0].shape))
+        in_shapes = tuple(tuple(args.values[i].shape[1:]) for i in wrt_idx)
+    else:
+        n = 1
+        in_shapes = tuple(tuple(args.values[i].shape) for i in wrt_idx)
+    for label, v in zip(labels, args.values):
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            if strict:
+                raise NumericalError(f"input {label!r} holds NaN or Inf values", where=where)
+            warnings.warn(f"input {label!r} holds NaN or Inf values", JaccliWarning, stacklevel=3)
+    problem = Problem(
+        f=f,
+        module=module,
+        args=args,
+        wrt=wrt_idx,
+        single=single,
+        per_sample=per_sample,
+        output=output,
+        where=where,
+        labels=labels,
+        n=n,
+        in_shapes=in_shapes,
+        out_shape=(),
+        dtype=dtype,
+        device=device,
+        static_batch=static_batch_of(module) if per_sample else None,
+    )
+    _probe(problem, check_batch=check_batch and per_sample)
+    return problem
+
+
+def probe_rows(problem: Problem) -> torch.Tensor:
+    """Rows of a small probe batch; at least two points so batch mixing shows."""
+    if not problem.per_sample:
+        return torch.zeros(1, dtype=torch.long, device=problem.device)
+    want = problem.static_batch or min(max(problem.n, 2), _PROBE_POINTS)
+    return torch.arange(want, device=problem.device) % problem.n
+
+
+def _call(problem: Problem, values: list[torch.Tensor]) -> torch.Tensor:
+    """The model's selected output on argument ``values``, shaped as the model returns it."""
+    keys = problem.args.keys
+    pos = [v for k, v in zip(keys, values) if isinstance(k, int)]
+    kw = {k: v for k, v in zip(keys, values) if isinstance(k, str)}
+    return select_output(problem.f(*pos, **kw), problem.output, problem.where)
+
+
+def _call_shapes(problem: Problem, rows: torch.Tensor) -> str:
+    return ", ".join(
+        shape_str(v.index_select(0, rows).shape if problem.per_sample else v.shape)
+        for v in problem.args.values
+    )
+
+
+def model_failed(problem: Problem, exc: BaseException, rows: torch.Tensor):
+    raise ModelError(
+        f"the model failed on input {_call_shapes(problem, rows)}: {first_line(exc)}",
+        where=problem.where,
+        expected=describe_expected_input(problem.module),
+    ) from None
+
+
+def _probe(problem: Problem, *, check_batch: bool) -> None:
+    """Run the model once on a few points: output shape, memory per point, ops used."""
+    rows = probe_rows(problem)
+    values = [v.index_select(0, rows) if problem.per_sample else v for v in problem.args.values]
+    recorder = _Recorder()
+    try:
+        with torch.no_grad(), recorder:
+            y = _call(problem, values)
+    except ModelError:
+        raise
+    except Exception as exc:
+        model_failed(problem, exc, rows)
+    if problem.per_sample and (y.dim() == 0 or y.shape[0] != rows.numel()):
+        raise ModelError(
+            "with per_sample, axis 0 of the output must match the points",
+            where=problem.where,
+            expected=f"{rows.numel()} rows for input {_call_shapes(problem, rows)}",
+            got=f"output {shape_str(y.shape)}",
+        )
+    if not y.is_floating_point():
+        raise ModelError("the model's output is not floating point", where=problem.where, got=str(y.dtype))
+    problem.out_shape = tuple(y.shape[1:]) if problem.per_sample else tuple(y.shape)
+    problem.act_bytes = recorder.bytes / rows.numel()
+    problem.ops = frozenset(recorder.ops)
+    if check_batch:
+        check_batch_independence(problem, rows)
+
+
+def check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:
+    """Refuse models whose output for one point depends on other points of the batch.
+
+    Two tests on the probe batch: the gradient of point 0's output reaches no other
+    point (catches batch norm in training mode, attention across the batch, …), and
+    where the model accepts a batch of one, point 0 alone gives the same output
+    (catches batch statistics computed without gradient).
+    """
+    g, z = problem.fn(rows), problem.z(rows)
+    eps = torch.finfo(problem.dtype).eps
+    hint = (
+        "per-sample derivatives assume independent points; put the model in eval mode, "
+        "or skip this check (check_batch=False, --no-batch-check) if the coupling is intended"
+    )
+    with torch.no_grad():
+        try:
+            y, pull = vjp(g, z)
+        except RuntimeError as exc:
+            if "mutate" not in str(exc):
+                raise
+            raise ModelError(
+                "the model mixes batch elements or updates its own state as it runs "
+                "(batch norm in training mode?)",
+                where=problem.where,
+                hint=hint,
+            ) from None
+        v = torch.zeros_like(y)
+        v[0] = torch.linspace(1.0, 2.0, v.shape[1], dtype=v.dtype, device=v.device)
+        grad = pull(v)[0]
+        own = float(grad[0].abs().max())
+        leak = float(grad[1:].abs().max())
+        if leak > 1e3 * eps * max(own, 1.0):
+            raise ModelError(
+                "the model mixes batch elements: point 0's output depends on other points",
+                where=problem.where,
+                got=f"d out[0] / d in[1:] up to {leak:.3g}",
+                hint=hint,
+            )
+        if problem.static_batch is None:
+            alone = problem.fn(rows[:1])(z[:1])
+            scale = max(float(y[0].abs().max()), 1.0)
+            if float((alone[0] - y[0]).abs().max()) > 1e3 * eps * scale:
+                raise ModelError(
+                    "the model mixes batch elements: point 0 alone gives another output than in a batch",
+                    where=problem.where,
+                    hint=hint,
+                )

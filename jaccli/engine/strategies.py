@@ -1,0 +1,312 @@
+"""The torch.func products and the strategy table: how each (kind, mode) is computed.
+
+A derivative is a sum of *products* (Jacobian-vector, vector-Jacobian and their
+second-order compositions) over *directions*. A :class:`Strategy` row of
+:data:`STRATEGIES` says which directions a (kind, mode) pair takes, which product
+evaluates a chunk of them, and how the block is scattered into the ``[N, …]`` result.
+Also here: the counter-based Rademacher probes of the Hutchinson estimator and
+:func:`auto_mode`, the choice of mode by product count.
+
+Imports: torch (``torch.func``) and :mod:`.problem` for the :class:`Problem` type.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.func import jvp, vjp, vmap
+
+from ..choices import ESTIMATORS, KINDS, MODES
+from .problem import Problem
+
+__all__ = ["ESTIMATORS", "KINDS", "MODES", "STRATEGIES", "Strategy", "auto_mode", "rademacher"]
+
+
+def _preload_jvp_decompositions() -> None:
+    # torch scripts its forward-AD decompositions with torch.jit.script on the first
+    # forward-mode product, which warns that TorchScript is deprecated: an internal
+    # warning users cannot act on. Load them once, quietly, before any product runs.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
+        if load is not None:
+            load()
+
+
+_preload_jvp_decompositions()
+
+
+def _jvps(g, z, tangents):
+    """``J t`` for each ``t`` in ``tangents`` ``[k, B, n_in]`` -> ``[k, B, n_out]``."""
+    return vmap(lambda t: jvp(g, (z,), (t,))[1])(tangents)
+
+
+def _vjps(g, z, cotangents):
+    """``v J`` for each ``v`` in ``cotangents`` ``[k, B, n_out]`` -> ``[k, B, n_in]``."""
+    _, pull = vjp(g, z)
+    return vmap(lambda v: pull(v)[0])(cotangents)
+
+
+def _jvp2s(g, z, t1, t2):
+    """Second directional derivatives ``d²g[t1, t2]`` (forward over forward) -> ``[k, B, n_out]``."""
+
+    def d2(a, b):
+        return jvp(lambda zz: jvp(g, (zz,), (a,))[1], (z,), (b,))[1]
+
+    return vmap(d2)(t1, t2)
+
+
+def _hvps(g, z, v, t):
+    """``d/dz (v·g)(z) t`` (forward over reverse) -> ``[k, B, n_in]``."""
+
+    def hv(vv, tt):
+        return jvp(lambda zz: vjp(g, zz)[1](vv)[0], (z,), (tt,))[1]
+
+    return vmap(hv)(v, t)
+
+
+def _vvps(g, z, v, u):
+    """``u·d/dz (v·g)(z)`` (reverse over reverse, for ops without forward AD) -> ``[k, B, n_in]``."""
+
+    def vv(vv_, uu):
+        return vjp(lambda zz: vjp(g, zz)[1](vv_)[0], z)[1](uu)[0]
+
+    return vmap(vv)(v, u)
+
+
+def _onehot(idx: torch.Tensor, n: int, b: int, like: torch.Tensor) -> torch.Tensor:
+    """``[k, B, n]`` with row ``e_idx[k]`` for every point (a broadcast view)."""
+    e = torch.zeros(idx.numel(), n, dtype=like.dtype, device=like.device)
+    e[torch.arange(idx.numel(), device=idx.device), idx] = 1
+    return e[:, None, :].expand(idx.numel(), b, n)
+
+
+_U32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``x * m mod 2**32`` for 32-bit ``x`` without leaving int64's range."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * m + (((hi * m) & 0xFFFF) << 16)) & _U32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """The 'lowbias32' integer hash (C. Wellons), on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def rademacher(seed: int, probes: torch.Tensor, points: torch.Tensor, n: int, like: torch.Tensor):
+    """±1 probes ``[k, B, n]`` that depend only on (seed, probe, point, coordinate).
+
+    A counter-based hash rather than a generator stream, so that an estimate does
+    not change with the chunking the planner picks or the device it runs on.
+    """
+    dev = like.device
+    coord = torch.arange(n, device=dev, dtype=torch.int64)[None, None, :]
+    point = points.to(dev, torch.int64)[None, :, None] & _U32
+    probe = probes.to(dev, torch.int64)[:, None, None] & _U32
+    h = _hash32(coord ^ _hash32(point ^ _hash32(probe ^ _hash32(torch.tensor(int(seed) & _U32, device=dev)))))
+    return ((h >> 31) & 1).to(like.dtype) * 2 - 1
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How one (kind, mode) pair turns directions into a result.
+
+    ``directions(problem)`` lists index tuples; ``product`` evaluates a chunk of them
+    on a chunk of points; ``scatter`` adds the block into the ``[N, …]`` result.
+    """
+
+    directions: Callable[[Problem, int, int], torch.Tensor]
+    product: Callable
+    scatter: Callable
+    result_shape: Callable[[Problem], tuple[int, ...]]
+
+
+def _dirs_in(p: Problem, seed: int, probes: int) -> torch.Tensor:
+    return torch.arange(p.n_in)[:, None]
+
+
+def _dirs_out(p: Problem, seed: int, probes: int) -> torch.Tensor:
+    return torch.arange(p.n_out)[:, None]
+
+
+def _dirs_pairs_upper(p: Problem, seed: int, probes: int) -> torch.Tensor:
+    return torch.triu_indices(p.n_in, p.n_in).T.contiguous()
+
+
+def _dirs_out_in(p: Problem, seed: int, probes: int) -> torch.Tensor:
+    return torch.cartesian_prod(torch.arange(p.n_out), torch.arange(p.n_in)).reshape(-1, 2)
+
+
+def _dirs_probes(p: Problem, seed: int, probes: int) -> torch.Tensor:
+    return torch.arange(probes)[:, None]
+
+
+def _shape_jac(p):
+    return (p.n_out, p.n_in)
+
+
+def _shape_hess(p):
+    return (p.n_out, p.n_in, p.n_in)
+
+
+def _shape_lap(p):
+    return (p.n_out,)
+
+
+def _shape_div(p):
+    return ()
+
+
+def _shape_hutch(p):
+    return (2,)  # running sum and sum of squares of the probe estimates
+
+
+# products: (g, z, idx [k, m], ctx) -> block; ctx carries seed and the point indices
+
+
+def _p_jac_fwd(g, z, idx, ctx):
+    return _jvps(g, z, _onehot(idx[:, 0], z.shape[1], z.shape[0], z))
+
+
+def _p_jac_rev(g, z, idx, ctx):
+    return _vjps(g, z, _onehot(idx[:, 0], ctx["n_out"], z.shape[0], z))
+
+
+def _p_hess_fwd(g, z, idx, ctx):
+    n, b = z.shape[1], z.shape[0]
+    return _jvp2s(g, z, _onehot(idx[:, 0], n, b, z), _onehot(idx[:, 1], n, b, z))
+
+
+def _p_hess_rev(g, z, idx, ctx):
+    b = z.shape[0]
+    return _hvps(g, z, _onehot(idx[:, 0], ctx["n_out"], b, z), _onehot(idx[:, 1], z.shape[1], b, z))
+
+
+def _p_hess_rr(g, z, idx, ctx):
+    b = z.shape[0]
+    return _vvps(g, z, _onehot(idx[:, 0], ctx["n_out"], b, z), _onehot(idx[:, 1], z.shape[1], b, z))
+
+
+def _p_lap_fwd(g, z, idx, ctx):
+    e = _onehot(idx[:, 0], z.shape[1], z.shape[0], z)
+    return _jvp2s(g, z, e, e)
+
+
+def _diag_take(block, idx):
+    """``block[k, :, idx[k]]`` for ``block`` ``[k, B, n]`` -> ``[k, B]``."""
+    return block.gather(2, idx.to(block.device)[:, None, None].expand(-1, block.shape[1], 1))[..., 0]
+
+
+def _p_div_fwd(g, z, idx, ctx):
+    return _diag_take(_p_jac_fwd(g, z, idx, ctx), idx[:, 0])
+
+
+def _p_div_rev(g, z, idx, ctx):
+    return _diag_take(_p_jac_rev(g, z, idx, ctx), idx[:, 0])
+
+
+def _p_lap_rev(g, z, idx, ctx):
+    return _diag_take(_p_hess_rev(g, z, idx, ctx), idx[:, 1])
+
+
+def _p_lap_rr(g, z, idx, ctx):
+    return _diag_take(_p_hess_rr(g, z, idx, ctx), idx[:, 1])
+
+
+def hutchinson_product(product):
+    def run(g, z, idx, ctx):
+        v = rademacher(ctx["seed"], idx[:, 0], ctx["points"], z.shape[1], z)
+        # [k, B]: one estimate per probe and point, summed in float64 so that the
+        # variance from sum and sum of squares keeps its digits
+        s = (v * product(g, z, v)).sum(-1).double()
+        return torch.stack([s.sum(0), (s * s).sum(0)], dim=-1)
+
+    return run
+
+
+# scatters: (result [B, ...] view of the chunk's rows, idx [k, m], block)
+
+
+def _span(col: torch.Tensor):
+    """``col`` as a slice when it is a run of consecutive indices (it always is for
+    one-hot directions): a slice assignment is a plain strided copy, where an index
+    tensor goes through index_put, several times slower on a 100 MB block."""
+    first, n = int(col[0]), col.numel()
+    if int(col[-1]) - first == n - 1 and (n < 3 or bool((col.diff() == 1).all())):
+        return slice(first, first + n)
+    return col
+
+
+def _s_jac_fwd(res, idx, block):
+    res[:, :, _span(idx[:, 0])] = block.permute(1, 2, 0)
+
+
+def _s_jac_rev(res, idx, block):
+    res[:, _span(idx[:, 0]), :] = block.permute(1, 0, 2)
+
+
+def _s_hess_fwd(res, idx, block):
+    values = block.permute(1, 2, 0)
+    res[:, :, idx[:, 0], idx[:, 1]] = values
+    res[:, :, idx[:, 1], idx[:, 0]] = values
+
+
+def _s_hess_rev(res, idx, block):
+    # advanced indices split by a slice put their axis first: the view is [k, B, n_in]
+    res[:, idx[:, 0], :, idx[:, 1]] = block
+
+
+def _s_sum(res, idx, block):
+    res += block.sum(0)
+
+
+def _s_add(res, idx, block):
+    res += block
+
+
+def _s_lap_rev(res, idx, block):
+    res.index_add_(1, idx[:, 0].to(res.device), block.T)
+
+
+#: scatters that together write every entry of a chunk's rows (the others add into them)
+ASSIGNING_SCATTERS = frozenset({_s_jac_fwd, _s_jac_rev, _s_hess_fwd, _s_hess_rev})
+
+STRATEGIES: dict[tuple[str, str], Strategy] = {
+    ("jacobian", "forward"): Strategy(_dirs_in, _p_jac_fwd, _s_jac_fwd, _shape_jac),
+    ("jacobian", "reverse"): Strategy(_dirs_out, _p_jac_rev, _s_jac_rev, _shape_jac),
+    ("hessian", "forward"): Strategy(_dirs_pairs_upper, _p_hess_fwd, _s_hess_fwd, _shape_hess),
+    ("hessian", "reverse"): Strategy(_dirs_out_in, _p_hess_rev, _s_hess_rev, _shape_hess),
+    ("laplacian", "forward"): Strategy(_dirs_in, _p_lap_fwd, _s_sum, _shape_lap),
+    ("laplacian", "reverse"): Strategy(_dirs_out_in, _p_lap_rev, _s_lap_rev, _shape_lap),
+    # pure reverse mode, for models with ops that have no forward-mode rule (silu_backward, …)
+    ("hessian", "reverse-only"): Strategy(_dirs_out_in, _p_hess_rr, _s_hess_rev, _shape_hess),
+    ("laplacian", "reverse-only"): Strategy(_dirs_out_in, _p_lap_rr, _s_lap_rev, _shape_lap),
+    ("divergence", "forward"): Strategy(_dirs_in, _p_div_fwd, _s_sum, _shape_div),
+    ("divergence", "reverse"): Strategy(_dirs_out, _p_div_rev, _s_sum, _shape_div),
+    ("hutchinson", "forward"): Strategy(
+        _dirs_probes, hutchinson_product(lambda g, z, v: _jvps(g, z, v)), _s_add, _shape_hutch
+    ),
+    ("hutchinson", "reverse"): Strategy(
+        _dirs_probes, hutchinson_product(lambda g, z, v: _vjps(g, z, v)), _s_add, _shape_hutch
+    ),
+}
+
+
+def auto_mode(kind: str, n_in: int, n_out: int) -> str:
+    """Fewest products wins; forward breaks ties since it keeps no tape."""
+    cost = {
+        "jacobian": (n_in, n_out),
+        "hessian": (n_in * (n_in + 1) / 2, n_out * n_in),
+        "laplacian": (n_in, n_out * n_in),
+        "divergence": (n_in, n_out),
+    }[kind]
+    return "forward" if cost[0] <= cost[1] else "reverse"
