@@ -6,19 +6,17 @@ The public API is what this module exports; the ``jaccli`` command calls exactly
 >>> x = torch.linspace(-1, 1, 5)[:, None]
 >>> jaccli.jacobian(torch.tanh, x, per_sample=True).shape
 torch.Size([5, 1, 1])
+
+Names are imported on first use (PEP 562): ``import jaccli`` does not import torch,
+so that ``jaccli --help`` answers at once; ``jaccli.jacobian`` and the rest load the
+engine the first time they are touched.
 """
 
-from .check import CheckReport, check
-from .engine import (
-    DivergenceEstimate,
-    Plan,
-    describe,
-    divergence,
-    hessian,
-    jacobian,
-    laplacian,
-    plan,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import (
     CheckFailed,
     InputError,
@@ -30,10 +28,50 @@ from .errors import (
     ResourceError,
     UsageError,
 )
-from .io import load_tensor, load_tensors, save_tensors
-from .models import Arch, LoadedModel, ModelInfo, load_model, save_mlp
 
 __version__ = "0.1.0"
+
+#: exported name -> the module that defines it, imported when the name is first used
+_LAZY = {
+    "CheckReport": ".verify",
+    "check": ".verify",
+    "DivergenceEstimate": ".engine",
+    "Plan": ".engine",
+    "describe": ".engine",
+    "divergence": ".engine",
+    "hessian": ".engine",
+    "jacobian": ".engine",
+    "laplacian": ".engine",
+    "plan": ".engine",
+    "load_tensor": ".io",
+    "load_tensors": ".io",
+    "save_tensors": ".io",
+    "Arch": ".models",
+    "LoadedModel": ".models",
+    "ModelInfo": ".models",
+    "load_model": ".models",
+    "save_mlp": ".models",
+}
+
+if TYPE_CHECKING:  # what IDEs and type checkers see
+    from .engine import DivergenceEstimate, Plan, describe, divergence, hessian, jacobian, laplacian, plan
+    from .io import load_tensor, load_tensors, save_tensors
+    from .models import Arch, LoadedModel, ModelInfo, load_model, save_mlp
+    from .verify import CheckReport, check
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jaccli' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Arch",

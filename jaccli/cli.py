@@ -6,6 +6,7 @@ code of :data:`~jaccli.errors.EXIT_CODES`.
 """
 
 
+import importlib.metadata
 import json
 import math
 import os
@@ -22,11 +23,11 @@ from typer.core import TyperGroup
 
 import jaccli
 
-from . import render
-from .engine import ESTIMATORS, KINDS, MODES
+# Only torch-free modules at the top: torch (and the modules that need it) costs a second
+# to import, which --help, --version and shell completion must not pay. Commands import
+# what they use when they run.
+from .choices import ACTIVATION_NAMES, ESTIMATORS, KINDS, MODES, STDIO
 from .errors import EXIT_INTERRUPTED, CheckFailed, JaccliError, UsageError
-from .io import DTYPES, STDIO, as_float, check_output, gather_inputs, resolve_dtype
-from .models import ACTIVATIONS, count_parameters, info_of, resolve_device
 
 try:  # Typer vendors Click from 0.25 on
     from typer._click import exceptions as click_exc
@@ -93,7 +94,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"jaccli {jaccli.__version__} (torch {__import__('torch').__version__})")
+        typer.echo(f"jaccli {jaccli.__version__} (torch {importlib.metadata.version('torch')})")
         raise typer.Exit()
 
 
@@ -173,7 +174,7 @@ Arch = Annotated[
     ),
 ]
 Activation = Annotated[
-    Optional[str], typer.Option(help="Activation of --arch mlp: " + ", ".join(ACTIVATIONS) + ".", show_default=False)
+    Optional[str], typer.Option(help="Activation of --arch mlp: " + ", ".join(ACTIVATION_NAMES) + ".", show_default=False)
 ]
 ArchKwargs = Annotated[
     Optional[str], typer.Option("--arch-kwargs", help="JSON object of keyword arguments for the --arch factory.", show_default=False)
@@ -224,6 +225,9 @@ def _load_model(o: dict, dev, dtype=None):
 
 def _load(o: dict, wrt=None):
     """Model and inputs on one device and dtype; returns (model, args, sources, wrt)."""
+    from .io import DTYPES, as_float, gather_inputs, resolve_dtype
+    from .models import info_of, resolve_device
+
     input, inputs, key, device, dtype = o["input"], o["inputs"], o["key"], o["device"], o["dtype"]
     dev = resolve_device(device)
     want = resolve_dtype(dtype)
@@ -246,6 +250,8 @@ def _load(o: dict, wrt=None):
 
 
 def _model_meta(net, path: str) -> dict:
+    from .models import count_parameters, info_of
+
     info = info_of(net)
     return {"path": path, "format": info.format, "parameters": count_parameters(net)}
 
@@ -264,6 +270,8 @@ def _input_meta(args, sources: dict[str, str]) -> dict[str, dict]:
 
 def _name_results(kind: str, value, wrt: list[str] | None, in_ndims: list[int], per_sample: bool):
     """``{name: tensor}`` and ``{name: axes}`` of an API result (a tensor or nested tuples)."""
+    from . import render
+
     if kind == "divergence" and isinstance(value, jaccli.DivergenceEstimate):
         value = value.value
     if not isinstance(value, tuple):
@@ -283,6 +291,9 @@ def _name_results(kind: str, value, wrt: list[str] | None, in_ndims: list[int], 
 
 def _derivative(kind: str, **o) -> None:
     """Load, plan, compute, save and report one derivative (the four commands share it)."""
+    from . import render
+    from .io import check_output
+
     quiet, as_json, save = o["quiet"], o["json"], o["save"]
     if save == STDIO and as_json:
         raise UsageError("--save - writes the result to stdout, which --json also needs", hint="save to a file")
@@ -319,7 +330,7 @@ def _derivative(kind: str, **o) -> None:
         if kind == "divergence":
             extra["seed"] = o["seed"]
         start = time.perf_counter()
-        value = getattr(jaccli, kind)(net, args, **common, **extra)
+        value = getattr(jaccli, kind)(net, args, plan=plan, **common, **extra)
         seconds = time.perf_counter() - start
     in_tensors = args if isinstance(args, dict) else {next(iter(sources)): args}
     diff = wrt or list(in_tensors)[:1]
@@ -365,7 +376,7 @@ def _flatten(t, axes: list[str], kind: str):
     return t.reshape(shape), want
 
 
-def _save_metadata(report: render.Report) -> dict:
+def _save_metadata(report) -> dict:
     return {
         "jaccli_version": jaccli.__version__,
         "command": report.command,
@@ -475,6 +486,9 @@ def info(
     json_: Json = False,
 ) -> None:
     """What was loaded: format, parameters, dtype, shapes on INPUT, smoothness, batch independence."""
+    from . import render
+    from .models import resolve_device
+
     o = dict(model=model, input=input, inputs=inputs, key=key, device=device, dtype=dtype, arch=arch,
              activation=activation, arch_kwargs=arch_kwargs)  # fmt: skip
     messages: list[str] = []
@@ -510,6 +524,8 @@ def check(
 
     Also verifies that the model does not mix batch elements and reports non-smooth activations. Exit code 0 when every check passes, 8 when one fails.
     """
+    from . import render
+
     o = dict(model=model, input=input, inputs=inputs, key=key, device="cpu", dtype="float64", arch=arch,
              activation=activation, arch_kwargs=arch_kwargs)  # fmt: skip
     messages: list[str] = []

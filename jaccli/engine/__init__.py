@@ -30,7 +30,7 @@ the cross-point blocks of the full Jacobian. Without it the whole input is one p
 Imports go one way, down the table (``api`` → ``execute`` → ``planner`` →
 ``strategies`` → ``problem``); this package imports :mod:`jaccli.taylor`,
 :mod:`jaccli.models` and :mod:`jaccli.errors`, and nothing imports it but :mod:`jaccli`
-and :mod:`jaccli.check`.
+and :mod:`jaccli.verify`.
 """
 
 from ..choices import ESTIMATORS, KINDS, MODES

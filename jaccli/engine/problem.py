@@ -20,7 +20,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.func import vjp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import JaccliWarning, ModelError, NumericalError, UsageError, shape_str
@@ -413,11 +412,18 @@ def check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:
         "per-sample derivatives assume independent points; put the model in eval mode, "
         "or skip this check (check_batch=False, --no-batch-check) if the coupling is intended"
     )
-    with torch.no_grad():
+    # plain autograd, not torch.func.vjp: its pullback imports torch._dynamo (a second of
+    # start-up) and this check runs on every per-sample command
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
         try:
-            y, pull = vjp(g, z)
+            y = g(zz)
+            v = torch.zeros_like(y)
+            v[0] = torch.linspace(1.0, 2.0, v.shape[1], dtype=v.dtype, device=v.device)
+            # an output that does not depend on the input has no graph, and no leak
+            grad = torch.autograd.grad(y, zz, v, allow_unused=True)[0] if y.requires_grad else None
         except RuntimeError as exc:
-            if "mutate" not in str(exc):
+            if "inplace operation" not in str(exc) and "mutate" not in str(exc):
                 raise
             raise ModelError(
                 "the model mixes batch elements or updates its own state as it runs "
@@ -425,9 +431,9 @@ def check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:
                 where=problem.where,
                 hint=hint,
             ) from None
-        v = torch.zeros_like(y)
-        v[0] = torch.linspace(1.0, 2.0, v.shape[1], dtype=v.dtype, device=v.device)
-        grad = pull(v)[0]
+    y = y.detach()
+    grad = torch.zeros_like(z) if grad is None else grad
+    with torch.no_grad():
         own = float(grad[0].abs().max())
         leak = float(grad[1:].abs().max())
         if leak > 1e3 * eps * max(own, 1.0):

@@ -1,0 +1,134 @@
+"""Planning: mode choice, memory-bounded chunks, strategy reachability, and plans that carry their request."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import jaccli
+from jaccli.engine import planner
+from jaccli.engine.strategies import STRATEGIES, rademacher
+from problems import BY_NAME, PROBLEMS, fd_jacobian, tanh_mlp
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------- planning
+
+
+@pytest.mark.parametrize(
+    "kind,n_in,n_out,mode",
+    [
+        ("jacobian", 1, 501, "forward"),
+        ("jacobian", 2048, 32, "reverse"),
+        ("jacobian", 3, 3, "forward"),
+        ("hessian", 1, 501, "forward"),
+        ("hessian", 10, 1, "reverse"),
+        ("laplacian", 10, 1, "forward"),
+    ],
+)
+def test_auto_mode_picks_fewer_products(kind, n_in, n_out, mode):
+    net = nn.Linear(n_in, n_out)
+    assert jaccli.plan(kind, net, torch.zeros(4, n_in), per_sample=True).mode == mode
+
+
+def test_plan_bounds_chunks_by_memory(monkeypatch):
+    monkeypatch.setattr(planner, "working_budget", lambda device: 4 * 2**20)
+    net = tanh_mlp((1, 64, 64, 501), dtype=torch.float32)
+    p = jaccli.plan("hessian", net, torch.zeros(100_000, 1), per_sample=True)
+    assert p.points_per_chunk < 100_000 and p.chunks > 1
+    assert p.peak_bytes - p.result_bytes <= 4 * 2**20 * 1.5
+    assert p.result_shape == (100_000, 501, 1, 1)
+    # and the chunked result equals the unchunked one
+    x = torch.rand(300, 1)
+    small = jaccli.hessian(net, x, per_sample=True)
+    monkeypatch.setattr(planner, "working_budget", lambda device: 64 * 2**10)
+    assert jaccli.plan("hessian", net, x, per_sample=True).chunks > 1
+    torch.testing.assert_close(jaccli.hessian(net, x, per_sample=True), small)
+
+
+def test_every_strategy_is_reachable():
+    kinds = {k for k, _ in STRATEGIES}
+    assert kinds == {"jacobian", "hessian", "divergence", "laplacian", "hutchinson"}
+
+
+# ----------------------------------------------------------------- a plan carries its request
+
+
+class Counting(nn.Module):
+    """Counts forward calls, to see how often a command runs the model."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net(x)
+
+
+@pytest.mark.parametrize("kind", ["jacobian", "hessian", "laplacian", "divergence"])
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_computing_a_plan_does_not_probe_the_model_again(kind, mode):
+    net = Counting(tanh_mlp((3, 8, 3)))
+    x = torch.randn(20, 3, dtype=torch.float64)
+    fresh = getattr(jaccli, kind)(net, x, per_sample=True, mode=mode)
+    net.calls = 0
+    getattr(jaccli, kind)(net, x, per_sample=True, mode=mode)
+    calls_alone = net.calls
+    net.calls = 0
+    p = jaccli.plan(kind, net, x, per_sample=True, mode=mode)
+    planning = net.calls
+    net.calls = 0
+    planned = getattr(jaccli, kind)(net, x, per_sample=True, mode=mode, plan=p)
+    assert planning > 0 and net.calls == calls_alone - planning
+    torch.testing.assert_close(planned, fresh, **TOL)
+
+
+def test_options_left_at_their_defaults_come_from_the_plan():
+    net = tanh_mlp((2, 5, 2))
+    x = torch.randn(7, 2, dtype=torch.float64)
+    p = jaccli.plan("hessian", net, x, per_sample=True, mode="reverse", chunk_size=3)
+    got = jaccli.hessian(net, x, plan=p)
+    assert got.shape == (7, 2, 2, 2)
+    torch.testing.assert_close(got, jaccli.hessian(net, x, per_sample=True), **TOL)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda net, x: ("jacobian", net, x, {}), "the plan is for a hessian, not a jacobian"),
+        (lambda net, x: ("hessian", tanh_mlp((2, 5, 2)), x, {}), "another model or other input tensors"),
+        (lambda net, x: ("hessian", net, x.clone(), {}), "another model or other input tensors"),
+        (lambda net, x: ("hessian", net, x, {"mode": "forward"}), "mode='forward' differs from the plan's mode='reverse'"),
+        (lambda net, x: ("hessian", net, x, {"chunk_size": 2}), "chunk_size=2 differs from the plan's chunk_size=3"),
+    ],
+)
+def test_a_plan_for_another_request_is_refused(change, message):
+    net = tanh_mlp((2, 5, 2))
+    x = torch.randn(7, 2, dtype=torch.float64)
+    p = jaccli.plan("hessian", net, x, per_sample=True, mode="reverse", chunk_size=3)
+    kind, f, xx, options = change(net, x)
+    with pytest.raises(jaccli.UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        getattr(jaccli, kind)(f, xx, plan=p, **options)
+
+
+def test_plan_argument_must_be_a_plan():
+    with pytest.raises(jaccli.UsageError, match="plan= takes a Plan made by jaccli.plan"):
+        jaccli.jacobian(torch.sin, torch.zeros(3), plan="forward")
+
+
+@pytest.mark.parametrize("kind", ["plan", "jacobian", "hessian", "laplacian", "divergence"])
+def test_request_defaults_are_the_public_functions_defaults(kind):
+    import inspect
+
+    params = inspect.signature(getattr(jaccli, kind)).parameters
+    for name, default in planner.REQUEST_DEFAULTS.items():
+        if name in params:
+            assert params[name].default == default, (kind, name)
