@@ -20,26 +20,12 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from .._dispatch import QuietDispatchMode
 from ..errors import JaccliWarning, ModelError, NumericalError, UsageError, shape_str
 from ..models import describe_expected_input, first_line, info_of, model_dtype
 
 _PROBE_POINTS = 8
-
-
-class QuietDispatchMode(TorchDispatchMode):
-    """A dispatch mode that never wakes torch.compile.
-
-    ``TorchDispatchMode`` subclasses get their ``__torch_dispatch__`` wrapped in
-    ``torch._dynamo.disable`` unless they opt out here; the wrapper imports dynamo on
-    the first call, about a second of start-up for every command. jaccli's modes only
-    observe eager ops and never run under torch.compile, so they opt out.
-    """
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False
 
 
 class _Args(NamedTuple):
