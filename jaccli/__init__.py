@@ -32,6 +32,7 @@ from .errors import (
 )
 from .io import load_tensor, load_tensors, save_tensors
 from .models import Arch, LoadedModel, ModelInfo, load_model, save_mlp
+from .summary import Summary, summarize
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ __all__ = [
     "OutputError",
     "Plan",
     "ResourceError",
+    "Summary",
     "UsageError",
     "__version__",
     "check",
@@ -64,4 +66,5 @@ __all__ = [
     "plan",
     "save_mlp",
     "save_tensors",
+    "summarize",
 ]
