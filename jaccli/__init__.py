@@ -21,6 +21,7 @@ from .engine import (
 )
 from .errors import (
     CheckFailed,
+    DependencyError,
     InputError,
     JaccliError,
     JaccliWarning,
@@ -40,6 +41,7 @@ __all__ = [
     "Arch",
     "CheckFailed",
     "CheckReport",
+    "DependencyError",
     "DivergenceEstimate",
     "InputError",
     "JaccliError",

@@ -26,6 +26,7 @@ from . import render
 from .engine import ESTIMATORS, KINDS, MODES
 from .errors import EXIT_INTERRUPTED, CheckFailed, JaccliError, UsageError
 from .io import DTYPES, STDIO, as_float, check_output, gather_inputs, resolve_dtype
+from .layout import axis_names, group_of
 from .models import ACTIVATIONS, count_parameters, info_of, resolve_device
 
 try:  # Typer vendors Click from 0.25 on
@@ -178,6 +179,24 @@ Activation = Annotated[
 ArchKwargs = Annotated[
     Optional[str], typer.Option("--arch-kwargs", help="JSON object of keyword arguments for the --arch factory.", show_default=False)
 ]
+Show = Annotated[
+    str,
+    typer.Option(
+        metavar="N|all",
+        help="With --per-sample, how many points (from the first) are printed as tables; all for every point "
+        "(at most 100).",
+    ),
+]
+Digits = Annotated[int, typer.Option(help="Significant digits of the numbers in tables.")]
+PlotFile = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="FILE",
+        help="Draw the result into FILE (.png, .svg or .pdf): derivatives against the input for one coordinate "
+        "per point, else a heat map; with --summary also the spectra. Needs pip install 'jaccli\\[plot]'.",
+        show_default=False,
+    ),
+]
 NoBatchCheck = Annotated[
     bool,
     typer.Option("--no-batch-check", help="Skip the check that the model does not mix batch elements (--per-sample)."),
@@ -262,23 +281,35 @@ def _input_meta(args, sources: dict[str, str]) -> dict[str, dict]:
     }
 
 
-def _name_results(kind: str, value, wrt: list[str] | None, in_ndims: list[int], per_sample: bool):
-    """``{name: tensor}`` and ``{name: axes}`` of an API result (a tensor or nested tuples)."""
+#: per kind, how many differentiated arguments a result's trailing axes belong to
+_DIFF_ORDER = {"jacobian": 1, "hessian": 2, "divergence": 0, "laplacian": 0}
+
+
+def _name_results(kind: str, value, wrt: list[str], in_ndims: list[int], per_sample: bool, several: bool):
+    """``{name: tensor}``, ``{name: axes}`` and ``{name: differentiated arguments}`` of an
+    API result (a tensor, or nested tuples with ``several`` arguments)."""
     if kind == "divergence" and isinstance(value, jaccli.DivergenceEstimate):
         value = value.value
-    if not isinstance(value, tuple):
-        nd = {"jacobian": in_ndims[:1], "hessian": in_ndims[:1] * 2}.get(kind, [])
-        return {kind: value}, {kind: render.axis_names(per_sample, value.dim(), tuple(nd))}
-    results, axes = {}, {}
+    order = _DIFF_ORDER[kind]
+    if not several:
+        nd = tuple(in_ndims[:1] * order)
+        return (
+            {kind: value},
+            {kind: axis_names(per_sample, value.dim(), nd)},
+            {kind: tuple(wrt[:1] * order)},
+        )
+    results, axes, args = {}, {}, {}
     for a, (wa, na) in enumerate(zip(wrt, in_ndims)):
         if kind == "jacobian":
             results[f"{kind}_{wa}"] = value[a]
-            axes[f"{kind}_{wa}"] = render.axis_names(per_sample, value[a].dim(), (na,))
+            axes[f"{kind}_{wa}"] = axis_names(per_sample, value[a].dim(), (na,))
+            args[f"{kind}_{wa}"] = (wa,)
         else:
             for b, (wb, nb) in enumerate(zip(wrt, in_ndims)):
                 results[f"{kind}_{wa}_{wb}"] = value[a][b]
-                axes[f"{kind}_{wa}_{wb}"] = render.axis_names(per_sample, value[a][b].dim(), (na, nb))
-    return results, axes
+                axes[f"{kind}_{wa}_{wb}"] = axis_names(per_sample, value[a][b].dim(), (na, nb))
+                args[f"{kind}_{wa}_{wb}"] = (wa, wb)
+    return results, axes, args
 
 
 def _derivative(kind: str, **o) -> None:
@@ -290,6 +321,14 @@ def _derivative(kind: str, **o) -> None:
         raise UsageError("unknown --mode", expected="one of " + ", ".join(MODES), got=o["mode"])
     if save is not None:
         check_output(save, force=o["force"])
+    show = _parse_show(o["show"])
+    if not 1 <= o["digits"] <= 17:
+        raise UsageError("--digits out of range", expected="1 to 17 significant digits", got=o["digits"])
+    if o["plot"] is not None:
+        from . import plot
+
+        plot.check_path(o["plot"], force=o["force"])
+        plot.require_matplotlib()
     messages: list[str] = []
     out = Console(stderr=save == STDIO, highlight=False)
     with _collect_warnings(messages):
@@ -316,6 +355,14 @@ def _derivative(kind: str, **o) -> None:
             elif not quiet:
                 render.show_plan(out, plan)
             return
+        if show is None:
+            show = plan.points if plan.per_sample else 1
+            if show > SHOW_ALL_MAX:
+                raise UsageError(
+                    f"--show all would print {show:,} tables",
+                    expected=f"at most {SHOW_ALL_MAX} points",
+                    hint="pass --show N for the first N points, or --save/--plot for all of them",
+                )
         if kind == "divergence":
             extra["seed"] = o["seed"]
         start = time.perf_counter()
@@ -324,7 +371,7 @@ def _derivative(kind: str, **o) -> None:
     in_tensors = args if isinstance(args, dict) else {next(iter(sources)): args}
     diff = wrt or list(in_tensors)[:1]
     in_ndims = [in_tensors[w].dim() - (1 if o["per_sample"] else 0) for w in diff]
-    results, axes = _name_results(kind, value, wrt if wrt and len(wrt) > 1 else None, in_ndims, o["per_sample"])
+    results, axes, arg_names = _name_results(kind, value, diff, in_ndims, o["per_sample"], bool(wrt and len(wrt) > 1))
     stderr = value.stderr if isinstance(value, jaccli.DivergenceEstimate) else None
     if o["flatten"]:
         flat = {k: _flatten(v, axes[k], kind) for k, v in results.items()}
@@ -345,16 +392,66 @@ def _derivative(kind: str, **o) -> None:
         saved_to=save,
         estimator=o.get("estimator", "exact"),
         probes=o.get("probes") if kind == "divergence" else None,
+        args=arg_names,
+        arguments=in_tensors,
+        show=show,
+        digits=o["digits"],
     )
+    if o["summary"]:
+        report.summaries = _summaries(report)
     if save is not None:
         to_save = dict(results)
         if stderr is not None:
             to_save["stderr"] = stderr
         jaccli.save_tensors(save, to_save, metadata=_save_metadata(report), force=o["force"])
+    if o["plot"] is not None:
+        from . import plot
+
+        plot.plot_results(
+            o["plot"], report.results, kind=kind, title=_plot_title(report), axes=report.axes, args=report.args,
+            per_sample=report.per_sample, coords=report.arguments, summaries=report.summaries, force=o["force"],
+        )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(render.result_json(report)))
     elif not quiet:
         render.show_result(out, report)
+
+
+#: the most points ``--show all`` prints
+SHOW_ALL_MAX = 100
+
+
+def _parse_show(text: str) -> int | None:
+    """``--show``: a count of points, or None for all of them."""
+    if text == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise UsageError("bad --show", expected="a number of points (0 for none) or all", got=text)
+    return n
+
+
+def _plot_title(report: render.Report) -> str:
+    """The command, the model and N, e.g. ``jaccli jacobian --per-sample: pinn.pt, N = 1,000``."""
+    flags = " --per-sample" if report.per_sample else ""
+    what = f"N = {report.plan.points:,}" if report.per_sample else "whole input as one point"
+    return f"jaccli {report.command}{flags}: {os.path.basename(report.model['path'])}, {what}"
+
+
+def _summaries(report: render.Report) -> dict:
+    """``--summary``: a :class:`jaccli.Summary` per result; Hessian blocks of two different
+    arguments (not square per output) have none."""
+    found = {}
+    for name, t in report.results.items():
+        args = report.args.get(name, ())
+        if report.command == "hessian" and len(set(args)) > 1:
+            continue
+        in_ndim = sum(group_of(a) == "in" for a in report.axes[name])
+        found[name] = jaccli.summarize(t, report.command, per_sample=report.per_sample, in_ndim=in_ndim)
+    return found
 
 
 def _flatten(t, axes: list[str], kind: str):
@@ -433,6 +530,18 @@ def _make_command(kind: str):
         ] = "exact",
         probes: Annotated[int, typer.Option(hidden=not div, help="Rademacher probes for hutchinson.")] = 16,
         seed: Annotated[int, typer.Option(hidden=not div, help="Seed of the hutchinson probes.")] = 0,
+        show: Show = "1",
+        digits: Digits = render.DEFAULT_DIGITS,
+        summary: Annotated[
+            bool,
+            typer.Option(
+                "--summary",
+                hidden=not flat_help,
+                help="Per point ‖J‖_F, σ_max, σ_min, condition number and log|det J| (square maps), or the "
+                "Hessian's extreme eigenvalues and definiteness; min / median / max over the points.",
+            ),
+        ] = False,
+        plot: PlotFile = None,
     ) -> None:
         if not div and (estimator != "exact" or probes != 16 or seed != 0):
             raise UsageError(f"--estimator, --probes and --seed are options of divergence, not {kind}")
@@ -440,6 +549,8 @@ def _make_command(kind: str):
             raise UsageError("unknown --estimator", expected="one of " + ", ".join(ESTIMATORS), got=estimator)
         if flatten and not flat_help:
             raise UsageError(f"--flatten applies to jacobian and hessian, not {kind}")
+        if summary and not flat_help:
+            raise UsageError(f"--summary applies to jacobian and hessian, not {kind}")
         _derivative(
             kind,
             model=model, input=input, per_sample=per_sample, device=device, dtype=dtype,
@@ -447,6 +558,7 @@ def _make_command(kind: str):
             dry_run=dry_run, key=key, inputs=inputs, wrt=wrt, output=output, strict=strict,
             no_batch_check=no_batch_check, flatten=flatten, estimator=estimator, probes=probes,
             seed=seed, arch=arch, activation=activation, arch_kwargs=arch_kwargs, verbose=verbose,
+            show=show, digits=digits, summary=summary, plot=plot,
         )  # fmt: skip
 
     command.__doc__ = _COMMAND_HELP[kind]

@@ -27,6 +27,9 @@ GROUPS: dict[str, tuple[str | None, str | None, str | None]] = {
     "laplacian": (None, None, "out"),
 }
 
+#: the column of a divergence or Laplacian of a scalar output
+SCALAR_TITLES = {"divergence": "div", "laplacian": "Δ"}
+
 #: the name an input gets when the model does not name its argument
 GENERIC_INPUT = "input"
 
@@ -34,6 +37,25 @@ GENERIC_INPUT = "input"
 def group_of(axis: str) -> str:
     """``out1`` -> ``out``; ``in'0`` -> ``in'``; ``sample`` -> ``sample``."""
     return axis.rstrip("0123456789")
+
+
+def axis_names(per_sample: bool, ndim: int, in_ndims: tuple[int, ...] = ()) -> list[str]:
+    """Names of a result's axes: ``sample``, ``out``, ``in`` (and ``in'`` for a Hessian).
+
+    ``in_ndims`` holds the number of input axes the result ends with: none for a
+    divergence or Laplacian, one entry for a Jacobian, two for a Hessian block.
+    Several axes of one kind are numbered (``out0``, ``out1``).
+    """
+
+    def group(name: str, count: int) -> list[str]:
+        return [name] if count == 1 else [f"{name}{i}" for i in range(count)]
+
+    lead = ["sample"] if per_sample else []
+    n_out = ndim - len(lead) - sum(in_ndims)
+    names = lead + group("out", n_out)
+    for name, count in zip(("in", "in'"), in_ndims):
+        names += group(name, count)
+    return names
 
 
 def index_label(prefix: str, shape: tuple[int, ...], flat: int) -> str:
@@ -92,6 +114,8 @@ class Layout:
             row_name=label.get(row_g, "out"),
             col_name=label.get(col_g, "out"),
         )
+        if kind in SCALAR_TITLES and not lay.col_shape:
+            return cls(kind, shape, lay.per_sample, (), (), (), "out", "", SCALAR_TITLES[kind])
         if kind == "hessian" and lay.rows * lay.cols == 1 and lay.components > 1:
             title = f"∂²/∂{arg_a}²" if arg_a == arg_b else f"∂²/∂{arg_a}∂{arg_b}"
             return cls(kind, shape, lay.per_sample, (), lay.comp_shape, (), "out", "", title)
@@ -114,8 +138,8 @@ class Layout:
         return math.prod(self.col_shape)
 
     def blocks(self, t):
-        """``t`` viewed as ``[points, components, rows, cols]`` (any array with ``reshape``)."""
-        return t.reshape(self.points, self.components, self.rows, self.cols)
+        """``t`` (or its first points) viewed as ``[points, components, rows, cols]`` (any array with ``reshape``)."""
+        return t.reshape(-1, self.components, self.rows, self.cols)
 
     def row_label(self, i: int) -> str:
         return index_label(self.row_name, self.row_shape, i)
