@@ -84,7 +84,7 @@ app = typer.Typer(
         "runs and --arch factories are imported: use only files you trust. INPUT is a .npy, .npz, "
         ".pt, .safetensors, .csv or .txt file, or - for .npy bytes on stdin."
     ),
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -109,6 +109,16 @@ def _root(
 
 # --------------------------------------------------------------------------- shared options
 
+
+def _complete(choices):
+    """Shell completion of an option with a fixed set of values."""
+
+    def complete(incomplete: str):
+        return [c for c in choices if c.startswith(incomplete)]
+
+    return complete
+
+
 ModelArg = Annotated[
     str,
     typer.Argument(
@@ -125,12 +135,15 @@ PerSample = Annotated[
     bool,
     typer.Option("--per-sample", "-p", help="Axis 0 of the input holds independent points: one derivative per point."),
 ]
-Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.", autocompletion=_complete(("cpu", "cuda", "mps")))]
 Dtype = Annotated[
-    Optional[str], typer.Option(help="float32 or float64 [default: the input's float dtype]", show_default=False)
+    Optional[str],
+    typer.Option(
+        help="float32 or float64 [default: the input's float dtype]", show_default=False, autocompletion=_complete(tuple(DTYPES))
+    ),
 ]
 Mode = Annotated[
-    str, typer.Option(help="auto, forward or reverse; auto picks the mode with fewer products.")
+    str, typer.Option(help="auto, forward or reverse; auto picks the mode with fewer products.", autocompletion=_complete(MODES))
 ]
 ChunkSize = Annotated[
     Optional[int],
@@ -174,7 +187,10 @@ Arch = Annotated[
     ),
 ]
 Activation = Annotated[
-    Optional[str], typer.Option(help="Activation of --arch mlp: " + ", ".join(ACTIVATIONS) + ".", show_default=False)
+    Optional[str],
+    typer.Option(
+        help="Activation of --arch mlp: " + ", ".join(ACTIVATIONS) + ".", show_default=False, autocompletion=_complete(tuple(ACTIVATIONS))
+    ),
 ]
 ArchKwargs = Annotated[
     Optional[str], typer.Option("--arch-kwargs", help="JSON object of keyword arguments for the --arch factory.", show_default=False)
@@ -183,6 +199,7 @@ Show = Annotated[
     str,
     typer.Option(
         metavar="N|all",
+        autocompletion=_complete(("1", "all")),
         help="With --per-sample, how many points (from the first) are printed as tables; all for every point "
         "(at most 100).",
     ),
@@ -495,6 +512,21 @@ _COMMAND_HELP = {
 }
 
 
+#: one runnable example per command, shown at the end of its --help (the tests run each one)
+COMMAND_EXAMPLES = {
+    "jacobian": "jaccli jacobian examples/models/field.pt examples/models/field_x.npy --per-sample --summary",
+    "hessian": "jaccli hessian examples/models/potential.pt examples/models/potential_x.npy --per-sample --show 2",
+    "divergence": "jaccli divergence examples/models/field.pt2 examples/models/field_x.npy --per-sample --estimator hutchinson",
+    "laplacian": "jaccli laplacian examples/models/pinn.pt examples/models/pinn_x.npy --per-sample --plot laplacian.png",
+    "info": "jaccli info examples/models/pinn.pt examples/models/pinn_x.npy",
+    "check": "jaccli check examples/models/pinn.pt examples/models/pinn_x.npy --hessian",
+}
+
+
+def _with_example(name: str, text: str) -> str:
+    return f"{text}\n\nExample: {COMMAND_EXAMPLES[name]}"
+
+
 def _make_command(kind: str):
     div = kind == "divergence"
     flat_help = kind in ("jacobian", "hessian")
@@ -526,7 +558,7 @@ def _make_command(kind: str):
             bool, typer.Option("--flatten", hidden=not flat_help, help="Give the matrix view [N, out, in] of tensor-shaped inputs and outputs.")
         ] = False,
         estimator: Annotated[
-            str, typer.Option(hidden=not div, help="exact, or hutchinson for a stochastic estimate.")
+            str, typer.Option(hidden=not div, help="exact, or hutchinson for a stochastic estimate.", autocompletion=_complete(ESTIMATORS))
         ] = "exact",
         probes: Annotated[int, typer.Option(hidden=not div, help="Rademacher probes for hutchinson.")] = 16,
         seed: Annotated[int, typer.Option(hidden=not div, help="Seed of the hutchinson probes.")] = 0,
@@ -561,7 +593,7 @@ def _make_command(kind: str):
             show=show, digits=digits, summary=summary, plot=plot,
         )  # fmt: skip
 
-    command.__doc__ = _COMMAND_HELP[kind]
+    command.__doc__ = _with_example(kind, _COMMAND_HELP[kind])
     return command
 
 
@@ -569,7 +601,7 @@ for _kind in KINDS:
     app.command(_kind)(_make_command(_kind))
 
 
-@app.command("info")
+@app.command("info", help=_with_example("info", "What was loaded: format, parameters, dtype, shapes on INPUT, smoothness, batch independence."))
 def info(
     model: ModelArg,
     input: InputArg = None,
@@ -586,7 +618,6 @@ def info(
     arch_kwargs: ArchKwargs = None,
     json_: Json = False,
 ) -> None:
-    """What was loaded: format, parameters, dtype, shapes on INPUT, smoothness, batch independence."""
     o = dict(model=model, input=input, inputs=inputs, key=key, device=device, dtype=dtype, arch=arch,
              activation=activation, arch_kwargs=arch_kwargs)  # fmt: skip
     messages: list[str] = []
@@ -603,7 +634,15 @@ def info(
         render.show_info(Console(highlight=False), facts)
 
 
-@app.command("check")
+@app.command(
+    "check",
+    help=_with_example(
+        "check",
+        "Compare jaccli's Jacobian (and Hessian) with float64 finite differences on a few points.\n\n"
+        "Also verifies that the model does not mix batch elements and reports non-smooth activations. "
+        "Exit code 0 when every check passes, 8 when one fails.",
+    ),
+)
 def check(
     model: ModelArg,
     input: InputArg = None,
@@ -618,10 +657,6 @@ def check(
     arch_kwargs: ArchKwargs = None,
     json_: Json = False,
 ) -> None:
-    """Compare jaccli's Jacobian (and Hessian) with float64 finite differences on a few points.
-
-    Also verifies that the model does not mix batch elements and reports non-smooth activations. Exit code 0 when every check passes, 8 when one fails.
-    """
     o = dict(model=model, input=input, inputs=inputs, key=key, device="cpu", dtype="float64", arch=arch,
              activation=activation, arch_kwargs=arch_kwargs)  # fmt: skip
     messages: list[str] = []

@@ -14,12 +14,12 @@ canvas without pyplot (no display, no global backend switch). Files are written
 atomically, with the title in their metadata (PNG text chunk, SVG ``<dc:title>``,
 PDF info).
 
->>> import torch, tempfile, os
+>>> import torch, tempfile, pathlib
 >>> x = torch.linspace(-2, 2, 50)[:, None]
 >>> J = torch.stack([1 - torch.tanh(x) ** 2], 1)            # d tanh / dx: [50, 1, 1]
->>> path = os.path.join(tempfile.mkdtemp(), "j.png")
+>>> path = pathlib.Path(tempfile.mkdtemp()) / "j.png"
 >>> plot_results(path, {"jacobian": J}, kind="jacobian", per_sample=True, coords={"x": x}, title="tanh'")
->>> open(path, "rb").read(8) == PNG_MAGIC
+>>> path.read_bytes()[:8] == PNG_MAGIC
 True
 """
 
@@ -41,6 +41,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_LINES = 6
 #: Hessian output components drawn as heat maps
 MAX_MAPS = 4
+#: spectra with at most this many values per matrix get one histogram per value
+MAX_SPECTRUM_LINES = 4
 #: tick labels are written out up to this many rows or columns
 MAX_TICKS = 24
 #: y-axis label of a line plot, per kind (out: the output, x: the input)
@@ -115,9 +117,9 @@ def _lines(ax, values, x, lay: Layout, kind: str, arg: str, name: str) -> None:
 
 def _ticks(ax, lay: Layout, rows: int, cols: int) -> None:
     if rows <= MAX_TICKS:
-        ax.set_yticks(range(rows), [lay.row_label(i) for i in range(rows)], fontsize=7)
+        ax.set_yticks(range(rows), [lay.row_label(i) for i in range(rows)], fontsize=8)
     if cols <= MAX_TICKS:
-        ax.set_xticks(range(cols), [lay.col_label(j) for j in range(cols)], fontsize=7, rotation=90 if cols > 6 else 0)
+        ax.set_xticks(range(cols), [lay.col_label(j) for j in range(cols)], fontsize=8, rotation=90 if cols > 6 else 0)
     row_name = lay.row_name if lay.row_shape else "out"
     ax.set_ylabel(f"{row_name} ({rows})")
     ax.set_xlabel(f"{lay.col_name or lay.col_title} ({cols})")
@@ -134,17 +136,33 @@ def _heat(fig, ax, block, lay: Layout, title: str, signed: bool) -> None:
     ax.set_title(title, fontsize=10)
 
 
-def _hist(ax, values, title: str, xlabel: str, zero_line: bool = False) -> None:
+def _hist(ax, values, title: str, xlabel: str, zero_line: bool = False, labels: list[str] | None = None) -> None:
+    """A histogram of ``values`` (or of each column of it, labelled, when ``labels`` is given)."""
     import numpy as np
 
-    v = values[np.isfinite(values)]
-    ax.hist(v, bins=min(60, max(10, int(math.sqrt(v.size)) + 1)), color="tab:blue", alpha=0.8)
+    columns = [values[:, k] for k in range(values.shape[1])] if labels else [values]
+    columns = [v[np.isfinite(v)] for v in columns]
+    size = max(v.size for v in columns)
+    bins = np.histogram_bin_edges(np.concatenate(columns), bins=min(60, max(10, int(math.sqrt(size)) + 1)))
+    for v, label in zip(columns, labels or [None]):
+        ax.hist(v, bins=bins, alpha=0.65 if labels else 0.85, label=label, histtype="stepfilled")
+    if labels:
+        ax.legend(fontsize=8)
     if zero_line:
-        ax.axvline(0, color="tab:red", lw=1)
+        ax.axvline(0, color="0.2", lw=0.8)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
     ax.grid(alpha=0.3)
+
+
+def _spectrum_labels(kind: str, k: int) -> list[str] | None:
+    """Legend of each singular value (largest first) or eigenvalue (smallest first), when few."""
+    if k > MAX_SPECTRUM_LINES or k < 2:
+        return None
+    if kind == "jacobian":
+        return ["σ_max"] + [f"σ_{i + 1}" for i in range(1, k - 1)] + ["σ_min"]
+    return ["λ_min"] + [f"λ_{i + 1}" for i in range(1, k - 1)] + ["λ_max"]
 
 
 def figure(
@@ -204,14 +222,17 @@ def figure(
                 )
         s = summaries.get(name)
         if s is not None:
-            spec = s.spectra.numpy().reshape(-1)
+            spec = s.spectra.numpy()
+            labels = _spectrum_labels(s.kind, spec.shape[1])
+            spec = spec if labels else spec.reshape(-1)
+            over = f"{s.points:,} points" + (f" × {s.components:,} outputs" if s.components > 1 else "")
             if s.kind == "jacobian":
-                draws.append(lambda fig, ax, v=spec, n=name: _hist(ax, v, f"{n}: singular values, {s.points:,} points", "σ"))
+                draws.append(lambda fig, ax, v=spec, n=name, o=over, lb=labels: _hist(ax, v, f"{n}: singular values, {o}", "σ", labels=lb))
                 if "logabsdet" in s.per_point:
                     ld = s.per_point["logabsdet"].numpy()
-                    draws.append(lambda fig, ax, v=ld, n=name: _hist(ax, v, f"{n}: log|det J|", "log|det J|", True))
+                    draws.append(lambda fig, ax, v=ld, n=name, o=over: _hist(ax, v, f"{n}: log|det J|, {o}", "log|det J|", True))
             else:
-                draws.append(lambda fig, ax, v=spec, n=name: _hist(ax, v, f"{n}: eigenvalues, {s.points:,} points", "λ", True))
+                draws.append(lambda fig, ax, v=spec, n=name, o=over, lb=labels: _hist(ax, v, f"{n}: eigenvalues, {o}", "λ", True, lb))
     ncols = min(2, len(draws))
     nrows = math.ceil(len(draws) / ncols)
     fig = Figure(figsize=(5.6 * ncols, 4.0 * nrows + 0.5), layout="constrained")
