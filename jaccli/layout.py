@@ -30,9 +30,6 @@ GROUPS: dict[str, tuple[str | None, str | None, str | None]] = {
 #: the column of a divergence or Laplacian of a scalar output
 SCALAR_TITLES = {"divergence": "div", "laplacian": "Δ"}
 
-#: the name an input gets when the model does not name its argument
-GENERIC_INPUT = "input"
-
 
 def group_of(axis: str) -> str:
     """``out1`` -> ``out``; ``in'0`` -> ``in'``; ``sample`` -> ``sample``."""
@@ -99,7 +96,7 @@ class Layout:
             raise ValueError(f"{len(axes)} axis names for a result of {len(shape)} axes")
         sizes = {g: tuple(s for s, gg in zip(shape, groups) if gg == g) for g in ("out", "in", "in'")}
         comp_g, row_g, col_g = GROUPS[kind]
-        names = [a if a != GENERIC_INPUT else "in" for a in args]
+        names = list(args)
         arg_a = names[0] if names else "in"
         arg_b = names[1] if len(names) > 1 else arg_a
         label = {"out": "out", "in": arg_a, "in'": arg_b}

@@ -371,9 +371,8 @@ def _coordinates(report: Report, name: str, points: int) -> dict[str, list[str]]
     if x is None or x.dim() == 0 or x[0].numel() > 3:
         return {}
     flat = x[:points].reshape(points, -1).detach().cpu().double().numpy()
-    label = args[0] if args[0] != "input" else "in"
     return {
-        index_label(label, tuple(x.shape[1:]), j): format_numbers(flat[:, j], report.digits)
+        index_label(args[0], tuple(x.shape[1:]), j): format_numbers(flat[:, j], report.digits)
         for j in range(flat.shape[1])
     }
 
