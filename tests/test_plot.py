@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import shlex
 import struct
 import sys
 import zlib
@@ -16,7 +17,7 @@ import jaccli
 from jaccli import plot
 from jaccli.cli import app
 from jaccli.errors import EXIT_CODES
-from problems import EXAMPLES
+from problems import EXAMPLES, ROOT
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -158,3 +159,16 @@ def test_missing_matplotlib_is_one_line_naming_the_extra(tmp_path, monkeypatch):
     assert not out.exists() and not computed  # refused before any work
     with pytest.raises(jaccli.DependencyError):
         plot.figure({"jacobian": torch.zeros(1, 1)}, kind="jacobian", title="x")
+
+
+def test_the_readme_picture_is_what_its_documented_command_draws(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    shipped = ROOT / "docs" / "pinn_derivatives.png"
+    assert "](docs/pinn_derivatives.png)" in readme and shipped.stat().st_size < 200_000
+    (command,) = [line[2:] for line in readme.splitlines() if line.startswith("$ ") and "--plot pinn_derivatives.png" in line]
+    assert "with `--plot docs/pinn_derivatives.png`, drew this picture" in readme
+    args = shlex.split(command.replace("examples/", f"{ROOT}/examples/").replace("pinn_derivatives.png", str(tmp_path / "p.png")))
+    assert run(*args[1:]).exit_code == 0
+    fresh, old = (tmp_path / "p.png").read_bytes(), shipped.read_bytes()
+    assert png_text(fresh)["Title"] == png_text(old)["Title"] == "jaccli jacobian --per-sample: pinn.pt, N = 1,000"
+    assert fresh[16:24] == old[16:24]  # IHDR width and height
