@@ -96,8 +96,9 @@ def _one_coordinate(coords: Mapping, arg: str | None, points: int):
     return _values(x).reshape(points)
 
 
-def _lines(ax, values, x, lay: Layout, kind: str, arg: str, name: str) -> None:
-    """Each of the first output components against the input coordinate."""
+def _lines(ax, values, x, lay: Layout, kind: str, arg: str, name: str, connect: bool = True) -> None:
+    """Each of the first output components against the input coordinate; dots instead of
+    lines (``connect=False``) when other inputs vary from point to point too."""
     order = x.argsort()
     flat = values.reshape(len(x), -1)
     n = flat.shape[1]
@@ -105,7 +106,7 @@ def _lines(ax, values, x, lay: Layout, kind: str, arg: str, name: str) -> None:
         label = lay.comp_label(k) if kind == "hessian" and lay.comp_shape else lay.row_label(k) if lay.rows > 1 else "out"
         if kind in ("divergence", "laplacian"):
             label = lay.col_label(k) if lay.cols > 1 else "out"
-        ax.plot(x[order], flat[order, k], label=label, lw=1.4)
+        ax.plot(x[order], flat[order, k], "-" if connect else ".", label=label, lw=1.4, ms=3)
     ax.set_xlabel(arg)
     ax.set_ylabel(LINE_LABELS[kind].format(out="out", x=arg))
     more = f" (first {MAX_LINES} of {n} outputs)" if n > MAX_LINES else ""
@@ -120,8 +121,7 @@ def _ticks(ax, lay: Layout, rows: int, cols: int) -> None:
         ax.set_yticks(range(rows), [lay.row_label(i) for i in range(rows)], fontsize=8)
     if cols <= MAX_TICKS:
         ax.set_xticks(range(cols), [lay.col_label(j) for j in range(cols)], fontsize=8, rotation=90 if cols > 6 else 0)
-    row_name = lay.row_name if lay.row_shape else "out"
-    ax.set_ylabel(f"{row_name} ({rows})")
+    ax.set_ylabel(f"{lay.row_name} ({rows})")
     ax.set_xlabel(f"{lay.col_name or lay.col_title} ({cols})")
 
 
@@ -201,7 +201,8 @@ def figure(
         values = _values(t)
         line_x = _one_coordinate(coords, first, lay.points) if per_sample else None
         if line_x is not None and all(_one_coordinate(coords, a, lay.points) is not None for a in (arg or ())):
-            draws.append(lambda fig, ax, v=values, x=line_x, lay=lay, a=first, n=name: _lines(ax, v, x, lay, kind, a, n))
+            alone = len(coords) == 1
+            draws.append(lambda fig, ax, v=values, x=line_x, lay=lay, a=first, n=name: _lines(ax, v, x, lay, kind, a, n, alone))
         elif kind in ("divergence", "laplacian") and lay.points > 1:
             flat = values.reshape(lay.points, -1)
             for k in range(min(flat.shape[1], MAX_MAPS)):

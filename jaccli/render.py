@@ -378,7 +378,9 @@ def _coordinates(report: Report, name: str, points: int) -> dict[str, list[str]]
 
 
 def _result_title(report: Report, name: str) -> str:
-    return KIND_TITLES.get(report.command, report.command) + ("" if name == report.command else f" {name}")
+    """``Jacobian``; ``Jacobian wrt t``, ``Hessian wrt t, x`` for one of several results."""
+    head = KIND_TITLES.get(report.command, report.command)
+    return head if name == report.command else f"{head} wrt {', '.join(report.args.get(name, ()))}"
 
 
 def _print_titled(console: Console, table: Table) -> None:
