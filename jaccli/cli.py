@@ -156,7 +156,7 @@ Save = Annotated[
     Optional[str],
     typer.Option(help="Write the result: .npy, .npz, .pt or .safetensors by suffix; - writes .npy to stdout.", show_default=False),
 ]
-Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing --save file.")]
+Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing --save or --plot file.")]
 Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary (schema in the README).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors and warnings.")]
 DryRun = Annotated[

@@ -54,6 +54,8 @@ LINE_LABELS = {
 }
 #: differentiated-argument axis groups per kind (``in``, ``in'``)
 _ORDER = {"jacobian": 1, "hessian": 2, "divergence": 0, "laplacian": 0}
+#: kinds with a row of output components per point, not a matrix
+VECTOR_KINDS = ("divergence", "laplacian")
 #: what a heat map of several points shows
 KIND_SYMBOL = {"jacobian": "J", "hessian": "H", "divergence": "div", "laplacian": "Δ"}
 
@@ -102,10 +104,10 @@ def _lines(ax, values, x, lay: Layout, kind: str, arg: str, name: str, connect: 
     order = x.argsort()
     flat = values.reshape(len(x), -1)
     n = flat.shape[1]
+    # the series are the block's rows (Jacobian, Hessian shown as a column) or columns (div, Δ)
+    series = lay.col_label if kind in VECTOR_KINDS else lay.row_label
     for k in range(min(n, MAX_LINES)):
-        label = lay.comp_label(k) if kind == "hessian" and lay.comp_shape else lay.row_label(k) if lay.rows > 1 else "out"
-        if kind in ("divergence", "laplacian"):
-            label = lay.col_label(k) if lay.cols > 1 else "out"
+        label = series(k) if n > 1 else "out"
         ax.plot(x[order], flat[order, k], "-" if connect else ".", label=label, lw=1.4, ms=3)
     ax.set_xlabel(arg)
     ax.set_ylabel(LINE_LABELS[kind].format(out="out", x=arg))
@@ -203,12 +205,12 @@ def figure(
         if line_x is not None and all(_one_coordinate(coords, a, lay.points) is not None for a in (arg or ())):
             alone = len(coords) == 1
             draws.append(lambda fig, ax, v=values, x=line_x, lay=lay, a=first, n=name: _lines(ax, v, x, lay, kind, a, n, alone))
-        elif kind in ("divergence", "laplacian") and lay.points > 1:
+        elif kind in VECTOR_KINDS and lay.points > 1:
             flat = values.reshape(lay.points, -1)
             for k in range(min(flat.shape[1], MAX_MAPS)):
-                label = lay.col_label(k) if lay.cols > 1 else "out"
-                xlabel = LINE_LABELS[kind].format(out=label, x=first)
-                draws.append(lambda fig, ax, v=flat[:, k], xl=xlabel, n=name: _hist(ax, v, f"{n} over {lay.points:,} points", xl))
+                xlabel = LINE_LABELS[kind].format(out=lay.col_label(k) if lay.cols > 1 else "out", x=first)
+                what = f"{name} over {lay.points:,} points"
+                draws.append(lambda fig, ax, v=flat[:, k], xl=xlabel, w=what: _hist(ax, v, w, xl))
         else:
             blocks = lay.blocks(values)
             several = lay.points > 1

@@ -232,7 +232,8 @@ class Accumulator:
             raise UsageError("nothing to summarise: no points")
         k, r, c = self._shape
         names = DET_SIGNS.values() if self.kind == "jacobian" else DEFINITENESS_CLASSES
-        counts = {n: self._counts.get(n, 0) for n in names} if self._counts or self.kind == "hessian" else {}
+        counted = self.kind == "hessian" or r == c  # det J signs of square Jacobians
+        counts = {n: self._counts.get(n, 0) for n in names} if counted else {}
         return Summary(
             kind=self.kind,
             points=self._points,
