@@ -269,6 +269,14 @@ def format_numbers(values, digits: int = DEFAULT_DIGITS) -> list[str]:
     return [f"{v:.{decimals}f}" if math.isfinite(v) else str(v) for v in arr.tolist()]
 
 
+def _take(block, rows: list[int], cols: list[int]) -> np.ndarray:
+    """``block[rows][:, cols]`` as float64 numpy, from a numpy array or a tensor on any device."""
+    sub = block[rows][:, cols]
+    if hasattr(sub, "detach"):
+        sub = sub.detach().cpu().double().numpy()
+    return np.asarray(sub, dtype=float)
+
+
 def _shown(n: int, limit: int = TABLE_MAX) -> list[int | None]:
     """Indices a table shows of ``n`` in at most ``limit`` places; None marks the gap of a
     preview, which keeps the first and the last :data:`PREVIEW_TAIL` indices."""
@@ -301,7 +309,7 @@ def shade(block: np.ndarray) -> list[Text]:
 
 
 def block_table(
-    block: np.ndarray,
+    block,
     lay: Layout,
     *,
     title: str,
@@ -310,7 +318,7 @@ def block_table(
     width: int | None = None,
     lead: dict[str, list[str]] | None = None,
 ) -> Table:
-    """One point's block as a table: rows and columns labelled from ``lay``; a block
+    """One point's block (a 2-D array or tensor) as a table: rows and columns labelled from ``lay``; a block
     larger than :data:`TABLE_MAX` either way (or wider than ``width`` characters) is a
     preview of its first and last rows and columns. Small blocks get a terminal picture
     as their last column; ``lead`` adds labelled columns of text (coordinates) first."""
@@ -318,12 +326,17 @@ def block_table(
     n_rows, n_cols = block.shape
     rows = _shown(n_rows)
     r_idx = [i for i in rows if i is not None]
+    # only the shown part of a large block becomes float64 numpy; narrower previews take
+    # a subset of the widest one's columns
+    widest = [j for j in _shown(n_cols) if j is not None]
+    corner = _take(block, r_idx, widest)
+    where = {j: b for b, j in enumerate(widest)}
     drawn = picture and n_rows <= TABLE_MAX and n_cols <= TABLE_MAX and n_rows > 1 and n_cols > 1
     label_w = max(len(lay.row_label(i)) for i in r_idx) + sum(max(map(len, [k, *v])) + 3 for k, v in lead.items())
     for limit in range(TABLE_MAX, 1, -1):
         cols = _shown(n_cols, limit)
         c_idx = [j for j in cols if j is not None]
-        texts = format_numbers(block[np.ix_(r_idx, c_idx)], digits)
+        texts = format_numbers(corner[:, [where[j] for j in c_idx]], digits)
         cell_w = max(map(len, texts)) if texts else 1
         used = label_w + sum(max(cell_w, len(lay.col_label(j)) if j is not None else 1) + 3 for j in cols)
         used += 2 * n_cols + 3 if drawn and len(c_idx) == n_cols else 0
@@ -332,6 +345,7 @@ def block_table(
     cell = {(i, j): texts[a * len(c_idx) + b] for a, i in enumerate(r_idx) for b, j in enumerate(c_idx)}
     whole = len(r_idx) == n_rows and len(c_idx) == n_cols
     drawn = drawn and whole
+    pics = shade(corner) if drawn else []
     if not whole:
         title += f" — preview: {len(r_idx)} of {n_rows} rows, {len(c_idx)} of {n_cols} columns"
     table = Table(title=escape(title), box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
@@ -347,7 +361,7 @@ def block_table(
             table.add_row("⋮", *[""] * len(lead), *["⋮" if j is not None else "" for j in cols])
             continue
         cells = ["…" if j is None else cell[i, j] for j in cols]
-        table.add_row(escape(lay.row_label(i)), *[v[i] for v in lead.values()], *cells, *([shade(block)[i]] if drawn else []))
+        table.add_row(escape(lay.row_label(i)), *[v[i] for v in lead.values()], *cells, *([pics[i]] if drawn else []))
     return table
 
 
@@ -403,7 +417,7 @@ def show_blocks(console: Console, report: Report, name: str) -> None:
     points = min(report.show, lay.points) if report.per_sample else 1
     if points == 0:
         return
-    blocks = lay.blocks(t.detach()[:points] if report.per_sample else t.detach()).cpu().double().numpy()
+    blocks = lay.blocks(t.detach()[:points] if report.per_sample else t.detach())
     head = _result_title(report, name)
     if lay.rows == 1 and lay.components == 1 and report.per_sample:
         # one value per output component: the points are the rows, their coordinates first
