@@ -414,7 +414,7 @@ def show_blocks(console: Console, report: Report, name: str) -> None:
     lay = Layout.of(report.command, report.axes[name], t.shape, args=report.args.get(name, tuple(report.wrt[:1])))
     if lay.points == 0 or lay.rows * lay.cols == 0:
         return
-    points = min(report.show, lay.points) if report.per_sample else 1
+    points = min(report.show, lay.points if report.per_sample else 1)
     if points == 0:
         return
     blocks = lay.blocks(t.detach()[:points] if report.per_sample else t.detach())

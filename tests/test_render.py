@@ -92,6 +92,7 @@ def test_show_all_and_show_none(x0):
     every = run("jacobian", ex("field.pt"), x0 / "x3.npy", "-p", "--show", "all")
     assert sum(t.startswith("Jacobian, sample") for t in tables(every.stdout)) == 3
     assert not any(t.startswith("Jacobian") for t in tables(run("jacobian", ex("field.pt"), x0 / "x3.npy", "-p", "--show", "0").stdout))
+    assert not any(t.startswith("Jacobian") for t in tables(run("jacobian", ex("field.pt"), x0 / "x0.npy", "--show", "0").stdout))
 
 
 @pytest.mark.parametrize(
