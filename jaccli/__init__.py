@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from .errors import (
     CheckFailed,
+    DependencyError,
     InputError,
     JaccliError,
     JaccliWarning,
@@ -51,12 +52,15 @@ _LAZY = {
     "ModelInfo": ".models",
     "load_model": ".models",
     "save_mlp": ".models",
+    "Summary": ".summary",
+    "summarize": ".summary",
 }
 
 if TYPE_CHECKING:  # what IDEs and type checkers see
     from .engine import DivergenceEstimate, Plan, describe, divergence, hessian, jacobian, laplacian, plan
     from .io import load_tensor, load_tensors, save_tensors
     from .models import Arch, LoadedModel, ModelInfo, load_model, save_mlp
+    from .summary import Summary, summarize
     from .verify import CheckReport, check
 
 
@@ -77,6 +81,7 @@ __all__ = [
     "Arch",
     "CheckFailed",
     "CheckReport",
+    "DependencyError",
     "DivergenceEstimate",
     "InputError",
     "JaccliError",
@@ -88,6 +93,7 @@ __all__ = [
     "OutputError",
     "Plan",
     "ResourceError",
+    "Summary",
     "UsageError",
     "__version__",
     "check",
@@ -102,4 +108,5 @@ __all__ = [
     "plan",
     "save_mlp",
     "save_tensors",
+    "summarize",
 ]

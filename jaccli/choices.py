@@ -18,3 +18,5 @@ DTYPE_NAMES = ("float32", "float64")
 ACTIVATION_NAMES = ("tanh", "sigmoid", "softplus", "silu", "gelu", "elu", "sin", "relu", "leaky_relu")
 #: the file name that means standard input or output
 STDIO = "-"
+#: significant digits of the numbers in tables (``--digits``)
+DEFAULT_DIGITS = 4

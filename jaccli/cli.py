@@ -26,8 +26,9 @@ import jaccli
 # Only torch-free modules at the top: torch (and the modules that need it) costs a second
 # to import, which --help, --version and shell completion must not pay. Commands import
 # what they use when they run.
-from .choices import ACTIVATION_NAMES, ESTIMATORS, KINDS, MODES, STDIO
+from .choices import ACTIVATION_NAMES, DEFAULT_DIGITS, DTYPE_NAMES, ESTIMATORS, KINDS, MODES, STDIO
 from .errors import EXIT_INTERRUPTED, CheckFailed, JaccliError, UsageError
+from .layout import axis_names, group_of
 
 try:  # Typer vendors Click from 0.25 on
     from typer._click import exceptions as click_exc
@@ -84,7 +85,7 @@ app = typer.Typer(
         "runs and --arch factories are imported: use only files you trust. INPUT is a .npy, .npz, "
         ".pt, .safetensors, .csv or .txt file, or - for .npy bytes on stdin."
     ),
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -109,6 +110,16 @@ def _root(
 
 # --------------------------------------------------------------------------- shared options
 
+
+def _complete(choices):
+    """Shell completion of an option with a fixed set of values."""
+
+    def complete(incomplete: str):
+        return [c for c in choices if c.startswith(incomplete)]
+
+    return complete
+
+
 ModelArg = Annotated[
     str,
     typer.Argument(
@@ -125,12 +136,15 @@ PerSample = Annotated[
     bool,
     typer.Option("--per-sample", "-p", help="Axis 0 of the input holds independent points: one derivative per point."),
 ]
-Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.", autocompletion=_complete(("cpu", "cuda", "mps")))]
 Dtype = Annotated[
-    Optional[str], typer.Option(help="float32 or float64 [default: the input's float dtype]", show_default=False)
+    Optional[str],
+    typer.Option(
+        help="float32 or float64 [default: the input's float dtype]", show_default=False, autocompletion=_complete(DTYPE_NAMES)
+    ),
 ]
 Mode = Annotated[
-    str, typer.Option(help="auto, forward or reverse; auto picks the mode with fewer products.")
+    str, typer.Option(help="auto, forward or reverse; auto picks the mode with fewer products.", autocompletion=_complete(MODES))
 ]
 ChunkSize = Annotated[
     Optional[int],
@@ -143,7 +157,7 @@ Save = Annotated[
     Optional[str],
     typer.Option(help="Write the result: .npy, .npz, .pt or .safetensors by suffix; - writes .npy to stdout.", show_default=False),
 ]
-Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing --save file.")]
+Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing --save or --plot file.")]
 Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary (schema in the README).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors and warnings.")]
 DryRun = Annotated[
@@ -174,10 +188,32 @@ Arch = Annotated[
     ),
 ]
 Activation = Annotated[
-    Optional[str], typer.Option(help="Activation of --arch mlp: " + ", ".join(ACTIVATION_NAMES) + ".", show_default=False)
+    Optional[str],
+    typer.Option(
+        help="Activation of --arch mlp: " + ", ".join(ACTIVATION_NAMES) + ".", show_default=False, autocompletion=_complete(ACTIVATION_NAMES)
+    ),
 ]
 ArchKwargs = Annotated[
     Optional[str], typer.Option("--arch-kwargs", help="JSON object of keyword arguments for the --arch factory.", show_default=False)
+]
+Show = Annotated[
+    str,
+    typer.Option(
+        metavar="N|all",
+        autocompletion=_complete(("1", "all")),
+        help="With --per-sample, how many points (from the first) are printed as tables; all for every point "
+        "(at most 100).",
+    ),
+]
+Digits = Annotated[int, typer.Option(help="Significant digits of the numbers in tables.")]
+PlotFile = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="FILE",
+        help="Draw the result into FILE (.png, .svg or .pdf): derivatives against the input for one coordinate "
+        "per point, else a heat map; with --summary also the spectra. Needs pip install 'jaccli\\[plot]'.",
+        show_default=False,
+    ),
 ]
 NoBatchCheck = Annotated[
     bool,
@@ -268,25 +304,35 @@ def _input_meta(args, sources: dict[str, str]) -> dict[str, dict]:
     }
 
 
-def _name_results(kind: str, value, wrt: list[str] | None, in_ndims: list[int], per_sample: bool):
-    """``{name: tensor}`` and ``{name: axes}`` of an API result (a tensor or nested tuples)."""
-    from . import render
+#: per kind, how many differentiated arguments a result's trailing axes belong to
+_DIFF_ORDER = {"jacobian": 1, "hessian": 2, "divergence": 0, "laplacian": 0}
 
+
+def _name_results(kind: str, value, wrt: list[str], in_ndims: list[int], per_sample: bool, several: bool):
+    """``{name: tensor}``, ``{name: axes}`` and ``{name: differentiated arguments}`` of an
+    API result (a tensor, or nested tuples with ``several`` arguments)."""
     if kind == "divergence" and isinstance(value, jaccli.DivergenceEstimate):
         value = value.value
-    if not isinstance(value, tuple):
-        nd = {"jacobian": in_ndims[:1], "hessian": in_ndims[:1] * 2}.get(kind, [])
-        return {kind: value}, {kind: render.axis_names(per_sample, value.dim(), tuple(nd))}
-    results, axes = {}, {}
+    order = _DIFF_ORDER[kind]
+    if not several:
+        nd = tuple(in_ndims[:1] * order)
+        return (
+            {kind: value},
+            {kind: axis_names(per_sample, value.dim(), nd)},
+            {kind: tuple(wrt[:1] * order)},
+        )
+    results, axes, args = {}, {}, {}
     for a, (wa, na) in enumerate(zip(wrt, in_ndims)):
         if kind == "jacobian":
             results[f"{kind}_{wa}"] = value[a]
-            axes[f"{kind}_{wa}"] = render.axis_names(per_sample, value[a].dim(), (na,))
+            axes[f"{kind}_{wa}"] = axis_names(per_sample, value[a].dim(), (na,))
+            args[f"{kind}_{wa}"] = (wa,)
         else:
             for b, (wb, nb) in enumerate(zip(wrt, in_ndims)):
                 results[f"{kind}_{wa}_{wb}"] = value[a][b]
-                axes[f"{kind}_{wa}_{wb}"] = render.axis_names(per_sample, value[a][b].dim(), (na, nb))
-    return results, axes
+                axes[f"{kind}_{wa}_{wb}"] = axis_names(per_sample, value[a][b].dim(), (na, nb))
+                args[f"{kind}_{wa}_{wb}"] = (wa, wb)
+    return results, axes, args
 
 
 def _derivative(kind: str, **o) -> None:
@@ -301,6 +347,14 @@ def _derivative(kind: str, **o) -> None:
         raise UsageError("unknown --mode", expected="one of " + ", ".join(MODES), got=o["mode"])
     if save is not None:
         check_output(save, force=o["force"])
+    show = _parse_show(o["show"])
+    if not 1 <= o["digits"] <= 17:
+        raise UsageError("--digits out of range", expected="1 to 17 significant digits", got=o["digits"])
+    if o["plot"] is not None:
+        from . import plot
+
+        plot.check_path(o["plot"], force=o["force"])
+        plot.require_matplotlib()
     messages: list[str] = []
     out = Console(stderr=save == STDIO, highlight=False)
     with _collect_warnings(messages):
@@ -327,6 +381,14 @@ def _derivative(kind: str, **o) -> None:
             elif not quiet:
                 render.show_plan(out, plan)
             return
+        if show is None:
+            show = plan.points if plan.per_sample else 1
+            if show > SHOW_ALL_MAX:
+                raise UsageError(
+                    f"--show all would print {show:,} tables",
+                    expected=f"at most {SHOW_ALL_MAX} points",
+                    hint="pass --show N for the first N points, or --save/--plot for all of them",
+                )
         if kind == "divergence":
             extra["seed"] = o["seed"]
         start = time.perf_counter()
@@ -335,7 +397,7 @@ def _derivative(kind: str, **o) -> None:
     in_tensors = args if isinstance(args, dict) else {next(iter(sources)): args}
     diff = wrt or list(in_tensors)[:1]
     in_ndims = [in_tensors[w].dim() - (1 if o["per_sample"] else 0) for w in diff]
-    results, axes = _name_results(kind, value, wrt if wrt and len(wrt) > 1 else None, in_ndims, o["per_sample"])
+    results, axes, arg_names = _name_results(kind, value, diff, in_ndims, o["per_sample"], bool(wrt and len(wrt) > 1))
     stderr = value.stderr if isinstance(value, jaccli.DivergenceEstimate) else None
     if o["flatten"]:
         flat = {k: _flatten(v, axes[k], kind) for k, v in results.items()}
@@ -356,16 +418,66 @@ def _derivative(kind: str, **o) -> None:
         saved_to=save,
         estimator=o.get("estimator", "exact"),
         probes=o.get("probes") if kind == "divergence" else None,
+        args=arg_names,
+        arguments=in_tensors,
+        show=show,
+        digits=o["digits"],
     )
+    if o["summary"]:
+        report.summaries = _summaries(report)
     if save is not None:
         to_save = dict(results)
         if stderr is not None:
             to_save["stderr"] = stderr
         jaccli.save_tensors(save, to_save, metadata=_save_metadata(report), force=o["force"])
+    if o["plot"] is not None:
+        from . import plot
+
+        plot.plot_results(
+            o["plot"], report.results, kind=kind, title=_plot_title(report), axes=report.axes, args=report.args,
+            per_sample=report.per_sample, coords=report.arguments, summaries=report.summaries, force=o["force"],
+        )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(render.result_json(report)))
     elif not quiet:
         render.show_result(out, report)
+
+
+#: the most points ``--show all`` prints
+SHOW_ALL_MAX = 100
+
+
+def _parse_show(text: str) -> int | None:
+    """``--show``: a count of points, or None for all of them."""
+    if text == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise UsageError("bad --show", expected="a number of points (0 for none) or all", got=text)
+    return n
+
+
+def _plot_title(report) -> str:
+    """The command, the model and N, e.g. ``jaccli jacobian --per-sample: pinn.pt, N = 1,000``."""
+    flags = " --per-sample" if report.per_sample else ""
+    what = f"N = {report.plan.points:,}" if report.per_sample else "whole input as one point"
+    return f"jaccli {report.command}{flags}: {os.path.basename(report.model['path'])}, {what}"
+
+
+def _summaries(report) -> dict:
+    """``--summary``: a :class:`jaccli.Summary` per result; Hessian blocks of two different
+    arguments (not square per output) have none."""
+    found = {}
+    for name, t in report.results.items():
+        args = report.args.get(name, ())
+        if report.command == "hessian" and len(set(args)) > 1:
+            continue
+        in_ndim = sum(group_of(a) == "in" for a in report.axes[name])
+        found[name] = jaccli.summarize(t, report.command, per_sample=report.per_sample, in_ndim=in_ndim)
+    return found
 
 
 def _flatten(t, axes: list[str], kind: str):
@@ -409,6 +521,21 @@ _COMMAND_HELP = {
 }
 
 
+#: one runnable example per command, shown at the end of its --help (the tests run each one)
+COMMAND_EXAMPLES = {
+    "jacobian": "jaccli jacobian examples/models/field.pt examples/models/field_x.npy --per-sample --summary",
+    "hessian": "jaccli hessian examples/models/potential.pt examples/models/potential_x.npy --per-sample --show 2",
+    "divergence": "jaccli divergence examples/models/field.pt2 examples/models/field_x.npy --per-sample --estimator hutchinson",
+    "laplacian": "jaccli laplacian examples/models/pinn.pt examples/models/pinn_x.npy --per-sample --plot laplacian.png",
+    "info": "jaccli info examples/models/pinn.pt examples/models/pinn_x.npy",
+    "check": "jaccli check examples/models/pinn.pt examples/models/pinn_x.npy --hessian",
+}
+
+
+def _with_example(name: str, text: str) -> str:
+    return f"{text}\n\nExample: {COMMAND_EXAMPLES[name]}"
+
+
 def _make_command(kind: str):
     div = kind == "divergence"
     flat_help = kind in ("jacobian", "hessian")
@@ -440,10 +567,22 @@ def _make_command(kind: str):
             bool, typer.Option("--flatten", hidden=not flat_help, help="Give the matrix view [N, out, in] of tensor-shaped inputs and outputs.")
         ] = False,
         estimator: Annotated[
-            str, typer.Option(hidden=not div, help="exact, or hutchinson for a stochastic estimate.")
+            str, typer.Option(hidden=not div, help="exact, or hutchinson for a stochastic estimate.", autocompletion=_complete(ESTIMATORS))
         ] = "exact",
         probes: Annotated[int, typer.Option(hidden=not div, help="Rademacher probes for hutchinson.")] = 16,
         seed: Annotated[int, typer.Option(hidden=not div, help="Seed of the hutchinson probes.")] = 0,
+        show: Show = "1",
+        digits: Digits = DEFAULT_DIGITS,
+        summary: Annotated[
+            bool,
+            typer.Option(
+                "--summary",
+                hidden=not flat_help,
+                help="Per point ‖J‖_F, σ_max, σ_min, condition number and log|det J| (square maps), or the "
+                "Hessian's extreme eigenvalues and definiteness; min / median / max over the points.",
+            ),
+        ] = False,
+        plot: PlotFile = None,
     ) -> None:
         if not div and (estimator != "exact" or probes != 16 or seed != 0):
             raise UsageError(f"--estimator, --probes and --seed are options of divergence, not {kind}")
@@ -451,6 +590,8 @@ def _make_command(kind: str):
             raise UsageError("unknown --estimator", expected="one of " + ", ".join(ESTIMATORS), got=estimator)
         if flatten and not flat_help:
             raise UsageError(f"--flatten applies to jacobian and hessian, not {kind}")
+        if summary and not flat_help:
+            raise UsageError(f"--summary applies to jacobian and hessian, not {kind}")
         _derivative(
             kind,
             model=model, input=input, per_sample=per_sample, device=device, dtype=dtype,
@@ -458,9 +599,10 @@ def _make_command(kind: str):
             dry_run=dry_run, key=key, inputs=inputs, wrt=wrt, output=output, strict=strict,
             no_batch_check=no_batch_check, flatten=flatten, estimator=estimator, probes=probes,
             seed=seed, arch=arch, activation=activation, arch_kwargs=arch_kwargs, verbose=verbose,
+            show=show, digits=digits, summary=summary, plot=plot,
         )  # fmt: skip
 
-    command.__doc__ = _COMMAND_HELP[kind]
+    command.__doc__ = _with_example(kind, _COMMAND_HELP[kind])
     return command
 
 
@@ -468,7 +610,7 @@ for _kind in KINDS:
     app.command(_kind)(_make_command(_kind))
 
 
-@app.command("info")
+@app.command("info", help=_with_example("info", "What was loaded: format, parameters, dtype, shapes on INPUT, smoothness, batch independence."))
 def info(
     model: ModelArg,
     input: InputArg = None,
@@ -505,7 +647,15 @@ def info(
         render.show_info(Console(highlight=False), facts)
 
 
-@app.command("check")
+@app.command(
+    "check",
+    help=_with_example(
+        "check",
+        "Compare jaccli's Jacobian (and Hessian) with float64 finite differences on a few points.\n\n"
+        "Also verifies that the model does not mix batch elements and reports non-smooth activations. "
+        "Exit code 0 when every check passes, 8 when one fails.",
+    ),
+)
 def check(
     model: ModelArg,
     input: InputArg = None,

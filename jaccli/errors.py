@@ -101,6 +101,13 @@ class CheckFailed(JaccliError):
     label = "check failed"
 
 
+class DependencyError(JaccliError):
+    """An optional dependency a feature needs is not installed (``--plot`` without matplotlib)."""
+
+    exit_code = 10
+    label = "missing dependency"
+
+
 class JaccliWarning(UserWarning):
     """Something the user should know about a result that is still returned."""
 
@@ -117,6 +124,7 @@ EXIT_CODES: dict[type[JaccliError], int] = {
         ResourceError,
         OutputError,
         CheckFailed,
+        DependencyError,
     )
 }
 

@@ -460,9 +460,13 @@ def output_format(path: str | os.PathLike) -> str:
 def check_output(path: str | os.PathLike, *, force: bool = False) -> None:
     """Fail now, before any work, if ``path`` cannot receive a result."""
     output_format(path)
+    if os.fspath(path) != STDIO:
+        check_writable(path, force=force)
+
+
+def check_writable(path: str | os.PathLike, *, force: bool = False) -> None:
+    """Fail now if a file cannot be written at ``path`` (any format)."""
     name = os.fspath(path)
-    if name == STDIO:
-        return
     p = Path(name)
     if p.is_dir():
         raise OutputError("is a directory", where=name, expected="a file path")
@@ -511,11 +515,18 @@ def save_tensors(
         sys.stdout.buffer.write(buf.getvalue())
         sys.stdout.buffer.flush()
         return
+    write_atomically(name, lambda fh: WRITERS[fmt](fh, tensors, meta))
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write`` on a temporary file beside ``path`` and rename it into place: the
+    file appears complete or not at all (removed on any failure, Ctrl-C included)."""
+    name = os.fspath(path)
     target = Path(name)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as fh:
-            WRITERS[fmt](fh, tensors, meta)
+            write(fh)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result is an ordinary file
         os.replace(tmp, target)
     except BaseException as exc:

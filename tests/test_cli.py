@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 import jaccli
-from jaccli.cli import app
+from jaccli.cli import COMMAND_EXAMPLES, app
 from jaccli.errors import EXIT_CODES
 from problems import EXAMPLES, ROOT, save_export, tanh_mlp
 
@@ -502,3 +503,43 @@ def test_readme_python_example_runs(monkeypatch):
     assert tuple(namespace["J"].shape) == (1000, 501, 1)
     assert tuple(namespace["H"].shape) == (1000, 501, 1, 1)
     assert float(namespace["est"].value) == pytest.approx(100.0)
+
+
+# ----------------------------------------------------------------- help examples and shell completion
+
+
+@pytest.mark.parametrize("command", list(COMMAND_EXAMPLES))
+def test_each_help_shows_a_runnable_example(tmp_path, monkeypatch, command):
+    example = COMMAND_EXAMPLES[command]
+    assert f"Example: {example}" in run(command, "--help").stdout
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, shlex.split(example)[1:])
+    assert result.exit_code == 0, result.stderr
+
+
+def _bash(script: str, tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+
+
+def test_shell_completion_completes_commands_and_option_values(tmp_path):
+    """The script --show-completion prints, sourced in bash, completes as a person's Tab would."""
+    script = _bash("jaccli --show-completion", tmp_path)
+    assert script.returncode == 0 and "complete -o default -F _jaccli_completion jaccli" in script.stdout
+    (tmp_path / "jaccli.sh").write_text(script.stdout)
+    tab = (
+        "source ./jaccli.sh; for line in 'jaccli jac' 'jaccli jacobian --mo' 'jaccli hessian --mode r' 'jaccli jacobian --sh'; do "
+        "COMP_WORDS=($line); [[ $line == *' ' ]] && COMP_WORDS+=(''); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); "
+        "COMPREPLY=(); _jaccli_completion jaccli; echo \"${COMPREPLY[*]}\"; done"
+    )
+    done = _bash(tab, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["jacobian", "--mode", "reverse", "--show"]
+
+
+def test_install_completion_writes_the_shell_startup_file(tmp_path):
+    done = _bash("jaccli --install-completion", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "_jaccli_completion" in (tmp_path / ".bash_completions" / "jaccli.sh").read_text()
+    assert "jaccli.sh" in (tmp_path / ".bashrc").read_text()
