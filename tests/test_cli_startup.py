@@ -44,6 +44,18 @@ def test_help_and_version_import_no_torch(args):
     assert "torch" not in got["modules"]
 
 
+def test_shell_completion_imports_no_torch():
+    code = (
+        "import os, sys; os.environ.update(_JACCLI_COMPLETE='complete_bash', COMP_WORDS='jaccli jac', COMP_CWORD='1'); "
+        "from jaccli.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = done.stdout.split()
+    assert "jacobian" in lines and lines[-1] == "False", (done.stdout, done.stderr)
+
+
 def test_import_jaccli_imports_no_torch_until_a_name_is_used():
     code = (
         "import sys, jaccli; before = 'torch' in sys.modules; jaccli.jacobian; "
