@@ -12,9 +12,7 @@ import math
 import os
 import sys
 import time
-import warnings
-from contextlib import contextmanager
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -26,9 +24,38 @@ import jaccli
 # Only torch-free modules at the top: torch (and the modules that need it) costs a second
 # to import, which --help, --version and shell completion must not pay. Commands import
 # what they use when they run.
-from .choices import ACTIVATION_NAMES, DEFAULT_DIGITS, DTYPE_NAMES, ESTIMATORS, KINDS, MODES, STDIO
+from .choices import DEFAULT_DIGITS, ESTIMATORS, KINDS, MODES, STDIO
 from .errors import EXIT_INTERRUPTED, CheckFailed, JaccliError, UsageError
 from .layout import axis_names, group_of
+from .cli_inputs import collect_warnings, err_console, input_meta, load_model_option, load_request, model_meta
+from .cli_options import (
+    ModelArg,
+    InputArg,
+    PerSample,
+    Device,
+    Dtype,
+    Mode,
+    ChunkSize,
+    Save,
+    Force,
+    Json,
+    Quiet,
+    DryRun,
+    Key,
+    Inputs,
+    Wrt,
+    Output,
+    Verbose,
+    Strict,
+    Arch,
+    Activation,
+    ArchKwargs,
+    Show,
+    Digits,
+    PlotFile,
+    NoBatchCheck,
+    _complete,
+)
 
 try:  # Typer vendors Click from 0.25 on
     from typer._click import exceptions as click_exc
@@ -36,12 +63,8 @@ except ImportError:  # pragma: no cover - older Typer with Click as a dependency
     from click import exceptions as click_exc
 
 
-def _stderr() -> Console:
-    return Console(stderr=True, soft_wrap=True, highlight=False)
-
-
 def _fail(message: str, label: str, code: int) -> None:
-    _stderr().print(f"[bold red]{label}:[/] {escape(message)}")
+    err_console().print(f"[bold red]{label}:[/] {escape(message)}")
     sys.exit(code)
 
 
@@ -108,202 +131,6 @@ def _root(
     pass
 
 
-# --------------------------------------------------------------------------- shared options
-
-
-def _complete(choices):
-    """Shell completion of an option with a fixed set of values."""
-
-    def complete(incomplete: str):
-        return [c for c in choices if c.startswith(incomplete)]
-
-    return complete
-
-
-ModelArg = Annotated[
-    str,
-    typer.Argument(
-        metavar="MODEL", help="TorchScript archive, torch.export .pt2, safetensors MLP, or weights with --arch.", show_default=False
-    ),
-]
-InputArg = Annotated[
-    Optional[str],
-    typer.Argument(
-        metavar="INPUT", help="Input tensor file (.npy .npz .pt .safetensors .csv .txt), or - for .npy on stdin.", show_default=False
-    ),
-]
-PerSample = Annotated[
-    bool,
-    typer.Option("--per-sample", "-p", help="Axis 0 of the input holds independent points: one derivative per point."),
-]
-Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.", autocompletion=_complete(("cpu", "cuda", "mps")))]
-Dtype = Annotated[
-    Optional[str],
-    typer.Option(
-        help="float32 or float64 [default: the input's float dtype]", show_default=False, autocompletion=_complete(DTYPE_NAMES)
-    ),
-]
-Mode = Annotated[
-    str, typer.Option(help="auto, forward or reverse; auto picks the mode with fewer products.", autocompletion=_complete(MODES))
-]
-ChunkSize = Annotated[
-    Optional[int],
-    typer.Option(
-        help="Points per pass with --per-sample, directions per pass otherwise [default: chosen to bound memory]",
-        show_default=False,
-    ),
-]
-Save = Annotated[
-    Optional[str],
-    typer.Option(help="Write the result: .npy, .npz, .pt or .safetensors by suffix; - writes .npy to stdout.", show_default=False),
-]
-Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing --save or --plot file.")]
-Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary (schema in the README).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors and warnings.")]
-DryRun = Annotated[
-    bool, typer.Option("--dry-run", help="Print the plan (mode, chunking, result size, peak memory) and compute nothing.")
-]
-Key = Annotated[Optional[str], typer.Option(help="Tensor to use from an INPUT file that holds several.", show_default=False)]
-Inputs = Annotated[
-    Optional[list[str]],
-    typer.Option("--input", "-i", help="NAME=FILE[:KEY] for a model argument; repeat for several.", show_default=False),
-]
-Wrt = Annotated[
-    Optional[list[str]],
-    typer.Option(help="Argument to differentiate (repeat for several); the others are held constant.", show_default=False),
-]
-Output = Annotated[
-    Optional[str], typer.Option(help="Index or name of the output to use when the model returns several.", show_default=False)
-]
-Verbose = Annotated[
-    bool, typer.Option("--verbose", "-v", help="Say which engine ran and why (e.g. the op that keeps the fast path off).")
-]
-Strict = Annotated[bool, typer.Option("--strict", help="Fail (exit 5) instead of warning when values are NaN or Inf.")]
-Arch = Annotated[
-    Optional[str],
-    typer.Option(
-        help="For weights-only MODEL files (safetensors, state dict): mlp, or FILE.py:FUNC / package.module:FUNC "
-        "returning the nn.Module. A factory imports and runs that code.",
-        show_default=False,
-    ),
-]
-Activation = Annotated[
-    Optional[str],
-    typer.Option(
-        help="Activation of --arch mlp: " + ", ".join(ACTIVATION_NAMES) + ".", show_default=False, autocompletion=_complete(ACTIVATION_NAMES)
-    ),
-]
-ArchKwargs = Annotated[
-    Optional[str], typer.Option("--arch-kwargs", help="JSON object of keyword arguments for the --arch factory.", show_default=False)
-]
-Show = Annotated[
-    str,
-    typer.Option(
-        metavar="N|all",
-        autocompletion=_complete(("1", "all")),
-        help="With --per-sample, how many points (from the first) are printed as tables; all for every point "
-        "(at most 100).",
-    ),
-]
-Digits = Annotated[int, typer.Option(help="Significant digits of the numbers in tables.")]
-PlotFile = Annotated[
-    Optional[str],
-    typer.Option(
-        metavar="FILE",
-        help="Draw the result into FILE (.png, .svg or .pdf): derivatives against the input for one coordinate "
-        "per point, else a heat map; with --summary also the spectra. Needs pip install 'jaccli\\[plot]'.",
-        show_default=False,
-    ),
-]
-NoBatchCheck = Annotated[
-    bool,
-    typer.Option("--no-batch-check", help="Skip the check that the model does not mix batch elements (--per-sample)."),
-]
-
-
-@contextmanager
-def _collect_warnings(collected: list[str]):
-    """Show warnings as yellow lines on stderr and keep their text for --json."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            err = _stderr()
-            seen = set()
-            for w in caught:
-                text = str(w.message)
-                if text in seen:
-                    continue
-                seen.add(text)
-                collected.append(text)
-                err.print(f"[bold yellow]warning:[/] {escape(text)}")
-
-
-def _arch_kwargs(text: str | None) -> dict:
-    if text is None:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError("--arch-kwargs is not JSON", expected='an object like {"width": 64}', got=f"{text} ({exc.msg})") from None
-    if not isinstance(value, dict):
-        raise UsageError("--arch-kwargs must be a JSON object", got=text)
-    return value
-
-
-def _load_model(o: dict, dev, dtype=None):
-    return jaccli.load_model(
-        o["model"], device=dev, dtype=dtype, arch=o.get("arch"), activation=o.get("activation"),
-        arch_kwargs=_arch_kwargs(o.get("arch_kwargs")),
-    )  # fmt: skip
-
-
-def _load(o: dict, wrt=None):
-    """Model and inputs on one device and dtype; returns (model, args, sources, wrt)."""
-    from .io import DTYPES, as_float, gather_inputs, resolve_dtype
-    from .models import info_of, resolve_device
-
-    input, inputs, key, device, dtype = o["input"], o["inputs"], o["key"], o["device"], o["dtype"]
-    dev = resolve_device(device)
-    want = resolve_dtype(dtype)
-    net = _load_model(o, dev)
-    names = info_of(net).arg_names
-    tensors, sources, positional = gather_inputs(input, inputs or (), key=key, arg_names=names)
-    wrt_names = list(wrt) if wrt else None
-    diff = wrt_names or list(tensors)[:1]
-    if want is None:
-        first = tensors.get(diff[0])
-        want = first.dtype if first is not None and first.dtype in DTYPES.values() else DTYPES["float32"]
-    cast = {}
-    for name, t in tensors.items():
-        if name in diff or t.is_floating_point() or t.is_complex():
-            t = as_float(t, where=sources[name]).to(want)  # warns when the data were not float
-        cast[name] = t.to(dev)
-    net.to(dtype=want)
-    args = next(iter(cast.values())) if positional else cast
-    return net, args, sources, wrt_names
-
-
-def _model_meta(net, path: str) -> dict:
-    from .models import count_parameters, info_of
-
-    info = info_of(net)
-    return {"path": path, "format": info.format, "parameters": count_parameters(net)}
-
-
-def _input_meta(args, sources: dict[str, str]) -> dict[str, dict]:
-    tensors = args if isinstance(args, dict) else {next(iter(sources)): args}
-    return {
-        name: {
-            "path": sources[name],
-            "shape": list(t.shape),
-            "dtype": str(t.dtype).removeprefix("torch."),
-        }
-        for name, t in tensors.items()
-    }
-
-
 #: per kind, how many differentiated arguments a result's trailing axes belong to
 _DIFF_ORDER = {"jacobian": 1, "hessian": 2, "divergence": 0, "laplacian": 0}
 
@@ -357,8 +184,8 @@ def _derivative(kind: str, **o) -> None:
         plot.require_matplotlib()
     messages: list[str] = []
     out = Console(stderr=save == STDIO, highlight=False)
-    with _collect_warnings(messages):
-        net, args, sources, wrt = _load(o, o["wrt"])
+    with collect_warnings(messages):
+        net, args, sources, wrt = load_request(o, o["wrt"])
         common = dict(
             wrt=wrt if wrt is None or len(wrt) > 1 else wrt[0],
             per_sample=o["per_sample"],
@@ -374,7 +201,7 @@ def _derivative(kind: str, **o) -> None:
         plan = jaccli.plan(kind, net, args, **common, **extra)
         if o["verbose"]:
             why = f"; {plan.engine_note}" if plan.engine_note else ""
-            _stderr().print(f"[bold]note:[/] {plan.mode} mode on the {plan.engine} engine{escape(why)}")
+            err_console().print(f"[bold]note:[/] {plan.mode} mode on the {plan.engine} engine{escape(why)}")
         if o["dry_run"]:
             if as_json:
                 typer.echo(json.dumps({"schema": "jaccli.plan", "version": render.JSON_SCHEMA_VERSION, **plan.as_dict()}))
@@ -405,8 +232,8 @@ def _derivative(kind: str, **o) -> None:
         axes = {k: a for k, (_, a) in flat.items()}
     report = render.Report(
         command=kind,
-        model=_model_meta(net, o["model"]),
-        inputs=_input_meta(args, sources),
+        model=model_meta(net, o["model"]),
+        inputs=input_meta(args, sources),
         wrt=diff,
         per_sample=o["per_sample"],
         plan=plan,
@@ -634,11 +461,11 @@ def info(
     o = dict(model=model, input=input, inputs=inputs, key=key, device=device, dtype=dtype, arch=arch,
              activation=activation, arch_kwargs=arch_kwargs)  # fmt: skip
     messages: list[str] = []
-    with _collect_warnings(messages):
+    with collect_warnings(messages):
         if input is None and not inputs:
-            net, args = _load_model(o, resolve_device(device), dtype), None
+            net, args = load_model_option(o, resolve_device(device), dtype), None
         else:
-            net, args, _sources, _ = _load(o)
+            net, args, _sources, _ = load_request(o)
         facts = jaccli.describe(net, args, per_sample=per_sample, output=output)
     facts = {"model": model, **facts}
     if json_:
@@ -679,8 +506,8 @@ def check(
     o = dict(model=model, input=input, inputs=inputs, key=key, device="cpu", dtype="float64", arch=arch,
              activation=activation, arch_kwargs=arch_kwargs)  # fmt: skip
     messages: list[str] = []
-    with _collect_warnings(messages):
-        net, args, _sources, _ = _load(o)
+    with collect_warnings(messages):
+        net, args, _sources, _ = load_request(o)
         if isinstance(args, dict):
             raise UsageError("check takes a model with one input")
         report = jaccli.check(net, args, points=points, hessian_too=hessian, tolerance=tolerance, output=output)
