@@ -1,0 +1,67 @@
+"""Reading input tensors and writing results.
+
+=============  ==================================================================
+:mod:`.read`   tensor files by content: sources, sniffing, the reader table
+:mod:`.write`  results: the writer table, output checks, atomic writes
+:mod:`.inputs` the model's arguments from INPUT, ``--key`` and ``--input``
+=============  ==================================================================
+
+Nothing here runs code from a data file: ``torch.load(weights_only=True)`` and
+``np.load(allow_pickle=False)`` only.
+"""
+
+from .read import (
+    DTYPES,
+    MIN_TORCH,
+    READERS,
+    SUFFIXES,
+    Source,
+    archive_kind,
+    as_float,
+    check_torch_version,
+    is_safetensors,
+    load_tensor,
+    load_tensors,
+    read_source,
+    read_torch_object,
+    resolve_dtype,
+    safetensors_metadata,
+)
+from .write import (
+    WRITERS,
+    check_output,
+    check_writable,
+    output_format,
+    save_tensors,
+    write_atomically,
+)
+from .inputs import (
+    InputSpec,
+    gather_inputs,
+)
+
+__all__ = [
+    "DTYPES",
+    "InputSpec",
+    "MIN_TORCH",
+    "READERS",
+    "SUFFIXES",
+    "Source",
+    "WRITERS",
+    "archive_kind",
+    "as_float",
+    "check_output",
+    "check_torch_version",
+    "check_writable",
+    "gather_inputs",
+    "is_safetensors",
+    "load_tensor",
+    "load_tensors",
+    "output_format",
+    "read_source",
+    "read_torch_object",
+    "resolve_dtype",
+    "safetensors_metadata",
+    "save_tensors",
+    "write_atomically",
+]
