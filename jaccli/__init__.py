@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from .errors import (
     CheckFailed,
     DependencyError,
+    GateFailed,
     InputError,
     JaccliError,
     JaccliWarning,
@@ -52,6 +53,8 @@ _LAZY = {
     "ModelInfo": ".models",
     "load_model": ".models",
     "save_mlp": ".models",
+    "Partials": ".higher",
+    "partials": ".higher",
     "Summary": ".summary",
     "summarize": ".summary",
 }
@@ -59,6 +62,7 @@ _LAZY = {
 if TYPE_CHECKING:  # what IDEs and type checkers see
     from .engine import DivergenceEstimate, Plan, describe, divergence, hessian, jacobian, laplacian, plan
     from .io import load_tensor, load_tensors, save_tensors
+    from .higher import Partials, partials
     from .models import Arch, LoadedModel, ModelInfo, load_model, save_mlp
     from .summary import Summary, summarize
     from .verify import CheckReport, check
@@ -82,6 +86,7 @@ __all__ = [
     "CheckFailed",
     "CheckReport",
     "DependencyError",
+    "GateFailed",
     "DivergenceEstimate",
     "InputError",
     "JaccliError",
@@ -91,6 +96,7 @@ __all__ = [
     "ModelInfo",
     "NumericalError",
     "OutputError",
+    "Partials",
     "Plan",
     "ResourceError",
     "Summary",
@@ -105,6 +111,7 @@ __all__ = [
     "load_model",
     "load_tensor",
     "load_tensors",
+    "partials",
     "plan",
     "save_mlp",
     "save_tensors",

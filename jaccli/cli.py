@@ -27,6 +27,7 @@ import jaccli
 from .choices import DEFAULT_DIGITS, ESTIMATORS, KINDS, MODES, STDIO
 from .errors import EXIT_INTERRUPTED, CheckFailed, JaccliError, UsageError
 from .layout import axis_names, group_of
+from . import _allocator, cli_partials
 from .cli_inputs import collect_warnings, err_console, input_meta, load_model_option, load_request, model_meta
 from .cli_options import (
     ModelArg,
@@ -128,7 +129,7 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    pass
+    _allocator.tune()
 
 
 #: per kind, how many differentiated arguments a result's trailing axes belong to
@@ -356,6 +357,7 @@ COMMAND_EXAMPLES = {
     "laplacian": "jaccli laplacian examples/models/pinn.pt examples/models/pinn_x.npy --per-sample --plot laplacian.png",
     "info": "jaccli info examples/models/pinn.pt examples/models/pinn_x.npy",
     "check": "jaccli check examples/models/pinn.pt examples/models/pinn_x.npy --hessian",
+    "partials": cli_partials.EXAMPLE,
 }
 
 
@@ -517,6 +519,9 @@ def check(
         render.show_check(Console(highlight=False), report)
     if not report.passed:
         raise CheckFailed(report.failures[0], where=model)
+
+
+app.command("partials", help=cli_partials.HELP)(cli_partials.partials_command)
 
 
 def main() -> None:

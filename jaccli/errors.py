@@ -101,6 +101,13 @@ class CheckFailed(JaccliError):
     label = "check failed"
 
 
+class GateFailed(CheckFailed):
+    """A ``--fail-above NAME=TOL`` gate: a computed result exceeds its tolerance somewhere."""
+
+    exit_code = 9
+    label = "gate failed"
+
+
 class DependencyError(JaccliError):
     """An optional dependency a feature needs is not installed (``--plot`` without matplotlib)."""
 
@@ -124,6 +131,7 @@ EXIT_CODES: dict[type[JaccliError], int] = {
         ResourceError,
         OutputError,
         CheckFailed,
+        GateFailed,
         DependencyError,
     )
 }

@@ -82,6 +82,10 @@ def named_shape(names: list[str], shape) -> str:
 def stats(t: torch.Tensor) -> dict:
     """min, max, mean over finite values, and whether every value is finite."""
     flat = t.detach().reshape(-1)
+    total = flat.sum(dtype=torch.float64) if flat.numel() and flat.is_floating_point() else None
+    if total is not None and bool(torch.isfinite(total)):  # every value finite: no mask, no copies
+        lo, hi = torch.aminmax(flat)
+        return {"min": float(lo), "max": float(hi), "mean": float(total) / flat.numel(), "all_finite": True}
     finite = torch.isfinite(flat)
     vals = flat[finite].double()
     if vals.numel() == 0:
@@ -482,3 +486,93 @@ def show_summary(console: Console, summary, *, title: str, digits: int = DEFAULT
         console.print(f"  [dim]an eigenvalue counts as zero when |λ| ≤ {summary.rtol:.2g} · max|λ|[/]")
     if summary.non_finite:
         console.print(f"  [yellow]{summary.non_finite:,} matrices with NaN or Inf left out[/]")
+
+
+# --------------------------------------------------------------------------- partials
+
+
+def gate(name: str, t, tolerance: float, per_sample: bool) -> dict:
+    """One ``--fail-above`` verdict: the largest |value|, where it is, and whether it passes."""
+    flat = t.reshape(t.shape[0], -1) if per_sample and t.dim() else t.reshape(1, -1)
+    per_point = flat.abs().amax(dim=1) if flat.numel() else flat.new_zeros(flat.shape[0])
+    worst = int(per_point.argmax()) if per_point.numel() else 0
+    top = float(per_point[worst]) if per_point.numel() else 0.0
+    return {
+        "name": name,
+        "tolerance": tolerance,
+        "max_abs": _json_number(top),
+        "worst_point": worst if per_sample else None,
+        "passed": bool(top <= tolerance),  # NaN fails
+    }
+
+
+def partials_json(result, model: dict, inputs: dict, per_sample: bool, gates: list[dict],
+                  warnings: list[str], seconds: float, saved_to) -> dict:  # fmt: skip
+    """The ``--json`` document of ``jaccli partials`` (schema in the README)."""
+    results = {}
+    for name, t in result.items():
+        s = stats(t)
+        results[name] = {
+            "shape": list(t.shape),
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "min": _json_number(s["min"]),
+            "max": _json_number(s["max"]),
+            "mean": _json_number(s["mean"]),
+            "all_finite": s["all_finite"],
+            "values": _values(t),
+        }
+    return {
+        "schema": "jaccli.partials",
+        "version": JSON_SCHEMA_VERSION,
+        "model": model,
+        "inputs": inputs,
+        "names": {"inputs": result.inputs, "outputs": result.outputs},
+        "per_sample": per_sample,
+        "points": result.points,
+        "engine": result.engine,
+        "engine_note": result.engine_note,
+        "results": results,
+        "gates": gates,
+        "passed": all(g["passed"] for g in gates),
+        "warnings": warnings,
+        "seconds": round(seconds, 6),
+        "saved_to": saved_to,
+    }
+
+
+def show_partials(console: Console, doc: dict, result, *, show: int, digits: int = DEFAULT_DIGITS) -> None:
+    """The Rich view of ``jaccli partials``: one row per name, its statistics and first values."""
+    head = Table(show_header=False, box=None, pad_edge=False)
+    head.add_column(style="bold cyan", no_wrap=True)
+    head.add_column()
+    head.add_row("model", escape(f"{doc['model']['path']} ({doc['model']['format']})"))
+    head.add_row("names", escape(f"inputs {', '.join(doc['names']['inputs'])}; outputs {', '.join(doc['names']['outputs'])}"))
+    head.add_row("points", f"{doc['points']:,} ({'per sample' if doc['per_sample'] else 'whole input'}), {doc['engine']} engine")
+    head.add_row("time", f"{doc['seconds']:.3f} s")
+    console.print(head)
+    rows = []
+    for name, r in doc["results"].items():
+        t = result[name]
+        firsts = [
+            format_numbers([float(t[i])], digits)[0] if t[i].numel() == 1 else f"[{t[i].numel()} values]"
+            for i in range(min(show, doc["points"]) if doc["per_sample"] else 0)
+        ]
+        rows.append([escape(name), escape(str(r["shape"])), *format_numbers([r["min"], r["max"], r["mean"]], digits), *firsts])
+    # Numbers are never wrapped or cut: the "point i" columns that do not fit the terminal are dropped.
+    fit = len(rows[0]) if rows else 5
+    while True:
+        table = Table(box=box.SIMPLE_HEAD)
+        for col, justify in (("name", "left"), ("shape", "left"), ("min", "right"), ("max", "right"), ("mean", "right")):
+            table.add_column(col, justify=justify, style="bold" if col == "name" else None, no_wrap=True)
+        for i in range(fit - 5):
+            table.add_column(f"point {i}", justify="right", no_wrap=True)
+        for row in rows:
+            table.add_row(*row[:fit])
+        if fit <= 5 or console.measure(table, options=console.options.update_width(1 << 16)).maximum <= console.width:
+            break
+        fit -= 1
+    console.print(table)
+    for g in doc["gates"]:
+        where = f" at point {g['worst_point']}" if g["worst_point"] is not None else ""
+        verdict = Text("PASS", style="bold green") if g["passed"] else Text("FAIL", style="bold red")
+        console.print(Text.assemble(f"gate max |{g['name']}| = {g['max_abs']:.6g}{where} ≤ {g['tolerance']:g}: ", verdict))

@@ -206,3 +206,54 @@ def fd_jacobian(f, x: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
         cols.append((f((flat + e).reshape(x.shape)) - f((flat - e).reshape(x.shape))) / (2 * h))
     out = torch.stack(cols, dim=-1)
     return out.reshape(*out.shape[:-1], *x.shape)
+
+
+# --------------------------------------------------------------------------- higher orders (jaccli partials)
+# Each: a batch model on points [N, n_in], input names, and closed forms of named partials.
+
+#: a sum of damped oscillators u(t) = Σ a e^{-γt} cos(ωt + φ), v(t) = Σ a e^{-γt} sin(ωt + φ):
+#: the n-th derivative is Re / Im of Σ a e^{iφ} sⁿ e^{st} with s = -γ + iω, exact to any order
+OSCILLATORS = [(1.0, 0.3, 2.0, 0.1), (0.5, 0.1, 5.0, -0.7), (0.25, 0.8, 0.5, 1.3)]  # (a, γ, ω, φ)
+
+
+def oscillators(p: torch.Tensor) -> torch.Tensor:
+    t = p[:, 0]
+    u = sum(a * torch.exp(-g * t) * torch.cos(w * t + ph) for a, g, w, ph in OSCILLATORS)
+    v = sum(a * torch.exp(-g * t) * torch.sin(w * t + ph) for a, g, w, ph in OSCILLATORS)
+    return torch.stack([u, v], 1)
+
+
+def oscillators_derivative(t: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u^(n), v^(n)) at times ``t`` [N]."""
+    total = torch.zeros(t.shape, dtype=torch.complex128)
+    for a, g, w, ph in OSCILLATORS:
+        s = complex(-g, w)
+        total = total + a * complex(math.cos(ph), math.sin(ph)) * s**n * torch.exp(s * t.to(torch.complex128))
+    return total.real, total.imag
+
+
+def sin_xyz(p: torch.Tensor) -> torch.Tensor:
+    return torch.sin(p[:, 0] * p[:, 1] * p[:, 2])[:, None]
+
+
+def sin_xyz_partials(p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Closed forms of some partials of sin(xyz)."""
+    x, y, z = p[:, 0], p[:, 1], p[:, 2]
+    w = x * y * z
+    return {
+        "u_x": y * z * torch.cos(w),
+        "u_xy": z * torch.cos(w) - x * y * z**2 * torch.sin(w),
+        "u_xyz": (1 - w**2) * torch.cos(w) - 3 * w * torch.sin(w),
+        "u_xx": -((y * z) ** 2) * torch.sin(w),
+        "u_xxxx": (y * z) ** 4 * torch.sin(w),
+    }
+
+
+HEAT_KAPPA = 0.1
+
+
+def heat(p: torch.Tensor) -> torch.Tensor:
+    """An exact solution of u_t = κ u_xx on points (t, x)."""
+    t, x = p[:, 0:1], p[:, 1:2]
+    k = HEAT_KAPPA
+    return torch.exp(-k * t) * torch.sin(x) + 0.5 * torch.exp(-4 * k * t) * torch.cos(2 * x)

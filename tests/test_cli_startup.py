@@ -36,7 +36,7 @@ def run_fresh(*args: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "args", [["--help"], ["--version"], ["jacobian", "--help"], ["hessian", "--help"], ["info", "--help"], ["check", "--help"]]
+    "args", [["--help"], ["--version"], ["jacobian", "--help"], ["hessian", "--help"], ["info", "--help"], ["check", "--help"], ["partials", "--help"]]
 )
 def test_help_and_version_import_no_torch(args):
     got = run_fresh(*args)

@@ -19,7 +19,7 @@ def regenerated(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["pinn", "ode", "field", "potential", "decay"])
+@pytest.mark.parametrize("name", ["pinn", "ode", "field", "potential", "decay", "heat"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_shipped_files_are_what_the_script_makes(regenerated, name, fmt):
     shipped = jaccli.load_model(EXAMPLES / f"{name}.{fmt}")

@@ -208,3 +208,22 @@ def test_hessian_summary_on_the_command_line():
     assert s["eigenvalue_max"]["median"] == pytest.approx(float(np.median(lam[:, -1].numpy())), rel=1e-9)
     assert s["definiteness"]["positive_definite"] == int((lam[:, 0] > 0).sum())
     assert s["definiteness"]["indefinite"] == int((lam[:, 0] < 0).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_stats_are_over_the_finite_values(dtype, bad):
+    t = torch.linspace(-3, 5, 101, dtype=dtype).reshape(1, 101)
+    if bad is not None:
+        t[0, 7] = bad
+    arr = t.double().numpy().ravel()
+    ok = arr[np.isfinite(arr)]
+    s = render.stats(t)
+    assert s["all_finite"] is (bad is None)
+    assert s["min"] == pytest.approx(ok.min()) and s["max"] == pytest.approx(ok.max())
+    assert s["mean"] == pytest.approx(ok.mean(), rel=1e-12, abs=1e-7)
+
+
+def test_stats_of_finite_values_whose_sum_overflows():
+    t = torch.full((4,), torch.finfo(torch.float64).max, dtype=torch.float64)
+    assert render.stats(t)["all_finite"] is True

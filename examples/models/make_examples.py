@@ -92,6 +92,20 @@ class Decay(nn.Module):
         return torch.exp(-tt) * torch.sin(x) + tt * tt * x
 
 
+class Heat(nn.Module):
+    """u(t, x) = e^{-κt} sin x + ½ e^{-4κt} cos 2x, κ = 0.1, on points (t, x): an exact
+    solution of the heat equation u_t = κ u_xx (for ``jaccli partials --fail-above``)."""
+
+    def __init__(self, kappa: float = 0.1) -> None:
+        super().__init__()
+        self.kappa = kappa
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        t, x = p[:, 0:1], p[:, 1:2]
+        k = self.kappa
+        return torch.exp(-k * t) * torch.sin(x) + 0.5 * torch.exp(-4 * k * t) * torch.cos(2 * x)
+
+
 def examples() -> dict[str, tuple[nn.Module, dict[str, np.ndarray]]]:
     """Each example's module and its example inputs by argument name."""
     rng = np.random.default_rng(3)
@@ -106,6 +120,10 @@ def examples() -> dict[str, tuple[nn.Module, dict[str, np.ndarray]]]:
                 "t": np.linspace(0.0, 2.0, 64, dtype=np.float32),
                 "x": rng.standard_normal((64, 3, 2, 2)).astype(np.float32),
             },
+        ),
+        "heat": (
+            Heat(),
+            {"x": np.stack([rng.uniform(0, 1, 256), rng.uniform(0, 2 * np.pi, 256)], 1).astype(np.float32)},
         ),
     }
 
