@@ -63,6 +63,7 @@ def load_model_option(o: dict, dev, dtype=None):
 def load_request(o: dict, wrt=None):
     """Model and inputs on one device and dtype; returns (model, args, sources, wrt)."""
     from .io import DTYPES, as_float, gather_inputs, resolve_dtype
+    from .cast import cast_model
     from .models import info_of, resolve_device
 
     input, inputs, key, device, dtype = o["input"], o["inputs"], o["key"], o["device"], o["dtype"]
@@ -81,7 +82,7 @@ def load_request(o: dict, wrt=None):
         if name in diff or t.is_floating_point() or t.is_complex():
             t = as_float(t, where=sources[name]).to(want)  # warns when the data were not float
         cast[name] = t.to(dev)
-    net.to(dtype=want)
+    cast_model(net, want, info_of(net).path)
     args = next(iter(cast.values())) if positional else cast
     return net, args, sources, wrt_names
 

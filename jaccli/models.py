@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cast import cast_model
 from .errors import InputError, ModelError, ResourceError, UsageError
 from .io import (
     Source,
@@ -484,7 +485,7 @@ def load_model(
         p.requires_grad_(False)
     model.to(device=dev)
     if want is not None:
-        model.to(dtype=want)
+        cast_model(model, want, src.name)
     return model
 
 

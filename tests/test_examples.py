@@ -19,7 +19,7 @@ def regenerated(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["pinn", "ode", "field", "potential", "decay", "heat"])
+@pytest.mark.parametrize("name", ["pinn", "ode", "field", "potential", "decay", "heat", "cnn", "transformer"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_shipped_files_are_what_the_script_makes(regenerated, name, fmt):
     shipped = jaccli.load_model(EXAMPLES / f"{name}.{fmt}")
@@ -107,3 +107,20 @@ def test_example_inputs_are_what_the_readme_says():
     assert np.load(EXAMPLES / "field_x.npy").shape == (500, 3)
     with np.load(EXAMPLES / "decay_inputs.npz") as data:
         assert data["t"].shape == (64,) and data["x"].shape == (64, 3, 2, 2)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", ["cnn", "transformer"])
+def test_cnn_and_transformer_jacobians_match_torch_func(name, fmt):
+    from torch.func import jacrev, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, x = _load64(name, fmt)
+    x = x[:2]
+    eager = make_examples.examples()[name][0].eval().double()
+    for p in eager.parameters():
+        p.requires_grad_(False)
+    with sdpa_kernel([SDPBackend.MATH]):  # the fused kernels have no vmap rule
+        want = vmap(jacrev(lambda xi: eager(xi[None])[0]))(x)
+    got = jaccli.jacobian(model, x, per_sample=True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -14,6 +14,11 @@ dynamic batch dimension (``NAME.pt2``), next to an example input ``NAME_x.npy``
 - ``field``: a vector field R³→R³, F(x) = A x + b ⊙ tanh(x), divergence tr A + Σ bᵢ sech²xᵢ.
 - ``potential``: a scalar potential R³→R, V(x) = ½ xᵀQx + Σ log cosh xᵢ + c·x.
 - ``decay``: two arguments, g(t, x) = e^{-t} sin x + t² x with t [N] and x [N, 3, 2, 2].
+- ``heat``: an exact solution of the heat equation u_t = 0.1 u_xx on points (t, x).
+- ``cnn``: a small image classifier (3×32×32 → 10 logits; convolutions, BatchNorm,
+  GroupNorm, a residual block, pooling).
+- ``transformer``: a 2-layer causal transformer encoder over 16 tokens × 64 features,
+  one scalar per token.
 """
 
 from __future__ import annotations
@@ -106,6 +111,50 @@ class Heat(nn.Module):
         return torch.exp(-k * t) * torch.sin(x) + 0.5 * torch.exp(-4 * k * t) * torch.cos(2 * x)
 
 
+class SmallCNN(nn.Module):
+    """An image classifier head: 4 convolutions (one strided, one grouped), BatchNorm and
+    GroupNorm in eval mode, a residual block, average pooling, tanh/SiLU, ``classes`` logits."""
+
+    def __init__(self, channels: int = 3, width: int = 8, classes: int = 10, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        w = width
+        self.c1 = nn.Conv2d(channels, w, 3, padding=1)
+        self.bn = nn.BatchNorm2d(w)
+        self.c2 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
+        self.c3 = nn.Conv2d(2 * w, 2 * w, 3, padding=1, groups=2)
+        self.gn = nn.GroupNorm(4, 2 * w)
+        self.c4 = nn.Conv2d(2 * w, 2 * w, 3, padding=1)
+        self.fc = nn.Linear(2 * w, classes)
+        with torch.no_grad():  # running statistics as after training, not the identity
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.bn(self.c1(x)))
+        h = torch.tanh(self.c2(h))
+        h = nn.functional.silu(self.gn(self.c3(h)))
+        h = h + torch.tanh(self.c4(h))
+        h = nn.functional.avg_pool2d(h, 2)
+        return self.fc(h.mean((2, 3)))
+
+
+class SmallTransformer(nn.Module):
+    """A causal transformer encoder over ``[tokens, dim]`` sequences (GELU, LayerNorm,
+    scaled dot-product attention), one scalar per token."""
+
+    def __init__(self, tokens: int = 16, dim: int = 64, heads: int = 4, layers: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 1)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(tokens))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x, mask=self.mask, is_causal=True)).squeeze(-1)
+
+
 def examples() -> dict[str, tuple[nn.Module, dict[str, np.ndarray]]]:
     """Each example's module and its example inputs by argument name."""
     rng = np.random.default_rng(3)
@@ -125,6 +174,8 @@ def examples() -> dict[str, tuple[nn.Module, dict[str, np.ndarray]]]:
             Heat(),
             {"x": np.stack([rng.uniform(0, 1, 256), rng.uniform(0, 2 * np.pi, 256)], 1).astype(np.float32)},
         ),
+        "cnn": (SmallCNN(), {"x": rng.standard_normal((16, 3, 32, 32)).astype(np.float32)}),
+        "transformer": (SmallTransformer(), {"x": rng.standard_normal((16, 16, 64)).astype(np.float32)}),
     }
 
 

@@ -125,11 +125,24 @@ def select_output(y, output, where: str):
     return y
 
 
-def _unoptimised(f: Callable) -> Callable:
-    """TorchScript run outside its optimising executor (see :class:`~jaccli.models.LoadedModel`)."""
+def _differentiable(f: Callable) -> Callable:
+    """``f`` with attention on PyTorch's math kernel, and TorchScript run outside its
+    optimising executor (see :class:`~jaccli.models.LoadedModel`).
+
+    The fused attention kernels (flash, memory-efficient) have no double backward and no
+    vmap rule, so Hessians, Laplacians and forward mode through them fail or loop; the
+    math kernel is plain matmul and softmax, differentiable to any order, and what the
+    Taylor recorder can follow op by op.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    script = isinstance(f, (torch.jit.ScriptModule, torch.jit.ScriptFunction))
 
     def call(*args, **kwargs):
-        with torch.jit.optimized_execution(False):
+        with sdpa_kernel([SDPBackend.MATH]):
+            if script:
+                with torch.jit.optimized_execution(False):
+                    return f(*args, **kwargs)
             return f(*args, **kwargs)
 
     return call
@@ -178,7 +191,7 @@ class _Recorder(QuietDispatchMode):
 class Problem:
     """A request normalised once: the flat batch function and everything the planner needs."""
 
-    f: Callable  # what is called (TorchScript wrapped, see _unoptimised)
+    f: Callable  # what is called (wrapped, see _differentiable)
     module: Callable  # what the user passed, for names and messages
     args: _Args
     wrt: tuple[int, ...]
@@ -252,8 +265,7 @@ def check_inputs(
         raise UsageError("the model is not callable", got=type(f).__name__)
     module = f
     where = info_of(f).path
-    if isinstance(f, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
-        f = _unoptimised(f)
+    f = _differentiable(f)
     names = arg_names(module)
     args = normalise_args(x, names)
     labels = tuple(_arg_label(k, names) for k in args.keys)

@@ -22,7 +22,7 @@ from torch import Tensor
 from ..engine import planner
 from ..engine.problem import Problem, check_inputs, model_failed, probe_rows
 from ..engine.results import NONSMOOTH_OPS
-from ..errors import JaccliWarning, NumericalError, UsageError
+from ..errors import JaccliWarning, ModelError, NumericalError, UsageError
 from ..taylor import Unsupported
 from . import jets
 from .names import Request, Term, input_names, output_names, parse_want
@@ -215,6 +215,16 @@ def partials(
     top = max(t.order for t in request.terms)
     need = _directions(request.terms, p.n_in)
     program, note = _program(p, top) if need else (None, None)
+    wrong = sorted(p.ops & planner.FORWARD_OVER_FORWARD_WRONG)
+    if program is None and top >= 2 and wrong:
+        # nested forward mode (and nested double backward) through these ops gives wrong
+        # numbers in PyTorch: refuse rather than answer wrongly
+        raise ModelError(
+            f"partials of order 2 and above through aten.{wrong[0]} are not supported: PyTorch's "
+            "higher-order forward mode through it is wrong and it has no Taylor series rule",
+            where=p.where,
+            hint="jaccli hessian (forward over reverse) gives its second derivatives",
+        )
     lead = (p.n,) if p.per_sample else ()
     values: dict[str, Tensor] = {}
     ppc = _chunk_points(p, chunk_size, top, max(1, len(need)))

@@ -220,3 +220,15 @@ def test_values_and_shared_directions_of_several_orders(monkeypatch, fast):
         assert_rel(got["u"], net(x))
     for name, orders in {"u_tt": (2, 0), "u_tttt": (4, 0), "u_tx": (1, 1), "u_txxx": (1, 3)}.items():
         assert_rel(got[name], nested(net, x, orders))
+
+
+def test_layer_norm_models_refuse_higher_partials_instead_of_wrong_numbers():
+    """PyTorch's forward over forward mode through layer_norm is wrong (so is its nested
+    double backward): first derivatives are given, higher ones refused in one line."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(2, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 1)).double().eval()
+    x = torch.randn(4, 2, dtype=torch.float64)
+    got = jaccli.partials(net, x, "u_a", inputs="a,b", per_sample=True)
+    assert_rel(got["u_a"], nested(net, x, (1, 0), jacrev))
+    with pytest.raises(jaccli.ModelError, match="native_layer_norm"):
+        jaccli.partials(net, x, "u_aa", inputs="a,b", per_sample=True)
