@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Annotated
@@ -25,9 +26,9 @@ import jaccli
 # to import, which --help, --version and shell completion must not pay. Commands import
 # what they use when they run.
 from .choices import DEFAULT_DIGITS, ESTIMATORS, KINDS, MODES, STDIO
-from .errors import EXIT_INTERRUPTED, CheckFailed, JaccliError, UsageError
+from .errors import CheckFailed, JaccliError, OutputClosed, UsageError
 from .layout import axis_names, group_of
-from . import _allocator, cli_partials
+from . import _allocator, cli_partials, signals
 from .cli_inputs import collect_warnings, err_console, input_meta, load_model_option, load_request, model_meta
 from .cli_options import (
     ModelArg,
@@ -65,18 +66,46 @@ except ImportError:  # pragma: no cover - older Typer with Click as a dependency
 
 
 def _fail(message: str, label: str, code: int) -> None:
+    signals.exiting()  # a second Ctrl-C must not turn the last line into a traceback
     err_console().print(f"[bold red]{label}:[/] {escape(message)}")
     sys.exit(code)
 
 
+def _silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null once its reader has gone, so that the
+    interpreter's final flush of ``sys.stdout`` does not print "Exception ignored …
+    BrokenPipeError" (what the Python docs on SIGPIPE recommend)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout replaced or closed: nothing left to flush there
+        pass
+
+
 class JaccliGroup(TyperGroup):
     """Runs a command and reports any failure as one line and an exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # before Typer, which makes it a silent exit 1
+            raise OutputClosed(
+                "the reader closed the pipe before the output was complete", where="<stdout>"
+            ) from None
+        except KeyboardInterrupt:  # no handlers installed (CliRunner, an embedding program)
+            raise signals.Interrupted() from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             rv = super().main(
                 args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra
             )
+        except signals.Interrupted as exc:
+            _fail(f"interrupted ({exc.name})", "error", exc.exit_code)
+        except OutputClosed as exc:
+            _silence_stdout()
+            _fail(str(exc), exc.label, exc.exit_code)
         except JaccliError as exc:
             _fail(str(exc), exc.label, exc.exit_code)
         except click_exc.NoArgsIsHelpError as exc:
@@ -86,7 +115,7 @@ class JaccliGroup(TyperGroup):
             cmd = f" {exc.ctx.info_name}" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
             _fail(f"{exc.format_message()} (see 'jaccli{cmd} --help')", "usage error", exc.exit_code)
         except (typer.Abort, KeyboardInterrupt):
-            _fail("interrupted", "error", EXIT_INTERRUPTED)
+            _fail("interrupted (SIGINT)", "error", 128 + signal.SIGINT)
         except Exception as exc:  # a bug in jaccli or a library: still one line unless debugging
             if os.environ.get("JACCLI_DEBUG"):
                 raise
@@ -525,5 +554,7 @@ app.command("partials", help=cli_partials.HELP)(cli_partials.partials_command)
 
 
 def main() -> None:
-    """Entry point of the ``jaccli`` console script and ``python -m jaccli``."""
+    """Run the command line with SIGINT, SIGTERM and SIGHUP handled (:mod:`jaccli.signals`);
+    ``jaccli.__main__`` installs them earlier, before this module is imported."""
+    signals.install()
     app()
