@@ -52,6 +52,7 @@ from .cli_options import (
     Arch,
     Activation,
     ArchKwargs,
+    MaxInputBytes,
     Show,
     Digits,
     PlotFile,
@@ -421,6 +422,7 @@ def _make_command(kind: str):
         arch: Arch = None,
         activation: Activation = None,
         arch_kwargs: ArchKwargs = None,
+        max_input_bytes: MaxInputBytes = None,
         flatten: Annotated[
             bool, typer.Option("--flatten", hidden=not flat_help, help="Give the matrix view [N, out, in] of tensor-shaped inputs and outputs.")
         ] = False,
@@ -483,6 +485,7 @@ def info(
     arch: Arch = None,
     activation: Activation = None,
     arch_kwargs: ArchKwargs = None,
+    max_input_bytes: MaxInputBytes = None,
     json_: Json = False,
 ) -> None:
     """What was loaded: format, parameters, dtype, shapes on INPUT, smoothness, batch independence."""
@@ -526,6 +529,7 @@ def check(
     arch: Arch = None,
     activation: Activation = None,
     arch_kwargs: ArchKwargs = None,
+    max_input_bytes: MaxInputBytes = None,
     json_: Json = False,
 ) -> None:
     """Compare jaccli's Jacobian (and Hessian) with float64 finite differences on a few points.
