@@ -487,7 +487,7 @@ def load_model(
     """
     dev = resolve_device(device)
     want = resolve_dtype(dtype)
-    src = read_source(path, what="model file")
+    src = read_source(path, what="model file", binary_only=True)
     kind = model_kind(src.data)
     if kind is None:
         raise InputError(

@@ -142,21 +142,24 @@ def _too_big(name: str, what: str, size: int, limit: int, *, more: bool = False)
     )
 
 
-def read_source(path: str | os.PathLike, *, what: str = "file", max_bytes: int | None = None) -> Source:
+def read_source(
+    path: str | os.PathLike, *, what: str = "file", max_bytes: int | None = None, binary_only: bool = False
+) -> Source:
     """The whole content of ``path`` (``-``: standard input), or one clear error.
 
     At most ``max_bytes`` (default :func:`max_input_bytes`) are read: a larger regular
     file is refused before reading; a stream (stdin, a FIFO, a device) is read up to the
-    size its header declares, or to the limit.
+    size its header declares, or to the limit. ``binary_only`` (model files): a stream
+    whose first bytes are no binary format jaccli reads is refused at once.
     """
     name = os.fspath(path)
     limit = max_input_bytes() if max_bytes is None else max_bytes
     if name == STDIO:
         name = "<stdin>"
-        data = _read_stream(sys.stdin.buffer, name, what, limit)
+        data = _read_stream(sys.stdin.buffer, name, what, limit, binary_only)
     else:
         try:
-            data = _read_path(name, what, limit)
+            data = _read_path(name, what, limit, binary_only)
         except OSError as exc:  # a name too long, a loop of links, permission, an I/O error
             raise InputError(f"cannot read {what}: {exc.strerror or exc}", where=shown_path(name)) from None
     if not data:
@@ -170,7 +173,7 @@ def read_source(path: str | os.PathLike, *, what: str = "file", max_bytes: int |
     return Source(name, data)
 
 
-def _read_path(name: str, what: str, limit: int) -> bytes:
+def _read_path(name: str, what: str, limit: int, binary_only: bool) -> bytes:
     try:
         st = os.stat(name)
     except FileNotFoundError:
@@ -186,7 +189,7 @@ def _read_path(name: str, what: str, limit: int) -> bytes:
             raise _too_big(name, what, limit, limit, more=True)  # it grew since the stat
         return data
     with open(name, "rb") as fh:  # a FIFO, a character device: no size to trust
-        return _read_stream(fh, name, what, limit)
+        return _read_stream(fh, name, what, limit, binary_only)
 
 
 def _read_at_most(fh: BinaryIO, n: int, into: bytearray) -> None:
@@ -197,25 +200,39 @@ def _read_at_most(fh: BinaryIO, n: int, into: bytearray) -> None:
         into += chunk
 
 
-def _read_stream(fh: BinaryIO, name: str, what: str, limit: int) -> bytes:
+def _read_stream(fh: BinaryIO, name: str, what: str, limit: int, binary_only: bool = False) -> bytes:
     """A stream's bytes, read no further than its header declares or than ``limit``."""
     buf = bytearray()
     _read_at_most(fh, min(_HEAD_BYTES, limit + 1), buf)
     head = bytes(buf)
     extent = declared_extent(head)
-    if extent is None and b"\0" in head and not _known_binary(head):
-        # neither a format jaccli reads nor text: /dev/zero and the like end here
-        raise InputError(
-            f"unrecognised binary data, not a {what}",
-            where=name,
-            expected="one of " + ", ".join(sorted(SUFFIXES)) + " content",
-        )
+    if extent is None and not _known_binary(head):
+        # refuse at the first bytes what cannot become valid: /dev/zero, `yes`, …
+        if binary_only or b"\0" in head:
+            expected = "a model format" if binary_only else "one of " + ", ".join(sorted(SUFFIXES)) + " content"
+            raise InputError(f"unrecognised binary data, not a {what}", where=name, expected=expected)
+        if not _plausible_table(head):
+            raise InputError(f"not a numeric table, nor any {what} format", where=name, expected="rows of numbers")
     if extent is not None and extent > limit:
         raise _too_big(name, f"the header declares a {what}", extent, limit)
     _read_at_most(fh, limit + 1 if extent is None else extent, buf)
     if len(buf) > limit:
         raise _too_big(name, f"a {what} stream", limit, limit, more=True)
     return bytes(buf)
+
+
+def _plausible_table(head: bytes) -> bool:
+    """Whether the complete lines of ``head`` could start a text table (a header row, then
+    numbers): an endless stream of anything else is refused before it fills memory."""
+    lines = head.decode("utf-8", errors="replace").splitlines()[:-1]  # the last may be cut
+    rows = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")][:4]
+    delimiter = "," if rows and "," in rows[0] else None
+    for row in rows[1:]:  # the first may be a header of column names
+        try:
+            [float(v) for v in row.split(delimiter)]
+        except ValueError:
+            return False
+    return True
 
 
 def _known_binary(head: bytes) -> bool:
