@@ -6,6 +6,7 @@ code of :data:`~jaccli.errors.EXIT_CODES`.
 """
 
 
+import contextvars
 import importlib.metadata
 import json
 import math
@@ -99,8 +100,10 @@ class JaccliGroup(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            rv = super().main(
-                args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra
+            # in a copy of the context: what options set there (--max-input-bytes) ends with the
+            # command, and does not leak into the next call of a program that runs several
+            rv = contextvars.copy_context().run(
+                super().main, args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra
             )
         except signals.Interrupted as exc:
             _fail(f"interrupted ({exc.name})", "error", exc.exit_code)
@@ -125,6 +128,7 @@ class JaccliGroup(TyperGroup):
                 "internal error",
                 1,
             )
+        signals.exiting()  # the work is done: a late signal must not print a traceback at exit
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

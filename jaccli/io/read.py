@@ -549,7 +549,11 @@ def load_tensors(path: str | os.PathLike, *, max_bytes: int | None = None) -> di
 
 
 def load_tensor(
-    path: str | os.PathLike, *, key: str | None = None, dtype: torch.dtype | str | None = None
+    path: str | os.PathLike,
+    *,
+    key: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    max_bytes: int | None = None,
 ) -> torch.Tensor:
     """One floating-point tensor from ``path`` (``"-"`` reads ``.npy`` bytes from stdin).
 
@@ -557,6 +561,7 @@ def load_tensor(
     are cast to ``float32`` with a :class:`~jaccli.JaccliWarning` (a derivative needs
     a floating input); half precision is widened to ``float32`` likewise; complex
     data are refused. ``dtype`` (``"float32"``/``"float64"``) overrides the result's dtype.
+    ``max_bytes`` caps what is read (default :func:`max_input_bytes`, 4 GiB).
 
     >>> import numpy as np, tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "x.npy")
@@ -565,7 +570,7 @@ def load_tensor(
     torch.Size([5, 1])
     """
     name = "<stdin>" if os.fspath(path) == STDIO else os.fspath(path)
-    tensor = _pick(load_tensors(path), key, name)
+    tensor = _pick(load_tensors(path, max_bytes=max_bytes), key, name)
     return as_float(tensor, dtype=dtype, where=name if key is None else f"{name}[{key}]")
 
 
