@@ -26,7 +26,7 @@ import torch
 from .. import signals
 from ..choices import STDIO
 from ..errors import OutputClosed, OutputError, UsageError
-from .read import SUFFIXES
+from .read import SUFFIXES, shown_path
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -132,7 +132,7 @@ def check_writable(path: str | os.PathLike, *, force: bool = False) -> None:
     try:
         _check_writable(name, force)
     except OSError as exc:  # a name too long, a loop of links, …: the path itself is unusable
-        raise OutputError(f"cannot write: {_reason(exc)}", where=_shown(name)) from None
+        raise OutputError(f"cannot write: {_reason(exc)}", where=shown_path(name)) from None
 
 
 def _check_writable(name: str, force: bool) -> None:
@@ -155,11 +155,6 @@ def _reason(exc: BaseException) -> str:
     """The first line of what went wrong: ``No space left on device``."""
     text = getattr(exc, "strerror", None) or str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _shown(name: str, most: int = 120) -> str:
-    """``name`` for an error line, its middle elided when it is absurdly long."""
-    return name if len(name) <= most else f"{name[:60]}…{name[-50:]} ({len(name)} characters)"
 
 
 def _umask() -> int:
@@ -236,7 +231,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None],
     try:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:100]}.", suffix=".part")
     except OSError as exc:
-        raise OutputError(f"cannot write: {_reason(exc)}", where=_shown(name)) from None
+        raise OutputError(f"cannot write: {_reason(exc)}", where=shown_path(name)) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -254,7 +249,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None],
         if isinstance(exc, OutputError):
             raise
         if isinstance(exc, OSError | RuntimeError):
-            raise OutputError(f"cannot write: {_reason(exc)}", where=_shown(name)) from None
+            raise OutputError(f"cannot write: {_reason(exc)}", where=shown_path(name)) from None
         raise
 
 
