@@ -563,6 +563,6 @@ app.command("partials", help=cli_partials.HELP)(cli_partials.partials_command)
 
 def main() -> None:
     """Run the command line with SIGINT, SIGTERM and SIGHUP handled (:mod:`jaccli.signals`);
-    ``jaccli.__main__`` installs them earlier, before this module is imported."""
-    signals.install()
-    app()
+    the console script and ``python -m jaccli`` (``jaccli.__main__``) install them earlier,
+    before this module is imported."""
+    signals.run(app)

@@ -13,6 +13,8 @@ The library never installs handlers; only the ``jaccli`` command does.
 from __future__ import annotations
 
 import signal
+import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 
 #: the signals that end the command cleanly, where the platform has them
@@ -62,9 +64,49 @@ def install() -> None:
     """
     global _received, _exiting
     _received, _exiting = None, False
+    if not getattr(sys.unraisablehook, "jaccli", False):
+        sys.unraisablehook = _unraisable(sys.unraisablehook)
     for sig in SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, _handler)
+
+
+def run(entry: Callable[[], object]) -> None:
+    """Install the handlers, then call ``entry`` (the command line). An interruption that
+    escapes it — during imports, or while Typer builds the commands, before the command's
+    own error handling begins — still ends with one line and ``128 + n``; so does one that
+    Python swallowed (raised in a weakref callback or ``__del__``) where ``entry`` would
+    have exited 0."""
+    install()
+    try:
+        entry()
+    except (Interrupted, KeyboardInterrupt) as exc:
+        _report(exc if isinstance(exc, Interrupted) else Interrupted())
+    except SystemExit as exc:
+        if _received is not None and exc.code in (0, None):
+            _report(Interrupted(_received))
+        raise
+    if _received is not None:
+        _report(Interrupted(_received))
+
+
+def _report(exc: Interrupted) -> None:
+    exiting()
+    sys.stderr.write(f"error: interrupted ({exc.name})\n")
+    sys.exit(exc.exit_code)
+
+
+def _unraisable(hook):
+    """``sys.unraisablehook`` that drops :class:`Interrupted`: raised where Python cannot
+    propagate it (a weakref callback, ``__del__``), it is noted in :func:`received` and
+    reported once, by :func:`run`, instead of as an "Exception ignored" traceback."""
+
+    def unraisable(info) -> None:
+        if not isinstance(info.exc_value, Interrupted):
+            hook(info)
+
+    unraisable.jaccli = True
+    return unraisable
 
 
 def received() -> int | None:

@@ -311,6 +311,24 @@ def test_deferred_signals_arrive_after_the_block(monkeypatch):
     assert done and caught.value.exit_code == 143
 
 
+def test_a_signal_python_swallowed_still_ends_the_command(monkeypatch, capsys):
+    """Raised in a weakref callback or __del__, the handler's exception is "ignored" by Python;
+    the command that would have exited 0 reports the signal instead."""
+    monkeypatch.setattr(signals, "install", lambda: None)  # no real handlers in the test process
+    monkeypatch.setattr(signals, "_received", None)
+    monkeypatch.setattr(signals, "_exiting", False)
+
+    def entry():
+        signals._received = signal.SIGTERM  # what the handler notes before raising, swallowed
+
+    with pytest.raises(SystemExit) as caught:
+        signals.run(entry)
+    assert caught.value.code == 143
+    assert capsys.readouterr().err == "error: interrupted (SIGTERM)\n"
+    hook = signals._unraisable(lambda info: pytest.fail("an Interrupted reached the default hook"))
+    hook(type("Info", (), {"exc_value": signals.Interrupted(signal.SIGINT)})())
+
+
 # ----------------------------------------------------------------- hostile inputs, in-process
 
 
@@ -416,10 +434,18 @@ def test_endless_streams_stop_at_their_first_bytes_or_the_limit(tmp_path):
         _clean(result.exit_code, result.stderr, EXIT_CODES[want], needle)
 
 
-def test_a_stream_is_read_only_as_far_as_its_header_declares(tmp_path):
-    buf = io.BytesIO()
-    np.save(buf, np.ones((4, 3), np.float32))
-    result = run("jacobian", MODEL, "-", "-p", "-q", "--save", tmp_path / "r.npy", input=buf.getvalue() + b"\0" * 100_000)
+@pytest.mark.parametrize("fmt", ["npy", "safetensors"])
+def test_a_stream_is_read_only_as_far_as_its_header_declares(tmp_path, fmt):
+    from safetensors.torch import save
+
+    if fmt == "npy":
+        buf = io.BytesIO()
+        np.save(buf, np.ones((4, 3), np.float32))
+        data = buf.getvalue()
+    else:
+        data = save({"x": torch.ones(4, 3)})
+    endless = data + b"\0" * 100_000  # what follows the declared end is not read as the file's
+    result = run("jacobian", MODEL, "-", "-p", "-q", "--save", tmp_path / "r.npy", input=endless)
     assert result.exit_code == 0, result.stderr
     assert np.load(tmp_path / "r.npy").shape == (4, 3, 3)
 

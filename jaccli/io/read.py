@@ -215,7 +215,10 @@ def _read_stream(fh: BinaryIO, name: str, what: str, limit: int, binary_only: bo
             raise InputError(f"not a numeric table, nor any {what} format", where=name, expected="rows of numbers")
     if extent is not None and extent > limit:
         raise _too_big(name, f"the header declares a {what}", extent, limit)
-    _read_at_most(fh, limit + 1 if extent is None else extent, buf)
+    if extent is not None:  # what follows the declared end (the head may hold some) is not the file's
+        _read_at_most(fh, extent, buf)
+        return bytes(buf[:extent])
+    _read_at_most(fh, limit + 1, buf)
     if len(buf) > limit:
         raise _too_big(name, f"a {what} stream", limit, limit, more=True)
     return bytes(buf)
