@@ -184,10 +184,16 @@ def _read_path(name: str, what: str, limit: int, binary_only: bool) -> bytes:
         if st.st_size > limit:
             raise _too_big(name, what, st.st_size, limit)
         with open(name, "rb") as fh:
-            data = fh.read(limit + 1)  # the file may have grown since the stat
-        if len(data) > limit:
-            raise _too_big(name, what, limit, limit, more=True)  # it grew since the stat
-        return data
+            # read(n) allocates n bytes before reading: ask for the size the stat gave, then
+            # follow a file that grew (or a /proc file whose size reads 0) up to the limit
+            data = fh.read(st.st_size + 1)
+            if len(data) <= st.st_size:
+                return data
+            buf = bytearray(data)
+            _read_at_most(fh, limit + 1, buf)
+        if len(buf) > limit:
+            raise _too_big(name, what, limit, limit, more=True)
+        return bytes(buf)
     with open(name, "rb") as fh:  # a FIFO, a character device: no size to trust
         return _read_stream(fh, name, what, limit, binary_only)
 
@@ -259,6 +265,8 @@ def declared_extent(head: bytes) -> int | None:
         try:
             shape, _fortran, dtype = _npy_header(buf)
         except Exception:  # a bad header: the reader reports it in full
+            return None
+        if any(int(d) < 0 for d in shape):
             return None
         return buf.tell() + math.prod(int(d) for d in shape) * dtype.itemsize
     if len(head) >= 8:
