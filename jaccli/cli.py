@@ -85,6 +85,14 @@ def _silence_stdout() -> None:
         pass
 
 
+def _fail_if_signalled() -> None:
+    """Report a signal as the cause of a failure that followed it: C code (torch's writer,
+    an extension module's import) turns the exception its handler raised into another one."""
+    if signals.received() is not None:
+        exc = signals.Interrupted(signals.received())
+        _fail(f"interrupted ({exc.name})", "error", exc.exit_code)
+
+
 class JaccliGroup(TyperGroup):
     """Runs a command and reports any failure as one line and an exit code."""
 
@@ -111,6 +119,7 @@ class JaccliGroup(TyperGroup):
             _silence_stdout()
             _fail(str(exc), exc.label, exc.exit_code)
         except JaccliError as exc:
+            _fail_if_signalled()
             _fail(str(exc), exc.label, exc.exit_code)
         except click_exc.NoArgsIsHelpError as exc:
             typer.echo(exc.ctx.get_help() if exc.ctx else str(exc))
@@ -121,6 +130,7 @@ class JaccliGroup(TyperGroup):
         except (typer.Abort, KeyboardInterrupt):
             _fail("interrupted (SIGINT)", "error", 128 + signal.SIGINT)
         except Exception as exc:  # a bug in jaccli or a library: still one line unless debugging
+            _fail_if_signalled()
             if os.environ.get("JACCLI_DEBUG"):
                 raise
             _fail(

@@ -82,6 +82,10 @@ def run(entry: Callable[[], object]) -> None:
         entry()
     except (Interrupted, KeyboardInterrupt) as exc:
         _report(exc if isinstance(exc, Interrupted) else Interrupted())
+    except Exception:  # an import that C code failed because the handler raised inside it
+        if _received is None:
+            raise
+        _report(Interrupted(_received))
     except SystemExit as exc:
         if _received is not None and exc.code in (0, None):
             _report(Interrupted(_received))
