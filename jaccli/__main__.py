@@ -1,3 +1,23 @@
-from .cli import main
+"""``python -m jaccli`` and the ``jaccli`` console script.
 
-main()
+Signal handling is installed before the CLI (Typer, Rich) is imported: Ctrl-C, SIGTERM
+or SIGHUP during start-up (importing, or Typer building the commands) then end with one
+line too, not a traceback. Only the interpreter's own first milliseconds, before any of
+jaccli runs, are out of reach.
+"""
+
+from . import signals
+
+
+def _cli() -> None:
+    from .cli import app
+
+    app()
+
+
+def main() -> None:
+    signals.run(_cli)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,10 +6,12 @@ code of :data:`~jaccli.errors.EXIT_CODES`.
 """
 
 
+import contextvars
 import importlib.metadata
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Annotated
@@ -25,9 +27,9 @@ import jaccli
 # to import, which --help, --version and shell completion must not pay. Commands import
 # what they use when they run.
 from .choices import DEFAULT_DIGITS, ESTIMATORS, KINDS, MODES, STDIO
-from .errors import EXIT_INTERRUPTED, CheckFailed, JaccliError, UsageError
+from .errors import CheckFailed, JaccliError, OutputClosed, UsageError
 from .layout import axis_names, group_of
-from . import _allocator, cli_partials
+from . import _allocator, cli_partials, signals
 from .cli_inputs import collect_warnings, err_console, input_meta, load_model_option, load_request, model_meta
 from .cli_options import (
     ModelArg,
@@ -51,6 +53,7 @@ from .cli_options import (
     Arch,
     Activation,
     ArchKwargs,
+    MaxInputBytes,
     Show,
     Digits,
     PlotFile,
@@ -65,19 +68,58 @@ except ImportError:  # pragma: no cover - older Typer with Click as a dependency
 
 
 def _fail(message: str, label: str, code: int) -> None:
+    signals.exiting()  # a second Ctrl-C must not turn the last line into a traceback
     err_console().print(f"[bold red]{label}:[/] {escape(message)}")
     sys.exit(code)
+
+
+def _silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null once its reader has gone, so that the
+    interpreter's final flush of ``sys.stdout`` does not print "Exception ignored …
+    BrokenPipeError" (what the Python docs on SIGPIPE recommend)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout replaced or closed: nothing left to flush there
+        pass
+
+
+def _fail_if_signalled() -> None:
+    """Report a signal as the cause of a failure that followed it: C code (torch's writer,
+    an extension module's import) turns the exception its handler raised into another one."""
+    if signals.received() is not None:
+        exc = signals.Interrupted(signals.received())
+        _fail(f"interrupted ({exc.name})", "error", exc.exit_code)
 
 
 class JaccliGroup(TyperGroup):
     """Runs a command and reports any failure as one line and an exit code."""
 
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # before Typer, which makes it a silent exit 1
+            raise OutputClosed(
+                "the reader closed the pipe before the output was complete", where="<stdout>"
+            ) from None
+        except KeyboardInterrupt:  # no handlers installed (CliRunner, an embedding program)
+            raise signals.Interrupted() from None
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            rv = super().main(
-                args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra
+            # in a copy of the context: what options set there (--max-input-bytes) ends with the
+            # command, and does not leak into the next call of a program that runs several
+            rv = contextvars.copy_context().run(
+                super().main, args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra
             )
+        except signals.Interrupted as exc:
+            _fail(f"interrupted ({exc.name})", "error", exc.exit_code)
+        except OutputClosed as exc:
+            _silence_stdout()
+            _fail(str(exc), exc.label, exc.exit_code)
         except JaccliError as exc:
+            _fail_if_signalled()
             _fail(str(exc), exc.label, exc.exit_code)
         except click_exc.NoArgsIsHelpError as exc:
             typer.echo(exc.ctx.get_help() if exc.ctx else str(exc))
@@ -86,8 +128,9 @@ class JaccliGroup(TyperGroup):
             cmd = f" {exc.ctx.info_name}" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
             _fail(f"{exc.format_message()} (see 'jaccli{cmd} --help')", "usage error", exc.exit_code)
         except (typer.Abort, KeyboardInterrupt):
-            _fail("interrupted", "error", EXIT_INTERRUPTED)
+            _fail("interrupted (SIGINT)", "error", 128 + signal.SIGINT)
         except Exception as exc:  # a bug in jaccli or a library: still one line unless debugging
+            _fail_if_signalled()
             if os.environ.get("JACCLI_DEBUG"):
                 raise
             _fail(
@@ -95,6 +138,7 @@ class JaccliGroup(TyperGroup):
                 "internal error",
                 1,
             )
+        signals.exiting()  # the work is done: a late signal must not print a traceback at exit
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -392,6 +436,7 @@ def _make_command(kind: str):
         arch: Arch = None,
         activation: Activation = None,
         arch_kwargs: ArchKwargs = None,
+        max_input_bytes: MaxInputBytes = None,
         flatten: Annotated[
             bool, typer.Option("--flatten", hidden=not flat_help, help="Give the matrix view [N, out, in] of tensor-shaped inputs and outputs.")
         ] = False,
@@ -454,6 +499,7 @@ def info(
     arch: Arch = None,
     activation: Activation = None,
     arch_kwargs: ArchKwargs = None,
+    max_input_bytes: MaxInputBytes = None,
     json_: Json = False,
 ) -> None:
     """What was loaded: format, parameters, dtype, shapes on INPUT, smoothness, batch independence."""
@@ -497,6 +543,7 @@ def check(
     arch: Arch = None,
     activation: Activation = None,
     arch_kwargs: ArchKwargs = None,
+    max_input_bytes: MaxInputBytes = None,
     json_: Json = False,
 ) -> None:
     """Compare jaccli's Jacobian (and Hessian) with float64 finite differences on a few points.
@@ -525,5 +572,7 @@ app.command("partials", help=cli_partials.HELP)(cli_partials.partials_command)
 
 
 def main() -> None:
-    """Entry point of the ``jaccli`` console script and ``python -m jaccli``."""
-    app()
+    """Run the command line with SIGINT, SIGTERM and SIGHUP handled (:mod:`jaccli.signals`);
+    the console script and ``python -m jaccli`` (``jaccli.__main__``) install them earlier,
+    before this module is imported."""
+    signals.run(app)

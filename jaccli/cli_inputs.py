@@ -47,7 +47,9 @@ def arch_kwargs(text: str | None) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError("--arch-kwargs is not JSON", expected='an object like {"width": 64}', got=f"{text} ({exc.msg})") from None
+        raise UsageError("--arch-kwargs is not JSON", expected='an object like {"width": 64}', got=f"{text[:200]} ({exc.msg})") from None
+    except RecursionError:
+        raise UsageError("--arch-kwargs is nested too deeply", expected='an object like {"width": 64}', got=f"{len(text)} characters") from None
     if not isinstance(value, dict):
         raise UsageError("--arch-kwargs must be a JSON object", got=text)
     return value

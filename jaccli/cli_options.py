@@ -119,3 +119,26 @@ NoBatchCheck = Annotated[
     bool,
     typer.Option("--no-batch-check", help="Skip the check that the model does not mix batch elements (--per-sample)."),
 ]
+
+
+def _set_max_input(ctx: typer.Context, value: Optional[str]) -> None:
+    if ctx.resilient_parsing:  # shell completion parses the line too, and must stay torch-free
+        return None
+    from .io.read import set_max_input_bytes
+
+    set_max_input_bytes(value)  # None: $JACCLI_MAX_INPUT_BYTES, else the 4 GiB default
+    return None
+
+
+MaxInputBytes = Annotated[
+    Optional[str],
+    typer.Option(
+        "--max-input-bytes",
+        metavar="SIZE",
+        help="Largest MODEL or INPUT file (or stream) to read, e.g. 512M or 16G; larger ones are refused (exit 6) "
+        "before they are read. Also JACCLI_MAX_INPUT_BYTES. [default: 4G]",
+        show_default=False,
+        callback=_set_max_input,
+        expose_value=False,
+    ),
+]

@@ -18,7 +18,7 @@ import jaccli
 from .choices import DEFAULT_DIGITS, STDIO
 from .cli_inputs import collect_warnings, err_console, input_meta, load_request, model_meta
 from .cli_options import (
-    Activation, Arch, ArchKwargs, ChunkSize, Device, Digits, Dtype, Force, InputArg, Inputs, Json, Key,
+    Activation, Arch, ArchKwargs, ChunkSize, Device, Digits, Dtype, Force, InputArg, Inputs, Json, Key, MaxInputBytes,
     ModelArg, NoBatchCheck, Output, PerSample, Quiet, Save, Strict, Verbose, Wrt,
 )  # fmt: skip
 from .errors import GateFailed, UsageError
@@ -72,6 +72,7 @@ def partials_command(
     arch: Arch = None,
     activation: Activation = None,
     arch_kwargs: ArchKwargs = None,
+    max_input_bytes: MaxInputBytes = None,
     show: Annotated[int, typer.Option(help="Points whose values the table shows.")] = 3,
     digits: Digits = DEFAULT_DIGITS,
 ) -> None:

@@ -115,6 +115,14 @@ class DependencyError(JaccliError):
     label = "missing dependency"
 
 
+class OutputClosed(OutputError):
+    """The reader of standard output went away (``jaccli … --save - | head -c 100``):
+    the result was cut short, which a pipeline must be able to tell from success."""
+
+    exit_code = 11
+    label = "output closed"
+
+
 class JaccliWarning(UserWarning):
     """Something the user should know about a result that is still returned."""
 
@@ -133,10 +141,11 @@ EXIT_CODES: dict[type[JaccliError], int] = {
         CheckFailed,
         GateFailed,
         DependencyError,
+        OutputClosed,
     )
 }
 
-#: exit code after Ctrl-C, as shells report SIGINT
+#: exit code after Ctrl-C, as shells report SIGINT; SIGTERM and SIGHUP give 128 + their number
 EXIT_INTERRUPTED = 130
 
 

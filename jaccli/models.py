@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .cast import cast_model
-from .errors import InputError, ModelError, ResourceError, UsageError
+from .errors import InputError, ModelError, ResourceError, UsageError, shape_str
 from .io import (
     Source,
     archive_kind,
@@ -226,6 +226,24 @@ def _mlp_sizes(state: Mapping[str, torch.Tensor], where: str) -> tuple[list[int]
     return sizes, any(k.endswith(".bias") for k in state)
 
 
+def _check_declared_mlp(sizes: list[int], bias: bool, state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Compare the widths the metadata declares with the weights before building anything:
+    metadata claiming a network of gigabytes must not allocate it to find the mismatch."""
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise InputError("bad jaccli metadata: jaccli.sizes", where=where, expected="two or more positive widths", got=sizes[:8])
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for key, want in ((f"{2 * i}.weight", (b, a)), (f"{2 * i}.bias", (b,) if bias else None)):
+            t = state.get(key)
+            got = None if t is None else tuple(t.shape)
+            if got != want:
+                raise ModelError(
+                    "the weights do not match the network the file's metadata declares",
+                    where=where,
+                    expected=f"{key} {'absent' if want is None else shape_str(want)}",
+                    got="none" if got is None else shape_str(got),
+                )
+
+
 def _import_factory(spec: str) -> Callable[..., nn.Module]:
     """The function named by ``file.py:name`` or ``package.module:name`` (runs that code)."""
     target, sep, name = spec.rpartition(":")
@@ -260,8 +278,9 @@ def _build(arch: Arch, state: Mapping[str, torch.Tensor], meta: Mapping[str, str
             sizes = [int(v) for v in json.loads(meta["jaccli.sizes"])]
             activation = meta["jaccli.activation"]
             bias = meta.get("jaccli.bias", "true") == "true"
-        except (KeyError, ValueError, TypeError) as exc:
-            raise InputError(f"bad jaccli metadata: {first_line(exc)}", where=where, expected=MLP_METADATA) from None
+        except (KeyError, ValueError, TypeError, RecursionError) as exc:
+            raise InputError(f"bad jaccli metadata: {first_line(exc)[:200]}", where=where, expected=MLP_METADATA) from None
+        _check_declared_mlp(sizes, bias, state, where)
         return build_mlp(sizes, activation, bias), "safetensors-mlp", False
     if arch.spec is None:
         raise UsageError(
@@ -469,7 +488,7 @@ def load_model(
     """
     dev = resolve_device(device)
     want = resolve_dtype(dtype)
-    src = read_source(path, what="model file")
+    src = read_source(path, what="model file", binary_only=True)
     kind = model_kind(src.data)
     if kind is None:
         raise InputError(

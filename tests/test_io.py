@@ -308,14 +308,18 @@ def test_read_only_directory(tmp_path):
             ro.chmod(0o700)
 
 
-@pytest.mark.parametrize("error", [RuntimeError("disk on fire"), KeyboardInterrupt()])
-def test_failed_writes_leave_no_partial_file(tmp_path, monkeypatch, error):
+@pytest.mark.parametrize(
+    "error,raised",
+    [(RuntimeError("disk on fire"), jaccli.OutputError), (OSError(28, "No space left on device"), jaccli.OutputError),
+     (KeyboardInterrupt(), KeyboardInterrupt)],
+)  # fmt: skip
+def test_failed_writes_leave_no_partial_file(tmp_path, monkeypatch, error, raised):
     def broken(fh, tensors, meta):
         fh.write(b"half a file")
         raise error
 
     monkeypatch.setitem(jio.WRITERS, "npy", broken)
-    with pytest.raises(type(error)):
+    with pytest.raises(raised):
         jaccli.save_tensors(tmp_path / "r.npy", torch.zeros(3))
     assert list(tmp_path.iterdir()) == []
 

@@ -29,7 +29,7 @@ class InputSpec:
             raise UsageError("bad --input", expected="NAME=FILE or NAME=FILE:KEY", got=spec)
         path, key = rest, None
         head, colon, tail = rest.rpartition(":")
-        if colon and head and "/" not in tail and not Path(rest).exists():
+        if colon and head and "/" not in tail and not os.path.exists(rest):  # False for a name too long, too
             path, key = head, tail
         return cls(name, path, key)
 

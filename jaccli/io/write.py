@@ -1,16 +1,21 @@
 """Writing results: the writer table, output checks and atomic writes.
 
 Each format is a row of :data:`WRITERS`; a result is written to a temporary file beside
-the target and renamed into place, so a failure never leaves a partial file.
+the target and moved into place, so a failure never leaves a partial file. Every
+``OSError`` or ``RuntimeError`` a writer raises (a full disk, a file-size limit, a name
+too long) is an :class:`~jaccli.OutputError`; a closed pipe on stdout is
+:class:`~jaccli.errors.OutputClosed`.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -18,9 +23,10 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from .. import signals
 from ..choices import STDIO
-from ..errors import OutputError, UsageError
-from .read import SUFFIXES
+from ..errors import OutputClosed, OutputError, UsageError
+from .read import SUFFIXES, shown_path
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -45,7 +51,33 @@ def _write_npz(fh: BinaryIO, tensors: dict[str, torch.Tensor], meta: dict[str, s
 
 def _write_torch(fh: BinaryIO, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     obj = next(iter(tensors.values())) if len(tensors) == 1 else dict(tensors)
-    torch.save(_detached(obj), fh)
+    recorder = _Recorder(fh)
+    try:
+        torch.save(_detached(obj), recorder)
+    except RuntimeError:
+        # torch's C++ writer reports a failed write ("No space left", a signal) as
+        # "[enforce fail at inline_container.cc]"; the original is the one to report
+        if recorder.error is not None:
+            raise recorder.error from None
+        raise
+
+
+class _Recorder:
+    """A file object that keeps the first exception its ``write`` raised."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self.error: BaseException | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._fh.write(data)
+        except BaseException as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self._fh.flush()
 
 
 def _detached(obj):
@@ -97,6 +129,13 @@ def check_output(path: str | os.PathLike, *, force: bool = False) -> None:
 def check_writable(path: str | os.PathLike, *, force: bool = False) -> None:
     """Fail now if a file cannot be written at ``path`` (any format)."""
     name = os.fspath(path)
+    try:
+        _check_writable(name, force)
+    except OSError as exc:  # a name too long, a loop of links, …: the path itself is unusable
+        raise OutputError(f"cannot write: {_reason(exc)}", where=shown_path(name)) from None
+
+
+def _check_writable(name: str, force: bool) -> None:
     p = Path(name)
     if p.is_dir():
         raise OutputError("is a directory", where=name, expected="a file path")
@@ -110,6 +149,12 @@ def check_writable(path: str | os.PathLike, *, force: bool = False) -> None:
             pass
     except OSError as exc:
         raise OutputError(f"directory is not writable: {exc.strerror or exc}", where=str(parent)) from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of what went wrong: ``No space left on device``."""
+    text = getattr(exc, "strerror", None) or str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _umask() -> int:
@@ -142,25 +187,99 @@ def save_tensors(
     if name == STDIO:
         buf = io.BytesIO()
         WRITERS[fmt](buf, tensors, meta)
-        sys.stdout.buffer.write(buf.getvalue())
-        sys.stdout.buffer.flush()
+        write_stdout(buf.getbuffer())
         return
-    write_atomically(name, lambda fh: WRITERS[fmt](fh, tensors, meta))
+    write_atomically(name, lambda fh: WRITERS[fmt](fh, tensors, meta), force=force)
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write`` on a temporary file beside ``path`` and rename it into place: the
-    file appears complete or not at all (removed on any failure, Ctrl-C included)."""
+def write_stdout(data) -> None:
+    """Write bytes to standard output; a closed pipe is :class:`OutputClosed`, a failing
+    device (``/dev/full``) an :class:`OutputError`."""
+    out = sys.stdout.buffer
+    view = memoryview(data).cast("B")
+    try:
+        while view:  # a pipe may take part of a large write, and the buffered writer says so
+            done = out.write(view)
+            view = view[done if done is not None else len(view) :]
+        out.flush()
+    except BrokenPipeError:
+        raise OutputClosed("the reader closed the pipe before the result was complete", where="<stdout>") from None
+    except OSError as exc:
+        raise OutputError(f"cannot write: {_reason(exc)}", where="<stdout>") from None
+
+
+#: test hook, documented in tests/test_faults.py and nowhere else used: a path; the
+#: writer creates it once the temporary file is complete and waits until it is removed
+_PAUSE_ENV = "JACCLI_TEST_PAUSE_BEFORE_RENAME"
+
+#: errors of os.link that mean "no hard links here", not "cannot write"
+_NO_LINKS = {errno.EPERM, errno.EACCES, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, force: bool = True) -> None:
+    """Call ``write`` on a temporary file beside ``path`` and move it into place: the
+    file appears complete or not at all (removed on any failure, signals included).
+
+    With ``force=False`` an existing file is never replaced, not even one another
+    process created while ``write`` ran: the last step is a hard link, which fails
+    where a name exists (where the file system has no links, an existence check and
+    a rename). ``OSError`` and ``RuntimeError`` (torch's writer) become
+    :class:`~jaccli.OutputError`.
+    """
     name = os.fspath(path)
     target = Path(name)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:100]}.", suffix=".part")
+    except OSError as exc:
+        raise OutputError(f"cannot write: {_reason(exc)}", where=shown_path(name)) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result is an ordinary file
-        os.replace(tmp, target)
+        _pause_for_tests()
+        with signals.deferred():  # not cut between placing the file and dropping its temporary name
+            _place(tmp, target, force)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write: {exc.strerror or exc}", where=name) from None
+        with signals.deferred():
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, signals.Interrupted | KeyboardInterrupt):
+            raise
+        if signals.received() is not None:  # torch.save reports a signal in its callback as RuntimeError
+            raise signals.Interrupted(signals.received()) from None
+        if isinstance(exc, OutputError):
+            raise
+        if isinstance(exc, OSError | RuntimeError):
+            raise OutputError(f"cannot write: {_reason(exc)}", where=shown_path(name)) from None
         raise
+
+
+def _place(tmp: str, target: Path, force: bool) -> None:
+    if force:
+        os.replace(tmp, target)
+        return
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise OutputError(
+            "appeared while the result was computed; not replaced",
+            where=str(target),
+            hint="pass --force to overwrite it",
+        ) from None
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        if os.path.lexists(target):
+            raise OutputError("already exists", where=str(target), hint="pass --force to overwrite it") from None
+        os.replace(tmp, target)
+    else:
+        os.unlink(tmp)
+
+
+def _pause_for_tests() -> None:
+    marker = os.environ.get(_PAUSE_ENV)
+    if not marker:
+        return
+    Path(marker).touch()
+    deadline = time.monotonic() + 60
+    while os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.01)
