@@ -115,6 +115,14 @@ class DependencyError(JaccliError):
     label = "missing dependency"
 
 
+class ResumeError(JaccliError):
+    """``--resume`` cannot continue: no partial run, one made with another model, input,
+    command or options, or a result format that does not stream."""
+
+    exit_code = 12
+    label = "resume error"
+
+
 class JaccliWarning(UserWarning):
     """Something the user should know about a result that is still returned."""
 
@@ -133,6 +141,7 @@ EXIT_CODES: dict[type[JaccliError], int] = {
         CheckFailed,
         GateFailed,
         DependencyError,
+        ResumeError,
     )
 }
 
