@@ -44,7 +44,7 @@ class ProgressBar:
             self.bar = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("points"), _Rate(), TimeRemainingColumn(),
-                console=self.console, transient=True,
+                console=self.console, transient=self.console.is_terminal,
             )  # fmt: skip
             self.bar.start()
             self.task = self.bar.add_task(self.label, total=total, completed=done)
