@@ -47,6 +47,8 @@ RECORD_INTERVAL = 1.0
 
 #: test-only: SIGKILL this process after it has written this many chunks (and recorded them)
 KILL_HOOK = "JACCLI_TEST_KILL_AFTER_CHUNKS"
+#: test-only: ``R:K`` makes rank R fail with an error after writing K chunks
+FAIL_HOOK = "JACCLI_TEST_FAIL_AFTER_CHUNKS"
 
 _PARTIAL = ".jaccli-partial"
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64"}
@@ -293,6 +295,8 @@ class FileSink:
         self.written = 0
         kill = os.environ.get(KILL_HOOK)
         self.kill_after = int(kill) if kill else None
+        fail = os.environ.get(FAIL_HOOK, "").partition(":")
+        self.fail_after = int(fail[2]) if fail[2] and int(fail[0]) == self.rank else None
 
     # ------------------------------------------------------------------ meetings
 
@@ -393,6 +397,8 @@ class FileSink:
             self._record()
         if kill:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.fail_after is not None and self.written >= self.fail_after:
+            raise OutputError(f"injected test failure ({FAIL_HOOK})", where=str(self.target))
         if self.progress is not None:
             self.progress(self.points_done, self.total)
 
