@@ -301,7 +301,15 @@ def _derivative_once(kind: str, *, world: int, rank: int, **o) -> None:
             if show_bar and not quiet and not as_json:
                 extra["progress"] = bar
             start = time.perf_counter()
-            value = getattr(jaccli, kind)(net, args, plan=plan, **common, **extra)
+            try:
+                value = getattr(jaccli, kind)(net, args, plan=plan, **common, **extra)
+            except KeyboardInterrupt:
+                if stream is not None and rank == 0:
+                    err_console().print(
+                        f"[bold]note:[/] the rows written so far are kept beside {escape(save)}; "
+                        "the same command with --resume continues from there"
+                    )
+                raise
             seconds = time.perf_counter() - start
         if stream is not None:
             from dataclasses import replace

@@ -218,3 +218,37 @@ def test_lazy_npy_input_is_memory_mapped_and_never_written(case):
     assert any(int(a, 16) <= t.data_ptr() < int(b, 16) for a, b in maps)
     t += 1  # copy-on-write: the file keeps its data
     np.testing.assert_array_equal(np.load(d / "x.npy"), x.numpy())
+
+
+class _Square(torch.autograd.Function):
+    """x², with a backward but no forward-mode derivative: forward mode falls back to reverse."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        raise NotImplementedError("this op has no forward AD formula")
+
+
+def test_a_fall_back_mid_stream_rewrites_the_file_with_the_new_plan(tmp_path, monkeypatch):
+    from jaccli.engine import planner
+
+    monkeypatch.setattr(planner, "FAST_PATH", False)  # the Taylor path would record x * x and need no fall-back
+    x = torch.linspace(-1, 1, 3000, dtype=torch.float64).reshape(1000, 3)
+    with pytest.warns(jaccli.JaccliWarning, match="instead of forward"):
+        got = jaccli.jacobian(_Square.apply, x, per_sample=True, mode="forward", chunk_size=100, save=tmp_path / "J.npy")
+    assert torch.equal(got, torch.diag_embed(2 * x))
+    assert _files(tmp_path) == ["J.npy"]

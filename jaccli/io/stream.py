@@ -371,6 +371,12 @@ class FileSink:
         self.mine = list(range(lo, hi))
         self.stats = _Stats()
         self.points_done = 0
+        # the records must describe the new grid, or a resumption would mix the two
+        _done_path(self.partial, self.rank).unlink(missing_ok=True)
+        if self.rank == 0:
+            meta = _meta_path(self.partial)
+            doc = json.loads(meta.read_text())
+            _atomic_json(meta, {**doc, "grid": self.grid})
 
     def chunks(self, n: int) -> Iterator[tuple[int, int]]:
         for c in list(self.mine):
@@ -431,7 +437,7 @@ class FileSink:
     def _record(self) -> None:
         """Flush the rows written so far, then say so: a record never claims unwritten data."""
         new = self.done - self.recorded
-        if not new:
+        if not new or self.fd is None:
             return
         os.fdatasync(self.fd)
         _atomic_json(_done_path(self.partial, self.rank), {"chunks": _ranges(self.done)})
