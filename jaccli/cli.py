@@ -170,6 +170,12 @@ def _derivative(kind: str, **o) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return _derivative_once(kind, world=1, rank=0, **o)
+    if not _streams(kind, o) and not o["dry_run"]:  # before joining: the other ranks fail alike
+        raise UsageError(
+            f"under torchrun ({world} processes) jaccli splits per-sample results streamed to a file",
+            expected="--per-sample --save FILE.npy or FILE.safetensors",
+            hint="run other requests in one process",
+        )
     import torch.distributed as dist
 
     if o["device"].startswith("cuda") and ":" not in o["device"]:
@@ -227,12 +233,6 @@ def _derivative_once(kind: str, *, world: int, rank: int, **o) -> None:
             "--resume continues a per-sample result streaming to --save FILE.npy or FILE.safetensors",
             got="no --save" if save is None else f"--save {save}" if o["per_sample"] else "no --per-sample",
             hint="only one result per point (one --wrt; not hutchinson) streams",
-        )
-    if world > 1 and not streams and not o["dry_run"]:
-        raise UsageError(
-            f"under torchrun ({world} processes) jaccli splits per-sample results streamed to a file",
-            expected="--per-sample --save FILE.npy or FILE.safetensors",
-            hint="run other requests in one process",
         )
     if rank != 0:  # rank 0 alone prints
         quiet, as_json = True, False

@@ -39,9 +39,9 @@ def case(tmp_path):
 def test_two_ranks_write_the_single_process_file_and_rank_0_alone_prints(case):
     d = case
     args = ["m.safetensors", "x.npy", "-p", "--chunk-size", "250"]
-    one = subprocess.run([sys.executable, "-m", "jaccli", "jacobian", *args, "--save", "ref.npy", "--quiet"],
-                         capture_output=True, text=True, timeout=120, cwd=d)  # fmt: skip
-    assert one.returncode == 0, one.stderr
+    one = jaccli.jacobian(jaccli.load_model(d / "m.safetensors"), jaccli.load_tensor(d / "x.npy"), per_sample=True,
+                          chunk_size=250)  # fmt: skip
+    np.save(d / "ref.npy", one.numpy())
     two = _torchrun(d, "jacobian", *args, "--save", "J.npy", "--json")
     assert two.returncode == 0, two.stderr
     (doc,) = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]  # one object
@@ -60,5 +60,27 @@ def test_a_failing_rank_fails_every_rank_with_its_message_and_leaves_nothing(cas
 
 
 def test_torchrun_refuses_a_request_that_does_not_stream(case):
-    r = _torchrun(case, "jacobian", "m.safetensors", "x.npy", "-p", "--save", "J.npz")
-    assert r.returncode != 0 and "under torchrun (2 processes)" in r.stderr
+    from typer.testing import CliRunner
+
+    from jaccli.cli import app
+
+    # refused before joining the process group, so one process with torchrun's variables shows it
+    r = CliRunner(env={"WORLD_SIZE": "2", "RANK": "0"}).invoke(
+        app, ["jacobian", str(case / "m.safetensors"), str(case / "x.npy"), "-p", "--save", str(case / "J.npz")]
+    )
+    assert r.exit_code == 2 and "under torchrun (2 processes)" in r.stderr
+
+
+def test_a_killed_torchrun_job_resumes_in_one_process_bit_identical(case):
+    d = case
+    args = ["m.safetensors", "x.npy", "-p", "--chunk-size", "250"]
+    killed = _torchrun(d, "jacobian", *args, "--save", "J.npy", env={st.KILL_HOOK: "2"})
+    assert killed.returncode != 0 and not (d / "J.npy").exists()
+    records = sorted(p.name for p in d.glob(".J.npy.jaccli-partial.done*.json"))
+    assert records == [".J.npy.jaccli-partial.done0.json", ".J.npy.jaccli-partial.done1.json"]
+    resumed = subprocess.run([sys.executable, "-m", "jaccli", "jacobian", *args, "--save", "J.npy", "--resume", "--json"],
+                             capture_output=True, text=True, timeout=120, cwd=d)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["resumed_points"] == 4 * 250
+    np.testing.assert_array_equal(np.load(d / "J.npy"), jaccli.jacobian(
+        jaccli.load_model(d / "m.safetensors"), jaccli.load_tensor(d / "x.npy"), per_sample=True, chunk_size=250).numpy())
