@@ -110,6 +110,9 @@ def test_an_interrupted_stream_keeps_its_partial_run_and_resumes(case):
     got = jaccli.jacobian(net, x, per_sample=True, chunk_size=300, save=spec)
     assert spec.resumed_points == 1500
     assert torch.equal(got, want)
+    # the statistics cover the rows the interrupted run wrote as well
+    assert (spec.stats["min"], spec.stats["max"]) == (float(want.min()), float(want.max()))
+    assert spec.stats["mean"] == pytest.approx(float(want.double().mean()), rel=1e-9)
     assert _files(d) == ["J.npy", "m.safetensors", "x.npy"]
 
 
