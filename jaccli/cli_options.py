@@ -123,8 +123,8 @@ ProgressOpt = Annotated[
     Optional[bool],
     typer.Option(
         "--progress/--no-progress",
-        help="Show a progress bar on stderr (points, points/s, time left) [default: when stderr is a terminal "
-        "and the work runs over a second; never with --json or --quiet]",
+        help="Show a progress bar on stderr (points, points/s, time left). By default it shows when stderr is a "
+        "terminal and the work runs over a second; never with --json or --quiet.",
         show_default=False,
     ),
 ]
