@@ -352,7 +352,7 @@ class FileSink:
         self.mine = [c for c in range(lo, hi) if c not in self.done]
         for c in range(lo, hi):  # the statistics must cover the rows an earlier run wrote too
             if c in self.done:
-                self._restat(c * self.grid, min((c + 1) * self.grid, n), flat_shape[1:])
+                self._restat(c * self.grid, min((c + 1) * self.grid, n))
         done_points = sum(min(self.grid, n - c * self.grid) for c in self.done)
         self.stream.resumed_points = done_points
         self.total = sum(min(self.grid, n - c * self.grid) for c in range(lo, hi))
@@ -360,7 +360,7 @@ class FileSink:
         if self.progress is not None:
             self.progress(self.points_done, self.total)
 
-    def _restat(self, start: int, stop: int, row_shape) -> None:
+    def _restat(self, start: int, stop: int) -> None:
         """Add rows already in the file (written by an interrupted run) to the statistics."""
         np_dtype = np.dtype(str(self.dtype).removeprefix("torch."))
         data = os.pread(self.fd, (stop - start) * self.row_bytes, self.offset + start * self.row_bytes)
