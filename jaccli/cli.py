@@ -182,12 +182,12 @@ def _derivative(kind: str, **o) -> None:
         o["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     joined = not dist.is_initialized()
     if joined:
-        if o["device"].startswith("cuda"):
-            import torch
+        import torch
 
-            # nccl's object collectives run on the current device: each rank's own, not cuda:0
+        nccl = o["device"].startswith("cuda") and torch.cuda.is_available()  # else loading says CUDA is missing
+        if nccl:  # nccl's object collectives run on the current device: each rank's own, not cuda:0
             torch.cuda.set_device(o["device"])
-        dist.init_process_group("nccl" if o["device"].startswith("cuda") else "gloo")
+        dist.init_process_group("nccl" if nccl else "gloo")
     try:
         _derivative_once(kind, world=dist.get_world_size(), rank=dist.get_rank(), **o)
     finally:
