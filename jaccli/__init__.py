@@ -28,6 +28,7 @@ from .errors import (
     NumericalError,
     OutputError,
     ResourceError,
+    ResumeError,
     UsageError,
 )
 
@@ -48,6 +49,7 @@ _LAZY = {
     "load_tensor": ".io",
     "load_tensors": ".io",
     "save_tensors": ".io",
+    "Stream": ".io",
     "Arch": ".models",
     "LoadedModel": ".models",
     "ModelInfo": ".models",
@@ -61,7 +63,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # what IDEs and type checkers see
     from .engine import DivergenceEstimate, Plan, describe, divergence, hessian, jacobian, laplacian, plan
-    from .io import load_tensor, load_tensors, save_tensors
+    from .io import Stream, load_tensor, load_tensors, save_tensors
     from .higher import Partials, partials
     from .models import Arch, LoadedModel, ModelInfo, load_model, save_mlp
     from .summary import Summary, summarize
@@ -99,6 +101,8 @@ __all__ = [
     "Partials",
     "Plan",
     "ResourceError",
+    "ResumeError",
+    "Stream",
     "Summary",
     "UsageError",
     "__version__",

@@ -58,6 +58,8 @@ from .cli_options import (
     Digits,
     PlotFile,
     NoBatchCheck,
+    ProgressOpt,
+    Resume,
     _complete,
 )
 
@@ -208,11 +210,81 @@ def _name_results(kind: str, value, wrt: list[str], in_ndims: list[int], per_sam
 
 
 def _derivative(kind: str, **o) -> None:
+    """Under torchrun, join the process group around :func:`_derivative_once`."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return _derivative_once(kind, world=1, rank=0, **o)
+    if not _streams(kind, o) and not o["dry_run"]:  # before joining: the other ranks fail alike
+        raise UsageError(
+            f"under torchrun ({world} processes) jaccli splits per-sample results streamed to a file",
+            expected="--per-sample --save FILE.npy or FILE.safetensors",
+            hint="run other requests in one process",
+        )
+    import torch.distributed as dist
+
+    if o["device"].startswith("cuda") and ":" not in o["device"]:
+        o["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    joined = not dist.is_initialized()
+    if joined:
+        import torch
+
+        nccl = o["device"].startswith("cuda") and torch.cuda.is_available()  # else loading says CUDA is missing
+        if nccl:  # nccl's object collectives run on the current device: each rank's own, not cuda:0
+            torch.cuda.set_device(o["device"])
+        dist.init_process_group("nccl" if nccl else "gloo")
+    try:
+        _derivative_once(kind, world=dist.get_world_size(), rank=dist.get_rank(), **o)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _streams(kind: str, o: dict) -> bool:
+    """Whether the result goes to disk chunk by chunk: one per-sample tensor to .npy/.safetensors."""
+    from .io import can_stream
+
+    one = not o["wrt"] or len(o["wrt"]) == 1
+    return bool(o["per_sample"] and one and o.get("estimator", "exact") == "exact" and can_stream(o["save"]))
+
+
+def _fingerprint(kind: str, o: dict) -> dict:
+    """What a resumed run must share with the interrupted one, as files and options say it."""
+    from pathlib import Path
+
+    from .io import InputSpec
+    from .io.stream import file_fingerprint
+
+    facts = {
+        "command": kind,
+        "cli": {k: o[k] for k in ("per_sample", "device", "dtype", "mode", "chunk_size", "key", "wrt", "output",
+                                   "flatten", "arch", "activation", "arch_kwargs", "estimator", "probes", "seed")},
+    }  # fmt: skip
+    if Path(o["model"]).is_file():
+        facts["model"] = file_fingerprint(o["model"])
+    files = ([] if o["input"] is None else [("", o["input"])]) + [
+        (spec.name, spec.path) for spec in map(InputSpec.parse, o["inputs"] or ())
+    ]
+    if files and all(path != STDIO and Path(path).is_file() for _, path in files):
+        facts["inputs"] = {name: file_fingerprint(path, whole=False) for name, path in files}
+    return facts
+
+
+def _derivative_once(kind: str, *, world: int, rank: int, **o) -> None:
     """Load, plan, compute, save and report one derivative (the four commands share it)."""
     from . import render
     from .io import check_output
+    from .errors import ResumeError
 
     quiet, as_json, save = o["quiet"], o["json"], o["save"]
+    streams = _streams(kind, o)
+    if o["resume"] and not streams:
+        raise ResumeError(
+            "--resume continues a per-sample result streaming to --save FILE.npy or FILE.safetensors",
+            got="no --save" if save is None else f"--save {save}" if o["per_sample"] else "no --per-sample",
+            hint="only one result per point (one --wrt; not hutchinson) streams",
+        )
+    if rank != 0:  # rank 0 alone prints
+        quiet, as_json = True, False
     if save == STDIO and as_json:
         raise UsageError("--save - writes the result to stdout, which --json also needs", hint="save to a file")
     if o["mode"] not in MODES:
@@ -229,7 +301,7 @@ def _derivative(kind: str, **o) -> None:
         plot.require_matplotlib()
     messages: list[str] = []
     out = Console(stderr=save == STDIO, highlight=False)
-    with collect_warnings(messages):
+    with collect_warnings(messages, show=rank == 0):
         net, args, sources, wrt = load_request(o, o["wrt"])
         common = dict(
             wrt=wrt if wrt is None or len(wrt) > 1 else wrt[0],
@@ -263,12 +335,35 @@ def _derivative(kind: str, **o) -> None:
                 )
         if kind == "divergence":
             extra["seed"] = o["seed"]
-        start = time.perf_counter()
-        value = getattr(jaccli, kind)(net, args, plan=plan, **common, **extra)
-        seconds = time.perf_counter() - start
-    in_tensors = args if isinstance(args, dict) else {next(iter(sources)): args}
-    diff = wrt or list(in_tensors)[:1]
-    in_ndims = [in_tensors[w].dim() - (1 if o["per_sample"] else 0) for w in diff]
+        in_tensors = args if isinstance(args, dict) else {next(iter(sources)): args}
+        diff = wrt or list(in_tensors)[:1]
+        in_ndims = [in_tensors[w].dim() - (1 if o["per_sample"] else 0) for w in diff]
+        stream = None
+        if streams:
+            stream = _stream_spec(kind, o, plan, net, args, sources, in_ndims)
+            extra["save"] = stream
+        show_bar = o["progress"] if o["progress"] is not None else err_console().is_terminal
+        from .progress import ProgressBar
+
+        label = kind if world == 1 else f"{kind} (rank 0, 1/{world} of the points)"
+        with ProgressBar(label, force=bool(o["progress"])) as bar:
+            if show_bar and not quiet and not as_json:
+                extra["progress"] = bar
+            start = time.perf_counter()
+            try:
+                value = getattr(jaccli, kind)(net, args, plan=plan, **common, **extra)
+            except KeyboardInterrupt:
+                if stream is not None and rank == 0:
+                    err_console().print(
+                        f"[bold]note:[/] the rows written so far are kept beside {escape(save)}; "
+                        "the same command with --resume continues from there"
+                    )
+                raise
+            seconds = time.perf_counter() - start
+        if stream is not None:
+            from dataclasses import replace
+
+            plan = replace(plan, world_size=stream.world_size)
     results, axes, arg_names = _name_results(kind, value, diff, in_ndims, o["per_sample"], bool(wrt and len(wrt) > 1))
     stderr = value.stderr if isinstance(value, jaccli.DivergenceEstimate) else None
     if o["flatten"]:
@@ -297,7 +392,10 @@ def _derivative(kind: str, **o) -> None:
     )
     if o["summary"]:
         report.summaries = _summaries(report)
-    if save is not None:
+    if stream is not None:
+        report.stats = {kind: stream.stats}
+        report.resumed_points = stream.resumed_points
+    elif save is not None:
         to_save = dict(results)
         if stderr is not None:
             to_save["stderr"] = stderr
@@ -313,6 +411,28 @@ def _derivative(kind: str, **o) -> None:
         typer.echo(json.dumps(render.result_json(report)))
     elif not quiet:
         render.show_result(out, report)
+
+
+def _stream_spec(kind: str, o: dict, plan, net, args, sources, in_ndims):
+    """The :class:`jaccli.Stream` of a streamed ``--save``: the file's shape (``--flatten``'s
+    view), its metadata (known before any work: the header is written first), resume."""
+    import torch
+
+    shape = tuple(plan.result_shape)
+    axes = axis_names(True, len(shape), tuple(in_ndims[:1] * _DIFF_ORDER[kind]))
+    if o["flatten"]:
+        view, axes = _flatten(torch.empty(shape, device="meta"), axes, kind)
+        shape = tuple(view.shape)
+    meta = {
+        "jaccli_version": jaccli.__version__,
+        "command": kind,
+        "model": o["model"],
+        "inputs": {k: v["shape"] for k, v in input_meta(args, sources).items()},
+        "per_sample": True,
+        "axes": {kind: axes},
+    }
+    return jaccli.Stream(o["save"], name=kind, metadata=meta, shape=shape, force=o["force"], resume=o["resume"],
+                         fingerprint=_fingerprint(kind, o))  # fmt: skip
 
 
 #: the most points ``--show all`` prints
@@ -457,6 +577,8 @@ def _make_command(kind: str):
             ),
         ] = False,
         plot: PlotFile = None,
+        progress: ProgressOpt = None,
+        resume: Resume = False,
     ) -> None:
         if not div and (estimator != "exact" or probes != 16 or seed != 0):
             raise UsageError(f"--estimator, --probes and --seed are options of divergence, not {kind}")
@@ -473,7 +595,7 @@ def _make_command(kind: str):
             dry_run=dry_run, key=key, inputs=inputs, wrt=wrt, output=output, strict=strict,
             no_batch_check=no_batch_check, flatten=flatten, estimator=estimator, probes=probes,
             seed=seed, arch=arch, activation=activation, arch_kwargs=arch_kwargs, verbose=verbose,
-            show=show, digits=digits, summary=summary, plot=plot,
+            show=show, digits=digits, summary=summary, plot=plot, progress=progress, resume=resume,
         )  # fmt: skip
 
     command.__doc__ = _with_example(kind, _COMMAND_HELP[kind])

@@ -23,8 +23,9 @@ def err_console() -> Console:
 
 
 @contextmanager
-def collect_warnings(collected: list[str]):
-    """Show warnings as yellow lines on stderr and keep their text for --json."""
+def collect_warnings(collected: list[str], *, show: bool = True):
+    """Show warnings as yellow lines on stderr (unless ``show`` is false: the other ranks
+    of a torchrun job) and keep their text for --json."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -38,7 +39,8 @@ def collect_warnings(collected: list[str]):
                     continue
                 seen.add(text)
                 collected.append(text)
-                err.print(f"[bold yellow]warning:[/] {escape(text)}")
+                if show:
+                    err.print(f"[bold yellow]warning:[/] {escape(text)}")
 
 
 def arch_kwargs(text: str | None) -> dict:

@@ -142,3 +142,20 @@ MaxInputBytes = Annotated[
         expose_value=False,
     ),
 ]
+ProgressOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--progress/--no-progress",
+        help="Show a progress bar on stderr (points, points/s, time left). By default it shows when stderr is a "
+        "terminal and the work runs over a second; never with --json or --quiet.",
+        show_default=False,
+    ),
+]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue an interrupted run that was streaming to --save FILE.npy/.safetensors from its last "
+        "recorded chunk (the model, input, command and options must be the same).",
+    ),
+]

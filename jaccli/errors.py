@@ -123,6 +123,14 @@ class OutputClosed(OutputError):
     label = "output closed"
 
 
+class ResumeError(JaccliError):
+    """``--resume`` cannot continue: no partial run, one made with another model, input,
+    command or options, or a result format that does not stream."""
+
+    exit_code = 12
+    label = "resume error"
+
+
 class JaccliWarning(UserWarning):
     """Something the user should know about a result that is still returned."""
 
@@ -142,6 +150,7 @@ EXIT_CODES: dict[type[JaccliError], int] = {
         GateFailed,
         DependencyError,
         OutputClosed,
+        ResumeError,
     )
 }
 

@@ -72,6 +72,10 @@ class Report:
     show: int = 1
     #: significant digits in tables (``--digits``)
     digits: int = DEFAULT_DIGITS
+    #: per result, statistics gathered while it streamed to disk (read instead of the file)
+    stats: dict[str, dict] = field(default_factory=dict)
+    #: points an interrupted run had already written (``--resume``)
+    resumed_points: int = 0
 
 
 def named_shape(names: list[str], shape) -> str:
@@ -124,7 +128,7 @@ def show_result(console: Console, report: Report) -> None:
     for name, t in report.results.items():
         label = "result" if len(report.results) == 1 else name
         names = report.axes[name]
-        s = stats(t)
+        s = report.stats.get(name) or stats(t)
         table.add_row(label, escape(f"{named_shape(names, t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"))
         if s["min"] is not None:
             table.add_row("  min / max / mean", f"{s['min']:.6g} / {s['max']:.6g} / {s['mean']:.6g}")
@@ -135,7 +139,8 @@ def show_result(console: Console, report: Report) -> None:
         table.add_row("standard error", f"max {se['max']:.3g}, mean {se['mean']:.3g}")
     table.add_row("time", f"{report.seconds:.3f} s")
     if report.saved_to:
-        table.add_row("saved to", escape(report.saved_to))
+        streamed = " (streamed" + (f", {report.resumed_points:,} points from the interrupted run" if report.resumed_points else "") + ")"
+        table.add_row("saved to", escape(report.saved_to) + (streamed if report.stats else ""))
     console.print(table)
     for name, t in report.results.items():
         show_blocks(console, report, name)
@@ -200,7 +205,7 @@ def result_json(report: Report) -> dict:
     """The ``--json`` document of a computed derivative (schema in the README)."""
     results = {}
     for name, t in report.results.items():
-        s = stats(t)
+        s = report.stats.get(name) or stats(t)
         results[name] = {
             "shape": list(t.shape),
             "axes": report.axes[name],
@@ -225,6 +230,8 @@ def result_json(report: Report) -> dict:
         "warnings": report.warnings,
         "seconds": round(report.seconds, 6),
         "saved_to": report.saved_to,
+        "streamed": bool(report.stats),
+        "resumed_points": report.resumed_points,
     }
     if report.stderr is not None:
         doc["stderr"] = {"probes": report.probes, "values": _values(report.stderr), **stats(report.stderr)}

@@ -10,17 +10,121 @@ Imports: everything else in the engine; nothing imports this module but the pack
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 
-from ..errors import ModelError, UsageError
+from ..errors import ModelError, ResumeError, UsageError
 from ..models import count_parameters, describe_expected_input, info_of, model_dtype
-from .execute import compute
+from .execute import MemorySink, compute
 from .planner import Plan, prepare
 from .problem import arg_names, check_batch_independence, check_inputs, normalise_args, probe_rows
 from .results import NONSMOOTH_OPS, finish, lead_axes, unflatten_in
+
+
+def _compute(kind: str, f, x, *, save, progress, plan, seed=0, **options):
+    """Compute into memory, or stream a per-sample result into ``save`` chunk by chunk.
+
+    Returns ``(problem, plan, flat result or None, streamed tensor or None)``. A streamed
+    request returns the finished file as a tensor backed by it; anything else is computed
+    in memory (and, with ``save``, written by :func:`jaccli.io.save_tensors` afterwards).
+    """
+    from ..io import stream as st
+
+    if save is None:
+        p, plan_, flat = compute(kind, f, x, plan=plan, seed=seed, sink=MemorySink(progress), **options)
+        return p, plan_, flat, None
+    spec = save if isinstance(save, st.Stream) else st.Stream(save, name=kind)
+    opened: list = []
+
+    def make_sink(p, plan_):
+        streams = p.per_sample and p.single and plan_.estimator != "hutchinson"
+        if not (streams and st.can_stream(spec.path)):
+            if spec.resume:
+                why = "a multi-tensor result" if streams or not p.per_sample else "this format"
+                raise ResumeError(
+                    "cannot resume: only per-sample results of one tensor saved to .npy or "
+                    ".safetensors stream to disk",
+                    where=os.fspath(spec.path),
+                    got=why if p.per_sample else "a whole-input result",
+                    hint="rerun without --resume",
+                )
+            return MemorySink(progress)
+        sink = st.FileSink(spec, plan_.result_shape, fingerprint=_fingerprint(kind, f, p, plan_, options, seed, spec),
+                           progress=progress)  # fmt: skip
+        opened.append(sink)
+        return sink
+
+    try:
+        p, plan_, flat = compute(kind, f, x, plan=plan, seed=seed, sink=make_sink, **options)
+        if not opened:
+            return p, plan_, flat, None
+        sink = opened[0]
+        facts = sink.gather()
+        finish(kind, p, None, options.get("strict", False), facts=facts)
+        value = sink.finalise()
+    except BaseException as exc:
+        if opened:
+            opened[0].abort(exc)
+        raise
+    return p, replace(plan_, world_size=spec.world_size), None, value
+
+
+def _saved(kind: str, p, value, save):
+    """``value`` after writing it to ``save`` (a result that did not stream), by name:
+    ``kind``, ``kind_ARG`` for several arguments, ``stderr`` of a Hutchinson estimate."""
+    if save is None:
+        return value
+    from ..io import save_tensors
+    from ..io.stream import Stream
+
+    spec = save if isinstance(save, Stream) else Stream(save, name=kind)
+    if isinstance(value, DivergenceEstimate):
+        tensors = {kind: value.value, "stderr": value.stderr}
+    elif isinstance(value, torch.Tensor):
+        tensors = {spec.name: value}
+    else:
+        labels = [p.labels[i] for i in p.wrt]
+        tensors = {}
+        for a, part in zip(labels, value):
+            if isinstance(part, torch.Tensor):
+                tensors[f"{kind}_{a}"] = part
+            else:
+                tensors.update({f"{kind}_{a}_{b}": blk for b, blk in zip(labels, part)})
+    save_tensors(spec.path, tensors, metadata=spec.metadata, force=spec.force)
+    return value
+
+
+def _fingerprint(kind: str, f, p, plan_, options: dict, seed: int, spec) -> dict:
+    """What must not change between an interrupted streaming run and its resumption."""
+    import hashlib
+    import importlib.metadata
+
+    from ..io.stream import parameters_fingerprint
+
+    given = dict(spec.fingerprint or {})
+    facts = {
+        "kind": kind,
+        "options": {k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v) for k, v in sorted(options.items())},
+        "seed": seed,
+        "engine": plan_.engine,
+        "mode": plan_.mode,
+        "directions_per_pass": plan_.directions_per_pass,
+        "points": plan_.points,
+        "versions": {"jaccli": importlib.metadata.version("jaccli"), "torch": torch.__version__},
+    }
+    if "model" not in given:
+        facts["model"] = parameters_fingerprint(p.module)
+    if "inputs" not in given:
+        digests = {}
+        for label, v in zip(p.labels, p.args.values):
+            h = hashlib.sha256(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            digests[label] = {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": h.hexdigest()}
+        facts["inputs"] = digests
+    return {**facts, **given}
 
 
 def plan(
@@ -70,6 +174,8 @@ def jacobian(
     check_batch: bool = True,
     strict: bool = False,
     plan: Plan | None = None,
+    save=None,
+    progress: Callable[[int, int], None] | None = None,
 ):
     """Jacobian of ``f`` at ``x``.
 
@@ -85,6 +191,15 @@ def jacobian(
     is the number of points per pass with ``per_sample``, the number of directions
     per pass otherwise; by default it is chosen to keep memory bounded.
 
+    ``save`` (a path or a :class:`jaccli.Stream`) writes the result to a file. A per-sample
+    result of one tensor saved to ``.npy`` or ``.safetensors`` *streams*: each chunk goes to
+    its rows of the file as soon as it is computed, memory stays bounded whatever N, and
+    the return value is a tensor backed by the finished file; ``Stream(path, resume=True)``
+    continues an interrupted run. Under ``torch.distributed`` (``torchrun``) the ranks
+    share the chunks of a streamed result and write into the same file. Other results are
+    computed in memory and then saved. ``progress(done, total)`` is called with the points
+    done after each chunk (the same two arguments apply to every derivative function).
+
     >>> import torch, jaccli
     >>> A = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     >>> jaccli.jacobian(lambda v: A @ v, torch.zeros(2))
@@ -95,12 +210,14 @@ def jacobian(
     >>> jaccli.jacobian(torch.sin, x, per_sample=True).squeeze(-1).squeeze(-1) - torch.cos(x[:, 0])
     tensor([0., 0., 0., 0.])
     """
-    p, plan_, flat = compute("jacobian", f, x, wrt=wrt, per_sample=per_sample, mode=mode,
-                          chunk_size=chunk_size, output=output, check_batch=check_batch,
-                          strict=strict, plan=plan)  # fmt: skip
+    p, plan_, flat, streamed = _compute("jacobian", f, x, wrt=wrt, per_sample=per_sample, mode=mode,
+                                        chunk_size=chunk_size, output=output, check_batch=check_batch,
+                                        strict=strict, plan=plan, save=save, progress=progress)  # fmt: skip
+    if streamed is not None:
+        return streamed
     value = flat if p.per_sample else flat[0]
     finish("jacobian", p, value, strict)
-    return unflatten_in(p, value, lead_axes(p), 1)
+    return _saved("jacobian", p, unflatten_in(p, value, lead_axes(p), 1), save)
 
 
 def hessian(
@@ -115,6 +232,8 @@ def hessian(
     check_batch: bool = True,
     strict: bool = False,
     plan: Plan | None = None,
+    save=None,
+    progress: Callable[[int, int], None] | None = None,
 ):
     """Second derivatives of ``f`` at ``x``: one Hessian per output component.
 
@@ -132,12 +251,14 @@ def hessian(
     tensor([[4., 1.],
             [1., 6.]])
     """
-    p, plan_, flat = compute("hessian", f, x, wrt=wrt, per_sample=per_sample, mode=mode,
-                          chunk_size=chunk_size, output=output, check_batch=check_batch,
-                          strict=strict, plan=plan)  # fmt: skip
+    p, plan_, flat, streamed = _compute("hessian", f, x, wrt=wrt, per_sample=per_sample, mode=mode,
+                                        chunk_size=chunk_size, output=output, check_batch=check_batch,
+                                        strict=strict, plan=plan, save=save, progress=progress)  # fmt: skip
+    if streamed is not None:
+        return streamed
     value = flat if p.per_sample else flat[0]
     finish("hessian", p, value, strict)
-    return unflatten_in(p, value, lead_axes(p), 2)
+    return _saved("hessian", p, unflatten_in(p, value, lead_axes(p), 2), save)
 
 
 def laplacian(
@@ -152,6 +273,8 @@ def laplacian(
     check_batch: bool = True,
     strict: bool = False,
     plan: Plan | None = None,
+    save=None,
+    progress: Callable[[int, int], None] | None = None,
 ):
     """Trace of the Hessian of every output component: ``[*, *out]``.
 
@@ -161,12 +284,14 @@ def laplacian(
     >>> jaccli.laplacian(lambda v: (v**2).sum(), torch.ones(3))   # Δ|v|² = 2·3
     tensor(6.)
     """
-    p, plan_, flat = compute("laplacian", f, x, wrt=wrt, per_sample=per_sample, mode=mode,
-                          chunk_size=chunk_size, output=output, check_batch=check_batch,
-                          strict=strict, plan=plan)  # fmt: skip
+    p, plan_, flat, streamed = _compute("laplacian", f, x, wrt=wrt, per_sample=per_sample, mode=mode,
+                                        chunk_size=chunk_size, output=output, check_batch=check_batch,
+                                        strict=strict, plan=plan, save=save, progress=progress)  # fmt: skip
+    if streamed is not None:
+        return streamed
     value = flat.reshape((*lead_axes(p), *p.out_shape))
     finish("laplacian", p, value, strict)
-    return value
+    return _saved("laplacian", p, value, save)
 
 
 class DivergenceEstimate(NamedTuple):
@@ -192,6 +317,8 @@ def divergence(
     check_batch: bool = True,
     strict: bool = False,
     plan: Plan | None = None,
+    save=None,
+    progress: Callable[[int, int], None] | None = None,
 ):
     """Divergence (trace of the Jacobian) of a map whose output shape equals its input's.
 
@@ -208,14 +335,16 @@ def divergence(
     >>> round(float(est.value), 4), float(est.stderr)
     (100.0, 0.0)
     """
-    p, plan_, flat = compute("divergence", f, x, wrt=wrt, per_sample=per_sample, mode=mode,
-                          chunk_size=chunk_size, output=output, check_batch=check_batch,
-                          strict=strict, estimator=estimator, probes=probes,
-                          seed=seed, plan=plan)  # fmt: skip
+    p, plan_, flat, streamed = _compute("divergence", f, x, wrt=wrt, per_sample=per_sample, mode=mode,
+                                        chunk_size=chunk_size, output=output, check_batch=check_batch,
+                                        strict=strict, estimator=estimator, probes=probes,
+                                        seed=seed, plan=plan, save=save, progress=progress)  # fmt: skip
+    if streamed is not None:
+        return streamed
     if estimator == "exact":
         value = flat if p.per_sample else flat[0]
         finish("divergence", p, value, strict)
-        return value
+        return _saved("divergence", p, value, save)
     k = int(probes)
     mean = flat[:, 0] / k
     var = ((flat[:, 1] - k * mean * mean) / (k - 1)).clamp_min(0)
@@ -224,7 +353,7 @@ def divergence(
     if not p.per_sample:
         mean, stderr = mean[0], stderr[0]
     finish("divergence", p, mean, strict)
-    return DivergenceEstimate(mean, stderr, k)
+    return _saved("divergence", p, DivergenceEstimate(mean, stderr, k), save)
 
 
 def describe(f: Callable, x=None, *, per_sample: bool = True, output=None) -> dict:

@@ -12,6 +12,7 @@ Imports: torch, numpy, :mod:`jaccli.taylor`, :mod:`.problem`, :mod:`.strategies`
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -44,8 +45,43 @@ def _empty_result(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     return torch.from_numpy(np.empty(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
 
 
-def _execute(kind: str, p: Problem, plan: Plan, strategy: Strategy, *, seed: int, probes: int):
-    """Loop over chunks of points and directions; returns the flat ``[N, …]`` result."""
+class MemorySink:
+    """Where the chunk loops write a result held in memory: each chunk straight into its rows.
+
+    The other sink, :class:`jaccli.io.stream.FileSink`, has the same methods and writes each
+    finished chunk into its rows of a file instead (and may compute only some chunks: those
+    of its rank, not yet done by an interrupted run). ``progress(done, total)`` is called
+    with the points done after each chunk.
+    """
+
+    def __init__(self, progress: Callable[[int, int], None] | None = None) -> None:
+        self.progress = progress
+
+    def open(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *,
+             zero: bool, ppc: int) -> None:  # fmt: skip
+        self.result = torch.zeros(shape, dtype=dtype, device=device) if zero else _empty_result(shape, dtype, device)
+        self.ppc, self.done = ppc, 0
+        if self.progress is not None:
+            self.progress(0, shape[0])
+
+    def chunks(self, n: int) -> Iterator[tuple[int, int]]:
+        for start in range(0, n, self.ppc):
+            yield start, min(start + self.ppc, n)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.result[start:stop]
+
+    def commit(self, start: int, stop: int) -> None:
+        self.done += stop - start
+        if self.progress is not None:
+            self.progress(self.done, self.result.shape[0])
+
+    def value(self) -> torch.Tensor:
+        return self.result
+
+
+def _execute(kind: str, p: Problem, plan: Plan, strategy: Strategy, sink, *, seed: int, probes: int):
+    """Loop over chunks of points and directions, writing into ``sink``."""
     dirs = strategy.directions(p, seed, probes).to(p.device)
     row_shape = strategy.result_shape(p)
     acc_dtype = torch.float64 if kind == "divergence" and plan.estimator == "hutchinson" else p.dtype
@@ -53,16 +89,11 @@ def _execute(kind: str, p: Problem, plan: Plan, strategy: Strategy, *, seed: int
     # writes straight into its rows of the result (a padded static-batch chunk excepted):
     # filling and copying a 260 MB Jacobian cost half as much again as computing it.
     assigns = strategy.scatter in ASSIGNING_SCATTERS
-    shape = (p.n, *row_shape)
-    if assigns:
-        result = _empty_result(shape, acc_dtype, p.device)
-    else:
-        result = torch.zeros(shape, dtype=acc_dtype, device=p.device)
+    sink.open((p.n, *row_shape), acc_dtype, p.device, zero=not assigns, ppc=plan.points_per_chunk)
     ctx = {"n_out": p.n_out, "seed": seed}
-    ppc, dpp = plan.points_per_chunk, plan.directions_per_pass
+    dpp = plan.directions_per_pass
     with torch.no_grad():
-        for start in range(0, p.n, ppc):
-            stop = min(start + ppc, p.n)
+        for start, stop in sink.chunks(p.n):
             rows = torch.arange(start, stop, device=p.device)
             if p.static_batch is not None and rows.numel() < p.static_batch:
                 rows = torch.cat([rows, rows[-1:].expand(p.static_batch - rows.numel())])
@@ -72,49 +103,51 @@ def _execute(kind: str, p: Problem, plan: Plan, strategy: Strategy, *, seed: int
             if padded:
                 block_rows = torch.zeros((rows.numel(), *row_shape), dtype=acc_dtype, device=p.device)
             else:
-                block_rows = result[start:stop]
+                block_rows = sink.rows(start, stop)
             for d0 in range(0, dirs.shape[0], dpp):
                 idx = dirs[d0 : d0 + dpp]
                 block = strategy.product(g, z, idx, ctx)
                 strategy.scatter(block_rows, idx, block.to(acc_dtype))
             if padded:
-                result[start:stop] = block_rows[: stop - start]
-    return result
+                sink.rows(start, stop)[:] = block_rows[: stop - start]
+            sink.commit(start, stop)
 
 
-def _execute_taylor(kind: str, p: Problem, plan: Plan, program: taylor.TaylorProgram, *,
-                    seed: int, probes: int) -> torch.Tensor:  # fmt: skip
-    """The fast path's loop over chunks of points: each pass writes its rows of the result in place."""
-    ppc, dpp = plan.points_per_chunk, plan.directions_per_pass
+def _execute_taylor(kind: str, p: Problem, plan: Plan, program: taylor.TaylorProgram, sink, *,
+                    seed: int, probes: int) -> None:  # fmt: skip
+    """The fast path's loop over chunks of points: each pass writes its rows of ``sink`` in place."""
+    dpp = plan.directions_per_pass
     hutchinson = plan.estimator == "hutchinson"
     if hutchinson:
-        result = torch.zeros((p.n, 2), dtype=torch.float64, device=p.device)
+        sink.open((p.n, 2), torch.float64, p.device, zero=True, ppc=plan.points_per_chunk)
         estimate = hutchinson_product(lambda g, z, v: program.jvp(z, v))
     else:
         # every entry is written by its pass: no zero fill of what may be gigabytes
         row_shape = STRATEGIES[(kind, "forward")].result_shape(p)
-        result = _empty_result((p.n, *row_shape), p.dtype, p.device)
+        sink.open((p.n, *row_shape), p.dtype, p.device, zero=False, ppc=plan.points_per_chunk)
         compute = getattr(program, kind)
     with torch.no_grad():
-        for start in range(0, p.n, ppc):
-            rows = torch.arange(start, min(start + ppc, p.n), device=p.device)
-            z, out = p.z(rows), result[start : start + rows.numel()]
+        for start, stop in sink.chunks(p.n):
+            rows = torch.arange(start, stop, device=p.device)
+            z, out = p.z(rows), sink.rows(start, stop)
             if not hutchinson:
                 compute(z, directions=dpp, out=out)
-                continue
-            ctx = {"seed": seed, "points": rows}
-            for d0 in range(0, int(probes), dpp):
-                idx = torch.arange(d0, min(d0 + dpp, int(probes)))[:, None]
-                out += estimate(None, z, idx, ctx)
-    return result
+            else:
+                ctx = {"seed": seed, "points": rows}
+                for d0 in range(0, int(probes), dpp):
+                    idx = torch.arange(d0, min(d0 + dpp, int(probes)))[:, None]
+                    out += estimate(None, z, idx, ctx)
+            sink.commit(start, stop)
 
 
-def compute(kind: str, f, x, *, plan: Plan | None = None, seed: int = 0,
-            **options) -> tuple[Problem, Plan, torch.Tensor]:  # fmt: skip
+def compute(kind: str, f, x, *, plan: Plan | None = None, seed: int = 0, sink=None,
+            **options) -> tuple[Problem, Plan, torch.Tensor | None]:  # fmt: skip
     """Plan the request (or take ``plan``, made for it) and compute it.
 
     Returns the problem, the plan that ran (a fall-back's where one was needed) and the
-    flat ``[N, …]`` result.
+    flat ``[N, …]`` result (None when the result went to a sink other than a
+    :class:`MemorySink`). ``sink=`` also accepts a callable ``sink(problem, plan)`` that
+    makes one once the request is normalised.
     """
     if plan is None:
         plan = prepare(kind, f, x, options)
@@ -123,9 +156,13 @@ def compute(kind: str, f, x, *, plan: Plan | None = None, seed: int = 0,
         request = reuse(plan, kind, f, x, options)
     p, program, o = request
     estimator, probes, mode, chunk_size = o["estimator"], o["probes"], o["mode"], o["chunk_size"]
-    check_fits(plan, p)
+    if callable(sink) and not hasattr(sink, "open"):
+        sink = sink(p, plan)
+    check_fits(plan, p, in_memory=sink is None or isinstance(sink, MemorySink))
+    sink = sink or MemorySink()
     try:
-        return p, plan, _guarded(kind, p, plan, seed, probes, program)
+        _guarded(kind, p, plan, sink, seed, probes, program)
+        return p, plan, _value(sink)
     except NotImplementedError as exc:
         fallback = _FALLBACK.get(strategy_key(kind, estimator, plan.mode))
         if fallback is None or "forward AD" not in str(exc):
@@ -138,19 +175,24 @@ def compute(kind: str, f, x, *, plan: Plan | None = None, seed: int = 0,
             )
         plan = make_plan(kind, p, fallback, estimator, probes, chunk_size)
         try:
-            return p, plan, _guarded(kind, p, plan, seed, probes)
+            _guarded(kind, p, plan, sink, seed, probes)
+            return p, plan, _value(sink)
         except NotImplementedError as exc2:
             model_failed(p, exc2, probe_rows(p))
 
 
-def _guarded(kind: str, p: Problem, plan: Plan, seed: int, probes: int,
-             program: taylor.TaylorProgram | None = None) -> torch.Tensor:  # fmt: skip
-    """Execute ``plan``, turning failures into jaccli errors (NotImplementedError passes)."""
+def _value(sink) -> torch.Tensor | None:
+    return sink.value() if isinstance(sink, MemorySink) else None
+
+
+def _guarded(kind: str, p: Problem, plan: Plan, sink, seed: int, probes: int,
+             program: taylor.TaylorProgram | None = None) -> None:  # fmt: skip
+    """Execute ``plan`` into ``sink``, turning failures into jaccli errors (NotImplementedError passes)."""
     strategy = STRATEGIES[strategy_key(kind, plan.estimator, plan.mode)]
     try:
         if program is not None:
-            return _execute_taylor(kind, p, plan, program, seed=seed, probes=probes)
-        return _execute(kind, p, plan, strategy, seed=seed, probes=probes)
+            return _execute_taylor(kind, p, plan, program, sink, seed=seed, probes=probes)
+        return _execute(kind, p, plan, strategy, sink, seed=seed, probes=probes)
     except (JaccliError, NotImplementedError):
         raise
     except torch.OutOfMemoryError:

@@ -112,6 +112,8 @@ class Plan:
     engine: str = "torch.func"
     #: why the Taylor path was tried and not taken (the op without a rule, ...)
     engine_note: str | None = None
+    #: processes sharing the work (torch.distributed ranks) when the result streams to a file
+    world_size: int = 1
     #: the normalised request and traced program, so that computing the plan needs no
     #: second probe or trace (see :func:`prepare` and :func:`reuse`)
     _request: Request | None = field(default=None, repr=False, compare=False)
@@ -141,6 +143,7 @@ class Plan:
             "device": str(self.device),
             "engine": self.engine,
             "engine_note": self.engine_note,
+            "world_size": self.world_size,
         }
 
 
@@ -249,13 +252,16 @@ def format_bytes(n: float) -> str:
     raise AssertionError  # pragma: no cover
 
 
-def check_fits(plan: Plan, p: Problem) -> None:
-    if plan.result_bytes > 0.9 * plan.available_bytes:
-        hint = (
-            "pass per_sample=True (--per-sample) if axis 0 holds independent points"
-            if not p.per_sample and p.n_in > 1
-            else "use a smaller input or a divergence/laplacian instead of the full matrix"
-        )
+def check_fits(plan: Plan, p: Problem, *, in_memory: bool = True) -> None:
+    """Refuse a result that cannot fit in memory (one streamed to disk needs only its chunks)."""
+    if in_memory and plan.result_bytes > 0.9 * plan.available_bytes:
+        if not p.per_sample and p.n_in > 1:
+            hint = "pass per_sample=True (--per-sample) if axis 0 holds independent points"
+        elif p.per_sample:
+            hint = ("stream it to disk: --save FILE.npy (or .safetensors) writes it chunk by chunk "
+                    "(save= in Python)")
+        else:
+            hint = "use a smaller input or a divergence/laplacian instead of the full matrix"
         raise ResourceError(
             f"the result would not fit in memory ({str(p.dtype).removeprefix('torch.')} "
             f"{shape_str(plan.result_shape)})",

@@ -40,8 +40,12 @@ def _all_finite(value: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def finish(kind: str, p: Problem, value: torch.Tensor, strict: bool) -> None:
-    if not _all_finite(value):
+def finish(kind: str, p: Problem, value: torch.Tensor | None, strict: bool, *, facts: dict | None = None) -> None:
+    """Warn (or with ``strict`` fail) about NaN/Inf and non-smooth models. ``facts``
+    (``all_finite``, ``nonzero``) stand in for ``value`` when the result was streamed to disk
+    and its statistics were gathered chunk by chunk."""
+    finite = facts["all_finite"] if facts is not None else _all_finite(value)
+    if not finite:
         msg = f"the {kind} holds NaN or Inf values"
         if strict:
             raise NumericalError(msg, where=p.where)
@@ -49,7 +53,7 @@ def finish(kind: str, p: Problem, value: torch.Tensor, strict: bool) -> None:
     if kind in ("hessian", "laplacian"):
         kinks = sorted(p.ops & NONSMOOTH_OPS)
         if kinks:
-            if not bool(value.any()):
+            if not (facts["nonzero"] if facts is not None else bool(value.any())):
                 msg = (
                     f"the {kind} is identically zero because the model is piecewise linear "
                     f"({', '.join(kinks)}): its second derivatives vanish almost everywhere; "

@@ -4,6 +4,7 @@
 :mod:`.read`   tensor files by content: sources, sniffing, the reader table
 :mod:`.write`  results: the writer table, output checks, atomic writes
 :mod:`.inputs` the model's arguments from INPUT, ``--key`` and ``--input``
+:mod:`.stream` per-sample results streamed to disk chunk by chunk; resume; ranks
 =============  ==================================================================
 
 Nothing here runs code from a data file: ``torch.load(weights_only=True)`` and
@@ -40,7 +41,16 @@ from .inputs import (
     gather_inputs,
 )
 
+from .stream import (
+    FileSink,
+    Stream,
+    can_stream,
+)
+
 __all__ = [
+    "FileSink",
+    "Stream",
+    "can_stream",
     "DTYPES",
     "InputSpec",
     "MIN_TORCH",

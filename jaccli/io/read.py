@@ -554,9 +554,50 @@ def load_tensors(path: str | os.PathLike, *, max_bytes: int | None = None) -> di
     >>> sorted(load_tensors(p))
     ['t', 'x']
     """
+    mapped = _map_npy(path)
+    if mapped is not None:
+        return mapped
     src = read_source(path, what="tensor file", max_bytes=max_bytes)
     fmt = _sniff(src) or SUFFIXES.get(src.suffix, "text")
     return READERS[fmt](src)
+
+
+def _map_npy(path) -> dict[str, torch.Tensor] | None:
+    """A ``.npy`` file memory-mapped rather than read (None for anything else): the points
+    are read as the chunks need them, so a large input costs no memory up front. The map is
+    copy-on-write, so nothing jaccli does reaches the file."""
+    name = os.fspath(path)
+    if name == STDIO or not Path(name).is_file():
+        return None
+    try:
+        with open(name, "rb") as fh:
+            head = fh.read(len(_NPY_MAGIC))
+            if head != _NPY_MAGIC:
+                return None
+            fh.seek(0)
+            src = Source(name, b"")
+            fmt = np.lib.format
+            version = fmt.read_magic(fh)
+            reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = reader(fh)
+            offset = fh.tell()
+        size = os.path.getsize(name)
+    except OSError:
+        return None  # read_source says what is wrong
+    except Exception as exc:  # numpy raises ValueError/SyntaxError/... for bad headers
+        raise InputError(f"corrupt .npy header: {exc}", where=name) from None
+    if dtype.hasobject or fortran or dtype.kind not in "biuf" or not dtype.isnative or not shape or 0 in shape:
+        return None  # the reader's checks, casts and messages apply
+    need = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if need > size - offset:
+        raise InputError(
+            "truncated or corrupt .npy: the header promises more data than the file holds",
+            where=name,
+            expected=f"{need} bytes for shape {shape_str(shape)} {dtype}",
+            got=f"{size - offset} bytes",
+        )
+    array = np.memmap(name, dtype=dtype, mode="c", offset=offset, shape=tuple(shape))
+    return {"": _from_numpy(array, src)}
 
 
 def load_tensor(

@@ -1,0 +1,607 @@
+"""Streaming a per-sample result to disk, chunk by chunk, resumable and shared between ranks.
+
+Owns :class:`Stream` (what a caller asks for: the target, its metadata, ``resume``),
+:class:`FileSink` (what the engine's chunk loop writes into when a result streams: each
+finished chunk goes to its rows of a ``.npy`` or ``.safetensors`` file, whose header is
+written first from the result's shape and dtype), the partial file beside the target and
+its resume records, and the split of chunks between the ranks of a ``torch.distributed``
+job (``torchrun``).
+
+Files beside ``DIR/NAME`` while a run is in progress:
+
+* ``DIR/.NAME.jaccli-partial`` — the result file being filled; renamed to ``NAME`` when complete;
+* ``DIR/.NAME.jaccli-partial.json`` — fingerprints of the request and the chunk grid;
+* ``DIR/.NAME.jaccli-partial.doneR.json`` — the chunks rank ``R`` has finished (data flushed first).
+
+Rows go to the file with ``os.pwrite`` rather than through a memory map: dirty pages of a
+shared mapping count in the process's resident memory until written back, so a mapped
+1.3 GB result raises peak RSS by 1.3 GB while ``pwrite`` leaves them to the page cache.
+
+Imports: torch, numpy, :mod:`jaccli.errors`, :mod:`.write`; nothing of the engine.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import JaccliError, OutputError, ResumeError, UsageError
+from .write import check_writable, output_format
+
+#: result formats whose header is known before the data, so that rows can be written in place
+STREAM_FORMATS = ("npy", "safetensors")
+
+#: seconds between two resume records: each one flushes the data written so far to disk
+RECORD_INTERVAL = 1.0
+
+#: test-only: SIGKILL this process after it has written this many chunks (and recorded them)
+KILL_HOOK = "JACCLI_TEST_KILL_AFTER_CHUNKS"
+#: test-only: ``R:K`` makes rank R fail with an error after writing K chunks
+FAIL_HOOK = "JACCLI_TEST_FAIL_AFTER_CHUNKS"
+
+_PARTIAL = ".jaccli-partial"
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64"}
+_FORMAT_VERSION = 1
+
+
+def can_stream(path) -> bool:
+    """Whether a result saved to ``path`` can be written chunk by chunk (``.npy``, ``.safetensors``)."""
+    return path is not None and os.fspath(path) != "-" and output_format(path) in STREAM_FORMATS
+
+
+@dataclass
+class Stream:
+    """Where and how a per-sample result streams to disk (``save=`` of the derivative functions).
+
+    ``shape`` is the file's shape when it differs from the result's (the same elements per
+    point, e.g. a flattened view); ``name`` the tensor's name in a ``.safetensors`` file.
+    ``fingerprint`` holds facts the caller knows (hashes of the model and input files,
+    the command line) that must match for ``resume=True`` to continue a partial run;
+    the request's own options, the chunk grid and the versions are added to it.
+
+    After the run, :attr:`stats` holds min / max / mean over finite values and
+    ``all_finite`` of the whole result (computed chunk by chunk), and
+    :attr:`resumed_points` how many points an earlier run had already written.
+    """
+
+    path: str | os.PathLike
+    name: str = "result"
+    metadata: Mapping[str, object] | None = None
+    shape: tuple[int, ...] | None = None
+    force: bool = False
+    resume: bool = False
+    fingerprint: Mapping[str, object] | None = None
+    stats: dict | None = field(default=None, init=False)
+    resumed_points: int = field(default=0, init=False)
+    world_size: int = field(default=1, init=False)
+
+
+def partial_path(target: str | os.PathLike) -> Path:
+    t = Path(os.fspath(target))
+    return t.parent / f".{t.name}{_PARTIAL}"
+
+
+def _meta_path(partial: Path) -> Path:
+    return partial.with_name(partial.name + ".json")
+
+
+def _done_paths(partial: Path) -> list[Path]:
+    return sorted(partial.parent.glob(partial.name + ".done*.json"))
+
+
+def _done_path(partial: Path, rank: int) -> Path:
+    return partial.with_name(f"{partial.name}.done{rank}.json")
+
+
+def file_fingerprint(path: str | os.PathLike, *, whole: bool = True) -> dict:
+    """Size, modification time and SHA-256 of a file (of its first and last MiB unless ``whole``)."""
+    p = Path(os.fspath(path))
+    st = p.stat()
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        if whole or st.st_size <= 2 * 2**20:
+            for block in iter(lambda: fh.read(2**20), b""):
+                h.update(block)
+        else:
+            h.update(fh.read(2**20))
+            fh.seek(-(2**20), os.SEEK_END)
+            h.update(fh.read(2**20))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest(), "whole": whole}
+
+
+def parameters_fingerprint(f) -> str | None:
+    """SHA-256 of a module's parameters and buffers (None for a plain function)."""
+    state = getattr(f, "state_dict", None)
+    if not callable(state):
+        return None
+    h = hashlib.sha256()
+    for k, v in state().items():
+        if isinstance(v, torch.Tensor):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _atomic_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _ranges(done: set[int]) -> list[list[int]]:
+    """``{0, 1, 2, 5}`` → ``[[0, 3], [5, 6]]``: chunk indices as half-open ranges."""
+    out: list[list[int]] = []
+    for i in sorted(done):
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+def _header(fmt: str, shape: tuple[int, ...], dtype: torch.dtype, name: str, metadata: Mapping) -> bytes:
+    """The bytes before the data of a ``.npy`` or ``.safetensors`` file of ``shape``."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if fmt == "npy":
+        import io
+
+        buf = io.BytesIO()
+        d = {"descr": np.lib.format.dtype_to_descr(np.dtype(str(dtype).removeprefix("torch."))),
+             "fortran_order": False, "shape": tuple(shape)}  # fmt: skip
+        try:
+            np.lib.format.write_array_header_1_0(buf, d)
+        except ValueError:  # a header over 64 KiB needs format 2.0
+            buf = io.BytesIO()
+            np.lib.format.write_array_header_2_0(buf, d)
+        return buf.getvalue()
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise UsageError("cannot stream this dtype to .safetensors", got=str(dtype))
+    doc: dict = {}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    if meta:
+        doc["__metadata__"] = meta
+    doc[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [0, nbytes]}
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # data start 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text
+
+
+def open_result(path: str | os.PathLike, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The finished file as a tensor backed by it (copy-on-write: writes never reach the file)."""
+    name = os.fspath(path)
+    np_dtype = np.dtype(str(dtype).removeprefix("torch."))
+    if output_format(name) == "npy":
+        arr = np.load(name, mmap_mode="c", allow_pickle=False)
+    else:
+        with open(name, "rb") as fh:
+            offset = 8 + int.from_bytes(fh.read(8), "little")
+        arr = np.memmap(name, dtype=np_dtype, mode="c", offset=offset, shape=tuple(shape))
+    return torch.from_numpy(arr)
+
+
+def _dist():
+    """(world size, rank) of the torch.distributed group this process belongs to, if any."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class _Stats:
+    """min / max / sum / count over finite values, chunk by chunk, as render.stats gives them whole."""
+
+    def __init__(self) -> None:
+        self.lo = math.inf
+        self.hi = -math.inf
+        self.total = 0.0
+        self.count = 0
+        self.numel = 0
+        self.all_finite = True
+        self.nonzero = False
+
+    def add(self, block: torch.Tensor) -> None:
+        flat = block.reshape(-1)
+        if flat.numel() == 0:
+            return
+        self.numel += flat.numel()
+        total = flat.sum(dtype=torch.float64)
+        if not bool(torch.isfinite(total)):
+            finite = torch.isfinite(flat)
+            self.all_finite &= bool(finite.all())
+            flat = flat[finite]
+            if flat.numel() == 0:
+                return
+            total = flat.sum(dtype=torch.float64)
+        lo, hi = torch.aminmax(flat)
+        self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
+        self.total += float(total)
+        self.count += flat.numel()
+        self.nonzero |= bool(float(lo) != 0 or float(hi) != 0)
+
+    def as_dict(self) -> dict:
+        return vars(self).copy()
+
+    @classmethod
+    def merge(cls, parts: list[dict]) -> dict:
+        """The stats of the whole result from those of the ranks (render.stats' keys)."""
+        lo = min(p["lo"] for p in parts)
+        hi = max(p["hi"] for p in parts)
+        count = sum(p["count"] for p in parts)
+        return {
+            "min": lo if count else None,
+            "max": hi if count else None,
+            "mean": sum(p["total"] for p in parts) / count if count else None,
+            "all_finite": all(p["all_finite"] for p in parts),
+            "nonzero": any(p["nonzero"] for p in parts),
+        }
+
+
+class FileSink:
+    """Chunks of a per-sample result written straight into their rows of a file.
+
+    The engine's chunk loop calls :meth:`open` (the flat result's shape and dtype),
+    iterates :meth:`chunks`, fills :meth:`rows` and calls :meth:`commit` per chunk;
+    the caller then calls :meth:`gather` (statistics of the whole result) and
+    :meth:`finalise` (rename into place), or :meth:`abort` on any failure.
+
+    Under ``torch.distributed`` every rank holds a sink: the chunks are split into
+    contiguous shards, rank 0 creates the partial file and renames it, and the ranks
+    meet at four fixed points (:meth:`_sync`), where any rank's failure reaches all of
+    them; a failing rank still takes part in the remaining meetings, so none waits forever.
+    """
+
+    _MEETINGS = 4
+
+    def __init__(self, stream: Stream, shape: tuple[int, ...], *, fingerprint: Mapping,
+                 progress: Callable[[int, int], None] | None = None) -> None:  # fmt: skip
+        self.stream = stream
+        self.target = Path(os.fspath(stream.path))
+        self.fmt = output_format(self.target)
+        if self.fmt not in STREAM_FORMATS:
+            raise UsageError("cannot stream to this format", where=str(self.target), expected=".npy or .safetensors")
+        self.result_shape = tuple(shape)
+        self.shape = tuple(stream.shape or shape)
+        if math.prod(self.shape) != math.prod(shape) or self.shape[:1] != shape[:1]:
+            raise UsageError("Stream.shape must hold the result's elements per point",
+                             expected=str(list(shape)), got=str(list(self.shape)))  # fmt: skip
+        self.fingerprint = dict(fingerprint)
+        self.progress = progress
+        self.partial = partial_path(self.target)
+        self.world, self.rank = _dist()
+        stream.world_size = self.world
+        self.fd: int | None = None
+        self.owned = False  # this run created or adopted the partial file: it may delete it
+        self.meetings = 0
+        self.failure: str | None = None
+        self.done: set[int] = set()
+        self.recorded: set[int] = set()
+        self.last_record = time.monotonic()
+        self.stats = _Stats()
+        self.written = 0
+        kill = os.environ.get(KILL_HOOK)
+        self.kill_after = int(kill) if kill else None
+        fail = os.environ.get(FAIL_HOOK, "").partition(":")
+        self.fail_after = int(fail[2]) if fail[2] and int(fail[0]) == self.rank else None
+
+    # ------------------------------------------------------------------ meetings
+
+    def _sync(self, payload: dict) -> list[dict]:
+        """All ranks' payloads; raises the first failing rank's error after the meeting."""
+        self.meetings += 1
+        if self.world == 1:
+            parts = [payload]
+        else:
+            import torch.distributed as dist
+
+            parts = [None] * self.world
+            dist.all_gather_object(parts, payload)
+        for r, part in enumerate(parts):
+            if part.get("error"):
+                self.failure = part["error"] if r == self.rank else f"rank {r}: {part['error']}"
+                raise _rebuild(_ERRORS.get(part.get("kind"), JaccliError), self.failure)
+        return parts
+
+    # ------------------------------------------------------------------ the chunk loop's side
+
+    def open(self, flat_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *,
+             zero: bool, ppc: int) -> None:  # fmt: skip
+        if self.meetings:  # a fall-back plan reopens the sink: start again on the same file
+            self._reset(flat_shape, dtype, device, zero, ppc)
+            return
+        if flat_shape[0] != self.shape[0] or math.prod(flat_shape) != math.prod(self.shape):
+            raise UsageError("internal: the streamed result's shape changed", got=str(flat_shape))
+        self.dtype, self.device, self.zero = dtype, device, zero
+        parts = self._sync({"ppc": int(ppc)})
+        grid = min(p["ppc"] for p in parts)
+        info: dict = {}
+        if self.rank == 0:
+            try:
+                info = self._create_or_resume(grid)
+            except BaseException as exc:
+                info = _payload(exc)
+                if not isinstance(exc, Exception):
+                    raise
+        parts = self._sync(info)
+        info = parts[0]
+        self.grid = info["grid"]
+        self.done = {i for a, b in info["done"] for i in range(a, b)}
+        self.recorded = set(self.done)
+        if self.rank != 0:
+            self.fd = os.open(self.partial, os.O_RDWR)
+        self.offset = info["offset"]
+        self.row_bytes = math.prod(flat_shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        self.buffer = torch.empty((min(self.grid, self.shape[0]), *flat_shape[1:]), dtype=dtype, device=device)
+        n = self.shape[0]
+        count = math.ceil(n / self.grid)
+        lo, hi = count * self.rank // self.world, count * (self.rank + 1) // self.world
+        self.mine = [c for c in range(lo, hi) if c not in self.done]
+        for c in range(lo, hi):  # the statistics must cover the rows an earlier run wrote too
+            if c in self.done:
+                self._restat(c * self.grid, min((c + 1) * self.grid, n))
+        done_points = sum(min(self.grid, n - c * self.grid) for c in self.done)
+        self.stream.resumed_points = done_points
+        self.total = sum(min(self.grid, n - c * self.grid) for c in range(lo, hi))
+        self.points_done = self.total - sum(min(self.grid, n - c * self.grid) for c in self.mine)
+        if self.progress is not None:
+            self.progress(self.points_done, self.total)
+
+    def _restat(self, start: int, stop: int) -> None:
+        """Add rows already in the file (written by an interrupted run) to the statistics."""
+        np_dtype = np.dtype(str(self.dtype).removeprefix("torch."))
+        data = os.pread(self.fd, (stop - start) * self.row_bytes, self.offset + start * self.row_bytes)
+        self.stats.add(torch.from_numpy(np.frombuffer(data, dtype=np_dtype).copy()))
+
+    def _reset(self, flat_shape, dtype, device, zero, ppc) -> None:
+        # only a single process falls back (an op without forward-mode derivative is found on
+        # the first chunk of every rank alike); what the first plan wrote is overwritten
+        self.dtype, self.device, self.zero = dtype, device, zero
+        self.done, self.recorded = set(), set()
+        self.grid = int(ppc)
+        self.row_bytes = math.prod(flat_shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        self.buffer = torch.empty((min(self.grid, self.shape[0]), *flat_shape[1:]), dtype=dtype, device=device)
+        n = self.shape[0]
+        count = math.ceil(n / self.grid)
+        lo, hi = count * self.rank // self.world, count * (self.rank + 1) // self.world
+        self.mine = list(range(lo, hi))
+        self.stats = _Stats()
+        self.points_done = 0
+        # the records must describe the new grid, or a resumption would mix the two
+        _done_path(self.partial, self.rank).unlink(missing_ok=True)
+        if self.rank == 0:
+            meta = _meta_path(self.partial)
+            doc = json.loads(meta.read_text())
+            _atomic_json(meta, {**doc, "grid": self.grid})
+
+    def chunks(self, n: int) -> Iterator[tuple[int, int]]:
+        for c in list(self.mine):
+            yield c * self.grid, min((c + 1) * self.grid, n)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        block = self.buffer[: stop - start]
+        if self.zero:
+            block.zero_()
+        return block
+
+    def commit(self, start: int, stop: int) -> None:
+        block = self.buffer[: stop - start]
+        self.stats.add(block)
+        data = block.detach().cpu().contiguous().numpy()
+        self._pwrite(memoryview(data).cast("B"), self.offset + start * self.row_bytes)
+        c = start // self.grid
+        self.done.add(c)
+        self.points_done += stop - start
+        self.written += 1
+        now = time.monotonic()
+        kill = self.kill_after is not None and self.written >= self.kill_after
+        if kill or now - self.last_record >= RECORD_INTERVAL:
+            self._record()
+        if kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fail_after is not None and self.written >= self.fail_after:
+            raise OutputError(f"injected test failure ({FAIL_HOOK})", where=str(self.target))
+        if self.progress is not None:
+            self.progress(self.points_done, self.total)
+
+    # ------------------------------------------------------------------ files
+
+    def _pwrite(self, data: memoryview, offset: int) -> None:
+        try:
+            while data:
+                n = os.pwrite(self.fd, data, offset)
+                data, offset = data[n:], offset + n
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._disk_full() from None
+            raise OutputError(f"cannot write: {exc.strerror or exc}", where=str(self.target)) from None
+
+    def _disk_full(self) -> OutputError:
+        from ..engine.planner import format_bytes  # noqa: PLC0415 - only for this message
+
+        st = os.statvfs(self.partial.parent)
+        return OutputError(
+            "not enough disk space for the result",
+            where=str(self.target),
+            expected=f"{format_bytes(self.offset + math.prod(self.shape) * self._itemsize())} for the file",
+            got=f"{format_bytes(st.f_bavail * st.f_frsize)} free",
+        )
+
+    def _itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def _record(self) -> None:
+        """Flush the rows written so far, then say so: a record never claims unwritten data."""
+        new = self.done - self.recorded
+        if not new or self.fd is None:
+            return
+        os.fdatasync(self.fd)
+        _atomic_json(_done_path(self.partial, self.rank), {"chunks": _ranges(self.done)})
+        self.recorded = set(self.done)
+        self.last_record = time.monotonic()
+
+    def _fingerprint(self) -> dict:
+        return {
+            **self.fingerprint,
+            "format_version": _FORMAT_VERSION,
+            "file_format": self.fmt,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "name": self.stream.name,
+            "metadata": {k: v if isinstance(v, str) else json.dumps(v) for k, v in (self.stream.metadata or {}).items()},
+        }
+
+    def _create_or_resume(self, grid: int) -> dict:
+        """Rank 0: a fresh partial file with its header, or the one a resumed run left."""
+        check_writable(self.target, force=self.stream.force)
+        header = _header(self.fmt, self.shape, self.dtype, self.stream.name, self.stream.metadata or {})
+        fingerprint = self._fingerprint()
+        if self.stream.resume:
+            return self._resume(header, fingerprint)
+        for stale in [self.partial, _meta_path(self.partial), *_done_paths(self.partial)]:
+            stale.unlink(missing_ok=True)
+        total = len(header) + math.prod(self.shape) * self._itemsize()
+        self.offset = len(header)
+        try:
+            self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        except OSError as exc:
+            raise OutputError(f"cannot write: {exc.strerror or exc}", where=str(self.target)) from None
+        self.owned = True
+        self._pwrite(memoryview(header), 0)
+        try:  # reserve the space now: a full disk shows before any work, with the figure
+            os.posix_fallocate(self.fd, 0, total)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise self._disk_full() from None
+            os.ftruncate(self.fd, total)  # a filesystem without fallocate
+        _atomic_json(_meta_path(self.partial), {"fingerprint": fingerprint, "grid": grid, "offset": len(header)})
+        return {"grid": grid, "done": [], "offset": len(header)}
+
+    def _resume(self, header: bytes, fingerprint: dict) -> dict:
+        meta_file = _meta_path(self.partial)
+        if not self.partial.exists() or not meta_file.exists():
+            raise ResumeError(
+                "nothing to resume: no partial run of this result",
+                where=str(self.target),
+                expected=f"{self.partial.name} and {meta_file.name} beside it",
+                hint="run without --resume",
+            )
+        try:
+            meta = json.loads(meta_file.read_text())
+            old = meta["fingerprint"]
+            grid, offset = int(meta["grid"]), int(meta["offset"])
+            done = {i for p in _done_paths(self.partial) for a, b in json.loads(p.read_text())["chunks"]
+                    for i in range(a, b)}  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ResumeError(f"cannot read the partial run's records: {exc}", where=str(meta_file)) from None
+        differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        if differ:
+            raise ResumeError(
+                "the partial run was made with another model, input, command or options",
+                where=str(self.target),
+                got="differs in " + ", ".join(differ),
+                hint="rerun without --resume to start over",
+            )
+        size = self.partial.stat().st_size
+        if offset != len(header) or size != offset + math.prod(self.shape) * self._itemsize():
+            raise ResumeError("the partial file does not match its records", where=str(self.partial),
+                              expected=f"{offset + math.prod(self.shape) * self._itemsize()} bytes", got=f"{size} bytes")  # fmt: skip
+        self.offset = offset
+        self.fd = os.open(self.partial, os.O_RDWR)
+        self.owned = True
+        return {"grid": grid, "done": _ranges(done), "offset": offset}
+
+    # ------------------------------------------------------------------ the caller's side
+
+    def gather(self) -> dict:
+        """Flush this rank's rows and return the statistics of the whole result."""
+        if self.fd is not None:
+            os.fdatasync(self.fd)
+        parts = self._sync({"stats": self.stats.as_dict()})
+        stats = _Stats.merge([p["stats"] for p in parts])
+        self.stream.stats = {k: stats[k] for k in ("min", "max", "mean", "all_finite")}
+        return stats
+
+    def finalise(self) -> torch.Tensor:
+        """Rank 0 renames the complete file into place; every rank gets it back as a tensor
+        of the result's shape, backed by the file."""
+        info: dict = {}
+        if self.rank == 0:
+            try:
+                mask = os.umask(0)
+                os.umask(mask)
+                os.fchmod(self.fd, 0o666 & ~mask)
+                os.close(self.fd)
+                self.fd = None
+                os.replace(self.partial, self.target)
+                for p in [_meta_path(self.partial), *_done_paths(self.partial)]:
+                    p.unlink(missing_ok=True)
+                self.owned = False
+            except OSError as exc:
+                info = _payload(OutputError(f"cannot write: {exc.strerror or exc}", where=str(self.target)))
+        self._sync(info)
+        self._close_fd()
+        return open_result(self.target, self.shape, self.dtype).reshape(self.result_shape)
+
+    def abort(self, exc: BaseException) -> None:
+        """After a failure: tell the other ranks, and remove the partial file unless the run
+        was interrupted (then ``--resume`` continues it)."""
+        interrupted = not isinstance(exc, Exception)
+        if interrupted:
+            try:
+                self._record()
+            except OSError:
+                pass
+        elif self.world > 1:
+            payload = _payload(exc) if self.failure is None else {}
+            while self.meetings < self._MEETINGS:
+                try:
+                    self._sync(payload)
+                except JaccliError:
+                    pass
+                payload = {}
+        self._close_fd()
+        if self.rank == 0 and self.owned and not interrupted:
+            for p in [self.partial, _meta_path(self.partial), *_done_paths(self.partial)]:
+                p.unlink(missing_ok=True)
+
+    def _close_fd(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _payload(exc: BaseException) -> dict:
+    if isinstance(exc, JaccliError):
+        return {"error": str(exc), "kind": type(exc).__name__}
+    return {"error": f"{type(exc).__name__}: {exc}", "kind": "JaccliError"}
+
+
+def _rebuild(cls: type[JaccliError], message: str) -> JaccliError:
+    """An error of ``cls`` whose message is exactly ``message`` (another rank's, already composed)."""
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.what, err.where, err.expected, err.got, err.hint = message, None, None, None, None
+    return err
+
+
+def _error_classes() -> dict[str, type[JaccliError]]:
+    from .. import errors
+
+    return {name: obj for name, obj in vars(errors).items() if isinstance(obj, type) and issubclass(obj, JaccliError)}
+
+
+_ERRORS = _error_classes()
