@@ -201,21 +201,27 @@ def _json_number(x):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
 
 
+def _tensor_json(t: torch.Tensor, s: dict, **extra) -> dict:
+    """One result of a ``--json`` document: shape (and ``extra`` such as axes), dtype,
+    statistics and, when small enough, the values."""
+    return {
+        "shape": list(t.shape),
+        **extra,
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "min": _json_number(s["min"]),
+        "max": _json_number(s["max"]),
+        "mean": _json_number(s["mean"]),
+        "all_finite": s["all_finite"],
+        "values": _values(t),
+    }
+
+
 def result_json(report: Report) -> dict:
     """The ``--json`` document of a computed derivative (schema in the README)."""
-    results = {}
-    for name, t in report.results.items():
-        s = report.stats.get(name) or stats(t)
-        results[name] = {
-            "shape": list(t.shape),
-            "axes": report.axes[name],
-            "dtype": str(t.dtype).removeprefix("torch."),
-            "min": _json_number(s["min"]),
-            "max": _json_number(s["max"]),
-            "mean": _json_number(s["mean"]),
-            "all_finite": s["all_finite"],
-            "values": _values(t),
-        }
+    results = {
+        name: _tensor_json(t, report.stats.get(name) or stats(t), axes=report.axes[name])
+        for name, t in report.results.items()
+    }
     doc = {
         "schema": "jaccli.result",
         "version": JSON_SCHEMA_VERSION,
@@ -516,18 +522,7 @@ def gate(name: str, t, tolerance: float, per_sample: bool) -> dict:
 def partials_json(result, model: dict, inputs: dict, per_sample: bool, gates: list[dict],
                   warnings: list[str], seconds: float, saved_to) -> dict:  # fmt: skip
     """The ``--json`` document of ``jaccli partials`` (schema in the README)."""
-    results = {}
-    for name, t in result.items():
-        s = stats(t)
-        results[name] = {
-            "shape": list(t.shape),
-            "dtype": str(t.dtype).removeprefix("torch."),
-            "min": _json_number(s["min"]),
-            "max": _json_number(s["max"]),
-            "mean": _json_number(s["mean"]),
-            "all_finite": s["all_finite"],
-            "values": _values(t),
-        }
+    results = {name: _tensor_json(t, stats(t)) for name, t in result.items()}
     return {
         "schema": "jaccli.partials",
         "version": JSON_SCHEMA_VERSION,
