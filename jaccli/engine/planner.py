@@ -23,7 +23,7 @@ from .. import taylor
 from ..errors import ModelError, ResourceError, UsageError, shape_str
 from .problem import Problem, arg_names, check_inputs, normalise_args, probe_rows
 from ..choices import ESTIMATORS, KINDS, MODES
-from .strategies import STRATEGIES, auto_mode
+from .strategies import STRATEGIES, auto_mode, count_directions
 
 _MIB = 2**20
 
@@ -180,7 +180,7 @@ def make_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int, chu
         resolved = "reverse"  # forward over reverse: right where forward over forward is not
     key = strategy_key(kind, estimator, resolved)
     strategy = STRATEGIES[key]
-    n_dirs = len(strategy.directions(p, 0, probes))
+    n_dirs = count_directions(strategy.directions, p, probes)
     shape = _result_shape(kind, p, estimator)
     itemsize = torch.empty((), dtype=p.dtype).element_size()
     result_bytes = math.prod(shape) * itemsize

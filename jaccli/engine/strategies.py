@@ -150,6 +150,23 @@ def _dirs_probes(p: Problem, seed: int, probes: int) -> torch.Tensor:
     return torch.arange(probes)[:, None]
 
 
+#: how many directions each ``_dirs_*`` makes, without making them (a plan that will be
+#: refused must not first allocate the n² pairs of a million-input Hessian)
+_DIRECTION_COUNTS = {
+    _dirs_in: lambda p, probes: p.n_in,
+    _dirs_out: lambda p, probes: p.n_out,
+    _dirs_pairs_upper: lambda p, probes: p.n_in * (p.n_in + 1) // 2,
+    _dirs_out_in: lambda p, probes: p.n_out * p.n_in,
+    _dirs_probes: lambda p, probes: int(probes),
+}
+
+
+def count_directions(directions, p: Problem, probes: int) -> int:
+    """``len(directions(p, 0, probes))``, computed rather than made where the count is known."""
+    count = _DIRECTION_COUNTS.get(directions)
+    return count(p, probes) if count is not None else len(directions(p, 0, probes))
+
+
 def _shape_jac(p):
     return (p.n_out, p.n_in)
 

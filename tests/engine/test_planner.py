@@ -132,3 +132,11 @@ def test_request_defaults_are_the_public_functions_defaults(kind):
     for name, default in planner.REQUEST_DEFAULTS.items():
         if name in params:
             assert params[name].default == default, (kind, name)
+
+
+def test_a_million_input_hessian_is_refused_before_anything_is_allocated():
+    """The n² direction pairs of a whole-input Hessian are counted, not made: 1 024 000 inputs
+    mean 5·10¹¹ pairs (8 TB of indices) and a 3.8 PiB result, refused up front."""
+    f = lambda x: (x**2).sum(1, keepdim=True)  # noqa: E731
+    with pytest.raises(jaccli.ResourceError, match="would not fit in memory"):
+        jaccli.hessian(f, torch.zeros(1000, 1024))
