@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from ..errors import JaccliError, OutputError, ResumeError, UsageError
-from .write import check_writable, output_format
+from .. import signals
+from .write import _pause_for_tests, _place, check_writable, output_format
 
 #: result formats whose header is known before the data, so that rows can be written in place
 STREAM_FORMATS = ("npy", "safetensors")
@@ -546,10 +547,18 @@ class FileSink:
                 os.fchmod(self.fd, 0o666 & ~mask)
                 os.close(self.fd)
                 self.fd = None
-                os.replace(self.partial, self.target)
-                for p in [_meta_path(self.partial), *_done_paths(self.partial)]:
-                    p.unlink(missing_ok=True)
+                _pause_for_tests()
+                with signals.deferred():  # not cut between placing the file and dropping its records
+                    # without --force, a file another process made meanwhile is not replaced
+                    _place(str(self.partial), Path(self.target), self.stream.force)
+                    for p in [_meta_path(self.partial), *_done_paths(self.partial)]:
+                        p.unlink(missing_ok=True)
                 self.owned = False
+            except OutputError as exc:
+                for p in [self.partial, _meta_path(self.partial), *_done_paths(self.partial)]:
+                    Path(p).unlink(missing_ok=True)
+                self.owned = False
+                info = _payload(exc)
             except OSError as exc:
                 info = _payload(OutputError(f"cannot write: {exc.strerror or exc}", where=str(self.target)))
         self._sync(info)
