@@ -255,7 +255,7 @@ def _default_axes(kind: str, t, per_sample: bool, x) -> list[str]:
 def save_figure(fig, path: str | os.PathLike, *, title: str, force: bool = False) -> None:
     """Write ``fig`` to ``path`` (format by suffix) atomically, ``title`` in the metadata."""
     fmt = check_path(path, force=force)
-    write_atomically(path, lambda fh: fig.savefig(fh, format=fmt, metadata={"Title": title}, dpi=100))
+    write_atomically(path, lambda fh: fig.savefig(fh, format=fmt, metadata={"Title": title}, dpi=100), force=force)
 
 
 def plot_results(path: str | os.PathLike, results: Mapping[str, object], *, title: str, force: bool = False, **kw) -> None:

@@ -172,3 +172,17 @@ def test_the_readme_picture_is_what_its_documented_command_draws(tmp_path):
     fresh, old = (tmp_path / "p.png").read_bytes(), shipped.read_bytes()
     assert png_text(fresh)["Title"] == png_text(old)["Title"] == "jaccli jacobian --per-sample: pinn.pt, N = 1,000"
     assert fresh[16:24] == old[16:24]  # IHDR width and height
+
+
+def test_a_plot_target_created_meanwhile_is_not_replaced(tmp_path):
+    target = tmp_path / "p.png"
+
+    class RacingFigure:  # another process writes the target while the figure renders
+        def savefig(self, fh, **kw):
+            target.write_bytes(b"another process's file")
+            fh.write(b"png bytes")
+
+    with pytest.raises(jaccli.OutputError, match="appeared while"):
+        plot.save_figure(RacingFigure(), target, title="t")
+    assert target.read_bytes() == b"another process's file"
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
