@@ -37,11 +37,15 @@ def _cast_attributes(module: nn.Module, source: torch.dtype, dtype: torch.dtype)
         if isinstance(sub, torch.jit.ScriptModule):
             continue
         for name, value in list(vars(sub).items()):
-            if name.startswith("_") and name in ("_parameters", "_buffers", "_modules"):
+            if name in ("_parameters", "_buffers", "_modules"):  # .to() did those
                 continue
             cast = _cast(value, source, dtype)
             if cast is not value:
                 object.__setattr__(sub, name, cast)
+
+
+def _swap(value, source: torch.dtype, dtype: torch.dtype):
+    return dtype if isinstance(value, torch.dtype) and value == source else value
 
 
 def _cast_fx(module: nn.Module, source: torch.dtype, dtype: torch.dtype) -> None:
@@ -53,8 +57,8 @@ def _cast_fx(module: nn.Module, source: torch.dtype, dtype: torch.dtype) -> None
         for node in sub.graph.nodes:
             if node.op != "call_function":
                 continue
-            args = tuple(dtype if a == source else a for a in node.args)
-            kwargs = {k: dtype if v == source else v for k, v in node.kwargs.items()}
+            args = tuple(_swap(a, source, dtype) for a in node.args)
+            kwargs = {k: _swap(v, source, dtype) for k, v in node.kwargs.items()}
             if args != node.args or kwargs != node.kwargs:
                 node.args, node.kwargs, changed = args, kwargs, True
         if changed:
