@@ -430,6 +430,7 @@ class SeriesProgram:
 
     def __init__(self, steps, output) -> None:
         self.steps, self.output = steps, output
+        self._needs: dict[tuple[frozenset[int], int], list] = {}
         live = _reachable(steps, output)
         self.live = [i in live for i in range(len(steps))]
         last: dict[int, int] = {}
@@ -474,7 +475,13 @@ class SeriesProgram:
         """Coefficients ``[g(z), …]`` of ``t ↦ g(z + t v)`` to ``order`` (rows of ``v`` per
         point); with ``keep``, only those are sure to be computed (the others may be None)."""
         batch = z.shape[0]
-        needs = self.needs(frozenset(keep), order) if keep is not None else [None] * len(self.steps)
+        if keep is None:
+            needs = [None] * len(self.steps)
+        else:  # the same for every chunk of a request: worked out once
+            key = (frozenset(keep), order)
+            if key not in self._needs:
+                self._needs[key] = self.needs(*key)
+            needs = self._needs[key]
         env: list = [None] * len(self.steps)
         with torch.no_grad():
             for i, s in enumerate(self.steps):
