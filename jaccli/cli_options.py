@@ -40,7 +40,7 @@ Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.", autocompl
 Dtype = Annotated[
     Optional[str],
     typer.Option(
-        help="float32 or float64 [default: the input's float dtype]", show_default=False, autocompletion=_complete(DTYPE_NAMES)
+        help="float32 or float64 \\[default: the input's float dtype]", show_default=False, autocompletion=_complete(DTYPE_NAMES)
     ),
 ]
 Mode = Annotated[
@@ -49,7 +49,7 @@ Mode = Annotated[
 ChunkSize = Annotated[
     Optional[int],
     typer.Option(
-        help="Points per pass with --per-sample, directions per pass otherwise [default: chosen to bound memory]",
+        help="Points per pass with --per-sample, directions per pass otherwise \\[default: chosen to bound memory]",
         show_default=False,
     ),
 ]
@@ -136,7 +136,7 @@ MaxInputBytes = Annotated[
         "--max-input-bytes",
         metavar="SIZE",
         help="Largest MODEL or INPUT file (or stream) to read, e.g. 512M or 16G; larger ones are refused (exit 6) "
-        "before they are read. Also JACCLI_MAX_INPUT_BYTES. [default: 4G]",
+        "before they are read. Also JACCLI_MAX_INPUT_BYTES. \\[default: 4G]",
         show_default=False,
         callback=_set_max_input,
         expose_value=False,

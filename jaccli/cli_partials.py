@@ -45,10 +45,10 @@ def partials_command(
         typer.Option("--want", "-w", help="Terms (u_x,u_xx) and NAME = EXPR; repeat or separate terms by commas.", show_default=False),
     ] = None,
     in_: Annotated[
-        Optional[str], typer.Option("--in", help="Names of the input components of one point, e.g. t,x [default: x or x0,x1,…]", show_default=False)
+        Optional[str], typer.Option("--in", help="Names of the input components of one point, e.g. t,x \\[default: x or x0,x1,…]", show_default=False)
     ] = None,
     out: Annotated[
-        Optional[str], typer.Option("--out", help="Names of the output components, or one name for the whole output [default: u]", show_default=False)
+        Optional[str], typer.Option("--out", help="Names of the output components, or one name for the whole output \\[default: u]", show_default=False)
     ] = None,
     fail_above: Annotated[
         Optional[list[str]],
