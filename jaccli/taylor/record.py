@@ -6,7 +6,10 @@ sizes :data:`PROBE_BATCHES` tell batch-sized shape arguments from fixed ones, an
 :func:`_compile` merges them into steps whose batch sizes are symbolic, each classified
 as a rule, a value-only op, or a constant folded away.
 
-Imports: :mod:`.jet`, :mod:`.table`.
+Ops without a rule are decomposed as they are recorded, and in-place updates of fresh
+tensors recorded as their out-of-place twins (:mod:`.decompose`).
+
+Imports: :mod:`.jet`, :mod:`.table`, :mod:`.decompose`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor
 from .._dispatch import QuietDispatchMode
 
+from .decompose import DECOMPOSITIONS, functional_twin
 from .jet import Jet, Rule, Unsupported
 from .table import VALUE_OPS, _op_name, _rule_for
 
@@ -82,45 +86,85 @@ class _Recorder(QuietDispatchMode):
         super().__init__()
         self.records: list[tuple[Any, Any, Any, Any]] = [(_INPUT, (), {}, z)]  # (op, args, kwargs, result)
         self.made: dict[int, int] = {id(z): 0}
+        self.read: set[int] = set()  # records some later op reads
+        self.views: set[int] = {0}  # records that may share memory with another (views, the input)
         self.refused: tuple[str, str] | None = None  # (op, why): raised once the call is over
 
     def ref(self, obj):
         if isinstance(obj, Tensor):
             index = self.made.get(id(obj))
-            return obj if index is None else _Ref(index)
+            if index is None:
+                return obj
+            self.read.add(index)
+            return _Ref(index)
         if isinstance(obj, (list, tuple)):
             return type(obj)(self.ref(o) for o in obj)
         if isinstance(obj, dict):
             return {k: self.ref(v) for k, v in obj.items()}
         return obj
 
+    def _recorded(self, args) -> bool:
+        found = []
+        _walk(args, lambda o: found.append(o) if isinstance(o, Tensor) and id(o) in self.made else None)
+        return bool(found)
+
+    def _fresh(self, t) -> bool:
+        """A tensor the model made, that nothing has read and nothing views: safe to replay out of place."""
+        index = self.made.get(id(t)) if isinstance(t, Tensor) else None
+        return index is not None and index not in self.read and index not in self.views and t._base is None
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        decompose = DECOMPOSITIONS.get(func)
+        if decompose is not None and _rule_for(func) is None and self._recorded(args):
+            with self:  # the decomposition's own ops are recorded
+                out = decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        record_as = func
         if self.refused is None:
             name = _op_name(func)
             if func._schema.is_mutable:
-                self.refused = (name, f"in-place op aten.{name} (the Taylor path replays out-of-place ops only)")
+                twin = functional_twin(func)
+                if twin is not None and self._fresh(args[0]):
+                    record_as = twin  # a fresh tensor updated in place: its replay is the twin's result
+                else:
+                    self.refused = (name, f"in-place op aten.{name} (the Taylor path replays out-of-place ops only)")
             elif torch.Tag.nondeterministic_seeded in func.tags:
                 self.refused = (name, f"random op aten.{name} (a replay would repeat its numbers)")
         out = func(*args, **kwargs)
         index = len(self.records)
-        self.records.append((func, self.ref(args), self.ref(kwargs), out))
+        self.records.append((record_as, self.ref(args), self.ref(kwargs), out))
+        aliases = record_as is func and _may_alias(func)
         if isinstance(out, Tensor):
             self.made[id(out)] = index
+            if aliases:
+                self.views.add(index)
         elif isinstance(out, (list, tuple)):
             # several results: one getitem record each, as consumers see them
             for j, o in enumerate(out):
                 self.records.append((operator.getitem, (_Ref(index), j), {}, o))
                 if isinstance(o, Tensor):
                     self.made[id(o)] = len(self.records) - 1
+                    if aliases:
+                        self.views.add(len(self.records) - 1)
         return out
+
+
+def _may_alias(func) -> bool:
+    # views say so in their schema; _unsafe_view and _reshape_alias share memory without saying it
+    name = _op_name(func)
+    return any(r.alias_info is not None for r in func._schema.returns) or "view" in name or "alias" in name
 
 
 def _trace(g: Callable, z: Tensor) -> tuple[list, Any, Any]:
     """The records of one call of ``g`` on ``z``, its output as a reference, and the output."""
+    z = z.detach().requires_grad_(z.is_floating_point())
     rec = _Recorder(z)
     try:
-        with torch.no_grad(), warnings.catch_warnings(), rec:
+        # with gradients on, as when jaccli differentiates: without them nn.Transformer*
+        # and nn.MultiheadAttention switch to fused inference kernels that have no rule
+        with torch.enable_grad(), warnings.catch_warnings(), rec:
             warnings.simplefilter("ignore")
             y = g(z)
     except Exception as exc:  # untraceable code: the caller falls back

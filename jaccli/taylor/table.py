@@ -4,7 +4,7 @@ One rule per op (the design of ``jax.experimental.jet``): a recorded op with nei
 rule nor a place in :data:`VALUE_OPS` makes the program :class:`~.jet.Unsupported`
 and the engine falls back to torch.func, naming the op (``--verbose``).
 
-Imports: the rule families (:mod:`.shape`, :mod:`.linear`, :mod:`.elementwise`).
+Imports: the rule families (:mod:`.shape`, :mod:`.linear`, :mod:`.elementwise`, :mod:`.spatial`).
 """
 
 from __future__ import annotations
@@ -40,12 +40,14 @@ from .shape import (
 )
 from .linear import _ADD, _add_rule, _addmm_like, _bilinear, _r_cat, _r_div, _r_stack, _r_where
 from .elementwise import _UNARY_RULES, _nonlinear, _r_clamp_tensor, _r_pow
+from .spatial import SPATIAL_RULES
 
 
 #: ATen op name (overload packet) -> rule
 RULES: dict[str, Rule] = {
     # views and reshapes
     "view": _rowwise(_r_view, view=True, identity=True),
+    "reshape": _rowwise(_r_view, view=True, identity=True),
     "_unsafe_view": _rowwise(_r_view, view=True, identity=True),
     "t": _rowwise(_r_t, view=True),
     "transpose": _rowwise(_r_transpose, view=True),
@@ -72,6 +74,8 @@ RULES: dict[str, Rule] = {
     "flip": _rowwise(_r_flip),
     "roll": _rowwise(_r_roll),
     "repeat": _rowwise(_r_repeat),
+    "tril": _rowwise(lambda t, r, diagonal=0: t.tril(diagonal)),
+    "triu": _rowwise(lambda t, r, diagonal=0: t.triu(diagonal)),
     # sums of terms
     "add": _ADD,
     "sub": _add_rule(-1.0),
@@ -92,6 +96,8 @@ RULES: dict[str, Rule] = {
     **{name: Rule(rule, _nonlinear) for name, rule in _UNARY_RULES.items() if name != "clamp"},
     "clamp": Rule(_r_clamp_tensor, _nonlinear),
     "pow": Rule(_r_pow, _nonlinear),
+    # convolutions, pooling, upsampling, padding, maxima
+    **SPATIAL_RULES,
 }
 
 #: ops whose result carries no derivative (comparisons, rounding, detach): evaluated on values only
@@ -100,7 +106,7 @@ VALUE_OPS = frozenset(
         "detach", "sign", "floor", "ceil", "round", "trunc", "gt", "ge", "lt", "le", "eq", "ne",
         "logical_and", "logical_or", "logical_not", "logical_xor", "isnan", "isinf", "isfinite",
         "argmax", "argmin", "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros",
-        "new_ones", "new_full", "new_empty", "bitwise_and", "bitwise_or", "bitwise_not",
+        "new_ones", "new_full", "new_empty", "bitwise_and", "bitwise_or", "bitwise_not", "all", "any",
     }
 )  # fmt: skip
 

@@ -1,0 +1,207 @@
+"""What the recorder does with an op that has no rule: decompose it, or replay it out of place.
+
+Normalisations, softmax and a few composite activations are fused kernels in PyTorch;
+written out in ops that have rules (means, products, ``rsqrt``, ``exp``) they go through
+the Taylor path at the cost of those ops, and exactly: for these decompositions the
+forward-over-forward derivative is right, where PyTorch's own forward-mode formula for
+``native_layer_norm`` is not (see :data:`jaccli.engine.planner.FORWARD_OVER_FORWARD_WRONG`).
+
+- :data:`DECOMPOSITIONS`: ATen op → a function of the same arguments, written in ops
+  with rules, that the recorder runs in place of the op (its ops are then recorded).
+  The softmax family subtracts a *detached* maximum: the shift changes no derivative,
+  and keeps ``exp`` from overflowing exactly as the fused kernel does.
+- :func:`functional_twin`: the out-of-place op of an in-place one (``add_`` → ``add``),
+  which the recorder records instead when the mutated tensor is fresh (made by the
+  model, not a view, not yet read): replaying the twin then gives the same values.
+
+Imports: torch only (the recorder, :mod:`.record`, imports this).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+aten = torch.ops.aten
+
+
+def _last_dims(x: Tensor, count: int) -> list[int]:
+    return list(range(x.dim() - count, x.dim()))
+
+
+def _normalise(x: Tensor, dims: Sequence[int], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x - mean) * rstd`` over ``dims`` (biased variance, as the norm layers use), mean, rstd."""
+    mean = x.mean(dims, keepdim=True)
+    d = x - mean
+    rstd = torch.rsqrt((d * d).mean(dims, keepdim=True) + eps)
+    return d * rstd, mean, rstd
+
+
+def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    y, mean, rstd = _normalise(x, _last_dims(x, len(normalized_shape)), eps)
+    return _affine(y, weight, bias), mean, rstd
+
+
+def _rms_norm(x, normalized_shape, weight=None, eps=None):
+    dims = _last_dims(x, len(normalized_shape))
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    rstd = torch.rsqrt((x * x).mean(dims, keepdim=True) + eps)
+    return _affine(x * rstd, weight, None), rstd
+
+
+def _channel_shape(x: Tensor) -> list[int]:
+    # per-channel parameters [C] broadcast against [N, C, *spatial]
+    return [x.shape[1]] + [1] * (x.dim() - 2)
+
+
+def _group_norm(x, weight, bias, n, c, hxw, group, eps):
+    grouped = x.reshape(x.shape[0], group, -1)
+    y, mean, rstd = _normalise(grouped, [2], eps)
+    y = y.reshape(x.shape)
+    shape = _channel_shape(x)
+    y = _affine(y, None if weight is None else weight.reshape(shape), None if bias is None else bias.reshape(shape))
+    return y, mean.reshape(x.shape[0], group), rstd.reshape(x.shape[0], group)
+
+
+def _batch_norm_eval(x, weight, bias, running_mean, running_var, eps):
+    # eval mode: a per-channel affine map with the running statistics (constants)
+    shape = _channel_shape(x)
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    y = x * scale.reshape(shape) + shift.reshape(shape)
+    empty = x.new_empty(0)
+    return y, empty, empty
+
+
+def _native_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    if training or running_mean is None or running_var is None:
+        return NotImplemented  # batch statistics: the points are mixed, no per-point rule
+    return _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
+
+
+def _batch_norm_no_training(x, weight, bias, running_mean, running_var, momentum, eps):
+    return _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
+
+
+def _shifted(x: Tensor, dim) -> Tensor:
+    """``x`` minus its detached maximum along ``dim`` (0 where that maximum is infinite)."""
+    m = x.detach().amax(dim, keepdim=True)
+    return x - torch.where(torch.isinf(m), 0.0, m)
+
+
+def _softmax(x, dim, half_to_float=False):
+    e = torch.exp(_shifted(x, dim))
+    return e / e.sum(dim, keepdim=True)
+
+
+def _log_softmax(x, dim, half_to_float=False):
+    s = _shifted(x, dim)
+    return s - torch.log(torch.exp(s).sum(dim, keepdim=True))
+
+
+def _safe_softmax(x, dim, dtype=None):
+    # softmax, with 0 (not NaN) in rows that are entirely -inf (fully masked attention rows)
+    if dtype is not None:
+        x = x.to(dtype)
+    masked = torch.eq(x, float("-inf")).all(dim, keepdim=True)
+    return torch.where(masked, 0.0, _softmax(x, dim))
+
+
+def _logsumexp(x, dim, keepdim=False):
+    m = x.detach().amax(dim, keepdim=True)
+    m = torch.where(torch.isinf(m), 0.0, m)
+    out = torch.log(torch.exp(x - m).sum(dim, keepdim=True)) + m
+    return out if keepdim else out.squeeze(dim)
+
+
+def _variance(x, dim=None, correction=None, keepdim=False):
+    dims = list(range(x.dim())) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
+    count = 1
+    for d in dims:
+        count *= x.shape[d]
+    d = x - x.mean(dims, keepdim=True)
+    ddof = 1 if correction is None else correction
+    return (d * d).sum(dims, keepdim=keepdim) / max(count - ddof, 0)
+
+
+def _var(x, dim=None, *, correction=None, keepdim=False):
+    return _variance(x, dim, correction, keepdim)
+
+
+def _std(x, dim=None, *, correction=None, keepdim=False):
+    return torch.sqrt(_variance(x, dim, correction, keepdim))
+
+
+def _var_mean(x, dim=None, *, correction=None, keepdim=False):
+    dims = list(range(x.dim())) if dim is None else dim
+    return _variance(x, dim, correction, keepdim), x.mean(dims, keepdim=keepdim)
+
+
+def _mish(x):
+    return x * torch.tanh(torch.nn.functional.softplus(x))
+
+
+def _hardsigmoid(x):
+    return torch.clamp(x + 3.0, 0.0, 6.0) / 6.0
+
+
+def _hardswish(x):
+    return x * _hardsigmoid(x)
+
+
+def _glu(x, dim=-1):
+    a, b = x.split(x.shape[dim] // 2, dim)  # not chunk: inside the recorder it is not decomposed
+    return a * torch.sigmoid(b)
+
+
+#: ATen overload → decomposition with the same arguments (returning ``NotImplemented`` keeps the op)
+DECOMPOSITIONS: dict[object, Callable] = {
+    aten.native_layer_norm.default: _layer_norm,
+    aten._fused_rms_norm.default: _rms_norm,
+    aten.native_group_norm.default: _group_norm,
+    aten.native_batch_norm.default: _native_batch_norm,
+    aten._native_batch_norm_legit_no_training.default: _batch_norm_no_training,
+    aten._softmax.default: _softmax,
+    aten._log_softmax.default: _log_softmax,
+    aten._safe_softmax.default: _safe_softmax,
+    aten.logsumexp.default: _logsumexp,
+    aten.var.correction: _var,
+    aten.std.correction: _std,
+    aten.var_mean.correction: _var_mean,
+    aten.mish.default: _mish,
+    aten.hardsigmoid.default: _hardsigmoid,
+    aten.hardswish.default: _hardswish,
+    aten.glu.default: _glu,
+}
+
+
+def functional_twin(func):
+    """The out-of-place overload of an in-place ATen op whose first argument it mutates, or None."""
+    schema = func._schema
+    if not schema.arguments or schema.arguments[0].alias_info is None or not schema.arguments[0].alias_info.is_write:
+        return None
+    if any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments[1:]):
+        return None
+    name = func.overloadpacket.__name__
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    twin = getattr(packet, func._overloadname, None) if packet is not None else None
+    if twin is None or twin._schema.is_mutable:
+        return None
+    return twin
