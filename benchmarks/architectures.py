@@ -1,0 +1,134 @@
+"""Per-sample derivatives of a CNN and a transformer: jaccli against torch.func's best, in ONE run.
+
+    python benchmarks/architectures.py [--points N] [--repeats R]
+
+Issue 9's targets. The models are the shipped examples' classes
+(``examples/models/make_examples.py``): ``SmallCNN`` (3×32×32 input, 4 convolutions with
+BatchNorm, GroupNorm, a residual block and average pooling, 10 logits) and
+``SmallTransformer`` (16 tokens × 64, 2 causal encoder layers, LayerNorm, GELU, one
+output per token), float32 on the CPU. For each: the per-sample Laplacian (jaccli's plan
+takes the Taylor fast path: forward Laplacian through convolutions, norms, softmax and
+attention) against torch.func's forward over reverse (``jvp`` of ``jacrev``, what ``hessian``
+does) vmapped over chunks of directions (``vmap(hessian)`` itself needs over 16 GB for the
+CNN); the per-sample Jacobian, where jaccli's plan picks reverse mode (3 072 or 1 024
+inputs, 10 or 16 outputs) and runs ``vmap(jacrev)``, against ``vmap(jacrev)`` (forward
+mode, 3 072 tangents of every activation, is no contender). Candidates take turns (round-robin after one warm-up, medians); every
+result is compared with the reference so that a fast wrong answer cannot win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.func import jacrev, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples" / "models"))
+
+import jaccli  # noqa: E402
+from make_examples import SmallCNN, SmallTransformer  # noqa: E402
+
+
+def race(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    results = {k: fn() for k, fn in fns.items()}  # warm-up, kept for the comparison
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}, results
+
+
+def per_point(model, shape):
+    def one(xi):
+        return model(xi.reshape(1, *shape)).reshape(-1)
+
+    return one
+
+
+def laplacian_by_hvp(one, n: int, chunk: int):
+    """torch.func's Laplacian: forward over reverse (``jvp`` of ``jacrev``, as in ``hessian``)
+    vmapped over ``chunk`` basis directions at a time, point by point — unchunked,
+    ``vmap(hessian)`` holds every direction's activations at once (CNN: past 16 GB)."""
+
+    def run(x):
+        eye = torch.eye(n, dtype=x.dtype)
+        rows = []
+        for xi in x:
+            total = 0
+            for s in range(0, n, chunk):
+                e = eye[s : s + chunk]
+                hv = vmap(lambda d: jvp(jacrev(one), (xi,), (d,))[1])(e)  # [k, out, n]
+                total = total + hv[:, :, s : s + chunk].diagonal(dim1=0, dim2=2).sum(-1)
+            rows.append(total)
+        return torch.stack(rows)
+
+    return run
+
+
+def case(name: str, model, shape, x: torch.Tensor, xj: torch.Tensor, repeats: int, chunk: int) -> None:
+    for p in model.parameters():  # with them, torch.func's Laplacian takes 2x the time and 10x the memory
+        p.requires_grad_(False)
+    one = per_point(model, shape)
+    n = x[0].numel()
+    flat = x.reshape(x.shape[0], -1)
+    lines: list[str] = []
+    plan = jaccli.plan("laplacian", model, x, per_sample=True)
+    fns = {
+        "jaccli": lambda: jaccli.laplacian(model, x, per_sample=True).reshape(x.shape[0], -1),
+        f"hvp (jvp∘jacrev) x{chunk}": lambda: laplacian_by_hvp(one, n, chunk)(flat),
+    }
+    times, res = race(fns, repeats)
+    lines += _report(name, "laplacian", plan, times, res, x.shape[0])
+    print("\n".join(lines), flush=True)
+    plan = jaccli.plan("jacobian", model, xj, per_sample=True)
+    fns = {
+        "jaccli": lambda: jaccli.jacobian(model, xj, per_sample=True).reshape(xj.shape[0], -1, n),
+        "vmap(jacrev)": lambda: vmap(jacrev(one))(xj.reshape(xj.shape[0], -1)),
+    }
+    times, res = race(fns, max(repeats, 3))
+    lines = _report(name, "jacobian", plan, times, res, xj.shape[0])
+    print("\n".join(lines), flush=True)
+
+
+def _report(name, kind, plan, times, res, points) -> list[str]:
+    ref = res[list(res)[1]]
+    best = min(v for k, v in times.items() if k != "jaccli")
+    lines = [f"{name} per-sample {kind}, N={points}: jaccli plan = {plan.mode} mode, {plan.engine} engine"]
+    for k, t in times.items():
+        err = float((res[k] - ref).abs().max() / ref.abs().max())
+        lines.append(f"  {k:22s} {t:8.3f} s   rel. diff {err:.1e}")
+    lines.append(f"  torch.func best / jaccli = {best / times['jaccli']:.2f}x")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--points", type=int, default=2, help="points of the Laplacians")
+    ap.add_argument("--jacobian-points", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--chunk", type=int, default=128, help="directions per vmap of the torch.func Laplacian")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    warnings.simplefilter("ignore")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU", flush=True)
+    with sdpa_kernel([SDPBackend.MATH]):  # torch.func's second derivatives need the math kernel
+        cnn = SmallCNN().eval()
+        case("SmallCNN 3x32x32 -> 10", cnn, (3, 32, 32), torch.randn(args.points, 3, 32, 32),
+             torch.randn(args.jacobian_points, 3, 32, 32), args.repeats, args.chunk)
+        tr = SmallTransformer().eval()
+        case("SmallTransformer 16x64 -> 16", tr, (16, 64), torch.randn(args.points, 16, 64),
+             torch.randn(args.jacobian_points, 16, 64), args.repeats, args.chunk)
+
+
+if __name__ == "__main__":
+    main()
