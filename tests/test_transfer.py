@@ -304,6 +304,23 @@ def test_progress_and_records_follow_the_written_chunks(case, pipelined):
     assert spec.resumed_points == 1500 and torch.equal(got, want)
 
 
+def test_nan_in_a_chunk_takes_the_statistics_of_its_finite_values(case, pipelined):
+    net, x, d = case
+    x = x.clone()
+    x[2500, 0] = float("nan")
+    spec = jaccli.Stream(d / "J.npy", name="jacobian")
+    with pytest.warns(jaccli.JaccliWarning):
+        want = jaccli.jacobian(net, x, per_sample=True, chunk_size=300, check_batch=False)
+        got = jaccli.jacobian(net, x, per_sample=True, chunk_size=300, check_batch=False, save=spec)
+    assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+    finite = want[torch.isfinite(want)]
+    assert spec.stats["all_finite"] is False
+    assert (spec.stats["min"], spec.stats["max"]) == (float(finite.min()), float(finite.max()))
+    with pytest.raises(jaccli.NumericalError):
+        jaccli.jacobian(net, x, per_sample=True, chunk_size=300, check_batch=False, strict=True, save=d / "S.npy")
+    assert not (d / "S.npy").exists() and not [p for p in d.iterdir() if "jaccli-partial" in p.name]
+
+
 def test_a_failure_mid_stream_leaves_no_file(case, pipelined, monkeypatch):
     net, x, d = case
     monkeypatch.setenv(st.FAIL_HOOK, "0:3")
@@ -340,17 +357,25 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("kind", ["jacobian", "hessian", "laplacian"])
-def test_cuda_stream_equals_the_in_memory_cuda_result_and_the_cpu_one(tmp_path, kind):
+def test_cuda_stream_equals_the_in_memory_cuda_result_and_the_cpu_one(tmp_path, monkeypatch, kind):
+    made = []
+    real = transfer.make_copier
+    monkeypatch.setattr(transfer, "make_copier", lambda *a: made.append(real(*a)) or made[-1])
     net = tanh_mlp((2, 32, 32, 5), dtype=torch.float32)
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((5000, 2)).astype(np.float32))
     want_gpu = getattr(jaccli, kind)(net.cuda(), x.cuda(), per_sample=True, chunk_size=700).cpu()
     want_cpu = getattr(jaccli, kind)(net.cpu(), x, per_sample=True, chunk_size=700)
     spec = jaccli.Stream(tmp_path / "r.npy", name=kind)
     got = getattr(jaccli, kind)(net.cuda(), x.cuda(), per_sample=True, chunk_size=700, save=spec)
-    assert torch.equal(got, want_gpu)  # the same kernels on the same chunks: the same bits
+    # the same kernels on the same chunks (only where the rows lie differs, which could at
+    # most change a library's choice of kernel): rounding apart, a misplaced row is O(1) off
+    torch.testing.assert_close(got, want_gpu, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got, want_cpu, rtol=1e-5, atol=1e-6)
-    assert (spec.stats["min"], spec.stats["max"]) == (float(want_gpu.min()), float(want_gpu.max()))
-    assert spec.stats["mean"] == pytest.approx(float(want_gpu.double().mean()), rel=1e-9)
+    assert spec.stats["min"] == pytest.approx(float(want_gpu.min()), rel=1e-6)
+    assert spec.stats["max"] == pytest.approx(float(want_gpu.max()), rel=1e-6)
+    assert spec.stats["mean"] == pytest.approx(float(want_gpu.double().mean()), rel=1e-6)
+    assert (spec.stats["min"], spec.stats["max"]) == (float(got.min()), float(got.max()))
+    assert [type(c) for c in made] == [transfer.DeviceChunks]  # the overlapped path ran
 
 
 @pytest.mark.cuda
@@ -366,6 +391,17 @@ def test_cuda_stream_with_nan_has_the_statistics_of_its_finite_values(tmp_path):
     assert spec.stats["all_finite"] is False and torch.isnan(got[500]).all()
     assert spec.stats["min"] == float(finite.min()) and spec.stats["max"] == float(finite.max())
     assert spec.stats["mean"] == pytest.approx(float(finite.double().mean()), rel=1e-9)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_stream_without_overlap_writes_the_same_file(tmp_path, monkeypatch):
+    net = tanh_mlp((2, 32, 32, 5), dtype=torch.float32).cuda()
+    x = torch.randn(5000, 2, device="cuda")
+    a = jaccli.hessian(net, x, per_sample=True, chunk_size=600, save=tmp_path / "a.npy")
+    monkeypatch.setenv(transfer.OVERLAP_ENV, "0")
+    b = jaccli.hessian(net, x, per_sample=True, chunk_size=600, save=tmp_path / "b.npy")
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.cuda

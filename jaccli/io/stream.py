@@ -473,15 +473,16 @@ class FileSink:
         if self.progress is not None:
             self.progress(self.points_done, self.total)
 
-    def _close_copier(self) -> None:
-        """Drop the copier and whatever it still has in flight (also after a failure)."""
+    def _close_copier(self, *, failed: bool = False) -> None:
+        """Drop the copier and whatever it still has in flight."""
         copier, self.copier = self.copier, None
         if copier is None:
             return
         try:
             copier.close()
-        except RuntimeError:  # a broken CUDA context: the error that broke it is already on its way
-            pass
+        except RuntimeError:
+            if not failed:  # after a failure, a broken CUDA context is news of that failure
+                raise
 
     # ------------------------------------------------------------------ files
 
@@ -636,7 +637,7 @@ class FileSink:
         """After a failure: tell the other ranks, and remove the partial file unless the run
         was interrupted (then ``--resume`` continues it)."""
         interrupted = not isinstance(exc, Exception)
-        self._close_copier()  # chunks still in flight are not done: a resumption computes them again
+        self._close_copier(failed=True)  # chunks in flight are not done: a resumption redoes them
         if interrupted:
             try:
                 self._record()
