@@ -1,6 +1,6 @@
 """Streaming a per-sample result from a GPU to a file: with and without the copy overlap.
 
-    python benchmarks/gpu.py [--points 10000000] [--dir DIR ...] [--chunk-size C] [--json FILE]
+    python benchmarks/gpu.py [--points 10000000] [--dir DIR ...] [--chunk-size 1000000] [--json FILE]
 
 The seed PINN (``examples/models/pinn.pt``, 1→50→50→50→501 tanh, float32) at N points
 x ∈ [0, 1], per-sample Jacobian and Hessian (501 values, 2 kB, per point: 20 GB each at
@@ -14,7 +14,9 @@ N = 10 M), on ``cuda``:
 * ``stream, sync``: the same with ``JACCLI_STREAM_OVERLAP=0``: each chunk copied with
   ``.cpu()`` and written before the next is computed (jaccli before the overlap).
 
-For each: seconds (the whole public call: plan, trace, chunks, flush to disk with
+Chunks are 1 M points (2 GB of result) unless ``--chunk-size`` says otherwise (0: the
+planner's, which on a large GPU puts millions of points in a chunk, leaving few chunks or
+one, and so little to overlap). For each run: seconds (the whole public call: plan, trace, chunks, flush to disk with
 ``fdatasync``, rename), points/s, the file's GB/s, the peak of
 ``torch.cuda.max_memory_allocated`` and the rise of the process's peak resident memory. The
 streamed file's first and last rows are compared with the in-memory result (``identical``).
@@ -124,12 +126,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, default=10_000_000)
     parser.add_argument("--dir", action="append", type=Path, help="where the streamed files go (repeatable; default: .)")
-    parser.add_argument("--chunk-size", type=int, default=None, help="points per chunk (default: the planner's)")
+    parser.add_argument("--chunk-size", type=int, default=1_000_000, help="points per chunk (0: the planner's)")
     parser.add_argument("--kinds", default="jacobian,hessian")
     parser.add_argument("--budget", type=float, default=500.0, help="seconds for all runs together")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     parser.add_argument("--smoke", action="store_true", help="without CUDA: a tiny N on the CPU")
     args = parser.parse_args()
+    args.chunk_size = args.chunk_size or None
     start = time.perf_counter()
 
     if torch.cuda.is_available():
@@ -138,6 +141,7 @@ def main() -> None:
     elif args.smoke:
         device, gpu_name = torch.device("cpu"), "none (CPU smoke run)"
         args.points = min(args.points, 20_000)
+        args.chunk_size = args.chunk_size and min(args.chunk_size, 2_000)
     else:
         print("no CUDA device: this benchmark measures streaming from a GPU; nothing to do "
               "(--smoke runs a tiny N on the CPU to check the script)")  # fmt: skip

@@ -184,9 +184,9 @@ def test_one_slot_when_a_second_does_not_fit():
     n, size = 60, 10
     fake, rec, log = FakeStreams(slots=1), Recorder(n), []
     copier = transfer.DeviceChunks(fake, size, (3,), torch.float32, rec.write, rec.finish, stage_bytes=4 * 12)
-    assert len(copier.slots) == 1
     want = _run_loop(copier, rec, n, size, log=log, streams=fake)
     assert torch.equal(rec.file, want)
+    assert len(copier.slots) == 1 and fake.slots_left == 0
     # with one slot a chunk is written before the next may be computed into it
     keys = _chunks(n, size)
     for _, k, count in log:
@@ -223,6 +223,14 @@ def test_sync_chunks_hand_on_the_buffer_itself():
     assert torch.equal(rec.file, want)
     assert set(seen) == {copier.buffer.data_ptr()}  # no copy on CPU: the rows go to pwrite as they are
     assert [e[0] for e in rec.events] == ["write", "finish"] * 3
+
+
+def test_the_second_slot_is_made_only_for_a_second_chunk():
+    for n, slots in [(10, 1), (11, 2)]:
+        fake, rec = FakeStreams(), Recorder(n)
+        copier = transfer.DeviceChunks(fake, 10, (3,), torch.float32, rec.write, rec.finish, stage_bytes=4 * 12)
+        assert torch.equal(_run_loop(copier, rec, n, 10), rec.file)
+        assert len(copier.slots) == slots
 
 
 def test_make_copier_picks_by_device(monkeypatch):
@@ -421,7 +429,7 @@ def test_cuda_copies_run_on_a_side_stream_while_the_next_chunk_computes():
 
     copier = transfer.DeviceChunks(transfer.CudaStreams(dev), size, (1024,), torch.float32, write,
                                    lambda *a: None, stage_bytes=1024 * 4, stages=1)  # fmt: skip
-    assert copier.streams.side != main and len(copier.slots) == 2 and copier.piece == 1
+    assert copier.streams.side != main and copier.piece == 1
     want = torch.arange(n * 1024, dtype=torch.float32, device=dev).reshape(n, 1024)
     for a in range(0, n, size):
         block = copier.rows(size)
@@ -429,6 +437,7 @@ def test_cuda_copies_run_on_a_side_stream_while_the_next_chunk_computes():
         block.copy_(want[a : a + size])
         copier.submit((a, a + size), size, None)
     copier.flush()
+    assert len(copier.slots) == 2
     assert busy[:size] == [True] * size, busy  # chunk 0 was written while chunk 1 computed
     assert torch.equal(torch.cat(pieces).to(dev), want)
     copier.close()

@@ -6,20 +6,22 @@ Owns the two *copiers* :class:`~jaccli.io.stream.FileSink` writes through:
   handed on as soon as it is committed. On CPU the buffer *is* host memory, so nothing
   is copied: the rows go from the buffer to ``pwrite``, as before copiers existed.
 * :class:`DeviceChunks` (CUDA): the chunk loop computes into one of two device buffers
-  (*slots*) in turn, and each finished chunk is copied to the host on a side stream, in
-  pieces of at most :data:`STAGE_BYTES`, through a ring of :data:`STAGES` pinned host
-  buffers. The side stream waits for an event the compute stream records after the chunk
-  (never for the whole device), so the copy of chunk k runs while chunk k+1 computes, and
-  the host writes chunk k's pieces to the file as their copies complete, again while the
-  GPU computes. A slot is handed out again only after every chunk still in it has been
-  copied and written: the host waited for those copies' events, so nothing queued on the
-  compute stream afterwards can overwrite rows before they are copied.
+  (*slots*) in turn (the second made when a second chunk needs it), and each finished
+  chunk is copied to the host on a side stream, in pieces of at most :data:`STAGE_BYTES`,
+  through a ring of :data:`STAGES` pinned host buffers. The side stream waits for an
+  event the compute stream records after the chunk (never for the whole device), so the
+  copy of chunk k runs while chunk k+1 computes, and the host writes chunk k's pieces to
+  the file as their copies complete, again while the GPU computes. A slot is handed out
+  again only after every chunk still in it has been copied and written: the host waited
+  for those copies' events, so nothing queued on the compute stream afterwards can
+  overwrite rows before they are copied.
 
-Both call back ``write(key, row0, host_rows)`` for each piece of a chunk, in order, then
-``finish(key, note, rows)`` once all of the chunk is written: ``note`` is the small
-device tensor :meth:`submit` took (statistics, brought along with the rows), ``rows`` the
-chunk where it was computed, still intact during the call. A chunk's ``finish`` is the
-only place that may claim the chunk is on disk (the resume records do).
+Both call back ``write(key, row0, host_rows)`` for each piece of a chunk, in order
+(``host_rows`` is valid during the call only: its buffer is refilled next), then
+``finish(key, note, rows)`` once all of the chunk is written: ``note`` is the host copy
+of the small device tensor :meth:`submit` took (statistics, brought along with the
+rows), ``rows`` the chunk where it was computed, still intact during the call. A chunk's
+``finish`` is the only place that may claim the chunk is on disk (the resume records do).
 
 Why not a writer thread: the GPU already runs asynchronously from the host, so the one
 host thread writing chunk k while chunk k+1 computes is the overlap; a thread would add
@@ -161,13 +163,11 @@ class DeviceChunks:
         self.write, self.finish = write, finish
         row_bytes = max(1, math.prod(row_shape) * torch.empty((), dtype=dtype).element_size())
         self.piece = max(1, min(capacity, stage_bytes // row_bytes))
-        self.slots = [streams.device_buffer((capacity, *row_shape), dtype)]
-        try:
-            self.slots.append(streams.device_buffer((capacity, *row_shape), dtype))
-        except torch.OutOfMemoryError:
-            # the plan budgets one chunk's rows; with one slot the next chunk waits for
-            # this one's copy (still correct, and the file writes still overlap the copies)
-            pass
+        self.shape, self.dtype = (capacity, *row_shape), dtype
+        # the second slot is made when a second chunk asks for rows: a run of one chunk
+        # (common on a large GPU, whose chunks are large) needs no more memory than before
+        self.slots = [streams.device_buffer(self.shape, dtype)]
+        self.nslots = 2
         self.stages = [streams.host_buffer((self.piece, *row_shape), dtype) for _ in range(stages)]
         self.free = list(range(stages))  # staging buffers with no copy in flight
         self.pending: deque[_Chunk] = deque()  # submitted, not finished; oldest first
@@ -177,14 +177,21 @@ class DeviceChunks:
     def rows(self, n: int) -> torch.Tensor:
         """Where to compute the next chunk: a slot whose previous chunk is copied out and written
         (with two slots, the chunk before last: it is written while the last one computes)."""
-        s = self.turn % len(self.slots)
+        s = self.turn % self.nslots
+        if s == len(self.slots):
+            try:
+                self.slots.append(self.streams.device_buffer(self.shape, self.dtype))
+            except torch.OutOfMemoryError:
+                # the plan budgets one chunk's rows; with one slot each chunk waits for the
+                # previous one's copy (still correct, and the file writes overlap the copies)
+                self.nslots, s = 1, 0
         while any(c.slot == s for c in self.pending):
             self._step()
         return self.slots[s][:n]
 
     def submit(self, key, n: int, note: torch.Tensor | None = None) -> None:
         """The work computing the chunk in :meth:`rows` (and ``note``) is queued: copy it out."""
-        s = self.turn % len(self.slots)
+        s = self.turn % self.nslots
         self.turn += 1
         self.pending.append(_Chunk(key, s, n, note, self.streams.mark()))
         self._issue()
