@@ -51,7 +51,8 @@ class MemorySink:
     The other sink, :class:`jaccli.io.stream.FileSink`, has the same methods and writes each
     finished chunk into its rows of a file instead (and may compute only some chunks: those
     of its rank, not yet done by an interrupted run). ``progress(done, total)`` is called
-    with the points done after each chunk.
+    with the points done after each chunk. The loops call ``flush()`` after the last
+    chunk: a sink may still be writing committed chunks (FileSink on a GPU does).
     """
 
     def __init__(self, progress: Callable[[int, int], None] | None = None) -> None:
@@ -75,6 +76,9 @@ class MemorySink:
         self.done += stop - start
         if self.progress is not None:
             self.progress(self.done, self.result.shape[0])
+
+    def flush(self) -> None:
+        pass  # the rows are the result: nothing is in flight
 
     def value(self) -> torch.Tensor:
         return self.result
@@ -111,6 +115,7 @@ def _execute(kind: str, p: Problem, plan: Plan, strategy: Strategy, sink, *, see
             if padded:
                 sink.rows(start, stop)[:] = block_rows[: stop - start]
             sink.commit(start, stop)
+        sink.flush()
 
 
 def _execute_taylor(kind: str, p: Problem, plan: Plan, program: taylor.TaylorProgram, sink, *,
@@ -138,6 +143,7 @@ def _execute_taylor(kind: str, p: Problem, plan: Plan, program: taylor.TaylorPro
                     idx = torch.arange(d0, min(d0 + dpp, int(probes)))[:, None]
                     out += estimate(None, z, idx, ctx)
             sink.commit(start, stop)
+        sink.flush()
 
 
 def compute(kind: str, f, x, *, plan: Plan | None = None, seed: int = 0, sink=None,

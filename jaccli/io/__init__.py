@@ -1,11 +1,12 @@
 """Reading input tensors and writing results.
 
-=============  ==================================================================
-:mod:`.read`   tensor files by content: sources, sniffing, the reader table
-:mod:`.write`  results: the writer table, output checks, atomic writes
-:mod:`.inputs` the model's arguments from INPUT, ``--key`` and ``--input``
-:mod:`.stream` per-sample results streamed to disk chunk by chunk; resume; ranks
-=============  ==================================================================
+================  ========================================================================
+:mod:`.read`      tensor files by content: sources, sniffing, the reader table
+:mod:`.write`     results: the writer table, output checks, atomic writes
+:mod:`.inputs`    the model's arguments from INPUT, ``--key`` and ``--input``
+:mod:`.stream`    per-sample results streamed to disk chunk by chunk; resume; ranks
+:mod:`.transfer`  finished chunks from the device to the file (CUDA: side stream, overlap)
+================  ========================================================================
 
 Nothing here runs code from a data file: ``torch.load(weights_only=True)`` and
 ``np.load(allow_pickle=False)`` only.

@@ -16,8 +16,10 @@ Files beside ``DIR/NAME`` while a run is in progress:
 Rows go to the file with ``os.pwrite`` rather than through a memory map: dirty pages of a
 shared mapping count in the process's resident memory until written back, so a mapped
 1.3 GB result raises peak RSS by 1.3 GB while ``pwrite`` leaves them to the page cache.
+How a chunk gets from where it was computed to ``pwrite`` is :mod:`.transfer`'s business
+(on CUDA: copied on a side stream while the next chunk computes).
 
-Imports: torch, numpy, :mod:`jaccli.errors`, :mod:`.write`; nothing of the engine.
+Imports: torch, numpy, :mod:`jaccli.errors`, :mod:`.write`, :mod:`.transfer`; nothing of the engine.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 
 from ..errors import JaccliError, OutputError, ResumeError, UsageError
 from .. import signals
+from . import transfer
 from .write import _pause_for_tests, _place, check_writable, output_format
 
 #: result formats whose header is known before the data, so that rows can be written in place
@@ -234,6 +237,30 @@ class _Stats:
         self.count += flat.numel()
         self.nonzero |= bool(float(lo) != 0 or float(hi) != 0)
 
+    @staticmethod
+    def reduce(block: torch.Tensor) -> torch.Tensor | None:
+        """``[sum, min, max]`` of ``block`` in float64, computed where it lies and not waited
+        for: a GPU chunk's statistics travel to the host with its rows instead of stalling
+        the host until the chunk is done (the reason :meth:`add` is not used there)."""
+        flat = block.reshape(-1)
+        if flat.numel() == 0:
+            return None
+        lo, hi = torch.aminmax(flat)
+        return torch.stack([flat.sum(dtype=torch.float64), lo.to(torch.float64), hi.to(torch.float64)])
+
+    def add_reduced(self, numel: int, reduced: torch.Tensor) -> bool:
+        """Add what :meth:`reduce` gave; False where a value is not finite (then :meth:`add`
+        must look at the values themselves)."""
+        total, lo, hi = reduced.tolist()
+        if not math.isfinite(total):
+            return False
+        self.numel += numel
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.total += total
+        self.count += numel
+        self.nonzero |= bool(lo != 0 or hi != 0)
+        return True
+
     def as_dict(self) -> dict:
         return vars(self).copy()
 
@@ -256,9 +283,11 @@ class FileSink:
     """Chunks of a per-sample result written straight into their rows of a file.
 
     The engine's chunk loop calls :meth:`open` (the flat result's shape and dtype),
-    iterates :meth:`chunks`, fills :meth:`rows` and calls :meth:`commit` per chunk;
-    the caller then calls :meth:`gather` (statistics of the whole result) and
-    :meth:`finalise` (rename into place), or :meth:`abort` on any failure.
+    iterates :meth:`chunks`, fills :meth:`rows` and calls :meth:`commit` per chunk and
+    :meth:`flush` at the end; the caller then calls :meth:`gather` (statistics of the whole
+    result) and :meth:`finalise` (rename into place), or :meth:`abort` on any failure.
+    A chunk counts as done (progress, resume records) once its rows are in the file, which
+    on a GPU is while a later chunk computes (:mod:`.transfer`).
 
     Under ``torch.distributed`` every rank holds a sink: the chunks are split into
     contiguous shards, rank 0 creates the partial file and renames it, and the ranks
@@ -286,6 +315,7 @@ class FileSink:
         self.world, self.rank = _dist()
         stream.world_size = self.world
         self.fd: int | None = None
+        self.copier = None  # a transfer.SyncChunks or DeviceChunks once open
         self.owned = False  # this run created or adopted the partial file: it may delete it
         self.meetings = 0
         self.failure: str | None = None
@@ -346,7 +376,7 @@ class FileSink:
             self.fd = os.open(self.partial, os.O_RDWR)
         self.offset = info["offset"]
         self.row_bytes = math.prod(flat_shape[1:]) * torch.empty((), dtype=dtype).element_size()
-        self.buffer = torch.empty((min(self.grid, self.shape[0]), *flat_shape[1:]), dtype=dtype, device=device)
+        self._open_copier(flat_shape, dtype, device)
         n = self.shape[0]
         count = math.ceil(n / self.grid)
         lo, hi = count * self.rank // self.world, count * (self.rank + 1) // self.world
@@ -374,7 +404,7 @@ class FileSink:
         self.done, self.recorded = set(), set()
         self.grid = int(ppc)
         self.row_bytes = math.prod(flat_shape[1:]) * torch.empty((), dtype=dtype).element_size()
-        self.buffer = torch.empty((min(self.grid, self.shape[0]), *flat_shape[1:]), dtype=dtype, device=device)
+        self._open_copier(flat_shape, dtype, device)
         n = self.shape[0]
         count = math.ceil(n / self.grid)
         lo, hi = count * self.rank // self.world, count * (self.rank + 1) // self.world
@@ -392,17 +422,42 @@ class FileSink:
         for c in list(self.mine):
             yield c * self.grid, min((c + 1) * self.grid, n)
 
+    def _open_copier(self, flat_shape, dtype, device) -> None:
+        self._close_copier()
+        self.copier = transfer.make_copier(device, min(self.grid, self.shape[0]), tuple(flat_shape[1:]), dtype,
+                                           self._write_rows, self._finish)  # fmt: skip
+
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        block = self.buffer[: stop - start]
+        block = self.copier.rows(stop - start)
         if self.zero:
             block.zero_()
         return block
 
     def commit(self, start: int, stop: int) -> None:
-        block = self.buffer[: stop - start]
-        self.stats.add(block)
-        data = block.detach().cpu().contiguous().numpy()
-        self._pwrite(memoryview(data).cast("B"), self.offset + start * self.row_bytes)
+        """The chunk's rows are computed (or, on a GPU, queued): hand them to the copier,
+        which writes them and calls :meth:`_finish`, at once or while later chunks compute."""
+        block = self.copier.rows(stop - start)
+        note = None
+        if self.copier.overlaps:
+            note = _Stats.reduce(block)
+        else:
+            self.stats.add(block)
+        self.copier.submit((start, stop), stop - start, note)
+
+    def flush(self) -> None:
+        """Write every chunk committed so far (the chunk loop's end)."""
+        if self.copier is not None:
+            self.copier.flush()
+
+    def _write_rows(self, key: tuple[int, int], row0: int, host: torch.Tensor) -> None:
+        data = host.detach().cpu().contiguous().numpy()
+        self._pwrite(memoryview(data).cast("B"), self.offset + (key[0] + row0) * self.row_bytes)
+
+    def _finish(self, key: tuple[int, int], note: torch.Tensor | None, block: torch.Tensor) -> None:
+        """All rows of the chunk are in the file: count it done (resume records, hooks, progress)."""
+        start, stop = key
+        if note is not None and not self.stats.add_reduced(block.numel(), note):
+            self.stats.add(block)
         c = start // self.grid
         self.done.add(c)
         self.points_done += stop - start
@@ -417,6 +472,17 @@ class FileSink:
             raise OutputError(f"injected test failure ({FAIL_HOOK})", where=str(self.target))
         if self.progress is not None:
             self.progress(self.points_done, self.total)
+
+    def _close_copier(self, *, failed: bool = False) -> None:
+        """Drop the copier and whatever it still has in flight."""
+        copier, self.copier = self.copier, None
+        if copier is None:
+            return
+        try:
+            copier.close()
+        except RuntimeError:
+            if not failed:  # after a failure, a broken CUDA context is news of that failure
+                raise
 
     # ------------------------------------------------------------------ files
 
@@ -529,6 +595,8 @@ class FileSink:
 
     def gather(self) -> dict:
         """Flush this rank's rows and return the statistics of the whole result."""
+        self.flush()
+        self._close_copier()
         if self.fd is not None:
             os.fdatasync(self.fd)
         parts = self._sync({"stats": self.stats.as_dict()})
@@ -569,6 +637,7 @@ class FileSink:
         """After a failure: tell the other ranks, and remove the partial file unless the run
         was interrupted (then ``--resume`` continues it)."""
         interrupted = not isinstance(exc, Exception)
+        self._close_copier(failed=True)  # chunks in flight are not done: a resumption redoes them
         if interrupted:
             try:
                 self._record()
