@@ -252,7 +252,7 @@ def _fingerprint(kind: str, o: dict) -> dict:
     from pathlib import Path
 
     from .io import InputSpec
-    from .io.stream import file_fingerprint
+    from .io.records import file_fingerprint
 
     facts = {
         "command": kind,

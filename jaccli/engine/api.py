@@ -103,7 +103,7 @@ def _fingerprint(kind: str, f, p, plan_, options: dict, seed: int, spec) -> dict
     import hashlib
     import importlib.metadata
 
-    from ..io.stream import parameters_fingerprint
+    from ..io.records import parameters_fingerprint
 
     given = dict(spec.fingerprint or {})
     facts = {

@@ -6,6 +6,7 @@
 :mod:`.inputs`    the model's arguments from INPUT, ``--key`` and ``--input``
 :mod:`.stream`    per-sample results streamed to disk chunk by chunk; resume; ranks
 :mod:`.transfer`  finished chunks from the device to the file (CUDA: side stream, overlap)
+:mod:`.records`   the files beside a streamed result, fingerprints, running statistics
 ================  ========================================================================
 
 Nothing here runs code from a data file: ``torch.load(weights_only=True)`` and

@@ -19,13 +19,13 @@ shared mapping count in the process's resident memory until written back, so a m
 How a chunk gets from where it was computed to ``pwrite`` is :mod:`.transfer`'s business
 (on CUDA: copied on a side stream while the next chunk computes).
 
-Imports: torch, numpy, :mod:`jaccli.errors`, :mod:`.write`, :mod:`.transfer`; nothing of the engine.
+Imports: torch, numpy, :mod:`jaccli.errors`, :mod:`.write`, :mod:`.transfer`, :mod:`.records`;
+nothing of the engine.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -41,6 +41,7 @@ import torch
 from ..errors import JaccliError, OutputError, ResumeError, UsageError
 from .. import signals
 from . import transfer
+from .records import _Stats, _atomic_json, _done_path, _done_paths, _meta_path, _ranges, partial_path
 from .write import _pause_for_tests, _place, check_writable, output_format
 
 #: result formats whose header is known before the data, so that rows can be written in place
@@ -54,7 +55,6 @@ KILL_HOOK = "JACCLI_TEST_KILL_AFTER_CHUNKS"
 #: test-only: ``R:K`` makes rank R fail with an error after writing K chunks
 FAIL_HOOK = "JACCLI_TEST_FAIL_AFTER_CHUNKS"
 
-_PARTIAL = ".jaccli-partial"
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64"}
 _FORMAT_VERSION = 1
 
@@ -89,72 +89,6 @@ class Stream:
     stats: dict | None = field(default=None, init=False)
     resumed_points: int = field(default=0, init=False)
     world_size: int = field(default=1, init=False)
-
-
-def partial_path(target: str | os.PathLike) -> Path:
-    t = Path(os.fspath(target))
-    return t.parent / f".{t.name}{_PARTIAL}"
-
-
-def _meta_path(partial: Path) -> Path:
-    return partial.with_name(partial.name + ".json")
-
-
-def _done_paths(partial: Path) -> list[Path]:
-    return sorted(partial.parent.glob(partial.name + ".done*.json"))
-
-
-def _done_path(partial: Path, rank: int) -> Path:
-    return partial.with_name(f"{partial.name}.done{rank}.json")
-
-
-def file_fingerprint(path: str | os.PathLike, *, whole: bool = True) -> dict:
-    """Size, modification time and SHA-256 of a file (of its first and last MiB unless ``whole``)."""
-    p = Path(os.fspath(path))
-    st = p.stat()
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        if whole or st.st_size <= 2 * 2**20:
-            for block in iter(lambda: fh.read(2**20), b""):
-                h.update(block)
-        else:
-            h.update(fh.read(2**20))
-            fh.seek(-(2**20), os.SEEK_END)
-            h.update(fh.read(2**20))
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest(), "whole": whole}
-
-
-def parameters_fingerprint(f) -> str | None:
-    """SHA-256 of a module's parameters and buffers (None for a plain function)."""
-    state = getattr(f, "state_dict", None)
-    if not callable(state):
-        return None
-    h = hashlib.sha256()
-    for k, v in state().items():
-        if isinstance(v, torch.Tensor):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _atomic_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _ranges(done: set[int]) -> list[list[int]]:
-    """``{0, 1, 2, 5}`` → ``[[0, 3], [5, 6]]``: chunk indices as half-open ranges."""
-    out: list[list[int]] = []
-    for i in sorted(done):
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return out
 
 
 def _header(fmt: str, shape: tuple[int, ...], dtype: torch.dtype, name: str, metadata: Mapping) -> bytes:
@@ -204,79 +138,6 @@ def _dist():
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
-
-
-class _Stats:
-    """min / max / sum / count over finite values, chunk by chunk, as render.stats gives them whole."""
-
-    def __init__(self) -> None:
-        self.lo = math.inf
-        self.hi = -math.inf
-        self.total = 0.0
-        self.count = 0
-        self.numel = 0
-        self.all_finite = True
-        self.nonzero = False
-
-    def add(self, block: torch.Tensor) -> None:
-        flat = block.reshape(-1)
-        if flat.numel() == 0:
-            return
-        self.numel += flat.numel()
-        total = flat.sum(dtype=torch.float64)
-        if not bool(torch.isfinite(total)):
-            finite = torch.isfinite(flat)
-            self.all_finite &= bool(finite.all())
-            flat = flat[finite]
-            if flat.numel() == 0:
-                return
-            total = flat.sum(dtype=torch.float64)
-        lo, hi = torch.aminmax(flat)
-        self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
-        self.total += float(total)
-        self.count += flat.numel()
-        self.nonzero |= bool(float(lo) != 0 or float(hi) != 0)
-
-    @staticmethod
-    def reduce(block: torch.Tensor) -> torch.Tensor | None:
-        """``[sum, min, max]`` of ``block`` in float64, computed where it lies and not waited
-        for: a GPU chunk's statistics travel to the host with its rows instead of stalling
-        the host until the chunk is done (the reason :meth:`add` is not used there)."""
-        flat = block.reshape(-1)
-        if flat.numel() == 0:
-            return None
-        lo, hi = torch.aminmax(flat)
-        return torch.stack([flat.sum(dtype=torch.float64), lo.to(torch.float64), hi.to(torch.float64)])
-
-    def add_reduced(self, numel: int, reduced: torch.Tensor) -> bool:
-        """Add what :meth:`reduce` gave; False where a value is not finite (then :meth:`add`
-        must look at the values themselves)."""
-        total, lo, hi = reduced.tolist()
-        if not math.isfinite(total):
-            return False
-        self.numel += numel
-        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
-        self.total += total
-        self.count += numel
-        self.nonzero |= bool(lo != 0 or hi != 0)
-        return True
-
-    def as_dict(self) -> dict:
-        return vars(self).copy()
-
-    @classmethod
-    def merge(cls, parts: list[dict]) -> dict:
-        """The stats of the whole result from those of the ranks (render.stats' keys)."""
-        lo = min(p["lo"] for p in parts)
-        hi = max(p["hi"] for p in parts)
-        count = sum(p["count"] for p in parts)
-        return {
-            "min": lo if count else None,
-            "max": hi if count else None,
-            "mean": sum(p["total"] for p in parts) / count if count else None,
-            "all_finite": all(p["all_finite"] for p in parts),
-            "nonzero": any(p["nonzero"] for p in parts),
-        }
 
 
 class FileSink:
