@@ -25,7 +25,7 @@ NONSMOOTH_OPS = frozenset(
         "clamp", "clamp_", "clamp_min", "clamp_max", "maximum", "minimum", "max", "min",
         "floor", "ceil", "round", "trunc", "hardsigmoid", "hardswish", "hardshrink",
         "softshrink", "max_pool1d", "max_pool2d", "max_pool3d",
-        "max_pool2d_with_indices", "max_pool3d_with_indices", "heaviside",
+        "max_pool2d_with_indices", "max_pool3d_with_indices", "heaviside", "amax", "amin",
     }
 )  # fmt: skip
 
