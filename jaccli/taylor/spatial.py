@@ -29,12 +29,16 @@ def _fold(t: Tensor) -> tuple[Tensor, int, int]:
     return t.reshape(rows * batch, *t.shape[2:]), rows, batch
 
 
-def _batched_linear(packet) -> Rule:
-    """An op linear in its first argument, batched along axis 0 (pooling, upsampling, padding)."""
+def _batched_linear(packet, min_rank: int = 0) -> Rule:
+    """An op linear in its first argument that maps the slices along axis 0 independently
+    (pooling, upsampling, padding); ``min_rank``: the rank below which axis 0 would be
+    channels that the op mixes (pixel shuffle, fold/unfold of an unbatched input)."""
 
     def rule(cx, lay, x, *args, **kwargs):
         if any(isinstance(a, Jet) for a in (*args, *kwargs.values())):
             raise Unsupported(packet.__name__, "input-dependent parameters")
+        if len(x.shape) < min_rank:
+            raise Unsupported(packet.__name__, "an unbatched input (axis 0 is mixed)")
         flat, rows, batch = _fold(_take(x, lay))
         out = packet(flat, *args, **kwargs)
         return cx.jet(out.reshape(rows, batch, *out.shape[1:]), lay)
@@ -149,13 +153,15 @@ _BATCHED = [
     "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d",
     "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa", "reflection_pad1d", "reflection_pad2d",
     "reflection_pad3d", "replication_pad1d", "replication_pad2d", "replication_pad3d",
-    "pixel_shuffle", "pixel_unshuffle", "im2col", "col2im",
 ]  # fmt: skip
+#: … and those whose axis 0 is a batch only from this rank on
+_MIXING = {"pixel_shuffle": 4, "pixel_unshuffle": 4, "im2col": 4, "col2im": 3}
 
 SPATIAL_RULES: dict[str, Rule] = {
     "convolution": Rule(_r_convolution, _first_only),
     "constant_pad_nd": Rule(_r_constant_pad, _first_only),
     **{name: _batched_linear(getattr(aten, name)) for name in _BATCHED if hasattr(aten, name)},
+    **{name: _batched_linear(getattr(aten, name), rank) for name, rank in _MIXING.items()},
     **{f"max_pool{k}d_with_indices": _max_pool(k) for k in (2, 3) if hasattr(aten, f"max_pool{k}d_with_indices")},
     "amax": Rule(_r_amax, _piecewise),
     "amin": Rule(_r_amin, _piecewise),
