@@ -23,7 +23,7 @@ from .. import taylor
 from ..errors import ModelError, ResourceError, UsageError, shape_str
 from .problem import Problem, arg_names, check_inputs, normalise_args, probe_rows
 from ..choices import ESTIMATORS, KINDS, MODES
-from .strategies import STRATEGIES, auto_mode, count_directions
+from .strategies import STRATEGIES, auto_mode, count_directions, mode_costs
 
 _MIB = 2**20
 
@@ -361,7 +361,16 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
     if program is not None:
         return _taylor_plan(kind, p, program, estimator, probes, chunk_size), program
     plan = make_plan(kind, p, mode, estimator, probes, chunk_size)
+    if why_not is None and mode == "auto" and plan.mode == "reverse" and p.per_sample:
+        why_not = _why_reverse(kind, p)
     return (replace(plan, engine_note=why_not) if why_not else plan), None
+
+
+def _why_reverse(kind: str, p: Problem) -> str:
+    """What auto mode weighed when it chose reverse mode (so the fast path, forward mode, was not tried)."""
+    fwd, rev = mode_costs(kind, p.n_in, p.n_out)
+    return (f"reverse mode: {rev:,} products per point against {fwd:,} in forward mode "
+            f"({p.n_in:,} inputs, {p.n_out:,} outputs); --mode forward takes the Taylor fast path")
 
 
 def prepare(kind: str, f: Callable, x, options: dict[str, Any]) -> Plan:

@@ -318,12 +318,17 @@ STRATEGIES: dict[tuple[str, str], Strategy] = {
 }
 
 
-def auto_mode(kind: str, n_in: int, n_out: int) -> str:
-    """Fewest products wins; forward breaks ties since it keeps no tape."""
-    cost = {
+def mode_costs(kind: str, n_in: int, n_out: int) -> tuple[int, int]:
+    """Products per point in forward and in reverse mode."""
+    return {
         "jacobian": (n_in, n_out),
-        "hessian": (n_in * (n_in + 1) / 2, n_out * n_in),
+        "hessian": (n_in * (n_in + 1) // 2, n_out * n_in),
         "laplacian": (n_in, n_out * n_in),
         "divergence": (n_in, n_out),
     }[kind]
-    return "forward" if cost[0] <= cost[1] else "reverse"
+
+
+def auto_mode(kind: str, n_in: int, n_out: int) -> str:
+    """Fewest products wins; forward breaks ties since it keeps no tape."""
+    fwd, rev = mode_costs(kind, n_in, n_out)
+    return "forward" if fwd <= rev else "reverse"
