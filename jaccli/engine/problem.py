@@ -6,7 +6,7 @@ torchdiffeq's ``_check_inputs``: every later stage trusts what it returns), the 
 that learns output shape, memory per point and the ops the model runs, and the
 batch-independence check for per-sample work.
 
-Imports: torch, :mod:`jaccli.errors`, :mod:`jaccli.models`; nothing else of the engine.
+Imports: torch, :mod:`jaccli.errors`, :mod:`jaccli.models` and :mod:`.kernels`; nothing else of the engine.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import nn
 from .._dispatch import QuietDispatchMode
 from ..errors import JaccliWarning, ModelError, NumericalError, UsageError, shape_str
 from ..models import describe_expected_input, first_line, info_of, model_dtype
+from .kernels import FUSED_RNN_OPS, differentiable
 
 _PROBE_POINTS = 8
 
@@ -125,29 +126,6 @@ def select_output(y, output, where: str):
     return y
 
 
-def _differentiable(f: Callable) -> Callable:
-    """``f`` with attention on PyTorch's math kernel, and TorchScript run outside its
-    optimising executor (see :class:`~jaccli.models.LoadedModel`).
-
-    The fused attention kernels (flash, memory-efficient) have no double backward and no
-    vmap rule, so Hessians, Laplacians and forward mode through them fail or loop; the
-    math kernel is plain matmul and softmax, differentiable to any order, and what the
-    Taylor recorder can follow op by op.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    script = isinstance(f, (torch.jit.ScriptModule, torch.jit.ScriptFunction))
-
-    def call(*args, **kwargs):
-        with sdpa_kernel([SDPBackend.MATH]):
-            if script:
-                with torch.jit.optimized_execution(False):
-                    return f(*args, **kwargs)
-            return f(*args, **kwargs)
-
-    return call
-
-
 def arg_names(f: Callable) -> tuple[str, ...]:
     info_names = info_of(f).arg_names
     if info_names:
@@ -191,7 +169,7 @@ class _Recorder(QuietDispatchMode):
 class Problem:
     """A request normalised once: the flat batch function and everything the planner needs."""
 
-    f: Callable  # what is called (wrapped, see _differentiable)
+    f: Callable  # what is called (wrapped, see kernels.differentiable)
     module: Callable  # what the user passed, for names and messages
     args: _Args
     wrt: tuple[int, ...]
@@ -265,7 +243,7 @@ def check_inputs(
         raise UsageError("the model is not callable", got=type(f).__name__)
     module = f
     where = info_of(f).path
-    f = _differentiable(f)
+    f = differentiable(f)
     names = arg_names(module)
     args = normalise_args(x, names)
     labels = tuple(_arg_label(k, names) for k in args.keys)
@@ -368,18 +346,28 @@ def model_failed(problem: Problem, exc: BaseException, rows: torch.Tensor):
     ) from None
 
 
-def _probe(problem: Problem, *, check_batch: bool) -> None:
-    """Run the model once on a few points: output shape, memory per point, ops used."""
-    rows = probe_rows(problem)
-    values = [v.index_select(0, rows) if problem.per_sample else v for v in problem.args.values]
+def _record(problem: Problem, values: list[torch.Tensor], rows: torch.Tensor):
+    """The model's output on ``values`` without gradient, and the ops it ran."""
     recorder = _Recorder()
     try:
         with torch.no_grad(), recorder:
-            y = _call(problem, values)
+            return _call(problem, values), recorder
     except ModelError:
         raise
     except Exception as exc:
         model_failed(problem, exc, rows)
+
+
+def _probe(problem: Problem, *, check_batch: bool) -> None:
+    """Run the model once on a few points: output shape, memory per point, ops used."""
+    rows = probe_rows(problem)
+    values = [v.index_select(0, rows) if problem.per_sample else v for v in problem.args.values]
+    y, recorder = _record(problem, values, rows)
+    if recorder.ops & FUSED_RNN_OPS:
+        # fused recurrent kernels serve no derivative; what runs instead (ATen's cell
+        # loop) is probed again, so that ops and memory per point are of what will run
+        problem.f = differentiable(problem.module, native_rnn=True)
+        y, recorder = _record(problem, values, rows)
     if problem.per_sample and (y.dim() == 0 or y.shape[0] != rows.numel()):
         raise ModelError(
             "with per_sample, axis 0 of the output must match the points",
