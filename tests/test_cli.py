@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from typer.testing import CliRunner
 import jaccli
 from jaccli.cli import COMMAND_EXAMPLES, app
 from jaccli.errors import EXIT_CODES
-from problems import EXAMPLES, ROOT, save_export, tanh_mlp
+from problems import BLOCKED, EXAMPLES, ROOT, save_export, tanh_mlp
 
 runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that Rich does not wrap long paths
 
@@ -333,6 +334,49 @@ def test_errors_are_one_line_with_a_documented_code(bad_files, args, error, need
     _one_line_error(result, EXIT_CODES[error], *needles)
     assert (bad_files / "exists.npy").read_bytes() == b"keep me"
     assert not list(bad_files.glob("*.part")) and not list(bad_files.glob(".*.part"))
+
+
+@pytest.fixture(scope="module")
+def blocked_files(tmp_path_factory):
+    """Models no derivative gets through."""
+    d = tmp_path_factory.mktemp("blocked")
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)) * 3
+    np.save(d / "x.npy", x.numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation, the tracer's and export's notes
+        for name, (factory, _) in BLOCKED.items():
+            module = factory().eval()
+            save_export(module, x[:4], d / f"{name}.pt2")
+            torch.jit.save(torch.jit.trace(module, x[:4], check_trace=False), d / f"{name}.pt")
+        save_export(_CDist().eval(), x[:4], d / "cdist.pt2")
+    return d
+
+
+class _CDist(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.ones(2, 3))
+
+    def forward(self, x):
+        return torch.cdist(x, self.c, compute_mode="donot_use_mm_for_euclid_dist")  # no double backward
+
+
+BLOCKED_ERRORS = [
+    # (args, exit code class, patterns in the one line): the op, and what would work
+    (["jacobian", "{d}/int_cast.pt2", "{d}/x.npy", "-p"], jaccli.ModelError, [r"input 'x' only through .*aten\._to_copy to int64", "floating point"]),
+    (["hessian", "{d}/argmax.pt", "{d}/x.npy"], jaccli.ModelError, [r"aten\.argmax", "no derivative command"]),
+    (["laplacian", "{d}/step.pt2", "{d}/x.npy", "-p"], jaccli.ModelError, [r"aten\.gt"]),
+    (["check", "{d}/floor.pt2", "{d}/x.npy", "--hessian"], jaccli.ModelError, [r"aten\.floor"]),
+    (["jacobian", "{d}/custom_op.pt2", "{d}/x.npy", "-p"], jaccli.ModelError, ["custom op jaccli_tests::cube", "torch.autograd.Function"]),
+    (["hessian", "{d}/custom_op.pt", "{d}/x.npy", "-p", "--mode", "reverse"], jaccli.ModelError, ["jaccli_tests::cube"]),
+    (["hessian", "{d}/cdist.pt2", "{d}/x.npy", "-p"], jaccli.ModelError, [r"aten\._cdist_backward", "jaccli jacobian"]),
+]
+
+
+@pytest.mark.parametrize("args,error,needles", BLOCKED_ERRORS, ids=[f"{e[0][0]}-{e[0][1][4:]}" for e in BLOCKED_ERRORS])
+def test_models_no_derivative_gets_through_are_one_line_naming_the_op(blocked_files, args, error, needles):
+    result = run(*[a.format(d=blocked_files) for a in args])
+    _one_line_error(result, EXIT_CODES[error], *needles)
 
 
 def test_warnings_go_to_stderr_and_json(bad_files):

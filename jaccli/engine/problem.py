@@ -6,13 +6,15 @@ torchdiffeq's ``_check_inputs``: every later stage trusts what it returns), the 
 that learns output shape, memory per point and the ops the model runs, and the
 batch-independence check for per-sample work.
 
-Imports: torch, :mod:`jaccli.errors`, :mod:`jaccli.models` and :mod:`.kernels`; nothing else of the engine.
+Imports: torch, :mod:`jaccli.errors`, :mod:`jaccli.models`, :mod:`.kernels` and :mod:`.paths`;
+nothing else of the engine.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from .._dispatch import QuietDispatchMode
 from ..errors import JaccliWarning, ModelError, NumericalError, UsageError, shape_str
 from ..models import describe_expected_input, first_line, info_of, model_dtype
 from .kernels import FUSED_RNN_OPS, differentiable
+from .paths import Paths
 
 _PROBE_POINTS = 8
 
@@ -149,16 +152,18 @@ def static_batch_of(f: Callable) -> int | None:
 
 
 class _Recorder(QuietDispatchMode):
-    """Counts the bytes each op produces and remembers which ops ran."""
+    """Counts the bytes each op produces, remembers which ops ran and follows the inputs."""
 
-    def __init__(self) -> None:
+    def __init__(self, paths: Paths) -> None:
         super().__init__()
         self.ops: set[str] = set()
         self.bytes = 0
+        self.paths = paths
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops.add(func.overloadpacket.__name__)
+        self.paths.observe(func, args, kwargs or {}, out)
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.bytes += t.numel() * t.element_size()
@@ -186,6 +191,7 @@ class Problem:
     static_batch: int | None
     act_bytes: float = 0.0  # forward bytes per point
     ops: frozenset[str] = field(default_factory=frozenset)
+    blocked: ModelError | None = None  # why no derivative reaches the output, if none can
 
     @property
     def n_in(self) -> int:
@@ -237,8 +243,14 @@ def check_inputs(
     output=None,
     check_batch: bool = True,
     strict: bool = False,
+    refuse_blocked: bool = True,
 ) -> Problem:
-    """Validate and normalise a request once; probe the model on a few points."""
+    """Validate and normalise a request once; probe the model on a few points.
+
+    A model whose output the differentiated inputs reach only through ops without a
+    derivative is refused (``refuse_blocked``) rather than answered with zeros; with
+    ``refuse_blocked=False`` the reason is left in ``Problem.blocked``.
+    """
     if not callable(f):
         raise UsageError("the model is not callable", got=type(f).__name__)
     module = f
@@ -311,7 +323,7 @@ def check_inputs(
         device=device,
         static_batch=static_batch_of(module) if per_sample else None,
     )
-    _probe(problem, check_batch=check_batch and per_sample)
+    _probe(problem, check_batch=check_batch and per_sample, refuse_blocked=refuse_blocked)
     return problem
 
 
@@ -339,8 +351,18 @@ def _call_shapes(problem: Problem, rows: torch.Tensor) -> str:
 
 
 def model_failed(problem: Problem, exc: BaseException, rows: torch.Tensor):
+    text = first_line(exc)
+    # a backward op without a derivative of its own only shows in second derivatives
+    second = re.search(r"derivative for '?(\w+_backward\w*)'? is not implemented", text)
+    if second:
+        raise ModelError(
+            f"PyTorch has no derivative of aten.{second[1]}, the first derivative of an op of the "
+            "model: its second derivatives cannot be taken",
+            where=problem.where,
+            hint="first derivatives can (jaccli jacobian, divergence)",
+        ) from None
     raise ModelError(
-        f"the model failed on input {_call_shapes(problem, rows)}: {first_line(exc)}",
+        f"the model failed on input {_call_shapes(problem, rows)}: {text}",
         where=problem.where,
         expected=describe_expected_input(problem.module),
     ) from None
@@ -348,7 +370,7 @@ def model_failed(problem: Problem, exc: BaseException, rows: torch.Tensor):
 
 def _record(problem: Problem, values: list[torch.Tensor], rows: torch.Tensor):
     """The model's output on ``values`` without gradient, and the ops it ran."""
-    recorder = _Recorder()
+    recorder = _Recorder(Paths(dict(zip(problem.labels, values))))
     try:
         with torch.no_grad(), recorder:
             return _call(problem, values), recorder
@@ -358,7 +380,7 @@ def _record(problem: Problem, values: list[torch.Tensor], rows: torch.Tensor):
         model_failed(problem, exc, rows)
 
 
-def _probe(problem: Problem, *, check_batch: bool) -> None:
+def _probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = True) -> None:
     """Run the model once on a few points: output shape, memory per point, ops used."""
     rows = probe_rows(problem)
     values = [v.index_select(0, rows) if problem.per_sample else v for v in problem.args.values]
@@ -380,6 +402,9 @@ def _probe(problem: Problem, *, check_batch: bool) -> None:
     problem.out_shape = tuple(y.shape[1:]) if problem.per_sample else tuple(y.shape)
     problem.act_bytes = recorder.bytes / rows.numel()
     problem.ops = frozenset(recorder.ops)
+    problem.blocked = recorder.paths.refusal(y, [problem.labels[i] for i in problem.wrt], problem.where)
+    if problem.blocked is not None and refuse_blocked:
+        raise problem.blocked
     if check_batch:
         check_batch_independence(problem, rows)
 
@@ -410,7 +435,7 @@ def check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:
             grad = torch.autograd.grad(y, zz, v, allow_unused=True)[0] if y.requires_grad else None
         except RuntimeError as exc:
             if "inplace operation" not in str(exc) and "mutate" not in str(exc):
-                raise
+                model_failed(problem, exc, rows)
             raise ModelError(
                 "the model mixes batch elements or updates its own state as it runs "
                 "(batch norm in training mode?)",
