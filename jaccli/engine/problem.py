@@ -323,8 +323,34 @@ def check_inputs(
         device=device,
         static_batch=static_batch_of(module) if per_sample else None,
     )
+    _check_exported_shapes(problem, names)
     _probe(problem, check_batch=check_batch and per_sample, refuse_blocked=refuse_blocked)
     return problem
+
+
+def _check_exported_shapes(problem: Problem, names: Sequence[str]) -> None:
+    """Refuse, before any call, inputs an exported program's fixed sizes do not accept:
+    its own error reads "Guard failed: x.size()[1] == 4"."""
+    wanted = info_of(problem.module).arg_shapes
+    for key, label, v in zip(problem.args.keys, problem.labels, problem.args.values):
+        i = key if isinstance(key, int) else (names.index(key) if key in names else len(wanted))
+        want = wanted[i] if i < len(wanted) else None
+        if want is None:
+            continue
+        # per sample, axis 0 is a chunk of points (padded to a static batch where there is one)
+        skip = 1 if problem.per_sample else 0
+        fixed = [a for a, w in enumerate(want) if a >= skip and w is not None]
+        if len(want) != v.dim() or any(v.shape[a] != want[a] for a in fixed):
+            axes = [a for a in fixed if v.shape[a] != want[a]] if len(want) == v.dim() else []
+            raise ModelError(
+                f"input {label!r} does not have the shape the model was exported for",
+                where=problem.where,
+                expected=shape_str(["*" if w is None else w for w in want]),
+                got=shape_str(v.shape),
+                hint=(f"axis {axes[0]} was fixed at {want[axes[0]]} by torch.export: " if axes else "")
+                + "feed inputs of that shape, or export the model again with the axis dynamic "
+                "(dynamic_shapes with torch.export.Dim)",
+            )
 
 
 def probe_rows(problem: Problem) -> torch.Tensor:
