@@ -11,11 +11,13 @@ import importlib
 import importlib.util
 import io
 import json
+import logging
 import os
 import re
 import sys
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +84,41 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+class _Captured(logging.Handler):
+    """Keeps what a logger says instead of printing it: torch.export logs the reason a load
+    failed, traceback and all, on stderr, and raises an error that only points to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text += logging.Formatter().format(record) + "\n"
+
+    @contextmanager
+    def of(self, name: str):
+        logger = logging.getLogger(name)
+        handlers, propagate = logger.handlers, logger.propagate
+        logger.handlers, logger.propagate = [self], False
+        try:
+            yield
+        finally:
+            logger.handlers, logger.propagate = handlers, propagate
+
+
+def _unregistered_op(src: Source, text: str) -> InputError | None:
+    """A model that calls a custom op no library in this process has registered."""
+    m = re.search(r"Unknown builtin op: (\w+)::(\w+)", text) or re.search(r"resolve torch\.ops\.(\w+)\.(\w+)", text)
+    if m is None:
+        return None
+    return InputError(
+        f"the model calls the custom op {m[1]}::{m[2]}, which no library loaded here defines",
+        where=src.name,
+        hint="import the library that registers it, then load the model in Python (jaccli.load_model); "
+        "the command line cannot import it",
+    )
+
+
 def _load_torchscript(src: Source, device: torch.device, arch: Arch | None) -> LoadedModel:
     _no_arch(src, arch)
     try:
@@ -89,7 +126,9 @@ def _load_torchscript(src: Source, device: torch.device, arch: Arch | None) -> L
             warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still loads
             module = torch.jit.load(io.BytesIO(src.data), map_location=device)
     except Exception as exc:
-        raise InputError(f"corrupt TorchScript archive: {first_line(exc)}", where=src.name) from None
+        raise _unregistered_op(src, str(exc)) or InputError(
+            f"corrupt TorchScript archive: {first_line(exc)}", where=src.name
+        ) from None
     # inference semantics: dropout off, batch norm on running statistics
     module.eval()
     names = tuple(a.name for a in module.forward.schema.arguments[1:])
@@ -118,10 +157,14 @@ def _placeholder_shapes(ep) -> tuple[tuple[tuple[int | None, ...], ...], int | N
 
 def _load_export(src: Source, device: torch.device, arch: Arch | None) -> LoadedModel:
     _no_arch(src, arch)
+    log = _Captured()
     try:
-        ep = torch.export.load(io.BytesIO(src.data))
+        with log.of("torch.export"):
+            ep = torch.export.load(io.BytesIO(src.data))
     except Exception as exc:
-        raise InputError(f"corrupt torch.export archive: {first_line(exc)}", where=src.name) from None
+        raise _unregistered_op(src, log.text) or InputError(
+            f"corrupt torch.export archive: {first_line(exc)}", where=src.name
+        ) from None
     if device.type != "cpu":
         from torch.export.passes import move_to_device_pass
 

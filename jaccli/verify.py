@@ -17,8 +17,8 @@ from torch import nn
 
 from .engine import select_output
 from .engine import describe, hessian, jacobian
-from .errors import UsageError
-from .models import model_dtype
+from .errors import ModelError, UsageError
+from .models import info_of, model_dtype
 
 #: relative step of central differences: eps^(1/3) balances truncation and rounding in float64
 _STEP = float(torch.finfo(torch.float64).eps) ** (1 / 3)
@@ -106,6 +106,8 @@ def check(
     idx = sorted({round(i * (n - 1) / max(points - 1, 1)) for i in range(min(points, n))})
     xs = x[idx].to(torch.float64)
     facts = describe(f64, xs if len(idx) > 1 else xs.repeat(2, *[1] * (xs.dim() - 1)), output=output)
+    if facts["differentiable"] is not True:  # nothing to compare: the derivative commands refuse it too
+        raise ModelError(facts["differentiable"], where=info_of(f).path)
     report = CheckReport(
         points=idx,
         tolerance=tolerance,

@@ -257,3 +257,40 @@ def heat(p: torch.Tensor) -> torch.Tensor:
     t, x = p[:, 0:1], p[:, 1:2]
     k = HEAT_KAPPA
     return torch.exp(-k * t) * torch.sin(x) + 0.5 * torch.exp(-4 * k * t) * torch.cos(2 * x)
+
+
+# --------------------------------------------------------------- models no derivative gets through
+
+
+@torch.library.custom_op("jaccli_tests::cube", mutates_args=())
+def _cube(x: torch.Tensor) -> torch.Tensor:
+    """A custom op without autograd: torch.func's forward mode gives zeros through it."""
+    return x**3
+
+
+@_cube.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Blocked(nn.Module):
+    """``x [N, 3] -> [N, 3]`` through ``path``, after a linear layer (weights for ``--arch``)."""
+
+    def __init__(self, path: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3, 3)
+        self.path = path
+
+    def forward(self, x):
+        return self.path(self.fc(x))
+
+
+#: name -> (model, the op the refusal names); each output reaches its input only through that op
+BLOCKED = {
+    "int_cast": (lambda: _Blocked(lambda h: torch.tanh(h.long().to(h.dtype))), r"aten\._to_copy to int64"),
+    "argmax": (lambda: _Blocked(lambda h: h.argmax(1, keepdim=True).to(h.dtype) * h.new_ones(3)), r"aten\.argmax"),
+    "floor": (lambda: _Blocked(lambda h: torch.floor(h) * 2), r"aten\.floor"),
+    "step": (lambda: _Blocked(lambda h: torch.where(h > 0, 1.0, -1.0).to(h.dtype)), r"aten\.gt"),
+    "custom_op": (lambda: _Blocked(lambda h: torch.ops.jaccli_tests.cube(torch.tanh(h))), "jaccli_tests::cube"),
+}

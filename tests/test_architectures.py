@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
 from torch import nn
-from torch.func import hessian, jacrev, vmap
+from torch.func import hessian, jacrev
 
 import jaccli
 from problems import make_examples
@@ -75,6 +76,23 @@ class Recurrent(nn.Module):
         return h[:, -1]
 
 
+class RecurrentSeqFirst(nn.Module):
+    """Sequence-first layers (batch_first=False) on the transposed batch: a bidirectional
+    LSTM, then a GRU whose initial state is computed from the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.lstm = nn.LSTM(2, 3, bidirectional=True)
+        self.h0 = nn.Linear(2, 2)
+        self.gru = nn.GRU(6, 2)
+
+    def forward(self, x):  # x [B, 3, 2]
+        h, _ = self.lstm(x.transpose(0, 1))  # [3, B, 6]
+        h, last = self.gru(h, torch.tanh(self.h0(x[:, 0]))[None])
+        return h.mean(0) + last[0]
+
+
 class NeuralODE(nn.Module):
     """dy/dt = tanh(W y + b) by classical Runge–Kutta, 4 fixed steps of 0.25."""
 
@@ -101,10 +119,11 @@ ARCHITECTURES = {
     "convolutions": (ConvMix, (2, 6)),
     "attention": (Attention, (3, 4)),
     "recurrent": (Recurrent, (4, 2)),
+    "recurrent_seq_first": (RecurrentSeqFirst, (3, 2)),
     "ode": (NeuralODE, (3,)),
 }
 #: architectures that torch.jit.script cannot compile are traced (as their users do)
-_TRACED = {"attention", "recurrent"}
+_TRACED = {"attention", "recurrent", "recurrent_seq_first"}
 FORMATS = ["eager", "pt", "pt2"]
 DTYPES = {"float32": (torch.float32, 1e-5), "float64": (torch.float64, 1e-10)}
 
@@ -142,18 +161,36 @@ def saved(tmp_path_factory):
     return get
 
 
-def _reference(name: str, kind: str, x: torch.Tensor) -> torch.Tensor:
-    """torch.func on the eager module, per point, in x's dtype (attention on its math kernel)."""
+@contextmanager
+def _differentiable_kernels():
+    """Attention on its math kernel and recurrent layers on ATen's cell loop: the fused
+    kernels have no double backward, and oneDNN's LSTM no vmap rule."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    mkldnn = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mkldnn.enabled = mkldnn
+
+
+def _reference(name: str, kind: str, x: torch.Tensor) -> torch.Tensor:
+    """torch.func on the eager module, point by point, in x's dtype.
+
+    A loop over the points rather than vmap: a recurrent layer's cell loop adds its
+    input gates in place into those of its initial state, which vmap over the points
+    cannot batch (the state is created unbatched inside the module).
+    """
     module = ARCHITECTURES[name][0]().eval().to(x.dtype)
     for p in module.parameters():
         p.requires_grad_(False)
     one = lambda xi: module(xi[None])[0]  # noqa: E731
-    with sdpa_kernel([SDPBackend.MATH]):
+    with _differentiable_kernels():
         if kind == "jacobian":
-            return vmap(jacrev(one))(x)
-        h = vmap(hessian(one))(x)
+            return torch.stack([jacrev(one)(xi) for xi in x])
+        h = torch.stack([hessian(one)(xi) for xi in x])
         if kind == "hessian":
             return h
         n = math.prod(x.shape[1:])
@@ -167,18 +204,10 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
     assert err <= rel * scale, f"max error {err:.3g} at scale {scale:.3g} (rel {err / scale:.2g} > {rel})"
 
 
-#: known gaps (issue 9): torch.func's vmap cannot run PyTorch's RNN kernels (oneDNN's needs
-#: a workspace its batching drops; the native one writes into an unbatched state)
-_GAPS = {"recurrent": "vmap through nn.GRU/LSTM/RNN kernels fails in torch.func"}
-
-
 @pytest.mark.parametrize("kind", ["jacobian", "hessian", "laplacian"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.xfail(reason=_GAPS[n], strict=True)) if n in _GAPS else n
-             for n in ARCHITECTURES],
-)  # fmt: skip
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_architecture_matches_torch_func(saved, name, fmt, dtype, kind):
     torch_dtype, rel = DTYPES[dtype]
     model = saved(name, fmt)
@@ -210,7 +239,7 @@ def test_float64_converts_everything_the_saved_model_holds(saved, name, fmt):
 
 @pytest.mark.parametrize("kind", ["jacobian", "hessian", "laplacian"])
 @pytest.mark.parametrize("fmt", ["eager", "pt"])
-@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if n != "recurrent"])
+@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if not n.startswith("recurrent")])
 def test_forward_mode_takes_the_fast_path_on_every_architecture(saved, name, fmt, kind):
     """Convolutions, norms, softmax, attention and pooling all have Taylor rules (or are
     decomposed into ops that do): forward mode runs the fast path and agrees in float64."""
@@ -230,3 +259,32 @@ def test_forward_mode_takes_the_fast_path_on_every_architecture(saved, name, fmt
             assert plan.engine == "taylor", plan.engine_note
         got = getattr(jaccli, kind)(net, x, per_sample=True, mode="forward")
     _assert_close(got, _reference(name, kind, x), 1e-10)
+
+
+@pytest.mark.parametrize("kind", ["jacobian", "hessian", "laplacian"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_recurrent_whole_input_matches_torch_func(saved, fmt, kind):
+    """Without --per-sample the whole batch is one point. float32, where the LSTM would
+    run on oneDNN's kernel (float64 has no oneDNN kernel: the matrix above covers it)."""
+    torch_dtype, rel = DTYPES["float32"]
+    model = saved("recurrent", fmt)
+    net = jaccli.load_model(model) if isinstance(model, str) else model.to(torch_dtype)
+    x = torch.randn(2, 4, 2, generator=torch.Generator().manual_seed(8)).to(torch_dtype)
+    module = Recurrent().eval().to(torch_dtype)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    got = getattr(jaccli, kind)(net, x)  # first: it loads torch's forward-AD decompositions quietly
+    with _differentiable_kernels():
+        want = jacrev(module)(x) if kind == "jacobian" else hessian(module)(x)
+    if kind == "laplacian":
+        want = want.reshape(2, 2, x.numel(), x.numel()).diagonal(dim1=-2, dim2=-1).sum(-1)
+    _assert_close(got, want, rel)
+
+
+def test_recurrent_derivatives_match_finite_differences(saved):
+    """The references above are torch.func too: jaccli's float64 Jacobian and Hessian of a
+    saved recurrent net against central differences of the model (of the Jacobian)."""
+    net = jaccli.load_model(saved("recurrent", "pt2"), dtype="float64")
+    x = torch.randn(2, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    report = jaccli.check(net, x, points=2, hessian_too=True, tolerance=1e-7)
+    assert report.passed, report.failures

@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from typer.testing import CliRunner
 import jaccli
 from jaccli.cli import COMMAND_EXAMPLES, app
 from jaccli.errors import EXIT_CODES
-from problems import EXAMPLES, ROOT, save_export, tanh_mlp
+from problems import BLOCKED, EXAMPLES, ROOT, save_export, tanh_mlp
 
 runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that Rich does not wrap long paths
 
@@ -333,6 +334,88 @@ def test_errors_are_one_line_with_a_documented_code(bad_files, args, error, need
     _one_line_error(result, EXIT_CODES[error], *needles)
     assert (bad_files / "exists.npy").read_bytes() == b"keep me"
     assert not list(bad_files.glob("*.part")) and not list(bad_files.glob(".*.part"))
+
+
+def _rename_op(src, dst, old: bytes, new: bytes) -> None:
+    """A copy of a zip archive (TorchScript, .pt2) with every mention of an op namespace replaced."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            zout.writestr(item, zin.read(item).replace(old, new))
+
+
+@pytest.fixture(scope="module")
+def blocked_files(tmp_path_factory):
+    """Models no derivative gets through, or that cannot take the input given."""
+    d = tmp_path_factory.mktemp("blocked")
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)) * 3
+    np.save(d / "x.npy", x.numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation, the tracer's and export's notes
+        for name, (factory, _) in BLOCKED.items():
+            module = factory().eval()
+            save_export(module, x[:4], d / f"{name}.pt2")
+            torch.jit.save(torch.jit.trace(module, x[:4], check_trace=False), d / f"{name}.pt")
+        torch.manual_seed(0)
+        gru = _LastStep(torch.nn.GRU(2, 3, batch_first=True)).eval()
+        save_export(gru, torch.zeros(2, 4, 2), d / "gru.pt2")  # the sequence length is fixed at 4
+        save_export(_CDist().eval(), x[:4], d / "cdist.pt2")
+    for suffix in (".pt", ".pt2"):  # as loaded where no library registers the op
+        _rename_op(d / f"custom_op{suffix}", d / f"unregistered{suffix}", b"jaccli_tests", b"jaccli_absent")
+    np.save(d / "seq5.npy", np.zeros((6, 5, 2), np.float32))
+    return d
+
+
+class _LastStep(torch.nn.Module):
+    def __init__(self, rnn) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x)[0][:, -1]
+
+
+class _CDist(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.ones(2, 3))
+
+    def forward(self, x):
+        return torch.cdist(x, self.c, compute_mode="donot_use_mm_for_euclid_dist")  # no double backward
+
+
+BLOCKED_ERRORS = [
+    # (args, exit code class, patterns in the one line): the op, and what would work
+    (["jacobian", "{d}/int_cast.pt2", "{d}/x.npy", "-p"], jaccli.ModelError, [r"input 'x' only through .*aten\._to_copy to int64", "floating point"]),
+    (["hessian", "{d}/argmax.pt", "{d}/x.npy"], jaccli.ModelError, [r"aten\.argmax", "no derivative command"]),
+    (["laplacian", "{d}/step.pt2", "{d}/x.npy", "-p"], jaccli.ModelError, [r"aten\.gt"]),
+    (["check", "{d}/floor.pt2", "{d}/x.npy", "--hessian"], jaccli.ModelError, [r"aten\.floor"]),
+    (["jacobian", "{d}/custom_op.pt2", "{d}/x.npy", "-p"], jaccli.ModelError, ["custom op jaccli_tests::cube", "torch.autograd.Function"]),
+    (["hessian", "{d}/custom_op.pt", "{d}/x.npy", "-p", "--mode", "reverse"], jaccli.ModelError, ["jaccli_tests::cube"]),
+    (["jacobian", "{d}/unregistered.pt2", "{d}/x.npy"], jaccli.InputError, ["custom op jaccli_absent::cube", "jaccli.load_model"]),
+    (["jacobian", "{d}/unregistered.pt", "{d}/x.npy"], jaccli.InputError, ["custom op jaccli_absent::cube"]),
+    (["jacobian", "{d}/gru.pt2", "{d}/seq5.npy", "-p"], jaccli.ModelError, [r"expected \[\*, 4, 2\], got \[6, 5, 2\]", "axis 1 was fixed at 4"]),
+    (["hessian", "{d}/cdist.pt2", "{d}/x.npy", "-p"], jaccli.ModelError, [r"aten\._cdist_backward", "jaccli jacobian"]),
+]
+
+
+@pytest.mark.parametrize("args,error,needles", BLOCKED_ERRORS, ids=[f"{e[0][0]}-{e[0][1][4:]}" for e in BLOCKED_ERRORS])
+def test_models_that_cannot_be_differentiated_or_called_fail_in_one_line(blocked_files, args, error, needles):
+    import logging
+
+    # torch.export logs a failed load with its traceback through a handler of its own, on
+    # the real stderr (out of CliRunner's sight): nothing may reach it
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    logging.getLogger("torch.export").addHandler(handler)
+    try:
+        result = run(*[a.format(d=blocked_files) for a in args])
+    finally:
+        logging.getLogger("torch.export").removeHandler(handler)
+    _one_line_error(result, EXIT_CODES[error], *needles)
+    assert not logged
 
 
 def test_warnings_go_to_stderr_and_json(bad_files):

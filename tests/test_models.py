@@ -67,7 +67,7 @@ def test_static_batch_export_is_padded(tmp_path, square_net):
 def test_static_batch_export_explains_other_shapes(tmp_path, square_net):
     path = save_export(square_net, torch.zeros(4, 3, dtype=torch.float64), tmp_path / "static.pt2", dynamic=False)
     model = jaccli.load_model(path)
-    with pytest.raises(jaccli.ModelError, match=r"failed on input \[6, 3\].*expected \[4, 3\]"):
+    with pytest.raises(jaccli.ModelError, match=r"expected \[4, 3\], got \[6, 3\].*axis 0 was fixed at 4"):
         jaccli.jacobian(model, torch.zeros(6, 3, dtype=torch.float64))
 
 

@@ -10,6 +10,12 @@ The pipeline, one module per stage:
                           concatenated into columns; probe the model on a few points
                           (output shape, memory per point, ops) and check that it does not
                           mix batch elements
+:mod:`.kernels`           the kernels a model call runs on: attention on its math kernel,
+                          recurrent layers on ATen's cell loop where a probe saw a fused
+                          kernel (oneDNN, cuDNN), TorchScript without its optimiser
+:mod:`.paths`             whether derivatives get from the differentiated inputs to the
+                          output: integer values, rounding and custom ops on every path
+                          are refused, naming the op, instead of answered with zeros
 :mod:`.strategies`        the torch.func products (JVP, VJP and their second-order
                           compositions) and the ``(kind, mode)`` table saying which
                           directions each request takes and where their values go
@@ -28,7 +34,7 @@ products with one-hot directions that are the same for every row, which never fo
 the cross-point blocks of the full Jacobian. Without it the whole input is one point.
 
 Imports go one way, down the table (``api`` → ``execute`` → ``planner`` →
-``strategies`` → ``problem``); this package imports :mod:`jaccli.taylor`,
+``strategies`` → ``problem`` → ``kernels``, ``paths``); this package imports :mod:`jaccli.taylor`,
 :mod:`jaccli.models` and :mod:`jaccli.errors`, and nothing imports it but :mod:`jaccli`
 and :mod:`jaccli.verify`.
 """

@@ -363,7 +363,9 @@ def describe(f: Callable, x=None, *, per_sample: bool = True, output=None) -> di
     ``static_batch``, ``notes``; with ``x`` also ``input_shapes``, ``output_shape``
     (per point with ``per_sample``), ``ops`` (ATen ops the forward pass ran),
     ``smooth`` and ``nonsmooth_ops`` (ops with zero or undefined second derivatives),
-    and ``batch_independent`` (``per_sample`` only; a reason string when it is not).
+    ``differentiable`` (True, or why no derivative with respect to the first floating-point
+    input reaches the output) and ``batch_independent`` (``per_sample`` only; a reason
+    string when it is not, None when it cannot be told since no derivative gets through).
 
     >>> import torch, jaccli
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
@@ -388,7 +390,8 @@ def describe(f: Callable, x=None, *, per_sample: bool = True, output=None) -> di
     floating = [i for i, v in enumerate(args.values) if v.is_floating_point()]
     if not floating:
         raise UsageError("no floating-point input to describe", got=", ".join(str(v.dtype) for v in args.values))
-    p = check_inputs(f, x, wrt=floating[0], per_sample=per_sample, output=output, check_batch=False)
+    p = check_inputs(f, x, wrt=floating[0], per_sample=per_sample, output=output, check_batch=False,
+                     refuse_blocked=False)  # fmt: skip
     kinks = sorted(p.ops & NONSMOOTH_OPS)
     facts.update(
         input_shapes={l: list(v.shape) for l, v in zip(p.labels, args.values)},
@@ -397,8 +400,11 @@ def describe(f: Callable, x=None, *, per_sample: bool = True, output=None) -> di
         ops=sorted(p.ops),
         smooth=not kinks,
         nonsmooth_ops=kinks,
+        differentiable=True if p.blocked is None else f"{p.blocked.what}; {p.blocked.hint}",
     )
-    if per_sample:
+    if per_sample and p.blocked is not None:
+        facts["batch_independent"] = None  # the check follows gradients, which do not get through
+    elif per_sample:
         try:
             check_batch_independence(p, probe_rows(p))
             facts["batch_independent"] = True

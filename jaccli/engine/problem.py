@@ -6,13 +6,15 @@ torchdiffeq's ``_check_inputs``: every later stage trusts what it returns), the 
 that learns output shape, memory per point and the ops the model runs, and the
 batch-independence check for per-sample work.
 
-Imports: torch, :mod:`jaccli.errors`, :mod:`jaccli.models`; nothing else of the engine.
+Imports: torch, :mod:`jaccli.errors`, :mod:`jaccli.models`, :mod:`.kernels` and :mod:`.paths`;
+nothing else of the engine.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +26,8 @@ from torch import nn
 from .._dispatch import QuietDispatchMode
 from ..errors import JaccliWarning, ModelError, NumericalError, UsageError, shape_str
 from ..models import describe_expected_input, first_line, info_of, model_dtype
+from .kernels import FUSED_RNN_OPS, differentiable
+from .paths import Paths
 
 _PROBE_POINTS = 8
 
@@ -125,29 +129,6 @@ def select_output(y, output, where: str):
     return y
 
 
-def _differentiable(f: Callable) -> Callable:
-    """``f`` with attention on PyTorch's math kernel, and TorchScript run outside its
-    optimising executor (see :class:`~jaccli.models.LoadedModel`).
-
-    The fused attention kernels (flash, memory-efficient) have no double backward and no
-    vmap rule, so Hessians, Laplacians and forward mode through them fail or loop; the
-    math kernel is plain matmul and softmax, differentiable to any order, and what the
-    Taylor recorder can follow op by op.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    script = isinstance(f, (torch.jit.ScriptModule, torch.jit.ScriptFunction))
-
-    def call(*args, **kwargs):
-        with sdpa_kernel([SDPBackend.MATH]):
-            if script:
-                with torch.jit.optimized_execution(False):
-                    return f(*args, **kwargs)
-            return f(*args, **kwargs)
-
-    return call
-
-
 def arg_names(f: Callable) -> tuple[str, ...]:
     info_names = info_of(f).arg_names
     if info_names:
@@ -171,16 +152,18 @@ def static_batch_of(f: Callable) -> int | None:
 
 
 class _Recorder(QuietDispatchMode):
-    """Counts the bytes each op produces and remembers which ops ran."""
+    """Counts the bytes each op produces, remembers which ops ran and follows the inputs."""
 
-    def __init__(self) -> None:
+    def __init__(self, paths: Paths) -> None:
         super().__init__()
         self.ops: set[str] = set()
         self.bytes = 0
+        self.paths = paths
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops.add(func.overloadpacket.__name__)
+        self.paths.observe(func, args, kwargs or {}, out)
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.bytes += t.numel() * t.element_size()
@@ -191,7 +174,7 @@ class _Recorder(QuietDispatchMode):
 class Problem:
     """A request normalised once: the flat batch function and everything the planner needs."""
 
-    f: Callable  # what is called (wrapped, see _differentiable)
+    f: Callable  # what is called (wrapped, see kernels.differentiable)
     module: Callable  # what the user passed, for names and messages
     args: _Args
     wrt: tuple[int, ...]
@@ -208,6 +191,7 @@ class Problem:
     static_batch: int | None
     act_bytes: float = 0.0  # forward bytes per point
     ops: frozenset[str] = field(default_factory=frozenset)
+    blocked: ModelError | None = None  # why no derivative reaches the output, if none can
 
     @property
     def n_in(self) -> int:
@@ -259,13 +243,19 @@ def check_inputs(
     output=None,
     check_batch: bool = True,
     strict: bool = False,
+    refuse_blocked: bool = True,
 ) -> Problem:
-    """Validate and normalise a request once; probe the model on a few points."""
+    """Validate and normalise a request once; probe the model on a few points.
+
+    A model whose output the differentiated inputs reach only through ops without a
+    derivative is refused (``refuse_blocked``) rather than answered with zeros; with
+    ``refuse_blocked=False`` the reason is left in ``Problem.blocked``.
+    """
     if not callable(f):
         raise UsageError("the model is not callable", got=type(f).__name__)
     module = f
     where = info_of(f).path
-    f = _differentiable(f)
+    f = differentiable(f)
     names = arg_names(module)
     args = normalise_args(x, names)
     labels = tuple(_arg_label(k, names) for k in args.keys)
@@ -333,8 +323,34 @@ def check_inputs(
         device=device,
         static_batch=static_batch_of(module) if per_sample else None,
     )
-    _probe(problem, check_batch=check_batch and per_sample)
+    _check_exported_shapes(problem, names)
+    _probe(problem, check_batch=check_batch and per_sample, refuse_blocked=refuse_blocked)
     return problem
+
+
+def _check_exported_shapes(problem: Problem, names: Sequence[str]) -> None:
+    """Refuse, before any call, inputs an exported program's fixed sizes do not accept:
+    its own error reads "Guard failed: x.size()[1] == 4"."""
+    wanted = info_of(problem.module).arg_shapes
+    for key, label, v in zip(problem.args.keys, problem.labels, problem.args.values):
+        i = key if isinstance(key, int) else (names.index(key) if key in names else len(wanted))
+        want = wanted[i] if i < len(wanted) else None
+        if want is None:
+            continue
+        # per sample, axis 0 is a chunk of points (padded to a static batch where there is one)
+        skip = 1 if problem.per_sample else 0
+        fixed = [a for a, w in enumerate(want) if a >= skip and w is not None]
+        if len(want) != v.dim() or any(v.shape[a] != want[a] for a in fixed):
+            axes = [a for a in fixed if v.shape[a] != want[a]] if len(want) == v.dim() else []
+            raise ModelError(
+                f"input {label!r} does not have the shape the model was exported for",
+                where=problem.where,
+                expected=shape_str(["*" if w is None else w for w in want]),
+                got=shape_str(v.shape),
+                hint=(f"axis {axes[0]} was fixed at {want[axes[0]]} by torch.export: " if axes else "")
+                + "feed inputs of that shape, or export the model again with the axis dynamic "
+                "(dynamic_shapes with torch.export.Dim)",
+            )
 
 
 def probe_rows(problem: Problem) -> torch.Tensor:
@@ -361,25 +377,45 @@ def _call_shapes(problem: Problem, rows: torch.Tensor) -> str:
 
 
 def model_failed(problem: Problem, exc: BaseException, rows: torch.Tensor):
+    text = first_line(exc)
+    # a backward op without a derivative of its own only shows in second derivatives
+    second = re.search(r"derivative for '?(\w+_backward\w*)'? is not implemented", text)
+    if second:
+        raise ModelError(
+            f"PyTorch has no derivative of aten.{second[1]}, the first derivative of an op of the "
+            "model: its second derivatives cannot be taken",
+            where=problem.where,
+            hint="first derivatives can (jaccli jacobian, divergence)",
+        ) from None
     raise ModelError(
-        f"the model failed on input {_call_shapes(problem, rows)}: {first_line(exc)}",
+        f"the model failed on input {_call_shapes(problem, rows)}: {text}",
         where=problem.where,
         expected=describe_expected_input(problem.module),
     ) from None
 
 
-def _probe(problem: Problem, *, check_batch: bool) -> None:
-    """Run the model once on a few points: output shape, memory per point, ops used."""
-    rows = probe_rows(problem)
-    values = [v.index_select(0, rows) if problem.per_sample else v for v in problem.args.values]
-    recorder = _Recorder()
+def _record(problem: Problem, values: list[torch.Tensor], rows: torch.Tensor):
+    """The model's output on ``values`` without gradient, and the ops it ran."""
+    recorder = _Recorder(Paths(dict(zip(problem.labels, values))))
     try:
         with torch.no_grad(), recorder:
-            y = _call(problem, values)
+            return _call(problem, values), recorder
     except ModelError:
         raise
     except Exception as exc:
         model_failed(problem, exc, rows)
+
+
+def _probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = True) -> None:
+    """Run the model once on a few points: output shape, memory per point, ops used."""
+    rows = probe_rows(problem)
+    values = [v.index_select(0, rows) if problem.per_sample else v for v in problem.args.values]
+    y, recorder = _record(problem, values, rows)
+    if recorder.ops & FUSED_RNN_OPS:
+        # fused recurrent kernels serve no derivative; what runs instead (ATen's cell
+        # loop) is probed again, so that ops and memory per point are of what will run
+        problem.f = differentiable(problem.module, native_rnn=True)
+        y, recorder = _record(problem, values, rows)
     if problem.per_sample and (y.dim() == 0 or y.shape[0] != rows.numel()):
         raise ModelError(
             "with per_sample, axis 0 of the output must match the points",
@@ -392,6 +428,9 @@ def _probe(problem: Problem, *, check_batch: bool) -> None:
     problem.out_shape = tuple(y.shape[1:]) if problem.per_sample else tuple(y.shape)
     problem.act_bytes = recorder.bytes / rows.numel()
     problem.ops = frozenset(recorder.ops)
+    problem.blocked = recorder.paths.refusal(y, [problem.labels[i] for i in problem.wrt], problem.where)
+    if problem.blocked is not None and refuse_blocked:
+        raise problem.blocked
     if check_batch:
         check_batch_independence(problem, rows)
 
@@ -422,7 +461,7 @@ def check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:
             grad = torch.autograd.grad(y, zz, v, allow_unused=True)[0] if y.requires_grad else None
         except RuntimeError as exc:
             if "inplace operation" not in str(exc) and "mutate" not in str(exc):
-                raise
+                model_failed(problem, exc, rows)
             raise ModelError(
                 "the model mixes batch elements or updates its own state as it runs "
                 "(batch norm in training mode?)",
