@@ -32,13 +32,35 @@ class ConvMix(nn.Module):
         self.c1 = nn.Conv1d(2, 3, 3, stride=2, padding=1)
         self.ct = nn.ConvTranspose1d(3, 2, 3, stride=2, padding=1, output_padding=1)
         self.c3 = nn.Conv3d(1, 2, 2)
-        self.fc = nn.Linear(2 * 12 + 2 * 2, 2)
+        self.fc = nn.Linear(2 * 12 + 2 * 2 + 2 * 6, 2)
 
     def forward(self, x):  # x [B, 2, 6]
         h = torch.tanh(self.c1(x))
         h = nn.functional.interpolate(torch.tanh(self.ct(h)), scale_factor=2.0, mode="linear")  # [B, 2, 12]
         v = torch.sigmoid(self.c3(x.reshape(-1, 1, 2, 2, 3)))  # [B, 2, 1, 1, 2]
-        return self.fc(torch.cat([h.flatten(1), v.flatten(1)], 1))
+        m = nn.functional.max_pool1d(h * h, 2)  # [B, 2, 6]
+        return self.fc(torch.cat([h.flatten(1), v.flatten(1), m.flatten(1)], 1))
+
+
+class Flow(nn.Module):
+    """A RealNVP-style normalising flow on R⁴: two affine couplings (scale by exp(tanh)),
+    each conditioned on a learned embedding of its layer added to the float input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.embed = nn.Embedding(2, 2)
+        self.nets = nn.ModuleList(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 4)) for _ in range(2))
+        self.register_buffer("layer", torch.arange(2))
+
+    def forward(self, x):  # x [B, 4] -> z [B, 4], square: divergence applies
+        e = self.embed(self.layer)  # [2, 2], constant per layer
+        for k, net in enumerate(self.nets):
+            a, b = (x[:, :2], x[:, 2:]) if k == 0 else (x[:, 2:], x[:, :2])
+            s, t = net(a + e[k]).chunk(2, dim=1)
+            b = b * torch.exp(torch.tanh(s)) + t
+            x = torch.cat([a, b], 1) if k == 0 else torch.cat([b, a], 1)
+        return x
 
 
 class Attention(nn.Module):
@@ -121,6 +143,7 @@ ARCHITECTURES = {
     "recurrent": (Recurrent, (4, 2)),
     "recurrent_seq_first": (RecurrentSeqFirst, (3, 2)),
     "ode": (NeuralODE, (3,)),
+    "flow": (Flow, (4,)),
 }
 #: architectures that torch.jit.script cannot compile are traced (as their users do)
 _TRACED = {"attention", "recurrent", "recurrent_seq_first"}
@@ -288,3 +311,17 @@ def test_recurrent_derivatives_match_finite_differences(saved):
     x = torch.randn(2, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     report = jaccli.check(net, x, points=2, hessian_too=True, tolerance=1e-7)
     assert report.passed, report.failures
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", ["flow", "ode"])
+def test_divergence_of_square_maps(saved, name, fmt, dtype):
+    """The divergence of a flow's transform and of an ODE's flow map, on both engines."""
+    torch_dtype, rel = DTYPES[dtype]
+    model = saved(name, fmt)
+    net = jaccli.load_model(model, dtype=dtype) if isinstance(model, str) else model.to(torch_dtype)
+    x = torch.randn(3, *ARCHITECTURES[name][1], generator=torch.Generator().manual_seed(9)).to(torch_dtype)
+    want = _reference(name, "jacobian", x).diagonal(dim1=1, dim2=2).sum(-1)
+    for mode in ("forward", "reverse"):
+        _assert_close(jaccli.divergence(net, x, per_sample=True, mode=mode), want, rel)

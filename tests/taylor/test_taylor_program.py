@@ -188,7 +188,11 @@ def test_the_fast_path_replaces_forward_mode_only(kind, n_in, n_out, kwargs, eng
     x = torch.randn(4, n_in, dtype=torch.float64)
     kwargs = {"per_sample": True, **kwargs}
     p = jaccli.plan(kind, net, x, **kwargs)
-    assert p.engine == engine_ and p.engine_note is None
+    assert p.engine == engine_
+    if "mode" in kwargs or not kwargs["per_sample"] or engine_ == "taylor":
+        assert p.engine_note is None  # the fast path was never in question
+    else:  # auto mode chose reverse: the note says why, and how to get the fast path
+        assert p.engine_note.startswith("reverse mode: ") and "--mode forward" in p.engine_note
     if engine_ == "taylor":
         assert_rel(getattr(jaccli, kind)(net, x, **kwargs), torch_func(kind, net, x, **kwargs))
 
