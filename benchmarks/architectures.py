@@ -12,16 +12,15 @@ attention) against torch.func's forward over reverse (``jvp`` of ``jacrev``, wha
 does) vmapped over chunks of directions (``vmap(hessian)`` itself needs over 16 GB for the
 CNN); the per-sample Jacobian, where jaccli's plan picks reverse mode (3 072 or 1 024
 inputs, 10 or 16 outputs) and runs ``vmap(jacrev)``, against ``vmap(jacrev)`` (forward
-mode, 3 072 tangents of every activation, is no contender). Candidates take turns (round-robin after one warm-up, medians); every
-result is compared with the reference so that a fast wrong answer cannot win.
+mode, 3 072 tangents of every activation, is no contender). Each candidate runs in its own
+block (one warm-up, medians; ``benchmarks/timing.py``); every result is compared with the
+reference so that a fast wrong answer cannot win.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -35,17 +34,7 @@ sys.path.insert(0, str(ROOT / "examples" / "models"))
 
 import jaccli  # noqa: E402
 from make_examples import SmallCNN, SmallTransformer  # noqa: E402
-
-
-def race(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    results = {k: fn() for k, fn in fns.items()}  # warm-up, kept for the comparison
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}, results
+from timing import blocks  # noqa: E402
 
 
 def per_point(model, shape):
@@ -87,7 +76,7 @@ def case(name: str, model, shape, x: torch.Tensor, xj: torch.Tensor, repeats: in
         "jaccli": lambda: jaccli.laplacian(model, x, per_sample=True).reshape(x.shape[0], -1),
         f"hvp (jvp∘jacrev) x{chunk}": lambda: laplacian_by_hvp(one, n, chunk)(flat),
     }
-    times, res = race(fns, repeats)
+    times, res = blocks(fns, repeats)
     lines += _report(name, "laplacian", plan, times, res, x.shape[0])
     print("\n".join(lines), flush=True)
     plan = jaccli.plan("jacobian", model, xj, per_sample=True)
@@ -95,7 +84,7 @@ def case(name: str, model, shape, x: torch.Tensor, xj: torch.Tensor, repeats: in
         "jaccli": lambda: jaccli.jacobian(model, xj, per_sample=True).reshape(xj.shape[0], -1, n),
         "vmap(jacrev)": lambda: vmap(jacrev(one))(xj.reshape(xj.shape[0], -1)),
     }
-    times, res = race(fns, max(repeats, 3))
+    times, res = blocks(fns, max(repeats, 3))
     lines = _report(name, "jacobian", plan, times, res, xj.shape[0])
     print("\n".join(lines), flush=True)
 

@@ -7,8 +7,8 @@ through ``jaccli.partials(model, x, ["u_xxxx"], inputs=["x"], outputs=["u"],
 per_sample=True)`` against ``vmap(jacfwd(jacfwd(jacfwd(jacfwd(f)))))`` and, when JAX is
 installed (``pip install jax``; not a dependency), against ``jax.experimental.jet`` and
 ``jit(vmap(jacfwd⁴))`` on the same weights; and a mixed
-term of a 2-input network against nested ``jacfwd``. Candidates take turns (round-robin
-after one warm-up each, medians), so that the drift of the machine hits all alike.
+term of a 2-input network against nested ``jacfwd``. Each candidate runs in its own block
+(one warm-up, medians; see ``benchmarks/timing.py`` for why not round-robin).
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,18 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import jaccli  # noqa: E402
 from jaccli.models import build_mlp  # noqa: E402
-
-
-def race(fns: dict, repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+from timing import blocks  # noqa: E402
 
 
 def nested(f, order: int, index: tuple[int, ...]):
@@ -79,8 +66,7 @@ def case(name: str, model, x, term: str, inputs, ref, repeats: int, others: dict
     ours = lambda: jaccli.partials(model, x, [term], inputs=inputs, outputs=["u"], per_sample=True)[term]  # noqa: E731
     order = len(term.split("_")[1])
     fns = {"jaccli.partials": ours, f"nested vmap(jacfwd^{order})": lambda: ref(x)}
-    m = race(fns, repeats)
-    got = {label: fn() for label, fn in fns.items()}
+    m, got = blocks(fns, repeats)
     for label, (seconds, result) in (others or {}).items():
         m[label], got[label] = seconds, result
     want = got[f"nested vmap(jacfwd^{order})"]

@@ -79,19 +79,15 @@ def _directions(terms: list[Term], n_in: int) -> dict[tuple[int, ...], set[int]]
     return need
 
 
-def _term_into(out: Tensor, t: Term, n_in: int, coeffs: dict[tuple[int, ...], list], value: Callable[[], Tensor]) -> None:
-    """``∂^α g`` of one term written into ``out`` ``[b, n_out]`` from the series coefficients
-    along the directions (``value()`` gives ``g``, computed only when a term needs it)."""
-    b = out.shape[0]
-    if t.order == 0:
-        out.copy_(value()[:b])
-        return
+def _combination(t: Term, n_in: int) -> list[tuple[tuple[int, ...], float]]:
+    """``∂^α g`` of a term ``t`` (order ≥ 1) as ``Σ factor · c``, ``c`` the order-``|α|``
+    series coefficient along a direction: the (direction, factor) pairs."""
     support = _support(t)
     dirs, weights = jets.interpolation(len(support), t.order)
     alpha = tuple(t.orders[i] for i in support)
     row = weights[jets.compositions(t.order, len(support)).index(alpha)]
     scale = math.prod(math.factorial(a) for a in alpha)
-    first = True
+    pairs = []
     for d, w in zip(dirs, row):
         if w == 0:
             continue
@@ -99,10 +95,22 @@ def _term_into(out: Tensor, t: Term, n_in: int, coeffs: dict[tuple[int, ...], li
         for pos, c in zip(support, d):
             full[pos] = c
         g = math.gcd(*full)
-        c = coeffs[tuple(x // g for x in full)][t.order]
+        pairs.append((tuple(x // g for x in full), float(w * Fraction(g) ** t.order * scale)))
+    return pairs
+
+
+def _term_into(out: Tensor, t: Term, n_in: int, coeffs: dict[tuple[int, ...], list], value: Callable[[], Tensor]) -> None:
+    """``∂^α g`` of one term written into ``out`` ``[b, n_out]`` from the series coefficients
+    along the directions (``value()`` gives ``g``, computed only when a term needs it)."""
+    b = out.shape[0]
+    if t.order == 0:
+        out.copy_(value()[:b])
+        return
+    first = True
+    for prim, factor in _combination(t, n_in):
+        c = coeffs[prim][t.order]
         if c is None:
             continue
-        factor = float(w * Fraction(g) ** t.order * scale)
         # one pass over the result per direction: the product lands in place
         if first:
             torch.mul(c[:b], factor, out=out)
@@ -111,6 +119,16 @@ def _term_into(out: Tensor, t: Term, n_in: int, coeffs: dict[tuple[int, ...], li
         first = False
     if first:
         out.zero_()
+
+
+def _single_series(request: Request, n_in: int, program) -> tuple[Term, tuple[int, ...], float] | None:
+    """The one term asked for when one series gives it (``u_xxxx``, not ``u_xt``): it is
+    then written straight into the result (:meth:`~jets.SeriesProgram.run_into`)."""
+    if program is None or len(request.terms) != 1 or request.terms[0].order == 0:
+        return None
+    t = request.terms[0]
+    pairs = _combination(t, n_in)
+    return (t, *pairs[0]) if len(pairs) == 1 else None
 
 
 def _program(p: Problem, order: int) -> tuple[jets.SeriesProgram | None, str | None]:
@@ -229,6 +247,7 @@ def partials(
     values: dict[str, Tensor] = {}
     ppc = _chunk_points(p, chunk_size, top, max(1, len(need)))
     with_value = any(t.order == 0 for t in request.terms)
+    single = _single_series(request, p.n_in, program)
     # chunks go straight into their rows of the results: no concatenation at the end
     flat = {t.name: torch.empty((p.n, p.n_out), dtype=p.dtype, device=p.device) for t in request.terms}
     try:
@@ -237,6 +256,12 @@ def partials(
             rows = torch.arange(start, stop, device=p.device)
             if p.static_batch is not None and rows.numel() < p.static_batch:
                 rows = torch.cat([rows, rows[-1:].expand(p.static_batch - rows.numel())])
+            if single is not None:
+                t, prim, factor = single
+                z = p.z(rows)
+                v = torch.tensor(prim, dtype=z.dtype, device=z.device).expand(z.shape[0], -1)
+                program.run_into(z, v, t.order, flat[t.name][start:stop], factor)
+                continue
             value, coeffs = _coefficients(p, rows, need, program, with_value)
             for t in request.terms:
                 _term_into(flat[t.name][start:stop], t, p.n_in, coeffs, value)

@@ -474,6 +474,55 @@ class SeriesProgram:
     def run(self, z: Tensor, v: Tensor, order: int, keep: frozenset[int] | None = None) -> Coeffs:
         """Coefficients ``[g(z), …]`` of ``t ↦ g(z + t v)`` to ``order`` (rows of ``v`` per
         point); with ``keep``, only those are sure to be computed (the others may be None)."""
+        env = self._steps(z, v, order, keep, len(self.steps))
+        out = _substitute(self.output, env, z.shape[0])
+        return out.c if isinstance(out, Series) else [out] + [None] * order
+
+    def run_into(self, z: Tensor, v: Tensor, order: int, out: Tensor, factor: float) -> None:
+        """``factor`` times coefficient ``order`` of ``t ↦ g(z + t v)`` written into ``out``
+        ``[B, n_out]``. Where the output is a product with a constant matrix (a last linear
+        layer, perhaps reshaped), the factor scales its narrow input and the product lands
+        in ``out`` itself: no pass over the wide result but the one that writes it."""
+        last = self._last_product()
+        stop = len(self.steps) if last is None else last
+        env = self._steps(z, v, order, frozenset({order}), stop)
+        if last is not None:
+            s = self.steps[last]
+            args = _substitute(s.args, env, z.shape[0])
+            a, b = (args[1], args[2]) if s.name == "addmm" else (args[0], args[1])
+            alpha = s.kwargs.get("alpha", 1)
+            if isinstance(a, Series) and isinstance(b, Tensor) and a.c[order] is not None:
+                c = a.c[order]
+                if out.is_contiguous() and c.shape[0] * b.shape[-1] == out.numel():
+                    with torch.no_grad():
+                        torch.mm(c * (factor * alpha), b, out=out.view(c.shape[0], b.shape[-1]))
+                    return
+            env = self._steps(z, v, order, frozenset({order}), len(self.steps))
+        res = _substitute(self.output, env, z.shape[0])
+        c = res.c[order] if isinstance(res, Series) else None
+        with torch.no_grad():
+            if c is None:
+                out.zero_()
+            else:
+                torch.mul(c.reshape(out.shape), factor, out=out)
+
+    def _last_product(self) -> int | None:
+        """The step of ``x @ W`` (``mm``, or ``addmm`` whose bias only the value gets) the
+        output is, through reshapes: its coefficients ≥ 1 are ``x_k @ W``."""
+        i = self.output.index if isinstance(self.output, _Ref) else None
+        while i is not None and self.steps[i].name in _RESHAPES and self.steps[i].kind == "jet":
+            ref = self.steps[i].args[0]
+            i = ref.index if isinstance(ref, _Ref) else None
+        if i is None or self.steps[i].kind != "jet" or self.steps[i].name not in ("mm", "addmm"):
+            return None
+        s = self.steps[i]
+        operands = s.args[1:3] if s.name == "addmm" else s.args[:2]
+        if not isinstance(operands[0], _Ref) or isinstance(operands[1], _Ref) or len(s.jet_refs) != 1:
+            return None  # the product must be linear in its left operand, the right a constant
+        return i
+
+    def _steps(self, z: Tensor, v: Tensor, order: int, keep: frozenset[int] | None, stop: int) -> list:
+        """The environment after the steps before ``stop``."""
         batch = z.shape[0]
         if keep is None:
             needs = [None] * len(self.steps)
@@ -484,7 +533,7 @@ class SeriesProgram:
             needs = self._needs[key]
         env: list = [None] * len(self.steps)
         with torch.no_grad():
-            for i, s in enumerate(self.steps):
+            for i, s in enumerate(self.steps[:stop]):
                 if not self.live[i]:
                     continue
                 if s.kind == _INPUT:
@@ -497,8 +546,11 @@ class SeriesProgram:
                     env[i] = RULES[s.name](s.op, order, args, _substitute(s.kwargs, env, batch), need=needs[i])
                 for r in self.frees[i]:
                     env[r] = None
-        out = _substitute(self.output, env, batch)
-        return out.c if isinstance(out, Series) else [out] + [None] * order
+        return env
+
+
+#: ops that only reshape one series (walked through to find the output's last product)
+_RESHAPES = frozenset({"view", "_unsafe_view", "reshape", "alias", "clone", "squeeze", "unsqueeze"})
 
 
 def build(g: Callable[[Tensor], Tensor], z_probe: Tensor, order: int) -> SeriesProgram:

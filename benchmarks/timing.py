@@ -1,0 +1,29 @@
+"""Timing candidates against each other in one process (shared by the benchmark scripts).
+
+Each candidate runs in its own block: one warm-up, then ``repeats`` timed calls, median.
+Not round-robin: a candidate that grows the heap by gigabytes (nested torch.func) makes
+the next call of whatever runs after it pay for the heap's first reuse (measured: jaccli's
+u_xxxx of the seed PINN, 0.16 s alone, took 1.17 s right after nested ``vmap(jacfwd⁴)``),
+which round-robin would charge to every repeat of the candidate that follows.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def blocks(fns: dict[str, Callable], repeats: int) -> tuple[dict[str, float], dict[str, object]]:
+    """Median seconds per candidate, and each candidate's result (from its warm-up)."""
+    times: dict[str, float] = {}
+    results: dict[str, object] = {}
+    for name, fn in fns.items():
+        results[name] = fn()
+        runs = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - t0)
+        times[name] = statistics.median(runs)
+    return times, results
