@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import jaccli  # noqa: E402
+from timing import status_kib as _status_kib  # noqa: E402
 from jaccli.engine import planner, problem  # noqa: E402
 from jaccli import taylor  # noqa: E402
 from jaccli.models import build_mlp  # noqa: E402
@@ -72,14 +73,6 @@ def race(fns: dict, repeats: int, budget: float) -> dict[str, float]:
         if time.perf_counter() - start > budget:
             break
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _trim() -> None:

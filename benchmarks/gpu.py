@@ -50,17 +50,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import jaccli  # noqa: E402
+from timing import status_kib as _status_kib  # noqa: E402
 from jaccli.io import transfer  # noqa: E402
 
 MODEL = ROOT / "examples/models/pinn.pt"
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _reset_peaks(device: torch.device) -> int:

@@ -1,4 +1,5 @@
-"""Timing candidates against each other in one process (shared by the benchmark scripts).
+"""Timing candidates against each other in one process, and reading this process's memory
+figures (shared by the benchmark scripts).
 
 Each candidate runs in its own block: one warm-up, then ``repeats`` timed calls, median.
 Not round-robin: a candidate that grows the heap by gigabytes (nested torch.func) makes
@@ -27,3 +28,12 @@ def blocks(fns: dict[str, Callable], repeats: int) -> tuple[dict[str, float], di
             runs.append(time.perf_counter() - t0)
         times[name] = statistics.median(runs)
     return times, results
+
+
+def status_kib(field: str) -> int:
+    """A field of ``/proc/self/status`` in KiB (``VmRSS``, ``VmHWM``)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
