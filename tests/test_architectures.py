@@ -325,3 +325,22 @@ def test_divergence_of_square_maps(saved, name, fmt, dtype):
     want = _reference(name, "jacobian", x).diagonal(dim1=1, dim2=2).sum(-1)
     for mode in ("forward", "reverse"):
         _assert_close(jaccli.divergence(net, x, per_sample=True, mode=mode), want, rel)
+
+
+@pytest.mark.parametrize("kind", ["jacobian", "hessian"])
+@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if not n.startswith("recurrent")])
+def test_whole_input_matches_torch_func(saved, name, kind):
+    """Without --per-sample the whole batch is one point (.pt2, float64): the cross-point
+    blocks come out as torch.func gives them (zeros, for these batch-independent models)."""
+    model = saved(name, "pt2")
+    net = jaccli.load_model(model, dtype="float64")
+    x = torch.randn(2, *ARCHITECTURES[name][1], generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    module = ARCHITECTURES[name][0]().eval().double()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jaccli.JaccliWarning)
+        got = getattr(jaccli, kind)(net, x)
+    with _differentiable_kernels():
+        want = jacrev(module)(x) if kind == "jacobian" else hessian(module)(x)
+    _assert_close(got, want, 1e-10)
