@@ -235,13 +235,15 @@ def partials(
     program, note = _program(p, top) if need else (None, None)
     wrong = sorted(p.ops & planner.FORWARD_OVER_FORWARD_WRONG)
     if program is None and top >= 2 and wrong:
-        # nested forward mode (and nested double backward) through these ops gives wrong
-        # numbers in PyTorch: refuse rather than answer wrongly
+        # nested forward mode through these ops gives wrong numbers in PyTorch, and so do
+        # autograd's third derivatives, which the series' check would need: refuse rather
+        # than answer wrongly (order 2 runs on the series, checked by a double backward)
         raise ModelError(
-            f"partials of order 2 and above through aten.{wrong[0]} are not supported: PyTorch's "
-            "higher-order forward mode through it is wrong and it has no Taylor series rule",
+            f"partials of order {top} through aten.{wrong[0]} are not supported: PyTorch's "
+            "higher-order forward mode through it is wrong, and past order 2 its autograd "
+            "derivatives (which would check jaccli's series) are wrong too",
             where=p.where,
-            hint="jaccli hessian (forward over reverse) gives its second derivatives",
+            hint="order 2 works (u_xx, u_xy), as does jaccli hessian",
         )
     lead = (p.n,) if p.per_sample else ()
     values: dict[str, Tensor] = {}

@@ -109,13 +109,6 @@ def _verify(program: TaylorProgram, g: Callable, z_probe: Tensor, orders: int, t
         raise Unsupported("verify", "the Taylor derivatives disagree with autograd")
 
 
-def _jvp_by_double_backward(y: Tensor, z: Tensor, v: Tensor, create_graph: bool) -> Tensor:
-    """``J v`` from two reverse passes: ``J v = d/du (uᵀ J) v``, ``uᵀ J`` being linear in ``u``."""
-    u = torch.zeros_like(y, requires_grad=True)
-    (w,) = torch.autograd.grad(y, z, u, create_graph=True)
-    return torch.autograd.grad(w, u, v, create_graph=create_graph)[0]
-
-
 def _reference_jets(g: Callable, z: Tensor, v: Tensor, u: Tensor, orders: int) -> tuple[Tensor, Tensor | None]:
     """``uᵀ J v`` and (``orders`` 2) ``uᵀ d²g[v, v]`` per point, by one and two reverse passes.
 

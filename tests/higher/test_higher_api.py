@@ -222,13 +222,18 @@ def test_values_and_shared_directions_of_several_orders(monkeypatch, fast):
         assert_rel(got[name], nested(net, x, orders))
 
 
-def test_layer_norm_models_refuse_higher_partials_instead_of_wrong_numbers():
-    """PyTorch's forward over forward mode through layer_norm is wrong (so is its nested
-    double backward): first derivatives are given, higher ones refused in one line."""
+def test_layer_norm_models_refuse_partials_past_second_order_instead_of_wrong_numbers():
+    """PyTorch's forward over forward mode through layer_norm is wrong, and so are its
+    third derivatives by autograd: the series (LayerNorm decomposed as it is recorded)
+    gives first and second derivatives, checked against a double backward; past that,
+    where nothing in autograd could check it, a partial is refused in one line."""
     torch.manual_seed(5)
     net = nn.Sequential(nn.Linear(2, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 1)).double().eval()
     x = torch.randn(4, 2, dtype=torch.float64)
-    got = jaccli.partials(net, x, "u_a", inputs="a,b", per_sample=True)
+    got = jaccli.partials(net, x, ["u_a", "u_aa", "u_ab"], inputs="a,b", per_sample=True)
+    assert got.engine == "taylor"
     assert_rel(got["u_a"], nested(net, x, (1, 0), jacrev))
-    with pytest.raises(jaccli.ModelError, match="native_layer_norm"):
-        jaccli.partials(net, x, "u_aa", inputs="a,b", per_sample=True)
+    assert_rel(got["u_aa"], nested(net, x, (2, 0), jacrev))  # reverse over reverse: right
+    assert_rel(got["u_ab"], nested(net, x, (1, 1), jacrev))
+    with pytest.raises(jaccli.ModelError, match="order 3 through aten.native_layer_norm"):
+        jaccli.partials(net, x, "u_aab", inputs="a,b", per_sample=True)
