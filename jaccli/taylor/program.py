@@ -212,7 +212,7 @@ class TaylorProgram:
             elif cols.numel() == self.n_in:
                 out.copy_(block.permute(1, 2, 0))
             else:
-                out[:, :, cols] = block.permute(1, 2, 0)
+                out[:, :, cols] = block.permute(1, 2, 0).to(out.dtype)  # a model may answer in another dtype
         return out
 
     def divergence(self, z: Tensor, *, directions: int | None = None, out: Tensor | None = None) -> Tensor:
@@ -256,8 +256,9 @@ class TaylorProgram:
             if n == 1:
                 out.view(b, self.n_out).copy_(block[0])
             else:
-                out[:, :, i, j] = block.permute(1, 2, 0)
-                out[:, :, j, i] = block.permute(1, 2, 0)
+                block = block.permute(1, 2, 0).to(out.dtype)  # a model may answer in another dtype
+                out[:, :, i, j] = block
+                out[:, :, j, i] = block
         return out
 
 

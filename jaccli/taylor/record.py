@@ -300,6 +300,8 @@ def _compile(trace1, trace2, batches: tuple[int, int]) -> tuple[list[_Step], Any
         kwargs = _fold(_merge(r1[2], r2[2], batches), consts)
         op, args = _fix_squeeze(op, args, recs1)
         step = _classify(op, args, kwargs, kinds, per_point)
+        if step.kind == "jet" and op is operator.getitem and isinstance(res1, Tensor) and not res1.is_floating_point():
+            step.kind = "value"  # the indices of max pooling or max(dim): no derivative, read as values
         step.shape = shape
         if step.kind == "const":
             consts[index] = res1  # computed from constants only: the same in every call

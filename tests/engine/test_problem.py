@@ -128,3 +128,13 @@ def test_unknown_mode_and_kind():
         jaccli.jacobian(torch.sin, torch.zeros(2), mode="sideways")
     with pytest.raises(jaccli.UsageError, match="unknown derivative"):
         jaccli.plan("curl", torch.sin, torch.zeros(2))
+
+
+def test_batch_check_allows_the_rounding_of_a_float32_model_fed_float64():
+    # a float32 layer gives point 0 alone and in a batch outputs that differ by float32's
+    # rounding (other BLAS kernels), not by float64's: that is no coupling of the points
+    for seed in range(5):
+        torch.manual_seed(seed)
+        lin = torch.nn.Linear(12, 3)
+        x = torch.randn(64, 12, dtype=torch.float64)
+        assert jaccli.jacobian(lambda x: lin(x.float()), x, per_sample=True).shape == (64, 3, 12)

@@ -243,3 +243,33 @@ def test_chunk_size_sets_points_per_pass():
     assert (p.engine, p.points_per_chunk, p.chunks) == ("taylor", 4, 3)
     with pytest.raises(jaccli.UsageError, match="chunk size must be positive"):
         jaccli.plan("jacobian", torch.tanh, points(), per_sample=True, chunk_size=0)
+
+
+def test_a_model_answering_in_another_dtype_writes_into_the_callers_dtype():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)  # float32 inside a float64 request
+    f = lambda x: torch.tanh(lin(x.float()))  # noqa: E731
+    x = torch.rand(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    program = taylor.build(f, x)
+    for kind in ("jacobian", "hessian"):
+        shape = (x.shape[0], 3, 4) if kind == "jacobian" else (x.shape[0], 3, 4, 4)
+        got = getattr(program, kind)(x, directions=2, out=torch.empty(shape, dtype=torch.float64))
+        want = getattr(program, kind)(x)  # float32, in one pass
+        assert got.dtype == torch.float64 and torch.equal(got.float(), want)
+    h = jaccli.hessian(f, x, per_sample=True, mode="forward")
+    assert h.dtype == torch.float64
+    assert_rel(h.float(), torch_func("hessian", f, x, per_sample=True, mode="forward").float(), torch.float32)
+
+
+def test_indices_of_max_pooling_are_values_not_streams():
+    def f(x):
+        y, i = F.max_pool2d(torch.sin(x.reshape(-1, 2, 4, 4)), 2, 2, return_indices=True)
+        m = torch.min(y.flatten(2), 2)
+        return torch.tanh(y * y + i.to(x.dtype) * 0.01).flatten(1) + m.indices.to(x.dtype).sum(1, keepdim=True)
+
+    x = torch.rand(3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jaccli.JaccliWarning)  # max pooling's kinks
+        assert jaccli.plan("hessian", f, x, per_sample=True, mode="forward").engine == "taylor"
+        got = jaccli.hessian(f, x, per_sample=True, mode="forward")
+    assert_rel(got, torch_func("hessian", f, x, per_sample=True, mode="reverse"))
