@@ -474,7 +474,7 @@ class SeriesProgram:
     def run(self, z: Tensor, v: Tensor, order: int, keep: frozenset[int] | None = None) -> Coeffs:
         """Coefficients ``[g(z), …]`` of ``t ↦ g(z + t v)`` to ``order`` (rows of ``v`` per
         point); with ``keep``, only those are sure to be computed (the others may be None)."""
-        env = self._steps(z, v, order, keep, len(self.steps))
+        env = self._steps(z, v, order, keep, [None] * len(self.steps), 0, len(self.steps))
         out = _substitute(self.output, env, z.shape[0])
         return out.c if isinstance(out, Series) else [out] + [None] * order
 
@@ -485,7 +485,8 @@ class SeriesProgram:
         in ``out`` itself: no pass over the wide result but the one that writes it."""
         last = self._last_product()
         stop = len(self.steps) if last is None else last
-        env = self._steps(z, v, order, frozenset({order}), stop)
+        keep = frozenset({order})
+        env = self._steps(z, v, order, keep, [None] * len(self.steps), 0, stop)
         if last is not None:
             s = self.steps[last]
             args = _substitute(s.args, env, z.shape[0])
@@ -497,7 +498,7 @@ class SeriesProgram:
                     with torch.no_grad():
                         torch.mm(c * (factor * alpha), b, out=out.view(c.shape[0], b.shape[-1]))
                     return
-            env = self._steps(z, v, order, frozenset({order}), len(self.steps))
+            env = self._steps(z, v, order, keep, env, last, len(self.steps))  # the rest, as usual
         res = _substitute(self.output, env, z.shape[0])
         c = res.c[order] if isinstance(res, Series) else None
         with torch.no_grad():
@@ -521,8 +522,9 @@ class SeriesProgram:
             return None  # the product must be linear in its left operand, the right a constant
         return i
 
-    def _steps(self, z: Tensor, v: Tensor, order: int, keep: frozenset[int] | None, stop: int) -> list:
-        """The environment after the steps before ``stop``."""
+    def _steps(self, z: Tensor, v: Tensor, order: int, keep: frozenset[int] | None, env: list,
+               start: int, stop: int) -> list:  # fmt: skip
+        """``env`` after the steps ``start`` to ``stop`` (exclusive) have run."""
         batch = z.shape[0]
         if keep is None:
             needs = [None] * len(self.steps)
@@ -531,9 +533,9 @@ class SeriesProgram:
             if key not in self._needs:
                 self._needs[key] = self.needs(*key)
             needs = self._needs[key]
-        env: list = [None] * len(self.steps)
         with torch.no_grad():
-            for i, s in enumerate(self.steps[:stop]):
+            for i in range(start, stop):
+                s = self.steps[i]
                 if not self.live[i]:
                     continue
                 if s.kind == _INPUT:

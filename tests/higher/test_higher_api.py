@@ -237,3 +237,24 @@ def test_layer_norm_models_refuse_partials_past_second_order_instead_of_wrong_nu
     assert_rel(got["u_ab"], nested(net, x, (1, 1), jacrev))
     with pytest.raises(jaccli.ModelError, match="order 3 through aten.native_layer_norm"):
         jaccli.partials(net, x, "u_aab", inputs="a,b", per_sample=True)
+
+
+def test_a_single_series_written_into_the_result_equals_the_coefficient():
+    """run_into: the last layer's product lands in the result (contiguous rows), or the
+    program finishes as usual and the coefficient is scaled into it (any other layout)."""
+    from jaccli.higher import jets
+    from jaccli.models import build_mlp
+
+    torch.manual_seed(0)
+    net = build_mlp([1, 8, 8, 3], "tanh").double().eval()
+    x = torch.rand(5, 1, dtype=torch.float64)
+    v = torch.ones_like(x)
+    program = jets.build(net, x, 4)
+    assert program._last_product() is not None
+    want = program.run(x, v, 4)[4] * 24
+    direct = torch.empty(5, 3, dtype=torch.float64)
+    program.run_into(x, v, 4, direct, 24.0)
+    strided = torch.empty(3, 5, dtype=torch.float64).t()
+    program.run_into(x, v, 4, strided, 24.0)
+    assert_rel(direct, want)
+    assert_rel(strided, want)
