@@ -47,6 +47,7 @@ try:
     import jax.numpy as jnp
 
     jax.config.update("jax_enable_x64", False)
+    from jax_twins import jax_mlp
 except ImportError:  # JAX is optional
     jax = None
 
@@ -126,20 +127,6 @@ def per_point(net):
 
 
 # --------------------------------------------------------------------------- JAX twins
-
-
-def jax_mlp(weights):
-    """The same tanh MLP in JAX, on one point (weights: list of (W, b) numpy arrays)."""
-    params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in weights]
-
-    def f(x):
-        for i, (w, b) in enumerate(params):
-            x = x @ w.T + b
-            if i < len(params) - 1:
-                x = jnp.tanh(x)
-        return x
-
-    return f
 
 
 def torch_weights(module) -> list:

@@ -21,20 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.jet import jet
 
+from jax_twins import jax_mlp
+
 
 def main(directory: str, repeats: str) -> None:
     d = Path(directory)
     data = np.load(d / "in.npz")
     ps = [data[f"p{i}"] for i in range(len(data.files) - 1)]
-    layers = [(jnp.asarray(w), jnp.asarray(b)) for w, b in zip(ps[::2], ps[1::2])]
-
-    def mlp(p):
-        for i, (w, b) in enumerate(layers):
-            p = p @ w.T + b
-            if i < len(layers) - 1:
-                p = jnp.tanh(p)
-        return p
-
+    mlp = jax_mlp(zip(ps[::2], ps[1::2]))
     x = jnp.asarray(data["x"])
     ones, zeros = jnp.ones_like(x), jnp.zeros_like(x)
     one = lambda q: mlp(q[None])[0]  # noqa: E731
