@@ -22,7 +22,8 @@ Jacobian, no first-order rows at the output of a Laplacian, no second-order rows
 while a node is still affine in the input).
 
 Every op has a rule in :data:`RULES` (or is a non-differentiable op in
-:data:`VALUE_OPS`); a graph with an op that has neither raises :class:`Unsupported`
+:data:`VALUE_OPS`, or is decomposed into such ops as it is recorded, :mod:`.decompose`);
+a graph with an op that has none of these raises :class:`Unsupported`
 naming the op, and the engine falls back to torch.func. :func:`build` also checks the
 program against the model on a probe batch before it is used.
 
@@ -33,7 +34,9 @@ The package, in the order a program is made (each module imports only those abov
 :mod:`.shape`        rules for views, indexing, reductions, casts
 :mod:`.elementwise`  rules for unary ops, from one derivative table
 :mod:`.linear`       rules for sums and products (add, mul, div, mm, addmm, …)
+:mod:`.spatial`      rules for convolutions, pooling, upsampling, padding, maxima
 :mod:`.table`        the rule table :data:`RULES` (op name → rule) and :data:`VALUE_OPS`
+:mod:`.decompose`    norms, softmax, … written in ops with rules; in-place ops' twins
 :mod:`.record`       record a function's ATen ops; compile two records into steps
 :mod:`.program`      :class:`TaylorProgram`: the need analysis and the chunk runs
 :mod:`.builder`      :func:`build`: record, compile, verify against autograd

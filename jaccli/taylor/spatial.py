@@ -10,7 +10,7 @@ A maximum is linear where it is differentiable: each stream is gathered where th
 attains its maximum (torch's convention at ties picks one; the kinks are reported by the
 non-smoothness diagnostics).
 
-Imports: :mod:`.jet`.
+Imports: :mod:`.jet`, :mod:`.elementwise`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .jet import Jet, Rule, Unsupported, _take
+from .elementwise import _nonlinear
 
 aten = torch.ops.aten
 
@@ -48,11 +49,6 @@ def _batched_linear(packet, min_rank: int = 0) -> Rule:
 
 def _first_only(pos) -> bool:
     return pos <= {0}
-
-
-def _piecewise(pos) -> bool:
-    # linear between kinks, but where the kinks are depends on the value: not linear
-    return False
 
 
 def _r_convolution(cx, lay, x, weight, bias, *params):
@@ -99,7 +95,7 @@ def _max_pool(spatial: int):
         value, index = packet(x.block(0)[0], *params)
         return [_gather_rows(cx, lay, x, value, index, spatial), index]
 
-    return Rule(rule, _piecewise)
+    return Rule(rule, _nonlinear)
 
 
 def _reduced_last(t: Tensor, dims: list[int]) -> Tensor:
@@ -163,8 +159,8 @@ SPATIAL_RULES: dict[str, Rule] = {
     **{name: _batched_linear(getattr(aten, name)) for name in _BATCHED if hasattr(aten, name)},
     **{name: _batched_linear(getattr(aten, name), rank) for name, rank in _MIXING.items()},
     **{f"max_pool{k}d_with_indices": _max_pool(k) for k in (2, 3) if hasattr(aten, f"max_pool{k}d_with_indices")},
-    "amax": Rule(_r_amax, _piecewise),
-    "amin": Rule(_r_amin, _piecewise),
-    "max": Rule(_r_max, _piecewise),
-    "min": Rule(_r_min, _piecewise),
+    "amax": Rule(_r_amax, _nonlinear),
+    "amin": Rule(_r_amin, _nonlinear),
+    "max": Rule(_r_max, _nonlinear),
+    "min": Rule(_r_min, _nonlinear),
 }
