@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 import jaccli  # noqa: E402
 from timing import status_kib as _status_kib  # noqa: E402
 from jaccli.engine import planner, problem  # noqa: E402
-from jaccli import taylor  # noqa: E402
-from jaccli.models import build_mlp  # noqa: E402
+from jaccli import jets as taylor  # noqa: E402
+from jaccli.load.models import build_mlp  # noqa: E402
 
 try:
     import jax

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import jaccli  # noqa: E402
-from jaccli.models import build_mlp  # noqa: E402
+from jaccli.load.models import build_mlp  # noqa: E402
 from timing import blocks  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's allocator as it is (the jaccli command tunes it; see jaccli/_allocator.py)")
     args = ap.parse_args(argv)
-    from jaccli import _allocator
+    from jaccli.cli import allocator as _allocator
 
     tuned = not args.default_malloc and _allocator.tune()
     print(f"glibc malloc thresholds {'raised as the jaccli command does' if tuned else 'left at their defaults'}"

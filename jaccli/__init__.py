@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .errors import (
+from jaccli.errors import (
     CheckFailed,
     DependencyError,
     GateFailed,
@@ -36,8 +36,8 @@ __version__ = "0.1.0"
 
 #: exported name -> the module that defines it, imported when the name is first used
 _LAZY = {
-    "CheckReport": ".verify",
-    "check": ".verify",
+    "CheckReport": ".engine.check",
+    "check": ".engine.check",
     "DivergenceEstimate": ".engine",
     "Plan": ".engine",
     "describe": ".engine",
@@ -50,24 +50,24 @@ _LAZY = {
     "load_tensors": ".io",
     "save_tensors": ".io",
     "Stream": ".io",
-    "Arch": ".models",
-    "LoadedModel": ".models",
-    "ModelInfo": ".models",
-    "load_model": ".models",
-    "save_mlp": ".models",
-    "Partials": ".higher",
-    "partials": ".higher",
-    "Summary": ".summary",
-    "summarize": ".summary",
+    "Arch": ".load",
+    "LoadedModel": ".load",
+    "ModelInfo": ".load",
+    "load_model": ".load",
+    "save_mlp": ".load",
+    "Partials": ".engine.partials",
+    "partials": ".engine.partials",
+    "Summary": ".show.summary",
+    "summarize": ".show.summary",
 }
 
 if TYPE_CHECKING:  # what IDEs and type checkers see
-    from .engine import DivergenceEstimate, Plan, describe, divergence, hessian, jacobian, laplacian, plan
-    from .io import Stream, load_tensor, load_tensors, save_tensors
-    from .higher import Partials, partials
-    from .models import Arch, LoadedModel, ModelInfo, load_model, save_mlp
-    from .summary import Summary, summarize
-    from .verify import CheckReport, check
+    from jaccli.engine import DivergenceEstimate, Plan, describe, divergence, hessian, jacobian, laplacian, plan
+    from jaccli.io import Stream, load_tensor, load_tensors, save_tensors
+    from jaccli.engine.partials import Partials, partials
+    from jaccli.load.models import Arch, LoadedModel, ModelInfo, load_model, save_mlp
+    from jaccli.show.summary import Summary, summarize
+    from jaccli.engine.check import CheckReport, check
 
 
 def __getattr__(name: str):

@@ -6,11 +6,11 @@ line too, not a traceback. Only the interpreter's own first milliseconds, before
 jaccli runs, are out of reach.
 """
 
-from . import signals
+from jaccli import signals
 
 
 def _cli() -> None:
-    from .cli import app
+    from jaccli.cli.main import app
 
     app()
 

@@ -161,3 +161,24 @@ EXIT_INTERRUPTED = 130
 def shape_str(shape) -> str:
     """``[4, 3]`` for a shape; ``[]`` for a scalar."""
     return "[" + ", ".join(str(int(s)) if not isinstance(s, str) else s for s in shape) + "]"
+
+
+def format_bytes(n: float) -> str:
+    """``4.0 GiB`` for messages and summaries; an absurd figure as its number of digits.
+
+    >>> format_bytes(512), format_bytes(3 * 2**30)
+    ('512 B', '3.0 GiB')
+    """
+    if n >= 2**80:
+        return f"a {len(str(int(n)))}-digit number of bytes"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if abs(n) < 1024 or unit == "EiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def first_line(exc: BaseException, most: int = 300) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:most] if text else type(exc).__name__

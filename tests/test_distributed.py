@@ -62,7 +62,7 @@ def test_a_failing_rank_fails_every_rank_with_its_message_and_leaves_nothing(cas
 def test_torchrun_refuses_a_request_that_does_not_stream(case):
     from typer.testing import CliRunner
 
-    from jaccli.cli import app
+    from jaccli.cli.main import app
 
     # refused before joining the process group, so one process with torchrun's variables shows it
     r = CliRunner(env={"WORLD_SIZE": "2", "RANK": "0"}).invoke(

@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 
 import jaccli
 from jaccli import signals
-from jaccli.cli import app
+from jaccli.cli.main import app
 from jaccli.errors import EXIT_CODES, OutputClosed
 from jaccli.io import write as jwrite
 from problems import EXAMPLES
@@ -81,7 +81,7 @@ def _zygote() -> None:
     import (seconds); the start-up and closed-pipe cases, which are about the start and the
     end of an interpreter, run as fresh processes instead."""
     import jaccli.__main__ as entry
-    import jaccli.cli  # noqa: F401 - imported before the fork, as torch is
+    import jaccli.cli.main  # noqa: F401 - imported before the fork, as torch is
     import jaccli.io  # noqa: F401
 
     pids = {}

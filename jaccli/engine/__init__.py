@@ -20,7 +20,7 @@ The pipeline, one module per stage:
                           compositions) and the ``(kind, mode)`` table saying which
                           directions each request takes and where their values go
 :mod:`.planner`           mode, memory budget, points and directions per pass, and the
-                          choice of engine: the Taylor fast path (:mod:`jaccli.taylor`) for
+                          choice of engine: the Taylor fast path (:mod:`jaccli.jets`) for
                           forward-mode requests on one per-sample input, else torch.func
 :mod:`.execute`           the chunk loops that fill the result, and the fall-backs when an
                           op has no forward-mode derivative
@@ -34,16 +34,17 @@ products with one-hot directions that are the same for every row, which never fo
 the cross-point blocks of the full Jacobian. Without it the whole input is one point.
 
 Imports go one way, down the table (``api`` → ``execute`` → ``planner`` →
-``strategies`` → ``problem`` → ``kernels``, ``paths``); this package imports :mod:`jaccli.taylor`,
-:mod:`jaccli.models` and :mod:`jaccli.errors`, and nothing imports it but :mod:`jaccli`
-and :mod:`jaccli.verify`.
+``strategies`` → ``problem`` → ``kernels``, ``paths``); this package imports :mod:`jaccli.jets`,
+:mod:`jaccli.load.models` and :mod:`jaccli.errors`, and nothing imports it but :mod:`jaccli`
+and :mod:`jaccli.engine.check`.
 """
 
-from ..choices import ESTIMATORS, KINDS, MODES
-from .api import DivergenceEstimate, describe, divergence, hessian, jacobian, laplacian, plan
-from .planner import Plan, format_bytes
-from .problem import select_output
-from .results import NONSMOOTH_OPS
+from jaccli.request.choices import ESTIMATORS, KINDS, MODES
+from jaccli.engine.api import DivergenceEstimate, describe, divergence, hessian, jacobian, laplacian, plan
+from jaccli.engine.planner import Plan
+from jaccli.errors import format_bytes
+from jaccli.engine.problem import select_output
+from jaccli.engine.results import NONSMOOTH_OPS
 
 __all__ = [
     "ESTIMATORS",

@@ -17,12 +17,12 @@ from typing import NamedTuple
 
 import torch
 
-from ..errors import ModelError, ResumeError, UsageError
-from ..models import count_parameters, describe_expected_input, info_of, model_dtype
-from .execute import MemorySink, compute
-from .planner import Plan, prepare
-from .problem import arg_names, check_batch_independence, check_inputs, normalise_args, probe_rows
-from .results import NONSMOOTH_OPS, finish, lead_axes, unflatten_in
+from jaccli.errors import ModelError, ResumeError, UsageError
+from jaccli.load.models import count_parameters, describe_expected_input, info_of, model_dtype
+from jaccli.engine.execute import MemorySink, compute
+from jaccli.engine.planner import Plan, prepare
+from jaccli.engine.problem import arg_names, check_batch_independence, check_inputs, normalise_args, probe_rows
+from jaccli.engine.results import NONSMOOTH_OPS, finish, lead_axes, unflatten_in
 
 
 def _compute(kind: str, f, x, *, save, progress, plan, seed=0, **options):
@@ -32,7 +32,7 @@ def _compute(kind: str, f, x, *, save, progress, plan, seed=0, **options):
     request returns the finished file as a tensor backed by it; anything else is computed
     in memory (and, with ``save``, written by :func:`jaccli.io.save_tensors` afterwards).
     """
-    from ..io import stream as st
+    from jaccli.io import stream as st
 
     if save is None:
         p, plan_, flat = compute(kind, f, x, plan=plan, seed=seed, sink=MemorySink(progress), **options)
@@ -78,8 +78,8 @@ def _saved(kind: str, p, value, save):
     ``kind``, ``kind_ARG`` for several arguments, ``stderr`` of a Hutchinson estimate."""
     if save is None:
         return value
-    from ..io import save_tensors
-    from ..io.stream import Stream
+    from jaccli.io import save_tensors
+    from jaccli.io.stream import Stream
 
     spec = save if isinstance(save, Stream) else Stream(save, name=kind)
     if isinstance(value, DivergenceEstimate):
@@ -103,7 +103,7 @@ def _fingerprint(kind: str, f, p, plan_, options: dict, seed: int, spec) -> dict
     import hashlib
     import importlib.metadata
 
-    from ..io.records import parameters_fingerprint
+    from jaccli.io.records import parameters_fingerprint
 
     given = dict(spec.fingerprint or {})
     facts = {

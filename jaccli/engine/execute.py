@@ -6,7 +6,7 @@ the torch.func loop over chunks of points and directions, and falls back to reve
 mode where an op has no forward-mode derivative. Failures inside the model become
 :class:`~jaccli.errors.ModelError`, memory exhaustion :class:`~jaccli.errors.ResourceError`.
 
-Imports: torch, numpy, :mod:`jaccli.taylor`, :mod:`.problem`, :mod:`.strategies`, :mod:`.planner`.
+Imports: torch, numpy, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.strategies`, :mod:`.planner`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from .. import taylor
-from ..errors import JaccliError, JaccliWarning, ResourceError
-from ..models import first_line
-from .planner import Plan, check_fits, make_plan, prepare, reuse, strategy_key
-from .problem import Problem, model_failed, probe_rows
-from .strategies import ASSIGNING_SCATTERS, STRATEGIES, Strategy, hutchinson_product
+from jaccli import jets as taylor
+from jaccli.errors import first_line, JaccliError, JaccliWarning, ResourceError
+from jaccli.engine.planner import Plan, check_fits, make_plan, prepare, reuse, strategy_key
+from jaccli.engine.problem import Problem, model_failed, probe_rows
+from jaccli.engine.strategies import ASSIGNING_SCATTERS, STRATEGIES, Strategy, hutchinson_product
 
 #: where a strategy goes when an op of the model has no forward-mode derivative
 _FALLBACK = {

@@ -50,7 +50,7 @@ def rnn_cell_loop():
 
 def differentiable(f: Callable, *, native_rnn: bool = False) -> Callable:
     """``f`` with attention on PyTorch's math kernel, TorchScript run outside its optimising
-    executor (see :class:`~jaccli.models.LoadedModel`), and with ``native_rnn`` recurrent
+    executor (see :class:`~jaccli.load.models.LoadedModel`), and with ``native_rnn`` recurrent
     layers on ATen's cell loop.
 
     The math attention kernel is plain matmul and softmax, differentiable to any order, and

@@ -25,7 +25,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..errors import ModelError
+from jaccli.errors import ModelError
 
 #: floating-point ops whose derivative is zero wherever it exists
 _ZERO_DERIVATIVE = frozenset(

@@ -2,11 +2,11 @@
 
 Owns :class:`Plan` (what a request will do, shown by ``--dry-run``), the memory budget
 of one pass, the refusal of results that cannot fit, and the choice between the Taylor
-fast path (:mod:`jaccli.taylor`, forward-mode requests on one per-sample input) and
+fast path (:mod:`jaccli.jets`, forward-mode requests on one per-sample input) and
 the torch.func strategies. A plan carries the normalised request it was made for, so
 that computing it probes and traces the model no second time.
 
-Imports: torch, :mod:`jaccli.taylor`, :mod:`.problem`, :mod:`.strategies`.
+Imports: torch, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.strategies`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .. import taylor
-from ..errors import ModelError, ResourceError, UsageError, shape_str
-from .problem import Problem, arg_names, check_inputs, normalise_args, probe_rows
-from ..choices import ESTIMATORS, KINDS, MODES
-from .strategies import STRATEGIES, auto_mode, count_directions, mode_costs
+from jaccli import jets as taylor
+from jaccli.errors import format_bytes, ModelError, ResourceError, shape_str, UsageError
+from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_args, probe_rows
+from jaccli.request.choices import ESTIMATORS, KINDS, MODES
+from jaccli.engine.strategies import STRATEGIES, auto_mode, count_directions, mode_costs
 
 _MIB = 2**20
 
@@ -108,7 +108,7 @@ class Plan:
     available_bytes: int
     dtype: torch.dtype
     device: torch.device
-    #: "taylor" (traced forward streams, see jaccli.taylor) or "torch.func"
+    #: "taylor" (traced forward streams, see jaccli.jets) or "torch.func"
     engine: str = "torch.func"
     #: why the Taylor path was tried and not taken (the op without a rule, ...)
     engine_note: str | None = None
@@ -243,13 +243,6 @@ def check_preconditions(kind: str, p: Problem, estimator: str, probes: int) -> N
             )
 
 
-def format_bytes(n: float) -> str:
-    """``1.5 GiB`` style sizes for messages and summaries."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError  # pragma: no cover
 
 
 def check_fits(plan: Plan, p: Problem, *, in_memory: bool = True) -> None:
@@ -271,7 +264,7 @@ def check_fits(plan: Plan, p: Problem, *, in_memory: bool = True) -> None:
         )
 
 
-# Forward-mode requests on one per-sample input run through jaccli.taylor: the model is
+# Forward-mode requests on one per-sample input run through jaccli.jets: the model is
 # traced once and its value, first- and second-order streams go through it together
 # (one matrix product per layer for all of them) instead of torch.func's vmap over jvp.
 # Everything else (several inputs, reverse mode, an op without a Taylor rule) runs the

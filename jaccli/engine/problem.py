@@ -6,7 +6,7 @@ torchdiffeq's ``_check_inputs``: every later stage trusts what it returns), the 
 that learns output shape, memory per point and the ops the model runs, and the
 batch-independence check for per-sample work.
 
-Imports: torch, :mod:`jaccli.errors`, :mod:`jaccli.models`, :mod:`.kernels` and :mod:`.paths`;
+Imports: torch, :mod:`jaccli.errors`, :mod:`jaccli.load.models`, :mod:`.kernels` and :mod:`.paths`;
 nothing else of the engine.
 """
 
@@ -23,11 +23,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .._dispatch import QuietDispatchMode
-from ..errors import JaccliWarning, ModelError, NumericalError, UsageError, shape_str
-from ..models import describe_expected_input, first_line, info_of, model_dtype
-from .kernels import FUSED_RNN_OPS, differentiable
-from .paths import Paths
+from jaccli.jets.dispatch import QuietDispatchMode
+from jaccli.errors import first_line, JaccliWarning, ModelError, NumericalError, UsageError, shape_str
+from jaccli.load.models import describe_expected_input, info_of, model_dtype
+from jaccli.engine.kernels import FUSED_RNN_OPS, differentiable
+from jaccli.engine.paths import Paths
 
 _PROBE_POINTS = 8
 

@@ -14,8 +14,8 @@ import warnings
 
 import torch
 
-from ..errors import JaccliWarning, NumericalError
-from .problem import Problem
+from jaccli.errors import JaccliWarning, NumericalError
+from jaccli.engine.problem import Problem
 
 #: ops whose second derivative is zero almost everywhere (or undefined at a kink)
 NONSMOOTH_OPS = frozenset(

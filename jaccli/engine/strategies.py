@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch.func import jvp, vjp, vmap
 
-from ..choices import ESTIMATORS, KINDS, MODES
-from .problem import Problem
+from jaccli.request.choices import ESTIMATORS, KINDS, MODES
+from jaccli.engine.problem import Problem
 
 __all__ = ["ESTIMATORS", "KINDS", "MODES", "STRATEGIES", "Strategy", "auto_mode", "rademacher"]
 

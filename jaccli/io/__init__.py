@@ -13,7 +13,7 @@ Nothing here runs code from a data file: ``torch.load(weights_only=True)`` and
 ``np.load(allow_pickle=False)`` only.
 """
 
-from .read import (
+from jaccli.io.read import (
     DTYPES,
     MIN_TORCH,
     READERS,
@@ -30,7 +30,7 @@ from .read import (
     resolve_dtype,
     safetensors_metadata,
 )
-from .write import (
+from jaccli.io.write import (
     WRITERS,
     check_output,
     check_writable,
@@ -38,12 +38,12 @@ from .write import (
     save_tensors,
     write_atomically,
 )
-from .inputs import (
+from jaccli.io.inputs import (
     InputSpec,
     gather_inputs,
 )
 
-from .stream import (
+from jaccli.io.stream import (
     FileSink,
     Stream,
     can_stream,

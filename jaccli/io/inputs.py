@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..choices import STDIO
-from ..errors import InputError, UsageError
-from .read import _pick, load_tensors
+from jaccli.request.choices import STDIO
+from jaccli.errors import InputError, UsageError
+from jaccli.io.read import _pick, load_tensors
 
 
 @dataclass(frozen=True)

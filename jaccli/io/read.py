@@ -32,8 +32,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from ..choices import DTYPE_NAMES, STDIO
-from ..errors import InputError, JaccliError, JaccliWarning, ResourceError, UsageError, shape_str
+from jaccli.request.choices import DTYPE_NAMES, STDIO
+from jaccli.errors import first_line, format_bytes, InputError, JaccliError, JaccliWarning, ResourceError, shape_str, UsageError
 
 
 #: dtype names accepted by ``--dtype`` and the API's ``dtype=``
@@ -116,15 +116,6 @@ def limit_input_bytes(limit: int | str | None):
         _max_input.reset(token)
 
 
-def format_bytes(n: int) -> str:
-    """``4.0 GiB``; an absurd figure as its number of digits instead of an overflow."""
-    if n >= 2**80:
-        return f"a {len(str(n))}-digit number of bytes"
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        if n < 1024 or unit == "EiB":
-            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError  # pragma: no cover
 
 
 def shown_path(name: str, most: int = 120) -> str:
@@ -313,9 +304,6 @@ def _check_npy_header(src: Source, buf: BinaryIO, offset: int = 0) -> None:
         )
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _from_numpy(array: np.ndarray, src: Source) -> torch.Tensor:

@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import JaccliError, OutputError, ResumeError, UsageError
-from .. import signals
-from . import transfer
-from .records import _Stats, _atomic_json, _done_path, _done_paths, _meta_path, _ranges, partial_path
-from .write import _pause_for_tests, _place, check_writable, output_format
+from jaccli.errors import format_bytes, JaccliError, OutputError, ResumeError, UsageError
+from jaccli import signals
+from jaccli.io import transfer
+from jaccli.io.records import _Stats, _atomic_json, _done_path, _done_paths, _meta_path, _ranges, partial_path
+from jaccli.io.write import _pause_for_tests, _place, check_writable, output_format
 
 #: result formats whose header is known before the data, so that rows can be written in place
 STREAM_FORMATS = ("npy", "safetensors")
@@ -358,7 +358,6 @@ class FileSink:
             raise OutputError(f"cannot write: {exc.strerror or exc}", where=str(self.target)) from None
 
     def _disk_full(self) -> OutputError:
-        from ..engine.planner import format_bytes  # noqa: PLC0415 - only for this message
 
         st = os.statvfs(self.partial.parent)
         return OutputError(
@@ -538,7 +537,7 @@ def _rebuild(cls: type[JaccliError], message: str) -> JaccliError:
 
 
 def _error_classes() -> dict[str, type[JaccliError]]:
-    from .. import errors
+    from jaccli import errors
 
     return {name: obj for name, obj in vars(errors).items() if isinstance(obj, type) and issubclass(obj, JaccliError)}
 

@@ -23,10 +23,10 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from .. import signals
-from ..choices import STDIO
-from ..errors import OutputClosed, OutputError, UsageError
-from .read import SUFFIXES, shown_path
+from jaccli import signals
+from jaccli.request.choices import STDIO
+from jaccli.errors import OutputClosed, OutputError, UsageError
+from jaccli.io.read import SUFFIXES, shown_path
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:

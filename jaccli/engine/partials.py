@@ -1,0 +1,307 @@
+"""``jaccli.partials``: named partial derivatives of any order, and expressions over them.
+
+Owns the plan of one request: which directions the terms need (shared between terms,
+each run to the highest order any term needs of it), how many points go through at
+once, and whether the Taylor series program (:mod:`.jets`) or nested torch.func runs.
+
+Imports: :mod:`jaccli.engine` (request normalisation, memory budget), :mod:`.jets`,
+:mod:`.names`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+from jaccli.engine import planner
+from jaccli.engine.problem import Problem, check_inputs, model_failed, probe_rows
+from jaccli.engine.results import NONSMOOTH_OPS
+from jaccli.errors import JaccliWarning, ModelError, NumericalError, UsageError
+from jaccli.jets import Unsupported
+from jaccli.jets import series as jets
+from jaccli.request.names import Request, Term, input_names, output_names, parse_want
+
+_FUNCTIONS: dict[str, Callable] = {
+    "sin": torch.sin, "cos": torch.cos, "tan": torch.tan, "exp": torch.exp, "log": torch.log,
+    "sqrt": torch.sqrt, "tanh": torch.tanh, "abs": torch.abs,
+}  # fmt: skip
+
+#: on CPU a pass holds at most this much (by the estimate of :func:`_chunk_points`, which
+#: counts every coefficient of every activation, about twice what runs): series run as
+#: one op per coefficient, so passes of a few thousand points keep the per-op overhead
+#: small while they still fit the caches (seed PINN, u_xxxx: 1 000 points per pass cost
+#: 1.2×, 16 000 1.4× what 2 000–4 000 do)
+_PASS_BYTES = 768 * 2**20
+_MIN_POINTS = 2048
+
+
+def _on_tensor(fn: Callable, dtype, device, v):
+    """A function of an expression on a term or on a plain number."""
+    return fn(torch.as_tensor(v, dtype=dtype, device=device))
+
+
+class Partials(dict):
+    """``{name: tensor}`` in the order asked for, with how it was computed."""
+
+    engine: str = "taylor"
+    engine_note: str | None = None
+    points: int = 0
+    inputs: list[str]
+    outputs: list[str]
+
+
+def _support(term: Term) -> tuple[int, ...]:
+    return tuple(i for i, o in enumerate(term.orders) if o)
+
+
+def _directions(terms: list[Term], n_in: int) -> dict[tuple[int, ...], set[int]]:
+    """Primitive integer directions over all inputs → the orders of the coefficients needed
+    along each (the highest one is how far its series runs)."""
+    need: dict[tuple[int, ...], set[int]] = {}
+    for t in terms:
+        if t.order == 0:
+            continue
+        support = _support(t)
+        dirs, _ = jets.interpolation(len(support), t.order)
+        for d in dirs:
+            full = [0] * n_in
+            for pos, c in zip(support, d):
+                full[pos] = c
+            g = math.gcd(*full)
+            prim = tuple(c // g for c in full)
+            need.setdefault(prim, set()).add(t.order)
+    return need
+
+
+def _combination(t: Term, n_in: int) -> list[tuple[tuple[int, ...], float]]:
+    """``∂^α g`` of a term ``t`` (order ≥ 1) as ``Σ factor · c``, ``c`` the order-``|α|``
+    series coefficient along a direction: the (direction, factor) pairs."""
+    support = _support(t)
+    dirs, weights = jets.interpolation(len(support), t.order)
+    alpha = tuple(t.orders[i] for i in support)
+    row = weights[jets.compositions(t.order, len(support)).index(alpha)]
+    scale = math.prod(math.factorial(a) for a in alpha)
+    pairs = []
+    for d, w in zip(dirs, row):
+        if w == 0:
+            continue
+        full = [0] * n_in
+        for pos, c in zip(support, d):
+            full[pos] = c
+        g = math.gcd(*full)
+        pairs.append((tuple(x // g for x in full), float(w * Fraction(g) ** t.order * scale)))
+    return pairs
+
+
+def _term_into(out: Tensor, t: Term, n_in: int, coeffs: dict[tuple[int, ...], list], value: Callable[[], Tensor]) -> None:
+    """``∂^α g`` of one term written into ``out`` ``[b, n_out]`` from the series coefficients
+    along the directions (``value()`` gives ``g``, computed only when a term needs it)."""
+    b = out.shape[0]
+    if t.order == 0:
+        out.copy_(value()[:b])
+        return
+    first = True
+    for prim, factor in _combination(t, n_in):
+        c = coeffs[prim][t.order]
+        if c is None:
+            continue
+        # one pass over the result per direction: the product lands in place
+        if first:
+            torch.mul(c[:b], factor, out=out)
+        else:
+            out.add_(c[:b], alpha=factor)
+        first = False
+    if first:
+        out.zero_()
+
+
+def _single_series(request: Request, n_in: int, program) -> tuple[Term, tuple[int, ...], float] | None:
+    """The one term asked for when one series gives it (``u_xxxx``, not ``u_xt``): it is
+    then written straight into the result (:meth:`~jets.SeriesProgram.run_into`)."""
+    if program is None or len(request.terms) != 1 or request.terms[0].order == 0:
+        return None
+    t = request.terms[0]
+    pairs = _combination(t, n_in)
+    return (t, *pairs[0]) if len(pairs) == 1 else None
+
+
+def _program(p: Problem, order: int) -> tuple[jets.SeriesProgram | None, str | None]:
+    """The series program where it applies (per-sample, one input, no static batch)."""
+    if not (planner.FAST_PATH and p.per_sample and len(p.args.values) == 1 and p.static_batch is None):
+        return None, None
+    rows = probe_rows(p)
+    try:
+        return jets.build(p.fn(rows), p.z(rows), order), None
+    except Unsupported as exc:
+        return None, f"Taylor series not used: {exc}"
+
+
+def _chunk_points(p: Problem, chunk_size: int | None, order: int, rows_per_point: int) -> int:
+    if chunk_size is not None:
+        if int(chunk_size) < 1:
+            raise UsageError("chunk size must be positive", got=str(chunk_size))
+        return min(int(chunk_size), p.n)
+    per_point = max(p.act_bytes, 1.0) * (order + 2) * 3 * rows_per_point
+    ppc = int(planner.working_budget(p.device) // per_point)
+    if p.device.type == "cpu":
+        ppc = min(ppc, max(_MIN_POINTS, int(_PASS_BYTES // per_point)))
+    return max(1, min(ppc, p.n))
+
+
+def _coefficients(p: Problem, rows: Tensor, need: dict[tuple[int, ...], set[int]], program, with_value: bool):
+    """Per direction, the series coefficients ``[B, n_out]`` that the terms read (index =
+    order, None where not computed or zero), and a function giving the value ``[B, n_out]``."""
+    z, g = p.z(rows), p.fn(rows)
+    b = z.shape[0]
+    coeffs: dict[tuple[int, ...], list] = {}
+    cache: list[Tensor] = []
+
+    def value() -> Tensor:
+        if not cache:
+            with torch.no_grad():
+                cache.append(g(z))
+        return cache[0]
+
+    if program is None:  # nested torch.func, one direction and order at a time
+        for prim, orders in need.items():
+            v = torch.tensor(prim, dtype=z.dtype, device=z.device).expand(b, -1)
+            coeffs[prim] = [None] * (max(orders) + 1)
+            for k in orders:
+                coeffs[prim][k] = jets.nested_derivative(g, z, v, k) / math.factorial(k)
+        return value, coeffs
+    for order in sorted({max(o) for o in need.values()}):
+        group = [prim for prim, o in need.items() if max(o) == order]
+        keep = frozenset().union(*(need[prim] for prim in group)) | ({0} if with_value and not cache else set())
+        dirs = torch.tensor(group, dtype=z.dtype, device=z.device)  # [m, n_in]
+        m = len(group)
+        run = program.run(z.repeat(m, 1), dirs.repeat_interleave(b, 0), order, keep)
+        for i, prim in enumerate(group):
+            coeffs[prim] = [None if c is None else c[i * b : (i + 1) * b] for c in run]
+        if run[0] is not None and not cache:
+            cache.append(run[0][:b])
+    return value, coeffs
+
+
+def partials(
+    f: Callable,
+    x,
+    want: Sequence[str] | str,
+    *,
+    inputs: Sequence[str] | str | None = None,
+    outputs: Sequence[str] | str | None = None,
+    per_sample: bool = False,
+    wrt=None,
+    output=None,
+    chunk_size: int | None = None,
+    check_batch: bool = True,
+    strict: bool = False,
+) -> Partials:
+    """Named partial derivatives of any order (``u_x``, ``u_txx``, ``v_xxxx``) and expressions over them.
+
+    ``inputs`` names the components of one point of ``x`` (flattened; default ``x`` for
+    one component, else ``x0, x1, …``), ``outputs`` the output components (one name for
+    a vector output names the whole vector; default ``u``). A term is an output name,
+    ``_`` and input names (``_``-separated when an input name is longer than one
+    character); ``want`` also takes ``NAME = EXPR`` over terms, numbers, ``pi``,
+    ``+ - * / **`` and ``sin cos tan exp log sqrt tanh abs``. Returns ``{name: tensor}``
+    in the order asked for: ``[N, *term]`` with ``per_sample``, ``[*term]`` otherwise.
+
+    Per-sample requests on one input run univariate Taylor series through the recorded
+    model (order ``k`` for ``O(k²)`` the work of a forward pass per op); mixed partials
+    are interpolated exactly from series along integer directions. Models with ops that
+    have no series rule use nested ``torch.func.jvp`` (``.engine`` says which ran).
+
+    >>> import torch, jaccli
+    >>> x = torch.linspace(0, 1, 5, dtype=torch.float64)[:, None]
+    >>> d = jaccli.partials(torch.sin, x, ["u_xxxx", "r = u_xx + u"], per_sample=True)
+    >>> bool(torch.allclose(d["u_xxxx"], torch.sin(x))), float(d["r"].abs().max()) < 1e-12
+    (True, True)
+    >>> uv = lambda p: torch.stack([p[:, 0] * p[:, 1] ** 2, p[:, 0].exp()], 1)   # u = t x², v = eᵗ
+    >>> d = jaccli.partials(uv, torch.ones(3, 2, dtype=torch.float64), "u_txx,v_tt",
+    ...                     inputs="t,x", outputs="u,v", per_sample=True)
+    >>> d["u_txx"].tolist(), [round(v, 6) for v in d["v_tt"].tolist()]
+    ([2.0, 2.0, 2.0], [2.718282, 2.718282, 2.718282])
+    """
+    p = check_inputs(f, x, wrt=wrt, per_sample=per_sample, output=output, check_batch=check_batch, strict=strict)
+    request: Request = parse_want(want, input_names(inputs, p.n_in), output_names(outputs, p.n_out))
+    top = max(t.order for t in request.terms)
+    need = _directions(request.terms, p.n_in)
+    program, note = _program(p, top) if need else (None, None)
+    wrong = sorted(p.ops & planner.FORWARD_OVER_FORWARD_WRONG)
+    if program is None and top >= 2 and wrong:
+        # nested forward mode through these ops gives wrong numbers in PyTorch, and so do
+        # autograd's third derivatives, which the series' check would need: refuse rather
+        # than answer wrongly (order 2 runs on the series, checked by a double backward)
+        raise ModelError(
+            f"partials of order {top} through aten.{wrong[0]} are not supported: PyTorch's "
+            "higher-order forward mode through it is wrong, and past order 2 its autograd "
+            "derivatives (which would check jaccli's series) are wrong too",
+            where=p.where,
+            hint="order 2 works (u_xx, u_xy), as does jaccli hessian",
+        )
+    lead = (p.n,) if p.per_sample else ()
+    values: dict[str, Tensor] = {}
+    ppc = _chunk_points(p, chunk_size, top, max(1, len(need)))
+    with_value = any(t.order == 0 for t in request.terms)
+    single = _single_series(request, p.n_in, program)
+    # chunks go straight into their rows of the results: no concatenation at the end
+    flat = {t.name: torch.empty((p.n, p.n_out), dtype=p.dtype, device=p.device) for t in request.terms}
+    try:
+        for start in range(0, p.n, ppc):
+            stop = min(start + ppc, p.n)
+            rows = torch.arange(start, stop, device=p.device)
+            if p.static_batch is not None and rows.numel() < p.static_batch:
+                rows = torch.cat([rows, rows[-1:].expand(p.static_batch - rows.numel())])
+            if single is not None:
+                t, prim, factor = single
+                z = p.z(rows)
+                v = torch.tensor(prim, dtype=z.dtype, device=z.device).expand(z.shape[0], -1)
+                program.run_into(z, v, t.order, flat[t.name][start:stop], factor)
+                continue
+            value, coeffs = _coefficients(p, rows, need, program, with_value)
+            for t in request.terms:
+                _term_into(flat[t.name][start:stop], t, p.n_in, coeffs, value)
+    except (NotImplementedError, RuntimeError) as exc:
+        model_failed(p, exc, probe_rows(p))
+    for t in request.terms:
+        if len(request.outputs) == 1:
+            values[t.name] = flat[t.name].reshape((*lead, *p.out_shape))
+        else:
+            values[t.name] = flat[t.name][:, request.outputs.index(t.out)].reshape(lead)
+    for e in request.expressions:
+        functions = {k: functools.partial(_on_tensor, fn, p.dtype, p.device) for k, fn in _FUNCTIONS.items()}
+        result = torch.as_tensor(e.evaluate(values, functions), dtype=p.dtype, device=p.device)
+        # an expression of numbers alone still gets one value per point
+        values[e.name] = result.expand(lead).clone() if result.dim() == 0 else result
+    out = Partials((name, values[name]) for name in request.order)
+    out.engine = "taylor" if program is not None else "torch.func"
+    out.engine_note, out.points = note, p.n
+    out.inputs, out.outputs = request.inputs, request.outputs
+    _finish(p, out, top, strict)
+    return out
+
+
+def _finish(p: Problem, out: Partials, top: int, strict: bool) -> None:
+    # a sum is NaN or Inf when any element is (or, rarely, when finite values overflow it):
+    # one read of each result, and the exact test only for the suspects
+    bad = [name for name, v in out.items() if not bool(torch.isfinite(v.sum())) and not bool(torch.isfinite(v).all())]
+    if bad:
+        msg = f"{', '.join(bad)} hold NaN or Inf values"
+        if strict:
+            raise NumericalError(msg, where=p.where)
+        warnings.warn(f"{p.where}: {msg}", JaccliWarning, stacklevel=3)
+    kinks = sorted(p.ops & NONSMOOTH_OPS)
+    if kinks and top >= 2:
+        warnings.warn(
+            f"{p.where}: the model uses {', '.join(kinks)}: derivatives of order 2 and above through "
+            "those units are zero almost everywhere and ignore their kinks; use a smooth activation "
+            "(tanh, softplus, SiLU, GELU) for meaningful higher derivatives",
+            JaccliWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,55 @@
+"""Forward (Taylor-mode) derivatives of a traced flat batch function.
+
+torch.func builds a per-sample Jacobian from ``vmap(jvp)``: the model runs under a
+batching interpreter, every op pays for a tangent of its own, and a Hessian nests
+two such transforms. Here the flat batch function ``g: [B, n_in] -> [B, n_out]`` of
+the engine is recorded once as a list of ATen ops (by a dispatch mode, which sees
+through eager modules, TorchScript and ``torch.export`` programs alike; two records
+at different batch sizes tell batch-sized shape arguments apart) and each op's result
+carries a *jet*:
+
+- its value (one row),
+- one first-order stream per input direction (``k1`` rows),
+- second-order streams (``k2`` rows): one per Hessian entry ``(i, j)``, or a single
+  *collapsed* stream holding ``Σᵢ ∂²/∂xᵢ²`` (the forward Laplacian of Li et al. 2023,
+  collapsed Taylor mode of Dangel et al. 2025), whose propagation needs the
+  first-order streams but never forms them pairwise.
+
+The rows of a jet are stacked along a leading axis, so a linear layer costs ONE
+matrix product for value and streams together, and a backward *need* analysis keeps
+only the rows the requested result uses (no value through the last layer of a
+Jacobian, no first-order rows at the output of a Laplacian, no second-order rows
+while a node is still affine in the input).
+
+Every op has a rule in :data:`RULES` (or is a non-differentiable op in
+:data:`VALUE_OPS`, or is decomposed into such ops as it is recorded, :mod:`.decompose`);
+a graph with an op that has none of these raises :class:`Unsupported`
+naming the op, and the engine falls back to torch.func. :func:`build` also checks the
+program against the model on a probe batch before it is used.
+
+The package, in the order a program is made (each module imports only those above it):
+
+===================  ==================================================================
+:mod:`.jet`          :class:`Jet`, :class:`Layout`, :class:`Rule`, row arithmetic
+:mod:`.shape`        rules for views, indexing, reductions, casts
+:mod:`.elementwise`  rules for unary ops, from one derivative table
+:mod:`.linear`       rules for sums and products (add, mul, div, mm, addmm, …)
+:mod:`.spatial`      rules for convolutions, pooling, upsampling, padding, maxima
+:mod:`.table`        the rule table :data:`RULES` (op name → rule) and :data:`VALUE_OPS`
+:mod:`.decompose`    norms, softmax, … written in ops with rules; in-place ops' twins
+:mod:`.record`       record a function's ATen ops; compile two records into steps
+:mod:`.program`      :class:`TaylorProgram`: the need analysis and the chunk runs
+:mod:`.builder`      :func:`build`: record, compile, verify against autograd
+===================  ==================================================================
+
+To add a rule: write it in the family's module and add one line to :data:`RULES`;
+``tests/taylor/`` compares every rule with torch.func in float64.
+"""
+
+from jaccli.jets.builder import build
+from jaccli.jets.jet import Layout, Rule, Unsupported
+from jaccli.jets.program import WANT, TaylorProgram
+from jaccli.jets.record import PROBE_BATCHES
+from jaccli.jets.table import RULES, VALUE_OPS
+
+__all__ = ["PROBE_BATCHES", "RULES", "VALUE_OPS", "WANT", "Layout", "Rule", "TaylorProgram", "Unsupported", "build"]

@@ -1,0 +1,135 @@
+"""Building a program from a function and verifying it before use.
+
+:func:`build` records the function at two probe batch sizes, compiles the records,
+and checks the program's value, ``J v`` and ``d²g[v, v]`` against the function and
+plain autograd off the traced points (so baked-in branches show); a program that
+disagrees is :class:`~.jet.Unsupported`.
+
+Imports: :mod:`.record`, :mod:`.program`, :mod:`.jet`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from jaccli.jets.jet import Unsupported
+from jaccli.jets.record import PROBE_BATCHES, _Ref, _Step, _compile, _trace
+from jaccli.jets.program import TaylorProgram, WANT
+
+
+def _probe_batch(z: Tensor, b: int) -> Tensor:
+    return z[torch.arange(b, device=z.device) % z.shape[0]]
+
+
+def build(g: Callable[[Tensor], Tensor], z_probe: Tensor, orders: int = 2) -> TaylorProgram:
+    """Trace ``g: [B, n_in] -> [B, n_out]`` and check the program against it; raises :class:`Unsupported`.
+
+    ``g`` is traced at two batch sizes (rows of ``z_probe``, cycled) so that shape
+    arguments holding the batch size become symbolic. The program is then run on a
+    perturbed probe batch and compared with ``g`` and with torch.func's directional
+    derivatives up to ``orders`` (1 for Jacobians and divergences, 2 for Hessians and
+    Laplacians: checking only what will be used keeps small requests cheap); a mismatch
+    means a rule does not fit this model, and the caller should fall back.
+    """
+    b1, b2 = PROBE_BATCHES
+    trace1, trace2 = _trace(g, _probe_batch(z_probe, b1)), _trace(g, _probe_batch(z_probe, b2))
+    steps, output = _compile(trace1, trace2, (b1, b2))
+    for s in steps:
+        if s.kind == "jet":
+            s.affine = s.linear and all(steps[r].affine for r in s.jet_refs)
+    for i in sorted(_reachable(steps, output)):
+        if steps[i].kind == "jet" and steps[i].rule is None:
+            raise Unsupported(steps[i].name)
+    y = trace2[2]
+    if not isinstance(y, Tensor) or y.dim() != 2 or not y.is_floating_point():
+        raise Unsupported("trace", "the batch function must return a [B, n_out] floating-point tensor")
+    program = TaylorProgram(steps, output, z_probe.shape[1], y.shape[1], y.dtype, y.element_size())
+    # a float64 model that computes in float32 somewhere is checked at float32's tolerance;
+    # float64 not at 1e-9 either: some of torch's float64 backward kernels use float32
+    # constants (hardsigmoid's slope 1/6 is off by 2e-8), and a wrong rule is off by O(1)
+    low = any(isinstance(r[3], Tensor) and r[3].is_floating_point() and r[3].element_size() < 8 for r in trace2[0])
+    _verify(program, g, z_probe, orders, tol=1e-4 if low or z_probe.dtype != torch.float64 else 1e-7)
+    return program
+
+
+def _reachable(steps: list[_Step], output) -> set[int]:
+    """Steps the output depends on (an unsupported op elsewhere does not matter)."""
+    seen: set[int] = set()
+    todo = [output.index] if isinstance(output, _Ref) else []
+    while todo:
+        i = todo.pop()
+        if i not in seen:
+            seen.add(i)
+            todo.extend((*steps[i].jet_refs, *steps[i].value_refs))
+    return seen
+
+
+def _verify(program: TaylorProgram, g: Callable, z_probe: Tensor, orders: int, tol: float) -> None:
+    """Compare value, ``J v`` and (``orders`` 2) ``d²g[v, v]`` with the model and autograd on a few
+    points, to relative ``tol`` (projected on a random output direction, see :func:`_reference_jets`)."""
+    z = _probe_batch(z_probe, max(PROBE_BATCHES) + 1)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
+    z = z + 1e-3 * v  # off the traced points, so that baked-in branches show
+
+    def close(got: Tensor, want: Tensor) -> bool:
+        # non-finite entries must sit in the same places (sqrt at 0, …); the rest must agree
+        finite = torch.isfinite(want)
+        if not torch.equal(torch.isfinite(got), finite):
+            return False
+        if not finite.any():
+            return True
+        scale = max(float(want[finite].abs().max()), 1.0)
+        return bool((got[finite] - want[finite]).abs().max() <= tol * scale)
+
+    def second(zz: Tensor) -> Tensor:
+        pair = (torch.zeros(1, dtype=torch.long, device=zz.device),) * 2
+        return program._out_block(program._run(zz, WANT["hessian"], v[None], k2=1, pairs=pair), 2, 1, zz)[0]
+
+    try:
+        got = (program.value(z), program.jvp(z, v[None])[0], second(z) if orders > 1 else None)
+    except Unsupported:
+        raise
+    except Exception as exc:  # a rule that does not fit this use of its op
+        raise Unsupported("verify", f"{type(exc).__name__}: {exc}") from None
+    with torch.no_grad():
+        if not close(got[0], g(z)):
+            raise Unsupported("verify", "the traced program disagrees with the model")
+    u = torch.randn(got[0].shape, generator=gen, dtype=z.dtype).to(z.device)
+    try:
+        want_t, want_tt = _reference_jets(g, z, v, u, orders)
+    except Exception:  # autograd has no (double) backward for some op: nothing to compare with
+        return
+    if not close((u * got[1]).sum(-1), want_t):
+        raise Unsupported("verify", "the Taylor derivatives disagree with autograd")
+    if orders > 1 and not close((u * got[2]).sum(-1), want_tt):
+        raise Unsupported("verify", "the Taylor derivatives disagree with autograd")
+
+
+def _reference_jets(g: Callable, z: Tensor, v: Tensor, u: Tensor, orders: int) -> tuple[Tensor, Tensor | None]:
+    """``uᵀ J v`` and (``orders`` 2) ``uᵀ d²g[v, v]`` per point, by one and two reverse passes.
+
+    Projected on a random ``u``, every reference is a gradient or a Hessian-vector product
+    of the scalar ``uᵀ g``: no forward mode (PyTorch's forward-mode formula for
+    ``native_layer_norm`` gives wrong second derivatives) and nothing past the double
+    backward that every op with a Hessian has. Not torch.func either: under it ``F.linear``
+    and TorchScript ops run Python decompositions that import torch._dynamo, a second of
+    start-up for every command.
+    """
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        y = g(zz)
+        (w,) = torch.autograd.grad(y, zz, u, create_graph=orders > 1, allow_unused=True)
+        if w is None:  # the output does not depend on the input
+            return z.new_zeros(z.shape[0]), (z.new_zeros(z.shape[0]) if orders > 1 else None)
+        first = (w * v).sum(-1)
+        if orders < 2:
+            return first.detach(), None
+        if not first.requires_grad:  # linear in the input: no curvature
+            return first.detach(), torch.zeros_like(first)
+        (h,) = torch.autograd.grad(first.sum(), zz, allow_unused=True)
+        second = torch.zeros_like(first) if h is None else (h * v).sum(-1)
+    return first.detach(), second.detach()

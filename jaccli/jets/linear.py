@@ -1,0 +1,221 @@
+"""Rules for sums and products: add/sub (and cat, stack, where), the bilinear
+products mul/div/matmul/bmm/einsum-style contractions, and addmm/linear layers.
+
+Sums combine each row block separately (constants enter the value only). A product
+with one input-dependent factor is linear (one matrix product for all rows); with two
+it follows the Leibniz rule, second-order rows included.
+
+Imports: :mod:`.jet`, :mod:`.elementwise` (reciprocal for division).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from jaccli.jets.jet import (
+    Jet,
+    Layout,
+    Rule,
+    Unsupported,
+    _Call,
+    _always,
+    _b_div,
+    _b_mm,
+    _b_mul,
+    _lift,
+    _norm,
+    _one_factor,
+    _rank,
+    _rows1,
+    _shift,
+    _take,
+)
+from jaccli.jets.elementwise import _UNARY_RULES
+
+
+# ---- sums of terms: each row block is combined separately (constants enter the value only)
+
+
+def _blocks(cx: _Call, lay: Layout, args: Sequence, combine: Callable, like: Tensor) -> Jet:
+    """Apply ``combine(parts, rows)`` block by block and stack the blocks into one jet.
+
+    ``args`` mixes Jets and constants: a constant is itself in the value block and
+    zero (the number 0) in the derivative blocks, as is a Jet's absent block.
+    """
+    results = []
+    for order in range(3):
+        if not lay[order]:
+            continue
+        rows = 1 if order == 0 else (cx.k1 if order == 1 else cx.k2)
+        parts = []
+        for a in args:
+            if isinstance(a, Jet):
+                b = a.block(order)
+                parts.append(b if b is not None else 0)
+            else:
+                parts.append(_rows1(a) if order == 0 else 0)
+        results.append((rows, combine(parts, rows)))
+    tensors = [r for _, r in results if isinstance(r, Tensor)]
+    dtype = like.dtype
+    for r in tensors:
+        dtype = torch.promote_types(dtype, r.dtype)
+    shape = torch.broadcast_shapes(*(r.shape[1:] for r in tensors)) if tensors else like.shape[1:]
+    t = like.new_empty((lay.rows(cx.k1, cx.k2), *shape), dtype=dtype)
+    start = 0
+    for rows, r in results:
+        t[start : start + rows] = r
+        start += rows
+    return cx.jet(t, lay)
+
+
+def _is_zero(p) -> bool:
+    return not isinstance(p, Tensor) and p == 0
+
+
+def _axpy(pa, pb, s: float):
+    """``pa + s·pb`` for blocks that may be the number 0 (absent)."""
+    if _is_zero(pb):
+        return pa
+    if _is_zero(pa):
+        return s * pb
+    r = max(_rank(pa), _rank(pb))
+    return _lift(pa, r) + s * _lift(pb, r)
+
+
+def _add_rule(sign: float, reverse: bool = False) -> Rule:
+    """``a + sign·alpha·b`` (``reverse``: ``b + sign·alpha·a``, i.e. rsub)."""
+
+    def rule(cx, lay, a, b, alpha=1):
+        if reverse:
+            a, b = b, a
+        s = sign * alpha
+        if isinstance(a, Jet) and isinstance(b, Jet) and a.lay == b.lay == lay:
+            r = max(len(a.shape), len(b.shape))
+            return cx.jet(torch.add(_lift(a.t, r), _lift(b.t, r), alpha=s), lay)
+        like = a.t if isinstance(a, Jet) else b.t
+        return _blocks(cx, lay, [a, b], lambda parts, rows: _axpy(parts[0], parts[1], s), like)
+
+    return Rule(rule, _always)
+
+
+def _zero_parts(parts, rows: int, sources) -> list[Tensor]:
+    """``parts`` with each number-0 placeholder replaced by a broadcast zero of its source's shape."""
+    ref = next(p for p in parts if isinstance(p, Tensor))
+    return [
+        p if isinstance(p, Tensor) else ref.new_zeros(()).expand(rows, *src.shape)
+        for p, src in zip(parts, sources)
+    ]
+
+
+def _r_cat(cx, lay, tensors, dim=0):
+    def combine(parts, rows):
+        return torch.cat(_zero_parts(parts, rows, tensors), _shift(dim))
+
+    return _blocks(cx, lay, tensors, combine, next(a.t for a in tensors if isinstance(a, Jet)))
+
+
+def _r_stack(cx, lay, tensors, dim=0):
+    r = len(next(a for a in tensors if isinstance(a, Jet)).shape)
+
+    def combine(parts, rows):
+        return torch.stack(_zero_parts(parts, rows, tensors), _norm(dim, r + 1) + 1)
+
+    return _blocks(cx, lay, tensors, combine, next(a.t for a in tensors if isinstance(a, Jet)))
+
+
+def _r_where(cx, lay, cond, a, b):
+    def combine(parts, rows):
+        pa, pb = parts
+        r = max(_rank(pa), _rank(pb), cond.dim())
+        c = cond[(None,) * (r + 1 - cond.dim())]
+        return torch.where(c, _lift(pa, r), _lift(pb, r))
+
+    like = a.t if isinstance(a, Jet) else b.t
+    return _blocks(cx, lay, [a, b], combine, like)
+
+
+# ---- products: bilinear maps (one input-dependent factor: linear; two: Leibniz rule)
+
+
+def _onehot_mm(cx: _Call, lay: Layout, x: Jet, w: Tensor) -> Jet:
+    """``x @ w`` where ``x``'s first-order rows are one-hot: they select rows of ``w``, no product needed."""
+    shape = (*x.shape[:-1], w.shape[-1])
+    out = cx.empty(lay, shape, x.t, dtype=torch.result_type(x.t, w))
+    if lay.value:
+        torch.matmul(x.block(0), w, out=out.block(0))
+    picked = w.index_select(0, x.onehot)  # [k1, m]
+    out.block(1).copy_(picked.view(picked.shape[0], *(1,) * (len(shape) - 1), picked.shape[1]))
+    return out
+
+
+def _product(cx: _Call, lay: Layout, a, b, beta: Callable) -> Jet:
+    """``β(a, b)`` with its first and second derivatives for a bilinear ``β``."""
+    ja, jb = isinstance(a, Jet), isinstance(b, Jet)
+    if ja and not jb and a.onehot is not None and beta is _b_mm and isinstance(b, Tensor) and b.dim() == 2:
+        if lay.first and not lay.second:  # the first layer, fed the seed directly
+            return _onehot_mm(cx, lay, a, b)
+    if not (ja and jb):
+        # linear in the one input-dependent factor: every row in one call (one GEMM for mm)
+        if ja:
+            return cx.jet(beta(_take(a, lay), _rows1(b)), lay)
+        return cx.jet(beta(_rows1(a), _take(b, lay)), lay)
+    a0, b0 = a.block(0), b.block(0)
+    parts = []
+    if lay.value:
+        parts.append(beta(a0, b0))
+    if lay.first:
+        parts.append(beta(a.block(1), b0) + beta(a0, b.block(1)))
+    if lay.second:
+        d2 = cx.cross(a.block(1), b.block(1), beta)
+        if a.block(2) is not None:
+            d2 = d2 + beta(a.block(2), b0)
+        if b.block(2) is not None:
+            d2 = d2 + beta(a0, b.block(2))
+        parts.append(d2)
+    shape = torch.broadcast_shapes(*(p.shape[1:] for p in parts))
+    parts = [p.expand(p.shape[0], *shape) for p in parts]
+    return cx.jet(torch.cat(parts) if len(parts) > 1 else parts[0], lay)
+
+
+def _bilinear(beta: Callable) -> Rule:
+    def rule(cx, lay, a, b):
+        return _product(cx, lay, a, b, beta)
+
+    return Rule(rule, _one_factor)
+
+
+def _r_div(cx, lay, a, b, rounding_mode=None):
+    if rounding_mode is not None:
+        raise Unsupported("div", f"rounding_mode={rounding_mode!r} has no derivative rule")
+    if not isinstance(b, Jet):
+        return _product(cx, lay, a, b, _b_div)
+    inner = Layout(True, lay.first or lay.second, lay.second)
+    recip = _UNARY_RULES["reciprocal"](cx, inner, b)
+    return _product(cx, lay, a, recip, _b_mul)
+
+
+def _addmm_like(beta: Callable) -> Rule:
+    """``beta_·bias + alpha·β(a, b)`` (addmm, addmv, baddbmm)."""
+
+    def rule(cx, lay, bias, a, b, **scales):
+        bias_scale, alpha = scales.get("beta", 1), scales.get("alpha", 1)
+        prod = _product(cx, lay, a, b, beta)
+        if alpha != 1:
+            prod = cx.jet(prod.t * alpha, lay)
+        if isinstance(bias, Jet):
+            return _ADD.fn(cx, lay, prod, bias, alpha=bias_scale)
+        if lay.value:
+            # the product is a fresh tensor: the bias joins its value row in place
+            prod.block(0).add_(_rows1(bias), alpha=bias_scale)
+        return prod
+
+    def linear(pos):
+        return not (1 in pos and 2 in pos)
+
+    return Rule(rule, linear)
+
+
+_ADD = _add_rule(1.0)

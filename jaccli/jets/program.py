@@ -1,0 +1,292 @@
+"""The compiled program: which rows each step needs, and running it on chunks of points.
+
+:class:`TaylorProgram` holds the steps; a backward *need* analysis (:meth:`~TaylorProgram.schedule`)
+keeps only the rows the requested result uses, and its methods (``jacobian``,
+``hessian``, ``laplacian``, ``divergence``, ``jvp``, ``value``) seed the input jet and
+run the steps on one chunk of points, writing into the caller's result.
+
+Imports: :mod:`.jet`, :mod:`.record`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from jaccli.jets.jet import EMPTY, Jet, Layout, _Call
+from jaccli.jets.record import _INPUT, _Ref, _Step, _substitute
+
+
+@dataclass
+class _Schedule:
+    """Per requested output orders: each step's layout and what to free after it."""
+
+    layouts: list[Layout]
+    live: list[bool]
+    frees: list[list[int]]
+    #: jets with no rows that a live step reads (a sum with an affine term): zero placeholders
+    zero: list[bool]
+
+
+#: what each kind needs at the output: first-order rows, or second-order rows
+WANT = {
+    "value": frozenset({0}),
+    "jacobian": frozenset({1}),
+    "divergence": frozenset({1}),
+    "jvp": frozenset({1}),
+    "hessian": frozenset({2}),
+    "laplacian": frozenset({2}),
+}
+
+
+@dataclass
+class TaylorProgram:
+    """A traced batch function ready to push jets through; see :func:`build`."""
+
+    steps: list[_Step]
+    output: Any
+    n_in: int
+    n_out: int
+    dtype: torch.dtype
+    itemsize: int
+    _schedules: dict = field(default_factory=dict, repr=False)
+
+    # ---- analysis
+
+    def ops(self) -> frozenset[str]:
+        return frozenset(s.name for s in self.steps if s.kind in ("jet", "value"))
+
+    def schedule(self, want: frozenset[int]) -> _Schedule:
+        """Backward need analysis: which orders each step must produce for ``want`` at the output."""
+        if want in self._schedules:
+            return self._schedules[want]
+        n = len(self.steps)
+        need: list[set[int]] = [set() for _ in range(n)]
+        live = [False] * n
+        out = self.output
+        if isinstance(out, _Ref):
+            need[out.index] |= set(want)
+            live[out.index] = True
+        for i in reversed(range(n)):
+            s = self.steps[i]
+            if not live[i] or s.kind == _INPUT:
+                continue
+            if s.kind == "value":
+                for r in s.jet_refs:
+                    need[r].add(0)
+                    live[r] = True
+            else:
+                passed = need[i] if s.linear else set(range(max(need[i], default=-1) + 1))
+                for r in s.jet_refs:
+                    need[r] |= passed
+                    live[r] = live[r] or bool(passed)
+            for r in s.value_refs:
+                live[r] = True
+        layouts = []
+        for i, s in enumerate(self.steps):
+            if s.kind in ("jet", _INPUT):
+                layouts.append(Layout(0 in need[i], 1 in need[i], 2 in need[i] and not s.affine))
+            else:
+                layouts.append(EMPTY)
+        # a jet with no rows is zero (or unused): its step need not run
+        for i, s in enumerate(self.steps):
+            if s.kind in ("jet", _INPUT) and layouts[i] == EMPTY:
+                live[i] = False
+        last: dict[int, int] = {}
+        zero = [False] * n
+        for i, s in enumerate(self.steps):
+            if live[i]:
+                for r in (*s.jet_refs, *s.value_refs):
+                    last[r] = i
+                    zero[r] = zero[r] or not live[r]
+        frees: list[list[int]] = [[] for _ in range(n)]
+        keep = out.index if isinstance(out, _Ref) else -1
+        for r, i in last.items():
+            if r != keep:
+                frees[i].append(r)
+        sched = _Schedule(layouts, live, frees, zero)
+        self._schedules[want] = sched
+        return sched
+
+    def bytes_per_point(self, kind: str, directions: int) -> int:
+        """Peak bytes one point needs in one pass with ``directions`` streams (an estimate).
+
+        Simulates the live jets of a pass (rows times elements per point) and adds the
+        temporaries of the rule that runs: the planner divides its budget by this.
+        """
+        k1, k2 = self.stream_counts(kind, directions)
+        sched = self.schedule(WANT[kind])
+        live_bytes, peak = 0.0, 0.0
+        sizes: dict[int, float] = {}
+        for i, s in enumerate(self.steps):
+            if not sched.live[i]:
+                continue
+            lay = sched.layouts[i]
+            rows = lay.rows(k1, k2) if s.kind != "value" else 1
+            own = 0.0 if (s.rule is not None and s.rule.view) else rows * s.numel
+            temp = 0.0
+            if s.kind == "jet" and not s.linear:
+                temp = (4 + k1 + 2 * k2) * s.numel
+            sizes[i] = own
+            live_bytes += own
+            peak = max(peak, live_bytes + temp)
+            for r in sched.frees[i]:
+                live_bytes -= sizes.pop(r, 0.0)
+        return int(peak * self.itemsize) + 64
+
+    def stream_counts(self, kind: str, directions: int) -> tuple[int, int]:
+        """``(k1, k2)`` of one pass of ``kind`` with ``directions`` directions (pairs for a Hessian)."""
+        d = max(1, int(directions))
+        if kind == "hessian":
+            return min(self.n_in, 2 * d), d
+        if kind == "laplacian":
+            return d, 1
+        if kind == "value":
+            return 0, 0
+        return d, 0
+
+    # ---- evaluation
+
+    def _run(self, z: Tensor, want: frozenset[int], tangents: Tensor | None, k2: int = 0,
+             pairs: tuple[Tensor, Tensor] | None = None, onehot: Tensor | None = None):  # fmt: skip
+        """Push the jet of ``z`` (first-order rows ``tangents``) through; returns the output (Jet, tensor or None).
+
+        ``onehot``: the input columns when ``tangents`` are their one-hot rows.
+        """
+        sched = self.schedule(want)
+        batch = z.shape[0]
+        k1 = 0 if tangents is None else tangents.shape[0]
+        cx = _Call(k1, k2, pairs, batch)
+        env: list[Any] = [None] * len(self.steps)
+        with torch.no_grad():
+            for i, s in enumerate(self.steps):
+                if not sched.live[i]:
+                    if sched.zero[i]:
+                        env[i] = _zero_jet(cx, _substitute(s.shape, env, batch), z)
+                    continue
+                if s.kind == _INPUT:
+                    env[i] = _seed(cx, sched.layouts[i], z, tangents, onehot)
+                elif s.kind == "value":
+                    args = _substitute(s.args, env, batch, values=True)
+                    kwargs = _substitute(s.kwargs, env, batch, values=True)
+                    env[i] = s.op(*args, **kwargs)
+                else:
+                    args = _substitute(s.args, env, batch)
+                    kwargs = _substitute(s.kwargs, env, batch)
+                    env[i] = s.rule.fn(cx, sched.layouts[i], *args, **kwargs)
+                for r in sched.frees[i]:
+                    env[r] = None
+        out = self.output
+        return _substitute(out, env, batch) if isinstance(out, _Ref) else out
+
+    def _out_block(self, res, order: int, rows: int, z: Tensor) -> Tensor:
+        """Rows of one order at the output as ``[rows, B, n_out]`` (zeros where the output does not depend on them)."""
+        b = z.shape[0]
+        if isinstance(res, Jet) and res.block(order) is not None:
+            return res.block(order).reshape(rows, b, self.n_out)
+        return z.new_zeros((rows, b, self.n_out), dtype=self.dtype)
+
+    def value(self, z: Tensor) -> Tensor:
+        """``g(z)`` through the program (the value rows only): ``[B, n_out]``."""
+        res = self._run(z, WANT["value"], None)
+        if isinstance(res, Jet):
+            return res.block(0).reshape(z.shape[0], self.n_out)
+        return torch.as_tensor(res).reshape(z.shape[0], self.n_out)
+
+    def jvp(self, z: Tensor, tangents: Tensor) -> Tensor:
+        """``J t`` for each ``t`` in ``tangents`` ``[k, B, n_in]`` -> ``[k, B, n_out]``."""
+        return self._out_block(self._run(z, WANT["jvp"], tangents), 1, tangents.shape[0], z)
+
+    def jacobian(self, z: Tensor, *, directions: int | None = None, out: Tensor | None = None) -> Tensor:
+        """Per-point Jacobian ``[B, n_out, n_in]``, ``directions`` input columns per pass."""
+        b = z.shape[0]
+        out = z.new_empty((b, self.n_out, self.n_in), dtype=self.dtype) if out is None else out
+        for cols in _chunks(self.n_in, directions):
+            res = self._run(z, WANT["jacobian"], _onehot(cols, b, self.n_in, z), onehot=cols)
+            block = self._out_block(res, 1, cols.numel(), z)  # [k, B, n_out]
+            if self.n_in == 1:  # a plain copy: through the permuted view it took 6x longer
+                out.view(b, self.n_out).copy_(block[0])
+            elif cols.numel() == self.n_in:
+                out.copy_(block.permute(1, 2, 0))
+            else:
+                out[:, :, cols] = block.permute(1, 2, 0).to(out.dtype)  # a model may answer in another dtype
+        return out
+
+    def divergence(self, z: Tensor, *, directions: int | None = None, out: Tensor | None = None) -> Tensor:
+        """``Σᵢ ∂gᵢ/∂zᵢ`` per point ``[B]`` (needs ``n_out == n_in``), ``directions`` per pass."""
+        if self.n_out != self.n_in:
+            raise ValueError("divergence needs as many outputs as inputs")
+        b = z.shape[0]
+        out = z.new_zeros(b, dtype=self.dtype) if out is None else out.zero_()
+        for cols in _chunks(self.n_in, directions):
+            res = self._run(z, WANT["divergence"], _onehot(cols, b, self.n_in, z), onehot=cols)
+            block = self._out_block(res, 1, cols.numel(), z)  # [k, B, n]
+            out += block.gather(2, cols.to(z.device)[:, None, None].expand(-1, b, 1)).sum(0)[:, 0]
+        return out
+
+    def laplacian(self, z: Tensor, *, directions: int | None = None, out: Tensor | None = None) -> Tensor:
+        """``Σᵢ ∂²g/∂zᵢ²`` per point ``[B, n_out]``: one collapsed stream, ``directions`` per pass."""
+        b = z.shape[0]
+        out = z.new_empty((b, self.n_out), dtype=self.dtype) if out is None else out
+        for k, cols in enumerate(_chunks(self.n_in, directions)):
+            res = self._run(z, WANT["laplacian"], _onehot(cols, b, self.n_in, z), k2=1, onehot=cols)
+            block = self._out_block(res, 2, 1, z)
+            if k == 0:  # the first pass writes, later ones add
+                out.copy_(block[0])
+            else:
+                out += block[0]
+        return out
+
+    def hessian(self, z: Tensor, *, directions: int | None = None, out: Tensor | None = None) -> Tensor:
+        """Per-point Hessian ``[B, n_out, n_in, n_in]``, ``directions`` pairs ``i ≤ j`` per pass."""
+        b, n = z.shape[0], self.n_in
+        out = z.new_empty((b, self.n_out, n, n), dtype=self.dtype) if out is None else out
+        pairs = torch.triu_indices(n, n, device=z.device)
+        total = pairs.shape[1]
+        step = total if directions is None else max(1, int(directions))
+        for start in range(0, total, step):
+            i, j = pairs[:, start : start + step]
+            cols, inverse = torch.unique(torch.cat([i, j]), return_inverse=True)
+            local = (inverse[: i.numel()], inverse[i.numel() :])
+            res = self._run(z, WANT["hessian"], _onehot(cols, b, n, z), k2=i.numel(), pairs=local, onehot=cols)
+            block = self._out_block(res, 2, i.numel(), z)  # [P, B, n_out]
+            if n == 1:
+                out.view(b, self.n_out).copy_(block[0])
+            else:
+                block = block.permute(1, 2, 0).to(out.dtype)  # a model may answer in another dtype
+                out[:, :, i, j] = block
+                out[:, :, j, i] = block
+        return out
+
+
+def _zero_jet(cx: _Call, shape, like: Tensor):
+    """A jet with no rows: zero wherever it is read (a list of them for several results)."""
+    if isinstance(shape, list):
+        return [_zero_jet(cx, s, like) for s in shape]
+    return Jet(like.new_zeros(()).expand(0, *shape), EMPTY, cx.k1, cx.k2)
+
+
+def _seed(cx: _Call, lay: Layout, z: Tensor, tangents: Tensor | None, onehot: Tensor | None) -> Jet:
+    jet = cx.empty(lay, z.shape, z)
+    if lay.value:
+        jet.block(0)[0] = z
+    if lay.first:
+        jet.block(1).copy_(tangents)
+        jet.onehot = None if onehot is None else onehot.to(z.device)
+    return jet
+
+
+def _onehot(cols: Tensor, b: int, n: int, like: Tensor) -> Tensor:
+    """``[k, B, n]`` rows ``e_cols[k]``, the same for every point (a broadcast view)."""
+    e = like.new_zeros((cols.numel(), n))
+    e[torch.arange(cols.numel(), device=like.device), cols.to(like.device)] = 1
+    return e[:, None, :].expand(cols.numel(), b, n)
+
+
+def _chunks(n: int, size: int | None):
+    size = n if size is None else max(1, int(size))
+    for start in range(0, n, size):
+        yield torch.arange(start, min(start + size, n))

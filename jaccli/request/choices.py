@@ -1,0 +1,22 @@
+"""The names users choose from: commands, modes, estimators, dtypes, activations.
+
+Plain tuples and strings, no torch: the CLI builds its options and ``--help`` from them
+without importing torch (which takes a second), and the core modules that give the names
+meaning (:mod:`jaccli.engine`, :mod:`jaccli.io`, :mod:`jaccli.load.models`) import them from
+here, so each list is written once.
+"""
+
+#: the derivative commands and the ``kind`` argument of :func:`jaccli.plan`
+KINDS = ("jacobian", "hessian", "divergence", "laplacian")
+#: ``mode=`` / ``--mode``
+MODES = ("auto", "forward", "reverse")
+#: ``estimator=`` / ``--estimator`` of the divergence
+ESTIMATORS = ("exact", "hutchinson")
+#: ``dtype=`` / ``--dtype``
+DTYPE_NAMES = ("float32", "float64")
+#: activations of the built-in MLP family (``--arch mlp --activation``)
+ACTIVATION_NAMES = ("tanh", "sigmoid", "softplus", "silu", "gelu", "elu", "sin", "relu", "leaky_relu")
+#: the file name that means standard input or output
+STDIO = "-"
+#: significant digits of the numbers in tables (``--digits``)
+DEFAULT_DIGITS = 4

@@ -1,0 +1,84 @@
+"""The CLI answers at once: help, version and completion import no torch, and a command
+imports nothing a plain torch.func script does not (no torch._dynamo), in a fresh process.
+
+Run in subprocesses so that what this test session has already imported does not count;
+they look at ``sys.modules``, never at the clock (timings live in benchmarks/startup.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaccli
+from problems import EXAMPLES
+
+PROBE = """
+import json, sys
+from jaccli.cli.main import app
+from typer.testing import CliRunner
+result = CliRunner().invoke(app, json.loads(sys.argv[1]))
+print(json.dumps({"code": result.exit_code, "out": result.output,
+                  "modules": [m for m in ("torch", "numpy", "torch._dynamo") if m in sys.modules]}))
+"""
+
+
+def run_fresh(*args: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(list(args))], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["--version"], ["jacobian", "--help"], ["hessian", "--help"], ["info", "--help"], ["check", "--help"], ["partials", "--help"]]
+)
+def test_help_and_version_import_no_torch(args):
+    got = run_fresh(*args)
+    assert got["code"] == 0 and got["out"].strip()
+    assert "torch" not in got["modules"]
+
+
+def test_shell_completion_imports_no_torch():
+    code = (
+        "import os, sys; os.environ.update(_JACCLI_COMPLETE='complete_bash', COMP_WORDS='jaccli jac', COMP_CWORD='1'); "
+        "from jaccli.cli.main import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = done.stdout.split()
+    assert "jacobian" in lines and lines[-1] == "False", (done.stdout, done.stderr)
+
+
+def test_import_jaccli_imports_no_torch_until_a_name_is_used():
+    code = (
+        "import sys, jaccli; before = 'torch' in sys.modules; jaccli.jacobian; "
+        "print(before, 'torch' in sys.modules, sorted(set(jaccli.__all__) - set(dir(jaccli))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["False", "True", "[]"], done.stderr
+
+
+def test_every_exported_name_resolves():
+    for name in jaccli.__all__:
+        assert getattr(jaccli, name) is not None
+    assert callable(jaccli.check) and jaccli.check.__module__ == "jaccli.engine.check"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        jaccli.nope  # noqa: B018
+
+
+# not .pt2: torch.export.load itself imports torch._dynamo (its serde module needs it)
+@pytest.mark.parametrize("model", ["pinn.pt", "pinn.safetensors"])
+@pytest.mark.parametrize("command", ["jacobian", "hessian"])
+def test_a_per_sample_command_never_imports_dynamo(tmp_path, model, command):
+    x = tmp_path / "x.npy"
+    np.save(x, np.linspace(-1, 1, 50, dtype=np.float32)[:, None])
+    got = run_fresh(command, str(EXAMPLES / model), str(x), "-p", "--save", str(tmp_path / "r.npy"), "-q")
+    assert got["code"] == 0, got["out"]
+    assert "torch._dynamo" not in got["modules"]

@@ -1,0 +1,236 @@
+"""Every Taylor rule against torch.func in float64, one case per supported op."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import jaccli
+from jaccli import jets as taylor
+from jaccli.engine import planner
+from jaccli.jets.elementwise import _nonlinear, _unary
+from compare import KINDS, REL, assert_rel, mlp3, points, square, torch_func
+from problems import BY_NAME, EXAMPLES, PROBLEMS, save_export, save_torchscript, tanh_mlp
+
+
+# ----------------------------------------------------------------- one case per supported op
+
+_g = torch.Generator().manual_seed(7)
+C = torch.randn(3, 3, generator=_g, dtype=torch.float64)
+c = torch.randn(3, generator=_g, dtype=torch.float64)
+EXPO = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+BASE = torch.tensor([2.0, 3.0, 0.5], dtype=torch.float64)
+
+
+def _b(x):
+    return x.shape[0]
+
+
+W1 = torch.randn(2, 1, 2, generator=_g, dtype=torch.float64)
+W2 = torch.randn(4, 1, 2, 2, generator=_g, dtype=torch.float64)
+W3 = torch.randn(2, 1, 1, 2, 2, generator=_g, dtype=torch.float64)
+WT = torch.randn(1, 2, 2, 2, generator=_g, dtype=torch.float64)
+b2 = torch.randn(4, generator=_g, dtype=torch.float64)
+RUNNING = (torch.rand(3, generator=_g, dtype=torch.float64), torch.rand(3, generator=_g, dtype=torch.float64) + 0.5)
+
+
+def img(x):
+    """``[B, 1, 3, 3]`` images with distinct entries (no ties for the maxima)."""
+    return (x[:, :, None] * (x[:, None, :] + c[None, None, :]))[:, None]
+
+
+def ups(x):
+    i = torch.tanh(img(x))
+    return torch.cat([
+        F.interpolate(i, scale_factor=2, mode="nearest").flatten(1),
+        F.interpolate(i, scale_factor=1.5, mode="bilinear").flatten(1),
+        F.interpolate(i, size=(4, 5), mode="bicubic", align_corners=True).flatten(1),
+        F.interpolate(i, size=(2, 2), mode="bilinear", antialias=True).flatten(1),
+        F.interpolate(i, size=(2, 2), mode="bicubic", antialias=True).flatten(1),
+        F.interpolate(i, scale_factor=2, mode="nearest-exact").flatten(1),
+        F.interpolate(i[:, 0], scale_factor=2, mode="linear").flatten(1),
+        F.interpolate(i[:, 0], scale_factor=2, mode="nearest").flatten(1),
+        F.interpolate(i[:, 0], scale_factor=2, mode="nearest-exact").flatten(1),
+        F.interpolate(i[:, None], scale_factor=2, mode="trilinear").flatten(1),
+        F.interpolate(i[:, None], scale_factor=2, mode="nearest").flatten(1),
+        F.interpolate(i[:, None], scale_factor=2, mode="nearest-exact").flatten(1),
+    ], 1)  # fmt: skip
+
+
+def pads(x):
+    i = torch.sin(img(x))
+    return torch.cat([
+        F.pad(i, (1, 1, 0, 1), value=0.5).flatten(1),
+        F.pad(i, (1, 2, 2, 1), mode="reflect").flatten(1) * F.pad(i, (1, 2, 2, 1), mode="replicate").flatten(1),
+        F.pad(i[:, 0], (1, 2), mode="reflect").flatten(1) + F.pad(i[:, 0], (1, 2), mode="replicate").flatten(1),
+        F.pad(torch.stack([i, i * i], 2), (1, 1, 1, 1, 1, 1), mode="reflect").flatten(1),
+        F.pad(torch.stack([i, i * i], 2), (1, 1, 1, 1, 1, 1), mode="replicate").flatten(1),
+    ], 1)  # fmt: skip
+
+
+def pools(x):
+    i = torch.sin(img(x)) * img(x)
+    return torch.cat([
+        F.avg_pool1d(i[:, 0], 2, 1).flatten(1), F.avg_pool2d(i, 2, 1).flatten(1),
+        F.avg_pool3d(i[:, None], (1, 2, 2)).flatten(1), F.adaptive_avg_pool2d(i, (2, 2)).flatten(1),
+        F.adaptive_avg_pool3d(i[:, None], (1, 2, 2)).flatten(1), F.adaptive_avg_pool1d(i[:, 0], 2).flatten(1),
+        F.max_pool1d(i[:, 0], 2, 1).flatten(1), F.max_pool2d(i, 2, 1).flatten(1),
+        F.max_pool3d(i[:, None], (1, 2, 2), 1).flatten(1),
+    ], 1)  # fmt: skip
+
+
+# name -> (f: [B, 3] -> [B, m] for points in (0.5, 1.5), ATen ops its trace must contain)
+OP_CASES = {
+    "tanh": (torch.tanh, {"tanh"}),
+    "sigmoid": (torch.sigmoid, {"sigmoid"}),
+    "sin-cos": (lambda x: torch.sin(x) * torch.cos(2 * x), {"sin", "cos"}),
+    "tan": (lambda x: torch.tan(x - 1), {"tan"}),
+    "sinh-cosh": (lambda x: torch.sinh(x) + torch.cosh(x * x), {"sinh", "cosh"}),
+    "exp-expm1": (lambda x: torch.exp(-x) + torch.expm1(x), {"exp", "expm1"}),
+    "log-log1p": (lambda x: torch.log(x) * torch.log1p(x), {"log", "log1p"}),
+    "sqrt-rsqrt": (lambda x: torch.sqrt(x) + torch.rsqrt(x + 1), {"sqrt", "rsqrt"}),
+    "reciprocal": (torch.reciprocal, {"reciprocal"}),
+    "atan-erf": (lambda x: torch.atan(x) + torch.erf(x - 1), {"atan", "erf"}),
+    "softplus": (lambda x: F.softplus(4 * x - 4, beta=2.0, threshold=1.5), {"softplus"}),  # both branches
+    "silu": (lambda x: F.silu(2 * x - 2), {"silu"}),
+    "gelu": (lambda x: F.gelu(2 * x - 2), {"gelu"}),
+    "gelu-tanh": (lambda x: F.gelu(2 * x - 2, approximate="tanh"), {"gelu"}),
+    "elu": (lambda x: F.elu(2 * x - 2, alpha=0.7), {"elu"}),
+    "selu": (lambda x: torch.selu(2 * x - 2), {"elu"}),
+    "leaky_relu": (lambda x: F.leaky_relu(x - 1, 0.1) * x, {"leaky_relu"}),
+    "abs": (lambda x: torch.abs(x - 1) * x, {"abs"}),
+    "relu": (lambda x: torch.relu(x - 1) * x, {"relu"}),
+    "hardtanh": (lambda x: F.hardtanh(4 * x - 4) * x, {"hardtanh"}),
+    "clamp": (lambda x: torch.clamp(x - 1, -0.2, 0.3) * x, {"clamp"}),
+    "clamp-min-max": (lambda x: torch.clamp_min(x, 1.0) * torch.clamp_max(x, 1.0), {"clamp_min", "clamp_max"}),
+    "pow": (lambda x: x**3 + x**0.5 + x**0 + x**1 + torch.square(x), {"pow"}),
+    "pow-base": (lambda x: 2.0**x + BASE**x, {"pow"}),
+    "pow-tensor": (lambda x: x**EXPO, {"pow"}),
+    "view": (lambda x: (x.reshape(_b(x), 3, 1) * x.reshape(_b(x), 1, 3)).reshape(_b(x), -1), {"view", "mul"}),
+    "flatten-batch": (lambda x: torch.tanh(x.reshape(-1)).reshape(_b(x), 3), {"view"}),
+    "t-transpose": (lambda x: torch.tanh(x.t()).t() + x[:, :, None].transpose(1, 2)[:, 0], {"t", "transpose"}),
+    "permute": (lambda x: (x[:, :, None] * x[:, None, :]).permute(0, 2, 1).reshape(_b(x), 9), {"permute"}),
+    "squeeze": (lambda x: torch.sin(x[:, None, :, None]).squeeze(1).squeeze() * x, {"squeeze", "unsqueeze"}),
+    "expand": (lambda x: x[:, :1].expand(-1, 3) * x, {"expand"}),
+    "slice-select": (lambda x: torch.cat([x[:, 1:] * x[:, :2], x[:, 0:1] * x[:, 2, None]], 1), {"slice", "select"}),
+    "diagonal": (lambda x: (x[:, :, None] * x[:, None, :]).diagonal(dim1=1, dim2=2), {"diagonal"}),
+    "clone-alias": (lambda x: torch.ops.aten.alias(x.clone()) * x, {"clone", "alias"}),
+    "to-copy": (lambda x: x.float().double() * x, {"_to_copy"}),
+    "split": (lambda x: (lambda a, b, cc: a * b + cc)(*torch.tanh(x).split(1, dim=1)), {"split", "getitem"}),
+    "split-sizes": (lambda x: (lambda a, b: a * b[:, :1] + b[:, 1:])(*x.split([1, 2], dim=1)), {"split_with_sizes"}),
+    "unbind-stack": (lambda x: (lambda a, b, cc: torch.stack([a * b, cc], 1))(*x.unbind(1)), {"unbind", "stack"}),
+    "neg": (lambda x: -(x * x), {"neg"}),
+    "sum-mean": (lambda x: (x * x).sum(1, keepdim=True) + torch.sin(x).mean(-1, keepdim=True) * x, {"sum", "mean"}),
+    "index": (lambda x: x.index_select(1, torch.tensor([2, 0])) * x[:, [1, 2]], {"index_select", "index"}),
+    "flip-roll": (lambda x: x.flip(1) * x.roll(1, 1), {"flip", "roll"}),
+    "repeat": (lambda x: x.repeat(1, 2) * torch.cat([x, x * x], 1), {"repeat"}),
+    "cat-const": (lambda x: torch.cat([x, torch.ones(_b(x), 1, dtype=x.dtype), torch.sin(x)], 1) * 2, {"cat"}),
+    "where": (lambda x: torch.where(x > 1, x**2, 3 * x), {"where", "gt"}),
+    "add-sub": (lambda x: x + torch.sin(x) + 1.5 + c - 2 * torch.exp(x) - c, {"add", "sub"}),
+    "affine-plus-curved": (lambda x: x @ C + torch.tanh(x), {"add"}),  # a sum with a zero second-order term
+    "rsub": (lambda x: (1 - x) * x, {"rsub"}),
+    "div": (lambda x: x / c + c / x + torch.sin(x) / torch.exp(x) + x / 2, {"div"}),
+    "mm": (lambda x: torch.tanh(x @ C) @ C.T + (C @ x.T).T, {"mm"}),
+    "bmm": (lambda x: (x[:, :, None] @ torch.tanh(x)[:, None, :]).reshape(_b(x), 9), {"bmm", "_unsafe_view"}),
+    "bmm-const": (lambda x: (x[:, None, :] @ C.expand(_b(x), 3, 3)).reshape(_b(x), 3), {"bmm"}),
+    "mv": (lambda x: (x @ c)[:, None] * x, {"mv"}),
+    "addmm": (mlp3(), {"addmm"}),
+    "baddbmm": (lambda x: torch.baddbmm(x[:, :, None], x[:, :, None], x[:, None, :]).reshape(_b(x), 9), {"baddbmm"}),
+    "addmv": (lambda x: torch.addmv(x[:, 0], x, c, beta=0.5, alpha=2.0)[:, None] * x, {"addmv"}),
+    "detach": (lambda x: x * torch.sin(x).detach(), {"detach"}),
+    "sign-floor": (lambda x: x * torch.sign(x - 1) + x * torch.floor(3 * x), {"sign", "floor"}),
+    # convolutional nets
+    "conv1d": (lambda x: F.conv1d(torch.tanh(x)[:, None] * x[:, None], W1, c[:2], padding=1).flatten(1), {"convolution"}),
+    "conv2d-strided-grouped": (
+        lambda x: F.conv2d(torch.cat([img(x), torch.sin(img(x))], 1), W2, b2, stride=(1, 2), padding=1, groups=2).flatten(1),
+        {"convolution"},
+    ),
+    "conv3d-transposed": (
+        lambda x: torch.cat([F.conv3d(img(x)[:, None] ** 2, W3).flatten(1),
+                             F.conv_transpose2d(torch.tanh(img(x)), WT, c[:2], stride=2).flatten(1)], 1),
+        {"convolution"},
+    ),  # fmt: skip
+    "upsample": (ups, {"upsample_nearest2d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d",
+                       "upsample_trilinear3d", "_upsample_bilinear2d_aa"}),  # fmt: skip
+    "pad": (pads, {"constant_pad_nd", "reflection_pad2d", "replication_pad2d"}),
+    "pool": (pools, {"avg_pool2d", "_adaptive_avg_pool2d", "max_pool2d_with_indices"}),
+    "pixel-shuffle-fold": (
+        lambda x: torch.cat([
+            F.pixel_unshuffle(F.pixel_shuffle(torch.tanh(img(x)).repeat(1, 4, 1, 1), 2), 2).flatten(1),
+            F.fold(F.unfold(torch.sin(img(x)), 2), (3, 3), 2).flatten(1)], 1),
+        {"pixel_shuffle", "pixel_unshuffle", "im2col", "col2im"},
+    ),  # fmt: skip
+    "maxima": (
+        lambda x: torch.cat([x.amax(1, keepdim=True) * x, x.amin(1, keepdim=True) * torch.sin(x),
+                             img(x).amax((2, 3)), torch.max(x * x, 1).values[:, None], torch.min(x, 1, keepdim=True)[0] * x], 1),
+        {"amax", "amin", "max", "min"},
+    ),  # fmt: skip
+    "tril-triu": (lambda x: ((x[:, :, None] * x[:, None, :]).tril() + torch.sin(img(x)[:, 0]).triu(1)).flatten(1), {"tril", "triu"}),
+    # decomposed into ops with rules as they are recorded
+    "layer-norm": (lambda x: F.layer_norm(x * x, (3,), c, C[0]), {"rsqrt"}),
+    "rms-norm": (lambda x: F.rms_norm(torch.sin(x) + x, (3,), c, 1e-5), {"rsqrt"}),
+    "group-norm": (lambda x: F.group_norm(torch.cat([x, x * x], 1).reshape(_b(x), 2, 3), 1, c[:2], C[0, :2]).flatten(1), {"reshape", "rsqrt"}),
+    "batch-norm-eval": (lambda x: F.batch_norm(torch.tanh(x), *RUNNING, c, C[1], training=False), {"mul"}),
+    "softmax": (lambda x: F.softmax(x * x, 1) + F.log_softmax(torch.sin(x), 1) + torch.ops.aten._safe_softmax(x / c, 1), {"exp", "amax", "all"}),
+    "logsumexp-var-std": (
+        lambda x: torch.cat([torch.logsumexp(x * x, 1, keepdim=True), torch.var(torch.sin(x), 1, keepdim=True),
+                             torch.std(x * x, 1, keepdim=True), torch.var_mean(x * x, 1)[0][:, None]], 1),
+        {"exp", "log", "sqrt"},
+    ),  # fmt: skip
+    "activations": (lambda x: F.mish(2 * x - 2) + F.hardswish(4 * x - 4) + F.glu(torch.cat([x, x * x], 1), 1), {"softplus", "clamp"}),
+}
+
+
+@functools.cache
+def _program(name: str) -> taylor.TaylorProgram:
+    return taylor.build(OP_CASES[name][0], points())
+
+
+@pytest.mark.parametrize("name", list(OP_CASES))
+def test_each_op_matches_torch_func_in_float64(name):
+    # torch.func's own advice that vmap falls back to a loop for some upsampling modes
+    warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+    f, ops = OP_CASES[name]
+    program = _program(name)
+    assert ops <= program.ops()
+    x = points()
+    assert_rel(program.jacobian(x), torch_func("jacobian", f, x, per_sample=True).reshape(5, -1, 3))
+    want_h = torch_func("hessian", f, x, per_sample=True).reshape(5, -1, 3, 3)
+    assert_rel(program.hessian(x), want_h)
+    assert_rel(program.hessian(x, directions=2), want_h)  # pairs split over passes
+    want_l = torch_func("laplacian", f, x, per_sample=True).reshape(5, -1)
+    assert_rel(program.laplacian(x), want_l)
+    assert_rel(program.laplacian(x, directions=2), want_l)
+    if square(f, x):
+        assert_rel(program.divergence(x, directions=2), torch_func("divergence", f, x, per_sample=True))
+
+
+def test_hardsigmoid_has_its_exact_slope():
+    # torch's float64 kernel differentiates with a float32 1/6; the closed form is exact
+    x = points()
+    f = lambda x: F.hardsigmoid(4 * x - 4) * x  # (4x - 1)/6 · x on these points
+    assert jaccli.plan("hessian", f, x, per_sample=True).engine == "taylor"
+    assert_rel(jaccli.jacobian(f, x, per_sample=True), torch.diag_embed((8 * x - 1) / 6))
+    with pytest.warns(jaccli.JaccliWarning, match="hardsigmoid"):  # its kinks, though none is near
+        h = jaccli.hessian(f, x, per_sample=True)
+    assert_rel(h, torch.diag_embed(torch.diag_embed(torch.full_like(x, 8 / 6))))
+
+
+def test_every_rule_is_exercised_by_an_op_case():
+    seen = set().union(*(_program(name).ops() for name in OP_CASES))
+    assert set(taylor.RULES) <= seen
+
+
+def test_values_and_arbitrary_tangents_match_the_model_and_torch_func():
+    f = OP_CASES["div"][0]
+    x = points()
+    v = torch.randn(4, *x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    program = _program("div")
+    assert_rel(program.value(x), f(x))
+    want = torch.stack([torch.func.jvp(f, (x,), (vi,))[1] for vi in v])
+    assert_rel(program.jvp(x, v), want)
