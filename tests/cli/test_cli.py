@@ -609,7 +609,8 @@ def _bash(script: str, tmp_path) -> subprocess.CompletedProcess:
 
 def test_shell_completion_completes_commands_and_option_values(tmp_path):
     """The script --show-completion prints, sourced in bash, completes as a person's Tab would."""
-    script = _bash("jaccli --show-completion", tmp_path)
+    # the shell named: detection walks up the process tree, which may hold no shell (CI, setsid)
+    script = _bash("jaccli --show-completion bash", tmp_path)
     assert script.returncode == 0 and "complete -o default -F _jaccli_completion jaccli" in script.stdout
     (tmp_path / "jaccli.sh").write_text(script.stdout)
     tab = (
