@@ -636,7 +636,7 @@ def test_shell_completion_completes_commands_and_option_values(tmp_path):
 
 
 def test_install_completion_writes_the_shell_startup_file(tmp_path):
-    done = _bash("jaccli --install-completion", tmp_path)
+    done = _bash("jaccli --install-completion bash", tmp_path)
     assert done.returncode == 0, done.stderr
     assert "_jaccli_completion" in (tmp_path / ".bash_completions" / "jaccli.sh").read_text()
     assert "jaccli.sh" in (tmp_path / ".bashrc").read_text()
