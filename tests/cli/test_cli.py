@@ -621,8 +621,9 @@ def _bash(script: str, tmp_path) -> subprocess.CompletedProcess:
 
 def test_shell_completion_completes_commands_and_option_values(tmp_path):
     """The script --show-completion prints, sourced in bash, completes as a person's Tab would."""
-    # the shell named: detection walks up the process tree, which may hold no shell (CI, setsid)
-    script = _bash("jaccli --show-completion bash", tmp_path)
+    # "; exit $?" keeps bash as jaccli's parent (it would exec a lone command), so that Typer's
+    # shell detection, which walks up the process tree, finds bash even in a detached CI job
+    script = _bash("jaccli --show-completion; exit $?", tmp_path)
     assert script.returncode == 0 and "complete -o default -F _jaccli_completion jaccli" in script.stdout
     (tmp_path / "jaccli.sh").write_text(script.stdout)
     tab = (
@@ -636,7 +637,7 @@ def test_shell_completion_completes_commands_and_option_values(tmp_path):
 
 
 def test_install_completion_writes_the_shell_startup_file(tmp_path):
-    done = _bash("jaccli --install-completion bash", tmp_path)
+    done = _bash("jaccli --install-completion; exit $?", tmp_path)  # bash stays the parent (above)
     assert done.returncode == 0, done.stderr
     assert "_jaccli_completion" in (tmp_path / ".bash_completions" / "jaccli.sh").read_text()
     assert "jaccli.sh" in (tmp_path / ".bashrc").read_text()
