@@ -10,9 +10,13 @@ forward-over-forward derivative is right, where PyTorch's own forward-mode formu
   with rules, that the recorder runs in place of the op (its ops are then recorded).
   The softmax family subtracts a *detached* maximum: the shift changes no derivative,
   and keeps ``exp`` from overflowing exactly as the fused kernel does.
-- :func:`functional_twin`: the out-of-place op of an in-place one (``add_`` → ``add``),
-  which the recorder records instead when the mutated tensor is fresh (made by the
-  model, not a view, not yet read): replaying the twin then gives the same values.
+  ``torch.jit.trace`` records convolutions as ``aten._convolution`` (with backend
+  flags that change no value): they become ``aten.convolution``, which has a rule.
+- :func:`functional_twin`: the out-of-place op of an in-place one (``add_`` → ``add``,
+  ``masked_fill_`` → ``masked_fill``, then decomposed), which the recorder records
+  instead when no other tensor shares the mutated one's memory (it was made by the
+  model, is not a view and nothing views it): ops that read it before the update were
+  recorded with the old value, ops after it read the twin's result, as in the model.
 
 Imports: torch only (the recorder, :mod:`.record`, imports this).
 """
@@ -169,6 +173,27 @@ def _glu(x, dim=-1):
     return a * torch.sigmoid(b)
 
 
+def _convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, *backend_flags):
+    # what torch.jit.trace records for every convolution; the flags (benchmark,
+    # deterministic, cudnn_enabled, allow_tf32) pick kernels and change no value
+    return aten.convolution.default(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+
+
+def _masked_fill(x, mask, value):
+    # a Python number or a 0-dim tensor (input-dependent or not) where ``mask`` holds
+    if not isinstance(value, Tensor):
+        value = torch.full((), value, dtype=x.dtype, device=x.device)
+    return torch.where(mask, value.to(x.dtype), x)
+
+
+def _unsafe_split(x, size, dim=0):
+    return aten.split.Tensor(x, size, dim)
+
+
+def _unsafe_split_with_sizes(x, sizes, dim=0):
+    return aten.split_with_sizes.default(x, sizes, dim)
+
+
 #: ATen overload → decomposition with the same arguments (returning ``NotImplemented`` keeps the op)
 DECOMPOSITIONS: dict[object, Callable] = {
     aten.native_layer_norm.default: _layer_norm,
@@ -187,6 +212,12 @@ DECOMPOSITIONS: dict[object, Callable] = {
     aten.hardsigmoid.default: _hardsigmoid,
     aten.hardswish.default: _hardswish,
     aten.glu.default: _glu,
+    aten._convolution.default: _convolution,
+    aten._convolution.deprecated: _convolution,
+    aten.masked_fill.Scalar: _masked_fill,
+    aten.masked_fill.Tensor: _masked_fill,
+    aten.unsafe_split.Tensor: _unsafe_split,
+    aten.unsafe_split_with_sizes.default: _unsafe_split_with_sizes,
 }
 
 

@@ -6,8 +6,10 @@ sizes :data:`PROBE_BATCHES` tell batch-sized shape arguments from fixed ones, an
 :func:`_compile` merges them into steps whose batch sizes are symbolic, each classified
 as a rule, a value-only op, or a constant folded away.
 
-Ops without a rule are decomposed as they are recorded, and in-place updates of fresh
-tensors recorded as their out-of-place twins (:mod:`.decompose`).
+Ops without a rule are decomposed as they are recorded, and in-place updates of tensors
+no other tensor shares memory with recorded as their out-of-place twins (:mod:`.decompose`).
+A trace's shape arithmetic on the batch size (0-dim tensors made outside the
+dispatcher) is replayed at the batch at hand (:class:`_BatchScalar`).
 
 Imports: :mod:`.jet`, :mod:`.table`, :mod:`.decompose`.
 """
@@ -45,6 +47,25 @@ class _BatchDim:
     """A shape entry equal to ``factor`` times the batch size."""
 
     factor: int
+
+
+@dataclass(frozen=True)
+class _BatchScalar:
+    """A 0-dim integer tensor holding ``factor`` times the batch size.
+
+    ``torch.jit.trace`` records the model's shape arithmetic (``x.size(0) * heads``) on
+    0-dim tensors that ``prim::NumToTensor`` makes outside the dispatcher: the recorder
+    sees them as constants, but their values follow the batch, and become shape
+    arguments again through ``aten._local_scalar_dense``. Replayed as the tensor of the
+    batch at hand, the shape arithmetic runs as value steps like any other.
+    """
+
+    factor: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def at(self, batch: int) -> Tensor:
+        return torch.tensor(self.factor * batch, dtype=self.dtype, device=self.device)
 
 
 @dataclass(frozen=True)
@@ -86,17 +107,14 @@ class _Recorder(QuietDispatchMode):
         super().__init__()
         self.records: list[tuple[Any, Any, Any, Any]] = [(_INPUT, (), {}, z)]  # (op, args, kwargs, result)
         self.made: dict[int, int] = {id(z): 0}
-        self.read: set[int] = set()  # records some later op reads
         self.views: set[int] = {0}  # records that may share memory with another (views, the input)
+        self.viewed: set[int] = set()  # records some view was taken of
         self.refused: tuple[str, str] | None = None  # (op, why): raised once the call is over
 
     def ref(self, obj):
         if isinstance(obj, Tensor):
             index = self.made.get(id(obj))
-            if index is None:
-                return obj
-            self.read.add(index)
-            return _Ref(index)
+            return obj if index is None else _Ref(index)
         if isinstance(obj, (list, tuple)):
             return type(obj)(self.ref(o) for o in obj)
         if isinstance(obj, dict):
@@ -108,34 +126,50 @@ class _Recorder(QuietDispatchMode):
         _walk(args, lambda o: found.append(o) if isinstance(o, Tensor) and id(o) in self.made else None)
         return bool(found)
 
-    def _fresh(self, t) -> bool:
-        """A tensor the model made, that nothing has read and nothing views: safe to replay out of place."""
+    def _unshared(self, t) -> str | None:
+        """Why ``t`` cannot be updated out of place in the replay, or None: it must be a tensor
+        the model made, not a view and not viewed, so that no other tensor sees the update."""
         index = self.made.get(id(t)) if isinstance(t, Tensor) else None
-        return index is not None and index not in self.read and index not in self.views and t._base is None
+        if index is None:
+            return "it updates a constant (a parameter, a buffer or a captured tensor)"
+        if index in self.views or index in self.viewed or t._base is not None:
+            return "it updates a tensor that shares memory with another (a view, or viewed)"
+        return None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        decompose = DECOMPOSITIONS.get(func)
-        if decompose is not None and _rule_for(func) is None and self._recorded(args):
+        twin = functional_twin(func) if func._schema.is_mutable else None
+        target = func if twin is None else twin
+        decompose = DECOMPOSITIONS.get(target)
+        if (decompose is not None and _rule_for(target) is None and self._recorded(args)
+                and (twin is None or self._unshared(args[0]) is None)):  # fmt: skip
             with self:  # the decomposition's own ops are recorded
                 out = decompose(*args, **kwargs)
             if out is not NotImplemented:
-                return out
+                if twin is None:
+                    return out
+                # in place: the model's tensor is updated for real, the replay reads the
+                # decomposition's (out-of-place) result from here on
+                result = func(*args, **kwargs)
+                self.made[id(result)] = self.made[id(out)]
+                return result
         record_as = func
         if self.refused is None:
             name = _op_name(func)
             if func._schema.is_mutable:
-                twin = functional_twin(func)
-                if twin is not None and self._fresh(args[0]):
-                    record_as = twin  # a fresh tensor updated in place: its replay is the twin's result
+                why = "it has no out-of-place twin" if twin is None else self._unshared(args[0])
+                if why is None:
+                    record_as = twin  # an unshared tensor updated in place: its replay is the twin's result
                 else:
-                    self.refused = (name, f"in-place op aten.{name} (the Taylor path replays out-of-place ops only)")
+                    self.refused = (name, f"in-place op aten.{name}: {why}; the Taylor path replays out-of-place ops only")
             elif torch.Tag.nondeterministic_seeded in func.tags:
                 self.refused = (name, f"random op aten.{name} (a replay would repeat its numbers)")
         out = func(*args, **kwargs)
         index = len(self.records)
         self.records.append((record_as, self.ref(args), self.ref(kwargs), out))
         aliases = record_as is func and _may_alias(func)
+        if aliases:
+            _walk(args, lambda o: self.viewed.add(self.made[id(o)]) if isinstance(o, Tensor) and id(o) in self.made else None)
         if isinstance(out, Tensor):
             self.made[id(out)] = index
             if aliases:
@@ -187,7 +221,10 @@ def _merge(a, b, batches: tuple[int, int]):
         return a
     if isinstance(a, Tensor):
         if not isinstance(b, Tensor) or (a is not b and (a.shape != b.shape or not torch.equal(a, b))):
-            raise Unsupported("trace", "a constant changes with the batch size")
+            scalar = _batch_scalar(a, b, batches)
+            if scalar is None:
+                raise Unsupported("trace", _constant_changes(a, b))
+            return scalar
         return a
     if isinstance(a, (list, tuple)):
         if type(a) is not type(b) or len(a) != len(b):
@@ -204,6 +241,28 @@ def _merge(a, b, batches: tuple[int, int]):
     if type(a) is not type(b) or (a != b and not (isinstance(a, float) and math.isnan(a) and math.isnan(b))):
         raise Unsupported("trace", _BATCH_CHANGES)
     return a
+
+
+def _batch_scalar(a: Tensor, b, batches: tuple[int, int]) -> _BatchScalar | None:
+    """``a`` and ``b`` as one :class:`_BatchScalar`, if they are integer scalars in proportion to the batch."""
+    b1, b2 = batches
+    if not (isinstance(b, Tensor) and a.dim() == b.dim() == 0 and a.dtype == b.dtype and not a.is_floating_point()):
+        return None
+    if a.dtype == torch.bool or a.is_complex():
+        return None
+    x, y = int(a), int(b)
+    if x % b1 == 0 and y % b2 == 0 and x // b1 == y // b2 and x != y:
+        return _BatchScalar(x // b1, a.dtype, a.device)
+    return None
+
+
+def _constant_changes(a: Tensor, b) -> str:
+    """Why a constant that changes with the batch size cannot be replayed, for ``--verbose``."""
+    got = f"{tuple(a.shape)} vs {tuple(b.shape)}" if isinstance(b, Tensor) and a.shape != b.shape else "its values"
+    return (
+        f"a constant changes with the batch size ({str(a.dtype).removeprefix('torch.')} tensor, {got} "
+        "at two batch sizes): the model makes it from the batch outside any op the replay can follow"
+    )
 
 
 def _shape_of(val):
@@ -235,7 +294,7 @@ def _walk(obj, fn):
 
 def _has_batch(obj) -> bool:
     found = []
-    _walk(obj, lambda o: found.append(o) if isinstance(o, _BatchDim) else None)
+    _walk(obj, lambda o: found.append(o) if isinstance(o, (_BatchDim, _BatchScalar)) else None)
     return bool(found)
 
 
@@ -246,6 +305,8 @@ def _substitute(obj, env: list, batch: int, values: bool = False):
         return _value_of(env[obj.index]) if values else env[obj.index]
     if isinstance(obj, _BatchDim):
         return obj.factor * batch
+    if isinstance(obj, _BatchScalar):
+        return obj.at(batch)
     if isinstance(obj, list):
         return [_substitute(o, env, batch, values) for o in obj]
     if isinstance(obj, tuple):
@@ -288,6 +349,7 @@ def _compile(trace1, trace2, batches: tuple[int, int]) -> tuple[list[_Step], Any
     steps: list[_Step] = []
     consts: dict[int, Any] = {}
     kinds: dict[int, str] = {}
+    from_input: set[int] = set()  # steps whose results depend on the input's values
     for index, (r1, r2) in enumerate(zip(recs1, recs2)):
         op, res1, res2 = r1[0], r1[3], r2[3]
         per_point = max((_numel(res2) - _numel(res1)) / (b2 - b1), 0.0)
@@ -305,9 +367,12 @@ def _compile(trace1, trace2, batches: tuple[int, int]) -> tuple[list[_Step], Any
         step.shape = shape
         if step.kind == "const":
             consts[index] = res1  # computed from constants only: the same in every call
-        elif not isinstance(res1, (Tensor, list, tuple)):
-            # a Python number from an input-dependent tensor: control flow or shapes read from values
-            raise Unsupported("trace", f"cannot trace the model: it reads input values into Python (aten.{step.name})")
+        elif step.jet_refs or any(r in from_input for r in step.value_refs):
+            from_input.add(index)
+            if not isinstance(res1, (Tensor, list, tuple)):
+                # a Python number from an input-dependent tensor: control flow or shapes read from values
+                raise Unsupported("trace", f"cannot trace the model: it reads input values into Python (aten.{step.name})")
+        # else: shape arithmetic on the batch size (a trace's sizes, see _BatchScalar), replayed as values
         steps.append(step)
         kinds[index] = step.kind
     return steps, _fold(_merge(out1, out2, batches), consts)
