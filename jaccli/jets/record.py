@@ -166,7 +166,10 @@ class _Recorder(QuietDispatchMode):
                 self.refused = (name, f"random op aten.{name} (a replay would repeat its numbers)")
         out = func(*args, **kwargs)
         index = len(self.records)
-        self.records.append((record_as, self.ref(args), self.ref(kwargs), out))
+        rargs = self.ref(args)
+        if isinstance(out, Tensor) and out.is_floating_point() and self._recorded(args):
+            rargs = _scalars_as(rargs, out.dtype)
+        self.records.append((record_as, rargs, self.ref(kwargs), out))
         aliases = record_as is func and _may_alias(func)
         if aliases:
             _walk(args, lambda o: self.viewed.add(self.made[id(o)]) if isinstance(o, Tensor) and id(o) in self.made else None)
@@ -183,6 +186,20 @@ class _Recorder(QuietDispatchMode):
                     if aliases:
                         self.views.add(len(self.records) - 1)
         return out
+
+
+def _scalars_as(args, dtype: torch.dtype):
+    """0-dim floating constants cast to the result's ``dtype``, in which the op computes.
+
+    A trace holds Python numbers of the model (``/ math.sqrt(d)``) as 0-dim float64
+    tensors that type promotion treats as numbers; a rule that computes with them (a
+    reciprocal, a product) would make float64 tensors of them and promote a float32 jet.
+    """
+    if isinstance(args, Tensor):
+        return args.to(dtype) if args.dim() == 0 and args.is_floating_point() and args.dtype != dtype else args
+    if isinstance(args, (list, tuple)):
+        return type(args)(_scalars_as(a, dtype) for a in args)
+    return args
 
 
 def _may_alias(func) -> bool:
