@@ -265,10 +265,11 @@ def test_float64_converts_everything_the_saved_model_holds(saved, name, fmt):
 
 @pytest.mark.parametrize("kind", ["jacobian", "hessian", "laplacian"])
 @pytest.mark.parametrize("fmt", ["eager", "pt"])
-@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if not n.startswith("recurrent")])
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_forward_mode_takes_the_fast_path_on_every_architecture(saved, name, fmt, kind):
-    """Convolutions, norms, softmax, attention and pooling all have Taylor rules (or are
-    decomposed into ops that do): forward mode runs the fast path and agrees in float64."""
+    """Convolutions, norms, softmax, attention, pooling and ATen's recurrent cell loops all
+    have Taylor rules (or are decomposed into ops that do, or updated in place where the
+    replay can follow): forward mode runs the fast path and agrees in float64."""
     model = saved(name, fmt)
     net = jaccli.load_model(model, dtype="float64") if isinstance(model, str) else model.double()
     x = torch.randn(3, *ARCHITECTURES[name][1], generator=torch.Generator().manual_seed(8), dtype=torch.float64)
@@ -348,8 +349,7 @@ def test_whole_input_matches_torch_func(saved, name, kind):
 
 # ---- traces of real architectures (tests/architectures.py): the fast path, as from .pt2
 
-_FAST = [name for name, (_, _, recurrent) in ZOO.items() if not recurrent]
-#: models small enough for a per-point Hessian by torch.func in a test
+_FAST = list(ZOO)  # recurrent nets included: ATen's cell loop updates views in place that the replay follows
 _SMALL = [name for name in _FAST if math.prod(ZOO[name][1]) <= 16]
 
 
@@ -420,19 +420,36 @@ def test_json_reports_the_taylor_engine_for_a_trace(trace_file, tmp_path, name):
     assert plan["engine"] == "taylor", plan["engine_note"]
 
 
-def test_verbose_names_the_op_that_keeps_a_recurrent_trace_off_the_fast_path(trace_file, tmp_path):
-    """An LSTM's cell loop updates its gates in place through views of one tensor: the
-    replay cannot follow it, the fall-back says so, and its answer is right."""
+class _SortPool(nn.Module):
+    """Sorted activations (as in SortPooling of graph nets): ``aten.sort`` has no Taylor rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(26)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):  # x [B, 4]
+        return torch.tanh(self.fc(x)).sort(dim=1).values * x
+
+
+def test_verbose_names_the_op_that_keeps_a_trace_off_the_fast_path(tmp_path):
+    """Where a trace still falls back, --verbose says which op and why, and the answer is right."""
     import numpy as np
     from typer.testing import CliRunner
 
     from jaccli.cli.main import app
 
-    x = torch.randn(3, *ZOO["lstm"][1], generator=torch.Generator().manual_seed(25), dtype=torch.float64)
+    module = _SortPool().eval().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(module, torch.randn(2, 4, dtype=torch.float64)), tmp_path / "sort.pt")
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(25), dtype=torch.float64)
     np.save(tmp_path / "x.npy", x.numpy())
-    result = CliRunner().invoke(app, ["laplacian", trace_file("lstm"), str(tmp_path / "x.npy"), "-p", "--verbose",
-                                      "--dtype", "float64", "--save", str(tmp_path / "out.npy")])  # fmt: skip
+    result = CliRunner().invoke(app, ["laplacian", str(tmp_path / "sort.pt"), str(tmp_path / "x.npy"), "-p", "--verbose",
+                                      "--save", str(tmp_path / "out.npy")])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "torch.func engine" in result.stderr
-    assert "in-place op aten.sigmoid_" in result.stderr and "shares memory" in result.stderr
-    _assert_close(torch.from_numpy(np.load(tmp_path / "out.npy")), _zoo_reference("lstm", "laplacian", x), 1e-10)
+    assert "torch.func engine" in result.stderr and "aten.sort has no Taylor rule" in result.stderr
+    for p in module.parameters():
+        p.requires_grad_(False)
+    h = torch.stack([hessian(lambda xi: module(xi[None])[0])(xi) for xi in x])
+    _assert_close(torch.from_numpy(np.load(tmp_path / "out.npy")), h.diagonal(dim1=-2, dim2=-1).sum(-1), 1e-10)

@@ -232,7 +232,16 @@ def functional_twin(func):
     if not name.endswith("_") or name.startswith("_"):
         return None
     packet = getattr(aten, name[:-1], None)
-    twin = getattr(packet, func._overloadname, None) if packet is not None else None
+    if packet is None:
+        return None
+    twin = getattr(packet, func._overloadname, None)
+    if twin is None:  # transpose_.default is transpose.int: the overload taking the same arguments
+        want = _argument_types(func)
+        twin = next((o for o in (getattr(packet, n) for n in packet.overloads()) if _argument_types(o) == want), None)
     if twin is None or twin._schema.is_mutable:
         return None
     return twin
+
+
+def _argument_types(func) -> list[str]:
+    return [f"{a.name}:{a.type}" for a in func._schema.arguments]

@@ -107,8 +107,13 @@ class _Recorder(QuietDispatchMode):
         super().__init__()
         self.records: list[tuple[Any, Any, Any, Any]] = [(_INPUT, (), {}, z)]  # (op, args, kwargs, result)
         self.made: dict[int, int] = {id(z): 0}
-        self.views: set[int] = {0}  # records that may share memory with another (views, the input)
-        self.viewed: set[int] = set()  # records some view was taken of
+        #: memory the records live in: storage → records in it, and storages the model did not
+        #: allocate (the input's, views of constants): an update there is not the model's own
+        self.storages: dict[int, list[int]] = {_storage(z): [0]}
+        self.foreign: set[int] = {_storage(z)}
+        #: records an in-place update changed behind their back (sharing memory with the updated
+        #: tensor), and the op: a replay has their old values, so nothing may read them
+        self.stale: dict[int, str] = {}
         self.refused: tuple[str, str] | None = None  # (op, why): raised once the call is over
 
     def ref(self, obj):
@@ -126,23 +131,56 @@ class _Recorder(QuietDispatchMode):
         _walk(args, lambda o: found.append(o) if isinstance(o, Tensor) and id(o) in self.made else None)
         return bool(found)
 
-    def _unshared(self, t) -> str | None:
-        """Why ``t`` cannot be updated out of place in the replay, or None: it must be a tensor
-        the model made, not a view and not viewed, so that no other tensor sees the update."""
+    def _blocker(self, t) -> str | None:
+        """Why an in-place update of ``t`` cannot be replayed out of place, or None."""
         index = self.made.get(id(t)) if isinstance(t, Tensor) else None
         if index is None:
             return "it updates a constant (a parameter, a buffer or a captured tensor)"
-        if index in self.views or index in self.viewed or t._base is not None:
-            return "it updates a tensor that shares memory with another (a view, or viewed)"
+        if _storage(t) in self.foreign:
+            return "it updates the memory of the input or of a constant"
         return None
+
+    def _updated(self, t: Tensor, op: str, func) -> None:
+        """``t`` is about to be updated in place: every other record overlapping it goes stale
+        (unless only ``t``'s own shape changes: ``transpose_``, ``unsqueeze_``, …)."""
+        if torch.Tag.inplace_view in func.tags:
+            return
+        index = self.made[id(t)]
+        for other in self.storages.get(_storage(t), ()):
+            if other != index and other not in self.stale and _overlap(self.records[other][3], t):
+                self.stale[other] = op
+
+    def _stale_read(self, args) -> str | None:
+        found = []
+        _walk(args, lambda o: found.append(self.made[id(o)]) if isinstance(o, Tensor) and id(o) in self.made else None)
+        for index in found:
+            if index in self.stale:
+                return self.stale[index]
+        return None
+
+    def _register(self, out: Tensor, index: int, aliases: bool, args) -> None:
+        key = _storage(out)
+        if key not in self.storages:
+            constants = set()
+            _walk(args, lambda o: constants.add(_storage(o)) if isinstance(o, Tensor) and id(o) not in self.made else None)
+            if aliases or key in constants:  # a view of a constant (or the constant itself)
+                self.foreign.add(key)
+        self.storages.setdefault(key, []).append(index)
+        self.made[id(out)] = index
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = _op_name(func)
+        if self.refused is None:
+            updater = self._stale_read(args)
+            if updater is not None:
+                self.refused = (updater, f"aten.{name} reads a tensor that aten.{updater} updated in place through "
+                                      "another tensor sharing its memory; the Taylor path replays out-of-place ops only")  # fmt: skip
         twin = functional_twin(func) if func._schema.is_mutable else None
         target = func if twin is None else twin
         decompose = DECOMPOSITIONS.get(target)
         if (decompose is not None and _rule_for(target) is None and self._recorded(args)
-                and (twin is None or self._unshared(args[0]) is None)):  # fmt: skip
+                and (twin is None or self._blocker(args[0]) is None)):  # fmt: skip
             with self:  # the decomposition's own ops are recorded
                 out = decompose(*args, **kwargs)
             if out is not NotImplemented:
@@ -150,16 +188,17 @@ class _Recorder(QuietDispatchMode):
                     return out
                 # in place: the model's tensor is updated for real, the replay reads the
                 # decomposition's (out-of-place) result from here on
+                self._updated(args[0], name, func)
                 result = func(*args, **kwargs)
                 self.made[id(result)] = self.made[id(out)]
                 return result
         record_as = func
         if self.refused is None:
-            name = _op_name(func)
             if func._schema.is_mutable:
-                why = "it has no out-of-place twin" if twin is None else self._unshared(args[0])
+                why = "it has no out-of-place twin" if twin is None else self._blocker(args[0])
                 if why is None:
-                    record_as = twin  # an unshared tensor updated in place: its replay is the twin's result
+                    record_as = twin  # replayed as the twin's result; what shares the memory goes stale
+                    self._updated(args[0], name, func)
                 else:
                     self.refused = (name, f"in-place op aten.{name}: {why}; the Taylor path replays out-of-place ops only")
             elif torch.Tag.nondeterministic_seeded in func.tags:
@@ -170,22 +209,34 @@ class _Recorder(QuietDispatchMode):
         if isinstance(out, Tensor) and out.is_floating_point() and self._recorded(args):
             rargs = _scalars_as(rargs, out.dtype)
         self.records.append((record_as, rargs, self.ref(kwargs), out))
-        aliases = record_as is func and _may_alias(func)
-        if aliases:
-            _walk(args, lambda o: self.viewed.add(self.made[id(o)]) if isinstance(o, Tensor) and id(o) in self.made else None)
+        aliases = _may_alias(record_as)
         if isinstance(out, Tensor):
-            self.made[id(out)] = index
-            if aliases:
-                self.views.add(index)
+            self._register(out, index, aliases, args)
         elif isinstance(out, (list, tuple)):
             # several results: one getitem record each, as consumers see them
             for j, o in enumerate(out):
                 self.records.append((operator.getitem, (_Ref(index), j), {}, o))
                 if isinstance(o, Tensor):
-                    self.made[id(o)] = len(self.records) - 1
-                    if aliases:
-                        self.views.add(len(self.records) - 1)
+                    self._register(o, len(self.records) - 1, aliases, args)
         return out
+
+
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _overlap(a, b: Tensor) -> bool:
+    """Whether tensors ``a`` and ``b`` of one storage share an element (probe-sized: exact)."""
+    if not isinstance(a, Tensor) or a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.element_size() != b.element_size():
+        return True
+
+    def elements(t: Tensor) -> Tensor:
+        n = t.untyped_storage().nbytes() // t.element_size()
+        return torch.arange(n).as_strided(t.shape, t.stride(), t.storage_offset()).flatten()
+
+    return bool(torch.isin(elements(a), elements(b)).any())
 
 
 def _scalars_as(args, dtype: torch.dtype):
@@ -221,6 +272,10 @@ def _trace(g: Callable, z: Tensor) -> tuple[list, Any, Any]:
     except Exception as exc:  # untraceable code: the caller falls back
         text = str(exc).strip()
         raise Unsupported("trace", f"cannot trace the model: {text.splitlines()[0] if text else type(exc).__name__}") from None
+    if rec.refused is None and rec._stale_read(y) is not None:
+        updater = rec._stale_read(y)
+        rec.refused = (updater, f"the output is a tensor that aten.{updater} updated in place through another "
+                                "tensor sharing its memory; the Taylor path replays out-of-place ops only")  # fmt: skip
     if rec.refused is not None:
         raise Unsupported(*rec.refused)
     return rec.records, rec.ref(y), y
