@@ -172,7 +172,7 @@ class _Recorder(QuietDispatchMode):
         kwargs = kwargs or {}
         name = _op_name(func)
         if self.refused is None:
-            updater = self._stale_read(args)
+            updater = self._stale_read((args, kwargs))
             if updater is not None:
                 self.refused = (updater, f"aten.{name} reads a tensor that aten.{updater} updated in place through "
                                       "another tensor sharing its memory; the Taylor path replays out-of-place ops only")  # fmt: skip

@@ -185,6 +185,19 @@ def test_batch_size_used_out_of_proportion_is_refused():
         taylor.build(lambda x: x * (x.shape[0] + 1), points())
 
 
+def test_a_traces_batch_size_arithmetic_is_replayed_at_the_batch_at_hand():
+    # torch.jit.trace keeps x.shape[0] + 1 as ops on a 0-dim tensor made outside the
+    # dispatcher (prim::NumToTensor): the replay makes it from the batch it runs at
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(lambda x: torch.sin(x).reshape(x.shape[0] * 3, 1) * (x.shape[0] + 1), points(2))
+    program = taylor.build(lambda z: traced(z).reshape(z.shape[0], -1), points(2))
+    x = points(5)
+    assert_rel(program.value(x), 6 * torch.sin(x))
+    v = torch.randn(1, *x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(3))
+    assert_rel(program.jvp(x, v)[0], 6 * torch.cos(x) * v[0])
+
+
 def test_a_wrong_rule_is_caught_by_verification(monkeypatch):
     def bad_tanh(x, order, out):  # drops the square in 1 - tanh²
         y = torch.tanh(x)
