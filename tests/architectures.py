@@ -88,6 +88,25 @@ class DepthwiseSeparable(nn.Module):
         return self.head(torch.tanh(self.pool(h).flatten(1)))
 
 
+class InstanceNormPool(nn.Module):
+    """Conv1d → InstanceNorm1d (affine) → tanh → AdaptiveMaxPool1d to a size the length is no
+    multiple of (windows of two sizes) → linear (style-transfer and audio front ends)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(23)
+        self.conv = nn.Conv1d(2, 3, 3)
+        self.norm = nn.InstanceNorm1d(3, affine=True)
+        self.pool = nn.AdaptiveMaxPool1d(2)
+        self.head = nn.Linear(6, 2)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):  # x [B, 2, 7]
+        return self.head(self.pool(torch.tanh(self.norm(self.conv(x)))).flatten(1))
+
+
 class Encoder(nn.Module):
     """``nn.TransformerEncoder`` (2 layers, GELU), optionally with a key-padding mask that
     hides the last token of every sequence (a buffer expanded to the batch)."""
@@ -275,6 +294,7 @@ ZOO = {
     "groupnorm_residual": (GroupNormResidual, (4, 4, 4), False),
     "causal_conv1d": (CausalConv1d, (2, 6), False),
     "depthwise_separable": (DepthwiseSeparable, (3, 5, 5), False),
+    "instance_norm_pool": (InstanceNormPool, (2, 7), False),
     "encoder": (Encoder, (3, 4), False),
     "encoder_padding_mask": (lambda: Encoder(padding_mask=True), (3, 4), False),
     "multihead_attention": (MHA, (3, 4), False),

@@ -23,6 +23,7 @@ Imports: torch only (the recorder, :mod:`.record`, imports this).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -93,9 +94,16 @@ def _batch_norm_eval(x, weight, bias, running_mean, running_var, eps):
 
 
 def _native_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps):
-    if training or running_mean is None or running_var is None:
-        return NotImplemented  # batch statistics: the points are mixed, no per-point rule
-    return _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
+    if not training and running_mean is not None and running_var is not None:
+        return _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
+    if running_mean is not None or running_var is not None:
+        return NotImplemented  # training with running statistics: the kernel updates buffers in place
+    # statistics of the input: what InstanceNorm runs (on [1, B·C, …], every point's channels
+    # apart); a BatchNorm that mixes the points this way is refused by the batch check
+    y, mean, rstd = _normalise(x, [0, *range(2, x.dim())], eps)
+    shape = _channel_shape(x)
+    y = _affine(y, None if weight is None else weight.reshape(shape), None if bias is None else bias.reshape(shape))
+    return y, mean.flatten(), rstd.flatten()
 
 
 def _batch_norm_no_training(x, weight, bias, running_mean, running_var, momentum, eps):
@@ -173,6 +181,30 @@ def _glu(x, dim=-1):
     return a * torch.sigmoid(b)
 
 
+def _adaptive_max_pool(x, output_size):
+    spatial = len(output_size)
+    sizes = x.shape[x.dim() - spatial :]
+    if any(o <= 0 for o in output_size):
+        return NotImplemented
+    if not any(s % o for s, o in zip(sizes, output_size)):
+        # windows of one size (the input a multiple of the output): max pooling, whose
+        # indices into each flattened plane are the adaptive op's
+        kernel = [s // o for s, o in zip(sizes, output_size)]
+        return getattr(aten, f"max_pool{spatial}d_with_indices").default(x, kernel, kernel)
+    # windows of two sizes, [⌊i·s/o⌋, ⌈(i+1)·s/o⌉): the maximum of each, its indices as values
+    dims = list(range(x.dim() - spatial, x.dim()))
+    cells = []
+    for cell in itertools.product(*(range(o) for o in output_size)):
+        window = x
+        for d, i, s, o in zip(dims, cell, sizes, output_size):
+            window = aten.slice.Tensor(window, d, i * s // o, -(-(i + 1) * s // o))
+        cells.append(window.amax(dims))
+    values = torch.stack(cells, -1)
+    values = values.reshape(*values.shape[:-1], *output_size)
+    indices = getattr(aten, f"adaptive_max_pool{spatial}d").default(x.detach(), output_size)[1]
+    return values, indices
+
+
 def _convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, *backend_flags):
     # what torch.jit.trace records for every convolution; the flags (benchmark,
     # deterministic, cudnn_enabled, allow_tf32) pick kernels and change no value
@@ -212,6 +244,8 @@ DECOMPOSITIONS: dict[object, Callable] = {
     aten.hardsigmoid.default: _hardsigmoid,
     aten.hardswish.default: _hardswish,
     aten.glu.default: _glu,
+    aten.adaptive_max_pool2d.default: _adaptive_max_pool,
+    aten.adaptive_max_pool3d.default: _adaptive_max_pool,
     aten._convolution.default: _convolution,
     aten._convolution.deprecated: _convolution,
     aten.masked_fill.Scalar: _masked_fill,

@@ -115,6 +115,7 @@ class _Recorder(QuietDispatchMode):
         #: tensor), and the op: a replay has their old values, so nothing may read them
         self.stale: dict[int, str] = {}
         self.refused: tuple[str, str] | None = None  # (op, why): raised once the call is over
+        self.decomposing: set = set()
 
     def ref(self, obj):
         if isinstance(obj, Tensor):
@@ -179,10 +180,14 @@ class _Recorder(QuietDispatchMode):
         twin = functional_twin(func) if func._schema.is_mutable else None
         target = func if twin is None else twin
         decompose = DECOMPOSITIONS.get(target)
-        if (decompose is not None and _rule_for(target) is None and self._recorded(args)
+        if (decompose is not None and _rule_for(target) is None and self._recorded(args) and target not in self.decomposing
                 and (twin is None or self._blocker(args[0]) is None)):  # fmt: skip
-            with self:  # the decomposition's own ops are recorded
-                out = decompose(*args, **kwargs)
+            self.decomposing.add(target)  # a decomposition may call its op (on values: max pooling's indices)
+            try:
+                with self:  # the decomposition's own ops are recorded
+                    out = decompose(*args, **kwargs)
+            finally:
+                self.decomposing.discard(target)
             if out is not NotImplemented:
                 if twin is None:
                     return out
