@@ -7,9 +7,11 @@ sizes :data:`PROBE_BATCHES` tell batch-sized shape arguments from fixed ones, an
 as a rule, a value-only op, or a constant folded away.
 
 Ops without a rule are decomposed as they are recorded, and in-place updates of tensors
-no other tensor shares memory with recorded as their out-of-place twins (:mod:`.decompose`).
-A trace's shape arithmetic on the batch size (0-dim tensors made outside the
-dispatcher) is replayed at the batch at hand (:class:`_BatchScalar`).
+the model made recorded as their out-of-place twins (:mod:`.decompose`); what shares
+memory with an updated tensor goes stale, and a record that reads a stale tensor is
+refused (the replay would give it the old values). A trace's shape arithmetic on the
+batch size (0-dim tensors made outside the dispatcher) is replayed at the batch at
+hand (:class:`_BatchScalar`).
 
 Imports: :mod:`.jet`, :mod:`.table`, :mod:`.decompose`.
 """
@@ -115,7 +117,7 @@ class _Recorder(QuietDispatchMode):
         #: tensor), and the op: a replay has their old values, so nothing may read them
         self.stale: dict[int, str] = {}
         self.refused: tuple[str, str] | None = None  # (op, why): raised once the call is over
-        self.decomposing: set = set()
+        self.decomposing: set = set()  # ops whose decomposition runs now: inside it, they are recorded as they are
 
     def ref(self, obj):
         if isinstance(obj, Tensor):
@@ -277,8 +279,8 @@ def _trace(g: Callable, z: Tensor) -> tuple[list, Any, Any]:
     except Exception as exc:  # untraceable code: the caller falls back
         text = str(exc).strip()
         raise Unsupported("trace", f"cannot trace the model: {text.splitlines()[0] if text else type(exc).__name__}") from None
-    if rec.refused is None and rec._stale_read(y) is not None:
-        updater = rec._stale_read(y)
+    updater = rec._stale_read(y) if rec.refused is None else None
+    if updater is not None:
         rec.refused = (updater, f"the output is a tensor that aten.{updater} updated in place through another "
                                 "tensor sharing its memory; the Taylor path replays out-of-place ops only")  # fmt: skip
     if rec.refused is not None:
