@@ -121,7 +121,7 @@ def _report(name, kind, plan, times, res, points) -> list[str]:
 
 
 #: (command, mode) pairs of the trace comparison: the fast path's two, and torch.func's reverse mode
-TRACE_CASES = (("laplacian", "auto"), ("jacobian", "auto"), ("jacobian", "reverse"))
+TRACE_CASES = (("laplacian", "auto"), ("jacobian", "auto"), ("jacobian", "forward"), ("jacobian", "reverse"))
 
 
 def traces_vs_pt2(names: list[str], points: int, repeats: int, cold: bool) -> None:
