@@ -280,6 +280,49 @@ class SiLUMLP(nn.Module):
         return self.net(x)
 
 
+class _GRUCell(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.GRUCell(3, 3)
+
+    def forward(self, x):  # the state computed from the input
+        return self.cell(x, torch.tanh(x))
+
+
+def _layers() -> dict:
+    """Single layers (with a linear or conv in front where the layer alone is linear):
+    name -> (factory, shape of one point)."""
+    lin, conv = (lambda: nn.Linear(4, 4)), (lambda: nn.Conv2d(2, 2, 1))
+    return {
+        "AvgPool1d": (lambda: nn.Sequential(nn.Conv1d(3, 3, 1), nn.Tanh(), nn.AvgPool1d(2)), (3, 8)),
+        "AdaptiveAvgPool1d": (lambda: nn.Sequential(nn.Conv1d(3, 3, 1), nn.Tanh(), nn.AdaptiveAvgPool1d(3)), (3, 8)),
+        "MaxPool1d": (lambda: nn.Sequential(nn.Conv1d(3, 3, 1), nn.Tanh(), nn.MaxPool1d(2)), (3, 8)),
+        "AdaptiveMaxPool2d": (lambda: nn.Sequential(conv(), nn.Tanh(), nn.AdaptiveMaxPool2d(2)), (2, 4, 4)),
+        "AvgPool2d": (lambda: nn.Sequential(conv(), nn.Tanh(), nn.AvgPool2d(2)), (2, 4, 4)),
+        "ConvTranspose2d": (lambda: nn.Sequential(nn.ConvTranspose2d(2, 2, 3, stride=2), nn.Tanh()), (2, 3, 3)),
+        "PixelShuffle": (lambda: nn.Sequential(nn.Conv2d(4, 4, 1), nn.Tanh(), nn.PixelShuffle(2)), (4, 2, 2)),
+        "Upsample": (lambda: nn.Sequential(conv(), nn.Tanh(), nn.Upsample(scale_factor=2, mode="bilinear")), (2, 3, 3)),
+        "ZeroPad2d": (lambda: nn.Sequential(conv(), nn.Tanh(), nn.ZeroPad2d(1)), (2, 3, 3)),
+        "ReflectionPad1d": (lambda: nn.Sequential(nn.Conv1d(2, 2, 1), nn.Tanh(), nn.ReflectionPad1d(1)), (2, 4)),
+        "Conv3d": (lambda: nn.Sequential(nn.Conv3d(1, 2, 2), nn.Tanh()), (1, 3, 3, 3)),
+        "PReLU": (lambda: nn.Sequential(lin(), nn.PReLU(4), lin(), nn.Tanh()), (4,)),
+        "LeakyReLU": (lambda: nn.Sequential(lin(), nn.LeakyReLU(), lin(), nn.Tanh()), (4,)),
+        "ELU": (lambda: nn.Sequential(lin(), nn.ELU()), (4,)),
+        "Softplus": (lambda: nn.Sequential(lin(), nn.Softplus()), (4,)),
+        "Mish": (lambda: nn.Sequential(lin(), nn.Mish()), (4,)),
+        "BatchNorm1d": (lambda: nn.Sequential(lin(), nn.Tanh(), nn.BatchNorm1d(4)), (4,)),
+        "InstanceNorm2d": (lambda: nn.Sequential(conv(), nn.Tanh(), nn.InstanceNorm2d(2, affine=True)), (2, 3, 3)),
+        "LayerNorm": (lambda: nn.Sequential(nn.LayerNorm(4), nn.Tanh()), (3, 4)),
+        "GRUCell": (_GRUCell, (3,)),
+        "Dropout": (lambda: nn.Sequential(lin(), nn.Tanh(), nn.Dropout(0.1)), (4,)),
+        "Unflatten": (lambda: nn.Sequential(nn.Flatten(), nn.Unflatten(1, (2, 6)), nn.Tanh()), (3, 4)),
+    }
+
+
+#: name -> (factory, shape of one point)
+LAYERS = _layers()
+
+
 def _randomise_norm_stats(module: nn.Module) -> None:
     """Running statistics away from (0, 1), so that eval-mode BatchNorm is not the identity."""
     for m in module.modules():

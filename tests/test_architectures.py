@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import hessian, jacrev
 
 import jaccli
-from architectures import ZOO
+from architectures import LAYERS, ZOO
 from architectures import trace as trace_zoo
 from problems import make_examples
 
@@ -453,3 +453,30 @@ def test_verbose_names_the_op_that_keeps_a_trace_off_the_fast_path(tmp_path):
         p.requires_grad_(False)
     h = torch.stack([hessian(lambda xi: module(xi[None])[0])(xi) for xi in x])
     _assert_close(torch.from_numpy(np.load(tmp_path / "out.npy")), h.diagonal(dim1=-2, dim2=-1).sum(-1), 1e-10)
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "trace"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_single_layers_take_the_fast_path(name, traced):
+    """Pooling, padding, upsampling, transposed and 3-d convolutions, norms, activations,
+    a GRU cell, eager and traced: the Taylor engine, and the Laplacian of torch.func."""
+    factory, shape = LAYERS[name]
+    torch.manual_seed(27)
+    module = factory().eval().double()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(28), dtype=torch.float64)
+    net = module
+    if traced:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = torch.jit.trace(module, x[:2], check_trace=False)
+    flat = lambda z: net(z).flatten(1)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jaccli.JaccliWarning)  # max pooling's and ReLU's kinks
+        plan = jaccli.plan("laplacian", flat, x, per_sample=True)
+        assert plan.engine == "taylor", plan.engine_note
+        got = jaccli.laplacian(flat, x, per_sample=True)
+    n = math.prod(shape)
+    h = torch.stack([hessian(lambda xi: module(xi[None]).flatten())(xi) for xi in x])
+    _assert_close(got, h.reshape(4, -1, n, n).diagonal(dim1=-2, dim2=-1).sum(-1), 1e-10)

@@ -205,6 +205,11 @@ def _adaptive_max_pool(x, output_size):
     return values, indices
 
 
+def _prelu(x, weight):
+    # the kernel behind nn.PReLU (its weight already shaped to broadcast over the channels)
+    return torch.where(x > 0, x, weight * x)
+
+
 def _convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, *backend_flags):
     # what torch.jit.trace records for every convolution; the flags (benchmark,
     # deterministic, cudnn_enabled, allow_tf32) pick kernels and change no value
@@ -246,6 +251,7 @@ DECOMPOSITIONS: dict[object, Callable] = {
     aten.glu.default: _glu,
     aten.adaptive_max_pool2d.default: _adaptive_max_pool,
     aten.adaptive_max_pool3d.default: _adaptive_max_pool,
+    aten._prelu_kernel.default: _prelu,
     aten._convolution.default: _convolution,
     aten._convolution.deprecated: _convolution,
     aten.masked_fill.Scalar: _masked_fill,

@@ -130,6 +130,7 @@ OP_CASES = {
     "flip-roll": (lambda x: x.flip(1) * x.roll(1, 1), {"flip", "roll"}),
     "cumsum": (lambda x: torch.sin(x).cumsum(1) * x.cumsum(-1, dtype=x.dtype), {"cumsum"}),
     "masked-fill": (lambda x: torch.sin(x).masked_fill_(x > 1, 0.5) * x.masked_fill(x < 1, torch.tensor(2.0, dtype=x.dtype)), {"where"}),
+    "prelu": (lambda x: F.prelu(torch.sin(x) - 0.9, c[:1].abs()) + F.prelu((x - 1)[:, :, None], c.abs()).flatten(1), {"where"}),
     "instance-norm": (lambda x: F.instance_norm((x * x)[:, None], weight=c[:1], bias=C[0, :1], eps=1e-5).flatten(1) * x, {"rsqrt"}),
     "adaptive-max-pool": (  # windows of one size (max pooling) and of two sizes (slices and amax)
         lambda x: torch.cat([F.adaptive_max_pool1d(torch.sin(x)[:, None] * x[:, None], k).flatten(1) for k in (3, 2)], 1),
