@@ -228,6 +228,10 @@ class _Recorder(QuietDispatchMode):
         return out
 
 
+#: bytes of storage up to which overlaps are computed element by element
+_OVERLAP_LIMIT = 1 << 26
+
+
 def _storage(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
@@ -236,8 +240,8 @@ def _overlap(a, b: Tensor) -> bool:
     """Whether tensors ``a`` and ``b`` of one storage share an element (probe-sized: exact)."""
     if not isinstance(a, Tensor) or a.numel() == 0 or b.numel() == 0:
         return False
-    if a.element_size() != b.element_size():
-        return True
+    if a.element_size() != b.element_size() or a.untyped_storage().nbytes() > _OVERLAP_LIMIT:
+        return True  # a storage past probe sizes (a preallocated buffer): assumed to overlap
 
     def elements(t: Tensor) -> Tensor:
         n = t.untyped_storage().nbytes() // t.element_size()
