@@ -1,6 +1,9 @@
-"""Per-sample derivatives of a CNN and a transformer: jaccli against torch.func's best, in ONE run.
+"""Per-sample derivatives of a CNN and a transformer: jaccli against torch.func's best, in ONE run;
+with ``--traces``, every architecture of ``tests/architectures.py`` from its ``torch.jit.trace``
+file against the same model's ``.pt2``.
 
     python benchmarks/architectures.py [--points N] [--repeats R]
+    python benchmarks/architectures.py --traces [--points N] [--repeats R] [--cold] [--only NAME,...]
 
 Issue 9's targets. The models are the shipped examples' classes
 (``examples/models/make_examples.py``): ``SmallCNN`` (3×32×32 input, 4 convolutions with
@@ -15,12 +18,27 @@ inputs, 10 or 16 outputs) and runs ``vmap(jacrev)``, against ``vmap(jacrev)`` (f
 mode, 3 072 tangents of every activation, is no contender). Each candidate runs in its own
 block (one warm-up, medians; ``benchmarks/timing.py``); every result is compared with the
 reference so that a fast wrong answer cannot win.
+
+``--traces`` (issue 19): each model of ``tests/architectures.py`` (CNN with BatchNorm and
+max pooling, GroupNorm residual block, causal Conv1d, depthwise-separable conv, encoders
+with and without a padding mask, MultiheadAttention, MAF and RealNVP flows, BERT- and
+GPT-2-like models, a SiLU MLP, an LSTM) is saved by ``torch.jit.trace`` and by
+``torch.export`` (float32) and loaded by ``jaccli.load_model``; for the per-sample
+Laplacian and Jacobian (auto mode) and the reverse-mode Jacobian (torch.func's
+fall-back), one line per (model, command): the engine each format takes, warm medians
+(one warm-up first, so that torch's one-time imports are not counted: a ``.pt2`` pays
+them while loading, a trace on its first torch.func call), the ratio trace / ``.pt2``
+(the target is ≤ 2), and whether the two agree. ``--cold`` adds the wall time of the
+whole CLI command in a fresh process for each format (load, imports and all).
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -31,8 +49,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples" / "models"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 import jaccli  # noqa: E402
+import make_examples  # noqa: E402
 from make_examples import SmallCNN, SmallTransformer  # noqa: E402
 from timing import blocks  # noqa: E402
 
@@ -100,16 +120,73 @@ def _report(name, kind, plan, times, res, points) -> list[str]:
     return lines
 
 
+#: (command, mode) pairs of the trace comparison: the fast path's two, and torch.func's reverse mode
+TRACE_CASES = (("laplacian", "auto"), ("jacobian", "auto"), ("jacobian", "forward"), ("jacobian", "reverse"))
+
+
+def traces_vs_pt2(names: list[str], points: int, repeats: int, cold: bool) -> None:
+    """One line per (model, command): engines, warm medians, trace / .pt2, agreement."""
+    import numpy as np
+    from architectures import ZOO, trace
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            shape = ZOO[name][1]
+            traced, module = trace(name)
+            files = {"pt": Path(tmp) / f"{name}.pt", "pt2": Path(tmp) / f"{name}.pt2"}
+            torch.jit.save(traced, files["pt"])
+            example = (torch.randn(2, *shape),)
+            try:
+                make_examples.save_export(module, example, files["pt2"])
+            except Exception:  # MultiheadAttention specialises the batch: static, as users must
+                make_examples.save_export(module, example, files["pt2"], dynamic=False)
+            x = torch.randn(points, *shape, generator=torch.Generator().manual_seed(0))
+            xfile = Path(tmp) / f"{name}_x.npy"
+            np.save(xfile, x.numpy())
+            nets = {fmt: jaccli.load_model(str(path)) for fmt, path in files.items()}
+            for kind, mode in TRACE_CASES:
+                engines = {fmt: jaccli.plan(kind, net, x, per_sample=True, mode=mode).engine for fmt, net in nets.items()}
+                fns = {fmt: (lambda net=net: getattr(jaccli, kind)(net, x, per_sample=True, mode=mode)) for fmt, net in nets.items()}
+                times, res = blocks(fns, repeats)
+                ref = res["pt2"]
+                err = float((res["pt"] - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+                line = (f"{name:22s} {kind:9s} {mode:7s} engines pt {engines['pt']:10s} pt2 {engines['pt2']:10s} "
+                        f"pt {times['pt']:8.4f} s  pt2 {times['pt2']:8.4f} s  pt/pt2 {times['pt'] / times['pt2']:5.2f}  "
+                        f"rel. diff {err:.1e}")  # fmt: skip
+                if cold:
+                    line += "  cold CLI " + "  ".join(f"{fmt} {_cli_wall(kind, mode, path, xfile):.2f} s" for fmt, path in files.items())
+                print(line, flush=True)
+
+
+def _cli_wall(kind: str, mode: str, model: Path, x: Path) -> float:
+    """Wall seconds of ``jaccli KIND MODEL X -p`` in a fresh process (result saved, not printed)."""
+    out = x.with_suffix(".out.npy")
+    cmd = [sys.executable, "-m", "jaccli", kind, str(model), str(x), "-p", "--mode", mode, "--quiet",
+           "--save", str(out), "--force"]  # fmt: skip
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", type=int, default=2, help="points of the Laplacians")
     ap.add_argument("--jacobian-points", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=128, help="directions per vmap of the torch.func Laplacian")
+    ap.add_argument("--traces", action="store_true", help="every architecture: torch.jit.trace file against .pt2")
+    ap.add_argument("--only", default="", help="with --traces: comma-separated model names (default: all)")
+    ap.add_argument("--cold", action="store_true", help="with --traces: also the CLI's wall time in a fresh process")
     args = ap.parse_args()
     torch.manual_seed(0)
     warnings.simplefilter("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU", flush=True)
+    if args.traces:
+        from architectures import ZOO
+
+        names = [n for n in args.only.split(",") if n] or list(ZOO)
+        traces_vs_pt2(names, args.points, args.repeats, args.cold)
+        return
     with sdpa_kernel([SDPBackend.MATH]):  # torch.func's second derivatives need the math kernel
         cnn = SmallCNN().eval()
         case("SmallCNN 3x32x32 -> 10", cnn, (3, 32, 32), torch.randn(args.points, 3, 32, 32),

@@ -10,6 +10,7 @@ the fused kernels have no double backward.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from contextlib import contextmanager
@@ -20,6 +21,8 @@ from torch import nn
 from torch.func import hessian, jacrev
 
 import jaccli
+from architectures import LAYERS, ZOO
+from architectures import trace as trace_zoo
 from problems import make_examples
 
 
@@ -262,10 +265,11 @@ def test_float64_converts_everything_the_saved_model_holds(saved, name, fmt):
 
 @pytest.mark.parametrize("kind", ["jacobian", "hessian", "laplacian"])
 @pytest.mark.parametrize("fmt", ["eager", "pt"])
-@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if not n.startswith("recurrent")])
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_forward_mode_takes_the_fast_path_on_every_architecture(saved, name, fmt, kind):
-    """Convolutions, norms, softmax, attention and pooling all have Taylor rules (or are
-    decomposed into ops that do): forward mode runs the fast path and agrees in float64."""
+    """Convolutions, norms, softmax, attention, pooling and ATen's recurrent cell loops all
+    have Taylor rules (or are decomposed into ops that do, or updated in place where the
+    replay can follow): forward mode runs the fast path and agrees in float64."""
     model = saved(name, fmt)
     net = jaccli.load_model(model, dtype="float64") if isinstance(model, str) else model.double()
     x = torch.randn(3, *ARCHITECTURES[name][1], generator=torch.Generator().manual_seed(8), dtype=torch.float64)
@@ -274,12 +278,9 @@ def test_forward_mode_takes_the_fast_path_on_every_architecture(saved, name, fmt
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", jaccli.JaccliWarning)
         plan = jaccli.plan(kind, net, x, per_sample=True, mode="forward")
-        if (name, fmt) == ("attention", "pt"):
-            # torch.jit.trace turned MultiheadAttention's shape arithmetic into tensors made
-            # outside the dispatcher: the replay cannot tell them from constants
-            assert plan.engine == "torch.func" and "changes with the batch size" in plan.engine_note
-        else:
-            assert plan.engine == "taylor", plan.engine_note
+        # "attention" as .pt is a trace: MultiheadAttention's shape arithmetic on 0-dim
+        # tensors made outside the dispatcher is replayed at the batch at hand
+        assert plan.engine == "taylor", plan.engine_note
         got = getattr(jaccli, kind)(net, x, per_sample=True, mode="forward")
     _assert_close(got, _reference(name, kind, x), 1e-10)
 
@@ -344,3 +345,138 @@ def test_whole_input_matches_torch_func(saved, name, kind):
     with _differentiable_kernels():
         want = jacrev(module)(x) if kind == "jacobian" else hessian(module)(x)
     _assert_close(got, want, 1e-10)
+
+
+# ---- traces of real architectures (tests/architectures.py): the fast path, as from .pt2
+
+_FAST = list(ZOO)  # recurrent nets included: ATen's cell loop updates views in place that the replay follows
+_SMALL = [name for name in _FAST if math.prod(ZOO[name][1]) <= 16]
+
+
+@pytest.fixture(scope="module")
+def trace_file(tmp_path_factory):
+    """The model traced in float32 at 2 points (as users save them), as a .pt file."""
+    cache: dict = {}
+
+    def get(name: str) -> str:
+        if name not in cache:
+            path = tmp_path_factory.mktemp("traces") / f"{name}.pt"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's
+                torch.jit.save(trace_zoo(name)[0], path)
+            cache[name] = str(path)
+        return cache[name]
+
+    return get
+
+
+def _zoo_reference(name: str, kind: str, x: torch.Tensor) -> torch.Tensor:
+    """torch.func on the eager module in float64, point by point."""
+    module = ZOO[name][0]().eval().double()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    one = lambda xi: module(xi[None])[0]  # noqa: E731
+    with _differentiable_kernels():
+        if kind == "jacobian":
+            return torch.stack([jacrev(one)(xi) for xi in x])
+        h = torch.stack([hessian(one)(xi) for xi in x])
+    if kind == "hessian":
+        return h
+    n = math.prod(x.shape[1:])
+    return h.reshape(h.shape[0], -1, n, n).diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+@pytest.mark.parametrize(
+    "name,kind",
+    [(n, k) for n in _FAST for k in ("jacobian", "laplacian")] + [(n, "hessian") for n in _SMALL],
+)
+def test_trace_takes_the_fast_path_and_matches_torch_func(trace_file, name, kind):
+    """A torch.jit.trace file (convolutions as aten._convolution, shape arithmetic on
+    0-dim tensors, masked_fill_ in place, cumsum) runs on the Taylor engine and agrees
+    with torch.func on the eager module in float64, at a batch size it was not traced at."""
+    net = jaccli.load_model(trace_file(name), dtype="float64")
+    x = torch.randn(5, *ZOO[name][1], generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jaccli.JaccliWarning)  # ReLU's and max pooling's kinks
+        plan = jaccli.plan(kind, net, x, per_sample=True, mode="forward")
+        assert plan.engine == "taylor", plan.engine_note
+        got = getattr(jaccli, kind)(net, x, per_sample=True, mode="forward")
+    _assert_close(got, _zoo_reference(name, kind, x), 1e-10)
+
+
+@pytest.mark.parametrize("name", _FAST)
+def test_json_reports_the_taylor_engine_for_a_trace(trace_file, tmp_path, name):
+    """What a user sees: ``jaccli laplacian model.pt x.npy -p --json`` on the trace."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from jaccli.cli.main import app
+
+    x = tmp_path / "x.npy"
+    np.save(x, torch.randn(3, *ZOO[name][1], generator=torch.Generator().manual_seed(24)).numpy())
+    result = CliRunner().invoke(app, ["laplacian", trace_file(name), str(x), "-p", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["plan"]
+    assert plan["engine"] == "taylor", plan["engine_note"]
+
+
+class _SortPool(nn.Module):
+    """Sorted activations (as in SortPooling of graph nets): ``aten.sort`` has no Taylor rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(26)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):  # x [B, 4]
+        return torch.tanh(self.fc(x)).sort(dim=1).values * x
+
+
+def test_verbose_names_the_op_that_keeps_a_trace_off_the_fast_path(tmp_path):
+    """Where a trace still falls back, --verbose says which op and why, and the answer is right."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from jaccli.cli.main import app
+
+    module = _SortPool().eval().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(module, torch.randn(2, 4, dtype=torch.float64)), tmp_path / "sort.pt")
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(25), dtype=torch.float64)
+    np.save(tmp_path / "x.npy", x.numpy())
+    result = CliRunner().invoke(app, ["laplacian", str(tmp_path / "sort.pt"), str(tmp_path / "x.npy"), "-p", "--verbose",
+                                      "--save", str(tmp_path / "out.npy")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "torch.func engine" in result.stderr and "aten.sort has no Taylor rule" in result.stderr
+    for p in module.parameters():
+        p.requires_grad_(False)
+    h = torch.stack([hessian(lambda xi: module(xi[None])[0])(xi) for xi in x])
+    _assert_close(torch.from_numpy(np.load(tmp_path / "out.npy")), h.diagonal(dim1=-2, dim2=-1).sum(-1), 1e-10)
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "trace"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_single_layers_take_the_fast_path(name, traced):
+    """Pooling, padding, upsampling, transposed and 3-d convolutions, norms, activations,
+    a GRU cell, eager and traced: the Taylor engine, and the Laplacian of torch.func."""
+    factory, shape = LAYERS[name]
+    torch.manual_seed(27)
+    module = factory().eval().double()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(28), dtype=torch.float64)
+    net = module
+    if traced:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = torch.jit.trace(module, x[:2], check_trace=False)
+    flat = lambda z: net(z).flatten(1)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jaccli.JaccliWarning)  # max pooling's and ReLU's kinks
+        plan = jaccli.plan("laplacian", flat, x, per_sample=True)
+        assert plan.engine == "taylor", plan.engine_note
+        got = jaccli.laplacian(flat, x, per_sample=True)
+    n = math.prod(shape)
+    h = torch.stack([hessian(lambda xi: module(xi[None]).flatten())(xi) for xi in x])
+    _assert_close(got, h.reshape(4, -1, n, n).diagonal(dim1=-2, dim2=-1).sum(-1), 1e-10)

@@ -457,8 +457,10 @@ def check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:
             y = g(zz)
             v = torch.zeros_like(y)
             v[0] = torch.linspace(1.0, 2.0, v.shape[1], dtype=v.dtype, device=v.device)
-            # an output that does not depend on the input has no graph, and no leak
-            grad = torch.autograd.grad(y, zz, v, allow_unused=True)[0] if y.requires_grad else None
+            # an output that does not depend on the input has no graph, and no leak; the
+            # gradient of the scalar (y * v).sum(), not of y with grad_outputs v: given a
+            # tensor there, autograd imports torch.fx's symbolic shapes (sympy, seconds)
+            grad = torch.autograd.grad((y * v).sum(), zz, allow_unused=True)[0] if y.requires_grad else None
         except RuntimeError as exc:
             if "inplace operation" not in str(exc) and "mutate" not in str(exc):
                 model_failed(problem, exc, rows)

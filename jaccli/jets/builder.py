@@ -122,7 +122,8 @@ def _reference_jets(g: Callable, z: Tensor, v: Tensor, u: Tensor, orders: int) -
     with torch.enable_grad():
         zz = z.detach().requires_grad_(True)
         y = g(zz)
-        (w,) = torch.autograd.grad(y, zz, u, create_graph=orders > 1, allow_unused=True)
+        # the scalar's gradient: grad_outputs would import sympy (see check_batch_independence)
+        (w,) = torch.autograd.grad((y * u).sum(), zz, create_graph=orders > 1, allow_unused=True)
         if w is None:  # the output does not depend on the input
             return z.new_zeros(z.shape[0]), (z.new_zeros(z.shape[0]) if orders > 1 else None)
         first = (w * v).sum(-1)

@@ -10,15 +10,20 @@ forward-over-forward derivative is right, where PyTorch's own forward-mode formu
   with rules, that the recorder runs in place of the op (its ops are then recorded).
   The softmax family subtracts a *detached* maximum: the shift changes no derivative,
   and keeps ``exp`` from overflowing exactly as the fused kernel does.
-- :func:`functional_twin`: the out-of-place op of an in-place one (``add_`` → ``add``),
-  which the recorder records instead when the mutated tensor is fresh (made by the
-  model, not a view, not yet read): replaying the twin then gives the same values.
+  ``torch.jit.trace`` records convolutions as ``aten._convolution`` (with backend
+  flags that change no value): they become ``aten.convolution``, which has a rule.
+- :func:`functional_twin`: the out-of-place op of an in-place one (``add_`` → ``add``,
+  ``masked_fill_`` → ``masked_fill``, then decomposed), which the recorder records
+  instead when no other tensor shares the mutated one's memory (it was made by the
+  model, is not a view and nothing views it): ops that read it before the update were
+  recorded with the old value, ops after it read the twin's result, as in the model.
 
 Imports: torch only (the recorder, :mod:`.record`, imports this).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -89,9 +94,16 @@ def _batch_norm_eval(x, weight, bias, running_mean, running_var, eps):
 
 
 def _native_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps):
-    if training or running_mean is None or running_var is None:
-        return NotImplemented  # batch statistics: the points are mixed, no per-point rule
-    return _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
+    if not training and running_mean is not None and running_var is not None:
+        return _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
+    if running_mean is not None or running_var is not None:
+        return NotImplemented  # training with running statistics: the kernel updates buffers in place
+    # statistics of the input: what InstanceNorm runs (on [1, B·C, …], every point's channels
+    # apart); a BatchNorm that mixes the points this way is refused by the batch check
+    y, mean, rstd = _normalise(x, [0, *range(2, x.dim())], eps)
+    shape = _channel_shape(x)
+    y = _affine(y, None if weight is None else weight.reshape(shape), None if bias is None else bias.reshape(shape))
+    return y, mean.flatten(), rstd.flatten()
 
 
 def _batch_norm_no_training(x, weight, bias, running_mean, running_var, momentum, eps):
@@ -169,6 +181,56 @@ def _glu(x, dim=-1):
     return a * torch.sigmoid(b)
 
 
+def _adaptive_max_pool(x, output_size):
+    spatial = len(output_size)
+    sizes = x.shape[x.dim() - spatial :]
+    if any(o <= 0 for o in output_size):
+        return NotImplemented
+    if not any(s % o for s, o in zip(sizes, output_size)):
+        # windows of one size (the input a multiple of the output): max pooling, whose
+        # indices into each flattened plane are the adaptive op's
+        kernel = [s // o for s, o in zip(sizes, output_size)]
+        return getattr(aten, f"max_pool{spatial}d_with_indices").default(x, kernel, kernel)
+    # windows of two sizes, [⌊i·s/o⌋, ⌈(i+1)·s/o⌉): the maximum of each, its indices as values
+    dims = list(range(x.dim() - spatial, x.dim()))
+    cells = []
+    for cell in itertools.product(*(range(o) for o in output_size)):
+        window = x
+        for d, i, s, o in zip(dims, cell, sizes, output_size):
+            window = aten.slice.Tensor(window, d, i * s // o, -(-(i + 1) * s // o))
+        cells.append(window.amax(dims))
+    values = torch.stack(cells, -1)
+    values = values.reshape(*values.shape[:-1], *output_size)
+    indices = getattr(aten, f"adaptive_max_pool{spatial}d").default(x.detach(), output_size)[1]
+    return values, indices
+
+
+def _prelu(x, weight):
+    # the kernel behind nn.PReLU (its weight already shaped to broadcast over the channels)
+    return torch.where(x > 0, x, weight * x)
+
+
+def _convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, *backend_flags):
+    # what torch.jit.trace records for every convolution; the flags (benchmark,
+    # deterministic, cudnn_enabled, allow_tf32) pick kernels and change no value
+    return aten.convolution.default(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+
+
+def _masked_fill(x, mask, value):
+    # a Python number or a 0-dim tensor (input-dependent or not) where ``mask`` holds
+    if not isinstance(value, Tensor):
+        value = torch.full((), value, dtype=x.dtype, device=x.device)
+    return torch.where(mask, value.to(x.dtype), x)
+
+
+def _unsafe_split(x, size, dim=0):
+    return aten.split.Tensor(x, size, dim)
+
+
+def _unsafe_split_with_sizes(x, sizes, dim=0):
+    return aten.split_with_sizes.default(x, sizes, dim)
+
+
 #: ATen overload → decomposition with the same arguments (returning ``NotImplemented`` keeps the op)
 DECOMPOSITIONS: dict[object, Callable] = {
     aten.native_layer_norm.default: _layer_norm,
@@ -187,6 +249,15 @@ DECOMPOSITIONS: dict[object, Callable] = {
     aten.hardsigmoid.default: _hardsigmoid,
     aten.hardswish.default: _hardswish,
     aten.glu.default: _glu,
+    aten.adaptive_max_pool2d.default: _adaptive_max_pool,
+    aten.adaptive_max_pool3d.default: _adaptive_max_pool,
+    aten._prelu_kernel.default: _prelu,
+    aten._convolution.default: _convolution,
+    aten._convolution.deprecated: _convolution,
+    aten.masked_fill.Scalar: _masked_fill,
+    aten.masked_fill.Tensor: _masked_fill,
+    aten.unsafe_split.Tensor: _unsafe_split,
+    aten.unsafe_split_with_sizes.default: _unsafe_split_with_sizes,
 }
 
 
@@ -201,7 +272,16 @@ def functional_twin(func):
     if not name.endswith("_") or name.startswith("_"):
         return None
     packet = getattr(aten, name[:-1], None)
-    twin = getattr(packet, func._overloadname, None) if packet is not None else None
+    if packet is None:
+        return None
+    twin = getattr(packet, func._overloadname, None)
+    if twin is None:  # transpose_.default is transpose.int: the overload taking the same arguments
+        want = _argument_types(func)
+        twin = next((o for o in (getattr(packet, n) for n in packet.overloads()) if _argument_types(o) == want), None)
     if twin is None or twin._schema.is_mutable:
         return None
     return twin
+
+
+def _argument_types(func) -> list[str]:
+    return [f"{a.name}:{a.type}" for a in func._schema.arguments]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import operator
 
 
-from jaccli.jets.jet import Rule, _always, _b_mm, _b_mul, _b_mv
+from jaccli.jets.jet import Rule, _always, _b_mm, _b_mul, _b_mv, _norm
 from jaccli.jets.shape import (
     _getitem,
     _r_diagonal,
@@ -76,6 +76,7 @@ RULES: dict[str, Rule] = {
     "repeat": _rowwise(_r_repeat),
     "tril": _rowwise(lambda t, r, diagonal=0: t.tril(diagonal)),
     "triu": _rowwise(lambda t, r, diagonal=0: t.triu(diagonal)),
+    "cumsum": _rowwise(lambda t, r, dim, dtype=None: t.cumsum(_norm(dim, r) + 1, dtype=dtype)),
     # sums of terms
     "add": _ADD,
     "sub": _add_rule(-1.0),

@@ -133,14 +133,41 @@ def test_in_place_updates_of_fresh_tensors_replay_out_of_place():
     assert_rel(jaccli.hessian(fresh, x, per_sample=True), torch.diag_embed(torch.diag_embed(8 * c * c - 4 * s * (2 * s + 1))))
 
 
-def test_in_place_and_random_ops_are_refused_by_name():
-    def in_place(x):
+def test_in_place_updates_of_read_tensors_replay_out_of_place():
+    def read_then_updated(x):
         y = torch.sin(x)
-        z = y * 3  # y is read before it is updated: an out-of-place replay would change z
+        z = y * 3  # recorded with y before the update: the replay's z reads the old y too
         y.mul_(2)
         return y + z
 
-    with pytest.raises(taylor.Unsupported, match="in-place op aten.mul_") as info:
+    x = points()
+    assert jaccli.plan("hessian", read_then_updated, x, per_sample=True).engine == "taylor"
+    assert_rel(jaccli.jacobian(read_then_updated, x, per_sample=True), torch.diag_embed(5 * torch.cos(x)))
+    assert_rel(jaccli.hessian(read_then_updated, x, per_sample=True), torch.diag_embed(torch.diag_embed(-5 * torch.sin(x))))
+
+
+def test_in_place_updates_of_views_replay_while_nothing_reads_what_they_changed():
+    def gates(x):  # as ATen's LSTM cell: chunks of one tensor activated in place, the whole never read again
+        h = torch.cat([x, x * x], 1)
+        a, b = h.unsafe_chunk(2, 1)
+        a.sigmoid_()
+        b.tanh_()
+        return a * b
+
+    x = points()
+    assert jaccli.plan("hessian", gates, x, per_sample=True).engine == "taylor"
+    want = lambda x: torch.tanh(x * x) * torch.sigmoid(x)  # noqa: E731
+    assert_rel(jaccli.jacobian(gates, x, per_sample=True), torch_func("jacobian", want, x, per_sample=True))
+    assert_rel(jaccli.hessian(gates, x, per_sample=True), torch_func("hessian", want, x, per_sample=True))
+
+
+def test_in_place_and_random_ops_are_refused_by_name():
+    def in_place(x):
+        y = torch.sin(x)
+        y[:, :1].mul_(2)  # an update through a view changes y too: the replay's y would not change
+        return y
+
+    with pytest.raises(taylor.Unsupported, match="aten.mul_ updated in place through another tensor sharing its memory") as info:
         taylor.build(in_place, points())
     assert info.value.op == "mul_"
     with pytest.raises(taylor.Unsupported, match="random op aten.rand"):
@@ -148,12 +175,27 @@ def test_in_place_and_random_ops_are_refused_by_name():
     x = points()
     p = jaccli.plan("jacobian", in_place, x, per_sample=True)
     assert p.engine == "torch.func" and "mul_" in p.engine_note
-    assert_rel(jaccli.jacobian(in_place, x, per_sample=True), torch.diag_embed(5 * torch.cos(x)))
+    scale = torch.ones(x.shape[1], dtype=x.dtype)
+    scale[0] = 2
+    assert_rel(jaccli.jacobian(in_place, x, per_sample=True), torch.diag_embed(scale * torch.cos(x)))
 
 
 def test_batch_size_used_out_of_proportion_is_refused():
     with pytest.raises(taylor.Unsupported, match="not in proportion"):
         taylor.build(lambda x: x * (x.shape[0] + 1), points())
+
+
+def test_a_traces_batch_size_arithmetic_is_replayed_at_the_batch_at_hand():
+    # torch.jit.trace keeps x.shape[0] + 1 as ops on a 0-dim tensor made outside the
+    # dispatcher (prim::NumToTensor): the replay makes it from the batch it runs at
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(lambda x: torch.sin(x).reshape(x.shape[0] * 3, 1) * (x.shape[0] + 1), points(2))
+    program = taylor.build(lambda z: traced(z).reshape(z.shape[0], -1), points(2))
+    x = points(5)
+    assert_rel(program.value(x), 6 * torch.sin(x))
+    v = torch.randn(1, *x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(3))
+    assert_rel(program.jvp(x, v)[0], 6 * torch.cos(x) * v[0])
 
 
 def test_a_wrong_rule_is_caught_by_verification(monkeypatch):

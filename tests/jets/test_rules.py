@@ -128,6 +128,19 @@ OP_CASES = {
     "sum-mean": (lambda x: (x * x).sum(1, keepdim=True) + torch.sin(x).mean(-1, keepdim=True) * x, {"sum", "mean"}),
     "index": (lambda x: x.index_select(1, torch.tensor([2, 0])) * x[:, [1, 2]], {"index_select", "index"}),
     "flip-roll": (lambda x: x.flip(1) * x.roll(1, 1), {"flip", "roll"}),
+    "cumsum": (lambda x: torch.sin(x).cumsum(1) * x.cumsum(-1, dtype=x.dtype), {"cumsum"}),
+    "masked-fill": (lambda x: torch.sin(x).masked_fill_(x > 1, 0.5) * x.masked_fill(x < 1, torch.tensor(2.0, dtype=x.dtype)), {"where"}),
+    "prelu": (lambda x: F.prelu(torch.sin(x) - 0.9, c[:1].abs()) + F.prelu((x - 1)[:, :, None], c.abs()).flatten(1), {"where"}),
+    "instance-norm": (lambda x: F.instance_norm((x * x)[:, None], weight=c[:1], bias=C[0, :1], eps=1e-5).flatten(1) * x, {"rsqrt"}),
+    "adaptive-max-pool": (  # windows of one size (max pooling) and of two sizes (slices and amax)
+        lambda x: torch.cat([F.adaptive_max_pool1d(torch.sin(x)[:, None] * x[:, None], k).flatten(1) for k in (3, 2)], 1),
+        {"max_pool2d_with_indices", "amax"},
+    ),
+    "traced-convolution": (  # what torch.jit.trace records for a Conv1d
+        lambda x: torch.ops.aten._convolution(x[:, None] * x[:, None], C[:2, None, :2], c[:2], [1], [0], [1], False, [0], 1,
+                                              False, False, True, True).flatten(1),
+        {"convolution"},
+    ),  # fmt: skip
     "repeat": (lambda x: x.repeat(1, 2) * torch.cat([x, x * x], 1), {"repeat"}),
     "cat-const": (lambda x: torch.cat([x, torch.ones(_b(x), 1, dtype=x.dtype), torch.sin(x)], 1) * 2, {"cat"}),
     "where": (lambda x: torch.where(x > 1, x**2, 3 * x), {"where", "gt"}),
