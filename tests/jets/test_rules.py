@@ -1,8 +1,14 @@
-"""Every Taylor rule against torch.func in float64, one case per supported op."""
+"""Every Taylor rule against torch.func in float64, one case per supported op.
+
+A new rule is one entry in :data:`jaccli.jets.RULES` and one row in :data:`OP_CASES`:
+each case is checked as a Jacobian, Hessian (pairs), Laplacian (collapsed) and
+divergence, and as univariate series of orders 1 to 4 along several directions at once.
+"""
 
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import pytest
@@ -208,6 +214,61 @@ def test_each_op_matches_torch_func_in_float64(name):
     assert_rel(program.laplacian(x, directions=2), want_l)
     if square(f, x):
         assert_rel(program.divergence(x, directions=2), torch_func("divergence", f, x, per_sample=True))
+
+
+#: cases through fused kernels whose forward-over-forward derivative PyTorch gets wrong
+#: (``planner.FORWARD_OVER_FORWARD_WRONG``) or lacks (``silu_backward``, ``mish_backward``):
+#: their reference is nested reverse mode
+_REVERSE_REFERENCE = {"batch-norm-eval", "silu", "activations"}
+
+
+def _layer_norm_twin(x):
+    # past order 2 even autograd's derivatives of native_layer_norm are wrong: the
+    # reference is the same function in plain ops
+    y = x * x
+    d = y - y.mean(1, keepdim=True)
+    return d / torch.sqrt((d * d).mean(1, keepdim=True) + 1e-5) * c + C[0]
+
+
+#: a case's function written without the fused kernel, where no torch.func mode differentiates it right
+_TWINS = {"layer-norm": _layer_norm_twin}
+
+
+def _directional(f, x: torch.Tensor, v: torch.Tensor, k: int, reverse: bool = False) -> torch.Tensor:
+    """``dᵏ/dtᵏ f(x + t v)`` at 0 per point, by ``k`` nested ``torch.func.jvp`` (or, ``reverse``,
+    ``torch.func.jacrev`` in ``t``)."""
+    if not reverse:
+        h = f
+        for _ in range(k):
+            h = (lambda g: lambda z: torch.func.jvp(g, (z,), (v,))[1])(h)
+        with torch.no_grad():
+            return h(x)
+
+    def h(t, z, d):
+        return f((z + t * d)[None])[0]
+
+    for _ in range(k):
+        h = torch.func.jacrev(h)
+    return torch.func.vmap(h, in_dims=(None, 0, 0))(torch.zeros((), dtype=x.dtype), x, v)
+
+
+@pytest.mark.parametrize("name", list(OP_CASES))
+def test_each_op_matches_nested_torch_func_at_orders_one_to_four(name):
+    warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+    f = OP_CASES[name][0]
+    program = _program(name)
+    x = points()
+    ref = _TWINS.get(name, f)
+    v = torch.randn(2, *x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(5))  # two directions
+    got = program.series(x, v, 4)
+    with torch.no_grad():
+        assert_rel(ref(x), f(x))
+        assert_rel(got[0], f(x))
+    for k in range(1, 5):
+        for i in range(2):
+            want = _directional(ref, x, v[i], k, name in _REVERSE_REFERENCE).reshape(x.shape[0], -1)
+            c = torch.zeros_like(want) if got[k] is None else got[k][i] * math.factorial(k)
+            assert_rel(c, want)
 
 
 def test_hardsigmoid_has_its_exact_slope():
