@@ -34,7 +34,8 @@ The package, in the order a program is made (each module imports only those abov
 ===================  ==================================================================
 :mod:`.jet`          :class:`Jet`, :class:`Layout`, :class:`Rule`, row arithmetic
 :mod:`.shape`        rules for views, indexing, reductions, casts
-:mod:`.elementwise`  rules for unary ops: derivatives of any order, Faà di Bruno
+:mod:`.chain`        the chain rule at any order (Faà di Bruno, ODE recurrences)
+:mod:`.elementwise`  rules for unary ops, from one table of derivatives of any order
 :mod:`.linear`       rules for sums and products (add, mul, div, mm, addmm, …)
 :mod:`.spatial`      rules for convolutions, pooling, upsampling, padding, maxima
 :mod:`.table`        the rule table :data:`RULES` (op name → rule) and :data:`VALUE_OPS`
