@@ -9,7 +9,7 @@ base, new, base, new, … after one warm-up each, so that a drift of a shared ma
 both sides of a ratio alike. Reported: the median seconds of each side and new / base.
 The jobs are those of ``benchmarks/bench.py`` and ``benchmarks/partials.py`` at reduced
 sizes: the seed PINN's Jacobian, Hessian and ``u_xxxx`` (TorchScript), a Laplacian, a
-divergence and a mixed partial of MLPs. A ratio near 1 says nothing on a noisy machine;
+divergence and a mixed partial of MLPs, and a mixed partial of a small CNN. A ratio near 1 says nothing on a noisy machine;
 one far above it is a regression worth a real benchmark.
 """
 
@@ -79,11 +79,25 @@ def mlp(sizes, seed: int = 0) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers[:-1]).eval()
 
 
+class SmallCNN(torch.nn.Module):
+    """2 inputs → 16 → a Conv1d(1→4) with tanh and max pooling → 1: partials of a CNN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.a, self.conv, self.b = torch.nn.Linear(2, 16), torch.nn.Conv1d(1, 4, 3, padding=1), torch.nn.Linear(32, 1)
+
+    def forward(self, p):
+        h = torch.tanh(self.conv(torch.tanh(self.a(p))[:, None]))
+        return self.b(torch.nn.functional.max_pool1d(h, 2).flatten(1))
+
+
 def jobs(n: int) -> dict:
     x1 = torch.linspace(0, 1, n)[:, None]
     lap_net, lap_x = mlp((100, 256, 256, 256, 1), 1), torch.randn(max(n // 10, 8), 100)
     div_net, div_x = mlp((16, 256, 256, 16), 2), torch.randn(n, 16)
     mix_net, mix_x = mlp((2, 64, 64, 1), 3).double(), torch.rand(n, 2, dtype=torch.float64)
+    cnn = SmallCNN().double().eval()
     pinn = ROOT / "examples/models/pinn.pt"
 
     def model(api):
@@ -96,6 +110,7 @@ def jobs(n: int) -> dict:
         "laplacian 100-256³-1": lambda api: api.laplacian(lap_net, lap_x, per_sample=True),
         "divergence 16-256²-16": lambda api: api.divergence(div_net, div_x, per_sample=True),
         "u_txx, u_tt 2-64²-1": lambda api: api.partials(mix_net, mix_x, ["u_txx", "u_tt"], inputs="t,x", per_sample=True),
+        "u_txx CNN (conv, pool)": lambda api: api.partials(cnn, mix_x[: max(n // 10, 8)], ["u_txx"], inputs="t,x", per_sample=True),
     }
 
 
