@@ -7,7 +7,7 @@ record, the chunk ranges records hold, and :class:`_Stats`: min / max / mean ove
 result gathered chunk by chunk (so a streamed result gets the summary an in-memory one
 gets, merged over ranks).
 
-Imports: torch only.
+Imports: torch, :mod:`jaccli.signals` and the test pause hook of :mod:`.write`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ from pathlib import Path
 
 import torch
 
+from jaccli import signals
+from jaccli.io.write import _pause_for_tests
+
 _PARTIAL = ".jaccli-partial"
+_TMP = ".tmp"
 
 
 def partial_path(target: str | os.PathLike) -> Path:
@@ -69,13 +73,50 @@ def parameters_fingerprint(f) -> str | None:
     return h.hexdigest()
 
 
-def _atomic_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _atomic_json(path: Path, doc: dict, *, pause: str | None = None) -> None:
+    """Write ``doc`` to ``path`` through a temporary file, durably (file and directory
+    fsynced), with SIGINT/SIGTERM/SIGHUP held back until done: a signal never leaves the
+    temporary file behind (it arrives as :class:`~jaccli.signals.Interrupted` afterwards).
+    Only SIGKILL can, and :func:`remove_stale_temporaries` clears that on the next run.
+    ``pause`` names a test moment between writing the temporary file and renaming it."""
+    tmp = path.with_name(path.name + _TMP)
+    with signals.deferred():
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(doc, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if pause:
+                _pause_for_tests(pause)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory: the rename is all they offer
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(partial: Path) -> list[Path]:
+    """Remove the temporary files of records a killed run left beside ``partial``; call
+    only while holding the partial run's lock (or where no partial run exists), when no
+    other writer can be in the middle of one."""
+    stale = sorted(partial.parent.glob(partial.name + "*" + _TMP))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def _ranges(done: set[int]) -> list[list[int]]:

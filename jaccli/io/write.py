@@ -211,6 +211,12 @@ def write_stdout(data) -> None:
 #: test hook, documented in tests/test_faults.py and nowhere else used: a path; the
 #: writer creates it once the temporary file is complete and waits until it is removed
 _PAUSE_ENV = "JACCLI_TEST_PAUSE_BEFORE_RENAME"
+#: test hook of the same kind for the named moments of a streamed save (:mod:`.stream`):
+#: ``MOMENT=PATH``, e.g. ``record-written=/tmp/m``; see :func:`pause_for_tests`
+PAUSE_AT_ENV = "JACCLI_TEST_PAUSE_AT"
+#: how long a paused writer waits for the test to remove the marker: a guard against a
+#: test that died, never a timing the test relies on
+_PAUSE_GUARD_S = 600
 
 #: errors of os.link that mean "no hard links here", not "cannot write"
 _NO_LINKS = {errno.EPERM, errno.EACCES, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
@@ -275,11 +281,17 @@ def _place(tmp: str, target: Path, force: bool) -> None:
         os.unlink(tmp)
 
 
-def _pause_for_tests() -> None:
-    marker = os.environ.get(_PAUSE_ENV)
+def _pause_for_tests(moment: str = "before-rename") -> None:
+    """Test hook: at ``moment``, create the marker file the environment names and wait
+    until the test removes it, so that a test acts (sends a signal, starts a rival) at
+    exactly that point of the write instead of guessing it from the clock."""
+    marker = os.environ.get(_PAUSE_ENV) if moment == "before-rename" else None
+    at, _, path = os.environ.get(PAUSE_AT_ENV, "").partition("=")
+    if at == moment and path:
+        marker = path
     if not marker:
         return
     Path(marker).touch()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + _PAUSE_GUARD_S
     while os.path.exists(marker) and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.005)
