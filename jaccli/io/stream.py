@@ -362,6 +362,7 @@ class FileSink:
             self._record()
         if kill:
             os.kill(os.getpid(), signal.SIGKILL)
+        _pause_for_tests(f"chunk-{self.written}")
         if self.fail_after is not None and self.written >= self.fail_after:
             raise OutputError(f"injected test failure ({FAIL_HOOK})", where=str(self.target))
         if self.progress is not None:
@@ -443,7 +444,12 @@ class FileSink:
         """
         while True:
             try:
-                fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fd, created = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+                except FileExistsError:
+                    fd, created = os.open(self.partial, os.O_RDWR), False
+            except FileNotFoundError:  # removed between the two opens: try again
+                continue
             except OSError as exc:
                 raise OutputError(f"cannot write: {exc.strerror or exc}", where=str(self.target)) from None
             try:
@@ -465,6 +471,7 @@ class FileSink:
                 same = False
             if same:
                 self.fd = fd
+                self.owned = created  # an empty file of ours; one found here is ours once continued
                 return
             os.close(fd)
 
@@ -484,7 +491,7 @@ class FileSink:
                 expected=f"{self.partial.name} beside it",
                 hint="run without --resume",
             )
-        self._lock()  # owned (ours to remove) only once continued or truncated: a refusal deletes nothing
+        self._lock()  # a refusal below deletes nothing it did not create
         _pause_for_tests("locked")
         remove_stale_temporaries(self.partial)  # a killed run's: the lock says none is live
         if self.stream.resume:

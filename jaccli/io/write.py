@@ -212,7 +212,7 @@ def write_stdout(data) -> None:
 #: writer creates it once the temporary file is complete and waits until it is removed
 _PAUSE_ENV = "JACCLI_TEST_PAUSE_BEFORE_RENAME"
 #: test hook of the same kind for the named moments of a streamed save (:mod:`.stream`):
-#: ``MOMENT=PATH``, e.g. ``record-written=/tmp/m``; see :func:`pause_for_tests`
+#: ``MOMENT=PATH[,MOMENT=PATH…]``, e.g. ``meta-written=/tmp/m``; see :func:`_pause_for_tests`
 PAUSE_AT_ENV = "JACCLI_TEST_PAUSE_AT"
 #: how long a paused writer waits for the test to remove the marker: a guard against a
 #: test that died, never a timing the test relies on
@@ -286,9 +286,10 @@ def _pause_for_tests(moment: str = "before-rename") -> None:
     until the test removes it, so that a test acts (sends a signal, starts a rival) at
     exactly that point of the write instead of guessing it from the clock."""
     marker = os.environ.get(_PAUSE_ENV) if moment == "before-rename" else None
-    at, _, path = os.environ.get(PAUSE_AT_ENV, "").partition("=")
-    if at == moment and path:
-        marker = path
+    for spec in os.environ.get(PAUSE_AT_ENV, "").split(","):
+        at, _, path = spec.partition("=")
+        if at == moment and path:
+            marker = path
     if not marker:
         return
     Path(marker).touch()
