@@ -177,6 +177,141 @@ def test_max_input_bytes_from_the_environment_and_the_api(tmp_path, monkeypatch)
 
 
 
+# ----------------------------------------------------------------- damaged files (issue 22)
+
+
+def _npy_with_descr(path: Path, descr: str, shape_text: str) -> Path:
+    header = "{'descr': %s, 'fortran_order': False, 'shape': (%s), }" % (descr, shape_text)
+    header += " " * ((64 - (10 + len(header) + 1) % 64) % 64) + "\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + b"\0" * 256)
+    return path
+
+
+def _central_entries(data: bytes):
+    """Offsets of the central directory's entries of a zip archive (after its members,
+    which may hold zip archives of their own)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        at = data.find(b"PK\x01\x02", z.start_dir)
+    while at >= 0:
+        yield at
+        at = data.find(b"PK\x01\x02", at + 4)
+
+
+def _patched(src: Path, dst: Path, how: str) -> Path:
+    """``src`` with every member needing zip version 12.8 to extract, or with a first member
+    name flagged UTF-8 whose first byte is not UTF-8: what the issue's mutated files hold."""
+    data = bytearray(src.read_bytes())
+    for at in _central_entries(bytes(data)):
+        if how == "version":
+            struct.pack_into("<H", data, at + 6, 128)
+        else:
+            struct.pack_into("<H", data, at + 8, struct.unpack_from("<H", data, at + 8)[0] | 0x800)
+            data[at + 46] = 0xFF
+            break
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def _member(src: Path, suffix: str) -> zipfile.ZipInfo:
+    with zipfile.ZipFile(src) as z:
+        return next(i for i in z.infolist() if i.filename.endswith(suffix) and i.file_size > 0)
+
+
+def _flipped(src: Path, dst: Path, suffix: str) -> Path:
+    """``src`` with one byte of its (stored) member ``*suffix`` changed in place: the CRC-32
+    in the archive no longer matches."""
+    info = _member(src, suffix)
+    data = bytearray(src.read_bytes())
+    name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.compress_size // 2] ^= 0x55
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def _truncated(src: Path, dst: Path, suffix: str, keep: int) -> Path:
+    """``src`` re-zipped with member ``*suffix`` cut to ``keep`` bytes and a CRC-32 that
+    matches the cut bytes: only the tensor's declared size can tell."""
+    victim = _member(src, suffix).filename
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zout.writestr(zipfile.ZipInfo(info.filename, info.date_time), data[:keep] if info.filename == victim else data)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """name -> (CLI arguments, patterns in the one line); every one is exit 3 (InputError)."""
+    from safetensors.torch import save
+
+    d = tmp_path_factory.mktemp("damaged")
+    x = d / "x.npy"
+    np.save(x, np.ones((4, 3), np.float32))
+    np.savez(d / "x.npz", x=np.ones((4, 3), np.float32))
+    torch.save(torch.ones(4, 3), d / "x.pt")
+    script, export = EXAMPLES / "field.pt", EXAMPLES / "field.pt2"
+    cases = {
+        "npy: negative dimension": ([MODEL, _npy_with_descr(d / "neg.npy", "'<f4'", "-4, 3")], "negative dimension", r"\[-4, 3\]"),
+        "npy: datetime64": ([MODEL, _npy_with_descr(d / "dt.npy", "'<M8[ns]'", "4, 3")], "dates and times", "datetime64"),
+        "npy: longdouble": ([MODEL, _npy_with_descr(d / "ld.npy", "'<f16'", "4, 3")], "extended-precision", "float64"),
+        "npy: a bare name in the header": ([MODEL, _npy_with_descr(d / "ast.npy", "x", "4, 3")], "corrupt .npy header", "'descr'"),
+    }  # fmt: skip
+    for how, needle in (("version", r"zip version .*got 12\.8"), ("name", "not valid UTF-8")):
+        cases[f"npz: {how}"] = ([MODEL, _patched(d / "x.npz", d / f"{how}.npz", how)], needle)
+        cases[f"pt tensors: {how}"] = ([MODEL, _patched(d / "x.pt", d / f"{how}-x.pt", how)], needle)
+        cases[f"TorchScript: {how}"] = ([_patched(script, d / f"{how}.pt", how), x], needle)
+        cases[f"pt2: {how}"] = ([_patched(export, d / f"{how}.pt2", how), x], needle)
+    crc = r"member .* does not match its CRC-32"
+    cases["npz: a byte changed"] = ([MODEL, _flipped(d / "x.npz", d / "flip.npz", "x.npy")], crc)
+    cases["pt tensors: a byte changed"] = ([MODEL, _flipped(d / "x.pt", d / "flip-x.pt", "data/0")], crc)
+    cases["TorchScript: a weight byte changed"] = ([_flipped(script, d / "flip.pt", "data/0"), x], crc)
+    cases["pt2: a weight byte changed"] = ([_flipped(export, d / "flip.pt2", "weights/weight_0"), x], crc)
+    short = r"tensor record .*data/0 is shorter than its tensor .*expected 36 bytes, got {} bytes"
+    for keep in (8, 0):
+        cases[f"TorchScript: weight record cut to {keep} bytes"] = (
+            [_truncated(script, d / f"cut{keep}.pt", "data/0", keep), x], short.format(keep))
+    lying = {"0.weight": torch.zeros(2, 3), "0.bias": torch.zeros(2)}
+    meta = {"jaccli.arch": "mlp", "jaccli.activation": "tanh", "jaccli.sizes": "[3, 1e400, 3]"}
+    (d / "inf.safetensors").write_bytes(save(lying, metadata=meta))
+    cases["safetensors MLP: sizes of 1e400"] = ([d / "inf.safetensors", x], "jaccli.sizes is not a list of whole numbers")
+    return cases
+
+
+DAMAGED = [
+    "npy: negative dimension", "npy: datetime64", "npy: longdouble", "npy: a bare name in the header",
+    *(f"{kind}: {how}" for how in ("version", "name") for kind in ("npz", "pt tensors", "TorchScript", "pt2")),
+    "npz: a byte changed", "pt tensors: a byte changed", "TorchScript: a weight byte changed", "pt2: a weight byte changed",
+    "TorchScript: weight record cut to 8 bytes", "TorchScript: weight record cut to 0 bytes",
+    "safetensors MLP: sizes of 1e400",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", DAMAGED)
+def test_damaged_files_are_input_errors_naming_the_file(damaged, name, tmp_path):
+    """Exit 3, the file named, what is wrong in words; no result is ever computed from
+    damaged bytes (nothing is saved)."""
+    args, *needles = damaged[name]
+    bad = next(a for a in args if "damaged" in str(a))
+    result = run("jacobian", *args, "-p", "-q", "--save", tmp_path / "r.npy")
+    _clean(result.exit_code, result.stderr, EXIT_CODES[jaccli.InputError], re.escape(Path(bad).name), *needles)
+    assert not (tmp_path / "r.npy").exists()
+
+
+def test_the_damaged_files_are_damaged_only_where_meant(damaged, tmp_path):
+    """The mutations above damage what they say and nothing else: the same steps with no
+    change give files that compute."""
+    script = EXAMPLES / "field.pt"
+    whole = _truncated(script, tmp_path / "whole.pt", "data/0", 10**6)
+    x = tmp_path / "x.npy"
+    np.save(x, np.ones((4, 3), np.float32))
+    result = run("jacobian", whole, x, "-p", "-q", "--save", tmp_path / "r.npy")
+    assert result.exit_code == 0, result.stderr
+    want = run("jacobian", script, x, "-p", "-q", "--save", tmp_path / "want.npy")
+    assert want.exit_code == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "r.npy"), np.load(tmp_path / "want.npy"))
+
+
 def test_no_hostile_input_is_an_internal_error(hostile):
     """The rule: "internal error" is kept for bugs; no damaged file is one."""
     for name in HOSTILE:
