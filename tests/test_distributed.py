@@ -15,10 +15,8 @@ import torch
 
 import jaccli
 from jaccli.io import stream as st
-from problems import tanh_mlp
+from problems import HANG_GUARD_S, tanh_mlp
 
-#: a guard against a hung job (torch's start-up on a loaded machine can take a minute), not a timing
-HANG_GUARD_S = 900
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"

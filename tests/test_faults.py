@@ -40,7 +40,7 @@ import jaccli
 from jaccli import signals
 from jaccli.errors import EXIT_CODES, OutputClosed
 from jaccli.io import write as jwrite
-from problems import EXAMPLES
+from problems import EXAMPLES, HANG_GUARD_S
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals, /proc and /dev/full")
 
@@ -48,8 +48,6 @@ MODEL = str(EXAMPLES / "field.pt")  # R^3 -> R^3: a [N, 3, 3] Jacobian per sampl
 PAUSE_AT = "JACCLI_TEST_PAUSE_AT"
 #: several processes share two cores here: one thread each, or their thread pools fight
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-#: a guard against a hung test, never a timing a test relies on
-HANG_GUARD_S = 900
 
 EXIT_OUTPUT = EXIT_CODES[jaccli.OutputError]
 EXIT_RESUME = EXIT_CODES[jaccli.ResumeError]
@@ -238,12 +236,12 @@ class Driver:
             assert time.monotonic() < self.deadline, "hang guard"
             self._next_event(block=True)
 
-    def run(self, extra=lambda: True) -> None:
-        """Start the first cases, act at every moment, until all cases and ``extra`` are done."""
+    def run(self) -> None:
+        """Start the first cases, act at every moment, until all cases are done."""
         for c in self.cases.values():
             c.step = 0
         self.spawn([n for n, c in self.cases.items() if c.after is None and not c.manual])
-        while not extra() or any(c.returncode is None for c in self.cases.values()):
+        while any(c.returncode is None for c in self.cases.values()):
             assert time.monotonic() < self.deadline, {n: (c.returncode, c.step) for n, c in self.cases.items()}
             for c in self.cases.values():
                 if c.pid is not None and c.returncode is None and c.step < len(c.steps):
@@ -349,19 +347,22 @@ def processes(tmp_path_factory):
 
     reader = threading.Thread(target=head_c_100)
     reader.start()
-    sent = []
 
-    def startup_signalled():
-        if not sent and _sigcgt(startup.pid) & (1 << (signal.SIGTERM - 1)):
-            # the handlers are in place: jaccli is still importing its CLI or torch
+    def interrupt_start_up():
+        # its own thread, so that no action of the driver (waiting for rivals) delays it:
+        # SIGINT as soon as the handlers are in place, while jaccli still imports its CLI or torch
+        while startup.proc.poll() is None and not _sigcgt(startup.pid) & (1 << (signal.SIGTERM - 1)):
+            time.sleep(0.001)
+        if startup.proc.poll() is None:
             os.kill(startup.pid, signal.SIGINT)
-            sent.append(True)
-        return bool(sent)
 
+    interrupter = threading.Thread(target=interrupt_start_up)
+    interrupter.start()
     forked = {n: c for n, c in cases.items() if n not in fresh}
     for c in forked.values():
         c.returncode = None
-    Driver(forked, root).run(extra=startup_signalled)
+    Driver(forked, root).run()
+    interrupter.join(timeout=HANG_GUARD_S)
     reader.join(timeout=HANG_GUARD_S)
     for name in fresh:
         cases[name].returncode = cases[name].proc.wait(timeout=HANG_GUARD_S)

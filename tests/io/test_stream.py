@@ -20,11 +20,9 @@ import jaccli
 from jaccli.cli.main import app
 from jaccli.errors import EXIT_CODES
 from jaccli.io import stream as st
-from problems import tanh_mlp
+from problems import HANG_GUARD_S, tanh_mlp
 
 runner = CliRunner(env={"COLUMNS": "200"})
-#: a guard against a hung subprocess (torch's start-up on a loaded machine), not a timing
-HANG_GUARD_S = 900
 
 
 def run(*args):
