@@ -650,9 +650,11 @@ class FileSink:
         self._close_fd()
 
     def _remove_partial(self) -> None:
-        """Remove the partial file and its records (rank 0, holding the lock)."""
+        """Remove the partial file, and its records where this run wrote or continued them
+        (rank 0, holding the lock): a run refused before that leaves others' records alone."""
+        records = [_meta_path(self.partial), *_done_paths(self.partial)] if self.meta_written else []
         with signals.deferred():
-            for p in [self.partial, _meta_path(self.partial), *_done_paths(self.partial)]:
+            for p in [self.partial, *records]:
                 Path(p).unlink(missing_ok=True)
         self.owned = False
 

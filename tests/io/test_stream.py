@@ -141,6 +141,11 @@ def test_an_unreadable_record_is_named_with_the_fix_and_nothing_is_deleted(case)
     with pytest.raises(jaccli.ResumeError, match=r"done0\.json: the partial run's record is unreadable \(not a jaccli record\)"):
         jaccli.jacobian(net, x, per_sample=True, chunk_size=300, save=jaccli.Stream(d / "J.npy", name="jacobian", resume=True))
     assert _files(d) == before
+    (d / ".J.npy.jaccli-partial.done0.json").write_text('{"chunks": [[0, 3]]}')
+    (d / ".J.npy.jaccli-partial").unlink()  # records of rows that are gone: not resumable, not deleted
+    with pytest.raises(jaccli.ResumeError, match=r"does not match its records.*rerun without --resume"):
+        jaccli.jacobian(net, x, per_sample=True, chunk_size=300, save=jaccli.Stream(d / "J.npy", name="jacobian", resume=True))
+    assert _files(d) == [n for n in before if n != ".J.npy.jaccli-partial"]
 
 
 def test_a_partial_file_without_records_resumes_from_chunk_0_and_stale_temporaries_go(case):
