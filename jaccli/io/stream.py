@@ -41,7 +41,6 @@ nothing of the engine.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import math
 import os
@@ -57,8 +56,8 @@ import torch
 from jaccli.errors import format_bytes, JaccliError, OutputError, ResumeError, UsageError
 from jaccli import signals
 from jaccli.io import transfer
-from jaccli.io.records import (_Stats, _atomic_json, _done_path, _done_paths, _fsync_dir, _meta_path, _ranges,
-                                partial_path, remove_stale_temporaries)  # fmt: skip
+from jaccli.io.records import (_Stats, _atomic_json, _done_path, _done_paths, _fsync_dir, _meta_path, _ranges, lock,
+                                partial_path, read_records, remove_stale_temporaries)  # fmt: skip
 from jaccli.io.write import _pause_for_tests, _place, check_writable, output_format
 
 #: result formats whose header is known before the data, so that rows can be written in place
@@ -433,48 +432,6 @@ class FileSink:
             "metadata": {k: v if isinstance(v, str) else json.dumps(v) for k, v in (self.stream.metadata or {}).items()},
         }
 
-    def _lock(self) -> None:
-        """Open (creating it if need be) the partial file and lock it for this run's life.
-
-        A second writer fails at once (exit 7) rather than waiting: it would only redo the
-        same work, and a user who started two runs by mistake learns it now. The lock is the
-        kernel's (``flock``): a killed holder releases it, so a stale partial run never
-        blocks anyone. A file renamed into place or removed by the writer that held it while
-        this one waited on the lock is not the partial file any more: open the name again.
-        """
-        while True:
-            try:
-                try:
-                    fd, created = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
-                except FileExistsError:
-                    fd, created = os.open(self.partial, os.O_RDWR), False
-            except FileNotFoundError:  # removed between the two opens: try again
-                continue
-            except OSError as exc:
-                raise OutputError(f"cannot write: {exc.strerror or exc}", where=str(self.target)) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _lock_holder(fd)
-                os.close(fd)
-                raise OutputError(
-                    f"another jaccli ({'pid ' + str(holder) if holder else 'process'}) is writing {self.target}",
-                    hint="wait for it to finish, or stop it (an interrupted run can be resumed with --resume)",
-                ) from None
-            except OSError as exc:  # a file system without flock (ENOLCK, EOPNOTSUPP): unlocked, as before
-                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    os.close(fd)
-                    raise OutputError(f"cannot lock the partial file: {exc.strerror or exc}", where=str(self.partial)) from None
-            try:
-                same = os.stat(self.partial).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fd = fd
-                self.owned = created  # an empty file of ours; one found here is ours once continued
-                return
-            os.close(fd)
-
     def _create_or_resume(self, grid: int) -> dict:
         """Rank 0: lock the partial file, then either continue the run it holds (``--resume``)
         or start it afresh: request record (fsynced) first, then header, then space."""
@@ -491,7 +448,7 @@ class FileSink:
                 expected=f"{self.partial.name} beside it",
                 hint="run without --resume",
             )
-        self._lock()  # a refusal below deletes nothing it did not create
+        self.fd, self.owned = lock(self.partial, self.target)  # ours to remove only if created here
         _pause_for_tests("locked")
         remove_stale_temporaries(self.partial)  # a killed run's: the lock says none is live
         if self.stream.resume:
@@ -531,52 +488,13 @@ class FileSink:
     def _resume(self, header: bytes, fingerprint: dict) -> dict | None:
         """The state of the partial run this one continues, or None to start it from chunk 0
         (a run stopped before it recorded anything)."""
-        meta_file = _meta_path(self.partial)
-        if not meta_file.exists():  # stopped between creating the file and writing its record
+        found = read_records(self.partial, self.target, fingerprint, header_len=len(header),
+                             data_bytes=math.prod(self.shape) * self._itemsize(), size=os.fstat(self.fd).st_size)  # fmt: skip
+        if found is None:
             return None
-        try:
-            meta = json.loads(meta_file.read_text())
-            old = meta["fingerprint"]
-            grid, offset = int(meta["grid"]), int(meta["offset"])
-            if not isinstance(old, dict) or grid < 1:
-                raise ValueError("not a jaccli record")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise self._unreadable(meta_file, exc) from None
-        differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        if differ:
-            raise ResumeError(
-                "the partial run was made with another model, input, command or options",
-                where=str(self.target),
-                got="differs in " + ", ".join(differ),
-                hint="rerun without --resume to start over",
-            )
-        done: set[int] = set()
-        for p in _done_paths(self.partial):
-            try:
-                done |= {i for a, b in json.loads(p.read_text())["chunks"] for i in range(int(a), int(b))}
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise self._unreadable(p, exc) from None
-        size = os.fstat(self.fd).st_size
-        expected = offset + math.prod(self.shape) * self._itemsize()
-        if not done:  # nothing recorded as finished: whatever the file holds, start from chunk 0
-            return None
-        if offset != len(header) or size != expected:
-            raise ResumeError("the partial file does not match its records", where=str(self.partial),
-                              expected=f"{expected} bytes", got=f"{size} bytes",
-                              hint="rerun without --resume to start over")  # fmt: skip
-        self.offset = offset
+        grid, done = found
         self.meta_written = self.owned = True
-        return {"grid": grid, "done": _ranges(done), "offset": offset}
-
-    @staticmethod
-    def _unreadable(path: Path, exc: BaseException) -> ResumeError:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
-            "not valid JSON" if isinstance(exc, ValueError) and not str(exc).startswith("not a") else "not a jaccli record")  # fmt: skip
-        return ResumeError(
-            f"the partial run's record is unreadable ({reason})",
-            where=str(path),
-            hint="rerun without --resume to start over",
-        )
+        return {"grid": grid, "done": _ranges(done), "offset": len(header)}
 
     # ------------------------------------------------------------------ the caller's side
 
@@ -662,23 +580,6 @@ class FileSink:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-def _lock_holder(fd: int) -> int | None:
-    """The pid holding the ``flock`` on ``fd``'s file, from ``/proc/locks`` (Linux), or None."""
-    st = os.fstat(fd)
-    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    try:
-        with open("/proc/locks") as fh:
-            for line in fh:
-                fields = line.split()
-                if "FLOCK" in fields and want in fields:
-                    pid = int(fields[fields.index(want) - 1])
-                    if pid > 0 and pid != os.getpid():
-                        return pid
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _payload(exc: BaseException) -> dict:
