@@ -87,6 +87,7 @@ def _zygote() -> None:
     import jaccli.cli.main  # noqa: F401 - imported before the fork, as torch is
     import jaccli.io  # noqa: F401
 
+    _warm_up()
     pids: dict[int, str] = {}
     sel = selectors.DefaultSelector()
     sel.register(0, selectors.EVENT_READ)
@@ -110,6 +111,23 @@ def _zygote() -> None:
                 for spec in json.loads(line):
                     _fork(spec, entry, pids)
         reap(block=not reading)
+
+
+def _warm_up() -> None:
+    """Run the command once in the zygote, in-process, on ten points: what a first run pays
+    (lazy imports, TorchScript's first calls; ~1.5 s) is paid once, not once per child."""
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    from jaccli.cli.main import app
+
+    with tempfile.TemporaryDirectory() as d:
+        np.save(f"{d}/x.npy", np.ones((10, 3), np.float32))
+        for target in ("w.npy", "w.safetensors", "w.pt"):
+            done = CliRunner().invoke(app, ["jacobian", MODEL, f"{d}/x.npy", "-p", "-q", "--chunk-size", "5",
+                                            "--save", f"{d}/{target}"])  # fmt: skip
+            assert done.exit_code == 0, done.output
 
 
 def _fork(spec: dict, entry, pids: dict) -> None:
