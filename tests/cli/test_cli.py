@@ -565,9 +565,10 @@ def _readme_blocks(lang: str) -> list[str]:
     return [block for doc in DOCS for block in re.findall(rf"```{lang}\n(.*?)```", doc.read_text(), flags=re.S)]
 
 
-README_COMMANDS = [
+#: each distinct ``$ …`` line once: the README and docs/ repeat some, and each run pays torch's start-up
+README_COMMANDS = list(dict.fromkeys(
     line[2:] for block in _readme_blocks("console") for line in block.splitlines() if line.startswith("$ ")
-]
+))  # fmt: skip
 
 
 @pytest.mark.parametrize("command", README_COMMANDS)
