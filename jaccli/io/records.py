@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import math
@@ -41,7 +42,7 @@ def _meta_path(partial: Path) -> Path:
 
 
 def _done_paths(partial: Path) -> list[Path]:
-    return sorted(partial.parent.glob(partial.name + ".done*.json"))
+    return sorted(partial.parent.glob(glob.escape(partial.name) + ".done*.json"))
 
 
 def _done_path(partial: Path, rank: int) -> Path:
@@ -229,7 +230,7 @@ def remove_stale_temporaries(partial: Path) -> list[Path]:
     """Remove the temporary files of records a killed run left beside ``partial``; call
     only while holding the partial run's lock (or where no partial run exists), when no
     other writer can be in the middle of one."""
-    stale = sorted(partial.parent.glob(partial.name + "*" + _TMP))
+    stale = sorted(partial.parent.glob(glob.escape(partial.name) + "*" + _TMP))
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -244,7 +245,6 @@ def _ranges(done: set[int]) -> list[list[int]]:
         else:
             out.append([i, i + 1])
     return out
-
 
 
 class _Stats:

@@ -166,6 +166,16 @@ def test_a_partial_file_without_records_resumes_from_chunk_0_and_stale_temporari
     assert spec.resumed_points == 0 and not [n for n in _files(d) if "partial" in n]
 
 
+def test_a_target_whose_name_is_a_glob_pattern_finds_its_own_records(case):
+    net, x, d = case
+    _interrupted_at(net, x, d, 900, "J[0].npy")
+    (d / ".J[0].npy.jaccli-partial.done0.json.tmp").write_text("{")  # what a kill inside a record leaves
+    spec = jaccli.Stream(d / "J[0].npy", name="jacobian", resume=True)
+    got = jaccli.jacobian(net, x, per_sample=True, chunk_size=300, save=spec)
+    assert spec.resumed_points == 900 and torch.equal(got, jaccli.jacobian(net, x, per_sample=True))
+    assert _files(d) == ["J[0].npy", "m.safetensors", "x.npy"]
+
+
 def test_a_second_writer_fails_at_once_naming_the_first_and_a_released_lock_blocks_nothing(case):
     import fcntl  # noqa: F401 - the holder below uses it; POSIX only
 
