@@ -311,6 +311,8 @@ def processes(tmp_path_factory):
     (case("sighup-force-pt", *save, "r.pt", "--force", steps=[("before-rename", send(signal.SIGHUP))]) / "r.pt").write_bytes(b"the old result")
     case("race", *save, "r.npy", steps=[("before-rename", lambda d, c: (c.cwd / "r.npy").write_bytes(b"another process's file"))])
     case("file-size-limit", *save, "r.pt", fsize=64 * 1024)
+    case("kill-while-saving-pt", *save, "r.pt", steps=[("before-rename", send(signal.SIGKILL))])
+    case("kill-while-saving-pt+rerun", *save, "r.pt", cwd_of="kill-while-saving-pt", after="kill-while-saving-pt")
     case("dev-full", *save, "-", stdout="/dev/full")
     case("sigint-at-start-up", *save, "r.npy")
     case("closed-pipe", *save, "-")
@@ -406,6 +408,16 @@ def test_a_target_created_meanwhile_is_not_replaced(processes):
     c = processes["race"]
     _clean(c.returncode, c.stderr, EXIT_OUTPUT, "r.npy", "appeared while", "--force")
     assert c.files() == ["r.npy"] and (c.cwd / "r.npy").read_bytes() == b"another process's file"
+
+
+def test_a_kill_inside_an_atomic_write_leaves_a_temporary_the_next_write_removes(processes):
+    c = processes["kill-while-saving-pt"]
+    assert c.returncode == -signal.SIGKILL
+    (left,) = c.left
+    assert re.fullmatch(rf"\.r\.pt\.[\w-]+-{c.pid}\.\w+\.part", left), left
+    r = processes["kill-while-saving-pt+rerun"]
+    assert r.returncode == 0, r.stderr
+    assert r.left == ["r.pt"] and torch.load(r.cwd / "r.pt").shape == (3000, 3, 3)
 
 
 def test_ctrl_c_during_start_up_is_one_line(processes):

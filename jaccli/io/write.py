@@ -1,7 +1,8 @@
 """Writing results: the writer table, output checks and atomic writes.
 
 Each format is a row of :data:`WRITERS`; a result is written to a temporary file beside
-the target and moved into place, so a failure never leaves a partial file. Every
+the target and moved into place, so a failure never leaves a partial file (SIGKILL
+leaves the temporary file, which the next write of that target on this machine removes). Every
 ``OSError`` or ``RuntimeError`` a writer raises (a full disk, a file-size limit, a name
 too long) is an :class:`~jaccli.OutputError`; a closed pipe on stdout is
 :class:`~jaccli.errors.OutputClosed`.
@@ -10,9 +11,12 @@ too long) is an :class:`~jaccli.OutputError`; a closed pipe on stdout is
 from __future__ import annotations
 
 import errno
+import glob
 import io
 import json
 import os
+import re
+import socket
 import sys
 import tempfile
 import time
@@ -234,8 +238,10 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None],
     """
     name = os.fspath(path)
     target = Path(name)
+    prefix = f".{target.name[:100]}."
+    _remove_stale_parts(target.parent, prefix)
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:100]}.", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{prefix}{_OWNER}-{os.getpid()}.", suffix=".part")
     except OSError as exc:
         raise OutputError(f"cannot write: {_reason(exc)}", where=shown_path(name)) from None
     try:
@@ -257,6 +263,36 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None],
         if isinstance(exc, OSError | RuntimeError):
             raise OutputError(f"cannot write: {_reason(exc)}", where=shown_path(name)) from None
         raise
+
+
+#: this machine in the names of temporary files (letters, digits and dashes): a file system
+#: shared between machines shows others' files, whose pids mean nothing here
+_OWNER = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _remove_stale_parts(directory: Path, prefix: str) -> None:
+    """Remove the temporary files a killed writer of this target left (only SIGKILL can:
+    any other end removes its own): those made on this machine by a process that is gone.
+    A live writer's, or another machine's, are left alone."""
+    try:
+        found = list(directory.glob(glob.escape(prefix) + "*.part"))
+    except OSError:
+        return
+    for path in found:
+        m = re.fullmatch(r"(?P<owner>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[^.]+\.part", path.name[len(prefix) :])
+        if m is None or m["owner"] != _OWNER or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
+            continue
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _place(tmp: str, target: Path, force: bool) -> None:

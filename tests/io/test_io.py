@@ -333,3 +333,31 @@ def test_save_to_stdout_writes_npy_bytes(monkeypatch):
     monkeypatch.setattr(sys, "stdout", Stdout)
     jaccli.save_tensors("-", torch.arange(6.0).reshape(2, 3))
     np.testing.assert_array_equal(np.load(io.BytesIO(out.getvalue())), np.arange(6.0).reshape(2, 3))
+
+
+def test_a_write_removes_the_temporaries_of_dead_writers_of_its_target_only(tmp_path):
+    """What SIGKILL leaves inside an atomic write (tests/test_faults.py kills one): the next
+    write of that target removes it if its writer is gone from this machine, and leaves a
+    live writer's, another machine's and another target's alone."""
+    import subprocess
+
+    from jaccli.io import write as jwrite
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        names = {
+            "dead": f".r.npy.{jwrite._OWNER}-{gone.pid}.a1b2.part",
+            "live": f".r.npy.{jwrite._OWNER}-{live.pid}.a1b2.part",
+            "elsewhere": f".r.npy.{jwrite._OWNER}x-{gone.pid}.a1b2.part",
+            "other target": f".q.npy.{jwrite._OWNER}-{gone.pid}.a1b2.part",
+        }
+        for n in names.values():
+            (tmp_path / n).write_bytes(b"partial")
+        jaccli.save_tensors(tmp_path / "r.npy", torch.zeros(3))
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == sorted(["r.npy", names["live"], names["elsewhere"], names["other target"]])
+    finally:
+        live.stdin.close()
+        live.wait()
