@@ -65,6 +65,9 @@ STREAM_FORMATS = ("npy", "safetensors")
 
 #: seconds between two resume records: each one flushes the data written so far to disk
 RECORD_INTERVAL = 1.0
+#: environment variable that sets another interval (seconds): fewer flushes on a slow network
+#: file system; the tests set it beyond any run, so that records come only where a test makes them
+RECORD_INTERVAL_ENV = "JACCLI_RECORD_INTERVAL"
 
 #: test-only: SIGKILL this process after it has written this many chunks (and recorded them);
 #: ``R:K`` does so on rank R alone
@@ -200,6 +203,7 @@ class FileSink:
         self.done: set[int] = set()
         self.recorded: set[int] = set()
         self.last_record = time.monotonic()
+        self.record_interval = _record_interval()
         self.stats = _Stats()
         self.written = 0
         self.meta_written = False  # the request record of this run's partial file is on disk
@@ -357,7 +361,7 @@ class FileSink:
         self.written += 1
         now = time.monotonic()
         kill = self.kill_after is not None and self.written >= self.kill_after
-        if kill or now - self.last_record >= RECORD_INTERVAL:
+        if kill or now - self.last_record >= self.record_interval:
             self._record()
         if kill:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -580,6 +584,19 @@ class FileSink:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _record_interval() -> float:
+    text = os.environ.get(RECORD_INTERVAL_ENV, "").strip()
+    if not text:
+        return RECORD_INTERVAL
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise UsageError(f"{RECORD_INTERVAL_ENV} must be a positive number of seconds", got=text)
+    return value
 
 
 def _payload(exc: BaseException) -> dict:

@@ -166,6 +166,20 @@ def test_a_partial_file_without_records_resumes_from_chunk_0_and_stale_temporari
     assert spec.resumed_points == 0 and not [n for n in _files(d) if "partial" in n]
 
 
+def test_the_record_interval_comes_from_the_environment(case, monkeypatch):
+    net, x, d = case
+    monkeypatch.setenv(st.RECORD_INTERVAL_ENV, "0.000001")  # a record after every chunk
+    seen = []
+    real = st._atomic_json
+    monkeypatch.setattr(st, "_atomic_json", lambda path, doc, **kw: (seen.append(path.name), real(path, doc, **kw)))
+    jaccli.jacobian(net, x, per_sample=True, chunk_size=1000, save=d / "J.npy")
+    assert seen == [".J.npy.jaccli-partial.json"] + [".J.npy.jaccli-partial.done0.json"] * 3
+    for bad in ("soon", "0", "-1", "nan"):
+        monkeypatch.setenv(st.RECORD_INTERVAL_ENV, bad)
+        with pytest.raises(jaccli.UsageError, match="JACCLI_RECORD_INTERVAL must be a positive number"):
+            jaccli.jacobian(net, x, per_sample=True, save=d / "K.npy")
+
+
 def test_a_target_whose_name_is_a_glob_pattern_finds_its_own_records(case):
     net, x, d = case
     _interrupted_at(net, x, d, 900, "J[0].npy")
