@@ -256,6 +256,18 @@ class Driver:
             assert time.monotonic() < self.deadline, "hang guard"
             self._next_event(block=True)
 
+    def kill_all(self) -> None:
+        """After a failed run: end the cases still running (paused ones wait for a marker)
+        and the zygote, so that nothing outlives the test."""
+        for c in self.cases.values():
+            if c.pid is not None and c.returncode is None:
+                try:
+                    os.kill(c.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.zygote.kill()
+        self.zygote.wait(timeout=HANG_GUARD_S)
+
     def run(self) -> None:
         """Start the first cases, act at every moment, until all cases are done."""
         for c in self.cases.values():
@@ -383,7 +395,12 @@ def processes(tmp_path_factory):
     forked = {n: c for n, c in cases.items() if n not in fresh}
     for c in forked.values():
         c.returncode = None
-    Driver(forked, root).run()
+    driver = Driver(forked, root)
+    try:
+        driver.run()
+    except BaseException:
+        driver.kill_all()
+        raise
     interrupter.join(timeout=HANG_GUARD_S)
     reader.join(timeout=HANG_GUARD_S)
     for name in fresh:
