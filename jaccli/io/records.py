@@ -73,10 +73,10 @@ def lock(partial: Path, target: Path) -> tuple[int, bool]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _lock_holder(fd)
+            holder = _lock_holder(fd)  # None where it let go meanwhile: it was writing all the same
             os.close(fd)
             raise OutputError(
-                f"another jaccli ({'pid ' + str(holder) if holder else 'process'}) is writing {target}",
+                f"another jaccli {f'(pid {holder})' if holder else 'process'} is writing {target}",
                 hint="wait for it to finish, or stop it (an interrupted run can be resumed with --resume)",
             ) from None
         except OSError as exc:
