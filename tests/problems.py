@@ -21,6 +21,9 @@ from jaccli.load.models import build_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"
+#: the time limit of a subprocess in a test: a guard against a hang, never a timing a test
+#: relies on (torch's start-up on a loaded 2-core machine can take a minute or more)
+HANG_GUARD_S = 900
 
 
 def _load_make_examples():

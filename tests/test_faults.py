@@ -1,54 +1,50 @@
-"""Fault injection: signals, full disks, closed pipes, races, lying headers, endless streams.
+"""Fault injection: signals, kills, full disks, closed pipes, races and rival writers.
 
-Real processes (``python -m jaccli``) where the fault needs one — a signal, a file-size limit,
-/dev/full, a pipe whose reader leaves, another process creating the target — all started at
-once by one fixture, since each pays torch's import; the hostile inputs run in-process.
+Real processes (the ``jaccli`` entry point) where the fault needs one — a signal, SIGKILL, a
+file-size limit, /dev/full, a pipe whose reader leaves, another process creating the target,
+a second writer of the same result — all run by one fixture and forked from one interpreter
+that imported torch once (tests/faults_driver.py). Hostile and damaged input files are in
+tests/test_hostile.py.
 
-Test-only hook: ``JACCLI_TEST_PAUSE_BEFORE_RENAME=PATH`` makes the atomic writer create PATH
-once its temporary file is complete and wait until PATH is removed (read in
-``jaccli/io/write.py`` only), so that a test can act at exactly that moment.
+Nothing here waits on the clock. Each fault lands at a named moment of the write, through a
+test-only hook read in ``jaccli/io/write.py``: ``JACCLI_TEST_PAUSE_AT=MOMENT=PATH[,…]`` makes
+the program create PATH at MOMENT and wait until PATH is removed (the older
+``JACCLI_TEST_PAUSE_BEFORE_RENAME=PATH`` is the moment ``before-rename``). The moments of a
+streamed ``.npy`` / ``.safetensors`` save (``jaccli/io/stream.py``), in order: ``locked`` (the
+partial file exists and is locked, nothing recorded), ``meta-record`` (the request record's
+temporary file is written, not yet renamed), ``meta-written``, ``allocated`` (header written,
+space reserved), ``chunk-K`` (K chunks written), ``done-record`` (inside the atomic write of a
+record of finished chunks), ``before-rename``. The fixture polls for the marker files the
+program creates; the only time limit is a hang guard.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
-import resource
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import jaccli
 from jaccli import signals
-from jaccli.cli.main import app
 from jaccli.errors import EXIT_CODES, OutputClosed
 from jaccli.io import write as jwrite
-from problems import EXAMPLES
+from faults_driver import MODEL, Case, Driver, _sigcgt, rivals, send
+from problems import HANG_GUARD_S
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals, /proc and /dev/full")
 
-MODEL = str(EXAMPLES / "field.pt")  # R^3 -> R^3: a [N, 3, 3] Jacobian per sample
-PAUSE = "JACCLI_TEST_PAUSE_BEFORE_RENAME"
-#: several processes share two cores here: one thread each, or their thread pools fight
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-runner = CliRunner(env={"COLUMNS": "200"})
-
-
-def run(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
+EXIT_OUTPUT = EXIT_CODES[jaccli.OutputError]
+EXIT_RESUME = EXIT_CODES[jaccli.ResumeError]
 
 
 def _clean(code: int, stderr: str, want: int, *needles: str) -> str:
@@ -62,96 +58,12 @@ def _clean(code: int, stderr: str, want: int, *needles: str) -> str:
     return lines[0]
 
 
-# ----------------------------------------------------------------- real processes, all at once
-
-
-def _sigcgt(pid: int) -> int:
-    """The mask of signals ``pid`` catches, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigCgt:"):
-            return int(line.split()[1], 16)
-    return 0
-
-
-def _zygote() -> None:
-    """``python tests/test_faults.py --zygote``: import jaccli and torch once, then fork one
-    child per case read from stdin (JSON) and run the real ``jaccli`` entry point in it with
-    its own directory, stdout, stderr, environment and file-size limit. Prints ``NAME PID``
-    per child, then ``NAME CODE`` as each ends. Each process would otherwise pay torch's
-    import (seconds); the start-up and closed-pipe cases, which are about the start and the
-    end of an interpreter, run as fresh processes instead."""
-    import jaccli.__main__ as entry
-    import jaccli.cli.main  # noqa: F401 - imported before the fork, as torch is
-    import jaccli.io  # noqa: F401
-
-    pids = {}
-    for spec in json.load(sys.stdin):
-        sys.stdout.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.chdir(spec["cwd"])
-                os.environ.update(spec["env"])
-                for fd, path in ((1, spec["stdout"]), (2, spec["stderr"])):
-                    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                    os.dup2(target, fd)
-                    os.close(target)
-                if spec["fsize"]:
-                    resource.setrlimit(resource.RLIMIT_FSIZE, (spec["fsize"], resource.RLIM_INFINITY))
-                sys.argv = ["jaccli", *spec["args"]]
-                entry.main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            finally:
-                for stream in (sys.stdout, sys.stderr):
-                    try:
-                        stream.flush()
-                    except Exception:
-                        pass
-                os._exit(code)
-        pids[pid] = spec["name"]
-        print(spec["name"], pid, flush=True)
-    while pids:
-        pid, status = os.wait()
-        print(pids.pop(pid), os.waitstatus_to_exitcode(status), flush=True)
-
-
-class Case:
-    """One process: its command, when to act on it, and what it left."""
-
-    def __init__(self, name, args, cwd, logs, *, stdout=None, fsize=None, pause=False, act=None):
-        self.name, self.args, self.cwd, self.act, self.fsize = name, [str(a) for a in args], cwd, act, fsize
-        self.marker = logs / f"{name}.paused" if pause else None
-        self.env = {"COLUMNS": "200", **({PAUSE: str(self.marker)} if pause else {})}
-        self.stdout_path = stdout or str(logs / f"{name}.out")
-        self.stderr_path = logs / f"{name}.err"
-        self.pid = self.returncode = self.proc = None
-
-    def spawn_fresh(self, **kw) -> None:
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "jaccli", *self.args], cwd=self.cwd, env={**os.environ, **ONE_THREAD, **self.env},
-                stdin=subprocess.DEVNULL, stderr=err, **kw,
-            )  # fmt: skip
-        self.pid = self.proc.pid
-
-    def spec(self) -> dict:
-        return dict(name=self.name, args=self.args, cwd=str(self.cwd), env=self.env, stdout=self.stdout_path,
-                    stderr=str(self.stderr_path), fsize=self.fsize)  # fmt: skip
-
-    @property
-    def stderr(self) -> str:
-        return Path(self.stderr_path).read_text()
-
-    def files(self) -> list[str]:
-        return sorted(p.name for p in self.cwd.iterdir())
+# ----------------------------------------------------------------- real processes
 
 
 @pytest.fixture(scope="module")
 def processes(tmp_path_factory):
-    """Start every process case at once, act on each at its moment, collect what they left."""
+    """Run every process case, act on each at its moments, collect what they left."""
     root = tmp_path_factory.mktemp("faults")
     logs = root / "logs"
     logs.mkdir()
@@ -159,32 +71,64 @@ def processes(tmp_path_factory):
     np.save(x, np.random.default_rng(0).random((3000, 3), dtype=np.float32))  # a 108 KB result: more than a pipe holds
     cases = {}
 
-    def case(name, *args, **kw):
-        cwd = root / name
-        cwd.mkdir()
+    def case(name, *args, cwd_of=None, **kw):
+        cwd = cases[cwd_of].cwd if cwd_of else root / name
+        cwd.mkdir(exist_ok=True)
         cases[name] = Case(name, args, cwd, logs, **kw)
         return cwd
 
-    def kill_with(sig):
-        return lambda c: os.kill(c.pid, sig)
-
     save = ("jacobian", MODEL, x, "-p", "-q", "--save")
-    case("sigterm-while-saving", *save, "r.npy", pause=True, act=kill_with(signal.SIGTERM))
-    (case("sighup-force-pt", *save, "r.pt", "--force", pause=True, act=kill_with(signal.SIGHUP)) / "r.pt").write_bytes(b"the old result")
-    case("race", *save, "r.npy", pause=True, act=lambda c: (c.cwd / "r.npy").write_bytes(b"another process's file"))
+    case("sigterm-while-saving", *save, "r.npy", steps=[("before-rename", send(signal.SIGTERM))])
+    (case("sighup-force-pt", *save, "r.pt", "--force", steps=[("before-rename", send(signal.SIGHUP))]) / "r.pt").write_bytes(b"the old result")
+    case("race", *save, "r.npy", steps=[("before-rename", lambda d, c: (c.cwd / "r.npy").write_bytes(b"another process's file"))])
     case("file-size-limit", *save, "r.pt", fsize=64 * 1024)
+    case("kill-while-saving-pt", *save, "r.pt", steps=[("before-rename", send(signal.SIGKILL))])
+    case("kill-while-saving-pt+rerun", *save, "r.pt", cwd_of="kill-while-saving-pt", after="kill-while-saving-pt")
     case("dev-full", *save, "-", stdout="/dev/full")
     case("sigint-at-start-up", *save, "r.npy")
     case("closed-pipe", *save, "-")
 
+    # streamed saves (30 chunks of 100 points), a fault at each moment, then the next run
+    stream = ("jacobian", MODEL, x, "-p", "--chunk-size", "100")
+    for fmt in ("npy", "safetensors"):
+        case(f"ref-{fmt}", *stream, "-q", "--save", f"r.{fmt}")
+    resume = (*stream, "--json", "--resume", "--save")
+    case("sigint-locked", *stream, "-q", "--save", "r.npy", steps=[("locked", send(signal.SIGINT))])
+    case("sigint-locked+resume", *resume, "r.npy", cwd_of="sigint-locked", after="sigint-locked")
+    case("kill-locked", *stream, "-q", "--save", "r.safetensors", steps=[("locked", send(signal.SIGKILL))])
+    case("kill-locked+resume", *resume, "r.safetensors", cwd_of="kill-locked", after="kill-locked")
+    case("sigterm-recorded", *stream, "-q", "--save", "r.safetensors", steps=[("meta-written", send(signal.SIGTERM))])
+    case("sigterm-recorded+resume", *resume, "r.safetensors", cwd_of="sigterm-recorded", after="sigterm-recorded")
+    (case("sigint-force", *stream, "-q", "--force", "--save", "r.npy", steps=[("allocated", send(signal.SIGINT))]) / "r.npy").write_bytes(b"old")
+    case("sigint-force+resume", *resume, "r.npy", "--force", cwd_of="sigint-force", after="sigint-force")
+    case("kill-in-record", *stream, "-q", "--save", "r.npy", steps=[("meta-record", send(signal.SIGKILL))])
+    case("kill-in-record+rerun", *stream, "--json", "--save", "r.npy", cwd_of="kill-in-record", after="kill-in-record")
+    for fmt in ("npy", "safetensors"):
+        name = f"sigterm-in-done-record-{fmt}"
+        case(name, *stream, "-q", "--save", f"r.{fmt}",
+             steps=[("chunk-2", send(signal.SIGTERM)), ("done-record", send(signal.SIGTERM))])  # fmt: skip
+        case(f"{name}+resume", *resume, f"r.{fmt}", cwd_of=name, after=name)
+    case("kill-in-done-record", *stream, "-q", "--save", "r.npy",
+         steps=[("chunk-2", send(signal.SIGINT)), ("done-record", send(signal.SIGKILL))])  # fmt: skip
+    case("kill-in-done-record+resume", *resume, "r.npy", cwd_of="kill-in-done-record", after="kill-in-done-record")
+    case("kill-mid-run", *stream, "-q", "--save", "r.npy", steps=[("chunk-5", send(signal.SIGKILL))])
+    case("kill-mid-run+resume", *resume, "r.npy", cwd_of="kill-mid-run", after="kill-mid-run")
+
+    # rival writers: while one holds the lock, others (with --force, with --resume) fail at once
+    for fmt, force in (("npy", ()), ("safetensors", ("--force",))):
+        holder = f"holder-{fmt}"
+        names = [f"{holder}-rival", f"{holder}-rival-resume"]
+        case(holder, *stream, "-q", *force, "--save", f"r.{fmt}", steps=[("allocated", rivals(*names))])
+        case(names[0], *stream, "-q", *force, "--save", f"r.{fmt}", cwd_of=holder, manual=True)
+        case(names[1], *resume, f"r.{fmt}", *force, cwd_of=holder, manual=True)
+        case(f"{holder}+next", *stream, "-q", "--force", "--save", f"r.{fmt}", cwd_of=holder, after=holder)
+    for i in range(4):  # the issue's four writers started together, --force
+        case(f"four-{i}", *stream, "-q", "--force", "--save", "r.npy", cwd_of="four-0" if i else None)
+
     fresh = {"sigint-at-start-up", "closed-pipe"}
-    zygote = subprocess.Popen(
-        [sys.executable, __file__, "--zygote"], cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, **ONE_THREAD},
-    )  # fmt: skip
-    zygote.stdin.write(json.dumps([c.spec() for n, c in cases.items() if n not in fresh]))
-    zygote.stdin.close()
     startup, pipe = cases["sigint-at-start-up"], cases["closed-pipe"]
+    for n in fresh:
+        cases[n].manual = True
     startup.spawn_fresh(stdout=subprocess.DEVNULL)
     pipe.spawn_fresh(stdout=subprocess.PIPE)
 
@@ -194,32 +138,30 @@ def processes(tmp_path_factory):
 
     reader = threading.Thread(target=head_c_100)
     reader.start()
-    for _ in range(len(cases) - len(fresh)):
-        name, pid = zygote.stdout.readline().split()
-        cases[name].pid = int(pid)
-    deadline = time.monotonic() + 120
-    pending = {n for n, c in cases.items() if c.marker is not None}
-    sent_startup = False
-    while time.monotonic() < deadline and (pending or not sent_startup):
-        if not sent_startup and _sigcgt(startup.pid) & (1 << (signal.SIGTERM - 1)):
-            # the handlers are in place: jaccli is still importing its CLI or torch
+
+    def interrupt_start_up():
+        # its own thread, so that no action of the driver (waiting for rivals) delays it:
+        # SIGINT as soon as the handlers are in place, while jaccli still imports its CLI or torch
+        while startup.proc.poll() is None and not _sigcgt(startup.pid) & (1 << (signal.SIGTERM - 1)):
+            time.sleep(0.001)
+        if startup.proc.poll() is None:
             os.kill(startup.pid, signal.SIGINT)
-            sent_startup = True
-        for name in list(pending):
-            c = cases[name]
-            if c.marker.exists():
-                c.act(c)
-                c.marker.unlink()
-                pending.discard(name)
-        time.sleep(0.005)
-    for line in zygote.stdout:
-        name, code = line.split()
-        cases[name].returncode = int(code)
-    zygote.stdout.close()
-    zygote.wait(timeout=120)
-    reader.join(timeout=120)
+
+    interrupter = threading.Thread(target=interrupt_start_up)
+    interrupter.start()
+    forked = {n: c for n, c in cases.items() if n not in fresh}
+    for c in forked.values():
+        c.returncode = None
+    driver = Driver(forked, root)
+    try:
+        driver.run()
+    except BaseException:
+        driver.kill_all()
+        raise
+    interrupter.join(timeout=HANG_GUARD_S)
+    reader.join(timeout=HANG_GUARD_S)
     for name in fresh:
-        cases[name].returncode = cases[name].proc.wait(timeout=120)
+        cases[name].returncode = cases[name].proc.wait(timeout=HANG_GUARD_S)
     assert all(c.returncode is not None for c in cases.values()), {n: c.returncode for n, c in cases.items()}
     return cases
 
@@ -240,8 +182,18 @@ def test_sighup_while_saving_pt_over_an_existing_file_keeps_it(processes):
 
 def test_a_target_created_meanwhile_is_not_replaced(processes):
     c = processes["race"]
-    _clean(c.returncode, c.stderr, EXIT_CODES[jaccli.OutputError], "r.npy", "appeared while", "--force")
+    _clean(c.returncode, c.stderr, EXIT_OUTPUT, "r.npy", "appeared while", "--force")
     assert c.files() == ["r.npy"] and (c.cwd / "r.npy").read_bytes() == b"another process's file"
+
+
+def test_a_kill_inside_an_atomic_write_leaves_a_temporary_the_next_write_removes(processes):
+    c = processes["kill-while-saving-pt"]
+    assert c.returncode == -signal.SIGKILL
+    (left,) = c.left
+    assert re.fullmatch(rf"\.r\.pt\.[\w-]+-{c.pid}\.\w+\.part", left), left
+    r = processes["kill-while-saving-pt+rerun"]
+    assert r.returncode == 0, r.stderr
+    assert r.left == ["r.pt"] and torch.load(r.cwd / "r.pt").shape == (3000, 3, 3)
 
 
 def test_ctrl_c_during_start_up_is_one_line(processes):
@@ -252,13 +204,13 @@ def test_ctrl_c_during_start_up_is_one_line(processes):
 
 def test_file_size_limit_is_an_output_error(processes):
     c = processes["file-size-limit"]
-    _clean(c.returncode, c.stderr, EXIT_CODES[jaccli.OutputError], "r.pt", "File too large")
+    _clean(c.returncode, c.stderr, EXIT_OUTPUT, "r.pt", "File too large")
     assert c.files() == []
 
 
 def test_stdout_on_a_full_device_is_an_output_error(processes):
     c = processes["dev-full"]
-    _clean(c.returncode, c.stderr, EXIT_CODES[jaccli.OutputError], "<stdout>", "No space left")
+    _clean(c.returncode, c.stderr, EXIT_OUTPUT, "<stdout>", "No space left")
 
 
 def test_a_reader_leaving_early_is_exit_11(processes):
@@ -266,6 +218,130 @@ def test_a_reader_leaving_early_is_exit_11(processes):
     assert len(c.cut) == 100 and c.cut.startswith(b"\x93NUMPY")
     assert EXIT_CODES[OutputClosed] == 11
     _clean(c.returncode, c.stderr, 11, "<stdout>", "closed the pipe")
+
+
+def test_no_fault_is_an_internal_error(processes):
+    """The rule: "internal error" is kept for bugs; none of the faults above is one."""
+    for name, c in processes.items():
+        assert "internal error" not in c.stderr and "Traceback" not in c.stderr, (name, c.stderr)
+
+
+# ----------------------------------------------------------------- streamed saves: signals and kills
+
+
+def _result(c: Case, fmt: str) -> np.ndarray:
+    path = c.cwd / f"r.{fmt}"
+    if fmt == "npy":
+        return np.load(path)
+    from safetensors.numpy import load_file
+
+    (arr,) = load_file(path).values()
+    return arr
+
+
+def _finished(processes, name: str, fmt: str, *, resumed: int | None = None) -> None:
+    """The follow-up run ended well: the reference result, byte for byte, and nothing beside it."""
+    c = processes[name]
+    assert c.returncode == 0, c.stderr
+    ref = processes[f"ref-{fmt}"]
+    assert (c.cwd / f"r.{fmt}").read_bytes() == (ref.cwd / f"r.{fmt}").read_bytes()
+    assert c.files() == [f"r.{fmt}"], c.files()
+    if resumed is not None:
+        assert json.loads(c.stdout)["resumed_points"] == resumed
+
+
+def _partial(fmt: str, *suffixes: str) -> list[str]:
+    return sorted(f".r.{fmt}.jaccli-partial{s}" for s in suffixes)
+
+
+def test_references_ran(processes):
+    for fmt in ("npy", "safetensors"):
+        c = processes[f"ref-{fmt}"]
+        assert c.returncode == 0 and c.files() == [f"r.{fmt}"], c.stderr
+    assert _result(processes["ref-npy"], "npy").shape == (3000, 3, 3)
+    np.testing.assert_array_equal(_result(processes["ref-npy"], "npy"), _result(processes["ref-safetensors"], "safetensors"))
+
+
+def test_a_signal_before_the_record_cleans_up_and_resume_finds_nothing(processes):
+    c = processes["sigint-locked"]
+    _clean(c.returncode, c.stderr, 130, "interrupted")
+    assert c.left == []
+    r = processes["sigint-locked+resume"]
+    _clean(r.returncode, r.stderr, EXIT_RESUME, "nothing to resume", "without --resume")
+    assert r.left == []
+
+
+def test_a_kill_before_the_record_resumes_from_chunk_0(processes):
+    c = processes["kill-locked"]
+    assert c.returncode == -signal.SIGKILL and c.left == _partial("safetensors", "")
+    _finished(processes, "kill-locked+resume", "safetensors", resumed=0)
+
+
+def test_a_signal_after_the_record_keeps_a_partial_run_that_resumes(processes):
+    c = processes["sigterm-recorded"]
+    _clean(c.returncode, c.stderr, 143, "interrupted", "SIGTERM")
+    assert c.left == _partial("safetensors", "", ".json")
+    _finished(processes, "sigterm-recorded+resume", "safetensors", resumed=0)
+
+
+def test_with_force_the_old_target_stays_until_the_resumed_run_replaces_it(processes):
+    c = processes["sigint-force"]
+    _clean(c.returncode, c.stderr, 130, "interrupted")
+    assert c.left == sorted(["r.npy", *_partial("npy", "", ".json")])
+    _finished(processes, "sigint-force+resume", "npy", resumed=0)
+
+
+def test_a_kill_inside_a_record_leaves_a_temporary_the_next_run_removes(processes):
+    c = processes["kill-in-record"]
+    assert c.returncode == -signal.SIGKILL and c.left == _partial("npy", "", ".json.tmp")
+    _finished(processes, "kill-in-record+rerun", "npy", resumed=0)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "safetensors"])
+def test_a_signal_inside_a_record_waits_for_it_and_leaves_no_temporary(processes, fmt):
+    c = processes[f"sigterm-in-done-record-{fmt}"]
+    _clean(c.returncode, c.stderr, 143, "interrupted", "SIGTERM")
+    assert c.left == _partial(fmt, "", ".json", ".done0.json")
+    _finished(processes, f"sigterm-in-done-record-{fmt}+resume", fmt, resumed=200)
+
+
+def test_a_kill_inside_a_done_record_resumes_from_the_last_whole_record(processes):
+    c = processes["kill-in-done-record"]
+    assert c.returncode == -signal.SIGKILL and c.left == _partial("npy", "", ".json", ".done0.json.tmp")
+    _finished(processes, "kill-in-done-record+resume", "npy", resumed=0)
+
+
+def test_a_kill_mid_run_leaves_a_stale_lock_that_blocks_no_one(processes):
+    assert processes["kill-mid-run"].returncode == -signal.SIGKILL
+    _finished(processes, "kill-mid-run+resume", "npy", resumed=0)  # killed before any record
+
+
+# ----------------------------------------------------------------- rival writers
+
+
+@pytest.mark.parametrize("fmt", ["npy", "safetensors"])
+def test_a_second_writer_fails_at_once_naming_the_first(processes, fmt):
+    holder = processes[f"holder-{fmt}"]
+    for name in (f"holder-{fmt}-rival", f"holder-{fmt}-rival-resume"):
+        r = processes[name]
+        _clean(r.returncode, r.stderr, EXIT_OUTPUT, rf"another jaccli \(pid {holder.pid}\) is writing r\.{fmt}")
+    assert holder.returncode == 0, holder.stderr
+    assert holder.left == [f"r.{fmt}"]
+    # the next writer, --force, replaces the holder's result with its own complete one
+    _finished(processes, f"holder-{fmt}+next", fmt)
+
+
+def test_four_writers_started_together_leave_one_complete_result(processes):
+    four = [processes[f"four-{i}"] for i in range(4)]
+    codes = [c.returncode for c in four]
+    assert 0 in codes and set(codes) <= {0, EXIT_OUTPUT}, [(c.returncode, c.stderr) for c in four]
+    for c in four:
+        if c.returncode:
+            # the pid where the holder still held the lock when the rival looked it up
+            _clean(c.returncode, c.stderr, EXIT_OUTPUT, r"another jaccli (\(pid \d+\)|process) is writing r\.npy")
+    ref = processes["ref-npy"]
+    assert four[0].files() == ["r.npy"]
+    assert (four[0].cwd / "r.npy").read_bytes() == (ref.cwd / "r.npy").read_bytes()
 
 
 # ----------------------------------------------------------------- signals inside torch's writer
@@ -329,153 +405,3 @@ def test_a_signal_python_swallowed_still_ends_the_command(monkeypatch, capsys):
     assert capsys.readouterr().err == "error: interrupted (SIGTERM)\n"
     hook = signals._unraisable(lambda info: pytest.fail("an Interrupted reached the default hook"))
     hook(type("Info", (), {"exc_value": signals.Interrupted(signal.SIGINT)})())
-
-
-# ----------------------------------------------------------------- hostile inputs, in-process
-
-
-def _npy_with_header(path: Path, shape_text: str, payload: bytes = b"\0" * 64) -> Path:
-    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%s), }" % shape_text
-    header += " " * ((64 - (10 + len(header) + 1) % 64) % 64) + "\n"
-    path.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + payload)
-    return path
-
-
-@pytest.fixture
-def hostile(tmp_path):
-    """name -> (CLI arguments, expected error class, patterns in the one line)."""
-    from safetensors.torch import save
-
-    x = tmp_path / "x.npy"
-    np.save(x, np.ones((4, 3), np.float32))
-    cases = {}
-    cases["400-digit dimension"] = (
-        [MODEL, _npy_with_header(tmp_path / "absurd.npy", "9" * 400 + ", 3")],
-        jaccli.InputError, "truncated or corrupt", "402-digit number of bytes",
-    )  # fmt: skip
-    sparse = tmp_path / "sparse.npy"
-    _npy_with_header(sparse, f"{(4 * 2**30) // 12 + 1}, 3", b"")
-    with open(sparse, "r+b") as fh:  # a truthful header over 4 GiB of holes: costs no disk
-        fh.truncate(4 * 2**30 + 128)
-    cases["4 GiB input"] = ([MODEL, sparse], jaccli.ResourceError, "larger than the input limit", "got 4.0 GiB", "--max-input-bytes")
-    np.save(tmp_path / "x1000.npy", np.ones((1000, 3), np.float32))  # 12 128 bytes; the model is 2.7 KiB
-    cases["over --max-input-bytes"] = (
-        [MODEL, tmp_path / "x1000.npy", "--max-input-bytes", "5K"], jaccli.ResourceError, "x1000.npy", "at most 5.0 KiB", "got 11.8 KiB",
-    )  # fmt: skip
-    bomb = io.BytesIO()
-    np.save(bomb, np.ones((4, 3), np.float32))
-    with zipfile.ZipFile(tmp_path / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr("x.npy", bomb.getvalue() + b"\0" * (32 * 2**20))  # 32 MiB of padding in ~32 KB
-    cases["npz bomb, limit below its inflated size"] = (
-        [MODEL, tmp_path / "bomb.npz", "--max-input-bytes", "1M", "--save", tmp_path / "bomb_r.npy"], None,
-    )  # fmt: skip
-    lying = {"0.weight": torch.zeros(2, 3), "0.bias": torch.zeros(2)}
-    meta = {"jaccli.arch": "mlp", "jaccli.activation": "tanh"}
-    (tmp_path / "huge.safetensors").write_bytes(save(lying, metadata={**meta, "jaccli.sizes": "[3, 40000, 40000, 3]"}))
-    cases["metadata declares a 1.6 GB network"] = (
-        [tmp_path / "huge.safetensors", x], jaccli.ModelError, "metadata declares", "0.weight \\[40000, 3\\]",
-    )  # fmt: skip
-    deep = "[" * 100_000 + "]" * 100_000
-    (tmp_path / "deep.safetensors").write_bytes(save(lying, metadata={**meta, "jaccli.sizes": deep}))
-    cases["metadata nested 100 000 deep"] = ([tmp_path / "deep.safetensors", x], jaccli.InputError, "bad jaccli metadata")
-    cases["--arch-kwargs nested 100 000 deep"] = (
-        [EXAMPLES / "pinn.safetensors", x, "--arch", "mlp", "--activation", "tanh", "--arch-kwargs", deep],
-        jaccli.UsageError, "nested too deeply",
-    )  # fmt: skip
-    long = "n" * 300
-    cases["input name too long"] = ([MODEL, tmp_path / f"{long}.npy"], jaccli.InputError, "File name too long", "303 characters|…")
-    cases["model name too long"] = ([tmp_path / f"{long}.pt", x], jaccli.InputError, "model file", "File name too long")
-    cases["--input path too long"] = ([MODEL, "-i", "x=" + "d/" * 3000 + "x.npy"], jaccli.InputError, "File name too long")
-    cases["--save name too long"] = ([MODEL, x, "--save", tmp_path / f"{long}.npy"], jaccli.OutputError, "File name too long")
-    cases["/dev/zero as input"] = ([MODEL, "/dev/zero"], jaccli.InputError, "unrecognised binary data")
-    cases["/dev/zero as model"] = (["/dev/zero", x], jaccli.InputError, "unrecognised binary data, not a model")
-    return cases
-
-
-HOSTILE = [
-    "400-digit dimension", "4 GiB input", "over --max-input-bytes", "npz bomb, limit below its inflated size",
-    "metadata declares a 1.6 GB network", "metadata nested 100 000 deep", "--arch-kwargs nested 100 000 deep",
-    "input name too long", "model name too long", "--input path too long", "--save name too long",
-    "/dev/zero as input", "/dev/zero as model",
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("name", HOSTILE)
-def test_hostile_inputs_end_in_one_line(hostile, name):
-    args, error, *needles = hostile[name]
-    result = run("jacobian", *args, "-p", "-q")
-    if error is None:  # handled: only the declared 48 bytes of the bomb are inflated
-        assert result.exit_code == 0, result.stderr
-        return
-    _clean(result.exit_code, result.stderr, EXIT_CODES[error], *needles)
-
-
-def test_endless_streams_stop_at_their_first_bytes_or_the_limit(tmp_path):
-    result = run("jacobian", MODEL, "-", "-p", "-q", input=b"\0" * 200_000)
-    _clean(result.exit_code, result.stderr, EXIT_CODES[jaccli.InputError], "<stdin>", "unrecognised binary data")
-    fifo = tmp_path / "endless"
-    os.mkfifo(fifo)
-    for line, want, needle in ((b"y\n", jaccli.InputError, "not a numeric table"), (b"1,2,3\n", jaccli.ResourceError, "stream larger than")):
-        stop = threading.Event()
-
-        def writer():
-            try:
-                with open(fifo, "wb") as fh:
-                    while not stop.is_set():
-                        fh.write(line * 4096)
-            except BrokenPipeError:  # the reader refused and left, as it should
-                pass
-
-        t = threading.Thread(target=writer)
-        t.start()
-        try:
-            result = run("jacobian", MODEL, fifo, "-p", "-q", "--max-input-bytes", "2M")
-        finally:
-            stop.set()
-            t.join(timeout=30)
-        _clean(result.exit_code, result.stderr, EXIT_CODES[want], needle)
-
-
-@pytest.mark.parametrize("fmt", ["npy", "safetensors"])
-def test_a_stream_is_read_only_as_far_as_its_header_declares(tmp_path, fmt):
-    from safetensors.torch import save
-
-    if fmt == "npy":
-        buf = io.BytesIO()
-        np.save(buf, np.ones((4, 3), np.float32))
-        data = buf.getvalue()
-    else:
-        data = save({"x": torch.ones(4, 3)})
-    endless = data + b"\0" * 100_000  # what follows the declared end is not read as the file's
-    result = run("jacobian", MODEL, "-", "-p", "-q", "--save", tmp_path / "r.npy", input=endless)
-    assert result.exit_code == 0, result.stderr
-    assert np.load(tmp_path / "r.npy").shape == (4, 3, 3)
-
-
-def test_max_input_bytes_from_the_environment_and_the_api(tmp_path, monkeypatch):
-    x = tmp_path / "x.npy"
-    np.save(x, np.ones((100, 3)))
-    monkeypatch.setenv("JACCLI_MAX_INPUT_BYTES", "1K")
-    with pytest.raises(jaccli.ResourceError, match="at most 1.0 KiB"):
-        jaccli.load_tensor(x)
-    assert jaccli.load_tensor(x, max_bytes=10_000).shape == (100, 3)
-    from jaccli.io.read import limit_input_bytes
-
-    with limit_input_bytes("1M"):
-        assert jaccli.load_tensor(x).shape == (100, 3)
-    result = run("jacobian", MODEL, x, "-p", "-q", "--max-input-bytes", "nonsense")
-    _clean(result.exit_code, result.stderr, EXIT_CODES[jaccli.UsageError], "--max-input-bytes")
-
-
-def test_no_fault_is_an_internal_error(processes, hostile):
-    """The issue's rule: "internal error" is kept for bugs; none of the faults above is one."""
-    seen = [c.stderr for c in processes.values()]
-    for name in HOSTILE:
-        seen.append(run("jacobian", *hostile[name][0], "-p", "-q").stderr)
-    assert len(seen) == len(processes) + len(HOSTILE)
-    for text in seen:
-        assert "internal error" not in text and "Traceback" not in text, text
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["--zygote"]:
-    _zygote()

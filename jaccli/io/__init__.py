@@ -2,6 +2,7 @@
 
 ================  ========================================================================
 :mod:`.read`      tensor files by content: sources, sniffing, the reader table
+:mod:`.archives`  zip archives checked before use: errors in words, CRC-32s, record sizes
 :mod:`.write`     results: the writer table, output checks, atomic writes
 :mod:`.inputs`    the model's arguments from INPUT, ``--key`` and ``--input``
 :mod:`.stream`    per-sample results streamed to disk chunk by chunk; resume; ranks

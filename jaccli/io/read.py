@@ -32,6 +32,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from jaccli.io.archives import ZIP_MAGIC as _ZIP_MAGIC, damaged, open_zip, verify_archive
 from jaccli.request.choices import DTYPE_NAMES, STDIO
 from jaccli.errors import first_line, format_bytes, InputError, JaccliError, JaccliWarning, ResourceError, shape_str, UsageError
 
@@ -43,7 +44,6 @@ DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_N
 MIN_TORCH = (2, 10)
 
 _NPY_MAGIC = b"\x93NUMPY"
-_ZIP_MAGIC = b"PK\x03\x04"
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 _SNIFF_BYTES = 64
 
@@ -284,14 +284,8 @@ def _check_npy_header(src: Source, buf: BinaryIO, offset: int = 0) -> None:
     try:
         shape, _fortran, dtype = _npy_header(buf)
     except Exception as exc:  # numpy raises ValueError/SyntaxError/... for bad headers
-        raise InputError(f"corrupt .npy header: {first_line(exc)}", where=src.name) from None
-    if dtype.hasobject:
-        raise InputError(
-            "holds Python objects, which would need pickle to load",
-            where=src.name,
-            expected="a numeric array",
-            got=f"dtype {dtype}",
-        )
+        raise _bad_header(exc, src.name) from None
+    _check_npy_array(shape, dtype, src.name)
     need = math.prod(int(d) for d in shape) * dtype.itemsize
     have = len(src.data) - offset - buf.tell()
     if need > have:
@@ -306,14 +300,55 @@ def _check_npy_header(src: Source, buf: BinaryIO, offset: int = 0) -> None:
 
 
 
+def _bad_header(exc: BaseException, name: str) -> InputError:
+    """A ``.npy`` header numpy cannot parse, in words: numpy's own message where it is
+    plain, never the Python objects (``<ast.Name object at 0x…>``) some of them show."""
+    text = first_line(exc)
+    if re.search(r"<[^<>]* at 0x[0-9a-fA-F]+>|\\x[0-9a-f]{2}", text) or "malformed node" in text or len(text) > 200:
+        text = "not the dictionary of 'descr', 'fortran_order' and 'shape' a .npy file starts with"
+    return InputError(f"corrupt .npy header: {text}", where=name)
+
+
+#: numpy dtype kinds torch holds: booleans, integers, floats, complex numbers
+_TORCH_KINDS = "biufc"
+
+
+def _check_npy_array(shape: tuple, dtype: np.dtype, name: str) -> None:
+    """Refuse, from the header alone, an array torch cannot hold or numpy cannot build."""
+    if dtype.hasobject:
+        raise InputError(
+            "holds Python objects, which would need pickle to load",
+            where=name,
+            expected="a numeric array",
+            got=f"dtype {dtype}",
+        )
+    if any(int(d) < 0 for d in shape):
+        shown = shape_str(shape) if len(str(shape)) < 200 else f"of {len(shape)} dimensions"
+        raise InputError("corrupt .npy header: a negative dimension", where=name, got=f"shape {shown}")
+    if dtype.kind not in _TORCH_KINDS or dtype.kind in "fc" and dtype.itemsize > (8 if dtype.kind == "f" else 16):
+        what = {"M": "dates and times", "m": "time spans", "U": "text", "S": "bytes", "V": "raw records"}
+        kind = what.get(dtype.kind, "extended-precision numbers" if dtype.kind in "fc" else "values")
+        raise InputError(
+            f"holds {kind}, which have no tensor type",
+            where=name,
+            expected="booleans, integers or floats up to float64",
+            got=f"dtype {dtype}",
+            hint="convert it, e.g. numpy's array.astype('float64')" if dtype.kind in "fc" else None,
+        )
+
+
 def _from_numpy(array: np.ndarray, src: Source) -> torch.Tensor:
     if array.dtype.hasobject or array.dtype.kind in "USV":
         raise InputError(
             "is not a numeric array", where=src.name, expected="numbers", got=f"dtype {array.dtype}"
         )
+    _check_npy_array(array.shape, array.dtype, src.name)
     if not array.dtype.isnative:  # big-endian files: torch holds native byte order only
         array = array.astype(array.dtype.newbyteorder("="))
-    return torch.from_numpy(np.asarray(array, order="C"))  # asarray keeps 0-d arrays 0-d
+    try:
+        return torch.from_numpy(np.asarray(array, order="C"))  # asarray keeps 0-d arrays 0-d
+    except TypeError:  # a dtype torch has no type for that the check above let through
+        raise InputError("holds values of a type tensors cannot hold", where=src.name, got=f"dtype {array.dtype}") from None
 
 
 def _read_npy(src: Source) -> dict[str, torch.Tensor]:
@@ -329,20 +364,20 @@ def _read_npy(src: Source) -> dict[str, torch.Tensor]:
 
 def _read_npz(src: Source) -> dict[str, torch.Tensor]:
     budget = max_input_bytes()
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(src.data))
-        out = {}
-        for info in archive.infolist():
-            if not info.filename.endswith(".npy"):
-                continue
-            name = f"{src.name}[{info.filename[:-4]}]"
+    archive = open_zip(src.data, src.name)
+    out = {}
+    for info in archive.infolist():
+        if not info.filename.endswith(".npy"):
+            continue
+        name = f"{src.name}[{info.filename[:-4]}]"
+        try:
             data = _inflate_npy(archive, info, name, budget)
-            budget -= len(data)
-            out[info.filename[:-4]] = _read_npy(Source(name, data))[""]
-    except JaccliError:
-        raise
-    except Exception as exc:
-        raise InputError(f"corrupt .npz: {first_line(exc)}", where=src.name) from None
+        except JaccliError:
+            raise
+        except Exception as exc:  # a bad CRC, a damaged deflate stream, …
+            raise damaged(exc, src.name, info.filename) from None
+        budget -= len(data)
+        out[info.filename[:-4]] = _read_npy(Source(name, data))[""]
     if not out:
         raise InputError("holds no arrays", where=src.name)
     return out
@@ -350,7 +385,15 @@ def _read_npz(src: Source) -> dict[str, torch.Tensor]:
 
 def _inflate_npy(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, budget: int) -> bytes:
     """A member's bytes, inflated no further than its ``.npy`` header needs: a zip bomb
-    (a 4×3 array followed by a gigabyte of padding) costs the 96 bytes it declares."""
+    (a 4×3 array followed by a gigabyte of padding) costs the 96 bytes it declares.
+
+    A member whose declared size is within the budget is read whole, so that zipfile checks
+    its CRC-32 before its bytes are used; only a member too large to read whole (a bomb's
+    padding) is read no further than its header, unchecked beyond it."""
+    if info.file_size <= budget:
+        data = archive.read(info)  # raises BadZipFile on a CRC mismatch
+        extent = declared_extent(data[:_HEAD_BYTES])
+        return data if extent is None else data[:extent]
     with archive.open(info) as fh:
         buf = bytearray()
         _read_at_most(fh, min(_HEAD_BYTES, budget + 1), buf)
@@ -379,7 +422,7 @@ _MODEL_ARCHIVES = {"torchscript": "a TorchScript model", "export": "a torch.expo
 
 
 def _read_torch(src: Source) -> dict[str, torch.Tensor]:
-    kind = archive_kind(src.data)
+    kind = archive_kind(src.data, src.name)
     if kind in _MODEL_ARCHIVES:
         raise InputError(
             f"is {_MODEL_ARCHIVES[kind]}, not a tensor file",
@@ -402,6 +445,8 @@ def _read_torch(src: Source) -> dict[str, torch.Tensor]:
 def read_torch_object(src: Source):
     """What a ``torch.save`` file holds, loaded with ``weights_only=True`` (never arbitrary code)."""
     check_torch_version()
+    if src.data.startswith(_ZIP_MAGIC):  # torch's reader checks no CRC: a damaged record would load
+        verify_archive(src.data, src.name)
     try:
         # weights_only=True is explicit, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot override it
         return torch.load(io.BytesIO(src.data), map_location="cpu", weights_only=True)
@@ -463,19 +508,16 @@ def _read_text(src: Source) -> dict[str, torch.Tensor]:
     return {"": torch.from_numpy(array)}
 
 
-def _zip_names(data: bytes) -> list[str]:
-    try:
-        return zipfile.ZipFile(io.BytesIO(data)).namelist()
-    except zipfile.BadZipFile:
-        return []
+def _zip_names(data: bytes, name: str) -> list[str]:
+    return open_zip(data, name).namelist()
 
 
-def archive_kind(data: bytes) -> str | None:
-    """``"torchscript"``, ``"export"`` or ``"torch"`` for a zip written by torch; else None."""
-    try:
-        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
-    except zipfile.BadZipFile:
+def archive_kind(data: bytes, name: str = "<archive>") -> str | None:
+    """``"torchscript"``, ``"export"`` or ``"torch"`` for a zip written by torch; else None.
+    A zip archive too damaged to list is an :class:`InputError` naming ``name``."""
+    if not data.startswith(_ZIP_MAGIC):
         return None
+    names = _zip_names(data, name)
     if any(n.endswith("archive_format") or "/models/" in n and n.endswith(".json") for n in names):
         return "export"
     if any("/code/" in n or n.endswith("constants.pkl") for n in names):
@@ -501,7 +543,7 @@ def _sniff(src: Source) -> str | None:
     if head.startswith(_NPY_MAGIC):
         return "npy"
     if head.startswith(_ZIP_MAGIC):
-        names = _zip_names(src.data)
+        names = _zip_names(src.data, src.name)
         if any(n.endswith(".npy") for n in names) and not any(n.endswith("data.pkl") for n in names):
             return "npz"
         return "pt"
@@ -577,7 +619,8 @@ def _map_npy(path, limit: int) -> dict[str, torch.Tensor] | None:
     except OSError:
         return None  # read_source says what is wrong
     except Exception as exc:  # numpy raises ValueError/SyntaxError/... for bad headers
-        raise InputError(f"corrupt .npy header: {exc}", where=name) from None
+        raise _bad_header(exc, name) from None
+    _check_npy_array(shape, dtype, name)
     if dtype.hasobject or fortran or dtype.kind not in "biuf" or not dtype.isnative or not shape or 0 in shape:
         return None  # the reader's checks, casts and messages apply
     if size > limit:

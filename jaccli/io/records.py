@@ -1,17 +1,21 @@
 """What a streamed run keeps beside its partial file, and the statistics it gathers.
 
 Owns the names of the files beside ``DIR/NAME`` while a result streams (the partial file,
-its request record, the per-rank records of finished chunks: see :mod:`.stream`), the
+its request record, the per-rank records of finished chunks: see :mod:`.stream`), the lock
+on the partial file, the reading of the records a resumed run continues, the
 fingerprints a resumed run must match (files, parameters), the atomic JSON write of a
 record, the chunk ranges records hold, and :class:`_Stats`: min / max / mean over the
 result gathered chunk by chunk (so a streamed result gets the summary an in-memory one
 gets, merged over ranks).
 
-Imports: torch only.
+Imports: torch, :mod:`jaccli.signals`, :mod:`jaccli.errors` and the test pause hook of :mod:`.write`.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import glob
 import hashlib
 import json
 import math
@@ -20,7 +24,12 @@ from pathlib import Path
 
 import torch
 
+from jaccli import signals
+from jaccli.errors import OutputError, ResumeError
+from jaccli.io.write import _pause_for_tests
+
 _PARTIAL = ".jaccli-partial"
+_TMP = ".tmp"
 
 
 def partial_path(target: str | os.PathLike) -> Path:
@@ -33,11 +42,123 @@ def _meta_path(partial: Path) -> Path:
 
 
 def _done_paths(partial: Path) -> list[Path]:
-    return sorted(partial.parent.glob(partial.name + ".done*.json"))
+    return sorted(partial.parent.glob(glob.escape(partial.name) + ".done*.json"))
 
 
 def _done_path(partial: Path, rank: int) -> Path:
     return partial.with_name(f"{partial.name}.done{rank}.json")
+
+
+def lock(partial: Path, target: Path) -> tuple[int, bool]:
+    """Open (creating it if need be) the partial file and lock it for the run's life:
+    ``(fd, whether this call created it)``.
+
+    A second writer fails at once (exit 7) rather than waiting: it would only redo the
+    same work, and a user who started two runs by mistake learns it now. The lock is the
+    kernel's (``flock``): a killed holder releases it, so a stale partial run never
+    blocks anyone. A file renamed into place or removed by the writer that held it while
+    this one waited on the lock is not the partial file any more: open the name again.
+    Where the file system has no ``flock`` (ENOLCK, EOPNOTSUPP), the run goes on unlocked.
+    """
+    while True:
+        try:
+            try:
+                fd, created = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+            except FileExistsError:
+                fd, created = os.open(partial, os.O_RDWR), False
+        except FileNotFoundError:  # removed between the two opens: try again
+            continue
+        except OSError as exc:
+            raise OutputError(f"cannot write: {exc.strerror or exc}", where=str(target)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)  # None where it let go meanwhile: it was writing all the same
+            os.close(fd)
+            raise OutputError(
+                f"another jaccli {f'(pid {holder})' if holder else 'process'} is writing {target}",
+                hint="wait for it to finish, or stop it (an interrupted run can be resumed with --resume)",
+            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise OutputError(f"cannot lock the partial file: {exc.strerror or exc}", where=str(partial)) from None
+        try:
+            same = os.stat(partial).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd, created
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid holding the ``flock`` on ``fd``'s file, from ``/proc/locks`` (Linux), or None."""
+    st = os.fstat(fd)
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as fh:
+            for line in fh:
+                fields = line.split()
+                if "FLOCK" in fields and want in fields:
+                    pid = int(fields[fields.index(want) - 1])
+                    if pid > 0 and pid != os.getpid():
+                        return pid
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def read_records(partial: Path, target: Path, fingerprint: dict, *, header_len: int, data_bytes: int,
+                 size: int) -> tuple[int, set[int]] | None:  # fmt: skip
+    """``(grid, finished chunks)`` of the partial run a resumed run continues, or None
+    where it must start from chunk 0 (stopped before it recorded its request or any chunk).
+
+    A :class:`~jaccli.errors.ResumeError` where the records cannot be read (named, with
+    the fix), were made for another request, or describe a file that is not there."""
+    meta_file = _meta_path(partial)
+    if not meta_file.exists():  # stopped between creating the file and writing its record
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        old = meta["fingerprint"]
+        grid, offset = int(meta["grid"]), int(meta["offset"])
+        if not isinstance(old, dict) or grid < 1:
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _unreadable(meta_file, exc) from None
+    differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+    if differ:
+        raise ResumeError(
+            "the partial run was made with another model, input, command or options",
+            where=str(target),
+            got="differs in " + ", ".join(differ),
+            hint="rerun without --resume to start over",
+        )
+    done: set[int] = set()
+    for p in _done_paths(partial):
+        try:
+            done |= {i for a, b in json.loads(p.read_text())["chunks"] for i in range(int(a), int(b))}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise _unreadable(p, exc) from None
+    if not done:  # nothing recorded as finished: whatever the file holds, start from chunk 0
+        return None
+    if offset != header_len or size != header_len + data_bytes:
+        raise ResumeError("the partial file does not match its records", where=str(partial),
+                          expected=f"{header_len + data_bytes} bytes", got=f"{size} bytes",
+                          hint="rerun without --resume to start over")  # fmt: skip
+    return grid, done
+
+
+def _unreadable(path: Path, exc: BaseException) -> ResumeError:
+    if isinstance(exc, OSError):
+        reason = exc.strerror or "cannot be read"
+    elif isinstance(exc, ValueError) and not isinstance(exc, UnicodeDecodeError):
+        reason = "not valid JSON"
+    else:
+        reason = "not a jaccli record"
+    return ResumeError(f"the partial run's record is unreadable ({reason})", where=str(path),
+                       hint="rerun without --resume to start over")  # fmt: skip
 
 
 def file_fingerprint(path: str | os.PathLike, *, whole: bool = True) -> dict:
@@ -69,13 +190,50 @@ def parameters_fingerprint(f) -> str | None:
     return h.hexdigest()
 
 
-def _atomic_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _atomic_json(path: Path, doc: dict, *, pause: str | None = None) -> None:
+    """Write ``doc`` to ``path`` through a temporary file, durably (file and directory
+    fsynced), with SIGINT/SIGTERM/SIGHUP held back until done: a signal never leaves the
+    temporary file behind (it arrives as :class:`~jaccli.signals.Interrupted` afterwards).
+    Only SIGKILL can, and :func:`remove_stale_temporaries` clears that on the next run.
+    ``pause`` names a test moment between writing the temporary file and renaming it."""
+    tmp = path.with_name(path.name + _TMP)
+    with signals.deferred():
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(doc, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if pause:
+                _pause_for_tests(pause)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory: the rename is all they offer
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(partial: Path) -> list[Path]:
+    """Remove the temporary files of records a killed run left beside ``partial``; call
+    only while holding the partial run's lock (or where no partial run exists), when no
+    other writer can be in the middle of one."""
+    stale = sorted(partial.parent.glob(glob.escape(partial.name) + "*" + _TMP))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def _ranges(done: set[int]) -> list[list[int]]:
@@ -87,7 +245,6 @@ def _ranges(done: set[int]) -> list[list[int]]:
         else:
             out.append([i, i + 1])
     return out
-
 
 
 class _Stats:

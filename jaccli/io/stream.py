@@ -13,6 +13,21 @@ Files beside ``DIR/NAME`` while a run is in progress:
 * ``DIR/.NAME.jaccli-partial.json`` — fingerprints of the request and the chunk grid;
 * ``DIR/.NAME.jaccli-partial.doneR.json`` — the chunks rank ``R`` has finished (data flushed first).
 
+What a signal or a kill can leave, and what becomes of it (rank 0 does all of this):
+
+* The partial file is created first and locked (``flock``, held until the run ends, released
+  by the kernel when the process dies): a second writer of the same target fails at once with
+  exit 7 and the holder's pid. Then the request record is written and fsynced, then the header,
+  then the space is reserved, and only then rows. A run interrupted (SIGINT, SIGTERM, SIGHUP)
+  before its record is on disk removes its partial file; after that it keeps the partial run
+  and records what it finished, for ``--resume``.
+* ``--resume`` continues whatever is there: with no record or no finished chunk it starts from
+  chunk 0; a record it cannot read is named, with the fix (rerun without ``--resume``).
+* Records are written through a temporary file with signals held back, so only SIGKILL can
+  leave one; the next run on the target, with or without ``--resume``, removes them.
+* Under ``torchrun`` only rank 0 takes the lock; the other ranks open the file it created.
+  A rank that loses contact with the others (one was killed) keeps the partial run.
+
 Rows go to the file with ``os.pwrite`` rather than through a memory map: dirty pages of a
 shared mapping count in the process's resident memory until written back, so a mapped
 1.3 GB result raises peak RSS by 1.3 GB while ``pwrite`` leaves them to the page cache.
@@ -41,7 +56,8 @@ import torch
 from jaccli.errors import format_bytes, JaccliError, OutputError, ResumeError, UsageError
 from jaccli import signals
 from jaccli.io import transfer
-from jaccli.io.records import _Stats, _atomic_json, _done_path, _done_paths, _meta_path, _ranges, partial_path
+from jaccli.io.records import (_Stats, _atomic_json, _done_path, _done_paths, _fsync_dir, _meta_path, _ranges, lock,
+                                partial_path, read_records, remove_stale_temporaries)  # fmt: skip
 from jaccli.io.write import _pause_for_tests, _place, check_writable, output_format
 
 #: result formats whose header is known before the data, so that rows can be written in place
@@ -49,8 +65,12 @@ STREAM_FORMATS = ("npy", "safetensors")
 
 #: seconds between two resume records: each one flushes the data written so far to disk
 RECORD_INTERVAL = 1.0
+#: environment variable that sets another interval (seconds): fewer flushes on a slow network
+#: file system; the tests set it beyond any run, so that records come only where a test makes them
+RECORD_INTERVAL_ENV = "JACCLI_RECORD_INTERVAL"
 
-#: test-only: SIGKILL this process after it has written this many chunks (and recorded them)
+#: test-only: SIGKILL this process after it has written this many chunks (and recorded them);
+#: ``R:K`` does so on rank R alone
 KILL_HOOK = "JACCLI_TEST_KILL_AFTER_CHUNKS"
 #: test-only: ``R:K`` makes rank R fail with an error after writing K chunks
 FAIL_HOOK = "JACCLI_TEST_FAIL_AFTER_CHUNKS"
@@ -183,10 +203,13 @@ class FileSink:
         self.done: set[int] = set()
         self.recorded: set[int] = set()
         self.last_record = time.monotonic()
+        self.record_interval = _record_interval()
         self.stats = _Stats()
         self.written = 0
-        kill = os.environ.get(KILL_HOOK)
-        self.kill_after = int(kill) if kill else None
+        self.meta_written = False  # the request record of this run's partial file is on disk
+        self.peer_lost = False  # a collective failed: another rank is gone
+        kill = os.environ.get(KILL_HOOK, "").rpartition(":")
+        self.kill_after = int(kill[2]) if kill[2] and (not kill[0] or int(kill[0]) == self.rank) else None
         fail = os.environ.get(FAIL_HOOK, "").partition(":")
         self.fail_after = int(fail[2]) if fail[2] and int(fail[0]) == self.rank else None
 
@@ -201,12 +224,25 @@ class FileSink:
             import torch.distributed as dist
 
             parts = [None] * self.world
-            dist.all_gather_object(parts, payload)
+            if self.peer_lost:
+                raise self._lost()
+            try:
+                dist.all_gather_object(parts, payload)
+            except Exception:  # gloo / nccl: a peer closed its connection or timed out
+                self.peer_lost = True
+                raise self._lost() from None
         for r, part in enumerate(parts):
             if part.get("error"):
                 self.failure = part["error"] if r == self.rank else f"rank {r}: {part['error']}"
                 raise _rebuild(_ERRORS.get(part.get("kind"), JaccliError), self.failure)
         return parts
+
+    def _lost(self) -> OutputError:
+        return OutputError(
+            "lost contact with the other ranks of the job (one was stopped or killed)",
+            where=str(self.target),
+            hint="the rows written so far are kept: the same command with --resume continues",
+        )
 
     # ------------------------------------------------------------------ the chunk loop's side
 
@@ -325,10 +361,11 @@ class FileSink:
         self.written += 1
         now = time.monotonic()
         kill = self.kill_after is not None and self.written >= self.kill_after
-        if kill or now - self.last_record >= RECORD_INTERVAL:
+        if kill or now - self.last_record >= self.record_interval:
             self._record()
         if kill:
             os.kill(os.getpid(), signal.SIGKILL)
+        _pause_for_tests(f"chunk-{self.written}")
         if self.fail_after is not None and self.written >= self.fail_after:
             raise OutputError(f"injected test failure ({FAIL_HOOK})", where=str(self.target))
         if self.progress is not None:
@@ -357,14 +394,22 @@ class FileSink:
                 raise self._disk_full() from None
             raise OutputError(f"cannot write: {exc.strerror or exc}", where=str(self.target)) from None
 
-    def _disk_full(self) -> OutputError:
+    def _file_bytes(self) -> int:
+        return self.offset + math.prod(self.shape) * self._itemsize()
 
+    def _free_bytes(self) -> int:
+        """Space this result may use: what the file system has free for this user, plus what
+        the partial file already holds (it is this result's and is given back on failure)."""
         st = os.statvfs(self.partial.parent)
+        held = os.fstat(self.fd).st_blocks * 512 if self.fd is not None else 0
+        return st.f_bavail * st.f_frsize + held
+
+    def _disk_full(self, free: int | None = None) -> OutputError:
         return OutputError(
             "not enough disk space for the result",
             where=str(self.target),
-            expected=f"{format_bytes(self.offset + math.prod(self.shape) * self._itemsize())} for the file",
-            got=f"{format_bytes(st.f_bavail * st.f_frsize)} free",
+            expected=f"{format_bytes(self._file_bytes())} for the file",
+            got=f"{format_bytes(self._free_bytes() if free is None else free)} free",
         )
 
     def _itemsize(self) -> int:
@@ -376,7 +421,7 @@ class FileSink:
         if not new or self.fd is None:
             return
         os.fdatasync(self.fd)
-        _atomic_json(_done_path(self.partial, self.rank), {"chunks": _ranges(self.done)})
+        _atomic_json(_done_path(self.partial, self.rank), {"chunks": _ranges(self.done)}, pause="done-record")
         self.recorded = set(self.done)
         self.last_record = time.monotonic()
 
@@ -392,64 +437,68 @@ class FileSink:
         }
 
     def _create_or_resume(self, grid: int) -> dict:
-        """Rank 0: a fresh partial file with its header, or the one a resumed run left."""
+        """Rank 0: lock the partial file, then either continue the run it holds (``--resume``)
+        or start it afresh: request record (fsynced) first, then header, then space."""
         check_writable(self.target, force=self.stream.force)
         header = _header(self.fmt, self.shape, self.dtype, self.stream.name, self.stream.metadata or {})
-        fingerprint = self._fingerprint()
-        if self.stream.resume:
-            return self._resume(header, fingerprint)
-        for stale in [self.partial, _meta_path(self.partial), *_done_paths(self.partial)]:
-            stale.unlink(missing_ok=True)
-        total = len(header) + math.prod(self.shape) * self._itemsize()
         self.offset = len(header)
+        fingerprint = self._fingerprint()
+        meta_file = _meta_path(self.partial)
+        if self.stream.resume and not self.partial.exists() and not meta_file.exists():
+            remove_stale_temporaries(self.partial)  # no partial file: no writer can own them
+            raise ResumeError(
+                "nothing to resume: no partial run of this result",
+                where=str(self.target),
+                expected=f"{self.partial.name} beside it",
+                hint="run without --resume",
+            )
+        self.fd, self.owned = lock(self.partial, self.target)  # ours to remove only if created here
+        _pause_for_tests("locked")
+        remove_stale_temporaries(self.partial)  # a killed run's: the lock says none is live
+        if self.stream.resume:
+            found = self._resume(header, fingerprint)
+            if found is not None:
+                return found
+        return self._fresh(header, fingerprint, grid)
+
+    def _fresh(self, header: bytes, fingerprint: dict, grid: int) -> dict:
+        self.owned = True
+        for stale in [_meta_path(self.partial), *_done_paths(self.partial)]:
+            stale.unlink(missing_ok=True)
+        self.meta_written = False
         try:
-            self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+            os.ftruncate(self.fd, 0)
         except OSError as exc:
             raise OutputError(f"cannot write: {exc.strerror or exc}", where=str(self.target)) from None
-        self.owned = True
+        total = self._file_bytes()
+        free = self._free_bytes()
+        if free < total:  # before any allocation: a failed fallocate may hold the blocks it got
+            raise self._disk_full(free)
+        _atomic_json(_meta_path(self.partial), {"fingerprint": fingerprint, "grid": grid, "offset": len(header)},
+                     pause="meta-record")  # fmt: skip
+        self.meta_written = True
+        _pause_for_tests("meta-written")
         self._pwrite(memoryview(header), 0)
         try:  # reserve the space now: a full disk shows before any work, with the figure
             os.posix_fallocate(self.fd, 0, total)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                os.ftruncate(self.fd, len(header))  # give back what the failed reservation took
                 raise self._disk_full() from None
             os.ftruncate(self.fd, total)  # a filesystem without fallocate
-        _atomic_json(_meta_path(self.partial), {"fingerprint": fingerprint, "grid": grid, "offset": len(header)})
+        _pause_for_tests("allocated")
         return {"grid": grid, "done": [], "offset": len(header)}
 
-    def _resume(self, header: bytes, fingerprint: dict) -> dict:
-        meta_file = _meta_path(self.partial)
-        if not self.partial.exists() or not meta_file.exists():
-            raise ResumeError(
-                "nothing to resume: no partial run of this result",
-                where=str(self.target),
-                expected=f"{self.partial.name} and {meta_file.name} beside it",
-                hint="run without --resume",
-            )
-        try:
-            meta = json.loads(meta_file.read_text())
-            old = meta["fingerprint"]
-            grid, offset = int(meta["grid"]), int(meta["offset"])
-            done = {i for p in _done_paths(self.partial) for a, b in json.loads(p.read_text())["chunks"]
-                    for i in range(a, b)}  # fmt: skip
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ResumeError(f"cannot read the partial run's records: {exc}", where=str(meta_file)) from None
-        differ = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        if differ:
-            raise ResumeError(
-                "the partial run was made with another model, input, command or options",
-                where=str(self.target),
-                got="differs in " + ", ".join(differ),
-                hint="rerun without --resume to start over",
-            )
-        size = self.partial.stat().st_size
-        if offset != len(header) or size != offset + math.prod(self.shape) * self._itemsize():
-            raise ResumeError("the partial file does not match its records", where=str(self.partial),
-                              expected=f"{offset + math.prod(self.shape) * self._itemsize()} bytes", got=f"{size} bytes")  # fmt: skip
-        self.offset = offset
-        self.fd = os.open(self.partial, os.O_RDWR)
-        self.owned = True
-        return {"grid": grid, "done": _ranges(done), "offset": offset}
+    def _resume(self, header: bytes, fingerprint: dict) -> dict | None:
+        """The state of the partial run this one continues, or None to start it from chunk 0
+        (a run stopped before it recorded anything)."""
+        found = read_records(self.partial, self.target, fingerprint, header_len=len(header),
+                             data_bytes=math.prod(self.shape) * self._itemsize(), size=os.fstat(self.fd).st_size)  # fmt: skip
+        if found is None:
+            return None
+        grid, done = found
+        self.meta_written = self.owned = True
+        return {"grid": grid, "done": _ranges(done), "offset": len(header)}
 
     # ------------------------------------------------------------------ the caller's side
 
@@ -466,60 +515,88 @@ class FileSink:
 
     def finalise(self) -> torch.Tensor:
         """Rank 0 renames the complete file into place; every rank gets it back as a tensor
-        of the result's shape, backed by the file."""
+        of the result's shape, backed by the file.
+
+        The lock is held until the file has its name: a rival that opened the partial file
+        meanwhile finds, once it gets the lock, that the name is no longer that file's. The
+        records go first, so that a kill between leaves a partial file without records,
+        which ``--resume`` redoes from chunk 0, never records of a file already placed."""
         info: dict = {}
         if self.rank == 0:
             try:
                 mask = os.umask(0)
                 os.umask(mask)
                 os.fchmod(self.fd, 0o666 & ~mask)
-                os.close(self.fd)
-                self.fd = None
                 _pause_for_tests()
                 with signals.deferred():  # not cut between placing the file and dropping its records
+                    for p in [*_done_paths(self.partial), _meta_path(self.partial)]:
+                        p.unlink(missing_ok=True)
                     # without --force, a file another process made meanwhile is not replaced
                     _place(str(self.partial), Path(self.target), self.stream.force)
-                    for p in [_meta_path(self.partial), *_done_paths(self.partial)]:
-                        p.unlink(missing_ok=True)
+                    _fsync_dir(self.partial.parent)
                 self.owned = False
             except OutputError as exc:
-                for p in [self.partial, _meta_path(self.partial), *_done_paths(self.partial)]:
-                    Path(p).unlink(missing_ok=True)
-                self.owned = False
+                self._remove_partial()
                 info = _payload(exc)
             except OSError as exc:
                 info = _payload(OutputError(f"cannot write: {exc.strerror or exc}", where=str(self.target)))
+            finally:
+                self._close_fd()
         self._sync(info)
         self._close_fd()
         return open_result(self.target, self.shape, self.dtype).reshape(self.result_shape)
 
     def abort(self, exc: BaseException) -> None:
         """After a failure: tell the other ranks, and remove the partial file unless the run
-        was interrupted (then ``--resume`` continues it)."""
-        interrupted = not isinstance(exc, Exception)
+        was interrupted or lost a rank (then ``--resume`` continues it). An interrupted run
+        that had not yet recorded its request removes its partial file all the same: there
+        is nothing in it to continue."""
+        interrupted = not isinstance(exc, Exception) or self.peer_lost
         self._close_copier(failed=True)  # chunks in flight are not done: a resumption redoes them
         if interrupted:
             try:
-                self._record()
-            except OSError:
+                with signals.deferred():
+                    self._record()
+            except (OSError, signals.Interrupted):
                 pass
         elif self.world > 1:
             payload = _payload(exc) if self.failure is None else {}
-            while self.meetings < self._MEETINGS:
+            while self.meetings < self._MEETINGS and not self.peer_lost:
                 try:
                     self._sync(payload)
                 except JaccliError:
                     pass
                 payload = {}
+        if self.rank == 0 and self.owned and (not interrupted or not self.meta_written):
+            self._remove_partial()
         self._close_fd()
-        if self.rank == 0 and self.owned and not interrupted:
-            for p in [self.partial, _meta_path(self.partial), *_done_paths(self.partial)]:
-                p.unlink(missing_ok=True)
+
+    def _remove_partial(self) -> None:
+        """Remove the partial file, and its records where this run wrote or continued them
+        (rank 0, holding the lock): a run refused before that leaves others' records alone."""
+        records = [_meta_path(self.partial), *_done_paths(self.partial)] if self.meta_written else []
+        with signals.deferred():
+            for p in [self.partial, *records]:
+                Path(p).unlink(missing_ok=True)
+        self.owned = False
 
     def _close_fd(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _record_interval() -> float:
+    text = os.environ.get(RECORD_INTERVAL_ENV, "").strip()
+    if not text:
+        return RECORD_INTERVAL
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise UsageError(f"{RECORD_INTERVAL_ENV} must be a positive number of seconds", got=text)
+    return value
 
 
 def _payload(exc: BaseException) -> dict:

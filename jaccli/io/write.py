@@ -1,7 +1,8 @@
 """Writing results: the writer table, output checks and atomic writes.
 
 Each format is a row of :data:`WRITERS`; a result is written to a temporary file beside
-the target and moved into place, so a failure never leaves a partial file. Every
+the target and moved into place, so a failure never leaves a partial file (SIGKILL
+leaves the temporary file, which the next write of that target on this machine removes). Every
 ``OSError`` or ``RuntimeError`` a writer raises (a full disk, a file-size limit, a name
 too long) is an :class:`~jaccli.OutputError`; a closed pipe on stdout is
 :class:`~jaccli.errors.OutputClosed`.
@@ -10,9 +11,12 @@ too long) is an :class:`~jaccli.OutputError`; a closed pipe on stdout is
 from __future__ import annotations
 
 import errno
+import glob
 import io
 import json
 import os
+import re
+import socket
 import sys
 import tempfile
 import time
@@ -211,6 +215,12 @@ def write_stdout(data) -> None:
 #: test hook, documented in tests/test_faults.py and nowhere else used: a path; the
 #: writer creates it once the temporary file is complete and waits until it is removed
 _PAUSE_ENV = "JACCLI_TEST_PAUSE_BEFORE_RENAME"
+#: test hook of the same kind for the named moments of a streamed save (:mod:`.stream`):
+#: ``MOMENT=PATH[,MOMENT=PATH…]``, e.g. ``meta-written=/tmp/m``; see :func:`_pause_for_tests`
+PAUSE_AT_ENV = "JACCLI_TEST_PAUSE_AT"
+#: how long a paused writer waits for the test to remove the marker: a guard against a
+#: test that died, never a timing the test relies on
+_PAUSE_GUARD_S = 600
 
 #: errors of os.link that mean "no hard links here", not "cannot write"
 _NO_LINKS = {errno.EPERM, errno.EACCES, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
@@ -228,8 +238,10 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None],
     """
     name = os.fspath(path)
     target = Path(name)
+    prefix = f".{target.name[:100]}."
+    _remove_stale_parts(target.parent, prefix)
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:100]}.", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{prefix}{_OWNER}-{os.getpid()}.", suffix=".part")
     except OSError as exc:
         raise OutputError(f"cannot write: {_reason(exc)}", where=shown_path(name)) from None
     try:
@@ -251,6 +263,36 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None],
         if isinstance(exc, OSError | RuntimeError):
             raise OutputError(f"cannot write: {_reason(exc)}", where=shown_path(name)) from None
         raise
+
+
+#: this machine in the names of temporary files (letters, digits and dashes): a file system
+#: shared between machines shows others' files, whose pids mean nothing here
+_OWNER = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _remove_stale_parts(directory: Path, prefix: str) -> None:
+    """Remove the temporary files a killed writer of this target left (only SIGKILL can:
+    any other end removes its own): those made on this machine by a process that is gone.
+    A live writer's, or another machine's, are left alone."""
+    try:
+        found = list(directory.glob(glob.escape(prefix) + "*.part"))
+    except OSError:
+        return
+    for path in found:
+        m = re.fullmatch(r"(?P<owner>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[^.]+\.part", path.name[len(prefix) :])
+        if m is None or m["owner"] != _OWNER or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
+            continue
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _place(tmp: str, target: Path, force: bool) -> None:
@@ -275,11 +317,18 @@ def _place(tmp: str, target: Path, force: bool) -> None:
         os.unlink(tmp)
 
 
-def _pause_for_tests() -> None:
-    marker = os.environ.get(_PAUSE_ENV)
+def _pause_for_tests(moment: str = "before-rename") -> None:
+    """Test hook: at ``moment``, create the marker file the environment names and wait
+    until the test removes it, so that a test acts (sends a signal, starts a rival) at
+    exactly that point of the write instead of guessing it from the clock."""
+    marker = os.environ.get(_PAUSE_ENV) if moment == "before-rename" else None
+    for spec in os.environ.get(PAUSE_AT_ENV, "").split(","):
+        at, _, path = spec.partition("=")
+        if at == moment and path:
+            marker = path
     if not marker:
         return
     Path(marker).touch()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + _PAUSE_GUARD_S
     while os.path.exists(marker) and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.005)

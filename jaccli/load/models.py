@@ -26,6 +26,7 @@ from torch import nn
 
 from jaccli.load.cast import cast_model
 from jaccli.errors import first_line, InputError, ModelError, ResourceError, shape_str, UsageError
+from jaccli.io.archives import verify_archive
 from jaccli.io import (
     Source,
     archive_kind,
@@ -118,6 +119,7 @@ def _unregistered_op(src: Source, text: str) -> InputError | None:
 
 def _load_torchscript(src: Source, device: torch.device, arch: Arch | None) -> LoadedModel:
     _no_arch(src, arch)
+    verify_archive(src.data, src.name)  # torch checks no CRC: damaged weights would load and compute
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still loads
@@ -154,6 +156,7 @@ def _placeholder_shapes(ep) -> tuple[tuple[tuple[int | None, ...], ...], int | N
 
 def _load_export(src: Source, device: torch.device, arch: Arch | None) -> LoadedModel:
     _no_arch(src, arch)
+    verify_archive(src.data, src.name)
     log = _Captured()
     try:
         with log.of("torch.export"):
@@ -315,11 +318,15 @@ def _build(arch: Arch, state: Mapping[str, torch.Tensor], meta: Mapping[str, str
     """The module for ``state`` (from ``arch``, else from jaccli metadata) and its format name."""
     if arch.spec is None and meta.get("jaccli.arch") == "mlp":
         try:
-            sizes = [int(v) for v in json.loads(meta["jaccli.sizes"])]
+            sizes = json.loads(meta["jaccli.sizes"])
             activation = meta["jaccli.activation"]
             bias = meta.get("jaccli.bias", "true") == "true"
         except (KeyError, ValueError, TypeError, RecursionError) as exc:
-            raise InputError(f"bad jaccli metadata: {first_line(exc)[:200]}", where=where, expected=MLP_METADATA) from None
+            raise InputError(f"bad jaccli metadata: {first_line(exc)[:200]}", where=where,
+                             expected="; ".join(f"{k}: {v}" for k, v in MLP_METADATA.items())) from None  # fmt: skip
+        if not isinstance(sizes, list) or not all(type(v) is int for v in sizes):  # 1e400 is a float: inf
+            raise InputError("bad jaccli metadata: jaccli.sizes is not a list of whole numbers", where=where,
+                             expected=MLP_METADATA["jaccli.sizes"], got=meta["jaccli.sizes"][:80])  # fmt: skip
         _check_declared_mlp(sizes, bias, state, where)
         return build_mlp(sizes, activation, bias), "safetensors-mlp", False
     if arch.spec is None:
@@ -406,9 +413,9 @@ def _load_state_dict(src: Source, device: torch.device, arch: Arch | None) -> Lo
     return _load_weights(src, obj, {}, arch)
 
 
-def model_kind(data: bytes) -> str | None:
-    """The model format of a file's bytes, or None."""
-    kind = archive_kind(data)
+def model_kind(data: bytes, name: str = "<model>") -> str | None:
+    """The model format of a file's bytes, or None (a damaged zip archive: an InputError naming ``name``)."""
+    kind = archive_kind(data, name)
     if kind is not None:
         return kind
     if is_safetensors(data):
@@ -529,7 +536,7 @@ def load_model(
     dev = resolve_device(device)
     want = resolve_dtype(dtype)
     src = read_source(path, what="model file", binary_only=True)
-    kind = model_kind(src.data)
+    kind = model_kind(src.data, src.name)
     if kind is None:
         raise InputError(
             "not a model file jaccli can load",

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import jaccli
 from jaccli.cli.main import COMMAND_EXAMPLES, app
 from jaccli.errors import EXIT_CODES
-from problems import BLOCKED, EXAMPLES, ROOT, save_export, tanh_mlp
+from problems import BLOCKED, EXAMPLES, HANG_GUARD_S, ROOT, save_export, tanh_mlp
 
 runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that Rich does not wrap long paths
 
@@ -195,7 +195,7 @@ def test_shell_pipeline_through_the_installed_command(tmp_path):
         f"cat {ex('pinn_x.npy')} | {sys.executable} -m jaccli jacobian {ex('pinn.pt')} - --per-sample --save - | "
         f'{sys.executable} -c "{reader}"'
     )
-    done = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(1000, 501, 1)"
     assert "per-sample Jacobian" in done.stderr  # the summary moves to stderr when stdout carries data
@@ -516,7 +516,7 @@ def test_python_dash_m_and_exit_code_of_a_real_process(tmp_path):
         [sys.executable, "-m", "jaccli", "jacobian", str(tmp_path / "nope.pt"), ex("pinn_x.npy")],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
         env={**os.environ, "COLUMNS": "200"},
     )
     assert done.returncode == EXIT_CODES[jaccli.InputError]
@@ -565,18 +565,27 @@ def _readme_blocks(lang: str) -> list[str]:
     return [block for doc in DOCS for block in re.findall(rf"```{lang}\n(.*?)```", doc.read_text(), flags=re.S)]
 
 
-README_COMMANDS = [
+#: each distinct ``$ …`` line once: the README and docs/ repeat some, and each run pays torch's start-up
+README_COMMANDS = list(dict.fromkeys(
     line[2:] for block in _readme_blocks("console") for line in block.splitlines() if line.startswith("$ ")
-]
+))  # fmt: skip
 
 
 @pytest.mark.parametrize("command", README_COMMANDS)
-def test_readme_commands_run(tmp_path, command):
-    """Each ``$ …`` line of the README and docs/, run by bash in a scratch folder that sees examples/."""
+def test_readme_commands_run(tmp_path, monkeypatch, command):
+    """Each ``$ …`` line of the README and docs/, in a scratch folder that sees examples/: a
+    plain ``jaccli …`` line in-process (each fresh interpreter pays torch's start-up, which
+    on a loaded machine is most of the suite's time), the others (pipes, torchrun) by bash."""
     (tmp_path / "examples").symlink_to(ROOT / "examples")
+    if command.startswith("jaccli ") and not re.search(r"[|<>;&`$]", command):
+        monkeypatch.chdir(tmp_path)
+        result = runner.invoke(app, shlex.split(command)[1:])
+        assert result.exit_code == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        return
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(
-        ["bash", "-o", "pipefail", "-c", command], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+        ["bash", "-o", "pipefail", "-c", command], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=HANG_GUARD_S
     )
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
@@ -616,7 +625,7 @@ def test_each_help_shows_a_runnable_example(tmp_path, monkeypatch, command):
 
 def _bash(script: str, tmp_path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S, cwd=tmp_path)
 
 
 def test_shell_completion_completes_commands_and_option_values(tmp_path):

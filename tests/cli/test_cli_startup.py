@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaccli
-from problems import EXAMPLES
+from problems import EXAMPLES, HANG_GUARD_S
 
 PROBE = """
 import json, sys
@@ -29,7 +29,7 @@ print(json.dumps({"code": result.exit_code, "out": result.output,
 
 def run_fresh(*args: str) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, json.dumps(list(args))], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", PROBE, json.dumps(list(args))], capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -51,7 +51,7 @@ def test_shell_completion_imports_no_torch():
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "print('torch' in sys.modules)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S)
     lines = done.stdout.split()
     assert "jacobian" in lines and lines[-1] == "False", (done.stdout, done.stderr)
 
@@ -61,7 +61,7 @@ def test_import_jaccli_imports_no_torch_until_a_name_is_used():
         "import sys, jaccli; before = 'torch' in sys.modules; jaccli.jacobian; "
         "print(before, 'torch' in sys.modules, sorted(set(jaccli.__all__) - set(dir(jaccli))))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.stdout.split() == ["False", "True", "[]"], done.stderr
 
 

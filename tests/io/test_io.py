@@ -194,7 +194,7 @@ BAD_INPUTS = [
     ("huge.npy", _npy_header((10**6, 10**6)) + b"\0" * 64, "promises more data"),
     ("truncated.npy", _npy_header((100,)) + b"\0" * 80, "truncated"),
     ("badheader.npy", b"\x93NUMPY\x01\x00\x10\x00{garbage}      \n", "corrupt .npy header"),
-    ("corrupt.pt", b"PK\x03\x04" + b"\0" * 60, "cannot read torch file"),
+    ("corrupt.pt", b"PK\x03\x04" + b"\0" * 60, "damaged zip archive: its directory at the end is missing"),
     ("corrupt.safetensors", struct.pack("<Q", 20) + b'{"x": {"dtype": 1}}  ', "corrupt .safetensors"),
     ("binary.bin", bytes(range(256)) * 4, "unrecognised binary file"),
     ("words.csv", b"a,b\nc,d\n", "holds no numbers|not a numeric table"),
@@ -333,3 +333,31 @@ def test_save_to_stdout_writes_npy_bytes(monkeypatch):
     monkeypatch.setattr(sys, "stdout", Stdout)
     jaccli.save_tensors("-", torch.arange(6.0).reshape(2, 3))
     np.testing.assert_array_equal(np.load(io.BytesIO(out.getvalue())), np.arange(6.0).reshape(2, 3))
+
+
+def test_a_write_removes_the_temporaries_of_dead_writers_of_its_target_only(tmp_path):
+    """What SIGKILL leaves inside an atomic write (tests/test_faults.py kills one): the next
+    write of that target removes it if its writer is gone from this machine, and leaves a
+    live writer's, another machine's and another target's alone."""
+    import subprocess
+
+    from jaccli.io import write as jwrite
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        names = {
+            "dead": f".r.npy.{jwrite._OWNER}-{gone.pid}.a1b2.part",
+            "live": f".r.npy.{jwrite._OWNER}-{live.pid}.a1b2.part",
+            "elsewhere": f".r.npy.{jwrite._OWNER}x-{gone.pid}.a1b2.part",
+            "other target": f".q.npy.{jwrite._OWNER}-{gone.pid}.a1b2.part",
+        }
+        for n in names.values():
+            (tmp_path / n).write_bytes(b"partial")
+        jaccli.save_tensors(tmp_path / "r.npy", torch.zeros(3))
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == sorted(["r.npy", names["live"], names["elsewhere"], names["other target"]])
+    finally:
+        live.stdin.close()
+        live.wait()

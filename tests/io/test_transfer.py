@@ -18,7 +18,7 @@ import torch
 import jaccli
 from jaccli.io import stream as st
 from jaccli.io import transfer
-from problems import tanh_mlp
+from problems import HANG_GUARD_S, tanh_mlp
 
 
 class FakeStreams:
@@ -455,11 +455,12 @@ def test_cuda_resume_after_sigkill_is_bit_identical(tmp_path):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((3000, 2)).astype(np.float32))
     cmd = [sys.executable, "-m", "jaccli", "jacobian", str(tmp_path / "m.safetensors"), str(tmp_path / "x.npy"),
            "--per-sample", "--device", "cuda", "--chunk-size", "250", "--quiet"]  # fmt: skip
-    ref = subprocess.run([*cmd, "--save", str(tmp_path / "ref.npy")], capture_output=True, text=True)
+    ref = subprocess.run([*cmd, "--save", str(tmp_path / "ref.npy")], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert ref.returncode == 0, ref.stderr
     env = {**os.environ, st.KILL_HOOK: "5"}
-    killed = subprocess.run([*cmd, "--save", str(tmp_path / "J.npy")], env=env, capture_output=True, text=True)
+    killed = subprocess.run([*cmd, "--save", str(tmp_path / "J.npy")], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert killed.returncode == -9, killed.stderr
-    resumed = subprocess.run([*cmd, "--save", str(tmp_path / "J.npy"), "--resume"], capture_output=True, text=True)
+    resumed = subprocess.run([*cmd, "--save", str(tmp_path / "J.npy"), "--resume"], capture_output=True, text=True,
+                             timeout=HANG_GUARD_S)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert (tmp_path / "J.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
