@@ -1,0 +1,246 @@
+"""The training objective over a data set, and its curvature products, chunk by chunk.
+
+:class:`Objective` holds a :class:`~.params.ParamSpace`, a loss row, the inputs and
+targets; its loss is ``L(θ) = w Σᵢ ℓᵢ(θ)`` with ``ℓᵢ`` sample ``i``'s own loss (its
+``raw`` loss, divided by its number of elements for ``mse``/``bce`` under ``mean``) and
+``w = 1/N`` (``mean``) or ``1`` (``sum``). Every product runs over chunks of samples and
+accumulates, so memory is flat in ``N``; under ``torch.distributed`` each rank takes a
+contiguous shard of the samples and the sums are all-reduced, so every rank holds the
+single-process result.
+
+The products, for a block of directions ``V`` ``[P, k]`` (all with :mod:`torch.func`):
+
+* ``hessian``: forward-over-reverse, ``jvp(grad(L_c))`` per chunk ``c``, ``vmap`` over columns;
+* ``ggn``: ``Jᵀ (w H_L) J V``: ``jvp`` of the model, the loss row's output-space product,
+  ``vjp`` back;
+* ``ef``: ``Σᵢ gᵢ gᵢᵀ V / N`` from the chunk's per-sample gradients (``vmap(grad)``).
+
+A model ``vmap`` cannot batch (an op without a batching rule) falls back to one column
+(or one sample, by ``jacrev`` of the chunk's losses) at a time, with the same results.
+
+Imports: torch, :mod:`.params`, :mod:`.losses`, :mod:`jaccli.engine.planner` (the memory
+budget), :mod:`jaccli.errors`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.func import grad, jacrev, jvp, vjp, vmap
+
+from jaccli.curvature.losses import Loss
+from jaccli.curvature.params import ParamSpace, _rows, take
+from jaccli.engine.planner import working_budget
+from jaccli.errors import first_line, InputError, ModelError, NumericalError, shape_str, UsageError
+
+#: the most directions one pass carries (``vmap`` over columns multiplies activation memory)
+MAX_COLUMNS = 16
+
+
+def dist_info() -> tuple[int, int]:
+    """(world size, rank) of the ``torch.distributed`` group, (1, 0) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over the ranks (``t`` itself in one process)."""
+    import torch.distributed as dist
+
+    if dist_info()[0] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class Objective:
+    """``L(θ) = w Σᵢ ℓᵢ(θ)`` over ``args`` (and ``target``) with the products of its curvature."""
+
+    def __init__(self, space: ParamSpace, loss: Loss, args, target: torch.Tensor | None, *,
+                 reduction: str | None = None, chunk_size: int | None = None, target_name: str = "target") -> None:  # fmt: skip
+        self.space, self.loss = space, loss
+        self.reduction = reduction or loss.default_reduction
+        if self.reduction not in ("mean", "sum"):
+            raise UsageError("unknown reduction", expected="mean or sum", got=self.reduction)
+        self.args = args
+        self.n = _rows(args)
+        if self.n == 0:
+            raise InputError("the input holds no samples", expected="at least one row")
+        if loss.needs_target and target is None:
+            raise UsageError(f"--loss {loss.name} needs a target", hint="pass --target FILE")
+        if target is not None and (target.dim() == 0 or target.shape[0] != self.n):
+            raise InputError("the target has another number of samples than the input", where=target_name,
+                             expected=f"{self.n} rows", got=shape_str(target.shape))  # fmt: skip
+        self.world, self.rank = dist_info()
+        self.lo, self.hi = self.n * self.rank // self.world, self.n * (self.rank + 1) // self.world
+        theta = space.values
+        per_sample_bytes = space.size * space.values[0].element_size() * 4
+        if space.static_batch is not None:
+            self.chunk = space.static_batch
+        elif chunk_size is not None:
+            if chunk_size < 1:
+                raise UsageError("--chunk-size must be positive", got=chunk_size)
+            self.chunk = int(chunk_size)
+        else:
+            self.chunk = max(1, min(1024, working_budget(space.device) // max(per_sample_bytes, 1)))
+        # the target as the loss uses it, checked once against the output's shape
+        with torch.no_grad():
+            try:
+                out0 = space.call(theta, take(args, 0, min(self.n, self.chunk)))
+            except (InputError, ModelError, UsageError):
+                raise
+            except Exception as exc:
+                raise ModelError(f"the model fails on the input: {first_line(exc)}", where=space.where) from None
+        self.out_shape = tuple(out0.shape[1:])
+        full = out0[:1].expand(self.n, *out0.shape[1:])
+        self.target = loss.check(full, None if target is None else target.to(out0.device), target_name)
+        elements = math.prod(self.out_shape) if loss.per_element else 1
+        self.norm = 1.0 / elements if self.reduction == "mean" else 1.0
+        self.weight = 1.0 / self.n if self.reduction == "mean" else 1.0
+        self.products = 0  # curvature-vector products so far (each a pass over the data)
+        self._vmap_ok = True
+
+    # ------------------------------------------------------------------ chunks
+
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        """This rank's chunks of samples."""
+        for a in range(self.lo, self.hi, self.chunk):
+            yield a, min(a + self.chunk, self.hi)
+
+    def _y(self, a: int, b: int):
+        return None if self.target is None else self.target[a:b]
+
+    def chunk_loss(self, theta, a: int, b: int) -> torch.Tensor:
+        """``w Σ_{i∈[a,b)} ℓᵢ(θ)``."""
+        out = self.space.call(theta, take(self.args, a, b))
+        return self.loss.raw(out, self._y(a, b)).sum() * (self.norm * self.weight)
+
+    def sample_losses(self, theta, a: int, b: int) -> torch.Tensor:
+        """``ℓᵢ(θ)`` for ``i`` in ``[a, b)``, ``[b - a]``."""
+        return self.loss.raw(self.space.call(theta, take(self.args, a, b)), self._y(a, b)) * self.norm
+
+    # ------------------------------------------------------------------ loss and gradient
+
+    def value_and_grad(self) -> tuple[float, torch.Tensor]:
+        """``L(θ)`` and ``∇L(θ)`` ``[P]`` (all ranks' sums)."""
+        theta = self.space.values
+        total = torch.zeros(self.space.size + 1, dtype=self.space.dtype, device=self.space.device)
+        for a, b in self.chunks():
+            g, v = grad(lambda th: (lambda l: (l, l))(self.chunk_loss(th, a, b)), has_aux=True)(theta)
+            total[0] += v.detach()
+            total[1:] += self.space.flat(g)
+        all_reduce(total)
+        value = float(total[0])
+        if not math.isfinite(value):
+            raise NumericalError("the loss is not finite", where=self.space.where, got=value,
+                                 hint="check the model, the input and the target for NaN, Inf or extreme values")  # fmt: skip
+        return value, total[1:]
+
+    def per_sample_grads(self, a: int, b: int) -> torch.Tensor:
+        """``∇ℓᵢ(θ)`` for ``i`` in ``[a, b)`` as rows ``[b - a, P]``."""
+        theta = self.space.values
+        if self._vmap_ok and self.space.static_batch is None:
+            x, y = take(self.args, a, b), self._y(a, b)
+
+            def one(th, xi, yi):
+                out = self.space.call(th, _unsqueeze(xi))
+                return self.loss.raw(out, None if yi is None else yi[None])[0] * self.norm
+
+            try:
+                g = vmap(grad(one), in_dims=(None, 0, None if y is None else 0))(theta, x, y)
+                return torch.cat([t.reshape(b - a, -1) for t in g], dim=1)
+            except (RuntimeError, NotImplementedError):
+                self._vmap_ok = False  # the chunk's losses by jacrev instead: samples do not mix
+        jac = jacrev(lambda th: self.sample_losses(th, a, b))(theta)
+        return torch.cat([t.reshape(b - a, -1) for t in jac], dim=1)
+
+    def per_sample_jacobians(self, a: int, b: int) -> torch.Tensor:
+        """``∂fᵢ/∂θ`` ``[b - a, C, P]`` (C the output's elements per sample)."""
+        theta = self.space.values
+        c = math.prod(self.out_shape)
+        if self._vmap_ok and self.space.static_batch is None:
+            try:
+                jac = vmap(jacrev(lambda th, xi: self.space.call(th, _unsqueeze(xi)).reshape(-1)),
+                           in_dims=(None, 0))(theta, take(self.args, a, b))  # fmt: skip
+                return torch.cat([t.reshape(b - a, c, -1) for t in jac], dim=2)
+            except (RuntimeError, NotImplementedError):
+                self._vmap_ok = False
+        jac = jacrev(lambda th: self.space.call(th, take(self.args, a, b)).reshape(b - a, -1))(theta)
+        return torch.cat([t.reshape(b - a, c, -1) for t in jac], dim=2)
+
+    # ------------------------------------------------------------------ curvature products
+
+    def _columns(self, fn: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) -> torch.Tensor:
+        """``fn`` on each column of ``V`` ``[P, k]``, batched by vmap where the model allows."""
+        if self._vmap_ok and V.shape[1] > 1:
+            try:
+                return vmap(fn, in_dims=1, out_dims=1)(V)
+            except (RuntimeError, NotImplementedError):
+                self._vmap_ok = False
+        return torch.stack([fn(V[:, j]) for j in range(V.shape[1])], dim=1)
+
+    def matmat(self, matrix: str, V: torch.Tensor) -> torch.Tensor:
+        """``M V`` for ``M`` the ``matrix`` (hessian, ggn, ef) and ``V`` ``[P, k]``."""
+        PRODUCTS[matrix]  # noqa: B018 -- an unknown name fails before any work
+        V = V.to(self.space.dtype)
+        out = torch.zeros_like(V)
+        for j in range(0, V.shape[1], MAX_COLUMNS):
+            block = V[:, j : j + MAX_COLUMNS]
+            for a, b in self.chunks():
+                out[:, j : j + MAX_COLUMNS] += PRODUCTS[matrix](self, block, a, b)
+        self.products += V.shape[1]
+        return all_reduce(out)
+
+    def _hvp(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        theta = self.space.values
+        g = grad(lambda th: self.chunk_loss(th, a, b))
+        return self._columns(lambda v: self.space.flat(jvp(g, (theta,), (self.space.split(v),))[1]), V)
+
+    def _ggn(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        theta, x, y = self.space.values, take(self.args, a, b), self._y(a, b)
+        f = lambda th: self.space.call(th, x)  # noqa: E731
+        out, pull = vjp(f, theta)
+        scale = self.norm * self.weight
+
+        def one(v):
+            u = jvp(f, (theta,), (self.space.split(v),))[1]
+            return self.space.flat(pull(self.loss.hvp(out, y, u) * scale)[0])
+
+        return self._columns(one, V)
+
+    def _ef(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        G = self.per_sample_grads(a, b)
+        return G.T @ (G @ V) / self.n
+
+    # ------------------------------------------------------------------ exact diagonals
+
+    def diagonal(self, matrix: str) -> torch.Tensor:
+        """The exact diagonal of ``ggn`` or ``ef`` ``[P]`` (one pass of per-sample factors)."""
+        d = torch.zeros(self.space.size, dtype=self.space.dtype, device=self.space.device)
+        for a, b in self.chunks():
+            if matrix == "ef":
+                d += self.per_sample_grads(a, b).pow(2).sum(0) / self.n
+                continue
+            J = self.per_sample_jacobians(a, b)  # [b, C, P]
+            out = self.space.call(self.space.values, take(self.args, a, b))
+            S = self.loss.sqrt(out, self._y(a, b))  # [b, C, K]
+            d += torch.einsum("bck,bcp->bkp", S, J).pow(2).sum((0, 1)) * (self.norm * self.weight)
+        return all_reduce(d)
+
+
+def _unsqueeze(x):
+    if isinstance(x, dict):
+        return {k: v[None] for k, v in x.items()}
+    return x[None]
+
+
+#: matrix name -> its product with a block of directions on one chunk of samples
+PRODUCTS: dict[str, Callable[[Objective, torch.Tensor, int, int], torch.Tensor]] = {
+    "hessian": Objective._hvp,
+    "ggn": Objective._ggn,
+    "ef": Objective._ef,
+}
