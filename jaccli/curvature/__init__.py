@@ -26,3 +26,15 @@ from jaccli.curvature.api import CurvatureResult, GradsResult, curvature, grads
 from jaccli.curvature.losses import LOSSES, Loss
 
 __all__ = ["LOSSES", "CurvatureResult", "GradsResult", "Loss", "curvature", "grads"]
+
+
+class _CallablePackage(type(__import__("sys"))):
+    """``jaccli.curvature`` names both this package and the function :func:`curvature`: once
+    the package is imported, Python binds the name ``jaccli.curvature`` to it, so the package
+    itself calls the function (``jaccli.curvature(model, x, y, loss="mse")`` works either way)."""
+
+    def __call__(self, *args, **kwargs):
+        return curvature(*args, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallablePackage

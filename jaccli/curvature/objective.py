@@ -103,6 +103,7 @@ class Objective:
         self.weight = 1.0 / self.n if self.reduction == "mean" else 1.0
         self.products = 0  # curvature-vector products so far (each a pass over the data)
         self._vmap_ok = True
+        self._grad_cache: dict | bool | None = None
 
     # ------------------------------------------------------------------ chunks
 
@@ -213,8 +214,20 @@ class Objective:
         return self._columns(one, V)
 
     def _ef(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        G = self.per_sample_grads(a, b)
+        G = self._cached_grads(a, b)
         return G.T @ (G @ V) / self.n
+
+    def _cached_grads(self, a: int, b: int) -> torch.Tensor:
+        """Per-sample gradients of a chunk, kept between products while this rank's share of
+        ``[N, P]`` fits in a quarter of the working budget (else recomputed each time)."""
+        if self._grad_cache is None:
+            share = (self.hi - self.lo) * self.space.size * self.space.values[0].element_size()
+            self._grad_cache = {} if share <= working_budget(self.space.device) // 4 else False
+        if self._grad_cache is False:
+            return self.per_sample_grads(a, b)
+        if (a, b) not in self._grad_cache:
+            self._grad_cache[(a, b)] = self.per_sample_grads(a, b).detach()
+        return self._grad_cache[(a, b)]
 
     # ------------------------------------------------------------------ exact diagonals
 
@@ -223,7 +236,7 @@ class Objective:
         d = torch.zeros(self.space.size, dtype=self.space.dtype, device=self.space.device)
         for a, b in self.chunks():
             if matrix == "ef":
-                d += self.per_sample_grads(a, b).pow(2).sum(0) / self.n
+                d += self._cached_grads(a, b).pow(2).sum(0) / self.n
                 continue
             J = self.per_sample_jacobians(a, b)  # [b, C, P]
             out = self.space.call(self.space.values, take(self.args, a, b))
