@@ -297,6 +297,7 @@ def _restricted(space: ParamSpace, name: str) -> ParamSpace:
     i = space.names.index(name)
     out = copy.copy(space)
     out.names, out.values = (name,), (space.values[i],)
+    out.fixed = {**space.fixed, **{k: v for k, v in zip(space.names, space.values) if k != name}}
     out.infos = (ParamInfo(name, space.infos[i].shape, 0),)
     out.size = space.infos[i].size
     return out

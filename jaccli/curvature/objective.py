@@ -133,7 +133,7 @@ class Objective:
         for a, b in self.chunks():
             g, v = grad(lambda th: (lambda l: (l, l))(self.chunk_loss(th, a, b)), has_aux=True)(theta)
             total[0] += v.detach()
-            total[1:] += self.space.flat(g)
+            total[1:] += self.space.flat(g).detach()
         all_reduce(total)
         value = float(total[0])
         if not math.isfinite(value):

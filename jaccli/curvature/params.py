@@ -79,6 +79,8 @@ class ParamSpace:
                                  + (" …" if len(order) > 12 else ""), got=params)  # fmt: skip
             order = chosen
         self.names = tuple(order)
+        # the parameters held constant, detached: a module's own ones would build graphs for nothing
+        self.fixed = {k: t.detach() for k, t in named.items() if k not in order}
         self.values = tuple(named[k].detach() for k in order)
         infos, offset = [], 0
         for k, t in zip(order, self.values):
@@ -133,7 +135,7 @@ class ParamSpace:
             with self._swapped(theta), torch.jit.optimized_execution(False):
                 out = self.module(**args) if isinstance(args, Mapping) else self.module(args)
         else:
-            state = dict(zip(self.names, theta))
+            state = {**self.fixed, **dict(zip(self.names, theta))}
             call_args = (args,) if not isinstance(args, Mapping) else ()
             kwargs = dict(args) if isinstance(args, Mapping) else {}
             out = torch.func.functional_call(self.module, state, call_args, kwargs)
