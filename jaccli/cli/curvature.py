@@ -203,7 +203,10 @@ def curvature_command(
         if save is not None:
             meta = {"jaccli_version": jaccli.__version__, "command": "curvature", "model": model, "loss": loss,
                     "matrix": matrix, "params": [p.as_dict() for p in result.params]}  # fmt: skip
-            jaccli.save_tensors(save, result.tensors(), metadata=meta, force=force)
+            import torch
+
+            tensors = {k: torch.from_numpy(v) for k, v in result.tensors().items()}
+            jaccli.save_tensors(save, tensors, metadata=meta, force=force)
         if plot is not None:
             from jaccli.show.curvature import plot_density
 

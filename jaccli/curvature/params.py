@@ -103,7 +103,7 @@ class ParamSpace:
     def split(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A flat vector ``[P]`` (or ``[P, …]`` trailing axes kept) as parameter-shaped tensors."""
         return tuple(
-            vec[i.offset : i.offset + i.size].reshape(*i.shape, *vec.shape[1:]) for i in self.infos
+            vec[i.offset : i.offset + i.size].reshape((*i.shape, *vec.shape[1:])) for i in self.infos
         )
 
     # ------------------------------------------------------------------ the model as a function of θ
