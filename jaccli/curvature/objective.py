@@ -238,10 +238,14 @@ class Objective:
             if matrix == "ef":
                 d += self._cached_grads(a, b).pow(2).sum(0) / self.n
                 continue
-            J = self.per_sample_jacobians(a, b)  # [b, C, P]
-            out = self.space.call(self.space.values, take(self.args, a, b))
-            S = self.loss.sqrt(out, self._y(a, b))  # [b, C, K]
-            d += torch.einsum("bck,bcp->bkp", S, J).pow(2).sum((0, 1)) * (self.norm * self.weight)
+            step = max(1, self.chunk // max(1, math.prod(self.out_shape)))  # [b, C, P] in the budget of [b, P]
+            for a2 in range(a, b, step):
+                b2 = min(a2 + step, b)
+                J = self.per_sample_jacobians(a2, b2)  # [b, C, P]
+                with torch.no_grad():
+                    out = self.space.call(self.space.values, take(self.args, a2, b2))
+                S = self.loss.sqrt(out, self._y(a2, b2)).reshape(b2 - a2, J.shape[1], -1)  # [b, C, K]
+                d += torch.einsum("bck,bcp->bkp", S, J).pow(2).sum((0, 1)) * (self.norm * self.weight)
         return all_reduce(d)
 
 
