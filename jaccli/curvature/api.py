@@ -407,8 +407,8 @@ def grads(
         result.saved_to = None if spec is None else os.fspath(spec.path)
         result.seconds = time.perf_counter() - start
         return result
-    value = _loss_value(obj)
     if streams:
+        value = _loss_value(obj)  # over every sample, those an interrupted run wrote too
         rows, resumed = _stream_rows(obj, spec, progress, model)
     else:
         if dist_info()[0] > 1:
@@ -419,11 +419,15 @@ def grads(
             raise ResourceError(f"the per-sample gradients [{n}, {p}] need {format_bytes(need)}",
                                 hint="stream them to disk with --save FILE.npy (or .safetensors)")  # fmt: skip
         rows, resumed = torch.empty(n, p, dtype=space.dtype, device=space.device), 0
+        loss_sum = torch.zeros((), dtype=torch.float64)
         for a in range(0, n, obj.chunk):
             b = min(a + obj.chunk, n)
-            rows[a:b] = obj.per_sample_grads(a, b).detach()
+            block, losses = obj.per_sample_grads(a, b, losses=True)
+            rows[a:b] = block.detach()
+            loss_sum += losses.double().sum().cpu()
             if progress is not None:
                 progress(b, n)
+        value = _finite(float(loss_sum) * obj.weight, obj)
         if spec is not None:
             save_tensors(spec.path, {spec.name if spec.name != "result" else "grads": rows.cpu()},
                          metadata=spec.metadata, force=spec.force)  # fmt: skip
@@ -444,13 +448,16 @@ def grads(
 
 def _loss_value(obj: Objective) -> float:
     """``L(θ)`` by forward passes only (all ranks' sum)."""
-    from jaccli.errors import NumericalError
-
     total = torch.zeros(1, dtype=torch.float64, device=obj.space.device)
     with torch.no_grad():
         for a, b in obj.chunks():
             total += obj.chunk_loss(obj.space.values, a, b).double()
-    value = float(all_reduce(total)[0])
+    return _finite(float(all_reduce(total)[0]), obj)
+
+
+def _finite(value: float, obj: Objective) -> float:
+    from jaccli.errors import NumericalError
+
     if not math.isfinite(value):
         raise NumericalError("the loss is not finite", where=obj.space.where, got=value,
                              hint="check the model, the input and the target for NaN, Inf or extreme values")  # fmt: skip

@@ -141,23 +141,26 @@ class Objective:
                                  hint="check the model, the input and the target for NaN, Inf or extreme values")  # fmt: skip
         return value, total[1:]
 
-    def per_sample_grads(self, a: int, b: int) -> torch.Tensor:
-        """``∇ℓᵢ(θ)`` for ``i`` in ``[a, b)`` as rows ``[b - a, P]``."""
+    def per_sample_grads(self, a: int, b: int, *, losses: bool = False):
+        """``∇ℓᵢ(θ)`` for ``i`` in ``[a, b)`` as rows ``[b - a, P]`` (and ``ℓᵢ`` with ``losses``)."""
         theta = self.space.values
         if self._vmap_ok and self.space.static_batch is None:
             x, y = take(self.args, a, b), self._y(a, b)
 
             def one(th, xi, yi):
                 out = self.space.call(th, _unsqueeze(xi))
-                return self.loss.raw(out, None if yi is None else yi[None])[0] * self.norm
+                value = self.loss.raw(out, None if yi is None else yi[None])[0] * self.norm
+                return value, value
 
             try:
-                g = vmap(grad(one), in_dims=(None, 0, None if y is None else 0))(theta, x, y)
-                return torch.cat([t.reshape(b - a, -1) for t in g], dim=1)
+                g, ls = vmap(grad(one, has_aux=True), in_dims=(None, 0, None if y is None else 0))(theta, x, y)
+                G = torch.cat([t.reshape(b - a, -1) for t in g], dim=1)
+                return (G, ls.detach()) if losses else G
             except (RuntimeError, NotImplementedError):
                 self._vmap_ok = False  # the chunk's losses by jacrev instead: samples do not mix
-        jac = jacrev(lambda th: self.sample_losses(th, a, b))(theta)
-        return torch.cat([t.reshape(b - a, -1) for t in jac], dim=1)
+        jac, ls = jacrev(lambda th: (lambda v: (v, v))(self.sample_losses(th, a, b)), has_aux=True)(theta)
+        G = torch.cat([t.reshape(b - a, -1) for t in jac], dim=1)
+        return (G, ls.detach()) if losses else G
 
     def per_sample_jacobians(self, a: int, b: int) -> torch.Tensor:
         """``∂fᵢ/∂θ`` ``[b - a, C, P]`` (C the output's elements per sample)."""
