@@ -148,3 +148,18 @@ def test_an_information_that_is_not_positive_definite_is_refused():
     with pytest.raises(jaccli.NumericalError, match="not positive definite|singular") as e:
         jaccli.curvature(Gaussian(5.0, 3.0), x, loss="log-likelihood", standard_errors=True)  # far from the MLE
     assert e.value.exit_code == 5
+
+
+def test_the_docstring_examples_run_and_jaccli_curvature_is_callable_as_package_and_function():
+    import doctest
+    import importlib
+
+    api = importlib.import_module("jaccli.curvature.api")
+    failed, attempted = doctest.testmod(api)
+    assert attempted >= 2 and failed == 0
+    import jaccli.curvature  # binds the name to the package: it still computes
+
+    x = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    r = jaccli.curvature(nn.Linear(1, 1).double(), x, x, loss="mse", full=True)
+    np.testing.assert_allclose(r.full, [[1.0, 1.0], [1.0, 2.0]])
+    assert "curvature" in jaccli.__all__ and "grads" in jaccli.__all__ and callable(jaccli.grads)
