@@ -20,6 +20,10 @@ from rich.table import Table
 from jaccli.curvature.spectral import smooth_density
 
 
+#: the most parameters whose full matrix is printed as a table (larger ones: --save)
+SMALL = 8
+
+
 def _g(x: float | None, digits: int) -> str:
     return "—" if x is None else f"{x:.{digits}g}"
 
@@ -58,6 +62,16 @@ def show_curvature(console: Console, result, *, model: str, digits: int = 6, sav
     if saved_to:
         t.add_row("saved to", saved_to)
     console.print(t)
+    if result.full is not None and result.size <= SMALL:
+        m = Table(title=f"the {result.matrix} ({result.size} × {result.size})", title_justify="left")
+        labels = [f"{p.name}{'' if p.size == 1 else list(np.unravel_index(i, p.shape))}" for p in result.params
+                  for i in range(p.size)]  # fmt: skip
+        m.add_column("")
+        for lab in labels:
+            m.add_column(lab, justify="right")
+        for lab, row in zip(labels, result.full):
+            m.add_row(lab, *(_g(float(v), digits) for v in row))
+        console.print(m)
     if result.by_layer:
         b = Table(title="diagonal blocks, one per parameter tensor", title_justify="left")
         for col in ("tensor", "shape", "size", "trace", f"eigenvalues ({result.which})"):
@@ -129,8 +143,11 @@ def plot_density(path: str | os.PathLike, result, *, title: str, force: bool = F
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.semilogy(grid, np.maximum(dens, 1e-12), lw=1.4)
-    ax.plot(live, np.full(live.shape, 1e-12), "|", color="0.3", ms=8)
+    floor = float(dens.max()) * 1e-6  # six decades: the outliers' bumps show, the gaps between them do not dominate
+    ax.semilogy(grid, np.maximum(dens, floor), lw=1.4)
+    ax.plot(live, np.full(live.shape, floor), "|", color="0.3", ms=8, label="Ritz values (quadrature nodes)")
+    ax.set_ylim(bottom=floor / 2)
+    ax.legend(fontsize=8, loc="upper right")
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("density (Gaussian-smoothed, σ = span/100)")
     ax.set_title(title, fontsize=10)
