@@ -289,7 +289,7 @@ def grads_command(
             spec = None
             if save is not None:
                 meta = {"jaccli_version": jaccli.__version__, "command": "grads", "model": model, "loss": loss,
-                        "per_sample": per_sample}  # fmt: skip
+                        "reduction": reduction, "params": params, "per_sample": per_sample}  # fmt: skip
                 spec = jaccli.Stream(save, name="grads", metadata=meta, force=force, resume=resume,
                                      fingerprint=_fingerprint(model, input, inputs, target) if streams else None)  # fmt: skip
             from jaccli.show.progress import ProgressBar

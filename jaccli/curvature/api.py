@@ -201,6 +201,8 @@ def curvature(
     if standard_errors and matrix == "ggn":
         raise UsageError("--standard-errors takes the observed information (hessian) or the outer product of "
                          "scores (ef)", got="ggn")  # fmt: skip
+    if which not in spectral.WHICH_ARPACK:
+        raise UsageError("unknown --which", expected=", ".join(spectral.WHICH_ARPACK), got=which)
     if eig is not None and eig < 1:
         raise UsageError("--eig K needs K ≥ 1", got=eig)
     for name, v in (("samples", samples), ("probes", probes), ("steps", steps)):

@@ -102,6 +102,9 @@ def test_standard_errors_of_a_log_likelihood_model(tmp_path):
         (["--loss", "cross-entropy", "--target", "y.npy", "--params", "zz*"], 2, "no parameter matches"),
         (["--loss", "cross-entropy", "--target", "y.npy", "--plot", "d.png"], 2, "--density"),
         (["--loss", "log-likelihood"], 4, "one value per sample"),
+        (["--loss", "cross-entropy", "--target", "y.npy", "--which", "middle", "--eig", "1"], 2, "unknown --which"),
+        (["--loss", "cross-entropy", "--target", "y.npy", "--matrix", "fisher"], 2, "unknown matrix"),
+        (["--loss", "output", "--matrix", "ggn"], 2, "not defined"),
     ],
 )
 def test_bad_requests_get_one_line_and_their_exit_code(case, extra, code, needle):
@@ -126,6 +129,19 @@ def test_grads_streams_per_sample_rows_and_reports_norms(case, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npy"]
     r = run("grads", d / "m.safetensors", d / "x.npy", "--target", d / "y.npy", "--loss", "cross-entropy", "--resume")
     assert r.exit_code == 12
+
+
+def test_float32_gradients_to_npz_with_params(case, tmp_path):
+    d, net = case
+    r = run("grads", d / "m.safetensors", d / "x.npy", "--target", d / "y.npy", "--loss", "cross-entropy",
+            "--dtype", "float32", "--params", "2.*", "--save", tmp_path / "g.npz", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    g = np.load(tmp_path / "g.npz")["grads"]
+    assert g.dtype == np.float32 and g.shape == (21,)
+    x, y = torch.from_numpy(np.load(d / "x.npy")), torch.from_numpy(np.load(d / "y.npy"))
+    ref = jaccli.grads(net, x, y, loss="cross-entropy")
+    np.testing.assert_allclose(g, ref.gradient[18:].numpy(), rtol=2e-5, atol=1e-7)
+    assert [p["name"] for p in json.loads(r.stdout)["params"]] == ["2.weight", "2.bias"]
 
 
 def _jaccli(cwd, *args, env=None, torchrun=False):
