@@ -14,7 +14,8 @@ differentiates the *loss over a data set* with respect to the model's *parameter
 :mod:`.spectral`    those products as scipy ``LinearOperator``\\ s: ``eigsh``, Hutch++,
                     Hutchinson diagonals, stochastic Lanczos quadrature, the dense matrix,
                     standard errors
-:mod:`.api`         :func:`curvature` and :func:`grads`, exported by :mod:`jaccli`
+:mod:`.api`         :func:`curvature`, exported by :mod:`jaccli`
+:mod:`.gradients`   :func:`grads` (per-sample gradients streamed to disk), exported too
 ==================  ====================================================================
 
 Imports: torch, numpy, scipy, :mod:`jaccli.engine` (``select_output``, the memory budget),
@@ -22,7 +23,8 @@ Imports: torch, numpy, scipy, :mod:`jaccli.engine` (``select_output``, the memor
 Imported by :mod:`jaccli.show.curvature` (tables, plots) and the CLI; never by the engine.
 """
 
-from jaccli.curvature.api import CurvatureResult, GradsResult, curvature, grads
+from jaccli.curvature.api import CurvatureResult, curvature
+from jaccli.curvature.gradients import GradsResult, grads
 from jaccli.curvature.losses import LOSSES, Loss
 
 __all__ = ["LOSSES", "CurvatureResult", "GradsResult", "Loss", "curvature", "grads"]

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from jaccli.curvature.losses import Loss
+from jaccli.curvature.losses import Loss, get_loss
 from jaccli.curvature.params import ParamSpace, _rows, take
 from jaccli.engine.planner import working_budget
 from jaccli.errors import first_line, InputError, ModelError, NumericalError, shape_str, UsageError
@@ -250,6 +250,14 @@ class Objective:
                 S = self.loss.sqrt(out, self._y(a2, b2)).reshape(b2 - a2, J.shape[1], -1)  # [b, C, K]
                 d += torch.einsum("bck,bcp->bkp", S, J).pow(2).sum((0, 1)) * (self.norm * self.weight)
         return all_reduce(d)
+
+
+def build_objective(model, inputs, target, *, loss: str, reduction: str | None, params: str | None,
+                    chunk_size: int | None, output, names: str | None = None) -> Objective:
+    """The :class:`Objective` of a public call: the parameters, the loss row by name, the data."""
+    space = ParamSpace(model, params, output=output)
+    return Objective(space, get_loss(loss), inputs, target, reduction=reduction, chunk_size=chunk_size,
+                     target_name=names or "target")  # fmt: skip
 
 
 def _unsqueeze(x):

@@ -11,7 +11,7 @@ from torch import nn
 
 import jaccli
 from jaccli.curvature import api, spectral
-from jaccli.curvature.api import _objective
+from jaccli.curvature.objective import build_objective as _objective
 
 F64 = torch.float64
 
