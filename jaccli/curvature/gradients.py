@@ -142,29 +142,40 @@ def grads(
         if need > memory_available(space.device) // 2:
             raise ResourceError(f"the per-sample gradients [{n}, {p}] need {format_bytes(need)}",
                                 hint="stream them to disk with --save FILE.npy (or .safetensors)")  # fmt: skip
-        rows, resumed = torch.empty(n, p, dtype=space.dtype, device=space.device), 0
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        resumed = 0
+        rows = None if n <= obj.chunk else torch.empty(n, p, dtype=space.dtype, device=space.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=space.device)
+        total = torch.zeros(p, dtype=torch.float64, device=space.device)
+        norms = torch.empty(n, dtype=torch.float64, device=space.device)
         for a in range(0, n, obj.chunk):
             b = min(a + obj.chunk, n)
             block, losses = obj.per_sample_grads(a, b, losses=True)
-            rows[a:b] = block.detach()
-            loss_sum += losses.double().sum().cpu()
+            if rows is None:  # one chunk: its rows are the result
+                rows = block
+            else:
+                rows[a:b] = block
+            # the gradient and the norms as the rows come: no second pass over [N, P]
+            loss_sum += losses.sum(dtype=torch.float64)
+            # reductions in the rows' dtype (a float64 reduction of float32 rows is several times
+            # slower than computing them); the chunks' sums accumulate in float64
+            total += block.sum(0)
+            norms[a:b] = torch.linalg.vector_norm(block, dim=1)
             if progress is not None:
                 progress(b, n)
         value = _finite(float(loss_sum) * obj.weight, obj)
         if spec is not None:
             save_tensors(spec.path, {spec.name if spec.name != "result" else "grads": rows.cpu()},
                          metadata=spec.metadata, force=spec.force)  # fmt: skip
-    # the gradient and the norms from the rows themselves (a file-backed tensor read in chunks)
-    total = torch.zeros(p, dtype=torch.float64)
-    norms = torch.empty(n, dtype=torch.float64)
-    for a in range(0, n, max(obj.chunk, 1)):
-        block = rows[a : a + obj.chunk].to(torch.float64)
-        total += block.sum(0).cpu()
-        norms[a : a + block.shape[0]] = block.norm(dim=1).cpu()
-    gradient = (total * obj.weight).to(space.dtype)
+    if streams:  # the gradient and the norms from the file (rows an interrupted run wrote too), in chunks
+        total = torch.zeros(p, dtype=torch.float64)
+        norms = torch.empty(n, dtype=torch.float64)
+        for a in range(0, n, max(obj.chunk, 1)):
+            block = rows[a : a + obj.chunk]
+            total += block.sum(0).cpu()
+            norms[a : a + block.shape[0]] = torch.linalg.vector_norm(block, dim=1).cpu()
+    gradient = (total * obj.weight).to(device=space.device, dtype=space.dtype)
     result = GradsResult(loss, obj.reduction, n, value, gradient, list(space.infos), per_sample=rows,
-                         norms=_norm_summary(norms), resumed_samples=resumed)  # fmt: skip
+                         norms=_norm_summary(norms.cpu()), resumed_samples=resumed)  # fmt: skip
     result.saved_to = None if spec is None else os.fspath(spec.path)
     result.seconds = time.perf_counter() - start
     return result

@@ -10,7 +10,8 @@ single-process result.
 
 The products, for a block of directions ``V`` ``[P, k]`` (all with :mod:`torch.func`):
 
-* ``hessian``: forward-over-reverse, ``jvp(grad(L_c))`` per chunk ``c``, ``vmap`` over columns;
+* ``hessian``: reverse-over-reverse, the ``vjp`` of ``grad(L_c)`` per chunk ``c`` (its graph
+  built once), ``vmap`` over a block of columns;
 * ``ggn``: ``Jᵀ (w H_L) J V``: ``jvp`` of the model, the loss row's output-space product,
   ``vjp`` back;
 * ``ef``: ``Σᵢ gᵢ gᵢᵀ V / N`` from the chunk's per-sample gradients (``vmap(grad)``).
@@ -29,14 +30,35 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from jaccli.curvature.losses import Loss, get_loss
 from jaccli.curvature.params import ParamSpace, _rows, take
 from jaccli.engine.planner import working_budget
 from jaccli.errors import first_line, InputError, ModelError, NumericalError, shape_str, UsageError
 
-#: the most directions one pass carries (``vmap`` over columns multiplies activation memory)
-MAX_COLUMNS = 16
+#: the most directions one pass carries, by device type: ``vmap`` over columns multiplies the
+#: activations, and on a CPU blocks past a few dozen columns leave the caches (measured: the
+#: Hessian products of a 7k-parameter MLP on 1024 points cost 4.7 ms a column in blocks of 32,
+#: 8.9 ms in blocks of 128, on one core); a GPU wants wide blocks
+MAX_COLUMNS = {"cpu": 32, "cuda": 256}
+#: samples the model is probed on for its activation bytes per sample
+PROBE_SAMPLES = 8
+
+
+class _Bytes(TorchDispatchMode):
+    """Counts the bytes of every tensor the ops produce: a model's activations per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.bytes += t.numel() * t.element_size()
+        return out
 
 
 def dist_info() -> tuple[int, int]:
@@ -78,23 +100,33 @@ class Objective:
         self.world, self.rank = dist_info()
         self.lo, self.hi = self.n * self.rank // self.world, self.n * (self.rank + 1) // self.world
         theta = space.values
-        per_sample_bytes = space.size * space.values[0].element_size() * 4
+        # one call on a few samples: the output's shape, and the activation bytes per sample
+        probe = min(self.n, space.static_batch or PROBE_SAMPLES)
+        counter = _Bytes()
+        with torch.no_grad():
+            try:
+                with counter:
+                    out0 = space.call(theta, take(args, 0, probe))
+            except (InputError, ModelError, UsageError):
+                raise
+            except Exception as exc:
+                raise ModelError(f"the model fails on the input: {first_line(exc)}", where=space.where) from None
+        self.act_bytes = counter.bytes / max(space.static_batch or probe, 1)
+        item = space.values[0].element_size()
+        budget = working_budget(space.device)
         if space.static_batch is not None:
             self.chunk = space.static_batch
         elif chunk_size is not None:
             if chunk_size < 1:
                 raise UsageError("--chunk-size must be positive", got=chunk_size)
             self.chunk = int(chunk_size)
-        else:
-            self.chunk = max(1, min(1024, working_budget(space.device) // max(per_sample_bytes, 1)))
-        # the target as the loss uses it, checked once against the output's shape
-        with torch.no_grad():
-            try:
-                out0 = space.call(theta, take(args, 0, min(self.n, self.chunk)))
-            except (InputError, ModelError, UsageError):
-                raise
-            except Exception as exc:
-                raise ModelError(f"the model fails on the input: {first_line(exc)}", where=space.where) from None
+        else:  # a per-sample gradient row and the activations behind it, a few times over
+            per_sample = 4 * space.size * item + 4 * self.act_bytes
+            self.chunk = int(max(1, min(1024, budget // max(per_sample, 1))))
+        # directions per pass: vmap carries the chunk's activations and a gradient per direction
+        per_column = 3 * min(self.chunk, self.n) * self.act_bytes + 3 * space.size * item
+        most = MAX_COLUMNS.get(space.device.type, MAX_COLUMNS["cpu"])
+        self.columns = int(max(1, min(most, (budget // 2) // max(per_column, 1))))
         self.out_shape = tuple(out0.shape[1:])
         full = out0[:1].expand(self.n, *out0.shape[1:])
         self.target = loss.check(full, None if target is None else target.to(out0.device), target_name)
@@ -104,6 +136,10 @@ class Objective:
         self.products = 0  # curvature-vector products so far (each a pass over the data)
         self._vmap_ok = True
         self._grad_cache: dict | bool | None = None
+        # the gradient's graph per chunk (its vjp is the Hessian's product), kept between
+        # products while it fits, as PyHessian keeps its one graph: a product then costs one
+        # backward pass instead of a forward, a backward and a backward of that
+        self._pulls: dict | bool | None = None
 
     # ------------------------------------------------------------------ chunks
 
@@ -192,17 +228,27 @@ class Objective:
         PRODUCTS[matrix]  # noqa: B018 -- an unknown name fails before any work
         V = V.to(self.space.dtype)
         out = torch.zeros_like(V)
-        for j in range(0, V.shape[1], MAX_COLUMNS):
-            block = V[:, j : j + MAX_COLUMNS]
+        k = self.columns
+        for j in range(0, V.shape[1], k):
+            block = V[:, j : j + k]
             for a, b in self.chunks():
-                out[:, j : j + MAX_COLUMNS] += PRODUCTS[matrix](self, block, a, b)
+                out[:, j : j + k] += PRODUCTS[matrix](self, block, a, b)
         self.products += V.shape[1]
         return all_reduce(out)
 
     def _hvp(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        theta = self.space.values
-        g = grad(lambda th: self.chunk_loss(th, a, b))
-        return self._columns(lambda v: self.space.flat(jvp(g, (theta,), (self.space.split(v),))[1]), V)
+        # reverse over reverse: the gradient's graph is built once per chunk and block, and the
+        # block's columns run through its backward together (vmap); H is symmetric, so the
+        # vector-Jacobian product of the gradient is the Hessian-vector product
+        pull = self._pulls.get((a, b)) if isinstance(self._pulls, dict) else None
+        if pull is None:
+            _, pull = vjp(grad(lambda th: self.chunk_loss(th, a, b)), self.space.values)
+            if self._pulls is None:  # keep the graphs while this rank's share of them fits
+                share = 6 * (self.hi - self.lo) * self.act_bytes + 4 * self.space.size * self.space.values[0].element_size()
+                self._pulls = {} if share <= working_budget(self.space.device) // 4 else False
+            if self._pulls is not False:
+                self._pulls[(a, b)] = pull
+        return self._columns(lambda v: self.space.flat(pull(self.space.split(v))[0]), V)
 
     def _ggn(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
         theta, x, y = self.space.values, take(self.args, a, b), self._y(a, b)
