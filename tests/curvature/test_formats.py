@@ -113,3 +113,16 @@ def test_a_full_matrix_that_does_not_fit_is_refused_before_allocating(monkeypatc
     with pytest.raises(jaccli.ResourceError, match=r"needs .*--params") as e:
         jaccli.curvature(net, x, torch.zeros(6, 3, dtype=F64), loss="mse", full=True)
     assert e.value.exit_code == 6 and "27 parameters needs 11.4 KiB" in str(e.value)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gives_the_cpu_results(saved):
+    d, net, x, y = saved
+    model = jaccli.load_model(d / "dynamic.pt2", device="cuda")
+    r = jaccli.curvature(model, x.cuda(), y.cuda(), loss="cross-entropy", full=True, eig=2, matrix="ggn", diag=True)
+    ref = jaccli.curvature(net, x, y, loss="cross-entropy", full=True, eig=2, matrix="ggn", diag=True)
+    np.testing.assert_allclose(r.full, ref.full, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(r.eigenvalues, ref.eigenvalues, rtol=1e-6)
+    g = jaccli.grads(model, x.cuda(), y.cuda(), loss="cross-entropy", per_sample=True)
+    torch.testing.assert_close(g.per_sample.cpu(), jaccli.grads(net, x, y, loss="cross-entropy", per_sample=True).per_sample)
