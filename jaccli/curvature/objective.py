@@ -111,6 +111,12 @@ class Objective:
                 raise
             except Exception as exc:
                 raise ModelError(f"the model fails on the input: {first_line(exc)}", where=space.where) from None
+        if not isinstance(out0, torch.Tensor) or out0.dim() == 0 or out0.shape[0] != probe:
+            raise ModelError("axis 0 of the model's output must hold the samples", where=space.where,
+                             expected=f"{probe} rows for {probe} samples",
+                             got=shape_str(getattr(out0, "shape", ())))  # fmt: skip
+        if not out0.is_floating_point():
+            raise ModelError("the model's output is not floating point", where=space.where, got=str(out0.dtype))
         self.act_bytes = counter.bytes / max(space.static_batch or probe, 1)
         item = space.values[0].element_size()
         budget = working_budget(space.device)

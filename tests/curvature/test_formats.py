@@ -64,6 +64,17 @@ def test_every_format_gives_the_eager_curvature_and_gradients(saved, name):
         assert torch.equal(p, q), k
 
 
+class Total(nn.Module):
+    """Sums over the batch: one number for all samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return (x * self.w).sum()
+
+
 class NoParams(nn.Module):
     def forward(self, x):
         return x.sum(1)
@@ -96,6 +107,7 @@ def _mlp_case():
         (lambda net, x: jaccli.curvature(net, x, torch.zeros(6, 3), loss="mse", standard_errors=True),
          jaccli.UsageError, "log-likelihood"),
         (lambda net, x: jaccli.curvature(net, x, torch.zeros(6, 3), loss="huber"), jaccli.UsageError, "unknown loss"),
+        (lambda net, x: jaccli.curvature(Total().double(), x, loss="output"), jaccli.ModelError, "axis 0"),
     ],
 )
 def test_bad_input_gets_one_error_of_its_class(call, error, match):
