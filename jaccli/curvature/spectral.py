@@ -189,18 +189,19 @@ def smooth_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sig
 
 
 def standard_errors(information: np.ndarray) -> np.ndarray:
-    """``√diag(I⁻¹)`` of an information matrix, which must be symmetric positive definite."""
-    try:
-        c = scipy.linalg.cho_factor(information, lower=True)
-    except np.linalg.LinAlgError:
-        w = np.linalg.eigvalsh(information)
-        what = "singular" if abs(w[0]) <= 1e-12 * max(abs(w[-1]), 1e-300) else "not positive definite"
+    """``√diag(I⁻¹)`` of an information matrix, which must be symmetric positive definite
+    (and not numerically singular: smallest eigenvalue above ``P·ε`` times the largest)."""
+    w = np.linalg.eigvalsh(information)
+    tiny = information.shape[0] * np.finfo(np.float64).eps * max(abs(w[-1]), abs(w[0]), 1e-300)
+    if w[0] <= tiny:
+        what = "singular" if abs(w[0]) <= tiny else "not positive definite"
         raise NumericalError(
             f"the information matrix is {what}: no standard errors",
             expected="a positive definite matrix (a fitted θ at a strict maximum of the likelihood)",
             got=f"smallest eigenvalue {w[0]:.6g}, largest {w[-1]:.6g}",
             hint="check that θ is the maximum-likelihood estimate and that the parameters are identifiable "
             "(or restrict them with --params)",
-        ) from None
+        )
+    c = scipy.linalg.cho_factor(information, lower=True)
     inv = scipy.linalg.cho_solve(c, np.eye(information.shape[0]))
     return np.sqrt(np.diag(inv))

@@ -150,6 +150,26 @@ def test_an_information_that_is_not_positive_definite_is_refused():
     assert e.value.exit_code == 5
 
 
+class Redundant(nn.Module):
+    """μ = a + b: two parameters where one is identified, a singular information."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([0.25], dtype=torch.float64))
+        self.b = nn.Parameter(torch.tensor([0.25], dtype=torch.float64))
+
+    def forward(self, x):
+        return -0.5 * (x[:, 0] - self.a - self.b) ** 2
+
+
+def test_a_singular_information_is_refused_as_singular():
+    x = torch.randn(50, 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = x - x.mean() + 0.5  # the MLE of a + b is 0.5
+    with pytest.raises(jaccli.NumericalError, match="singular") as e:
+        jaccli.curvature(Redundant(), x, loss="log-likelihood", standard_errors=True)
+    assert "smallest eigenvalue" in str(e.value)
+
+
 def test_the_docstring_examples_run_and_jaccli_curvature_is_callable_as_package_and_function():
     import doctest
     import importlib
