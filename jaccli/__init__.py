@@ -58,6 +58,10 @@ _LAZY = {
     "Partials": ".engine.partials",
     "partials": ".engine.partials",
     "Summary": ".show.summary",
+    "CurvatureResult": ".curvature",
+    "GradsResult": ".curvature",
+    "curvature": ".curvature",
+    "grads": ".curvature",
     "summarize": ".show.summary",
 }
 
@@ -68,6 +72,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see
     from jaccli.load.models import Arch, LoadedModel, ModelInfo, load_model, save_mlp
     from jaccli.show.summary import Summary, summarize
     from jaccli.engine.check import CheckReport, check
+    from jaccli.curvature import CurvatureResult, GradsResult, curvature, grads
 
 
 def __getattr__(name: str):
@@ -87,8 +92,10 @@ __all__ = [
     "Arch",
     "CheckFailed",
     "CheckReport",
+    "CurvatureResult",
     "DependencyError",
     "GateFailed",
+    "GradsResult",
     "DivergenceEstimate",
     "InputError",
     "JaccliError",
@@ -107,8 +114,10 @@ __all__ = [
     "UsageError",
     "__version__",
     "check",
+    "curvature",
     "describe",
     "divergence",
+    "grads",
     "hessian",
     "jacobian",
     "laplacian",

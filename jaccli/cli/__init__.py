@@ -3,6 +3,7 @@
 ==================  ====================================================================
 :mod:`.main`        the Typer app, its commands and the one error line with its exit code
 :mod:`.partials`    the ``partials`` command
+:mod:`.curvature`   the ``curvature`` and ``grads`` commands (parameter space)
 :mod:`.options`     the options the commands share, as Typer annotations
 :mod:`.inputs`      MODEL, INPUT and the loading options → a model and its arguments
 :mod:`.allocator`   glibc's allocator tuned for tensor work, for this process only

@@ -693,6 +693,12 @@ def check(
 
 app.command("partials", help=cli_partials.HELP)(cli_partials.partials_command)
 
+from jaccli.cli import curvature as cli_curvature  # noqa: E402  (parameter space: jaccli.curvature, jaccli.grads)
+
+COMMAND_EXAMPLES.update(curvature=cli_curvature.CURVATURE_EXAMPLE, grads=cli_curvature.GRADS_EXAMPLE)
+app.command("curvature", help=cli_curvature.CURVATURE_HELP)(cli_curvature.curvature_command)
+app.command("grads", help=cli_curvature.GRADS_HELP)(cli_curvature.grads_command)
+
 
 def main() -> None:
     """Run the command line with SIGINT, SIGTERM and SIGHUP handled (:mod:`jaccli.signals`);

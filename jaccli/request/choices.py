@@ -20,3 +20,11 @@ ACTIVATION_NAMES = ("tanh", "sigmoid", "softplus", "silu", "gelu", "elu", "sin",
 STDIO = "-"
 #: significant digits of the numbers in tables (``--digits``)
 DEFAULT_DIGITS = 4
+#: ``--loss`` of ``jaccli curvature`` / ``grads`` (the table is :data:`jaccli.curvature.losses.LOSSES`)
+LOSS_NAMES = ("mse", "cross-entropy", "bce", "nll", "output", "log-likelihood")
+#: ``--matrix``: the loss Hessian, the generalised Gauss-Newton (Fisher), the empirical Fisher
+MATRICES = ("hessian", "ggn", "ef")
+#: ``--reduction`` of the loss over samples, as in ``torch.nn.functional``
+REDUCTIONS = ("mean", "sum")
+#: ``--which`` eigenvalues ``--eig K`` finds
+WHICH = ("largest", "smallest", "magnitude")

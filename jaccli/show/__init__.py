@@ -7,9 +7,10 @@
 :mod:`.render`      Rich output for people and versioned JSON for programs
 :mod:`.plot`        matplotlib pictures (the optional ``plot`` extra, imported on use)
 :mod:`.progress`    the progress bar on stderr
+:mod:`.curvature`   tables of ``jaccli curvature`` / ``grads``, the spectral-density plot
 ==================  ====================================================================
 
-Imports: :mod:`jaccli.engine` (plans), :mod:`jaccli.io` (atomic writes), the layers
+Imports: :mod:`jaccli.curvature` (its results), :mod:`jaccli.engine` (plans), :mod:`jaccli.io` (atomic writes), the layers
 below; never the CLI. Nothing is imported here at package import: :mod:`.render` and
 :mod:`.summary` load torch.
 """

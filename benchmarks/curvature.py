@@ -1,0 +1,331 @@
+"""Curvature in parameter space: jaccli against the libraries people use, side by side in ONE run.
+
+    python benchmarks/curvature.py [--task eig|trace|per-sample|full|all] [--width W] [--points N]
+                                   [--full-width W] [--repeats R]
+
+Issue 20's targets, on an MLP ``IN → W → W → 10`` (tanh, softmax cross-entropy, float32,
+CPU; ≈ 2W² parameters: W=256 gives 84k, W=700 about 0.5M) over N random points with
+random labels:
+
+* ``eig``: the 10 largest Hessian eigenvalues — jaccli (``eigsh`` on its operator), PyHessian
+  (power iteration with deflation: the largest |λ|, checked against those), hessian-eigenthings
+  (``lanczos``, reorthogonalised), curvlinops
+  (``HessianLinearOperator`` + ``scipy.sparse.linalg.eigsh``), all to ``--tol``;
+* ``trace``: Hutch++ with the same number of products — jaccli, curvlinops
+  (``hutchpp_trace``), hessian-eigenthings (``hutch_plus_plus``); PyHessian's Hutchinson;
+* ``per-sample``: the [N, P] per-sample gradients — jaccli, ``torch.func.vmap(grad)``,
+  Opacus (``GradSampleModule``), BackPACK (``BatchGrad``);
+* ``full``: the full Hessian of an MLP with P ≈ 5k (``--full-width``) — jaccli against a loop
+  of ``autograd.grad`` rows of the gradient (double backward, the usual code).
+
+Each candidate runs in its own process (``--run TASK NAME``: imports, model and data built
+from the same seeds, one warm-up, the median of ``--repeats`` timed calls), so that no
+library's allocations or thread pools reach another's timing. A peer that is not installed
+is skipped with a line saying so (``pip install 'jaccli[bench]'`` brings those that install
+against this torch). Every result is cross-checked against jaccli in float64: eigenvalues
+and per-sample gradients by relative error, traces against the float64 Hutch++ estimate
+within their standard errors, the full Hessian elementwise. Ratios are the peer's time
+over jaccli's (above 1: jaccli is faster).
+
+Smoke test (tiny sizes, timings meaningless): ``python benchmarks/curvature.py --width 16 --points 64 --full-width 8 --repeats 1``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+IN, CLASSES, K = 32, 10, 10
+
+PEERS = {
+    "eig": ["jaccli", "pyhessian", "hessian-eigenthings", "curvlinops"],
+    "trace": ["jaccli", "pyhessian", "hessian-eigenthings", "curvlinops"],
+    "per-sample": ["jaccli", "torch.func", "opacus", "backpack"],
+    "full": ["jaccli", "autograd-loop"],
+}
+#: the module each peer needs, to tell "not installed" from a failure
+NEEDS = {"pyhessian": "pyhessian", "hessian-eigenthings": "hessian_eigenthings", "curvlinops": "curvlinops",
+         "opacus": "opacus", "backpack": "backpack"}  # fmt: skip
+
+
+def build(width: int, points: int, dtype):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(IN, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, CLASSES))
+    net = net.to(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(points, IN, generator=g).to(dtype)
+    y = torch.randint(0, CLASSES, (points,), generator=g)
+    return net, x, y
+
+
+# ------------------------------------------------------------------ candidates: () -> numbers (lists)
+
+
+def jaccli_eig(net, x, y, a):
+    import jaccli
+
+    return jaccli.curvature(net, x, y, loss="cross-entropy", eig=K, tol=a.tol).eigenvalues.tolist()
+
+
+def pyhessian_eig(net, x, y, a):
+    from pyhessian import hessian
+    from torch import nn
+
+    vals, _ = hessian(net, nn.CrossEntropyLoss(), data=(x, y), cuda=False).eigenvalues(top_n=K, tol=a.tol, maxIter=1000)
+    return sorted(vals, reverse=True)
+
+
+def eigenthings_op(net, x, y):
+    import hessian_eigenthings as he
+    from torch import nn
+
+    return he.HessianOperator(net, [(x, y)], he.supervised_loss(nn.CrossEntropyLoss()))
+
+
+def eigenthings_eig(net, x, y, a):
+    import hessian_eigenthings as he
+
+    # its default of 2K Lanczos steps stops before the tolerance is met; it stops early once it is
+    p = sum(t.numel() for t in net.parameters())
+    # past 50 steps it skips reorthogonalisation unless asked, and returns ghost copies of the top eigenvalue
+    r = he.lanczos(eigenthings_op(net, x, y), k=K, which="LA", tol=a.tol, seed=0, max_iter=min(p - 1, 30 * K),
+                   reorthogonalize=True)
+    return sorted(r.eigenvalues.tolist(), reverse=True)
+
+
+def curvlinops_op(net, x, y):
+    from curvlinops import HessianLinearOperator
+    from torch import nn
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    return HessianLinearOperator(net, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
+
+
+def curvlinops_eig(net, x, y, a):
+    from scipy.sparse.linalg import eigsh
+
+    w = eigsh(curvlinops_op(net, x, y).to_scipy(), k=K, which="LA", tol=a.tol)[0]
+    return sorted(w.tolist(), reverse=True)
+
+
+def jaccli_trace(net, x, y, a):
+    import jaccli
+    from jaccli.curvature import api
+
+    api.EXACT_LIMIT = 0  # the estimator, as the peers run it, at every size
+    r = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, samples=a.samples)
+    return [r.trace, r.trace_stderr]
+
+
+def pyhessian_trace(net, x, y, a):
+    from pyhessian import hessian
+    from torch import nn
+
+    est = hessian(net, nn.CrossEntropyLoss(), data=(x, y), cuda=False).trace(maxIter=a.samples, tol=0.0)
+    return [statistics.fmean(est), statistics.stdev(est) / len(est) ** 0.5]
+
+
+def eigenthings_trace(net, x, y, a):
+    import hessian_eigenthings as he
+
+    r = he.hutch_plus_plus(eigenthings_op(net, x, y), num_matvecs=a.samples, seed=0)
+    return [float(r.estimate), None]
+
+
+def curvlinops_trace(net, x, y, a):
+    from curvlinops import hutchpp_trace
+
+    return [float(hutchpp_trace(curvlinops_op(net, x, y), num_matvecs=a.samples)), None]
+
+
+def jaccli_per_sample(net, x, y, a):
+    import jaccli
+
+    return jaccli.grads(net, x, y, loss="cross-entropy", per_sample=True).per_sample
+
+
+def func_per_sample(net, x, y, a):
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(p, xi, yi):
+        return torch.nn.functional.cross_entropy(functional_call(net, p, (xi[None],)), yi[None])
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([t.reshape(x.shape[0], -1) for t in g.values()], 1)
+
+
+def opacus_per_sample(net, x, y, a):
+    import torch
+    from opacus import GradSampleModule
+
+    m = GradSampleModule(net, loss_reduction="sum")
+    m.zero_grad(set_to_none=True)
+    # sum reduction: each sample's gradient is its own loss's, as jaccli's per-sample rows
+    torch.nn.functional.cross_entropy(m(x), y, reduction="sum").backward()
+    out = torch.cat([p.grad_sample.reshape(x.shape[0], -1) for p in m.parameters()], 1)
+    m._close()
+    return out
+
+
+def backpack_per_sample(net, x, y, a):
+    import torch
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad
+
+    m, lossf = extend(net), extend(torch.nn.CrossEntropyLoss(reduction="sum"))
+    m.zero_grad()
+    with backpack(BatchGrad()):
+        lossf(m(x), y).backward()
+    return torch.cat([p.grad_batch.reshape(x.shape[0], -1) for p in m.parameters()], 1)
+
+
+def jaccli_full(net, x, y, a):
+    import jaccli
+
+    return jaccli.curvature(net, x, y, loss="cross-entropy", full=True).full
+
+
+def loop_full(net, x, y, a):
+    import torch
+
+    params = list(net.parameters())
+    g = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), y), params, create_graph=True)
+    g = torch.cat([t.reshape(-1) for t in g])
+    rows = [torch.cat([t.reshape(-1) for t in torch.autograd.grad(g[i], params, retain_graph=True)]) for i in range(len(g))]
+    return torch.stack(rows)
+
+
+CANDIDATES = {
+    ("eig", "jaccli"): jaccli_eig, ("eig", "pyhessian"): pyhessian_eig,
+    ("eig", "hessian-eigenthings"): eigenthings_eig, ("eig", "curvlinops"): curvlinops_eig,
+    ("trace", "jaccli"): jaccli_trace, ("trace", "pyhessian"): pyhessian_trace,
+    ("trace", "hessian-eigenthings"): eigenthings_trace, ("trace", "curvlinops"): curvlinops_trace,
+    ("per-sample", "jaccli"): jaccli_per_sample, ("per-sample", "torch.func"): func_per_sample,
+    ("per-sample", "opacus"): opacus_per_sample, ("per-sample", "backpack"): backpack_per_sample,
+    ("full", "jaccli"): jaccli_full, ("full", "autograd-loop"): loop_full,
+}  # fmt: skip
+
+
+def _summary(task: str, value):
+    """What goes back to the parent: numbers for eig/trace, a digest of large arrays."""
+    import numpy as np
+
+    if task in ("eig", "trace"):
+        return value
+    arr = np.asarray(value.detach().double() if hasattr(value, "detach") else value, dtype=np.float64)
+    path = os.environ["CURV_BENCH_OUT"]
+    np.save(path, arr)
+    return path
+
+
+def run_one(task: str, name: str, a) -> None:
+    """The child process: one candidate, timed."""
+    import importlib.util
+
+    import torch
+
+    if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
+        print(json.dumps({"skipped": f"{name} is not installed"}))
+        return
+    torch.set_num_threads(a.threads)
+    dtype = torch.float64 if a.reference else torch.float32
+    width = a.full_width if task == "full" else a.width
+    net, x, y = build(width, a.points, dtype)
+    fn = CANDIDATES[(task, name)]
+    value = fn(net, x, y, a)  # warm-up (and the result)
+    if a.reference and task == "eig":  # PyHessian's power iteration finds the largest |λ|: its own reference
+        import jaccli
+
+        r = jaccli.curvature(net, x, y, loss="cross-entropy", eig=K, which="magnitude", tol=a.tol)
+        value = {"largest": value, "magnitude": sorted(r.eigenvalues.tolist(), reverse=True)}
+    times = []
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        fn(net, x, y, a)
+        times.append(time.perf_counter() - t0)
+    params = sum(p.numel() for p in net.parameters())
+    print(json.dumps({"seconds": statistics.median(times) if times else None, "params": params, "result": _summary(task, value)}))
+
+
+def child(task: str, name: str, a, out: Path, reference: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--run", task, name, "--width", str(a.width), "--points", str(a.points),
+           "--full-width", str(a.full_width), "--repeats", str(0 if reference else a.repeats), "--tol", str(a.tol),
+           "--samples", str(a.samples), "--threads", str(a.threads)] + (["--reference"] if reference else [])  # fmt: skip
+    env = {**os.environ, "CURV_BENCH_OUT": str(out), "OMP_NUM_THREADS": str(a.threads)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    if r.returncode != 0 or not lines:
+        return {"failed": (r.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(lines[-1])
+
+
+def check(task: str, got, ref, name: str = "") -> str:
+    """How far a result is from jaccli's float64 one."""
+    import numpy as np
+
+    if task == "eig":
+        which = "magnitude" if name == "pyhessian" else "largest"
+        want = np.array(ref[which])
+        err = np.max(np.abs(np.array(got) - want) / np.maximum(np.abs(want), 1e-12))
+        return f"max rel. error {err:.1e}" + (" (largest |λ|)" if which == "magnitude" else "")
+    if task == "trace":
+        value, se = got
+        diff = abs(value - ref[0])
+        spread = ref[1] if se is None else float(np.hypot(se, ref[1]))
+        return f"{value:.6g}; {diff / spread:.1f} standard errors from float64" if spread else f"{value:.6g}"
+    a, b = np.load(got), np.load(ref)
+    return f"max rel. error {np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300):.1e}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="all", choices=[*PEERS, "all"])
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--points", type=int, default=2048)
+    ap.add_argument("--full-width", type=int, default=60, help="MLP width of the full-Hessian task (60: P = 5.9k)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--samples", type=int, default=99, help="products of the trace estimates")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--run", nargs=2, metavar=("TASK", "NAME"), help=argparse.SUPPRESS)
+    ap.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.run:
+        return run_one(*a.run, a)
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="curv-bench-"))
+    for task in PEERS if a.task == "all" else [a.task]:
+        ref = child(task, "jaccli", a, tmp / f"{task}-ref.npy", reference=True)
+        if "failed" in ref:
+            print(f"{task}: the float64 reference failed: {ref['failed']}")
+            continue
+        print(f"\n{task}: {ref['params']:,} parameters, {a.points:,} points")
+        base = None
+        for name in PEERS[task]:
+            r = child(task, name, a, tmp / f"{task}-{name}.npy")
+            if "skipped" in r or "failed" in r:
+                print(f"  {name:<22} {r.get('skipped') or 'failed: ' + r['failed']}")
+                continue
+            base = r["seconds"] if name == "jaccli" else base
+            ratio = "" if base is None or name == "jaccli" else f"  {r['seconds'] / base:6.2f}× jaccli's time"
+            print(f"  {name:<22} {r['seconds']:9.4f} s{ratio}   {check(task, r['result'], ref['result'], name)}")
+
+
+if __name__ == "__main__":
+    main()

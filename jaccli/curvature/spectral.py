@@ -1,0 +1,207 @@
+"""Linear algebra on a curvature matrix known only by its products.
+
+:func:`operator` wraps an :class:`~.objective.Objective`'s products as a symmetric
+:class:`scipy.sparse.linalg.LinearOperator` (float64 vectors in and out, the curvlinops
+design), and the functions here take such operators:
+
+* :func:`eigenvalues` — the ``k`` extreme eigenpairs by ARPACK's Lanczos (``eigsh``), or by
+  ``numpy.linalg.eigh`` of the assembled matrix when ``k`` is close to ``P``;
+* :func:`hutchpp` — Hutch++ trace estimate (Meyer, Musco, Musco & Woodruff 2021) with the
+  standard error of its Hutchinson part;
+* :func:`hutchinson_diagonal` — diagonal estimate ``E[z ⊙ Az]`` with Rademacher ``z``;
+* :func:`slq` — stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017): nodes and weights
+  of the spectral density, one Gauss quadrature per probe vector;
+* :func:`dense` — the ``P×P`` matrix, column block by column block;
+* :func:`standard_errors` — ``√diag(I⁻¹)`` by Cholesky, refusing a singular or indefinite ``I``.
+
+Random vectors come from a seeded generator, so every rank of a distributed job draws the
+same ones (their products are all-reduced, the iterations stay in step).
+
+Imports: numpy, scipy, torch, :mod:`jaccli.errors`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.linalg
+import torch
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+from jaccli.errors import NumericalError, UsageError
+
+#: ``--which`` -> ARPACK's name
+WHICH_ARPACK = {"largest": "LA", "smallest": "SA", "magnitude": "LM"}
+
+
+class CurvatureOperator(LinearOperator):
+    """A curvature matrix of an objective as a symmetric ``LinearOperator`` (float64)."""
+
+    def __init__(self, objective, matrix: str) -> None:
+        self.objective, self.matrix = objective, matrix
+        p = objective.space.size
+        super().__init__(dtype=np.float64, shape=(p, p))
+
+    def _matmat(self, X):
+        V = torch.as_tensor(np.ascontiguousarray(X), device=self.objective.space.device)
+        return self.objective.matmat(self.matrix, V).detach().cpu().double().numpy()
+
+    def _matvec(self, x):
+        return self._matmat(np.asarray(x).reshape(-1, 1))[:, 0]
+
+    def _rmatvec(self, x):
+        return self._matvec(x)  # symmetric
+
+    def _adjoint(self):
+        return self
+
+
+def operator(objective, matrix: str) -> CurvatureOperator:
+    """The ``matrix`` (hessian, ggn, ef) of ``objective`` as a scipy ``LinearOperator``."""
+    return CurvatureOperator(objective, matrix)
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _rademacher(rng, p: int, k: int) -> np.ndarray:
+    return rng.choice(np.array([-1.0, 1.0]), size=(p, k))
+
+
+def dense(op: LinearOperator, block: int = 256) -> np.ndarray:
+    """The matrix of ``op``, assembled from products with blocks of unit vectors."""
+    p = op.shape[0]
+    out = np.empty((p, p))
+    for j in range(0, p, block):
+        e = np.zeros((p, min(block, p - j)))
+        e[np.arange(j, j + e.shape[1]), np.arange(e.shape[1])] = 1.0
+        out[:, j : j + e.shape[1]] = op.matmat(e)
+    return (out + out.T) / 2  # symmetric up to rounding; the average is the closest symmetric matrix
+
+
+def eigenvalues(op: LinearOperator, k: int, which: str = "largest", *, tol: float = 1e-6, seed: int = 0,
+                dense_matrix: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The ``k`` eigenvalues of ``op`` that ``which`` picks, descending, and their eigenvectors ``[P, k]``."""
+    p = op.shape[0]
+    if which not in WHICH_ARPACK:
+        raise UsageError("unknown --which", expected=", ".join(WHICH_ARPACK), got=which)
+    if not 1 <= k <= p:
+        raise UsageError("--eig K must be between 1 and the number of parameters", expected=f"1 … {p}", got=k)
+    if dense_matrix is not None or k >= p - 1:
+        m = dense(op) if dense_matrix is None else dense_matrix
+        w, v = np.linalg.eigh(m)
+        pick = {"largest": np.argsort(w)[::-1][:k], "smallest": np.argsort(w)[:k],
+                "magnitude": np.argsort(np.abs(w))[::-1][:k]}[which]  # fmt: skip
+    else:
+        v0 = _rng(seed).standard_normal(p)
+        try:
+            w, v = eigsh(op, k=k, which=WHICH_ARPACK[which], v0=v0, tol=tol)
+        except ArpackNoConvergence as exc:
+            raise NumericalError(f"the eigensolver did not converge ({len(exc.eigenvalues)} of {k} eigenvalues)",
+                                 hint="raise --tol or ask for fewer eigenvalues") from None  # fmt: skip
+        pick = np.arange(len(w))
+    w, v = w[pick], v[:, pick]
+    order = np.argsort(w)[::-1]
+    return w[order], v[:, order]
+
+
+def hutchpp(op: LinearOperator, products: int, *, seed: int = 0) -> tuple[float, float]:
+    """Hutch++ estimate of ``tr(op)`` from about ``products`` products, and its standard error.
+
+    A third of the products find a low-rank sketch ``Q`` whose trace is exact; the rest
+    estimate the trace of the deflated remainder by Hutchinson, whose sample standard
+    deviation gives the error (the sketch's part has none).
+    """
+    p = op.shape[0]
+    k = max(1, products // 3)
+    rng = _rng(seed)
+    S = _rademacher(rng, p, k)
+    G = _rademacher(rng, p, max(2, products - 2 * k))
+    Q, _ = np.linalg.qr(op.matmat(S))
+    top = float(np.trace(Q.T @ op.matmat(Q)))
+    R = G - Q @ (Q.T @ G)
+    samples = np.einsum("ij,ij->j", R, op.matmat(R))
+    return top + float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(len(samples)))
+
+
+def hutchinson_diagonal(op: LinearOperator, products: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Estimate of ``diag(op)`` from ``products`` Rademacher products, and its standard error per entry."""
+    z = _rademacher(_rng(seed), op.shape[0], max(2, products))
+    s = z * op.matmat(z)
+    return s.mean(1), s.std(1, ddof=1) / math.sqrt(s.shape[1])
+
+
+def lanczos(op: LinearOperator, v0: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """``steps`` Lanczos steps from ``v0`` with full reorthogonalisation: the tridiagonal's
+    diagonal and off-diagonal (shorter where an invariant subspace is found)."""
+    p = op.shape[0]
+    steps = min(steps, p)
+    basis = np.zeros((steps, p))
+    alpha, beta = [], []
+    q = v0 / np.linalg.norm(v0)
+    for j in range(steps):
+        basis[j] = q
+        w = op.matvec(q)
+        a = float(q @ w)
+        alpha.append(a)
+        w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)  # full reorthogonalisation, twice is enough
+        w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        b = float(np.linalg.norm(w))
+        if j == steps - 1 or b <= 1e-12 * max(1.0, abs(a)):
+            break
+        beta.append(b)
+        q = w / b
+    return np.array(alpha), np.array(beta)
+
+
+def slq(op: LinearOperator, probes: int, steps: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stochastic Lanczos quadrature: ``(nodes, weights)`` ``[probes, steps]`` each.
+
+    For each Rademacher probe ``v`` the Lanczos tridiagonal's eigenvalues ``θⱼ`` and the
+    squared first components ``τⱼ²`` of its eigenvectors make the Gauss quadrature of
+    ``vᵀ f(A) v / P``; averaged over probes, ``Σ τ² f(θ)`` estimates ``tr f(A) / P``: the
+    weights of one probe sum to 1 and the density is ``Σ τ² δ(λ - θ)`` averaged.
+    Probes that stop early (an invariant subspace) are padded with zero weights.
+    """
+    p = op.shape[0]
+    rng = _rng(seed)
+    steps = min(steps, p)
+    nodes = np.zeros((probes, steps))
+    weights = np.zeros((probes, steps))
+    for i in range(probes):
+        alpha, beta = lanczos(op, _rademacher(rng, p, 1)[:, 0], steps)
+        if len(alpha) == 1:
+            theta, vecs = alpha, np.ones((1, 1))
+        else:
+            theta, vecs = scipy.linalg.eigh_tridiagonal(alpha, beta)
+        nodes[i, : len(theta)] = theta
+        weights[i, : len(theta)] = vecs[0] ** 2
+    return nodes, weights
+
+
+def smooth_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
+    """The SLQ density convolved with a Gaussian of width ``sigma`` on ``grid`` (integrates to 1)."""
+    z = (grid[:, None] - nodes.reshape(-1)[None, :]) / sigma
+    k = np.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))
+    return k @ weights.reshape(-1) / nodes.shape[0]
+
+
+def standard_errors(information: np.ndarray) -> np.ndarray:
+    """``√diag(I⁻¹)`` of an information matrix, which must be symmetric positive definite
+    (and not numerically singular: smallest eigenvalue above ``P·ε`` times the largest)."""
+    w = np.linalg.eigvalsh(information)
+    tiny = information.shape[0] * np.finfo(np.float64).eps * max(abs(w[-1]), abs(w[0]), 1e-300)
+    if w[0] <= tiny:
+        what = "singular" if abs(w[0]) <= tiny else "not positive definite"
+        raise NumericalError(
+            f"the information matrix is {what}: no standard errors",
+            expected="a positive definite matrix (a fitted θ at a strict maximum of the likelihood)",
+            got=f"smallest eigenvalue {w[0]:.6g}, largest {w[-1]:.6g}",
+            hint="check that θ is the maximum-likelihood estimate and that the parameters are identifiable "
+            "(or restrict them with --params)",
+        )
+    c = scipy.linalg.cho_factor(information, lower=True)
+    inv = scipy.linalg.cho_solve(c, np.eye(information.shape[0]))
+    return np.sqrt(np.diag(inv))
