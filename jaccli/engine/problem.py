@@ -151,22 +151,48 @@ def static_batch_of(f: Callable) -> int | None:
     return info_of(f).static_batch
 
 
+#: ops that contract an axis: (position of the operand whose last axis is contracted)
+_CONTRACTING = {"mm": 0, "addmm": 1, "bmm": 0, "baddbmm": 1, "matmul": 0, "linear": 0, "addbmm": 1}
+_CONVOLUTIONS = frozenset({"convolution", "_convolution", "conv1d", "conv2d", "conv3d"})
+
+
+def op_flops(func, args, outputs: list[torch.Tensor]) -> int:
+    """Floating-point operations of one op, roughly: 2·m·n·k for a matrix product, 2·out·(in
+    channels · kernel) for a convolution, 4·L·S·E per head for attention, one per output
+    element for anything else, none for a view."""
+    if getattr(func, "is_view", False):
+        return 0
+    name = func.overloadpacket.__name__
+    numel = sum(t.numel() for t in outputs)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if name in _CONTRACTING and len(tensors) > _CONTRACTING[name]:
+        return 2 * numel * tensors[_CONTRACTING[name]].shape[-1]
+    if name in _CONVOLUTIONS and len(tensors) > 1:
+        return 2 * numel * math.prod(tensors[1].shape[1:])
+    if "scaled_dot_product" in name and len(tensors) > 1 and outputs:
+        q, k = tensors[0], tensors[1]
+        return 4 * q.numel() * k.shape[-2]
+    return numel
+
+
 class _Recorder(QuietDispatchMode):
-    """Counts the bytes each op produces, remembers which ops ran and follows the inputs."""
+    """Counts the bytes and operations each op produces, remembers which ops ran and follows the inputs."""
 
     def __init__(self, paths: Paths) -> None:
         super().__init__()
         self.ops: set[str] = set()
         self.bytes = 0
+        self.flops = 0
         self.paths = paths
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops.add(func.overloadpacket.__name__)
         self.paths.observe(func, args, kwargs or {}, out)
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.bytes += t.numel() * t.element_size()
+        outputs = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+        for t in outputs:
+            self.bytes += t.numel() * t.element_size()
+        self.flops += op_flops(func, args, outputs)
         return out
 
 
@@ -190,6 +216,7 @@ class Problem:
     device: torch.device
     static_batch: int | None
     act_bytes: float = 0.0  # forward bytes per point
+    flops: float = 0.0  # forward operations per point (see op_flops), for the planner's time estimates
     ops: frozenset[str] = field(default_factory=frozenset)
     blocked: ModelError | None = None  # why no derivative reaches the output, if none can
 
@@ -427,6 +454,7 @@ def _probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = True) 
         raise ModelError("the model's output is not floating point", where=problem.where, got=str(y.dtype))
     problem.out_shape = tuple(y.shape[1:]) if problem.per_sample else tuple(y.shape)
     problem.act_bytes = recorder.bytes / rows.numel()
+    problem.flops = recorder.flops / rows.numel()
     problem.ops = frozenset(recorder.ops)
     problem.blocked = recorder.paths.refusal(y, [problem.labels[i] for i in problem.wrt], problem.where)
     if problem.blocked is not None and refuse_blocked:
