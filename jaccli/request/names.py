@@ -184,16 +184,22 @@ class _Source(NamedTuple):
         return ExpressionError(what, self.item, self.start + column, detail, **parts)
 
 
+def _chars(text: str, byte_col: int) -> int:
+    """A syntax node's column in characters: ``ast`` counts UTF-8 bytes (``τ`` is two)."""
+    return len(text.encode("utf-8")[:byte_col].decode("utf-8", errors="ignore"))
+
+
 def _reject(src: _Source, node: ast.AST, what: str, expected: str) -> ExpressionError:
-    return src.reject(what, getattr(node, "col_offset", 0), expected=expected)
+    return src.reject(what, _chars(src.text, getattr(node, "col_offset", 0)), expected=expected)
 
 
 def _operator_column(src: _Source, node: ast.BinOp | ast.UnaryOp) -> int:
     """Where a binary operator stands (after its left operand), or a unary one (first)."""
     if isinstance(node, ast.UnaryOp):
-        return node.col_offset
-    gap = src.text[node.left.end_col_offset : node.right.col_offset]
-    return node.left.end_col_offset + len(gap) - len(gap.lstrip(" ()"))
+        return _chars(src.text, node.col_offset)
+    left, right = _chars(src.text, node.left.end_col_offset), _chars(src.text, node.right.col_offset)
+    gap = src.text[left:right]
+    return left + len(gap) - len(gap.lstrip(" ()"))
 
 
 def _symbol(text: str, col: int) -> str:
@@ -329,7 +335,7 @@ def parse_want(want: Sequence[str], inputs: list[str], outputs: list[str]) -> Re
                     try:
                         terms[n] = parse_term(n, inputs, outputs)
                     except UsageError as exc:
-                        col = min(x.col_offset for x in ast.walk(e.tree) if isinstance(x, ast.Name) and x.id == n)
+                        col = min(_chars(e.text, x.col_offset) for x in ast.walk(e.tree) if isinstance(x, ast.Name) and x.id == n)
                         raise ExpressionError(
                             f"expression {e.name!r} reads {n!r}", item, e.start + col,
                             "neither a term nor an earlier expression", hint=exc.what,

@@ -68,6 +68,14 @@ def test_the_report_points_at_the_dangling_plus_not_column_0():
     ]
 
 
+@pytest.mark.parametrize("item,at", [("r = τ % 2", "% 2"), ("r = τ + q", "q"), ("r = 'é'", "'é'"), ("r = ττ $ 2", "$")])
+def test_columns_count_characters_not_bytes(item, at):
+    # ast's offsets are in UTF-8 bytes; a caret must stand under the character
+    with pytest.raises(ExpressionError) as info:
+        parse_want([item], ["τ", "ττ", "x"] if "ττ" in item else ["τ", "x"], OUTPUTS)
+    assert info.value.column == item.index(at)
+
+
 def test_nothing_after_the_equals_sign_points_past_it():
     err = _error("r =")
     assert "nothing after '='" in str(err) and err.column == 3
