@@ -44,7 +44,7 @@ Dtype = Annotated[
     ),
 ]
 Mode = Annotated[
-    str, typer.Option(help="auto, forward or reverse; auto picks the mode with fewer products.", autocompletion=_complete(MODES))
+    str, typer.Option(help="auto, forward or reverse; auto picks the engine and mode predicted fastest (--json shows the estimates).", autocompletion=_complete(MODES))
 ]
 ChunkSize = Annotated[
     Optional[int],

@@ -23,7 +23,7 @@ from jaccli import jets as taylor
 from jaccli.errors import format_bytes, ModelError, ResourceError, shape_str, UsageError
 from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_args, probe_rows
 from jaccli.request.choices import ESTIMATORS, KINDS, MODES
-from jaccli.engine.strategies import STRATEGIES, auto_mode, count_directions, mode_costs
+from jaccli.engine.strategies import STRATEGIES, count_directions, estimate_seconds, point_seconds
 
 _MIB = 2**20
 
@@ -114,6 +114,9 @@ class Plan:
     engine_note: str | None = None
     #: processes sharing the work (torch.distributed ranks) when the result streams to a file
     world_size: int = 1
+    #: what auto mode weighed: predicted seconds of each engine that could run the request,
+    #: as ("taylor forward" | "torch.func forward" | "torch.func reverse", seconds) pairs
+    estimates: tuple[tuple[str, float], ...] = ()
     #: the normalised request and traced program, so that computing the plan needs no
     #: second probe or trace (see :func:`prepare` and :func:`reuse`)
     _request: Request | None = field(default=None, repr=False, compare=False)
@@ -144,6 +147,7 @@ class Plan:
             "engine": self.engine,
             "engine_note": self.engine_note,
             "world_size": self.world_size,
+            "estimated_seconds": {name: float(f"{s:.4g}") for name, s in self.estimates},
         }
 
 
@@ -174,9 +178,46 @@ def check_mode(mode: str) -> None:
 FORWARD_OVER_FORWARD_WRONG = frozenset({"native_layer_norm", "native_batch_norm", "_native_batch_norm_legit"})
 
 
+#: the engines auto mode weighs, in the order that breaks ties (Taylor first: no tape, one
+#: pass for all directions)
+_CANDIDATES = (("taylor", "forward"), ("torch.func", "forward"), ("torch.func", "reverse"))
+
+
+def fast_path_applies(p: Problem) -> bool:
+    """Whether the Taylor engine can take ``p``: one per-sample input, no static batch size."""
+    return FAST_PATH and p.per_sample and len(p.args.values) == 1 and p.static_batch is None
+
+
+def estimates(kind: str, p: Problem, estimator: str, probes: int) -> dict[tuple[str, str], float]:
+    """Predicted seconds of every (engine, mode) that can run the request, in
+    :data:`_CANDIDATES` order (the cost model is :data:`.strategies.COSTS`)."""
+    out = {}
+    for engine, mode in _CANDIDATES:
+        if engine == "taylor" and not fast_path_applies(p):
+            continue
+        if (engine, mode) == ("torch.func", "forward") and _forward_wrong(kind, p):
+            continue
+        out[(engine, mode)] = estimate_seconds(
+            strategy_key(kind, estimator, mode)[0], engine, mode, n_in=p.n_in, n_out=p.n_out,
+            points=p.n, seconds_per_point=point_seconds(p.flops, p.device.type), probes=int(probes),
+        )  # fmt: skip
+    return out
+
+
+def cheapest(costs: dict[tuple[str, str], float], engine: str | None = None) -> tuple[str, str]:
+    """The cheapest (engine, mode) of ``costs`` (of ``engine`` only, when given)."""
+    pool = {k: v for k, v in costs.items() if engine is None or k[0] == engine}
+    return min(pool, key=pool.__getitem__)
+
+
+def _forward_wrong(kind: str, p: Problem) -> bool:
+    return kind in ("hessian", "laplacian") and bool(p.ops & FORWARD_OVER_FORWARD_WRONG)
+
+
 def make_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int, chunk_size) -> Plan:
-    resolved = auto_mode(kind, p.n_in, p.n_out) if mode == "auto" else mode
-    if kind in ("hessian", "laplacian") and resolved == "forward" and p.ops & FORWARD_OVER_FORWARD_WRONG:
+    """The torch.func plan; ``mode="auto"`` takes the cheaper of its forward and reverse modes."""
+    resolved = cheapest(estimates(kind, p, estimator, probes), "torch.func")[1] if mode == "auto" else mode
+    if resolved == "forward" and _forward_wrong(kind, p):
         resolved = "reverse"  # forward over reverse: right where forward over forward is not
     key = strategy_key(kind, estimator, resolved)
     strategy = STRATEGIES[key]
@@ -287,12 +328,10 @@ def _taylor_program(kind: str, p: Problem, mode: str) -> tuple[taylor.TaylorProg
     """The traced program where the fast path applies; else None and why (None if never tried).
 
     The fast path is forward mode (forward-over-forward for second derivatives), so it
-    is tried only where that mode was asked for or auto mode picks it, on one
-    per-sample input without a static batch size.
+    is tried only where that mode was asked for or auto mode picks it (``mode`` is
+    then "forward"), on one per-sample input without a static batch size.
     """
-    resolved = auto_mode(kind, p.n_in, p.n_out) if mode == "auto" else mode
-    eligible = p.per_sample and resolved == "forward" and len(p.args.values) == 1
-    if not (FAST_PATH and eligible and p.static_batch is None):
+    if not (mode == "forward" and fast_path_applies(p)):
         return None, None
     rows = probe_rows(p)
     try:
@@ -349,21 +388,33 @@ def _taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, estimator
 
 def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
                  chunk_size) -> tuple[Plan, taylor.TaylorProgram | None]:  # fmt: skip
-    """The Taylor plan and program where the fast path applies, else the torch.func plan."""
-    program, why_not = _taylor_program(kind, p, mode)
+    """The Taylor plan and program where the fast path applies and is wanted (asked for
+    with forward mode, or cheapest in auto mode), else the torch.func plan."""
+    costs = estimates(kind, p, estimator, probes)
+    shown = tuple((f"{e} {m}", s) for (e, m), s in costs.items())
+    wanted = mode == "forward" or (mode == "auto" and cheapest(costs)[0] == "taylor")
+    program, why_not = _taylor_program(kind, p, "forward" if wanted else mode)
     if program is not None:
-        return _taylor_plan(kind, p, program, estimator, probes, chunk_size), program
+        return replace(_taylor_plan(kind, p, program, estimator, probes, chunk_size), estimates=shown), program
     plan = make_plan(kind, p, mode, estimator, probes, chunk_size)
-    if why_not is None and mode == "auto" and plan.mode == "reverse" and p.per_sample:
-        why_not = _why_reverse(kind, p)
-    return (replace(plan, engine_note=why_not) if why_not else plan), None
+    if why_not is None and mode == "auto" and ("taylor", "forward") in costs:
+        why_not = _why_not_taylor(p, plan.mode, costs)
+    return replace(plan, engine_note=why_not, estimates=shown), None
 
 
-def _why_reverse(kind: str, p: Problem) -> str:
-    """What auto mode weighed when it chose reverse mode (so the fast path, forward mode, was not tried)."""
-    fwd, rev = mode_costs(kind, p.n_in, p.n_out)
-    return (f"reverse mode: {rev:,} products per point against {fwd:,} in forward mode "
-            f"({p.n_in:,} inputs, {p.n_out:,} outputs); --mode forward takes the Taylor fast path")
+def _why_not_taylor(p: Problem, mode: str, costs: dict[tuple[str, str], float]) -> str:
+    """What auto mode weighed when it chose torch.func over the Taylor fast path."""
+    return (f"{mode} mode: {_seconds(costs[('torch.func', mode)])} predicted against "
+            f"{_seconds(costs[('taylor', 'forward')])} by the Taylor fast path ({_count(p.n_in, 'input')}, "
+            f"{_count(p.n_out, 'output')}, {_count(p.n, 'point')}); --mode forward takes the fast path")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
 
 
 def prepare(kind: str, f: Callable, x, options: dict[str, Any]) -> Plan:

@@ -25,7 +25,7 @@ from torch import nn
 
 from jaccli.jets.dispatch import QuietDispatchMode
 from jaccli.errors import first_line, JaccliWarning, ModelError, NumericalError, UsageError, shape_str
-from jaccli.load.models import describe_expected_input, info_of, model_dtype
+from jaccli.load.models import ExpectedInput, expected_input, info_of, model_dtype
 from jaccli.engine.kernels import FUSED_RNN_OPS, differentiable
 from jaccli.engine.paths import Paths
 
@@ -151,22 +151,48 @@ def static_batch_of(f: Callable) -> int | None:
     return info_of(f).static_batch
 
 
+#: ops that contract an axis: (position of the operand whose last axis is contracted)
+_CONTRACTING = {"mm": 0, "addmm": 1, "bmm": 0, "baddbmm": 1, "matmul": 0, "linear": 0, "addbmm": 1}
+_CONVOLUTIONS = frozenset({"convolution", "_convolution", "conv1d", "conv2d", "conv3d"})
+
+
+def op_flops(func, args, outputs: list[torch.Tensor]) -> int:
+    """Floating-point operations of one op, roughly: 2·m·n·k for a matrix product, 2·out·(in
+    channels · kernel) for a convolution, 4·L·S·E per head for attention, one per output
+    element for anything else, none for a view."""
+    if getattr(func, "is_view", False):
+        return 0
+    name = func.overloadpacket.__name__
+    numel = sum(t.numel() for t in outputs)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if name in _CONTRACTING and len(tensors) > _CONTRACTING[name]:
+        return 2 * numel * tensors[_CONTRACTING[name]].shape[-1]
+    if name in _CONVOLUTIONS and len(tensors) > 1:
+        return 2 * numel * math.prod(tensors[1].shape[1:])
+    if "scaled_dot_product" in name and len(tensors) > 1 and outputs:
+        q, k = tensors[0], tensors[1]
+        return 4 * q.numel() * k.shape[-2]
+    return numel
+
+
 class _Recorder(QuietDispatchMode):
-    """Counts the bytes each op produces, remembers which ops ran and follows the inputs."""
+    """Counts the bytes and operations each op produces, remembers which ops ran and follows the inputs."""
 
     def __init__(self, paths: Paths) -> None:
         super().__init__()
         self.ops: set[str] = set()
         self.bytes = 0
+        self.flops = 0
         self.paths = paths
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops.add(func.overloadpacket.__name__)
         self.paths.observe(func, args, kwargs or {}, out)
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.bytes += t.numel() * t.element_size()
+        outputs = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+        for t in outputs:
+            self.bytes += t.numel() * t.element_size()
+        self.flops += op_flops(func, args, outputs)
         return out
 
 
@@ -190,6 +216,7 @@ class Problem:
     device: torch.device
     static_batch: int | None
     act_bytes: float = 0.0  # forward bytes per point
+    flops: float = 0.0  # forward operations per point (see op_flops), for the planner's time estimates
     ops: frozenset[str] = field(default_factory=frozenset)
     blocked: ModelError | None = None  # why no derivative reaches the output, if none can
 
@@ -376,8 +403,61 @@ def _call_shapes(problem: Problem, rows: torch.Tensor) -> str:
     )
 
 
+def model_cause(exc: BaseException) -> str:
+    """The line that says why the model failed.
+
+    TorchScript wraps the error that says it (``mat1 and mat2 shapes cannot be multiplied
+    (8x3 and 2x50)``) in its interpreter's tracebacks, whose first line says only "The
+    following operation failed in the TorchScript interpreter."; the inner error is the
+    last ``SomethingError: …`` line.
+    """
+    text = str(exc).strip()
+    if "TorchScript" in first_line(exc):
+        for line in reversed(text.splitlines()):
+            inner = re.match(r"\s*[\w.]*(?:Error|Exception): (.+)", line)
+            if inner:
+                return inner[1].strip()[:300]
+    return first_line(exc)
+
+
+#: what an error's text says the failing op wanted on an axis of its input:
+#: (pattern, axis from the end or start, group of the size found, group of the size wanted)
+_WANTED_IN_ERRORS = (
+    # F.linear / matmul: "mat1 and mat2 shapes cannot be multiplied (8x3 and 2x50)"
+    (re.compile(r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)"), -1, 2, 3),
+    # convolutions: "… expected input[8, 4, 32, 32] to have 3 channels, but got 4 channels instead"
+    (re.compile(r"to have (\d+) channels, but got (\d+) channels"), 1, 2, 1),
+)
+
+
+def _wanted_by_error(cause: str, call_shape: tuple[int, ...]) -> ExpectedInput | None:
+    """The input shape an error's text asks for, where the size it complains about is the
+    input's own (so the failing op is the one that reads the input)."""
+    for pattern, axis, found, wanted in _WANTED_IN_ERRORS:
+        m = pattern.search(cause)
+        if m is None or len(call_shape) < (axis + 1 if axis >= 0 else -axis):
+            continue
+        if call_shape[axis] != int(m[found]):
+            continue
+        shape: list[int | None] = [None] * len(call_shape)
+        shape[axis] = int(m[wanted])
+        return ExpectedInput(tuple(shape), "the error")
+    return None
+
+
+def _given(problem: Problem) -> str:
+    """The input as given (the file's whole tensor, not the probe's rows), labelled when several."""
+    shapes = [shape_str(v.shape) for v in problem.args.values]
+    if len(shapes) == 1:
+        return shapes[0]
+    return ", ".join(f"{label} {shape}" for label, shape in zip(problem.labels, shapes))
+
+
 def model_failed(problem: Problem, exc: BaseException, rows: torch.Tensor):
-    text = first_line(exc)
+    """Raise the :class:`ModelError` for the model failing on ``rows``: why (the inner
+    error, TorchScript's included), the input as given, and what the model expects where
+    its export signature, its first layer or the error tells."""
+    text = model_cause(exc)
     # a backward op without a derivative of its own only shows in second derivatives
     second = re.search(r"derivative for '?(\w+_backward\w*)'? is not implemented", text)
     if second:
@@ -387,10 +467,17 @@ def model_failed(problem: Problem, exc: BaseException, rows: torch.Tensor):
             where=problem.where,
             hint="first derivatives can (jaccli jacobian, divergence)",
         ) from None
+    first = problem.args.values[0]  # the argument a first layer or a signature is about
+    call_shape = tuple(first.index_select(0, rows).shape if problem.per_sample else first.shape)
+    want = expected_input(problem.module)
+    if want is not None and want.matches(call_shape):
+        want = None  # the input is what the first layer takes: the failure is further in
+    want = want or _wanted_by_error(text, call_shape)
+    probe = f" (run on its first {rows.numel()} points)" if problem.per_sample and rows.numel() < problem.n else ""
     raise ModelError(
-        f"the model failed on input {_call_shapes(problem, rows)}: {text}",
+        f"the model failed on input {_given(problem)}{probe}: {text}",
         where=problem.where,
-        expected=describe_expected_input(problem.module),
+        expected=None if want is None else f"{want} by {want.source}",
     ) from None
 
 
@@ -403,7 +490,21 @@ def _record(problem: Problem, values: list[torch.Tensor], rows: torch.Tensor):
     except ModelError:
         raise
     except Exception as exc:
-        model_failed(problem, exc, rows)
+        model_failed(problem, _without_recorder(problem, values, exc), rows)
+
+
+def _without_recorder(problem: Problem, values: list[torch.Tensor], exc: Exception) -> Exception:
+    """The error of the same call made without the recorder, for TorchScript: an error raised
+    inside a Python dispatch mode reaches the interpreter's traceback without its message
+    ("RuntimeError: " and nothing after it), where a plain call keeps it."""
+    if "TorchScript" not in first_line(exc):
+        return exc
+    try:
+        with torch.no_grad():
+            _call(problem, values)
+    except Exception as plain:  # noqa: BLE001 - whatever it is, it is the model's own error
+        return plain
+    return exc
 
 
 def _probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = True) -> None:
@@ -427,6 +528,7 @@ def _probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = True) 
         raise ModelError("the model's output is not floating point", where=problem.where, got=str(y.dtype))
     problem.out_shape = tuple(y.shape[1:]) if problem.per_sample else tuple(y.shape)
     problem.act_bytes = recorder.bytes / rows.numel()
+    problem.flops = recorder.flops / rows.numel()
     problem.ops = frozenset(recorder.ops)
     problem.blocked = recorder.paths.refusal(y, [problem.labels[i] for i in problem.wrt], problem.where)
     if problem.blocked is not None and refuse_blocked:

@@ -5,16 +5,18 @@ second-order compositions) over *directions*. A :class:`Strategy` row of
 :data:`STRATEGIES` says which directions a (kind, mode) pair takes, which product
 evaluates a chunk of them, and how the block is scattered into the ``[N, …]`` result.
 Also here: the counter-based Rademacher probes of the Hutchinson estimator and
-:func:`auto_mode`, the choice of mode by product count.
+:data:`COSTS`, what each engine's products cost, by which auto mode chooses.
 
 Imports: torch (``torch.func``) and :mod:`.problem` for the :class:`Problem` type.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.func import jvp, vjp, vmap
@@ -22,7 +24,7 @@ from torch.func import jvp, vjp, vmap
 from jaccli.request.choices import ESTIMATORS, KINDS, MODES
 from jaccli.engine.problem import Problem
 
-__all__ = ["ESTIMATORS", "KINDS", "MODES", "STRATEGIES", "Strategy", "auto_mode", "rademacher"]
+__all__ = ["COSTS", "ESTIMATORS", "KINDS", "MODES", "STRATEGIES", "Strategy", "estimate_seconds", "rademacher"]
 
 
 def _preload_jvp_decompositions() -> None:
@@ -318,17 +320,112 @@ STRATEGIES: dict[tuple[str, str], Strategy] = {
 }
 
 
-def mode_costs(kind: str, n_in: int, n_out: int) -> tuple[int, int]:
-    """Products per point in forward and in reverse mode."""
-    return {
-        "jacobian": (n_in, n_out),
-        "hessian": (n_in * (n_in + 1) // 2, n_out * n_in),
-        "laplacian": (n_in, n_out * n_in),
-        "divergence": (n_in, n_out),
-    }[kind]
+# ----------------------------------------------------------------- choosing an engine by cost
+#
+# auto mode weighs every engine that can run a request by its predicted time:
+#
+#     seconds = start + points * (base + per_direction * directions) * seconds of one forward pass
+#
+# in units of one forward pass of one point. A product count alone is not enough: the
+# Taylor engine pushes all its directions through each layer in one matrix product,
+# cheaper per direction than torch.func's vmapped jvp or vjp, and torch.func's first
+# product in a process imports torch._dynamo (0.5-0.8 s: far more than the whole
+# computation of the commonest small request). A PINN u(t, x) with 2 000 points took 0.86 s
+# by torch.func reverse mode against 0.07 s by Taylor forward mode from the CLI.
 
 
-def auto_mode(kind: str, n_in: int, n_out: int) -> str:
-    """Fewest products wins; forward breaks ties since it keeps no tape."""
-    fwd, rev = mode_costs(kind, n_in, n_out)
-    return "forward" if fwd <= rev else "reverse"
+class Cost(NamedTuple):
+    """One engine's cost per point of one kind, in forward passes of the model."""
+
+    base: float  #: the primal pass (and the tape, in reverse mode)
+    per_direction: float  #: each product (a stream of the Taylor engine)
+    directions: Callable[[int, int, int], int]  #: (n_in, n_out, probes) -> directions per point
+
+
+def _inputs(n_in: int, n_out: int, probes: int) -> int:
+    return n_in
+
+
+def _outputs(n_in: int, n_out: int, probes: int) -> int:
+    return n_out
+
+
+def _pairs(n_in: int, n_out: int, probes: int) -> int:
+    return n_in * (n_in + 1) // 2
+
+
+def _probes(n_in: int, n_out: int, probes: int) -> int:
+    return probes
+
+
+#: ``(engine, mode) -> kind -> Cost``. Fitted to interleaved medians of every engine on
+#: tanh MLPs n_in -> 50 -> 50 -> 50 -> n_out (n_in 1-50, n_out 1-50, 40 000 points,
+#: float32, one CPU thread; benchmarks/auto_mode.py measures them again). The Taylor
+#: Hessian runs n_in first- and n_in(n_in+1)/2 second-order streams, its Laplacian n_in
+#: of each; torch.func's forward-over-reverse Hessian runs one Hessian-vector product
+#: (about seven forward passes) per output and input. "hutchinson" is the stochastic
+#: divergence, one product per probe.
+COSTS: dict[tuple[str, str], dict[str, Cost]] = {
+    ("taylor", "forward"): {
+        "jacobian": Cost(2.0, 0.7, _inputs),
+        "divergence": Cost(2.0, 0.7, _inputs),
+        "hessian": Cost(3.0, 1.0, lambda i, o, k: i + _pairs(i, o, k)),
+        "laplacian": Cost(4.0, 0.6, _inputs),
+        "hutchinson": Cost(2.0, 0.7, _probes),
+    },
+    ("torch.func", "forward"): {
+        "jacobian": Cost(2.0, 5.0, _inputs),
+        "divergence": Cost(2.0, 5.0, _inputs),
+        "hessian": Cost(4.0, 11.0, _pairs),
+        "laplacian": Cost(8.0, 9.0, _inputs),
+        "hutchinson": Cost(2.0, 5.0, _probes),
+    },
+    ("torch.func", "reverse"): {
+        "jacobian": Cost(2.0, 2.0, _outputs),
+        "divergence": Cost(2.0, 2.0, _outputs),
+        "hessian": Cost(4.0, 7.0, lambda i, o, k: i * o),
+        "laplacian": Cost(4.0, 6.0, lambda i, o, k: i * o),
+        "hutchinson": Cost(2.0, 2.0, _probes),
+    },
+}
+
+#: seconds a torch.func product pays once per process: importing torch._dynamo, which its
+#: pullbacks (and its jvps through TorchScript) need; 0.5-0.8 s on a 2-core CPU, more on a
+#: loaded one. Not paid where something imported it already (torch.export.load does).
+#: What every call pays (the Taylor engine's recording, torch.func's vmap set-up: 5-15 ms
+#: each for a small MLP) is alike and left out.
+TORCH_FUNC_START = 0.6
+#: floating-point operations per second of a forward pass, to turn the probe's count per
+#: point (:func:`jaccli.engine.problem.op_flops`) into seconds: a float32 MLP of width 50
+#: on one CPU thread runs 1.5-6e10 (the lower end, so that the start costs above weigh no
+#: more than they should); GPUs run far more
+FLOPS_PER_SECOND = {"cpu": 1.5e10}
+_FLOPS_PER_SECOND_ELSE = 1e12
+
+
+def torch_func_started() -> bool:
+    """Whether torch.func's start cost is paid in this process (torch._dynamo is loaded)."""
+    return "torch._dynamo" in sys.modules
+
+
+def start_seconds(engine: str) -> float:
+    """What ``engine`` costs before its first point (see :data:`TORCH_FUNC_START`)."""
+    return TORCH_FUNC_START if engine == "torch.func" and not torch_func_started() else 0.0
+
+
+def point_seconds(flops: float, device_type: str) -> float:
+    """Seconds of one forward pass of one point, from its floating-point operations."""
+    return max(flops, 1.0) / FLOPS_PER_SECOND.get(device_type, _FLOPS_PER_SECOND_ELSE)
+
+
+def passes_per_point(kind: str, engine: str, mode: str, n_in: int, n_out: int, probes: int = 0) -> float:
+    """Forward passes one point costs ``engine`` in ``mode`` (``kind`` "hutchinson": ``probes`` products)."""
+    cost = COSTS[(engine, mode)][kind]
+    return cost.base + cost.per_direction * cost.directions(n_in, n_out, probes)
+
+
+def estimate_seconds(kind: str, engine: str, mode: str, *, n_in: int, n_out: int, points: int,
+                     seconds_per_point: float, probes: int = 0) -> float:  # fmt: skip
+    """Predicted seconds of a request on ``engine`` in ``mode`` (see :data:`COSTS`)."""
+    per_point = passes_per_point(kind, engine, mode, n_in, n_out, probes)
+    return start_seconds(engine) + points * per_point * seconds_per_point

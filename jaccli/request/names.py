@@ -18,6 +18,7 @@ import ast
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from jaccli.errors import UsageError
 
@@ -134,6 +135,7 @@ class Expression:
     name: str
     text: str
     tree: ast.expr
+    start: int = 0  # where ``text`` starts in the item as typed (``r = `` before it)
 
     def names(self) -> list[str]:
         return sorted(
@@ -157,51 +159,135 @@ class Expression:
         return ev(self.tree)
 
 
-def _reject(text: str, node: ast.AST, what: str, expected: str) -> UsageError:
-    col = getattr(node, "col_offset", 0)
-    return UsageError(f"{what} at column {col + 1} of {text!r}", expected=expected)
+class ExpressionError(UsageError):
+    """A ``--want`` expression that cannot be parsed or is not allowed: the message ends with
+    the item as typed and a caret under the column it names (as Python and rustc show it)."""
+
+    def __init__(self, what: str, item: str, column: int, detail: str | None = None, **parts) -> None:
+        self.item, self.column = item, max(0, min(column, len(item)))
+        where = f"{what} at column {self.column + 1} of {item!r}"
+        super().__init__(f"{where}: {detail}" if detail else where, **parts)
+
+    def _compose(self) -> str:
+        return f"{super()._compose()}\n    {self.item}\n    {' ' * self.column}^"
 
 
-def _check_node(text: str, node: ast.AST) -> None:
+class _Source(NamedTuple):
+    """An expression item (``r = u_t - u_xx``) and where its right-hand side starts in it."""
+
+    item: str
+    text: str
+    start: int
+
+    def reject(self, what: str, column: int, detail: str | None = None, **parts) -> ExpressionError:
+        """An error about the right-hand side's ``column`` (0-based), pointed at in the item."""
+        return ExpressionError(what, self.item, self.start + column, detail, **parts)
+
+
+def _chars(text: str, byte_col: int) -> int:
+    """A syntax node's column in characters: ``ast`` counts UTF-8 bytes (``τ`` is two)."""
+    return len(text.encode("utf-8")[:byte_col].decode("utf-8", errors="ignore"))
+
+
+def _reject(src: _Source, node: ast.AST, what: str, expected: str) -> ExpressionError:
+    return src.reject(what, _chars(src.text, getattr(node, "col_offset", 0)), expected=expected)
+
+
+def _operator_column(src: _Source, node: ast.BinOp | ast.UnaryOp) -> int:
+    """Where a binary operator stands (after its left operand), or a unary one (first)."""
+    if isinstance(node, ast.UnaryOp):
+        return _chars(src.text, node.col_offset)
+    left, right = _chars(src.text, node.left.end_col_offset), _chars(src.text, node.right.col_offset)
+    gap = src.text[left:right]
+    return left + len(gap) - len(gap.lstrip(" ()"))
+
+
+def _symbol(text: str, col: int) -> str:
+    """The operator at ``col`` (``%``, ``//``, ``~``, ``not``)."""
+    word = col < len(text) and text[col].isalpha()
+    end = col
+    while end < len(text) and (text[end].isalpha() if word else not (text[end].isalnum() or text[end] in " _().")):
+        end += 1
+    return text[col:end] or text[col : col + 1]
+
+
+_OPERATORS = ("**", "+", "-", "*", "/", "(")
+
+
+def _syntax_error(src: _Source, exc: SyntaxError) -> ExpressionError:
+    """Python's SyntaxError as the column it is about and what is wrong there.
+
+    The parser gives no column when the text ends too early (``u_t +``): the error then
+    points at the operator left without an operand.
+    """
+    text = src.text
+    offset = exc.offset or 0
+    end = exc.end_offset or 0
+    expected = "terms, numbers, pi, + - * / ** ( ) and " + ", ".join(FUNCTIONS)
+    if exc.msg.startswith("'(' was never closed") and 0 < offset <= len(text):
+        return src.reject("syntax error", offset - 1, "'(' is never closed", hint="add the ')' that ends it")
+    if exc.msg.startswith("unmatched ')'") and 0 < offset <= len(text):
+        return src.reject("syntax error", offset - 1, "')' closes no '('")
+    if offset < 1 or offset > len(text):
+        tail = text.rstrip()
+        op = next((o for o in _OPERATORS if tail.endswith(o)), None)
+        if op is not None:
+            return src.reject("syntax error", len(tail) - len(op), f"{op!r} has nothing after it",
+                              expected="a term, number or '(' after it")  # fmt: skip
+        return src.reject("syntax error", len(tail), "the expression ends too early", expected=expected)
+    token = text[offset - 1 : end - 1] if end > offset else text[offset - 1]
+    before = text[: offset - 1].rstrip()
+    if (token[0].isalnum() or token[0] in "_.(") and before and (before[-1].isalnum() or before[-1] in "_)"):
+        return src.reject("syntax error", offset - 1, f"an operator is missing before {token!r}",
+                          expected="+ - * / or ** between two operands")  # fmt: skip
+    return src.reject("syntax error", offset - 1, f"unexpected {token!r}", expected=expected)
+
+
+def _check_node(src: _Source, node: ast.AST) -> None:
     allowed = "terms, numbers, pi, + - * / ** and " + ", ".join(FUNCTIONS)
     if isinstance(node, ast.Constant):
         if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
-            raise _reject(text, node, "not a number", allowed)
+            raise _reject(src, node, "not a number", allowed)
     elif isinstance(node, ast.Name):
         if node.id in FUNCTIONS:
-            raise _reject(text, node, f"function {node.id} without an argument", allowed)
+            raise _reject(src, node, f"function {node.id} without an argument", allowed)
     elif isinstance(node, ast.BinOp):
         if type(node.op) not in _BINOPS:
-            raise _reject(text, node, "unsupported operator", allowed)
-        _check_node(text, node.left)
-        _check_node(text, node.right)
+            col = _operator_column(src, node)
+            raise src.reject("unsupported operator", col, repr(_symbol(src.text, col)), expected=allowed)
+        _check_node(src, node.left)
+        _check_node(src, node.right)
     elif isinstance(node, ast.UnaryOp):
         if type(node.op) not in _UNARY:
-            raise _reject(text, node, "unsupported operator", allowed)
-        _check_node(text, node.operand)
+            col = _operator_column(src, node)
+            raise src.reject("unsupported operator", col, repr(_symbol(src.text, col)), expected=allowed)
+        _check_node(src, node.operand)
     elif isinstance(node, ast.Call):
         ok = isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS
         if not ok or len(node.args) != 1 or node.keywords:
-            raise _reject(text, node, "unsupported call", "one of " + ", ".join(FUNCTIONS) + " with one argument")
-        _check_node(text, node.args[0])
+            raise _reject(src, node, "unsupported call", "one of " + ", ".join(FUNCTIONS) + " with one argument")
+        _check_node(src, node.args[0])
     else:
-        raise _reject(text, node, f"unsupported syntax ({type(node).__name__})", allowed)
+        raise _reject(src, node, f"unsupported syntax ({type(node).__name__})", allowed)
 
 
 def parse_expression(item: str) -> Expression:
     """``"r = u_t + u*u_x - 0.01*u_xx"`` → :class:`Expression` (syntax checked, never ``eval``)."""
-    name, eq, text = item.partition("=")
-    name, text = name.strip(), text.strip()
-    if not eq or not name.isidentifier() or not text:
-        raise UsageError(f"bad expression {item!r}", expected="NAME = EXPRESSION")
+    lhs, eq, rhs = item.partition("=")
+    name, text = lhs.strip(), rhs.strip()
+    src = _Source(item, text, len(lhs) + 1 + len(rhs) - len(rhs.lstrip()))
+    if not eq or not name.isidentifier():
+        at = len(lhs) - len(lhs.lstrip())
+        raise ExpressionError("bad expression", item, at, "no name before '='" if not name else "the name is not an identifier",
+                              expected="NAME = EXPRESSION")  # fmt: skip
+    if not text:
+        raise ExpressionError("bad expression", item, len(item.rstrip()), "nothing after '='", expected="NAME = EXPRESSION")
     try:
         tree = ast.parse(text, mode="eval").body
     except SyntaxError as exc:
-        raise UsageError(
-            f"syntax error at column {exc.offset or 0} of {text!r}", hint=exc.msg
-        ) from None
-    _check_node(text, tree)
-    return Expression(name, text, tree)
+        raise _syntax_error(src, exc) from None
+    _check_node(src, tree)
+    return Expression(name, text, tree, src.start)
 
 
 @dataclass(frozen=True)
@@ -249,10 +335,11 @@ def parse_want(want: Sequence[str], inputs: list[str], outputs: list[str]) -> Re
                     try:
                         terms[n] = parse_term(n, inputs, outputs)
                     except UsageError as exc:
-                        raise UsageError(
-                            f"expression {e.name!r} reads {n!r}, which is neither a term nor an earlier expression",
-                            hint=exc.what,
-                        ) from None
+                        col = min(_chars(e.text, x.col_offset) for x in ast.walk(e.tree) if isinstance(x, ast.Name) and x.id == n)
+                        raise ExpressionError(
+                            f"expression {e.name!r} reads {n!r}", item, e.start + col,
+                            "neither a term nor an earlier expression", hint=exc.what,
+                        ) from None  # fmt: skip
             exprs.append(e)
             order.append(e.name)
         else:

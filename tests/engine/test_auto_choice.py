@@ -1,0 +1,147 @@
+"""auto mode picks the engine predicted fastest: Taylor for small inputs, reverse mode for
+wide inputs and few outputs, torch.func's start counted only while it is unpaid.
+
+The choice is pinned by the plan (``engine``, ``mode``, ``estimated_seconds``), never by
+the clock; ``benchmarks/auto_mode.py`` measures that it is the fast one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import jaccli
+from jaccli.engine import planner, strategies
+from problems import make_examples, save_torchscript, tanh_mlp
+
+
+@pytest.fixture
+def cold(monkeypatch):
+    """A fresh process, as a newcomer's command runs: torch.func's start is still to pay."""
+    monkeypatch.setattr(strategies, "torch_func_started", lambda: False)
+
+
+def pinn(n_in: int = 2, n_out: int = 1, dtype=torch.float32) -> nn.Module:
+    """The PINN of the report: n_in -> 50 -> 50 -> 50 -> n_out, tanh."""
+    return tanh_mlp((n_in, 50, 50, 50, n_out), dtype=dtype, seed=3)
+
+
+def engine_of(kind: str, net, x, **kw) -> tuple[str, str]:
+    plan = jaccli.plan(kind, net, x, per_sample=True, **kw)
+    return plan.engine, plan.mode
+
+
+# ----------------------------------------------------------------- the commonest case: u(t, x)
+
+
+@pytest.mark.parametrize("state", ["cold", "warm"])
+@pytest.mark.parametrize("kind", ["jacobian", "hessian", "laplacian"])
+def test_a_two_input_pinn_takes_the_taylor_engine(request, tmp_path, state, kind):
+    if state == "cold":
+        request.getfixturevalue("cold")
+    path = save_torchscript(pinn(), tmp_path / "u.pt")
+    model, x = jaccli.load_model(path), torch.rand(2000, 2)
+    plan = jaccli.plan(kind, model, x, per_sample=True)
+    assert (plan.engine, plan.mode) == ("taylor", "forward")
+    assert plan.engine_note is None
+    costs = plan.as_dict()["estimated_seconds"]
+    assert set(costs) == {"taylor forward", "torch.func forward", "torch.func reverse"}
+    assert costs["taylor forward"] == min(costs.values())
+    if state == "cold":  # the start of torch.func alone outweighs the whole Taylor computation
+        assert costs["torch.func reverse"] >= strategies.TORCH_FUNC_START > 10 * costs["taylor forward"]
+
+
+@pytest.mark.parametrize("n_in", [1, 2, 3, 5, 10])
+def test_per_sample_hessians_of_small_inputs_take_taylor_even_when_torch_func_is_warm(n_in):
+    # issue 23: auto took torch.func forward-over-reverse (n_in + 1) / 2 times fewer
+    # products, yet about twice slower than the Taylor engine's streams
+    assert engine_of("hessian", pinn(n_in), torch.rand(100_000, n_in)) == ("taylor", "forward")
+    assert engine_of("laplacian", pinn(n_in), torch.rand(100_000, n_in)) == ("taylor", "forward")
+
+
+def test_what_auto_chose_is_right_against_the_closed_form():
+    heat = make_examples.Heat().double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(300, 2, dtype=torch.float64, generator=g) * torch.tensor([1.0, 2 * math.pi], dtype=torch.float64)
+    assert engine_of("hessian", heat, x) == ("taylor", "forward")
+    t, s = x[:, 0], x[:, 1]
+    k = heat.kappa
+    a, b = torch.exp(-k * t) * torch.sin(s), 0.5 * torch.exp(-4 * k * t) * torch.cos(2 * s)
+    u_tt, u_xx = k * k * a + 16 * k * k * b, -a - 4 * b
+    u_tx = -k * torch.exp(-k * t) * torch.cos(s) + 4 * k * torch.exp(-4 * k * t) * torch.sin(2 * s)
+    want = torch.stack([torch.stack([u_tt, u_tx], -1), torch.stack([u_tx, u_xx], -1)], -2)[:, None]
+    torch.testing.assert_close(jaccli.hessian(heat, x, per_sample=True), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jaccli.laplacian(heat, x, per_sample=True), (u_tt + u_xx)[:, None], rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------- wide inputs, few outputs
+
+
+def test_wide_inputs_and_a_scalar_output_take_reverse_mode():
+    net, x = tanh_mlp((256, 50, 1), dtype=torch.float32), torch.zeros(20, 256)
+    plan = jaccli.plan("jacobian", net, x, per_sample=True)
+    assert (plan.engine, plan.mode) == ("torch.func", "reverse")
+    # the note says what was weighed and how to get the other engine
+    assert plan.engine_note.startswith("reverse mode: ") and "Taylor fast path" in plan.engine_note
+    assert "256 inputs, 1 output, 20 points" in plan.engine_note and "--mode forward" in plan.engine_note
+    assert engine_of("hessian", tanh_mlp((64, 16, 1), dtype=torch.float32), torch.zeros(20, 64)) == ("torch.func", "reverse")
+
+
+def test_torch_func_start_counts_only_while_unpaid(cold):
+    # cold: a few points are done by the Taylor engine before torch.func would have started;
+    # many points repay the start, and reverse mode wins again
+    net = tanh_mlp((256, 50, 1), dtype=torch.float32)
+    assert engine_of("jacobian", net, torch.zeros(20, 256)) == ("taylor", "forward")
+    assert engine_of("jacobian", net, torch.zeros(50_000, 256)) == ("torch.func", "reverse")
+
+
+def test_many_outputs_few_inputs_take_forward_mode():
+    assert engine_of("jacobian", tanh_mlp((1, 16, 501), dtype=torch.float32), torch.zeros(10, 1)) == ("taylor", "forward")
+    # without the fast path, torch.func's own forward mode
+    net = tanh_mlp((3, 16, 40), dtype=torch.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(planner, "FAST_PATH", False)
+        plan = jaccli.plan("jacobian", net, torch.zeros(10, 3), per_sample=True)
+    assert (plan.engine, plan.mode) == ("torch.func", "forward")
+    assert set(plan.as_dict()["estimated_seconds"]) == {"torch.func forward", "torch.func reverse"}
+
+
+# ----------------------------------------------------------------- where the Taylor engine cannot run
+
+
+def test_two_arguments_choose_between_torch_func_modes_by_cost():
+    wide = lambda a, b: (a * b).sum(1, keepdim=True).tanh()  # noqa: E731
+    x = (torch.rand(10, 64), torch.rand(10, 64))
+    plan = jaccli.plan("jacobian", wide, x, wrt=0, per_sample=True)
+    assert (plan.engine, plan.mode) == ("torch.func", "reverse") and plan.engine_note is None
+    tall = lambda a, b: (a * b).repeat(1, 32)  # noqa: E731
+    x = (torch.rand(10, 2), torch.rand(10, 2))
+    assert jaccli.plan("jacobian", tall, x, wrt=0, per_sample=True).mode == "forward"
+
+
+def test_layer_norm_never_takes_torch_func_forward_over_forward(monkeypatch):
+    # PyTorch's jvp(jvp) through layer_norm is wrong: that candidate is not weighed
+    monkeypatch.setattr(planner, "FAST_PATH", False)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 30)).double().eval()
+    plan = jaccli.plan("laplacian", net, torch.rand(10, 2, dtype=torch.float64), per_sample=True)
+    assert (plan.engine, plan.mode) == ("torch.func", "reverse")
+    assert set(plan.as_dict()["estimated_seconds"]) == {"torch.func reverse"}
+
+
+def test_a_forced_mode_is_kept():
+    net, x = pinn(), torch.rand(100, 2)
+    assert engine_of("jacobian", net, x, mode="reverse") == ("torch.func", "reverse")
+    assert engine_of("hessian", net, x, mode="forward") == ("taylor", "forward")
+
+
+def test_the_hutchinson_estimate_is_planned_by_its_probes():
+    net, x = tanh_mlp((64, 16, 64), dtype=torch.float32), torch.zeros(10, 64)
+    plan = jaccli.plan("divergence", net, x, per_sample=True, estimator="hutchinson", probes=8)
+    assert (plan.engine, plan.mode) == ("taylor", "forward")
+    cost = strategies.COSTS[("taylor", "forward")]["hutchinson"]
+    assert strategies.passes_per_point("hutchinson", "taylor", "forward", 64, 64, probes=8) == cost.base + 8 * cost.per_direction
+    assert strategies.passes_per_point("hutchinson", "taylor", "forward", 64, 64, probes=80) > 64 * cost.per_direction
