@@ -204,7 +204,8 @@ def _guarded(kind: str, p: Problem, plan: Plan, sink, seed: int, probes: int,
         raise ResourceError(
             "out of memory while computing",
             where=str(p.device),
-            hint=f"pass a smaller chunk size than {plan.points_per_chunk if p.per_sample else plan.directions_per_pass}",
+            hint=f"pass a smaller chunk_size than {plan.points_per_chunk if p.per_sample else plan.directions_per_pass}",
+            cli_hint=f"pass a smaller --chunk-size than {plan.points_per_chunk if p.per_sample else plan.directions_per_pass}",
         ) from None
     except RuntimeError as exc:
         if "can't allocate memory" in str(exc) or "out of memory" in str(exc):

@@ -79,6 +79,7 @@ REQUEST_DEFAULTS: dict[str, Any] = {
     "probes": 16,
     "check_batch": True,
     "strict": False,
+    "select": None,
 }
 
 
@@ -249,18 +250,20 @@ def check_fits(plan: Plan, p: Problem, *, in_memory: bool = True) -> None:
     """Refuse a result that cannot fit in memory (one streamed to disk needs only its chunks)."""
     if in_memory and plan.result_bytes > 0.9 * plan.available_bytes:
         if not p.per_sample and p.n_in > 1:
-            hint = "pass per_sample=True (--per-sample) if axis 0 holds independent points"
+            hint = "pass per_sample=True if axis 0 holds independent points"
+            cli = "pass --per-sample if axis 0 holds independent points"
         elif p.per_sample:
-            hint = ("stream it to disk: --save FILE.npy (or .safetensors) writes it chunk by chunk "
-                    "(save= in Python)")
+            hint = "stream it to disk: save='FILE.npy' (or .safetensors) writes it chunk by chunk"
+            cli = "stream it to disk: --save FILE.npy (or .safetensors) writes it chunk by chunk"
         else:
-            hint = "use a smaller input or a divergence/laplacian instead of the full matrix"
+            hint = cli = "use a smaller input or a divergence/laplacian instead of the full matrix"
         raise ResourceError(
             f"the result would not fit in memory ({str(p.dtype).removeprefix('torch.')} "
             f"{shape_str(plan.result_shape)})",
             expected=f"at most {format_bytes(0.9 * plan.available_bytes)} available on {p.device}",
             got=format_bytes(plan.result_bytes),
             hint=hint,
+            cli_hint=cli,
         )
 
 
@@ -374,7 +377,7 @@ def prepare(kind: str, f: Callable, x, options: dict[str, Any]) -> Plan:
     check_mode(o["mode"])
     p = check_inputs(
         f, x, wrt=o["wrt"], per_sample=o["per_sample"], output=o["output"],
-        check_batch=o["check_batch"], strict=o["strict"],
+        check_batch=o["check_batch"], strict=o["strict"], select=o["select"],
     )  # fmt: skip
     check_preconditions(kind, p, o["estimator"], o["probes"])
     plan, program = choose_plan(kind, p, o["mode"], o["estimator"], o["probes"], o["chunk_size"])

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from jaccli.jets.dispatch import QuietDispatchMode
-from jaccli.errors import first_line, JaccliWarning, ModelError, NumericalError, UsageError, shape_str
+from jaccli.errors import first_line, JaccliError, JaccliWarning, ModelError, NumericalError, UsageError, shape_str
+from jaccli.request.spec import Selection
 from jaccli.load.models import describe_expected_input, info_of, model_dtype
 from jaccli.engine.kernels import FUSED_RNN_OPS, differentiable
 from jaccli.engine.paths import Paths
@@ -68,7 +69,8 @@ def _normalise_wrt(wrt, args: _Args, names: Sequence[str]) -> tuple[tuple[int, .
             return (0,), True
         raise UsageError(
             f"the model takes {len(labels)} inputs; say which to differentiate",
-            expected="wrt= (--wrt) naming one or more of " + ", ".join(labels),
+            expected="wrt= naming one or more of " + ", ".join(labels),
+            cli_hint="pass --wrt NAME (repeatable) with one or more of " + ", ".join(labels),
         )
     single = isinstance(wrt, (int, str))
     wanted = [wrt] if single else list(wrt)
@@ -85,6 +87,29 @@ def _normalise_wrt(wrt, args: _Args, names: Sequence[str]) -> tuple[tuple[int, .
     if len(set(out)) != len(out) or not out:
         raise UsageError("wrt must name distinct inputs", got=", ".join(map(str, wanted)))
     return tuple(out), single
+
+
+def select_part(y, select: Selection | None, per_sample: bool, where: str):
+    """The elements ``select`` picks of each point's output ``y`` (axis 0 holds the points
+    with ``per_sample``): an index applied to every point, or per point the element of
+    the largest (smallest) value, taken with ``amax`` (``amin``) so that the derivative
+    is the selected element's (shared equally among exact ties)."""
+    if select is None:
+        return y
+    if select.per_point:
+        flat = y.reshape(y.shape[0], -1) if per_sample else y.reshape(1, -1)
+        value = flat.amax(1) if select.argmax else flat.amin(1)
+        return value if per_sample else value[0]
+    lead = (slice(None),) if per_sample else ()
+    try:
+        return y[lead + select.index]
+    except IndexError as exc:
+        raise UsageError(
+            f"the selection {select.text} does not fit the output of one point",
+            where=where,
+            expected=f"indices within {shape_str(y.shape[1:] if per_sample else y.shape)}",
+            got=first_line(exc),
+        ) from None
 
 
 def select_output(y, output, where: str):
@@ -192,6 +217,7 @@ class Problem:
     act_bytes: float = 0.0  # forward bytes per point
     ops: frozenset[str] = field(default_factory=frozenset)
     blocked: ModelError | None = None  # why no derivative reaches the output, if none can
+    select: Selection | None = None  # the elements of each point's output differentiated
 
     @property
     def n_in(self) -> int:
@@ -228,7 +254,7 @@ class Problem:
                 values[i] = piece.reshape((b, *shape) if per_sample else shape)
             pos = [values[i] for i, k in enumerate(keys) if isinstance(k, int)]
             kw = {k: values[i] for i, k in enumerate(keys) if isinstance(k, str)}
-            y = select_output(f(*pos, **kw), self.output, self.where)
+            y = select_part(select_output(f(*pos, **kw), self.output, self.where), self.select, per_sample, self.where)
             return y.reshape(b, -1)
 
         return g
@@ -244,6 +270,7 @@ def check_inputs(
     check_batch: bool = True,
     strict: bool = False,
     refuse_blocked: bool = True,
+    select=None,
 ) -> Problem:
     """Validate and normalise a request once; probe the model on a few points.
 
@@ -285,7 +312,8 @@ def check_inputs(
             where=where,
             expected=str(mdtype).removeprefix("torch."),
             got=str(dtype).removeprefix("torch."),
-            hint="convert one of them (load_model(..., dtype=...) or --dtype)",
+            hint="convert one of them (load_model(..., dtype=...))",
+            cli_hint="pass --dtype " + str(mdtype).removeprefix("torch."),
         )
     if per_sample:
         ns = {v.shape[0] if v.dim() else None for v in args.values}
@@ -322,6 +350,7 @@ def check_inputs(
         dtype=dtype,
         device=device,
         static_batch=static_batch_of(module) if per_sample else None,
+        select=Selection.parse(select),
     )
     _check_exported_shapes(problem, names)
     _probe(problem, check_batch=check_batch and per_sample, refuse_blocked=refuse_blocked)
@@ -366,7 +395,8 @@ def _call(problem: Problem, values: list[torch.Tensor]) -> torch.Tensor:
     keys = problem.args.keys
     pos = [v for k, v in zip(keys, values) if isinstance(k, int)]
     kw = {k: v for k, v in zip(keys, values) if isinstance(k, str)}
-    return select_output(problem.f(*pos, **kw), problem.output, problem.where)
+    y = select_output(problem.f(*pos, **kw), problem.output, problem.where)
+    return select_part(y, problem.select, problem.per_sample, problem.where)
 
 
 def _call_shapes(problem: Problem, rows: torch.Tensor) -> str:
@@ -400,7 +430,7 @@ def _record(problem: Problem, values: list[torch.Tensor], rows: torch.Tensor):
     try:
         with torch.no_grad(), recorder:
             return _call(problem, values), recorder
-    except ModelError:
+    except JaccliError:  # a ModelError, or a --select the output has no room for
         raise
     except Exception as exc:
         model_failed(problem, exc, rows)
@@ -447,8 +477,9 @@ def check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:
     eps = torch.finfo(problem.dtype).eps
     hint = (
         "per-sample derivatives assume independent points; put the model in eval mode, "
-        "or skip this check (check_batch=False, --no-batch-check) if the coupling is intended"
+        "or skip this check (check_batch=False) if the coupling is intended"
     )
+    cli = hint.replace("check_batch=False", "--no-batch-check")
     # plain autograd, not torch.func.vjp: its pullback imports torch._dynamo (a second of
     # start-up) and this check runs on every per-sample command
     with torch.enable_grad():
@@ -467,6 +498,7 @@ def check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:
                 "(batch norm in training mode?)",
                 where=problem.where,
                 hint=hint,
+                cli_hint=cli,
             ) from None
     y = y.detach()
     if y.is_floating_point():  # a float64 input through a float32 model: float32's rounding
@@ -481,6 +513,7 @@ def check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:
                 where=problem.where,
                 got=f"d out[0] / d in[1:] up to {leak:.3g}",
                 hint=hint,
+                cli_hint=cli,
             )
         if problem.static_batch is None:
             alone = problem.fn(rows[:1])(z[:1])
@@ -490,4 +523,5 @@ def check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:
                     "the model mixes batch elements: point 0 alone gives another output than in a batch",
                     where=problem.where,
                     hint=hint,
+                    cli_hint=cli,
                 )
