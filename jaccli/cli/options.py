@@ -4,6 +4,7 @@ Torch-free on purpose: Typer reads these to build ``--help`` and shell completio
 which must not pay for importing torch.
 """
 
+import sys
 from typing import Annotated, Literal, Optional
 
 import typer
@@ -142,6 +143,10 @@ NoBatchCheck = Annotated[
 
 def _set_max_input(ctx: typer.Context, value: Optional[str]) -> None:
     if ctx.resilient_parsing:  # shell completion parses the line too, and must stay torch-free
+        return None
+    if value is None and "jaccli.io.read" not in sys.modules:
+        # nothing set yet in this process: the default holds, and importing the reader (and
+        # torch) now would make the refusal of a bad option value wait for torch
         return None
     from jaccli.io.read import set_max_input_bytes
 

@@ -69,7 +69,7 @@ def _normalise_wrt(wrt, args: _Args, names: Sequence[str]) -> tuple[tuple[int, .
             return (0,), True
         raise UsageError(
             f"the model takes {len(labels)} inputs; say which to differentiate",
-            expected="wrt= naming one or more of " + ", ".join(labels),
+            hint="pass wrt= naming one or more of " + ", ".join(labels),
             cli_hint="pass --wrt NAME (repeatable) with one or more of " + ", ".join(labels),
         )
     single = isinstance(wrt, (int, str))
@@ -391,12 +391,12 @@ def probe_rows(problem: Problem) -> torch.Tensor:
 
 
 def _call(problem: Problem, values: list[torch.Tensor]) -> torch.Tensor:
-    """The model's selected output on argument ``values``, shaped as the model returns it."""
+    """The model's chosen output (``output``) on argument ``values``, shaped as the model
+    returns it; before ``select``, whose ops (``amax`` of argmax) are not the model's."""
     keys = problem.args.keys
     pos = [v for k, v in zip(keys, values) if isinstance(k, int)]
     kw = {k: v for k, v in zip(keys, values) if isinstance(k, str)}
-    y = select_output(problem.f(*pos, **kw), problem.output, problem.where)
-    return select_part(y, problem.select, problem.per_sample, problem.where)
+    return select_output(problem.f(*pos, **kw), problem.output, problem.where)
 
 
 def _call_shapes(problem: Problem, rows: torch.Tensor) -> str:
@@ -455,7 +455,8 @@ def _probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = True) 
         )
     if not y.is_floating_point():
         raise ModelError("the model's output is not floating point", where=problem.where, got=str(y.dtype))
-    problem.out_shape = tuple(y.shape[1:]) if problem.per_sample else tuple(y.shape)
+    part = select_part(y, problem.select, problem.per_sample, problem.where)
+    problem.out_shape = tuple(part.shape[1:]) if problem.per_sample else tuple(part.shape)
     problem.act_bytes = recorder.bytes / rows.numel()
     problem.ops = frozenset(recorder.ops)
     problem.blocked = recorder.paths.refusal(y, [problem.labels[i] for i in problem.wrt], problem.where)

@@ -206,7 +206,7 @@ register(
         help="Laplacian (trace of the Hessian) of every output component: [*, *out].",
         examples=(
             "jaccli laplacian pinn.pt pinn_x.npy --per-sample --select ':10' --summary",
-            "jaccli laplacian heat.pt heat_x.npy -p --save - | python -c \"import sys, numpy; print(numpy.load(sys.stdin.buffer).shape)\"",
+            "jaccli laplacian heat.pt heat_x.npy -p --save - > laplacian.npy",
         ),
     )
 )

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import jaccli
 from jaccli.cli.main import COMMAND_EXAMPLES, app
 from jaccli.request.kinds import kind, kinds
-from problems import EXAMPLES
+from problems import EXAMPLES, save_torchscript
 
 runner = CliRunner()
 HEAT = ["partials", EXAMPLES / "heat.pt", EXAMPLES / "heat_x.npy", "-p", "--in", "t,x"]
@@ -65,8 +65,7 @@ def test_result_names_come_from_the_kind():
 def _classifier(tmp_path):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5)).double().eval()
-    path = tmp_path / "clf.pt"
-    torch.jit.save(torch.jit.script(net), path)
+    path = save_torchscript(net, tmp_path / "clf.pt")
     x = torch.randn(20, 3, dtype=torch.float64)
     np.save(tmp_path / "x.npy", x.numpy())
     return net, x, path, tmp_path / "x.npy"
@@ -76,7 +75,7 @@ def _jacobian64(net, x):
     return torch.func.vmap(torch.func.jacrev(net))(x)
 
 
-@pytest.mark.parametrize("select, pick", [("2", lambda J, y: J[:, 2]), (":, 1:3", lambda J, y: J[:, 1:3]),
+@pytest.mark.parametrize("select, pick", [("2", lambda J, y: J[:, 2]), ("1:3", lambda J, y: J[:, 1:3]),
                                           ("argmax", lambda J, y: J[torch.arange(len(J)), y.argmax(1)]),
                                           ("argmin", lambda J, y: J[torch.arange(len(J)), y.argmin(1)])])  # fmt: skip
 def test_select_matches_the_full_jacobian(tmp_path, select, pick):
@@ -214,7 +213,7 @@ def test_bad_choices_are_refused_before_torch_with_the_choices(args, listed):
 
 @pytest.mark.parametrize("command", ["jacobian", "hessian", "divergence", "laplacian", "partials"])
 def test_help_lists_the_choices(command):
-    text = " ".join(run(command, "--help").stdout.split())
+    text = " ".join(CliRunner(env={"COLUMNS": "250"}).invoke(app, [command, "--help"]).stdout.split())
     assert "<float32|float64>" in text
     if command != "partials":
         assert "<auto|forward|reverse>" in text
