@@ -87,7 +87,7 @@ def _execute(kind: str, p: Problem, plan: Plan, strategy: Strategy, sink, *, see
     """Loop over chunks of points and directions, writing into ``sink``."""
     dirs = strategy.directions(p, seed, probes).to(p.device)
     row_shape = strategy.result_shape(p)
-    acc_dtype = torch.float64 if kind == "divergence" and plan.estimator == "hutchinson" else p.dtype
+    acc_dtype = torch.float64 if plan.estimator == "hutchinson" else p.dtype
     # Scatters that assign every entry (Jacobian, Hessian) need no zero fill, and a chunk
     # writes straight into its rows of the result (a padded static-batch chunk excepted):
     # filling and copying a 260 MB Jacobian cost half as much again as computing it.

@@ -23,6 +23,7 @@ from jaccli import jets as taylor
 from jaccli.errors import format_bytes, ModelError, ResourceError, shape_str, UsageError
 from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_args, probe_rows
 from jaccli.request.choices import ESTIMATORS, KINDS, MODES
+from jaccli.request.kinds import kind as kind_of
 from jaccli.engine.strategies import STRATEGIES, auto_mode, count_directions, mode_costs
 
 _MIB = 2**20
@@ -177,7 +178,7 @@ FORWARD_OVER_FORWARD_WRONG = frozenset({"native_layer_norm", "native_batch_norm"
 
 def make_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int, chunk_size) -> Plan:
     resolved = auto_mode(kind, p.n_in, p.n_out) if mode == "auto" else mode
-    if kind in ("hessian", "laplacian") and resolved == "forward" and p.ops & FORWARD_OVER_FORWARD_WRONG:
+    if kind_of(kind).taylor_order == 2 and resolved == "forward" and p.ops & FORWARD_OVER_FORWARD_WRONG:
         resolved = "reverse"  # forward over reverse: right where forward over forward is not
     key = strategy_key(kind, estimator, resolved)
     strategy = STRATEGIES[key]
@@ -228,11 +229,11 @@ def check_preconditions(kind: str, p: Problem, estimator: str, probes: int) -> N
     if estimator not in ESTIMATORS:
         raise UsageError("unknown estimator", expected="one of " + ", ".join(ESTIMATORS), got=estimator)
     if estimator == "hutchinson":
-        if kind != "divergence":
+        if "estimator" not in kind_of(kind).options:
             raise UsageError("the hutchinson estimator is for divergence only", got=kind)
         if int(probes) < 2:
             raise UsageError("hutchinson needs at least 2 probes for a standard error", got=str(probes))
-    if kind == "divergence":
+    if kind_of(kind).square:
         if len(p.wrt) != 1:
             raise UsageError("divergence is taken with respect to one input", got=str(len(p.wrt)))
         if p.out_shape != p.in_shapes[0]:
@@ -299,7 +300,7 @@ def _taylor_program(kind: str, p: Problem, mode: str) -> tuple[taylor.TaylorProg
         return None, None
     rows = probe_rows(p)
     try:
-        return taylor.build(p.fn(rows), p.z(rows), orders=2 if kind in ("hessian", "laplacian") else 1), None
+        return taylor.build(p.fn(rows), p.z(rows), orders=kind_of(kind).taylor_order), None
     except taylor.Unsupported as exc:
         return None, f"Taylor path not used: {exc}"
 

@@ -74,6 +74,11 @@ class Kind:
     options: frozenset[str] = field(default_factory=frozenset)
     #: whether ``--flatten`` (the matrix view ``[N, out, in]``) applies
     flattens: bool = False
+    #: whether it is a trace of a square Jacobian: one argument, output shaped as the input
+    square: bool = False
+    #: whether :func:`jaccli.plan` plans it (the engine's chunked strategies and the Taylor
+    #: program); partials plan themselves
+    planned: bool = True
 
     def engine(self) -> Callable:
         """The engine's function for this kind (imports torch on first call)."""
@@ -115,8 +120,8 @@ def kinds() -> list[Kind]:
 
 
 def derivative_kinds() -> list[Kind]:
-    """The kinds computed by :func:`jaccli.plan`'s engine (one derivative tensor per argument)."""
-    return [k for k in _REGISTRY.values() if k.entry.startswith("jaccli.engine.api:")]
+    """The kinds :func:`jaccli.plan` plans (one derivative tensor per argument or pair)."""
+    return [k for k in _REGISTRY.values() if k.planned]
 
 
 register(
@@ -189,6 +194,7 @@ register(
             "jaccli divergence field.pt field_x.npy -p --summary --save div.npy",
         ),
         options=frozenset({"estimator", "probes", "seed"}),
+        square=True,
     )
 )
 register(
@@ -237,5 +243,6 @@ register(
             "jaccli partials heat.pt heat_x.npy -p --in t,x --want u_x,u_xx --save - > partials.npz",
         ),
         options=frozenset({"want", "in", "out", "fail_above"}),
+        planned=False,
     )
 )
