@@ -21,6 +21,9 @@ class JaccliError(Exception):
 
     exit_code = 1
     label = "error"
+    #: the hint in the command line's words, where it differs from ``hint`` (class default
+    #: for errors rebuilt without ``__init__``, as a rank's error is on the other ranks)
+    cli_hint: str | None = None
 
     def __init__(
         self,

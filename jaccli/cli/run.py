@@ -124,9 +124,8 @@ def _file_facts(req: Request) -> dict:
     from jaccli.io.records import file_fingerprint
 
     s = req.source
-    facts: dict = {"loading": {"device": s.device, "dtype": s.dtype, "key": s.key, "arch": s.arch,
-                               "activation": s.activation, "arch_kwargs": s.arch_kwargs,
-                               "flatten": req.output.flatten}}  # fmt: skip
+    facts: dict = {"cli": {"device": s.device, "dtype": s.dtype, "key": s.key, "arch": s.arch,
+                           "activation": s.activation, "arch_kwargs": s.arch_kwargs, "flatten": req.output.flatten}}
     if Path(s.model).is_file():
         facts["model"] = file_fingerprint(s.model)
     files = ([] if s.input is None else [("", s.input)]) + [(sp.name, sp.path) for sp in map(InputSpec.parse, s.inputs)]

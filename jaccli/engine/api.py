@@ -39,13 +39,8 @@ def _run(d: Derivative, f, x, *, plan, save, progress):
     from jaccli.io import stream as st
 
     kind = d.kind.name
-    options = dict(
-        wrt=d.wrt, per_sample=d.per_sample, mode=d.mode, chunk_size=d.chunk_size, output=d.output,
-        check_batch=d.check_batch, strict=d.strict, select=d.select,
-        **({"estimator": d.estimator, "probes": d.probes} if "estimator" in d.kind.options else {}),
-    )  # the planner's keywords, spelled out in this one place
     if save is None:
-        p, _plan, flat = compute(kind, f, x, plan=plan, seed=d.seed, sink=MemorySink(progress), **options)
+        p, _plan, flat = compute(d, f, x, plan=plan, sink=MemorySink(progress))
         return p, flat, None
     spec = save if isinstance(save, st.Stream) else st.Stream(save, name=kind)
     opened: list = []
@@ -69,7 +64,7 @@ def _run(d: Derivative, f, x, *, plan, save, progress):
         return sink
 
     try:
-        p, _plan, flat = compute(kind, f, x, plan=plan, seed=d.seed, sink=make_sink, **options)
+        p, _plan, flat = compute(d, f, x, plan=plan, sink=make_sink)
         if not opened:
             return p, flat, None
         sink = opened[0]
@@ -165,10 +160,9 @@ def plan(
     >>> p.mode, p.result_shape
     ('forward', (1000, 501, 1))
     """
-    return prepare(kind_of(kind).name, f, x, dict(
-        wrt=wrt, per_sample=per_sample, mode=mode, chunk_size=chunk_size, output=output,
-        estimator=estimator, probes=probes, check_batch=check_batch, strict=strict, select=Selection.parse(select),
-    ))  # fmt: skip
+    d = _request(kind, wrt=wrt, per_sample=per_sample, mode=mode, chunk_size=chunk_size, output=output,
+                 select=select, check_batch=check_batch, strict=strict, estimator=estimator, probes=probes)  # fmt: skip
+    return prepare(d, f, x)
 
 
 def _request(name: str, *, wrt, per_sample, mode, chunk_size, output, select, check_batch, strict,

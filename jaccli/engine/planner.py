@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -24,6 +24,7 @@ from jaccli.errors import format_bytes, ModelError, ResourceError, shape_str, Us
 from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_args, probe_rows
 from jaccli.request.choices import ESTIMATORS, KINDS, MODES
 from jaccli.request.kinds import kind as kind_of
+from jaccli.request.spec import Derivative, Selection
 from jaccli.engine.strategies import STRATEGIES, auto_mode, count_directions, mode_costs
 
 _MIB = 2**20
@@ -69,27 +70,17 @@ def working_budget(device: torch.device) -> int:
     return max(64 * _MIB, min(free // 4, cap))
 
 
-#: the options of a request and their defaults (the public functions' keywords)
-REQUEST_DEFAULTS: dict[str, Any] = {
-    "wrt": None,
-    "per_sample": False,
-    "mode": "auto",
-    "chunk_size": None,
-    "output": None,
-    "estimator": "exact",
-    "probes": 16,
-    "check_batch": True,
-    "strict": False,
-    "select": None,
-}
+#: the fields of a :class:`~jaccli.request.spec.Derivative` a plan fixes (the seed is the run's)
+PLANNED_FIELDS = ("wrt", "per_sample", "mode", "chunk_size", "output", "select", "estimator", "probes",
+                  "check_batch", "strict")  # fmt: skip
 
 
 class Request(NamedTuple):
-    """What a plan was made for: the normalised problem, the Taylor program, the options."""
+    """What a plan was made for: the normalised problem, the Taylor program, the typed request."""
 
     problem: Problem
     program: taylor.TaylorProgram | None
-    options: dict[str, Any]
+    derivative: Derivative
 
 
 @dataclass(frozen=True)
@@ -370,26 +361,27 @@ def _why_reverse(kind: str, p: Problem) -> str:
             f"({p.n_in:,} inputs, {p.n_out:,} outputs); --mode forward takes the Taylor fast path")
 
 
-def prepare(kind: str, f: Callable, x, options: dict[str, Any]) -> Plan:
+def prepare(d: Derivative, f: Callable, x) -> Plan:
     """Normalise and probe the request once and plan it; the plan carries the request."""
-    if kind not in KINDS:
+    kind = d.kind.name
+    if not d.kind.planned:
         raise UsageError("unknown derivative", expected="one of " + ", ".join(KINDS), got=kind)
-    o = {**REQUEST_DEFAULTS, **options}
-    check_mode(o["mode"])
+    check_mode(d.mode)
     p = check_inputs(
-        f, x, wrt=o["wrt"], per_sample=o["per_sample"], output=o["output"],
-        check_batch=o["check_batch"], strict=o["strict"], select=o["select"],
+        f, x, wrt=d.wrt, per_sample=d.per_sample, output=d.output, check_batch=d.check_batch, strict=d.strict,
+        select=d.select,
     )  # fmt: skip
-    check_preconditions(kind, p, o["estimator"], o["probes"])
-    plan, program = choose_plan(kind, p, o["mode"], o["estimator"], o["probes"], o["chunk_size"])
-    return replace(plan, _request=Request(p, program, o))
+    check_preconditions(kind, p, d.estimator, d.probes)
+    plan, program = choose_plan(kind, p, d.mode, d.estimator, d.probes, d.chunk_size)
+    return replace(plan, _request=Request(p, program, d))
 
 
-def reuse(plan: Plan, kind: str, f: Callable, x, options: dict[str, Any]) -> Request:
-    """The request ``plan`` was made for, once it is sure to be this one.
+def reuse(plan: Plan, d: Derivative, f: Callable, x) -> Request:
+    """The request ``plan`` was made for, once it is sure to be ``d``.
 
-    Options left at their defaults are taken from the plan; any other must agree with it.
+    Fields of ``d`` left at their defaults are taken from the plan; any other must agree with it.
     """
+    kind = d.kind.name
     request = plan._request if isinstance(plan, Plan) else None
     if request is None:
         raise UsageError("plan= takes a Plan made by jaccli.plan", got=type(plan).__name__)
@@ -401,9 +393,10 @@ def reuse(plan: Plan, kind: str, f: Callable, x, options: dict[str, Any]) -> Req
         a is not b for a, b in zip(values, p.args.values)
     ):
         raise UsageError("the plan was made for another model or other input tensors", hint="plan again")
-    for name, value in options.items():
-        if value != REQUEST_DEFAULTS[name] and value != request.options[name]:
-            raise UsageError(
-                f"{name}={value!r} differs from the plan's {name}={request.options[name]!r}"
-            )
+    default, planned = Derivative(d.kind), request.derivative
+    for name in PLANNED_FIELDS:
+        value, fixed = getattr(d, name), getattr(planned, name)
+        if value != getattr(default, name) and value != fixed:
+            shown = (lambda v: v.text if isinstance(v, Selection) else v)  # noqa: E731
+            raise UsageError(f"{name}={shown(value)!r} differs from the plan's {name}={shown(fixed)!r}")
     return request
