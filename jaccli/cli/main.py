@@ -165,7 +165,9 @@ app = typer.Typer(
         "MODEL is a TorchScript archive, a torch.export program (.pt2), a safetensors MLP written "
         "by jaccli.save_mlp, or weights with --arch. Archives contain code that runs when the model "
         "runs and --arch factories are imported: use only files you trust. INPUT is a .npy, .npz, "
-        ".pt, .safetensors, .csv or .txt file, or - for .npy bytes on stdin."
+        ".pt, .safetensors, .csv or .txt file, or - for .npy bytes on stdin.\n\n"
+        "Quick start: jaccli example all demo && cd demo && jaccli jacobian pinn.pt pinn_x.npy --per-sample "
+        "--summary; every command's --help ends with examples that run in that folder."
     ),
     add_completion=True,
     no_args_is_help=True,

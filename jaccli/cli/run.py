@@ -202,7 +202,8 @@ def derivative(req: Request, *, world: int = 1, rank: int = 0) -> None:
         in_tensors = args if isinstance(args, dict) else {next(iter(sources)): args}
         diff = wrt or list(in_tensors)[:1]
         in_ndims = [in_tensors[w].dim() - (1 if d.per_sample else 0) for w in diff]
-        meta = _metadata(req, input_meta(args, sources))
+        inputs = input_meta(args, sources)
+        meta = _metadata(req, inputs)
         stream = None
         if streams:
             shape = tuple(plan.result_shape)
@@ -235,19 +236,19 @@ def derivative(req: Request, *, world: int = 1, rank: int = 0) -> None:
             seconds = time.perf_counter() - start
         if stream is not None:
             plan = replace(plan, world_size=stream.world_size)
-    stderr = getattr(value, "stderr", None)
-    results, axes, arg_names = _name_results(k, getattr(value, "value", value), diff, in_ndims, d.per_sample)
+    estimate = isinstance(value, jaccli.DivergenceEstimate)  # a value and its standard error
+    stderr = value.stderr if estimate else None
+    results, axes, arg_names = _name_results(k, value.value if estimate else value, diff, in_ndims, d.per_sample)
     if o.flatten:
         flat = {n: _flatten(v, axes[n], k) for n, v in results.items()}
         results = {n: v for n, (v, _) in flat.items()}
         axes = {n: a for n, (_, a) in flat.items()}
     report = render.Report(
-        command=k.name, model=model_meta(net, req.source.model), inputs=meta["inputs_meta"], wrt=diff,
+        command=k.name, model=model_meta(net, req.source.model), inputs=inputs, wrt=diff,
         per_sample=d.per_sample, plan=plan, results=results, axes=axes, stderr=stderr, warnings=messages,
         seconds=seconds, saved_to=o.save, estimator=d.estimator, probes=d.probes if "estimator" in k.options else None,
         args=arg_names, arguments=in_tensors, show=show, digits=o.digits,
     )  # fmt: skip
-    meta.pop("inputs_meta")
     outcome = Outcome(results, axes, arg_names, in_tensors, {**meta, "axes": axes}, _plot_title(req, report.model, plan.points),
                       extra={} if stderr is None else {"stderr": stderr})  # fmt: skip
     if stream is not None:
@@ -262,13 +263,13 @@ def derivative(req: Request, *, world: int = 1, rank: int = 0) -> None:
 
 
 def _metadata(req: Request, inputs: dict) -> dict:
+    """What a saved file records of the request (the .safetensors header keeps it)."""
     return {
         "jaccli_version": jaccli.__version__,
         "command": req.kind.name,
         "model": req.source.model,
         "inputs": {n: v["shape"] for n, v in inputs.items()},
         "per_sample": req.derivative.per_sample,
-        "inputs_meta": inputs,
     }
 
 

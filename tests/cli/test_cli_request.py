@@ -264,6 +264,13 @@ def test_example_writes_what_the_repository_ships(example_dir):
     torch.testing.assert_close(jaccli.load_model(example_dir / "pinn.pt")(x), jaccli.load_model(EXAMPLES / "pinn.pt")(x))
 
 
+def test_example_names_are_the_generators():
+    from jaccli.cli import example_models
+    from jaccli.cli.main import EXAMPLE_NAMES
+
+    assert list(EXAMPLE_NAMES) == list(example_models.examples())
+
+
 def test_example_refuses_to_overwrite(example_dir):
     result = run("example", "heat", example_dir)
     assert result.exit_code == 7 and "--force" in result.stderr
