@@ -113,7 +113,7 @@ def _streams(req: Request) -> bool:
 
     d = req.derivative
     one = not d.wrt or len(d.wrt) == 1
-    return bool(d.per_sample and one and d.estimator == "exact" and can_stream(req.output.save))
+    return bool(req.kind.streams and d.per_sample and one and d.estimator == "exact" and can_stream(req.output.save))
 
 
 def _file_facts(req: Request) -> dict:

@@ -76,6 +76,9 @@ class Kind:
     flattens: bool = False
     #: whether it is a trace of a square Jacobian: one argument, output shaped as the input
     square: bool = False
+    #: whether a per-sample result of one tensor streams to ``--save FILE.npy``/``.safetensors``
+    #: chunk by chunk (and ``--resume`` continues it); otherwise results are saved when done
+    streams: bool = True
     #: whether :func:`jaccli.plan` plans it (the engine's chunked strategies and the Taylor
     #: program); partials plan themselves
     planned: bool = True
@@ -244,5 +247,6 @@ register(
         ),
         options=frozenset({"want", "in", "out", "fail_above"}),
         planned=False,
+        streams=False,
     )
 )

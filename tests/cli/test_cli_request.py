@@ -53,6 +53,15 @@ def test_every_command_is_a_registered_kind_with_its_own_help():
         assert result.exit_code == 0 and k.examples[0] in " ".join(result.stdout.split())
 
 
+def test_every_kind_resolves_its_engine_and_names_are_unique():
+    from jaccli.request.kinds import Kind, register
+
+    for k in kinds():
+        assert callable(k.engine()) and k.engine().__name__ == k.name
+    with pytest.raises(ValueError, match="registered already"):
+        register(Kind(**{**kind("laplacian").__dict__, "title": "another"}))
+
+
 def test_result_names_come_from_the_kind():
     assert kind("jacobian").result_names(["t", "x"]) == [("jacobian_t", ("t",)), ("jacobian_x", ("x",))]
     assert [n for n, _ in kind("hessian").result_names(["t", "x"])] == ["hessian_t_t", "hessian_t_x", "hessian_x_t", "hessian_x_x"]
