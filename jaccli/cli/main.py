@@ -322,6 +322,7 @@ def info(
     key: Key = None,
     inputs: Inputs = None,
     output: Output = None,
+    select: Select = None,
     arch: Arch = None,
     activation: Activation = None,
     arch_kwargs: ArchKwargs = None,
@@ -339,7 +340,7 @@ def info(
             net, args = load_model_option(source, resolve_device(device), dtype), None
         else:
             net, args, _sources, _ = load_request(source)
-        facts = jaccli.describe(net, args, per_sample=per_sample, output=output)
+        facts = jaccli.describe(net, args, per_sample=per_sample, output=output, select=Selection.parse(select))
     facts = {"model": model, **facts}
     if json_:
         typer.echo(json.dumps({"schema": "jaccli.info", "version": render.JSON_SCHEMA_VERSION, **facts, "warnings": messages}))
@@ -362,6 +363,7 @@ def check(
     key: Key = None,
     inputs: Inputs = None,
     output: Output = None,
+    select: Select = None,
     arch: Arch = None,
     activation: Activation = None,
     arch_kwargs: ArchKwargs = None,
@@ -380,7 +382,8 @@ def check(
         net, args, _sources, _ = load_request(source)
         if isinstance(args, dict):
             raise UsageError("check takes a model with one input")
-        report = jaccli.check(net, args, points=points, hessian_too=hessian, tolerance=tolerance, output=output)
+        report = jaccli.check(net, args, points=points, hessian_too=hessian, tolerance=tolerance, output=output,
+                              select=Selection.parse(select))  # fmt: skip
     if json_:
         typer.echo(json.dumps({"schema": "jaccli.check", "version": render.JSON_SCHEMA_VERSION, "model": model, **report.as_dict(), "warnings": messages}))
     else:

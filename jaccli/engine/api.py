@@ -380,7 +380,7 @@ def divergence(
     return _saved(d, p, DivergenceEstimate(mean, stderr, k), save)
 
 
-def describe(f: Callable, x=None, *, per_sample: bool = True, output=None) -> dict:
+def describe(f: Callable, x=None, *, per_sample: bool = True, output=None, select=None) -> dict:
     """What a model is, and with ``x`` what it does: the facts ``jaccli info`` shows.
 
     Keys: ``format``, ``parameters``, ``dtype``, ``arguments``, ``expected_input``,
@@ -415,7 +415,7 @@ def describe(f: Callable, x=None, *, per_sample: bool = True, output=None) -> di
     if not floating:
         raise UsageError("no floating-point input to describe", got=", ".join(str(v.dtype) for v in args.values))
     p = check_inputs(f, x, wrt=floating[0], per_sample=per_sample, output=output, check_batch=False,
-                     refuse_blocked=False)  # fmt: skip
+                     refuse_blocked=False, select=select)  # fmt: skip
     kinks = sorted(p.ops & NONSMOOTH_OPS)
     facts.update(
         input_shapes={l: list(v.shape) for l, v in zip(p.labels, args.values)},

@@ -294,3 +294,14 @@ def test_every_help_example_runs_as_written(example_dir, line):
     words = shlex.split(line.split("|")[0].split(">")[0])
     if "--save" in words and words[words.index("--save") + 1] != "-":
         assert (example_dir / words[words.index("--save") + 1]).exists()
+
+
+def test_select_on_info_and_check(tmp_path):
+    net, x, model, data = _classifier(tmp_path)
+    info = run("info", model, data, "--select", "1:4", "--json")
+    assert info.exit_code == 0 and json.loads(info.stdout)["output_shape"] == [3]
+    check = run("check", model, data, "--select", "argmax", "--hessian", "--json")
+    doc = json.loads(check.stdout)
+    assert check.exit_code == 0 and doc["passed"] and doc["jacobian_error"] < 1e-7
+    report = jaccli.check(net, x, select="argmax")
+    assert report.passed and report.jacobian_error < 1e-7
