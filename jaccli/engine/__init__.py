@@ -26,6 +26,10 @@ The pipeline, one module per stage:
                           op has no forward-mode derivative
 :mod:`.results`           NaN/Inf and non-smoothness warnings; per-argument shapes
 :mod:`.api`               the public functions, exported by :mod:`jaccli`
+:mod:`.partials`          :func:`~.partials.partials`: named partials of any order on the
+                          series engine (:mod:`jaccli.jets.series`) or nested torch.func
+:mod:`.check`             :func:`~.check.check`: derivatives against float64 finite
+                          differences (``jaccli check``)
 ========================  =================================================================
 
 With ``per_sample=True`` axis 0 of the input holds independent points and the model is
@@ -33,10 +37,11 @@ called on batches of them exactly as it was saved; the per-point derivatives com
 products with one-hot directions that are the same for every row, which never forms
 the cross-point blocks of the full Jacobian. Without it the whole input is one point.
 
-Imports go one way, down the table (``api`` → ``execute`` → ``planner`` →
-``strategies`` → ``problem`` → ``kernels``, ``paths``); this package imports :mod:`jaccli.jets`,
-:mod:`jaccli.load.models` and :mod:`jaccli.errors`, and nothing imports it but :mod:`jaccli`
-and :mod:`jaccli.engine.check`.
+Inside, imports go one way, up the table (``check``, ``partials`` → ``api`` → ``execute`` →
+``planner`` → ``strategies`` → ``problem`` → ``kernels``, ``paths``). The package may import the
+layers below it (:mod:`jaccli.jets`, :mod:`jaccli.load`, :mod:`jaccli.io`, :mod:`jaccli.request`,
+:mod:`jaccli.errors`); only :mod:`jaccli`, :mod:`jaccli.show` and :mod:`jaccli.cli` import it
+(``lint-imports`` checks this).
 """
 
 from jaccli.request.choices import ESTIMATORS, KINDS, MODES
