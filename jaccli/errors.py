@@ -14,11 +14,16 @@ class JaccliError(Exception):
     """Base class of every error jaccli raises for a problem the user can fix.
 
     The message is built from parts so that every error reads the same way:
-    ``<where>: <what> (expected <expected>, got <got>); <hint>``.
+    ``<where>: <what> (expected <expected>, got <got>); <hint>``. A hint that names
+    Python keywords (``per_sample=True``) has its command-line twin in ``cli_hint``
+    (``--per-sample``), which the CLI prints instead (:meth:`cli_message`).
     """
 
     exit_code = 1
     label = "error"
+    #: the hint in the command line's words, where it differs from ``hint`` (class default
+    #: for errors rebuilt without ``__init__``, as a rank's error is on the other ranks)
+    cli_hint: str | None = None
 
     def __init__(
         self,
@@ -28,15 +33,24 @@ class JaccliError(Exception):
         expected: object = None,
         got: object = None,
         hint: str | None = None,
+        cli_hint: str | None = None,
     ) -> None:
         self.what = what
         self.where = None if where is None else str(where)
         self.expected = expected
         self.got = got
         self.hint = hint
+        self.cli_hint = cli_hint
         super().__init__(self._compose())
 
-    def _compose(self) -> str:
+    def cli_message(self) -> str:
+        """The message in the command line's words: ``cli_hint`` (which names options such
+        as ``--per-sample``) in place of ``hint`` (which names keywords such as
+        ``per_sample=True``) where the error has one."""
+        return self._compose(self.cli_hint if self.cli_hint is not None else self.hint)
+
+    def _compose(self, hint: str | None = None) -> str:
+        hint = self.hint if hint is None else hint
         text = self.what
         if self.where:
             text = f"{self.where}: {text}"
@@ -47,8 +61,8 @@ class JaccliError(Exception):
             if self.got is not None:
                 parts.append(f"got {self.got}")
             text += f" ({', '.join(parts)})"
-        if self.hint:
-            text += f"; {self.hint}"
+        if hint:
+            text += f"; {hint}"
         return text
 
 

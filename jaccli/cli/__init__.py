@@ -4,6 +4,10 @@
 :mod:`.main`        the Typer app, its commands and the one error line with its exit code
 :mod:`.partials`    the ``partials`` command
 :mod:`.curvature`   the ``curvature`` and ``grads`` commands (parameter space)
+:mod:`.run`         the one request path: early checks, load, plan, compute, then save,
+                    summarise, plot and show the same way for every command
+:mod:`.example_models`  the example models ``jaccli example`` writes (imports torch;
+                    imported by that command only)
 :mod:`.options`     the options the commands share, as Typer annotations
 :mod:`.inputs`      MODEL, INPUT and the loading options → a model and its arguments
 :mod:`.allocator`   glibc's allocator tuned for tensor work, for this process only

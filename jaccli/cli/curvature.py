@@ -19,6 +19,7 @@ from rich.console import Console
 import jaccli
 
 from jaccli.cli.inputs import collect_warnings, err_console, load_request
+from jaccli.request.spec import Source
 from jaccli.cli.options import (
     Activation, Arch, ArchKwargs, ChunkSize, Device, Digits, Dtype, Force, InputArg, Inputs, Json, Key, MaxInputBytes,
     ModelArg, Output, ProgressOpt, Quiet, Resume, _complete,
@@ -186,11 +187,11 @@ def curvature_command(
     _check_plot(plot, force)
     with _process_group(device) as device:
         rank = _rank()
-        o = dict(model=model, input=input, inputs=inputs, key=key, device=device, dtype=dtype, arch=arch,
-                 activation=activation, arch_kwargs=arch_kwargs)  # fmt: skip
+        source = Source(model=model, input=input, inputs=tuple(inputs or ()), key=key, device=device, dtype=dtype,
+                        arch=arch, activation=activation, arch_kwargs=arch_kwargs)  # fmt: skip
         messages: list[str] = []
         with collect_warnings(messages, show=rank == 0):
-            net, args, _sources, _ = load_request(o)
+            net, args, _sources, _ = load_request(source)
             y, tname = _target(target, device)
             result = jaccli.curvature(
                 net, args, y, loss=loss, matrix=matrix, full=full, diag=diag, trace=trace, eig=eig, which=which,
@@ -280,11 +281,11 @@ def grads_command(
         check_output(save, force=force)
     with _process_group(device) as device:
         rank = _rank()
-        o = dict(model=model, input=input, inputs=inputs, key=key, device=device, dtype=dtype, arch=arch,
-                 activation=activation, arch_kwargs=arch_kwargs)  # fmt: skip
+        source = Source(model=model, input=input, inputs=tuple(inputs or ()), key=key, device=device, dtype=dtype,
+                        arch=arch, activation=activation, arch_kwargs=arch_kwargs)  # fmt: skip
         messages: list[str] = []
         with collect_warnings(messages, show=rank == 0):
-            net, args, _sources, _ = load_request(o)
+            net, args, _sources, _ = load_request(source)
             y, tname = _target(target, device)
             spec = None
             if save is not None:

@@ -15,6 +15,7 @@ from rich.markup import escape
 import jaccli
 
 from jaccli.errors import UsageError
+from jaccli.request.spec import Source
 
 
 def err_console() -> Console:
@@ -57,23 +58,23 @@ def arch_kwargs(text: str | None) -> dict:
     return value
 
 
-def load_model_option(o: dict, dev, dtype=None):
+def load_model_option(source: Source, dev, dtype=None):
     return jaccli.load_model(
-        o["model"], device=dev, dtype=dtype, arch=o.get("arch"), activation=o.get("activation"),
-        arch_kwargs=arch_kwargs(o.get("arch_kwargs")),
+        source.model, device=dev, dtype=dtype, arch=source.arch, activation=source.activation,
+        arch_kwargs=arch_kwargs(source.arch_kwargs),
     )  # fmt: skip
 
 
-def load_request(o: dict, wrt=None):
+def load_request(source: Source, wrt=None):
     """Model and inputs on one device and dtype; returns (model, args, sources, wrt)."""
     from jaccli.io import DTYPES, as_float, gather_inputs, resolve_dtype
     from jaccli.load.cast import cast_model
     from jaccli.load.models import info_of, resolve_device
 
-    input, inputs, key, device, dtype = o["input"], o["inputs"], o["key"], o["device"], o["dtype"]
+    input, inputs, key, device, dtype = source.input, source.inputs, source.key, source.device, source.dtype
     dev = resolve_device(device)
     want = resolve_dtype(dtype)
-    net = load_model_option(o, dev)
+    net = load_model_option(source, dev)
     names = info_of(net).arg_names
     tensors, sources, positional = gather_inputs(input, inputs or (), key=key, arg_names=names)
     wrt_names = list(wrt) if wrt else None

@@ -4,11 +4,16 @@ Torch-free on purpose: Typer reads these to build ``--help`` and shell completio
 which must not pay for importing torch.
 """
 
-from typing import Annotated, Optional
+import sys
+from typing import Annotated, Literal, Optional
 
 import typer
 
 from jaccli.request.choices import ACTIVATION_NAMES, DTYPE_NAMES, MODES
+
+# Every option with a fixed set of values is typed as a Literal of that set: Typer lists
+# the values in --help (<auto|forward|reverse>) and refuses any other while it parses
+# the command line, before a command runs and imports torch.
 
 
 def _complete(choices):
@@ -38,13 +43,30 @@ PerSample = Annotated[
 ]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.", autocompletion=_complete(("cpu", "cuda", "mps")))]
 Dtype = Annotated[
-    Optional[str],
-    typer.Option(
-        help="float32 or float64 \\[default: the input's float dtype]", show_default=False, autocompletion=_complete(DTYPE_NAMES)
-    ),
+    Optional[Literal[DTYPE_NAMES]],
+    typer.Option(help="Compute in this dtype \\[default: the input's float dtype]", show_default=False),
 ]
 Mode = Annotated[
-    str, typer.Option(help="auto, forward or reverse; auto picks the engine and mode predicted fastest (--json shows the estimates).", autocompletion=_complete(MODES))
+    Literal[MODES],
+    typer.Option(help="auto picks the engine and mode predicted fastest (--json shows the estimates)."),
+]
+Select = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="INDEX|argmax|argmin",
+        help="Differentiate only these elements of each point's output: an index or slice of one point's output "
+        "(2, ':, 3', 0:5) or, per point, its largest (argmax: the predicted class) or smallest element. The other "
+        "elements cost nothing.",
+        show_default=False,
+    ),
+]
+Summary = Annotated[
+    bool,
+    typer.Option(
+        "--summary",
+        help="Jacobian: per point ‖J‖_F, σ_max, σ_min, condition number, log|det J| (square maps); Hessian: extreme "
+        "eigenvalues and definiteness; other results: their values' distribution. Min / median / max over the points.",
+    ),
 ]
 ChunkSize = Annotated[
     Optional[int],
@@ -55,7 +77,11 @@ ChunkSize = Annotated[
 ]
 Save = Annotated[
     Optional[str],
-    typer.Option(help="Write the result: .npy, .npz, .pt or .safetensors by suffix; - writes .npy to stdout.", show_default=False),
+    typer.Option(
+        help="Write the result: .npy, .npz, .pt or .safetensors by suffix; - writes it to stdout (.npy for one tensor, "
+        ".npz for several).",
+        show_default=False,
+    ),
 ]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing --save or --plot file.")]
 Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary (schema in the README).")]
@@ -88,10 +114,7 @@ Arch = Annotated[
     ),
 ]
 Activation = Annotated[
-    Optional[str],
-    typer.Option(
-        help="Activation of --arch mlp: " + ", ".join(ACTIVATION_NAMES) + ".", show_default=False, autocompletion=_complete(ACTIVATION_NAMES)
-    ),
+    Optional[Literal[ACTIVATION_NAMES]], typer.Option(help="Activation of --arch mlp.", show_default=False)
 ]
 ArchKwargs = Annotated[
     Optional[str], typer.Option("--arch-kwargs", help="JSON object of keyword arguments for the --arch factory.", show_default=False)
@@ -123,6 +146,10 @@ NoBatchCheck = Annotated[
 
 def _set_max_input(ctx: typer.Context, value: Optional[str]) -> None:
     if ctx.resilient_parsing:  # shell completion parses the line too, and must stay torch-free
+        return None
+    if value is None and "jaccli.io.read" not in sys.modules:
+        # nothing set yet in this process: the default holds, and importing the reader (and
+        # torch) now would make the refusal of a bad option value wait for torch
         return None
     from jaccli.io.read import set_max_input_bytes
 

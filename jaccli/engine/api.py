@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 
 from jaccli.errors import ModelError, ResumeError, UsageError
+from jaccli.request.kinds import kind as kind_of
+from jaccli.request.spec import Derivative, Selection
 from jaccli.load.models import count_parameters, describe_expected_input, info_of, model_dtype
 from jaccli.engine.execute import MemorySink, compute
 from jaccli.engine.planner import Plan, prepare
@@ -25,18 +27,21 @@ from jaccli.engine.problem import arg_names, check_batch_independence, check_inp
 from jaccli.engine.results import NONSMOOTH_OPS, finish, lead_axes, unflatten_in
 
 
-def _compute(kind: str, f, x, *, save, progress, plan, seed=0, **options):
-    """Compute into memory, or stream a per-sample result into ``save`` chunk by chunk.
+def _run(d: Derivative, f, x, *, plan, save, progress):
+    """Compute the request ``d`` into memory, or stream a per-sample result into ``save``
+    chunk by chunk: the one path of :func:`jacobian`, :func:`hessian`, :func:`laplacian`
+    and :func:`divergence`.
 
-    Returns ``(problem, plan, flat result or None, streamed tensor or None)``. A streamed
-    request returns the finished file as a tensor backed by it; anything else is computed
-    in memory (and, with ``save``, written by :func:`jaccli.io.save_tensors` afterwards).
+    Returns ``(problem, flat result or None, streamed tensor or None)``. A streamed request
+    returns the finished file as a tensor backed by it; anything else is computed in
+    memory (and, with ``save``, written by :func:`jaccli.io.save_tensors` afterwards).
     """
     from jaccli.io import stream as st
 
+    kind = d.kind.name
     if save is None:
-        p, plan_, flat = compute(kind, f, x, plan=plan, seed=seed, sink=MemorySink(progress), **options)
-        return p, plan_, flat, None
+        p, _plan, flat = compute(d, f, x, plan=plan, sink=MemorySink(progress))
+        return p, flat, None
     spec = save if isinstance(save, st.Stream) else st.Stream(save, name=kind)
     opened: list = []
 
@@ -50,30 +55,30 @@ def _compute(kind: str, f, x, *, save, progress, plan, seed=0, **options):
                     ".safetensors stream to disk",
                     where=os.fspath(spec.path),
                     got=why if p.per_sample else "a whole-input result",
-                    hint="rerun without --resume",
+                    hint="rerun without resume",
+                    cli_hint="rerun without --resume",
                 )
             return MemorySink(progress)
-        sink = st.FileSink(spec, plan_.result_shape, fingerprint=_fingerprint(kind, f, p, plan_, options, seed, spec),
-                           progress=progress)  # fmt: skip
+        sink = st.FileSink(spec, plan_.result_shape, fingerprint=fingerprint(d, p, plan_, spec), progress=progress)
         opened.append(sink)
         return sink
 
     try:
-        p, plan_, flat = compute(kind, f, x, plan=plan, seed=seed, sink=make_sink, **options)
+        p, _plan, flat = compute(d, f, x, plan=plan, sink=make_sink)
         if not opened:
-            return p, plan_, flat, None
+            return p, flat, None
         sink = opened[0]
         facts = sink.gather()
-        finish(kind, p, None, options.get("strict", False), facts=facts)
+        finish(kind, p, None, d.strict, facts=facts)
         value = sink.finalise()
     except BaseException as exc:
         if opened:
             opened[0].abort(exc)
         raise
-    return p, replace(plan_, world_size=spec.world_size), None, value
+    return p, None, value
 
 
-def _saved(kind: str, p, value, save):
+def _saved(d: Derivative, p, value, save):
     """``value`` after writing it to ``save`` (a result that did not stream), by name:
     ``kind``, ``kind_ARG`` for several arguments, ``stderr`` of a Hutchinson estimate."""
     if save is None:
@@ -81,25 +86,25 @@ def _saved(kind: str, p, value, save):
     from jaccli.io import save_tensors
     from jaccli.io.stream import Stream
 
+    kind = d.kind.name
     spec = save if isinstance(save, Stream) else Stream(save, name=kind)
     if isinstance(value, DivergenceEstimate):
         tensors = {kind: value.value, "stderr": value.stderr}
     elif isinstance(value, torch.Tensor):
         tensors = {spec.name: value}
     else:
-        labels = [p.labels[i] for i in p.wrt]
-        tensors = {}
-        for a, part in zip(labels, value):
-            if isinstance(part, torch.Tensor):
-                tensors[f"{kind}_{a}"] = part
-            else:
-                tensors.update({f"{kind}_{a}_{b}": blk for b, blk in zip(labels, part)})
+        names = d.kind.result_names([p.labels[i] for i in p.wrt])
+        parts = [part for row in value for part in (row if isinstance(row, (tuple, list)) else (row,))]
+        tensors = {name: part for (name, _), part in zip(names, parts)}
     save_tensors(spec.path, tensors, metadata=spec.metadata, force=spec.force)
     return value
 
 
-def _fingerprint(kind: str, f, p, plan_, options: dict, seed: int, spec) -> dict:
-    """What must not change between an interrupted streaming run and its resumption."""
+def fingerprint(d: Derivative, p, plan_, spec) -> dict:
+    """What must not change between an interrupted streaming run and its resumption: the
+    request's options and the plan's chunking, with what the files say where the caller
+    knows it (``Stream.fingerprint``: the CLI's model and input files), else digests of
+    the parameters and input tensors themselves. The one fingerprint of a request."""
     import hashlib
     import importlib.metadata
 
@@ -107,9 +112,7 @@ def _fingerprint(kind: str, f, p, plan_, options: dict, seed: int, spec) -> dict
 
     given = dict(spec.fingerprint or {})
     facts = {
-        "kind": kind,
-        "options": {k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v) for k, v in sorted(options.items())},
-        "seed": seed,
+        "request": d.fingerprint(),
         "engine": plan_.engine,
         "mode": plan_.mode,
         "directions_per_pass": plan_.directions_per_pass,
@@ -137,6 +140,7 @@ def plan(
     mode: str = "auto",
     chunk_size: int | None = None,
     output=None,
+    select=None,
     estimator: str = "exact",
     probes: int = 16,
     check_batch: bool = True,
@@ -156,10 +160,18 @@ def plan(
     >>> p.mode, p.result_shape
     ('forward', (1000, 501, 1))
     """
-    return prepare(kind, f, x, dict(
-        wrt=wrt, per_sample=per_sample, mode=mode, chunk_size=chunk_size, output=output,
-        estimator=estimator, probes=probes, check_batch=check_batch, strict=strict,
-    ))  # fmt: skip
+    d = _request(kind, wrt=wrt, per_sample=per_sample, mode=mode, chunk_size=chunk_size, output=output,
+                 select=select, check_batch=check_batch, strict=strict, estimator=estimator, probes=probes)  # fmt: skip
+    return prepare(d, f, x)
+
+
+def _request(name: str, *, wrt, per_sample, mode, chunk_size, output, select, check_batch, strict,
+             estimator="exact", probes=16, seed=0) -> Derivative:  # fmt: skip
+    """The typed request of a Python call (the CLI builds the same record from its options)."""
+    return Derivative(
+        kind_of(name), per_sample=per_sample, wrt=wrt, output=output, select=Selection.parse(select), mode=mode,
+        chunk_size=chunk_size, check_batch=check_batch, strict=strict, estimator=estimator, probes=probes, seed=seed,
+    )  # fmt: skip
 
 
 def jacobian(
@@ -171,6 +183,7 @@ def jacobian(
     mode: str = "auto",
     chunk_size: int | None = None,
     output=None,
+    select=None,
     check_batch: bool = True,
     strict: bool = False,
     plan: Plan | None = None,
@@ -191,6 +204,12 @@ def jacobian(
     is the number of points per pass with ``per_sample``, the number of directions
     per pass otherwise; by default it is chosen to keep memory bounded.
 
+    ``select`` differentiates only part of each point's output: an index as of one
+    point's output (``2``, ``(slice(None), 3)``, or the text ``":, 3"``), or ``"argmax"``
+    (``"argmin"``) for each point's largest (smallest) element, such as the predicted
+    class. The other elements' derivatives are never computed (same keyword on every
+    derivative function).
+
     ``save`` (a path or a :class:`jaccli.Stream`) writes the result to a file. A per-sample
     result of one tensor saved to ``.npy`` or ``.safetensors`` *streams*: each chunk goes to
     its rows of the file as soon as it is computed, memory stays bounded whatever N, and
@@ -209,15 +228,17 @@ def jacobian(
     >>> x = torch.linspace(0, 1, 4)[:, None]
     >>> jaccli.jacobian(torch.sin, x, per_sample=True).squeeze(-1).squeeze(-1) - torch.cos(x[:, 0])
     tensor([0., 0., 0., 0.])
+    >>> jaccli.jacobian(lambda v: A @ v, torch.zeros(2), select=1)
+    tensor([3., 4.])
     """
-    p, plan_, flat, streamed = _compute("jacobian", f, x, wrt=wrt, per_sample=per_sample, mode=mode,
-                                        chunk_size=chunk_size, output=output, check_batch=check_batch,
-                                        strict=strict, plan=plan, save=save, progress=progress)  # fmt: skip
+    d = _request("jacobian", wrt=wrt, per_sample=per_sample, mode=mode, chunk_size=chunk_size, output=output,
+                 select=select, check_batch=check_batch, strict=strict)  # fmt: skip
+    p, flat, streamed = _run(d, f, x, plan=plan, save=save, progress=progress)
     if streamed is not None:
         return streamed
     value = flat if p.per_sample else flat[0]
     finish("jacobian", p, value, strict)
-    return _saved("jacobian", p, unflatten_in(p, value, lead_axes(p), 1), save)
+    return _saved(d, p, unflatten_in(p, value, lead_axes(p), 1), save)
 
 
 def hessian(
@@ -229,6 +250,7 @@ def hessian(
     mode: str = "auto",
     chunk_size: int | None = None,
     output=None,
+    select=None,
     check_batch: bool = True,
     strict: bool = False,
     plan: Plan | None = None,
@@ -251,14 +273,14 @@ def hessian(
     tensor([[4., 1.],
             [1., 6.]])
     """
-    p, plan_, flat, streamed = _compute("hessian", f, x, wrt=wrt, per_sample=per_sample, mode=mode,
-                                        chunk_size=chunk_size, output=output, check_batch=check_batch,
-                                        strict=strict, plan=plan, save=save, progress=progress)  # fmt: skip
+    d = _request("hessian", wrt=wrt, per_sample=per_sample, mode=mode, chunk_size=chunk_size, output=output,
+                 select=select, check_batch=check_batch, strict=strict)  # fmt: skip
+    p, flat, streamed = _run(d, f, x, plan=plan, save=save, progress=progress)
     if streamed is not None:
         return streamed
     value = flat if p.per_sample else flat[0]
     finish("hessian", p, value, strict)
-    return _saved("hessian", p, unflatten_in(p, value, lead_axes(p), 2), save)
+    return _saved(d, p, unflatten_in(p, value, lead_axes(p), 2), save)
 
 
 def laplacian(
@@ -270,6 +292,7 @@ def laplacian(
     mode: str = "auto",
     chunk_size: int | None = None,
     output=None,
+    select=None,
     check_batch: bool = True,
     strict: bool = False,
     plan: Plan | None = None,
@@ -284,14 +307,14 @@ def laplacian(
     >>> jaccli.laplacian(lambda v: (v**2).sum(), torch.ones(3))   # Δ|v|² = 2·3
     tensor(6.)
     """
-    p, plan_, flat, streamed = _compute("laplacian", f, x, wrt=wrt, per_sample=per_sample, mode=mode,
-                                        chunk_size=chunk_size, output=output, check_batch=check_batch,
-                                        strict=strict, plan=plan, save=save, progress=progress)  # fmt: skip
+    d = _request("laplacian", wrt=wrt, per_sample=per_sample, mode=mode, chunk_size=chunk_size, output=output,
+                 select=select, check_batch=check_batch, strict=strict)  # fmt: skip
+    p, flat, streamed = _run(d, f, x, plan=plan, save=save, progress=progress)
     if streamed is not None:
         return streamed
     value = flat.reshape((*lead_axes(p), *p.out_shape))
     finish("laplacian", p, value, strict)
-    return _saved("laplacian", p, value, save)
+    return _saved(d, p, value, save)
 
 
 class DivergenceEstimate(NamedTuple):
@@ -311,6 +334,7 @@ def divergence(
     mode: str = "auto",
     chunk_size: int | None = None,
     output=None,
+    select=None,
     estimator: str = "exact",
     probes: int = 16,
     seed: int = 0,
@@ -335,16 +359,16 @@ def divergence(
     >>> round(float(est.value), 4), float(est.stderr)
     (100.0, 0.0)
     """
-    p, plan_, flat, streamed = _compute("divergence", f, x, wrt=wrt, per_sample=per_sample, mode=mode,
-                                        chunk_size=chunk_size, output=output, check_batch=check_batch,
-                                        strict=strict, estimator=estimator, probes=probes,
-                                        seed=seed, plan=plan, save=save, progress=progress)  # fmt: skip
+    d = _request("divergence", wrt=wrt, per_sample=per_sample, mode=mode, chunk_size=chunk_size, output=output,
+                 select=select, check_batch=check_batch, strict=strict, estimator=estimator, probes=probes,
+                 seed=seed)  # fmt: skip
+    p, flat, streamed = _run(d, f, x, plan=plan, save=save, progress=progress)
     if streamed is not None:
         return streamed
     if estimator == "exact":
         value = flat if p.per_sample else flat[0]
         finish("divergence", p, value, strict)
-        return _saved("divergence", p, value, save)
+        return _saved(d, p, value, save)
     k = int(probes)
     mean = flat[:, 0] / k
     var = ((flat[:, 1] - k * mean * mean) / (k - 1)).clamp_min(0)
@@ -353,10 +377,10 @@ def divergence(
     if not p.per_sample:
         mean, stderr = mean[0], stderr[0]
     finish("divergence", p, mean, strict)
-    return _saved("divergence", p, DivergenceEstimate(mean, stderr, k), save)
+    return _saved(d, p, DivergenceEstimate(mean, stderr, k), save)
 
 
-def describe(f: Callable, x=None, *, per_sample: bool = True, output=None) -> dict:
+def describe(f: Callable, x=None, *, per_sample: bool = True, output=None, select=None) -> dict:
     """What a model is, and with ``x`` what it does: the facts ``jaccli info`` shows.
 
     Keys: ``format``, ``parameters``, ``dtype``, ``arguments``, ``expected_input``,
@@ -391,7 +415,7 @@ def describe(f: Callable, x=None, *, per_sample: bool = True, output=None) -> di
     if not floating:
         raise UsageError("no floating-point input to describe", got=", ".join(str(v.dtype) for v in args.values))
     p = check_inputs(f, x, wrt=floating[0], per_sample=per_sample, output=output, check_batch=False,
-                     refuse_blocked=False)  # fmt: skip
+                     refuse_blocked=False, select=select)  # fmt: skip
     kinks = sorted(p.ops & NONSMOOTH_OPS)
     facts.update(
         input_shapes={l: list(v.shape) for l, v in zip(p.labels, args.values)},

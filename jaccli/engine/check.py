@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from jaccli.engine import select_output
+from jaccli.engine.problem import select_part
+from jaccli.request.spec import Selection
 from jaccli.engine import describe, hessian, jacobian
 from jaccli.errors import ModelError, UsageError
 from jaccli.load.models import info_of, model_dtype
@@ -85,6 +87,7 @@ def check(
     hessian_too: bool = False,
     tolerance: float = 1e-6,
     output=None,
+    select=None,
 ) -> CheckReport:
     """Compare jaccli's per-sample Jacobian (and Hessian) with float64 central differences.
 
@@ -105,7 +108,8 @@ def check(
     n = x.shape[0]
     idx = sorted({round(i * (n - 1) / max(points - 1, 1)) for i in range(min(points, n))})
     xs = x[idx].to(torch.float64)
-    facts = describe(f64, xs if len(idx) > 1 else xs.repeat(2, *[1] * (xs.dim() - 1)), output=output)
+    select = Selection.parse(select)
+    facts = describe(f64, xs if len(idx) > 1 else xs.repeat(2, *[1] * (xs.dim() - 1)), output=output, select=select)
     if facts["differentiable"] is not True:  # nothing to compare: the derivative commands refuse it too
         raise ModelError(facts["differentiable"], where=info_of(f).path)
     report = CheckReport(
@@ -121,9 +125,9 @@ def check(
 
     def model_out(v: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return select_output(f64(v), output, "model")
+            return select_part(select_output(f64(v), output, "model"), select, True, "model")
 
-    J = jacobian(f64, xs, per_sample=True, output=output, check_batch=False)
+    J = jacobian(f64, xs, per_sample=True, output=output, select=select, check_batch=False)
     report.jacobian_error, report.worst_point = _relative_error(J, _central_differences(model_out, xs))
     if report.jacobian_error > tolerance:
         report.failures.append(
@@ -133,9 +137,9 @@ def check(
     if hessian_too:
 
         def jac(v: torch.Tensor) -> torch.Tensor:
-            return jacobian(f64, v, per_sample=True, output=output, check_batch=False)
+            return jacobian(f64, v, per_sample=True, output=output, select=select, check_batch=False)
 
-        H = hessian(f64, xs, per_sample=True, output=output, check_batch=False)
+        H = hessian(f64, xs, per_sample=True, output=output, select=select, check_batch=False)
         report.hessian_error, worst = _relative_error(H, _central_differences(jac, xs))
         if report.hessian_error > 10 * tolerance:
             report.failures.append(

@@ -21,6 +21,7 @@ from jaccli import jets as taylor
 from jaccli.errors import first_line, JaccliError, JaccliWarning, ResourceError
 from jaccli.engine.planner import Plan, check_fits, make_plan, prepare, reuse, strategy_key
 from jaccli.engine.problem import Problem, model_failed, probe_rows
+from jaccli.request.spec import Derivative
 from jaccli.engine.strategies import ASSIGNING_SCATTERS, STRATEGIES, Strategy, hutchinson_product
 
 #: where a strategy goes when an op of the model has no forward-mode derivative
@@ -87,7 +88,7 @@ def _execute(kind: str, p: Problem, plan: Plan, strategy: Strategy, sink, *, see
     """Loop over chunks of points and directions, writing into ``sink``."""
     dirs = strategy.directions(p, seed, probes).to(p.device)
     row_shape = strategy.result_shape(p)
-    acc_dtype = torch.float64 if kind == "divergence" and plan.estimator == "hutchinson" else p.dtype
+    acc_dtype = torch.float64 if plan.estimator == "hutchinson" else p.dtype
     # Scatters that assign every entry (Jacobian, Hessian) need no zero fill, and a chunk
     # writes straight into its rows of the result (a padded static-batch chunk excepted):
     # filling and copying a 260 MB Jacobian cost half as much again as computing it.
@@ -145,22 +146,22 @@ def _execute_taylor(kind: str, p: Problem, plan: Plan, program: taylor.TaylorPro
         sink.flush()
 
 
-def compute(kind: str, f, x, *, plan: Plan | None = None, seed: int = 0, sink=None,
-            **options) -> tuple[Problem, Plan, torch.Tensor | None]:  # fmt: skip
-    """Plan the request (or take ``plan``, made for it) and compute it.
+def compute(d: Derivative, f, x, *, plan: Plan | None = None, sink=None) -> tuple[Problem, Plan, torch.Tensor | None]:
+    """Plan the request ``d`` (or take ``plan``, made for it) and compute it.
 
     Returns the problem, the plan that ran (a fall-back's where one was needed) and the
     flat ``[N, …]`` result (None when the result went to a sink other than a
     :class:`MemorySink`). ``sink=`` also accepts a callable ``sink(problem, plan)`` that
     makes one once the request is normalised.
     """
+    kind, seed = d.kind.name, d.seed
     if plan is None:
-        plan = prepare(kind, f, x, options)
+        plan = prepare(d, f, x)
         request = plan._request
     else:
-        request = reuse(plan, kind, f, x, options)
-    p, program, o = request
-    estimator, probes, mode, chunk_size = o["estimator"], o["probes"], o["mode"], o["chunk_size"]
+        request = reuse(plan, d, f, x)
+    p, program, planned = request
+    estimator, probes, mode, chunk_size = planned.estimator, planned.probes, planned.mode, planned.chunk_size
     if callable(sink) and not hasattr(sink, "open"):
         sink = sink(p, plan)
     check_fits(plan, p, in_memory=sink is None or isinstance(sink, MemorySink))
@@ -204,7 +205,8 @@ def _guarded(kind: str, p: Problem, plan: Plan, sink, seed: int, probes: int,
         raise ResourceError(
             "out of memory while computing",
             where=str(p.device),
-            hint=f"pass a smaller chunk size than {plan.points_per_chunk if p.per_sample else plan.directions_per_pass}",
+            hint=f"pass a smaller chunk_size than {plan.points_per_chunk if p.per_sample else plan.directions_per_pass}",
+            cli_hint=f"pass a smaller --chunk-size than {plan.points_per_chunk if p.per_sample else plan.directions_per_pass}",
         ) from None
     except RuntimeError as exc:
         if "can't allocate memory" in str(exc) or "out of memory" in str(exc):

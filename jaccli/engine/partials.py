@@ -209,6 +209,7 @@ def partials(
     chunk_size: int | None = None,
     check_batch: bool = True,
     strict: bool = False,
+    select=None,
 ) -> Partials:
     """Named partial derivatives of any order (``u_x``, ``u_txx``, ``v_xxxx``) and expressions over them.
 
@@ -219,6 +220,8 @@ def partials(
     character); ``want`` also takes ``NAME = EXPR`` over terms, numbers, ``pi``,
     ``+ - * / **`` and ``sin cos tan exp log sqrt tanh abs``. Returns ``{name: tensor}``
     in the order asked for: ``[N, *term]`` with ``per_sample``, ``[*term]`` otherwise.
+    ``select`` differentiates only some elements of each point's output (as for
+    :func:`jaccli.jacobian`); the output names then name the selected components.
 
     Per-sample requests on one input run univariate Taylor series through the recorded
     model (the Taylor program of :mod:`jaccli.jets` in its series mode: order ``k`` for
@@ -237,8 +240,22 @@ def partials(
     >>> d["u_txx"].tolist(), [round(v, 6) for v in d["v_tt"].tolist()]
     ([2.0, 2.0, 2.0], [2.718282, 2.718282, 2.718282])
     """
-    p = check_inputs(f, x, wrt=wrt, per_sample=per_sample, output=output, check_batch=check_batch, strict=strict)
-    request: Request = parse_want(want, input_names(inputs, p.n_in), output_names(outputs, p.n_out))
+    p = check_inputs(f, x, wrt=wrt, per_sample=per_sample, output=output, check_batch=check_batch, strict=strict,
+                     select=select)  # fmt: skip
+    try:
+        names = input_names(inputs, p.n_in)
+    except UsageError as exc:
+        if per_sample or inputs is None:
+            raise
+        # names for one point, given for a whole input: the points were meant as points
+        raise UsageError(
+            exc.what, where=exc.where, expected=exc.expected, got=exc.got,
+            hint=f"without per_sample the whole input is one point of {p.n_in} components; pass per_sample=True "
+            "if axis 0 holds the points",
+            cli_hint=f"without --per-sample (-p) the whole input is one point of {p.n_in} components; pass -p "
+            "if axis 0 holds the points",
+        ) from None  # fmt: skip
+    request: Request = parse_want(want, names, output_names(outputs, p.n_out))
     top = max(t.order for t in request.terms)
     need = _directions(request.terms, p.n_in)
     program, note = _program(p, top) if need else (None, None)

@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +23,8 @@ from jaccli import jets as taylor
 from jaccli.errors import format_bytes, ModelError, ResourceError, shape_str, UsageError
 from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_args, probe_rows
 from jaccli.request.choices import ESTIMATORS, KINDS, MODES
+from jaccli.request.kinds import kind as kind_of
+from jaccli.request.spec import Derivative, Selection
 from jaccli.engine.strategies import STRATEGIES, count_directions, estimate_seconds, point_seconds
 
 _MIB = 2**20
@@ -68,26 +70,17 @@ def working_budget(device: torch.device) -> int:
     return max(64 * _MIB, min(free // 4, cap))
 
 
-#: the options of a request and their defaults (the public functions' keywords)
-REQUEST_DEFAULTS: dict[str, Any] = {
-    "wrt": None,
-    "per_sample": False,
-    "mode": "auto",
-    "chunk_size": None,
-    "output": None,
-    "estimator": "exact",
-    "probes": 16,
-    "check_batch": True,
-    "strict": False,
-}
+#: the fields of a :class:`~jaccli.request.spec.Derivative` a plan fixes (the seed is the run's)
+PLANNED_FIELDS = ("wrt", "per_sample", "mode", "chunk_size", "output", "select", "estimator", "probes",
+                  "check_batch", "strict")  # fmt: skip
 
 
 class Request(NamedTuple):
-    """What a plan was made for: the normalised problem, the Taylor program, the options."""
+    """What a plan was made for: the normalised problem, the Taylor program, the typed request."""
 
     problem: Problem
     program: taylor.TaylorProgram | None
-    options: dict[str, Any]
+    derivative: Derivative
 
 
 @dataclass(frozen=True)
@@ -211,7 +204,8 @@ def cheapest(costs: dict[tuple[str, str], float], engine: str | None = None) -> 
 
 
 def _forward_wrong(kind: str, p: Problem) -> bool:
-    return kind in ("hessian", "laplacian") and bool(p.ops & FORWARD_OVER_FORWARD_WRONG)
+    """Second derivatives through an op whose forward-over-forward rule is wrong in torch."""
+    return kind_of(kind).taylor_order == 2 and bool(p.ops & FORWARD_OVER_FORWARD_WRONG)
 
 
 def make_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int, chunk_size) -> Plan:
@@ -268,11 +262,11 @@ def check_preconditions(kind: str, p: Problem, estimator: str, probes: int) -> N
     if estimator not in ESTIMATORS:
         raise UsageError("unknown estimator", expected="one of " + ", ".join(ESTIMATORS), got=estimator)
     if estimator == "hutchinson":
-        if kind != "divergence":
+        if "estimator" not in kind_of(kind).options:
             raise UsageError("the hutchinson estimator is for divergence only", got=kind)
         if int(probes) < 2:
             raise UsageError("hutchinson needs at least 2 probes for a standard error", got=str(probes))
-    if kind == "divergence":
+    if kind_of(kind).square:
         if len(p.wrt) != 1:
             raise UsageError("divergence is taken with respect to one input", got=str(len(p.wrt)))
         if p.out_shape != p.in_shapes[0]:
@@ -290,18 +284,20 @@ def check_fits(plan: Plan, p: Problem, *, in_memory: bool = True) -> None:
     """Refuse a result that cannot fit in memory (one streamed to disk needs only its chunks)."""
     if in_memory and plan.result_bytes > 0.9 * plan.available_bytes:
         if not p.per_sample and p.n_in > 1:
-            hint = "pass per_sample=True (--per-sample) if axis 0 holds independent points"
+            hint = "pass per_sample=True if axis 0 holds independent points"
+            cli = "pass --per-sample if axis 0 holds independent points"
         elif p.per_sample:
-            hint = ("stream it to disk: --save FILE.npy (or .safetensors) writes it chunk by chunk "
-                    "(save= in Python)")
+            hint = "stream it to disk: save='FILE.npy' (or .safetensors) writes it chunk by chunk"
+            cli = "stream it to disk: --save FILE.npy (or .safetensors) writes it chunk by chunk"
         else:
-            hint = "use a smaller input or a divergence/laplacian instead of the full matrix"
+            hint = cli = "use a smaller input or a divergence/laplacian instead of the full matrix"
         raise ResourceError(
             f"the result would not fit in memory ({str(p.dtype).removeprefix('torch.')} "
             f"{shape_str(plan.result_shape)})",
             expected=f"at most {format_bytes(0.9 * plan.available_bytes)} available on {p.device}",
             got=format_bytes(plan.result_bytes),
             hint=hint,
+            cli_hint=cli,
         )
 
 
@@ -335,7 +331,7 @@ def _taylor_program(kind: str, p: Problem, mode: str) -> tuple[taylor.TaylorProg
         return None, None
     rows = probe_rows(p)
     try:
-        return taylor.build(p.fn(rows), p.z(rows), orders=2 if kind in ("hessian", "laplacian") else 1), None
+        return taylor.build(p.fn(rows), p.z(rows), orders=kind_of(kind).taylor_order), None
     except taylor.Unsupported as exc:
         return None, f"Taylor path not used: {exc}"
 
@@ -417,26 +413,27 @@ def _seconds(s: float) -> str:
     return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
 
 
-def prepare(kind: str, f: Callable, x, options: dict[str, Any]) -> Plan:
+def prepare(d: Derivative, f: Callable, x) -> Plan:
     """Normalise and probe the request once and plan it; the plan carries the request."""
-    if kind not in KINDS:
+    kind = d.kind.name
+    if not d.kind.planned:
         raise UsageError("unknown derivative", expected="one of " + ", ".join(KINDS), got=kind)
-    o = {**REQUEST_DEFAULTS, **options}
-    check_mode(o["mode"])
+    check_mode(d.mode)
     p = check_inputs(
-        f, x, wrt=o["wrt"], per_sample=o["per_sample"], output=o["output"],
-        check_batch=o["check_batch"], strict=o["strict"],
+        f, x, wrt=d.wrt, per_sample=d.per_sample, output=d.output, check_batch=d.check_batch, strict=d.strict,
+        select=d.select,
     )  # fmt: skip
-    check_preconditions(kind, p, o["estimator"], o["probes"])
-    plan, program = choose_plan(kind, p, o["mode"], o["estimator"], o["probes"], o["chunk_size"])
-    return replace(plan, _request=Request(p, program, o))
+    check_preconditions(kind, p, d.estimator, d.probes)
+    plan, program = choose_plan(kind, p, d.mode, d.estimator, d.probes, d.chunk_size)
+    return replace(plan, _request=Request(p, program, d))
 
 
-def reuse(plan: Plan, kind: str, f: Callable, x, options: dict[str, Any]) -> Request:
-    """The request ``plan`` was made for, once it is sure to be this one.
+def reuse(plan: Plan, d: Derivative, f: Callable, x) -> Request:
+    """The request ``plan`` was made for, once it is sure to be ``d``.
 
-    Options left at their defaults are taken from the plan; any other must agree with it.
+    Fields of ``d`` left at their defaults are taken from the plan; any other must agree with it.
     """
+    kind = d.kind.name
     request = plan._request if isinstance(plan, Plan) else None
     if request is None:
         raise UsageError("plan= takes a Plan made by jaccli.plan", got=type(plan).__name__)
@@ -448,9 +445,10 @@ def reuse(plan: Plan, kind: str, f: Callable, x, options: dict[str, Any]) -> Req
         a is not b for a, b in zip(values, p.args.values)
     ):
         raise UsageError("the plan was made for another model or other input tensors", hint="plan again")
-    for name, value in options.items():
-        if value != REQUEST_DEFAULTS[name] and value != request.options[name]:
-            raise UsageError(
-                f"{name}={value!r} differs from the plan's {name}={request.options[name]!r}"
-            )
+    default, planned = Derivative(d.kind), request.derivative
+    for name in PLANNED_FIELDS:
+        value, fixed = getattr(d, name), getattr(planned, name)
+        if value != getattr(default, name) and value != fixed:
+            shown = (lambda v: v.text if isinstance(v, Selection) else v)  # noqa: E731
+            raise UsageError(f"{name}={shown(value)!r} differs from the plan's {name}={shown(fixed)!r}")
     return request

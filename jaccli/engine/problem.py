@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from jaccli.jets.dispatch import QuietDispatchMode
-from jaccli.errors import first_line, JaccliWarning, ModelError, NumericalError, UsageError, shape_str
+from jaccli.errors import first_line, JaccliError, JaccliWarning, ModelError, NumericalError, UsageError, shape_str
+from jaccli.request.spec import Selection
 from jaccli.load.models import ExpectedInput, expected_input, info_of, model_dtype
 from jaccli.engine.kernels import FUSED_RNN_OPS, differentiable
 from jaccli.engine.paths import Paths
@@ -68,7 +69,8 @@ def _normalise_wrt(wrt, args: _Args, names: Sequence[str]) -> tuple[tuple[int, .
             return (0,), True
         raise UsageError(
             f"the model takes {len(labels)} inputs; say which to differentiate",
-            expected="wrt= (--wrt) naming one or more of " + ", ".join(labels),
+            hint="pass wrt= naming one or more of " + ", ".join(labels),
+            cli_hint="pass --wrt NAME (repeatable) with one or more of " + ", ".join(labels),
         )
     single = isinstance(wrt, (int, str))
     wanted = [wrt] if single else list(wrt)
@@ -85,6 +87,29 @@ def _normalise_wrt(wrt, args: _Args, names: Sequence[str]) -> tuple[tuple[int, .
     if len(set(out)) != len(out) or not out:
         raise UsageError("wrt must name distinct inputs", got=", ".join(map(str, wanted)))
     return tuple(out), single
+
+
+def select_part(y, select: Selection | None, per_sample: bool, where: str):
+    """The elements ``select`` picks of each point's output ``y`` (axis 0 holds the points
+    with ``per_sample``): an index applied to every point, or per point the element of
+    the largest (smallest) value, taken with ``amax`` (``amin``) so that the derivative
+    is the selected element's (shared equally among exact ties)."""
+    if select is None:
+        return y
+    if select.per_point:
+        flat = y.reshape(y.shape[0], -1) if per_sample else y.reshape(1, -1)
+        value = flat.amax(1) if select.argmax else flat.amin(1)
+        return value if per_sample else value[0]
+    lead = (slice(None),) if per_sample else ()
+    try:
+        return y[lead + select.index]
+    except IndexError as exc:
+        raise UsageError(
+            f"the selection {select.text} does not fit the output of one point",
+            where=where,
+            expected=f"indices within {shape_str(y.shape[1:] if per_sample else y.shape)}",
+            got=first_line(exc),
+        ) from None
 
 
 def select_output(y, output, where: str):
@@ -219,6 +244,7 @@ class Problem:
     flops: float = 0.0  # forward operations per point (see op_flops), for the planner's time estimates
     ops: frozenset[str] = field(default_factory=frozenset)
     blocked: ModelError | None = None  # why no derivative reaches the output, if none can
+    select: Selection | None = None  # the elements of each point's output differentiated
 
     @property
     def n_in(self) -> int:
@@ -255,7 +281,7 @@ class Problem:
                 values[i] = piece.reshape((b, *shape) if per_sample else shape)
             pos = [values[i] for i, k in enumerate(keys) if isinstance(k, int)]
             kw = {k: values[i] for i, k in enumerate(keys) if isinstance(k, str)}
-            y = select_output(f(*pos, **kw), self.output, self.where)
+            y = select_part(select_output(f(*pos, **kw), self.output, self.where), self.select, per_sample, self.where)
             return y.reshape(b, -1)
 
         return g
@@ -271,6 +297,7 @@ def check_inputs(
     check_batch: bool = True,
     strict: bool = False,
     refuse_blocked: bool = True,
+    select=None,
 ) -> Problem:
     """Validate and normalise a request once; probe the model on a few points.
 
@@ -312,7 +339,8 @@ def check_inputs(
             where=where,
             expected=str(mdtype).removeprefix("torch."),
             got=str(dtype).removeprefix("torch."),
-            hint="convert one of them (load_model(..., dtype=...) or --dtype)",
+            hint="convert one of them (load_model(..., dtype=...))",
+            cli_hint="pass --dtype " + str(mdtype).removeprefix("torch."),
         )
     if per_sample:
         ns = {v.shape[0] if v.dim() else None for v in args.values}
@@ -349,6 +377,7 @@ def check_inputs(
         dtype=dtype,
         device=device,
         static_batch=static_batch_of(module) if per_sample else None,
+        select=Selection.parse(select),
     )
     _check_exported_shapes(problem, names)
     _probe(problem, check_batch=check_batch and per_sample, refuse_blocked=refuse_blocked)
@@ -389,7 +418,8 @@ def probe_rows(problem: Problem) -> torch.Tensor:
 
 
 def _call(problem: Problem, values: list[torch.Tensor]) -> torch.Tensor:
-    """The model's selected output on argument ``values``, shaped as the model returns it."""
+    """The model's chosen output (``output``) on argument ``values``, shaped as the model
+    returns it; before ``select``, whose ops (``amax`` of argmax) are not the model's."""
     keys = problem.args.keys
     pos = [v for k, v in zip(keys, values) if isinstance(k, int)]
     kw = {k: v for k, v in zip(keys, values) if isinstance(k, str)}
@@ -487,7 +517,7 @@ def _record(problem: Problem, values: list[torch.Tensor], rows: torch.Tensor):
     try:
         with torch.no_grad(), recorder:
             return _call(problem, values), recorder
-    except ModelError:
+    except JaccliError:  # a ModelError, or a --select the output has no room for
         raise
     except Exception as exc:
         model_failed(problem, _without_recorder(problem, values, exc), rows)
@@ -526,7 +556,8 @@ def _probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = True) 
         )
     if not y.is_floating_point():
         raise ModelError("the model's output is not floating point", where=problem.where, got=str(y.dtype))
-    problem.out_shape = tuple(y.shape[1:]) if problem.per_sample else tuple(y.shape)
+    part = select_part(y, problem.select, problem.per_sample, problem.where)
+    problem.out_shape = tuple(part.shape[1:]) if problem.per_sample else tuple(part.shape)
     problem.act_bytes = recorder.bytes / rows.numel()
     problem.flops = recorder.flops / rows.numel()
     problem.ops = frozenset(recorder.ops)
@@ -549,8 +580,9 @@ def check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:
     eps = torch.finfo(problem.dtype).eps
     hint = (
         "per-sample derivatives assume independent points; put the model in eval mode, "
-        "or skip this check (check_batch=False, --no-batch-check) if the coupling is intended"
+        "or skip this check (check_batch=False) if the coupling is intended"
     )
+    cli = hint.replace("check_batch=False", "--no-batch-check")
     # plain autograd, not torch.func.vjp: its pullback imports torch._dynamo (a second of
     # start-up) and this check runs on every per-sample command
     with torch.enable_grad():
@@ -571,6 +603,7 @@ def check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:
                 "(batch norm in training mode?)",
                 where=problem.where,
                 hint=hint,
+                cli_hint=cli,
             ) from None
     y = y.detach()
     if y.is_floating_point():  # a float64 input through a float32 model: float32's rounding
@@ -585,6 +618,7 @@ def check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:
                 where=problem.where,
                 got=f"d out[0] / d in[1:] up to {leak:.3g}",
                 hint=hint,
+                cli_hint=cli,
             )
         if problem.static_batch is None:
             alone = problem.fn(rows[:1])(z[:1])
@@ -594,4 +628,5 @@ def check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:
                     "the model mixes batch elements: point 0 alone gives another output than in a batch",
                     where=problem.where,
                     hint=hint,
+                    cli_hint=cli,
                 )

@@ -16,6 +16,7 @@ import torch
 
 from jaccli.errors import JaccliWarning, NumericalError
 from jaccli.engine.problem import Problem
+from jaccli.request.kinds import kind as kind_of
 
 #: ops whose second derivative is zero almost everywhere (or undefined at a kink)
 NONSMOOTH_OPS = frozenset(
@@ -50,7 +51,7 @@ def finish(kind: str, p: Problem, value: torch.Tensor | None, strict: bool, *, f
         if strict:
             raise NumericalError(msg, where=p.where)
         warnings.warn(f"{p.where}: {msg}", JaccliWarning, stacklevel=3)
-    if kind in ("hessian", "laplacian"):
+    if kind_of(kind).taylor_order == 2:  # second derivatives
         kinks = sorted(p.ops & NONSMOOTH_OPS)
         if kinks:
             if not (facts["nonzero"] if facts is not None else bool(value.any())):

@@ -6,6 +6,10 @@
                     core modules that give them meaning
 :mod:`.names`       names of partial derivatives (``u_txx``) and ``NAME = EXPR``
                     expressions, parsed against a whitelist (never ``eval``)
+:mod:`.kinds`       the registry of derivative kinds: one record per command (name,
+                    shape and axes, layout, summary, engine entry, help and examples)
+:mod:`.spec`        the typed request (source, derivative, output options) a command
+                    builds once, and ``--select``
 ==================  ====================================================================
 
 Imports: the standard library and :mod:`jaccli.errors` only, so that the CLI can check a

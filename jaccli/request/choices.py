@@ -6,8 +6,11 @@ meaning (:mod:`jaccli.engine`, :mod:`jaccli.io`, :mod:`jaccli.load.models`) impo
 here, so each list is written once.
 """
 
-#: the derivative commands and the ``kind`` argument of :func:`jaccli.plan`
-KINDS = ("jacobian", "hessian", "divergence", "laplacian")
+from jaccli.request.kinds import derivative_kinds
+
+#: the derivative commands and the ``kind`` argument of :func:`jaccli.plan` (their records
+#: are in :mod:`jaccli.request.kinds`)
+KINDS = tuple(k.name for k in derivative_kinds())
 #: ``mode=`` / ``--mode``
 MODES = ("auto", "forward", "reverse")
 #: ``estimator=`` / ``--estimator`` of the divergence

@@ -168,8 +168,8 @@ class ExpressionError(UsageError):
         where = f"{what} at column {self.column + 1} of {item!r}"
         super().__init__(f"{where}: {detail}" if detail else where, **parts)
 
-    def _compose(self) -> str:
-        return f"{super()._compose()}\n    {self.item}\n    {' ' * self.column}^"
+    def _compose(self, hint: str | None = None) -> str:
+        return f"{super()._compose(hint)}\n    {self.item}\n    {' ' * self.column}^"
 
 
 class _Source(NamedTuple):

@@ -18,17 +18,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-#: per kind: the axis groups that make the (component, row, column) of one point's block;
-#: divergences and Laplacians have no matrix per point, only a row of output components
-GROUPS: dict[str, tuple[str | None, str | None, str | None]] = {
-    "jacobian": (None, "out", "in"),
-    "hessian": ("out", "in", "in'"),
-    "divergence": (None, None, "out"),
-    "laplacian": (None, None, "out"),
-}
+from jaccli.request.kinds import kind as kind_of
 
-#: the column of a divergence or Laplacian of a scalar output
-SCALAR_TITLES = {"divergence": "div", "laplacian": "Δ"}
+# Per kind, the axis groups that make the (component, row, column) of one point's block are
+# its record's ``groups`` (jaccli.request.kinds); a kind without rows (divergence, Laplacian)
+# has a row of output components per point, and a scalar per point is titled by its symbol.
 
 
 def group_of(axis: str) -> str:
@@ -95,7 +89,8 @@ class Layout:
         if len(groups) != len(shape):
             raise ValueError(f"{len(axes)} axis names for a result of {len(shape)} axes")
         sizes = {g: tuple(s for s, gg in zip(shape, groups) if gg == g) for g in ("out", "in", "in'")}
-        comp_g, row_g, col_g = GROUPS[kind]
+        record = kind_of(kind)
+        comp_g, row_g, col_g = record.groups
         names = list(args)
         arg_a = names[0] if names else "in"
         arg_b = names[1] if len(names) > 1 else arg_a
@@ -111,9 +106,9 @@ class Layout:
             row_name=label.get(row_g, "out"),
             col_name=label.get(col_g, "out"),
         )
-        if kind in SCALAR_TITLES and not lay.col_shape:
-            return cls(kind, shape, lay.per_sample, (), (), (), "out", "", SCALAR_TITLES[kind])
-        if kind == "hessian" and lay.rows * lay.cols == 1 and lay.components > 1:
+        if row_g is None and not lay.col_shape:
+            return cls(kind, shape, lay.per_sample, (), (), (), "out", "", record.symbol)
+        if comp_g is not None and lay.rows * lay.cols == 1 and lay.components > 1:
             title = f"∂²/∂{arg_a}²" if arg_a == arg_b else f"∂²/∂{arg_a}∂{arg_b}"
             return cls(kind, shape, lay.per_sample, (), lay.comp_shape, (), "out", "", title)
         return lay

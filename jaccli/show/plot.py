@@ -32,6 +32,7 @@ from pathlib import Path
 
 from jaccli.errors import DependencyError, UsageError
 from jaccli.io import check_writable, write_atomically
+from jaccli.request.kinds import kind as kind_of
 from jaccli.show.layout import Layout, axis_names
 
 #: suffix -> matplotlib format
@@ -45,19 +46,13 @@ MAX_MAPS = 4
 MAX_SPECTRUM_LINES = 4
 #: tick labels are written out up to this many rows or columns
 MAX_TICKS = 24
-#: y-axis label of a line plot, per kind (out: the output, x: the input)
-LINE_LABELS = {
-    "jacobian": "∂{out}/∂{x}",
-    "hessian": "∂²{out}/∂{x}²",
-    "divergence": "div {out}",
-    "laplacian": "Δ{out}",
-}
-#: differentiated-argument axis groups per kind (``in``, ``in'``)
-_ORDER = {"jacobian": 1, "hessian": 2, "divergence": 0, "laplacian": 0}
-#: kinds with a row of output components per point, not a matrix
-VECTOR_KINDS = ("divergence", "laplacian")
-#: what a heat map of several points shows
-KIND_SYMBOL = {"jacobian": "J", "hessian": "H", "divergence": "div", "laplacian": "Δ"}
+# A line plot's y label, the symbol of a heat map and whether a kind has a row of output
+# components per point rather than a matrix are fields of its record (jaccli.request.kinds).
+
+
+def _vector(kind: str) -> bool:
+    """Whether ``kind`` has a row of output components per point, not a matrix."""
+    return kind_of(kind).groups[1] is None
 
 
 def require_matplotlib():
@@ -105,12 +100,12 @@ def _lines(ax, values, x, lay: Layout, kind: str, arg: str, name: str, connect: 
     flat = values.reshape(len(x), -1)
     n = flat.shape[1]
     # the series are the block's rows (Jacobian, Hessian shown as a column) or columns (div, Δ)
-    series = lay.col_label if kind in VECTOR_KINDS else lay.row_label
+    series = lay.col_label if _vector(kind) else lay.row_label
     for k in range(min(n, MAX_LINES)):
         label = series(k) if n > 1 else "out"
         ax.plot(x[order], flat[order, k], "-" if connect else ".", label=label, lw=1.4, ms=3)
     ax.set_xlabel(arg)
-    ax.set_ylabel(LINE_LABELS[kind].format(out="out", x=arg))
+    ax.set_ylabel(kind_of(kind).line_label.format(out="out", x=arg))
     more = f" (first {MAX_LINES} of {n} outputs)" if n > MAX_LINES else ""
     ax.set_title(f"{name}{more}", fontsize=10)
     ax.axhline(0, color="0.6", lw=0.6)
@@ -205,17 +200,17 @@ def figure(
         if line_x is not None and all(_one_coordinate(coords, a, lay.points) is not None for a in (arg or ())):
             alone = len(coords) == 1
             draws.append(lambda fig, ax, v=values, x=line_x, lay=lay, a=first, n=name: _lines(ax, v, x, lay, kind, a, n, alone))
-        elif kind in VECTOR_KINDS and lay.points > 1:
+        elif _vector(kind) and lay.points > 1:
             flat = values.reshape(lay.points, -1)
             for k in range(min(flat.shape[1], MAX_MAPS)):
-                xlabel = LINE_LABELS[kind].format(out=lay.col_label(k) if lay.cols > 1 else "out", x=first)
+                xlabel = kind_of(kind).line_label.format(out=lay.col_label(k) if lay.cols > 1 else "out", x=first)
                 what = f"{name} over {lay.points:,} points"
                 draws.append(lambda fig, ax, v=flat[:, k], xl=xlabel, w=what: _hist(ax, v, w, xl))
         else:
             blocks = lay.blocks(values)
             several = lay.points > 1
             shown = blocks if not several else np.abs(blocks).mean(0, keepdims=True)
-            sym = KIND_SYMBOL[kind]
+            sym = kind_of(kind).symbol
             for k in range(min(lay.components, MAX_MAPS)):
                 part = f" of {lay.comp_label(k)}" if lay.comp_shape else ""
                 what = f"mean |{sym}| over {lay.points:,} points" if several else f"{sym}"
@@ -249,7 +244,7 @@ def figure(
 def _default_axes(kind: str, t, per_sample: bool, x) -> list[str]:
     """Axis names when none are given: one ``in`` group as the input's shape says."""
     n_in = (x.dim() - (1 if per_sample else 0)) if x is not None else 1
-    return axis_names(per_sample, t.dim(), (n_in,) * _ORDER[kind])
+    return axis_names(per_sample, t.dim(), (n_in,) * kind_of(kind).order)
 
 
 def save_figure(fig, path: str | os.PathLike, *, title: str, force: bool = False) -> None:

@@ -17,6 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from jaccli.request.choices import DEFAULT_DIGITS
+from jaccli.request.kinds import kind
+from jaccli.show.summary import ValueSummary
 from jaccli.engine import Plan
 from jaccli.errors import format_bytes
 from jaccli.show.layout import Layout, index_label
@@ -37,12 +39,6 @@ MAX_COORDS = 6
 #: shades of |value| / max|value| in the terminal picture, from small to largest
 SHADES = "░▒▓█"
 
-KIND_TITLES = {
-    "jacobian": "Jacobian",
-    "hessian": "Hessian",
-    "divergence": "divergence",
-    "laplacian": "Laplacian",
-}
 
 
 @dataclass
@@ -104,10 +100,10 @@ def stats(t: torch.Tensor) -> dict:
 
 
 def _title(report: Report) -> str:
-    name = KIND_TITLES.get(report.command, report.command)
+    name = kind(report.command).title
     prefix = "per-sample " if report.per_sample else ""
-    if report.command == "divergence" and report.estimator == "hutchinson":
-        return f"{prefix}divergence (Hutchinson, {report.probes} probes)"
+    if report.estimator == "hutchinson":
+        return f"{prefix}{name} (Hutchinson, {report.probes} probes)"
     return f"{prefix}{name}"
 
 
@@ -146,7 +142,9 @@ def show_result(console: Console, report: Report) -> None:
     for name, t in report.results.items():
         show_blocks(console, report, name)
         if name in report.summaries:
-            show_summary(console, report.summaries[name], title=_result_title(report, name), digits=report.digits)
+            summary = report.summaries[name]
+            shown = show_value_summary if isinstance(summary, ValueSummary) else show_summary
+            shown(console, summary, title=_result_title(report, name), digits=report.digits)
 
 
 def show_plan(console: Console, plan: Plan) -> None:
@@ -411,7 +409,7 @@ def _coordinates(report: Report, name: str, points: int) -> dict[str, list[str]]
 
 def _result_title(report: Report, name: str) -> str:
     """``Jacobian``; ``Jacobian wrt t``, ``Hessian wrt t, x`` for one of several results."""
-    head = KIND_TITLES.get(report.command, report.command)
+    head = kind(report.command).title
     return head if name == report.command else f"{head} wrt {', '.join(report.args.get(name, ()))}"
 
 
@@ -505,19 +503,38 @@ def show_summary(console: Console, summary, *, title: str, digits: int = DEFAULT
 # --------------------------------------------------------------------------- partials
 
 
-def gate(name: str, t, tolerance: float, per_sample: bool) -> dict:
-    """One ``--fail-above`` verdict: the largest |value|, where it is, and whether it passes."""
+def gate(name: str, t, tolerance: float, per_sample: bool, *, inputs: list[str] | None = None, x=None) -> dict:
+    """One ``--fail-above`` verdict: the largest |value|, where it is (the point and, given
+    the input names and tensor ``x``, its coordinates), and whether it passes."""
     flat = t.reshape(t.shape[0], -1) if per_sample and t.dim() else t.reshape(1, -1)
     per_point = flat.abs().amax(dim=1) if flat.numel() else flat.new_zeros(flat.shape[0])
     worst = int(per_point.argmax()) if per_point.numel() else 0
     top = float(per_point[worst]) if per_point.numel() else 0.0
+    at = None
+    if x is not None and inputs:
+        row = (x[worst] if per_sample else x).reshape(-1)
+        if row.numel() == len(inputs):
+            at = {n: float(v) for n, v in zip(inputs, row.tolist())}
     return {
         "name": name,
         "tolerance": tolerance,
         "max_abs": _json_number(top),
         "worst_point": worst if per_sample else None,
+        "worst_inputs": at,
         "passed": bool(top <= tolerance),  # NaN fails
     }
+
+
+def gate_line(g: dict) -> str:
+    """``r: max |r| = 0.1506 > 0.001 at point 337 (t=0.52, x=3.1)`` — the comparison as it
+    came out, where, and at which inputs."""
+    top = g["max_abs"]
+    sign = "≤" if g["passed"] else ">"
+    value = "nan" if top is None else f"{top:.4g}"
+    where = f" at point {g['worst_point']}" if g["worst_point"] is not None else ""
+    if g.get("worst_inputs"):
+        where += " (" + ", ".join(f"{n}={v:.4g}" for n, v in g["worst_inputs"].items()) + ")"
+    return f"{g['name']}: max |{g['name']}| = {value} {sign} {g['tolerance']:g}{where}"
 
 
 def partials_json(result, model: dict, inputs: dict, per_sample: bool, gates: list[dict],
@@ -576,6 +593,20 @@ def show_partials(console: Console, doc: dict, result, *, show: int, digits: int
         fit -= 1
     console.print(table)
     for g in doc["gates"]:
-        where = f" at point {g['worst_point']}" if g["worst_point"] is not None else ""
         verdict = Text("PASS", style="bold green") if g["passed"] else Text("FAIL", style="bold red")
-        console.print(Text.assemble(f"gate max |{g['name']}| = {g['max_abs']:.6g}{where} ≤ {g['tolerance']:g}: ", verdict))
+        console.print(Text.assemble(f"{gate_line(g)}: ", verdict))
+
+
+def show_value_summary(console: Console, summary: ValueSummary, *, title: str, digits: int = DEFAULT_DIGITS) -> None:
+    """The Rich view of a :class:`~jaccli.show.summary.ValueSummary`: one row per output component."""
+    over = f"{summary.points:,} point{'s' if summary.points != 1 else ''}"
+    table = Table(title=escape(f"{title} summary over {over}"), box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    table.add_column("", style="bold cyan", no_wrap=True)
+    for col in ("min", "median", "max", "mean", "max |·|", "at point"):
+        table.add_column(col, justify="right", no_wrap=True, header_style="bold cyan")
+    for name, r in summary.rows.items():
+        nums = [("—" if r[k] is None else f"{r[k]:.{digits}g}") for k in ("min", "median", "max", "mean", "max_abs")]
+        table.add_row(escape(name), *nums, "—" if r["worst_point"] is None else f"{r['worst_point']:,}")
+    _print_titled(console, table)
+    if summary.non_finite:
+        console.print(f"  [yellow]{summary.non_finite:,} values NaN or Inf left out[/]")

@@ -308,3 +308,44 @@ def summarize(
     else:  # one out x n matrix per point
         blocks = result.reshape(points, 1, out, n)
     return summarize_blocks(blocks, kind, rtol=rtol)
+
+
+@dataclass
+class ValueSummary:
+    """How the values of a result with no matrix per point (a divergence, a Laplacian, a
+    named partial) spread over the points: per output component, min / median / max, the
+    mean, the largest |value| and the point where it is (``--summary`` of those commands)."""
+
+    points: int
+    components: list[str]
+    rows: dict[str, dict[str, float | int | None]]
+    non_finite: int = 0
+
+    def as_dict(self) -> dict:
+        return {"kind": "values", "points": self.points, "non_finite": self.non_finite, "components": self.rows}
+
+
+def summarize_values(result: torch.Tensor, *, per_sample: bool = False) -> ValueSummary:
+    """:class:`ValueSummary` of ``result`` (``[N, *out]`` per sample, else one point ``[*out]``).
+
+    >>> s = summarize_values(torch.tensor([[1.0, -4.0], [3.0, 2.0], [2.0, 0.0]]), per_sample=True)
+    >>> s.rows["out[1]"]["max_abs"], s.rows["out[1]"]["worst_point"], s.rows["out[0]"]["median"]
+    (4.0, 0, 2.0)
+    """
+    v = result.detach().to(torch.float64).cpu()
+    v = v.reshape(v.shape[0] if per_sample and v.dim() else 1, -1)
+    n, k = v.shape
+    finite = torch.isfinite(v)
+    rows = {}
+    names = ["out"] if k == 1 else [f"out[{j}]" for j in range(k)]
+    for j, name in enumerate(names):
+        col = v[:, j][finite[:, j]]
+        if col.numel() == 0:
+            rows[name] = {"min": None, "median": None, "max": None, "mean": None, "max_abs": None, "worst_point": None}
+            continue
+        worst = int(torch.where(finite[:, j], v[:, j].abs(), torch.tensor(-1.0, dtype=torch.float64)).argmax())
+        rows[name] = {
+            "min": float(col.min()), "median": float(col.median()), "max": float(col.max()), "mean": float(col.mean()),
+            "max_abs": float(col.abs().max()), "worst_point": worst if per_sample else None,
+        }  # fmt: skip
+    return ValueSummary(points=n, components=names, rows=rows, non_finite=int((~finite).sum()))

@@ -131,7 +131,6 @@ PLOT_ERRORS = [
     (["--plot", "{d}/J.gif"], jaccli.UsageError, ["picture format", ".png, .svg, .pdf", ".gif"]),
     (["--plot", "{d}/exists.png"], jaccli.OutputError, ["already exists", "--force"]),
     (["--plot", "{d}/no/such/J.png"], jaccli.OutputError, ["does not exist"]),
-    (["--summary"], jaccli.UsageError, ["--summary applies to jacobian and hessian, not laplacian"]),
 ]
 
 
