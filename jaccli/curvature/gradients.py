@@ -149,11 +149,9 @@ def grads(
         norms = torch.empty(n, dtype=torch.float64, device=space.device)
         for a in range(0, n, obj.chunk):
             b = min(a + obj.chunk, n)
-            block, losses = obj.per_sample_grads(a, b, losses=True)
-            if rows is None:  # one chunk: its rows are the result
-                rows = block
-            else:
-                rows[a:b] = block
+            # several chunks: each written straight into its rows (no copy of a chunk's block)
+            block, losses = obj.per_sample_grads(a, b, losses=True, out=None if rows is None else rows[a:b])
+            rows = block if rows is None else rows  # one chunk: its rows are the result
             # the gradient and the norms as the rows come: no second pass over [N, P]
             loss_sum += losses.sum(dtype=torch.float64)
             # reductions in the rows' dtype (a float64 reduction of float32 rows is several times

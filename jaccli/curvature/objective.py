@@ -192,8 +192,11 @@ class Objective:
                                  hint="check the model, the input and the target for NaN, Inf or extreme values")  # fmt: skip
         return value, total[1:]
 
-    def per_sample_grads(self, a: int, b: int, *, losses: bool = False):
-        """``∇ℓᵢ(θ)`` for ``i`` in ``[a, b)`` as rows ``[b - a, P]`` (and ``ℓᵢ`` with ``losses``)."""
+    def per_sample_grads(self, a: int, b: int, *, losses: bool = False, out: torch.Tensor | None = None):
+        """``∇ℓᵢ(θ)`` for ``i`` in ``[a, b)`` as rows ``[b - a, P]`` (and ``ℓᵢ`` with ``losses``).
+
+        ``out`` (contiguous ``[b - a, P]``, the rows' dtype): the rows are written there, as the
+        one concatenation of the parameters' pieces (no further copy), and returned."""
         theta = self.space.values
         if self._vmap_ok and self.space.static_batch is None:
             x, y = take(self.args, a, b), self._y(a, b)
@@ -205,12 +208,12 @@ class Objective:
 
             try:
                 g, ls = vmap(grad(one, has_aux=True), in_dims=(None, 0, None if y is None else 0))(theta, x, y)
-                G = torch.cat([t.reshape(b - a, -1) for t in g], dim=1)
+                G = _cat_rows(g, b - a, out)
                 return (G, ls.detach()) if losses else G
             except (RuntimeError, NotImplementedError):
                 self._vmap_ok = False  # the chunk's losses by jacrev instead: samples do not mix
         jac, ls = jacrev(lambda th: (lambda v: (v, v))(self.sample_losses(th, a, b)), has_aux=True)(theta)
-        G = torch.cat([t.reshape(b - a, -1) for t in jac], dim=1)
+        G = _cat_rows(jac, b - a, out)
         return (G, ls.detach()) if losses else G
 
     def per_sample_jacobians(self, a: int, b: int) -> torch.Tensor:
@@ -355,6 +358,12 @@ def build_objective(model, inputs, target, *, loss: str, reduction: str | None, 
     space = ParamSpace(model, params, output=output)
     return Objective(space, get_loss(loss), inputs, target, reduction=reduction, chunk_size=chunk_size,
                      target_name=names or "target")  # fmt: skip
+
+
+def _cat_rows(pieces, rows: int, out: torch.Tensor | None) -> torch.Tensor:
+    """The per-parameter pieces ``[rows, *shape]`` side by side as ``[rows, P]`` (into ``out``)."""
+    flat = [t.detach().reshape(rows, -1) for t in pieces]
+    return torch.cat(flat, dim=1) if out is None else torch.cat(flat, dim=1, out=out)
 
 
 def _unsqueeze(x):
