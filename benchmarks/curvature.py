@@ -35,7 +35,7 @@ against each other (max relative difference), in float32 and again in float64 (`
 
 Measured (shared 2-core CPU, one thread; docs/curvature.md has the tables):
 ``--task full --interleaved --full-width 60 --points 1024 --repeats 5 --threads 1`` gave the loop
-1.78× jaccli's time (P = 6 250; issue 20 asks 10×, not met), ``--full-width 20 --points 256
+1.78× jaccli's time (P = 6 250; 1.65× at ``--points 2048``; issue 20 asks 10×, not met), ``--full-width 20 --points 256
 --dtype float64`` 2.23× with a max relative difference of 6e-16; ``--task per-sample
 --interleaved --width 256 --points 2048 --repeats 7 --threads 1`` gave ``vmap(grad)`` 0.86× jaccli's
 time (jaccli slower by its norm summary's pass over the rows).
