@@ -27,7 +27,21 @@ and per-sample gradients by relative error, traces against the float64 Hutch++ e
 within their standard errors, the full Hessian elementwise. Ratios are the peer's time
 over jaccli's (above 1: jaccli is faster).
 
+``--interleaved`` (tasks ``full`` and ``per-sample``): jaccli and its peer (the ``autograd.grad``
+loop; ``torch.func.vmap(grad)``) in ONE process, called alternately on the same data, the
+median of ``--repeats`` calls each and the ratio of the medians — the measurement to trust on
+a shared machine, where load drifts between separate processes. Both results are checked
+against each other (max relative difference), in float32 and again in float64 (``--dtype``).
+
+Measured (shared 2-core CPU, one thread; docs/curvature.md has the tables):
+``--task full --interleaved --full-width 60 --points 1024 --repeats 5 --threads 1`` gave the loop
+1.78× jaccli's time (P = 6 250; 1.65× at ``--points 2048``; issue 20 asks 10×, not met), ``--full-width 20 --points 256
+--dtype float64`` 2.23× with a max relative difference of 6e-16; ``--task per-sample
+--interleaved --width 256 --points 2048 --repeats 7 --threads 1`` gave ``vmap(grad)`` 0.86× jaccli's
+time (jaccli slower by its norm summary's pass over the rows).
+
 Smoke test (tiny sizes, timings meaningless): ``python benchmarks/curvature.py --width 16 --points 64 --full-width 8 --repeats 1``
+(add ``--task full --interleaved`` for the in-process A/B)
 """
 
 from __future__ import annotations
@@ -292,6 +306,31 @@ def check(task: str, got, ref, name: str = "") -> str:
     return f"max rel. error {np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300):.1e}"
 
 
+def interleaved(task: str, a) -> None:
+    """jaccli and its one peer alternately in this process: medians and their ratio."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    dtype = torch.float64 if a.dtype == "float64" else torch.float32
+    net, x, y = build(a.full_width if task == "full" else a.width, a.points, dtype)
+    peer = {"full": ("autograd-loop", loop_full), "per-sample": ("torch.func", func_per_sample)}[task]
+    pair = [("jaccli", CANDIDATES[(task, "jaccli")]), peer]
+    got = {name: torch.as_tensor(fn(net, x, y, a)) for name, fn in pair}  # warm-up and the results
+    diff = float((got["jaccli"] - got[peer[0]]).abs().max() / got[peer[0]].abs().max())
+    times = {name: [] for name, _ in pair}
+    for r in range(a.repeats):
+        for name, fn in pair if r % 2 == 0 else pair[::-1]:  # alternate who goes first
+            t0 = time.perf_counter()
+            fn(net, x, y, a)
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    p = sum(t.numel() for t in net.parameters())
+    print(f"{task} ({a.dtype}, {a.threads} thread(s)): P = {p:,}, N = {a.points:,}, medians of {a.repeats}")
+    for name, t in med.items():
+        print(f"  {name:<14} {t:9.4f} s   ({', '.join(f'{v:.3f}' for v in times[name])})")
+    print(f"  ratio {peer[0]} / jaccli = {med[peer[0]] / med['jaccli']:.2f}   max relative difference {diff:.1e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="all", choices=[*PEERS, "all"])
@@ -302,11 +341,17 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--samples", type=int, default=99, help="products of the trace estimates")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--interleaved", action="store_true", help="full / per-sample: jaccli and its peer alternately in one process")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="with --interleaved")
     ap.add_argument("--run", nargs=2, metavar=("TASK", "NAME"), help=argparse.SUPPRESS)
     ap.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.run:
         return run_one(*a.run, a)
+    if a.interleaved:
+        for task in ["full", "per-sample"] if a.task == "all" else [a.task]:
+            interleaved(task, a)
+        return
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="curv-bench-"))

@@ -144,25 +144,20 @@ def grads(
                                 hint="stream them to disk with --save FILE.npy (or .safetensors)")  # fmt: skip
         resumed = 0
         rows = None if n <= obj.chunk else torch.empty(n, p, dtype=space.dtype, device=space.device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=space.device)
-        total = torch.zeros(p, dtype=torch.float64, device=space.device)
         norms = torch.empty(n, dtype=torch.float64, device=space.device)
         for a in range(0, n, obj.chunk):
             b = min(a + obj.chunk, n)
-            block, losses = obj.per_sample_grads(a, b, losses=True)
-            if rows is None:  # one chunk: its rows are the result
-                rows = block
-            else:
-                rows[a:b] = block
-            # the gradient and the norms as the rows come: no second pass over [N, P]
-            loss_sum += losses.sum(dtype=torch.float64)
-            # reductions in the rows' dtype (a float64 reduction of float32 rows is several times
-            # slower than computing them); the chunks' sums accumulate in float64
-            total += block.sum(0)
+            # several chunks: each written straight into its rows (no copy of a chunk's block)
+            block = obj.per_sample_grads(a, b, out=None if rows is None else rows[a:b])
+            rows = block if rows is None else rows  # one chunk: its rows are the result
+            # the norms as the rows come, in the rows' dtype (a float64 reduction of float32
+            # rows is several times slower than computing them)
             norms[a:b] = torch.linalg.vector_norm(block, dim=1)
             if progress is not None:
                 progress(b, n)
-        value = _finite(float(loss_sum) * obj.weight, obj)
+        # the loss and the gradient by one batched backward per chunk: cheaper than another
+        # pass over the [N, P] rows (their sum), which memory bandwidth bounds
+        value, gradient = obj.value_and_grad()
         if spec is not None:
             save_tensors(spec.path, {spec.name if spec.name != "result" else "grads": rows.cpu()},
                          metadata=spec.metadata, force=spec.force)  # fmt: skip
@@ -173,7 +168,7 @@ def grads(
             block = rows[a : a + obj.chunk]
             total += block.sum(0).cpu()
             norms[a : a + block.shape[0]] = torch.linalg.vector_norm(block, dim=1).cpu()
-    gradient = (total * obj.weight).to(device=space.device, dtype=space.dtype)
+        gradient = (total * obj.weight).to(device=space.device, dtype=space.dtype)
     result = GradsResult(loss, obj.reduction, n, value, gradient, list(space.infos), per_sample=rows,
                          norms=_norm_summary(norms.cpu()), resumed_samples=resumed)  # fmt: skip
     result.saved_to = None if spec is None else os.fspath(spec.path)

@@ -71,7 +71,17 @@ def _rademacher(rng, p: int, k: int) -> np.ndarray:
 
 
 def dense(op: LinearOperator, block: int = 256) -> np.ndarray:
-    """The matrix of ``op``, assembled from products with blocks of unit vectors."""
+    """The matrix of ``op``, assembled from products with blocks of unit vectors.
+
+    A Hessian operator whose model ``vmap`` can batch is assembled by its objective's
+    :meth:`~.objective.Objective.dense_hessian` (one triangle by forward-over-reverse, the other
+    by symmetry); any other operator, and that one where ``vmap`` fails, from ``op.matmat``.
+    """
+    if isinstance(op, CurvatureOperator) and op.matrix == "hessian" and op.objective._vmap_ok:
+        try:
+            return op.objective.dense_hessian().detach().cpu().double().numpy()
+        except (RuntimeError, NotImplementedError):
+            pass  # an op without a batching rule (or forward-mode rule): the products below
     p = op.shape[0]
     out = np.empty((p, p))
     for j in range(0, p, block):

@@ -176,3 +176,48 @@ def test_chunks_do_not_change_the_products():
     V = torch.randn(a.space.size, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
     for m in ("hessian", "ggn", "ef"):
         torch.testing.assert_close(a.matmat(m, V), b.matmat(m, V), rtol=1e-11, atol=1e-13)
+
+
+class Reversed(nn.Module):
+    """A head registered before the body: state-dict order is not the order of computation."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.head = nn.Linear(5, 3)
+        self.body = nn.Linear(4, 5)
+        self.gain = nn.Parameter(torch.tensor([0.7, -1.2, 0.4, 1.5, 0.9]))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)) * self.gain)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross-entropy"])
+@pytest.mark.parametrize("params", [None, "head.*,gain"])
+def test_assembled_hessian_by_triangles_matches_autograd_and_the_products(monkeypatch, loss, params):
+    # columns in blocks narrower than a tensor, two chunks, parameters out of computation order
+    monkeypatch.setitem(__import__("jaccli.curvature.objective", fromlist=["x"]).DENSE_COLUMNS, "cpu", 4)
+    net = Reversed().double()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(11, 4, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (11,), generator=g) if loss == "cross-entropy" else torch.randn(11, 3, generator=g, dtype=F64)
+    lossfn = (lambda o: nn.functional.cross_entropy(o, y)) if loss == "cross-entropy" else (lambda o: nn.functional.mse_loss(o, y))
+    f, flat0, _ = _loss_of_flat(net, x, lossfn)
+    H = torch.autograd.functional.hessian(f, flat0).numpy()
+    names = [k for k, _ in net.named_parameters()]
+    sizes = [p.numel() for _, p in net.named_parameters()]
+    offsets = np.cumsum([0] + sizes)
+    keep = [k for k in names if params is None or k.startswith("head") or k == "gain"]
+    idx = np.concatenate([np.arange(offsets[names.index(k)], offsets[names.index(k) + 1]) for k in keep])
+    obj = _objective(net, x, y, loss=loss, reduction=None, params=params, chunk_size=6, output=None)
+    assert obj.dense_columns == 4
+    fast = spectral.dense(spectral.operator(obj, "hessian"))
+    np.testing.assert_allclose(fast, H[np.ix_(idx, idx)], rtol=1e-10, atol=1e-12)
+    assert np.array_equal(fast, fast.T)  # one triangle computed, the other its transpose
+
+    def unbatchable(self):
+        raise RuntimeError("no batching rule")
+
+    monkeypatch.setattr(type(obj), "dense_hessian", unbatchable)  # the products' path takes over
+    slow = spectral.dense(spectral.operator(obj, "hessian"))
+    np.testing.assert_allclose(slow, H[np.ix_(idx, idx)], rtol=1e-10, atol=1e-12)
