@@ -33,7 +33,7 @@ from jaccli.engine.results import NONSMOOTH_OPS
 from jaccli.errors import JaccliWarning, ModelError, NumericalError, UsageError
 from jaccli import jets
 from jaccli.jets import Unsupported
-from jaccli.request.names import Request, Term, input_names, output_names, parse_want
+from jaccli.request.names import ExpressionError, Request, Term, input_names, output_names, parse_want
 
 _FUNCTIONS: dict[str, Callable] = {
     "sin": torch.sin, "cos": torch.cos, "tan": torch.tan, "exp": torch.exp, "log": torch.log,
@@ -244,18 +244,20 @@ def partials(
                      select=select)  # fmt: skip
     try:
         names = input_names(inputs, p.n_in)
+        request: Request = parse_want(want, names, output_names(outputs, p.n_out))
+    except ExpressionError:
+        raise
     except UsageError as exc:
-        if per_sample or inputs is None:
+        if per_sample or p.n_in == 1:
             raise
-        # names for one point, given for a whole input: the points were meant as points
+        # names for one point, given or used for a whole input: the points were meant as points
         raise UsageError(
             exc.what, where=exc.where, expected=exc.expected, got=exc.got,
-            hint=f"without per_sample the whole input is one point of {p.n_in} components; pass per_sample=True "
+            hint=f"without per_sample the whole input is one point of {p.n_in:,} components; pass per_sample=True "
             "if axis 0 holds the points",
-            cli_hint=f"without --per-sample (-p) the whole input is one point of {p.n_in} components; pass -p "
+            cli_hint=f"without --per-sample (-p) the whole input is one point of {p.n_in:,} components; pass -p "
             "if axis 0 holds the points",
         ) from None  # fmt: skip
-    request: Request = parse_want(want, names, output_names(outputs, p.n_out))
     top = max(t.order for t in request.terms)
     need = _directions(request.terms, p.n_in)
     program, note = _program(p, top) if need else (None, None)

@@ -92,11 +92,18 @@ class Term:
         return sum(self.orders)
 
 
+def _listed(names: Sequence[str], most: int = 8) -> str:
+    """``x0, x1, x2`` — or, for more than ``most``, the first and last few and the count."""
+    if len(names) <= most:
+        return ", ".join(names)
+    return f"{', '.join(names[: most - 2])}, …, {', '.join(names[-2:])} ({len(names):,} names)"
+
+
 def parse_term(text: str, inputs: list[str], outputs: list[str]) -> Term:
     """``u_txx`` → Term(out="u", orders=(1, 2)) for inputs ``t, x``."""
     out, sep, rest = text.partition("_")
     if out not in outputs:
-        raise UsageError(f"unknown output in {text!r}", expected="one of " + ", ".join(outputs), got=out)
+        raise UsageError(f"unknown output in {text!r}", expected="one of " + _listed(outputs), got=out)
     orders = [0] * len(inputs)
     if sep:
         long = any(len(n) > 1 for n in inputs)
@@ -106,7 +113,7 @@ def parse_term(text: str, inputs: list[str], outputs: list[str]) -> Term:
             how = "separated by '_'" if long else "one letter each"
             raise UsageError(
                 f"unknown input in {text!r}",
-                expected=f"input names ({how}) from " + ", ".join(inputs), got=bad or "nothing after '_'",
+                expected=f"input names ({how}) from " + _listed(inputs), got=bad or "nothing after '_'",
             )  # fmt: skip
         for p in parts:
             orders[inputs.index(p)] += 1

@@ -119,3 +119,16 @@ def test_whole_input_partials_of_one_point(tmp_path):
     assert result.exit_code == 0, result.output
     assert doc["results"]["u_xx"]["shape"] == [1, 1] and doc["per_sample"] is False
     assert doc["results"]["u_xx"]["values"][0][0] == pytest.approx(float(u_xx), rel=1e-10)
+
+
+def test_a_forgotten_per_sample_names_the_fix_and_not_a_thousand_inputs():
+    """Without -p the 1000 points of pinn_x.npy are one point of 1000 components: the error says
+    to pass -p, in CLI words, and lists a few of the default names, not all of them."""
+    result = CliRunner().invoke(app, ["partials", str(EXAMPLES / "pinn.pt"), str(EXAMPLES / "pinn_x.npy"), "--want", "u_x"])
+    assert result.exit_code == EXIT_CODES[jaccli.UsageError]
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and len(line) < 400, line
+    assert "pass -p" in line and "1,000 components" in line and "x999 (1,000 names)" in line
+    assert "per_sample=True" not in line  # Python wording stays in the Python API
+    with pytest.raises(jaccli.UsageError, match="pass per_sample=True"):
+        jaccli.partials(jaccli.load_model(EXAMPLES / "pinn.pt"), jaccli.load_tensor(EXAMPLES / "pinn_x.npy"), ["u_x"])
