@@ -27,7 +27,7 @@ import math
 import numpy as np
 import scipy.linalg
 import torch
-from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
 from jaccli.errors import NumericalError, UsageError
 
@@ -91,6 +91,10 @@ def dense(op: LinearOperator, block: int = 256) -> np.ndarray:
     return (out + out.T) / 2  # symmetric up to rounding; the average is the closest symmetric matrix
 
 
+#: parameters up to which an eigensolver that breaks down falls back to the assembled matrix (128 MiB)
+DENSE_FALLBACK_MAX = 4096
+
+
 def eigenvalues(op: LinearOperator, k: int, which: str = "largest", *, tol: float = 1e-6, seed: int = 0,
                 dense_matrix: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The ``k`` eigenvalues of ``op`` that ``which`` picks, descending, and their eigenvectors ``[P, k]``."""
@@ -99,19 +103,27 @@ def eigenvalues(op: LinearOperator, k: int, which: str = "largest", *, tol: floa
         raise UsageError("unknown --which", expected=", ".join(WHICH_ARPACK), got=which)
     if not 1 <= k <= p:
         raise UsageError("--eig K must be between 1 and the number of parameters", expected=f"1 … {p}", got=k)
-    if dense_matrix is not None or k >= p - 1:
+    assemble = dense_matrix is not None or k >= p - 1
+    if not assemble:
+        v0 = _rng(seed).standard_normal(p)
+        try:
+            w, v = eigsh(op, k=k, which=WHICH_ARPACK[which], v0=v0, tol=tol)
+            pick = np.arange(len(w))
+        except ArpackNoConvergence as exc:
+            raise NumericalError(f"the eigensolver did not converge ({len(exc.eigenvalues)} of {k} eigenvalues)",
+                                 hint="raise --tol or ask for fewer eigenvalues") from None  # fmt: skip
+        except ArpackError as exc:
+            # Lanczos breaks down where the matrix maps its start vector to zero (a loss linear
+            # in its parameters has the zero Hessian); the assembled matrix has no such limit
+            if p > DENSE_FALLBACK_MAX:
+                raise NumericalError(f"the eigensolver failed ({exc})", expected=f"a matrix ARPACK can start on",
+                                     hint="the matrix may be zero or of rank below K: try --trace or --diag") from None  # fmt: skip
+            assemble = True
+    if assemble:
         m = dense(op) if dense_matrix is None else dense_matrix
         w, v = np.linalg.eigh(m)
         pick = {"largest": np.argsort(w)[::-1][:k], "smallest": np.argsort(w)[:k],
                 "magnitude": np.argsort(np.abs(w))[::-1][:k]}[which]  # fmt: skip
-    else:
-        v0 = _rng(seed).standard_normal(p)
-        try:
-            w, v = eigsh(op, k=k, which=WHICH_ARPACK[which], v0=v0, tol=tol)
-        except ArpackNoConvergence as exc:
-            raise NumericalError(f"the eigensolver did not converge ({len(exc.eigenvalues)} of {k} eigenvalues)",
-                                 hint="raise --tol or ask for fewer eigenvalues") from None  # fmt: skip
-        pick = np.arange(len(w))
     w, v = w[pick], v[:, pick]
     order = np.argsort(w)[::-1]
     return w[order], v[:, order]

@@ -117,6 +117,19 @@ def test_eigenvalues_match_eigh_for_each_which():
     np.testing.assert_allclose(H @ r.eigenvectors, r.eigenvectors * r.eigenvalues, atol=1e-7)
 
 
+def test_a_zero_hessian_has_zero_eigenvalues_not_an_eigensolver_failure():
+    """A loss linear in its parameters (here the output of a linear model) has the zero Hessian,
+    on which ARPACK's Lanczos cannot start ("starting vector is zero"): the eigenvalues are the
+    assembled matrix's, all zero, and the eigenvectors orthonormal."""
+    torch.manual_seed(0)
+    net = nn.Linear(6, 1).double()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    r = jaccli.curvature(net, x, loss="output", eig=3, trace=True)
+    np.testing.assert_array_equal(r.eigenvalues, np.zeros(3))
+    np.testing.assert_allclose(r.eigenvectors.T @ r.eigenvectors, np.eye(3), atol=1e-12)
+    assert r.trace == 0.0
+
+
 def test_estimated_trace_and_diagonal_beyond_the_exact_limit(monkeypatch):
     net, (x, y) = mlp(), _data()
     H = jaccli.curvature(net, x, y, loss="cross-entropy", full=True).full
