@@ -2,10 +2,17 @@
 
 Owns the plan of one request: which directions the terms need (shared between terms,
 each run to the highest order any term needs of it), how many points go through at
-once, and whether the Taylor series program (:mod:`.jets`) or nested torch.func runs.
+once, and whether the Taylor program (:mod:`jaccli.jets`, in its series mode) or
+nested torch.func runs; and the exact interpolation of mixed partials from series.
 
-Imports: :mod:`jaccli.engine` (request normalisation, memory budget), :mod:`.jets`,
-:mod:`.names`.
+Mixed partials come from series along integer directions: with ``|α| = d`` over the
+inputs ``S`` of a term, the order-``d`` coefficients along all integer directions ``i``
+with ``|i| = d`` on ``S`` determine every ``∂^α`` of that order exactly (Griewank, Utke
+and Walther, Math. Comp. 69, 2000); the interpolation weights are computed once in
+exact rational arithmetic.
+
+Imports: :mod:`jaccli.engine` (request normalisation, memory budget), :mod:`jaccli.jets`,
+:mod:`jaccli.request.names`.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from fractions import Fraction
+from itertools import combinations_with_replacement
 
 import torch
 from torch import Tensor
@@ -23,8 +31,8 @@ from jaccli.engine import planner
 from jaccli.engine.problem import Problem, check_inputs, model_failed, probe_rows
 from jaccli.engine.results import NONSMOOTH_OPS
 from jaccli.errors import JaccliWarning, ModelError, NumericalError, UsageError
+from jaccli import jets
 from jaccli.jets import Unsupported
-from jaccli.jets import series as jets
 from jaccli.request.names import Request, Term, input_names, output_names, parse_want
 
 _FUNCTIONS: dict[str, Callable] = {
@@ -68,7 +76,7 @@ def _directions(terms: list[Term], n_in: int) -> dict[tuple[int, ...], set[int]]
         if t.order == 0:
             continue
         support = _support(t)
-        dirs, _ = jets.interpolation(len(support), t.order)
+        dirs, _ = interpolation(len(support), t.order)
         for d in dirs:
             full = [0] * n_in
             for pos, c in zip(support, d):
@@ -83,9 +91,9 @@ def _combination(t: Term, n_in: int) -> list[tuple[tuple[int, ...], float]]:
     """``∂^α g`` of a term ``t`` (order ≥ 1) as ``Σ factor · c``, ``c`` the order-``|α|``
     series coefficient along a direction: the (direction, factor) pairs."""
     support = _support(t)
-    dirs, weights = jets.interpolation(len(support), t.order)
+    dirs, weights = interpolation(len(support), t.order)
     alpha = tuple(t.orders[i] for i in support)
-    row = weights[jets.compositions(t.order, len(support)).index(alpha)]
+    row = weights[compositions(t.order, len(support)).index(alpha)]
     scale = math.prod(math.factorial(a) for a in alpha)
     pairs = []
     for d, w in zip(dirs, row):
@@ -123,7 +131,7 @@ def _term_into(out: Tensor, t: Term, n_in: int, coeffs: dict[tuple[int, ...], li
 
 def _single_series(request: Request, n_in: int, program) -> tuple[Term, tuple[int, ...], float] | None:
     """The one term asked for when one series gives it (``u_xxxx``, not ``u_xt``): it is
-    then written straight into the result (:meth:`~jets.SeriesProgram.run_into`)."""
+    then written straight into the result (:meth:`~jaccli.jets.TaylorProgram.series_into`)."""
     if program is None or len(request.terms) != 1 or request.terms[0].order == 0:
         return None
     t = request.terms[0]
@@ -131,13 +139,13 @@ def _single_series(request: Request, n_in: int, program) -> tuple[Term, tuple[in
     return (t, *pairs[0]) if len(pairs) == 1 else None
 
 
-def _program(p: Problem, order: int) -> tuple[jets.SeriesProgram | None, str | None]:
-    """The series program where it applies (per-sample, one input, no static batch)."""
+def _program(p: Problem, order: int) -> tuple[jets.TaylorProgram | None, str | None]:
+    """The Taylor program, checked to ``order``, where it applies (per-sample, one input, no static batch)."""
     if not (planner.FAST_PATH and p.per_sample and len(p.args.values) == 1 and p.static_batch is None):
         return None, None
     rows = probe_rows(p)
     try:
-        return jets.build(p.fn(rows), p.z(rows), order), None
+        return jets.build(p.fn(rows), p.z(rows), orders=order), None
     except Unsupported as exc:
         return None, f"Taylor series not used: {exc}"
 
@@ -173,18 +181,18 @@ def _coefficients(p: Problem, rows: Tensor, need: dict[tuple[int, ...], set[int]
             v = torch.tensor(prim, dtype=z.dtype, device=z.device).expand(b, -1)
             coeffs[prim] = [None] * (max(orders) + 1)
             for k in orders:
-                coeffs[prim][k] = jets.nested_derivative(g, z, v, k) / math.factorial(k)
+                coeffs[prim][k] = nested_derivative(g, z, v, k) / math.factorial(k)
         return value, coeffs
     for order in sorted({max(o) for o in need.values()}):
         group = [prim for prim, o in need.items() if max(o) == order]
         keep = frozenset().union(*(need[prim] for prim in group)) | ({0} if with_value and not cache else set())
         dirs = torch.tensor(group, dtype=z.dtype, device=z.device)  # [m, n_in]
-        m = len(group)
-        run = program.run(z.repeat(m, 1), dirs.repeat_interleave(b, 0), order, keep)
+        # one row per direction in every coefficient block (the value row is shared)
+        run = program.series(z, dirs[:, None, :].expand(len(group), b, -1), order, keep)
         for i, prim in enumerate(group):
-            coeffs[prim] = [None if c is None else c[i * b : (i + 1) * b] for c in run]
+            coeffs[prim] = [None if c is None or k == 0 else c[i] for k, c in enumerate(run)]
         if run[0] is not None and not cache:
-            cache.append(run[0][:b])
+            cache.append(run[0])
     return value, coeffs
 
 
@@ -213,9 +221,10 @@ def partials(
     in the order asked for: ``[N, *term]`` with ``per_sample``, ``[*term]`` otherwise.
 
     Per-sample requests on one input run univariate Taylor series through the recorded
-    model (order ``k`` for ``O(k²)`` the work of a forward pass per op); mixed partials
-    are interpolated exactly from series along integer directions. Models with ops that
-    have no series rule use nested ``torch.func.jvp`` (``.engine`` says which ran).
+    model (the Taylor program of :mod:`jaccli.jets` in its series mode: order ``k`` for
+    a few times ``k²`` the work of a forward pass per op); mixed partials are
+    interpolated exactly from series along integer directions. Models with ops that
+    have no rule use nested ``torch.func.jvp`` (``.engine`` says which ran).
 
     >>> import torch, jaccli
     >>> x = torch.linspace(0, 1, 5, dtype=torch.float64)[:, None]
@@ -262,7 +271,7 @@ def partials(
                 t, prim, factor = single
                 z = p.z(rows)
                 v = torch.tensor(prim, dtype=z.dtype, device=z.device).expand(z.shape[0], -1)
-                program.run_into(z, v, t.order, flat[t.name][start:stop], factor)
+                program.series_into(z, v, t.order, flat[t.name][start:stop], factor)
                 continue
             value, coeffs = _coefficients(p, rows, need, program, with_value)
             for t in request.terms:
@@ -305,3 +314,50 @@ def _finish(p: Problem, out: Partials, top: int, strict: bool) -> None:
             JaccliWarning,
             stacklevel=3,
         )
+
+
+def nested_derivative(g: Callable, z: Tensor, v: Tensor, order: int) -> Tensor:
+    """``d^order/dt^order g(z + t v)`` at 0 by nested ``torch.func.jvp`` (the fall-back)."""
+    from torch.func import jvp
+
+    h = g
+    for _ in range(order):
+        h = (lambda f: lambda zz: jvp(f, (zz,), (v,))[1])(h)
+    with torch.no_grad():
+        return h(z)
+
+
+# --------------------------------------------------------------------------- interpolation
+
+
+def compositions(total: int, parts: int) -> list[tuple[int, ...]]:
+    """All tuples of ``parts`` non-negative integers summing to ``total``, in a fixed order."""
+    out = []
+    for combo in combinations_with_replacement(range(parts), total):
+        t = [0] * parts
+        for c in combo:
+            t[c] += 1
+        out.append(tuple(t))
+    return sorted(set(out), reverse=True)
+
+
+@functools.cache
+def interpolation(parts: int, order: int) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[Fraction, ...], ...]]:
+    """Directions ``i`` (``|i| = order`` over ``parts`` inputs) and the exact weights ``W``
+    with ``∂^α g / α! = Σ_i W[α][i] c_i``, ``c_i`` the order-``order`` coefficient of
+    ``t ↦ g(z + t i)``; rows of ``W`` in the order of :func:`compositions`."""
+    idx = compositions(order, parts)
+    n = len(idx)
+    # c_i = Σ_α (∂^α g/α!) i^α: the matrix M[i][α] = i^α; W = M⁻¹ by Gauss–Jordan in ℚ
+    m = [[Fraction(math.prod(b**a for a, b in zip(alpha, i))) for alpha in idx] + [Fraction(int(r == c)) for c in range(n)]
+         for r, i in enumerate(idx)]  # fmt: skip
+    for col in range(n):
+        piv = next(r for r in range(col, n) if m[r][col] != 0)
+        m[col], m[piv] = m[piv], m[col]
+        p = m[col][col]
+        m[col] = [x / p for x in m[col]]
+        for r in range(n):
+            if r != col and m[r][col] != 0:
+                f = m[r][col]
+                m[r] = [x - f * y for x, y in zip(m[r], m[col])]
+    return tuple(idx), tuple(tuple(row[n:]) for row in m)

@@ -1,4 +1,4 @@
-"""Forward (Taylor-mode) derivatives of a traced flat batch function.
+"""Forward (Taylor-mode) derivatives of a traced flat batch function, at any order.
 
 torch.func builds a per-sample Jacobian from ``vmap(jvp)``: the model runs under a
 batching interpreter, every op pays for a tangent of its own, and a Hessian nests
@@ -6,20 +6,22 @@ two such transforms. Here the flat batch function ``g: [B, n_in] -> [B, n_out]``
 the engine is recorded once as a list of ATen ops (by a dispatch mode, which sees
 through eager modules, TorchScript and ``torch.export`` programs alike; two records
 at different batch sizes tell batch-sized shape arguments apart) and each op's result
-carries a *jet*:
+carries a *jet*: its value (one row) and its Taylor rows of each order ``1 … K``:
 
-- its value (one row),
-- one first-order stream per input direction (``k1`` rows),
-- second-order streams (``k2`` rows): one per Hessian entry ``(i, j)``, or a single
-  *collapsed* stream holding ``Σᵢ ∂²/∂xᵢ²`` (the forward Laplacian of Li et al. 2023,
-  collapsed Taylor mode of Dangel et al. 2025), whose propagation needs the
-  first-order streams but never forms them pairwise.
+- Jacobians, divergences (order 1): one first-order row per input direction;
+- Hessians (order 2): also one second-order row per entry ``(i, j)``;
+- Laplacians (order 2): one *collapsed* second-order row holding ``Σᵢ ∂²/∂xᵢ²`` (the
+  forward Laplacian of Li et al. 2023, collapsed Taylor mode of Dangel et al. 2025);
+- partials (order ``K``): univariate Taylor series, one row per direction in every order.
 
-The rows of a jet are stacked along a leading axis, so a linear layer costs ONE
-matrix product for value and streams together, and a backward *need* analysis keeps
-only the rows the requested result uses (no value through the last layer of a
-Jacobian, no first-order rows at the output of a Laplacian, no second-order rows
-while a node is still affine in the input).
+One rule per ATen op serves them all (the design of ``jax.experimental.jet`` and of
+torch-jet): a rule gets the order from its layout, and the one place the kinds differ
+is how rows of two factors multiply (:class:`~.jet._Call`). The rows of a jet are
+stacked along a leading axis, so a linear layer costs ONE matrix product for value and
+every row together, and a backward *need* analysis keeps only the orders the requested
+result uses (no value through the last layer of a Jacobian, only the asked coefficient
+after the last nonlinearity of a series, no rows of order ≥ 2 while a node is still
+affine in the input).
 
 Every op has a rule in :data:`RULES` (or is a non-differentiable op in
 :data:`VALUE_OPS`, or is decomposed into such ops as it is recorded, :mod:`.decompose`);
@@ -32,7 +34,8 @@ The package, in the order a program is made (each module imports only those abov
 ===================  ==================================================================
 :mod:`.jet`          :class:`Jet`, :class:`Layout`, :class:`Rule`, row arithmetic
 :mod:`.shape`        rules for views, indexing, reductions, casts
-:mod:`.elementwise`  rules for unary ops, from one derivative table
+:mod:`.chain`        the chain rule at any order (Faà di Bruno, ODE recurrences)
+:mod:`.elementwise`  rules for unary ops, from one table of derivatives of any order
 :mod:`.linear`       rules for sums and products (add, mul, div, mm, addmm, …)
 :mod:`.spatial`      rules for convolutions, pooling, upsampling, padding, maxima
 :mod:`.table`        the rule table :data:`RULES` (op name → rule) and :data:`VALUE_OPS`
@@ -42,8 +45,9 @@ The package, in the order a program is made (each module imports only those abov
 :mod:`.builder`      :func:`build`: record, compile, verify against autograd
 ===================  ==================================================================
 
-To add a rule: write it in the family's module and add one line to :data:`RULES`;
-``tests/taylor/`` compares every rule with torch.func in float64.
+To add a rule: write it in the family's module, add one line to :data:`RULES` and one
+case to ``OP_CASES`` in ``tests/jets/test_rules.py``, which compares every rule with
+torch.func in float64 at orders 1 to 4 (and in the Hessian and Laplacian modes).
 """
 
 from jaccli.jets.builder import build

@@ -1,9 +1,9 @@
 """Building a program from a function and verifying it before use.
 
 :func:`build` records the function at two probe batch sizes, compiles the records,
-and checks the program's value, ``J v`` and ``d²g[v, v]`` against the function and
-plain autograd off the traced points (so baked-in branches show); a program that
-disagrees is :class:`~.jet.Unsupported`.
+and checks the program's value, ``J v``, ``d²g[v, v]`` and (past order 2) the top
+derivative ``dᴷ/dtᴷ g(z + t v)`` against the function and plain autograd off the traced
+points (so baked-in branches show); a program that disagrees is :class:`~.jet.Unsupported`.
 
 Imports: :mod:`.record`, :mod:`.program`, :mod:`.jet`.
 """
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import math
+
 import torch
 from torch import Tensor
 
-from jaccli.jets.jet import Unsupported
+from jaccli.jets.jet import Unsupported, _Call
 from jaccli.jets.record import PROBE_BATCHES, _Ref, _Step, _compile, _trace
 from jaccli.jets.program import TaylorProgram, WANT
 
@@ -31,7 +33,8 @@ def build(g: Callable[[Tensor], Tensor], z_probe: Tensor, orders: int = 2) -> Ta
     arguments holding the batch size become symbolic. The program is then run on a
     perturbed probe batch and compared with ``g`` and with torch.func's directional
     derivatives up to ``orders`` (1 for Jacobians and divergences, 2 for Hessians and
-    Laplacians: checking only what will be used keeps small requests cheap); a mismatch
+    Laplacians, ``k`` for order-``k`` partials: checking only what will be used keeps
+    small requests cheap); a mismatch
     means a rule does not fit this model, and the caller should fall back.
     """
     b1, b2 = PROBE_BATCHES
@@ -68,8 +71,9 @@ def _reachable(steps: list[_Step], output) -> set[int]:
 
 
 def _verify(program: TaylorProgram, g: Callable, z_probe: Tensor, orders: int, tol: float) -> None:
-    """Compare value, ``J v`` and (``orders`` 2) ``d²g[v, v]`` with the model and autograd on a few
-    points, to relative ``tol`` (projected on a random output direction, see :func:`_reference_jets`)."""
+    """Compare value, ``J v`` and (``orders`` 2) ``d²g[v, v]`` — past order 2 the value and the
+    top derivative along ``v`` — with the model and autograd on a few points, to relative
+    ``tol`` (projected on a random output direction, see :func:`_reference_jets`)."""
     z = _probe_batch(z_probe, max(PROBE_BATCHES) + 1)
     gen = torch.Generator(device="cpu").manual_seed(0)
     v = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
@@ -87,10 +91,18 @@ def _verify(program: TaylorProgram, g: Callable, z_probe: Tensor, orders: int, t
 
     def second(zz: Tensor) -> Tensor:
         pair = (torch.zeros(1, dtype=torch.long, device=zz.device),) * 2
-        return program._out_block(program._run(zz, WANT["hessian"], v[None], k2=1, pairs=pair), 2, 1, zz)[0]
+        cx = _Call((1, 1, 1), pair, zz.shape[0])
+        return program._out_block(program._run(zz, WANT["hessian"], cx, v[None]), 2, 1, zz)[0]
+
+    def top(zz: Tensor) -> Tensor:
+        c = program.series(zz, v[None], orders, frozenset({orders}))[orders]
+        return zz.new_zeros((zz.shape[0], program.n_out), dtype=program.dtype) if c is None else c[0] * math.factorial(orders)
 
     try:
-        got = (program.value(z), program.jvp(z, v[None])[0], second(z) if orders > 1 else None)
+        if orders > 2:  # the top coefficient involves every lower one (as the partials use it)
+            got = (program.value(z), None, None, top(z))
+        else:
+            got = (program.value(z), program.jvp(z, v[None])[0], second(z) if orders > 1 else None, None)
     except Unsupported:
         raise
     except Exception as exc:  # a rule that does not fit this use of its op
@@ -99,6 +111,14 @@ def _verify(program: TaylorProgram, g: Callable, z_probe: Tensor, orders: int, t
         if not close(got[0], g(z)):
             raise Unsupported("verify", "the traced program disagrees with the model")
     u = torch.randn(got[0].shape, generator=gen, dtype=z.dtype).to(z.device)
+    if orders > 2:
+        try:
+            want_top = _reference(g, z, v, u, orders)
+        except Exception:  # no (higher) backward in autograd: nothing to compare with
+            return
+        if not close((u * got[3]).sum(-1), want_top):
+            raise Unsupported("verify", "the Taylor derivatives disagree with autograd")
+        return
     try:
         want_t, want_tt = _reference_jets(g, z, v, u, orders)
     except Exception:  # autograd has no (double) backward for some op: nothing to compare with
@@ -134,3 +154,20 @@ def _reference_jets(g: Callable, z: Tensor, v: Tensor, u: Tensor, orders: int) -
         (h,) = torch.autograd.grad(first.sum(), zz, allow_unused=True)
         second = torch.zeros_like(first) if h is None else (h * v).sum(-1)
     return first.detach(), second.detach()
+
+
+def _reference(g: Callable, z: Tensor, v: Tensor, u: Tensor, order: int) -> Tensor:
+    """``uᵀ dᵏ/dtᵏ g(z + t v)`` per point, ``k = order``, by ``order`` nested reverse passes of
+    the scalar ``uᵀ g`` (``s ↦ ∇s · v``): gradients of gradients, never a JVP by double backward
+    nor forward mode (both wrong through ``native_layer_norm`` in PyTorch)."""
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        s = (u * g(zz)).sum(-1)
+        for k in range(order):
+            if not s.requires_grad:  # a polynomial of lower degree: the rest is zero
+                return torch.zeros_like(s).detach()
+            (w,) = torch.autograd.grad(s.sum(), zz, create_graph=k < order - 1, allow_unused=True)
+            if w is None:
+                return torch.zeros_like(s).detach()
+            s = (w * v).sum(-1)
+    return s.detach()

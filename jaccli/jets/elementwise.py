@@ -1,190 +1,246 @@
-"""Rules for unary smooth (and piecewise-linear) elementwise ops.
+"""Rules for unary smooth (and piecewise-linear) elementwise ops, at any order.
 
-Each op has a *derivative table* entry ``_d_<op>(x, order, out)`` giving f′ and f″
-from the input (and the already computed value ``out``); :func:`_unary` turns it into
-a rule by the chain rule (Faà di Bruno to order 2). To add an elementwise op, add its
-table entry to ``_UNARY_DERIVS`` and its name to the rule table.
+Each op has a *derivative table* entry ``_d_<op>(x, order, out) -> (y, [f′, f″, …])``
+giving the value and its first ``order`` derivatives at the input's value (``None`` for a
+zero derivative); :func:`~.chain._unary` turns it into a rule by the chain rule
+(:mod:`.chain`), in each mode of :class:`~.jet._Call`. Derivatives of any order come
+from closed forms: polynomials in the value for the functions an ODE defines (``tanh′ =
+1 - tanh²``, ``σ′ = σ - σ²``, ``exp′ = exp``), Hermite polynomials for ``erf`` and the
+Gaussian CDF, falling factorials for powers. The derivatives are of the value row only
+(one row): the cost that grows with the streams is the chain rule's products.
 
-Imports: :mod:`.jet`.
+To add an elementwise op, add its table entry to ``_UNARY_DERIVS`` and its name to the
+rule table.
+
+Imports: :mod:`.jet`, :mod:`.chain`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from jaccli.jets.chain import _compose, _unary
 from jaccli.jets.jet import Jet, Unsupported
 
 
-# ---- unary smooth (and piecewise-linear) ops: value, f′ and f″ from the value
+# ---- derivatives of every order, from closed forms
 
 
-def _unary(derivs: Callable) -> Callable:
-    """A rule from ``derivs(x, order, out, *params) -> (y, f1, f2)``; ``f2 = None`` means zero."""
+@functools.cache
+def _ode_polys(g: tuple[float, ...], order: int) -> tuple[tuple[float, ...], ...]:
+    """Coefficients (low to high) of ``P_k`` with ``f⁽ᵏ⁾ = P_k(f)`` when ``f′ = g(f)``:
+    ``P₁ = g``, ``P_{k+1} = P_k′ · g``."""
+    polys = [tuple(g)]
+    for _ in range(1, order):
+        p = polys[-1]
+        dp = [i * p[i] for i in range(1, len(p))] or [0.0]
+        prod = [0.0] * (len(dp) + len(g) - 1)
+        for i, a in enumerate(dp):
+            for j, b in enumerate(g):
+                prod[i + j] += a * b
+        polys.append(tuple(prod))
+    return tuple(polys)
 
-    def rule(cx, lay, x, *params, **options):
-        order = 2 if lay.second else (1 if lay.first else 0)
-        v = x.block(0)
-        out = cx.empty(lay, v.shape[1:], v)
-        y, f1, f2 = derivs(v, order, out.block(0), *params, **options)
-        if lay.value and y.data_ptr() != out.block(0).data_ptr():
-            out.block(0).copy_(y)
-        if lay.first:
-            torch.mul(x.block(1), f1, out=out.block(1))
-        if lay.second:
-            d2 = out.block(2)
-            if f2 is None:
-                d2.zero_()
-            else:
-                cx.square(x.block(1), d2).mul_(f2)
-            if x.block(2) is not None:
-                d2.addcmul_(x.block(2), f1)
-        return out
 
-    return rule
+def _horner(coeffs: tuple[float, ...], y: Tensor) -> Tensor | None:
+    if not any(coeffs):
+        return None
+    top = max(i for i, c in enumerate(coeffs) if c)
+    r = torch.full_like(y, coeffs[top])
+    for c in reversed(coeffs[:top]):
+        r = r.mul_(y)
+        if c:
+            r = r.add_(c)
+    return r
+
+
+def _ode_derivs(y: Tensor, order: int, g: tuple[float, ...]) -> list:
+    return [_horner(p, y) for p in _ode_polys(g, order)] if order else []
+
+
+_TANH, _SIGMOID, _TAN = (1.0, 0.0, -1.0), (0.0, 1.0, -1.0), (1.0, 0.0, 1.0)
 
 
 def _d_tanh(x, order, out):
     y = torch.tanh(x, out=out)
-    if order == 0:
-        return y, None, None
-    f1 = 1 - y * y
-    return y, f1, (-2 * y * f1 if order == 2 else None)
+    return y, _ode_derivs(y, order, _TANH)
 
 
 def _d_sigmoid(x, order, out):
     y = torch.sigmoid(x, out=out)
-    if order == 0:
-        return y, None, None
-    f1 = y * (1 - y)
-    return y, f1, (f1 * (1 - 2 * y) if order == 2 else None)
-
-
-def _d_sin(x, order, out):
-    y = torch.sin(x, out=out)
-    return y, (torch.cos(x) if order else None), (-y if order == 2 else None)
-
-
-def _d_cos(x, order, out):
-    y = torch.cos(x, out=out)
-    return y, (-torch.sin(x) if order else None), (-y if order == 2 else None)
+    return y, _ode_derivs(y, order, _SIGMOID)
 
 
 def _d_tan(x, order, out):
     y = torch.tan(x, out=out)
-    f1 = 1 + y * y if order else None
-    return y, f1, (2 * y * f1 if order == 2 else None)
+    return y, _ode_derivs(y, order, _TAN)
+
+
+def _cycle(values: list, order: int) -> list:
+    return [values[k % len(values)] for k in range(order)]
+
+
+def _d_sin(x, order, out):
+    y = torch.sin(x, out=out)
+    if not order:
+        return y, []
+    c = torch.cos(x)
+    return y, _cycle([c, -y, -c, y], order)
+
+
+def _d_cos(x, order, out):
+    y = torch.cos(x, out=out)
+    if not order:
+        return y, []
+    s = torch.sin(x)
+    return y, _cycle([-s, -y, s, y], order)
 
 
 def _d_sinh(x, order, out):
     y = torch.sinh(x, out=out)
-    return y, (torch.cosh(x) if order else None), (y if order == 2 else None)
+    return y, (_cycle([torch.cosh(x), y], order) if order else [])
 
 
 def _d_cosh(x, order, out):
     y = torch.cosh(x, out=out)
-    return y, (torch.sinh(x) if order else None), (y if order == 2 else None)
+    return y, (_cycle([torch.sinh(x), y], order) if order else [])
 
 
 def _d_exp(x, order, out):
     y = torch.exp(x, out=out)
-    return y, (y if order else None), (y if order == 2 else None)
+    return y, [y] * order
 
 
 def _d_expm1(x, order, out):
     y = torch.expm1(x, out=out)
-    e = y + 1 if order else None
-    return y, e, e
+    return y, ([y + 1] * order if order else [])
+
+
+def _log_derivs(r: Tensor, order: int) -> list:
+    """``(-1)^{k-1} (k-1)! rᵏ`` for ``r = 1/x``: the derivatives of ``log``."""
+    fs, rk = [], r
+    for k in range(1, order + 1):
+        fs.append(rk if k == 1 else rk * ((-1) ** (k - 1) * math.factorial(k - 1)))
+        if k < order:
+            rk = rk * r
+    return fs
 
 
 def _d_log(x, order, out):
     y = torch.log(x, out=out)
-    f1 = x.reciprocal() if order else None
-    return y, f1, (-f1 * f1 if order == 2 else None)
+    return y, (_log_derivs(x.reciprocal(), order) if order else [])
 
 
 def _d_log1p(x, order, out):
     y = torch.log1p(x, out=out)
-    f1 = (1 + x).reciprocal() if order else None
-    return y, f1, (-f1 * f1 if order == 2 else None)
+    return y, (_log_derivs((1 + x).reciprocal(), order) if order else [])
+
+
+def _power_chain(f1: Tensor, p: float, r: Tensor, order: int) -> list:
+    """Derivatives of ``xᵖ`` from ``f′`` and ``r = 1/x``: ``f⁽ᵏ⁺¹⁾ = f⁽ᵏ⁾ (p - k) r``."""
+    fs = [f1]
+    for k in range(1, order):
+        fs.append(fs[-1] * r * (p - k))
+    return fs
 
 
 def _d_sqrt(x, order, out):
     y = torch.sqrt(x, out=out)
-    f1 = 0.5 / y if order else None
-    return y, f1, (-f1 * f1 / y if order == 2 else None)
+    return y, (_power_chain(0.5 / y, 0.5, x.reciprocal(), order) if order else [])
 
 
 def _d_rsqrt(x, order, out):
     y = torch.rsqrt(x, out=out)
-    y3 = y * y * y if order else None
-    return y, (-0.5 * y3 if order else None), (0.75 * y3 * y * y if order == 2 else None)
+    if not order:
+        return y, []
+    y2 = y * y
+    return y, _power_chain(-0.5 * y2 * y, -0.5, y2, order)
 
 
 def _d_reciprocal(x, order, out):
     y = torch.reciprocal(x, out=out)
-    y2 = y * y if order else None
-    return y, (-y2 if order else None), (2 * y2 * y if order == 2 else None)
+    return y, (_power_chain(-y * y, -1.0, y, order) if order else [])
 
 
 def _d_atan(x, order, out):
+    # atan⁽ⁿ⁾ = (n-1)! cosⁿθ sin(n(θ + π/2)), θ = atan x (cos θ = 1/√(1+x²))
     y = torch.atan(x, out=out)
-    f1 = (1 + x * x).reciprocal() if order else None
-    return y, f1, (-2 * x * f1 * f1 if order == 2 else None)
+    if not order:
+        return y, []
+    f1 = (1 + x * x).reciprocal()
+    fs = [f1, -2 * x * f1 * f1][:order]
+    if order > 2:
+        c = f1.sqrt()
+        fs += [math.factorial(n - 1) * c**n * torch.sin(n * (y + math.pi / 2)) for n in range(3, order + 1)]
+    return y, fs
+
+
+def _hermite(x: Tensor, count: int, scale: float) -> list:
+    """``He_m(x/…)``-style polynomials ``H₀ … H_{count-1}`` with ``H_{m+1} = s(x H_m - m H_{m-1})``:
+    physicists' Hermite for ``s = 2``, probabilists' for ``s = 1``."""
+    hs = [torch.ones_like(x)]
+    if count > 1:
+        hs.append(scale * x)
+    for m in range(1, count - 1):
+        hs.append(scale * (x * hs[m] - m * hs[m - 1]))
+    return hs
 
 
 def _d_erf(x, order, out):
+    # erf⁽ⁿ⁾ = 2/√π (-1)ⁿ⁻¹ Hₙ₋₁(x) e^{-x²}
     y = torch.erf(x, out=out)
-    f1 = (2 / math.sqrt(math.pi)) * torch.exp(-x * x) if order else None
-    return y, f1, (-2 * x * f1 if order == 2 else None)
+    if not order:
+        return y, []
+    e = (2 / math.sqrt(math.pi)) * torch.exp(-x * x)
+    return y, [e if n == 1 else (-1) ** (n - 1) * h * e for n, h in enumerate(_hermite(x, order, 2.0), 1)]
 
 
 def _d_pow(x, order, out, p):
     # pow's own derivative convention: exponent 0 has derivative 0 everywhere
     y = torch.pow(x, p, out=out)
-    if order == 0:
-        return y, None, None
-    if isinstance(p, Tensor):
-        f1 = torch.where(p == 0, 0.0, p * torch.pow(x, p - 1))
-        f2 = torch.where((p == 0) | (p == 1), 0.0, p * (p - 1) * torch.pow(x, p - 2))
-        return y, f1, (f2 if order == 2 else None)
-    f1 = torch.zeros_like(x) if p == 0 else p * torch.pow(x, p - 1)
-    f2 = None if p in (0, 1) else p * (p - 1) * torch.pow(x, p - 2)
-    return y, f1, (f2 if order == 2 else None)
+    fs, ff = [], 1.0
+    for k in range(1, order + 1):
+        ff = ff * (p - (k - 1))  # p (p-1) … (p-k+1)
+        if isinstance(p, Tensor):
+            fs.append(torch.where(ff == 0, 0.0, ff * torch.pow(x, p - k)))
+        else:
+            fs.append(None if ff == 0 else ff * torch.pow(x, p - k))
+    return y, fs
 
 
 def _d_pow_base(x, order, out, base):
-    # base ** x for a constant base
+    # base ** x for a constant base: derivatives y lnᵏ(base)
     y = torch.pow(base, x, out=out) if out is not None else torch.pow(base, x)
-    if order == 0:
-        return y, None, None
     ln = math.log(base) if not isinstance(base, Tensor) else torch.log(base)
-    f1 = y * ln
-    return y, f1, (f1 * ln if order == 2 else None)
+    return y, [y * ln**k for k in range(1, order + 1)]
+
+
+def _sigmoid_derivs(s: Tensor, order: int) -> list:
+    """``σ, σ′, …, σ⁽ᵒʳᵈᵉʳ⁾`` as functions of ``s = σ(x)``."""
+    return [s, *_ode_derivs(s, order, _SIGMOID)]
 
 
 def _d_softplus(x, order, out, beta=1.0, threshold=20.0):
     y = torch.nn.functional.softplus(x, beta, threshold)
-    if order == 0:
-        return y, None, None
+    if not order:
+        return y, []
     linear = x * beta > threshold
-    s = torch.sigmoid(x * beta)
-    f1 = torch.where(linear, 1.0, s).to(x.dtype)
-    f2 = torch.where(linear, 0.0, beta * s * (1 - s)).to(x.dtype) if order == 2 else None
-    return y, f1, f2
+    sig = _sigmoid_derivs(torch.sigmoid(x * beta), order - 1)
+    fs = [torch.where(linear, 1.0, sig[0]).to(x.dtype)]
+    fs += [torch.where(linear, 0.0, beta ** (n - 1) * sig[n - 1]).to(x.dtype) for n in range(2, order + 1)]
+    return y, fs
 
 
 def _d_silu(x, order, out):
-    s = torch.sigmoid(x)
-    y = torch.mul(x, s, out=out)
-    if order == 0:
-        return y, None, None
-    f1 = s * (1 + x * (1 - s))
-    f2 = s * (1 - s) * (2 + x * (1 - 2 * s)) if order == 2 else None
-    return y, f1, f2
+    # silu⁽ⁿ⁾ = x σ⁽ⁿ⁾ + n σ⁽ⁿ⁻¹⁾
+    sig = _sigmoid_derivs(torch.sigmoid(x), order)
+    y = torch.mul(x, sig[0], out=out)
+    return y, [x * sig[n] + n * sig[n - 1] for n in range(1, order + 1)]
 
 
 _SQRT1_2PI = 1 / math.sqrt(2 * math.pi)
@@ -194,30 +250,30 @@ _TANH_C = 0.044715
 
 def _d_gelu(x, order, out, approximate="none"):
     y = torch.nn.functional.gelu(x, approximate=approximate)
-    if order == 0:
-        return y, None, None
+    if not order:
+        return y, []
     if approximate == "tanh":
-        u1 = _TANH_K * (1 + 3 * _TANH_C * x * x)
+        # ½ x (1 + tanh u), u = k (x + c x³): tanh's derivatives composed with u's
         t = torch.tanh(_TANH_K * (x + _TANH_C * x * x * x))
-        sech2 = 1 - t * t
-        f1 = 0.5 * (1 + t) + 0.5 * x * sech2 * u1
-        f2 = sech2 * (u1 + 0.5 * x * (6 * _TANH_K * _TANH_C * x - 2 * t * u1 * u1)) if order == 2 else None
-        return y, f1, f2
-    cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2))))
+        du = [_TANH_K * (1 + 3 * _TANH_C * x * x), 6 * _TANH_K * _TANH_C * x, torch.full_like(x, 6 * _TANH_K * _TANH_C)]
+        dt = _compose(_ode_derivs(t, order, _TANH), du[:order], order)
+        return y, [0.5 * (x * dt[n - 1] + (n * (dt[n - 2] if n > 1 else 1 + t))) for n in range(1, order + 1)]
+    # x Φ(x): gelu⁽ⁿ⁾ = x φ⁽ⁿ⁻¹⁾ + n φ⁽ⁿ⁻²⁾ (Φ for n = 1), φ⁽ᵐ⁾ = (-1)ᵐ Heₘ(x) φ
     pdf = torch.exp(-0.5 * x * x) * _SQRT1_2PI
-    f1 = cdf + x * pdf
-    return y, f1, (pdf * (2 - x * x) if order == 2 else None)
+    dphi = [(-1) ** m * h * pdf for m, h in enumerate(_hermite(x, order, 1.0))]
+    cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2))))
+    return y, [x * dphi[n - 1] + n * (dphi[n - 2] if n > 1 else cdf) for n in range(1, order + 1)]
 
 
 def _d_elu(x, order, out, alpha=1.0, scale=1.0, input_scale=1.0):
     y = torch.ops.aten.elu(x, alpha, scale, input_scale)
-    if order == 0:
-        return y, None, None
+    if not order:
+        return y, []
     pos = x > 0
-    neg = scale * alpha * input_scale * torch.exp(x * input_scale)
-    f1 = torch.where(pos, scale, neg).to(x.dtype)
-    f2 = torch.where(pos, 0.0, neg * input_scale).to(x.dtype) if order == 2 else None
-    return y, f1, f2
+    neg = scale * alpha * torch.exp(x * input_scale)
+    fs = [torch.where(pos, scale, neg * input_scale).to(x.dtype)]
+    fs += [torch.where(pos, 0.0, neg * input_scale**n).to(x.dtype) for n in range(2, order + 1)]
+    return y, fs
 
 
 def _mask_derivs(value: Callable, mask: Callable) -> Callable:
@@ -225,7 +281,7 @@ def _mask_derivs(value: Callable, mask: Callable) -> Callable:
 
     def derivs(x, order, out, *params):
         y = value(x, *params)
-        return y, (mask(x, *params).to(x.dtype) if order else None), None
+        return y, ([mask(x, *params).to(x.dtype)] + [None] * (order - 1) if order else [])
 
     return derivs
 
@@ -233,12 +289,11 @@ def _mask_derivs(value: Callable, mask: Callable) -> Callable:
 def _d_leaky_relu(x, order, out, slope=0.01):
     y = torch.nn.functional.leaky_relu(x, slope)
     # built in x's dtype: torch.where on two Python numbers would round the slope to float32
-    f1 = torch.ones_like(x).masked_fill_(x <= 0, slope) if order else None
-    return y, f1, None
+    return y, ([torch.ones_like(x).masked_fill_(x <= 0, slope)] + [None] * (order - 1) if order else [])
 
 
 def _d_abs(x, order, out):
-    return torch.abs(x), (torch.sgn(x) if order else None), None
+    return torch.abs(x), ([torch.sgn(x)] + [None] * (order - 1) if order else [])
 
 
 def _clamp_mask(x, lo=None, hi=None):
@@ -282,7 +337,9 @@ _UNARY_DERIVS: dict[str, Callable] = {
     "clamp_min": _mask_derivs(lambda x, lo: torch.clamp_min(x, lo), lambda x, lo: x >= lo),
     "clamp_max": _mask_derivs(lambda x, hi: torch.clamp_max(x, hi), lambda x, hi: x <= hi),
 }
-_UNARY_RULES = {name: _unary(d) for name, d in _UNARY_DERIVS.items()}
+#: ``f′ = g(f)`` with ``g`` a polynomial (coefficients low to high): series past order 2 by the ODE
+_ODES: dict[str, tuple[float, ...]] = {"tanh": _TANH, "sigmoid": _SIGMOID, "tan": _TAN, "exp": (0.0, 1.0), "expm1": (1.0, 1.0)}
+_UNARY_RULES = {name: _unary(d, _ODES.get(name)) for name, d in _UNARY_DERIVS.items()}
 
 
 _POWER = _unary(_d_pow)  # x ** p, p constant

@@ -1,10 +1,11 @@
 """Jets and the arithmetic on stacked rows that every rule shares.
 
 A :class:`Jet` is an op's result with its Taylor rows stacked along a leading axis:
-the value (one row), ``k1`` first-order rows (one per input direction) and ``k2``
-second-order rows (Hessian entries, or one collapsed Laplacian row); :class:`Layout`
-says which of the three a node carries. :class:`_Call` is what a rule gets to make new
-jets; :class:`Rule` is one entry of the rule table (:mod:`.table`). Also here: the
+the value (one row), then the rows of each order ``1 … K`` (one per direction for a
+series; for order 2 also Hessian entries, or one collapsed Laplacian row); :class:`Layout`
+says which orders a node carries. :class:`_Call` is what a rule gets to make new jets
+(and how rows of two factors multiply); :class:`Rule` is one entry of the rule table
+(:mod:`.table`). Also here: the
 broadcasting helpers and bilinear maps on stacked rows used by the rule families.
 
 Imports: torch only.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,42 +32,84 @@ class Unsupported(Exception):
 # --------------------------------------------------------------------------- jets
 
 
-class Layout(NamedTuple):
-    """Which row blocks a jet holds: value (1 row), first order (k1 rows), second order (k2 rows)."""
+class Layout(tuple):
+    """Which row blocks a jet holds, by order: ``lay[0]`` the value (1 row), ``lay[k]`` the
+    order-``k`` Taylor rows (``counts[k]`` of them, see :class:`_Call`).
 
+    ``Layout(False, True)`` is a Jacobian's last layer, ``Layout(False, False, True)`` a
+    Laplacian's; orders past the last one present hold no rows, so those two equal
+    ``Layout(False, True, False)`` and ``Layout(False, False, True, False)``.
+    """
+
+    # plain attributes, set once: rules read them for every op of every chunk
     value: bool
     first: bool
     second: bool
+    #: the highest order present (-1: none)
+    top: int
 
-    def rows(self, k1: int, k2: int) -> int:
-        return int(self.value) + k1 * int(self.first) + k2 * int(self.second)
+    def __new__(cls, *flags: bool) -> Layout:
+        self = super().__new__(cls, tuple(bool(f) for f in flags))
+        self.top = max((k for k, f in enumerate(self) if f), default=-1)
+        self.value, self.first, self.second = self.has(0), self.has(1), self.has(2)
+        return self
+
+    def __repr__(self) -> str:
+        return f"Layout{tuple(self)!r}"
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, tuple):
+            return False
+        if not isinstance(other, Layout):
+            other = Layout(*other)
+        return self.top == other.top and self[: self.top + 1] == other[: other.top + 1]
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(tuple(self[: self.top + 1]))
+
+    def has(self, order: int) -> bool:
+        return order < len(self) and self[order]
+
+    def rows(self, counts: Sequence[int]) -> int:
+        return sum(c for f, c in zip(self, counts) if f)
 
 
-EMPTY = Layout(False, False, False)
+def empty_layout(order: int) -> Layout:
+    return Layout(*(False,) * (order + 1))
 
 
 class Jet:
-    """A node's value and derivative streams, stacked along axis 0 as ``[rows, *shape]``.
+    """A node's value and Taylor rows, stacked along axis 0 as ``[rows, *shape]``.
 
-    A missing second-order block means zero (the node is affine in the input);
-    missing value or first-order blocks are never read (the need analysis says so).
+    ``counts[k]`` is the number of order-``k`` rows a full jet has (``counts[0] == 1``).
+    A missing block of order ≥ 2 means zero (the node is affine in the input); missing
+    value or first-order blocks are never read (the need analysis says so).
     """
 
-    __slots__ = ("t", "lay", "k1", "k2", "onehot")
+    __slots__ = ("t", "lay", "counts", "onehot")
 
-    def __init__(self, t: Tensor, lay: Layout, k1: int, k2: int) -> None:
-        self.t, self.lay, self.k1, self.k2 = t, lay, k1, k2
+    def __init__(self, t: Tensor, lay: Layout, counts: tuple[int, ...]) -> None:
+        self.t, self.lay, self.counts = t, lay, counts
         #: first-order row r is e_onehot[r] at every point (the seed, through identity views)
         self.onehot: Tensor | None = None
 
     def span(self, order: int) -> tuple[int, int]:
-        sizes = (int(self.lay.value), self.k1 * self.lay.first, self.k2 * self.lay.second)
-        start = sum(sizes[:order])
-        return start, start + sizes[order]
+        lay, counts = self.lay, self.counts
+        start = 0
+        for o in range(min(order, len(lay))):
+            if lay[o]:
+                start += counts[o]
+        return start, start + (counts[order] if order < len(lay) and lay[order] else 0)
 
     def block(self, order: int) -> Tensor | None:
-        if not self.lay[order]:
+        lay = self.lay
+        if order >= len(lay) or not lay[order]:
             return None
+        if order == 0:
+            return self.t[:1]
         start, stop = self.span(order)
         return self.t[start:stop]
 
@@ -78,46 +120,70 @@ class Jet:
 
 @dataclass
 class _Call:
-    """What one evaluation propagates: stream counts and how second-order rows pair up."""
+    """What one evaluation propagates: rows per order and how products of rows combine.
 
-    k1: int
-    k2: int
-    pairs: tuple[Tensor, Tensor] | None  # local (i, j) per second-order row; None: collapsed
+    Three modes, one arithmetic. Blocks hold Taylor coefficients, and ``cross(a, b)`` is
+    what the rows ``a`` (order ``i ≥ 1``) and ``b`` (order ``j ≥ 1``) of two factors add
+    to the order-``i + j`` rows of their product:
+
+    - *series* (``pairs is None``, not ``collapsed``): every order has the same rows, one
+      per direction ``v``; row ``r`` of block ``k`` is ``(1/k!) dᵏ/dtᵏ f(z + t v_r)``, and
+      products are row by row (the Cauchy product of univariate series), any order;
+    - *pairs* (order 2): block 2 has one row per Hessian entry ``(i, j)`` of the
+      first-order directions, holding the derivative itself (not halved): a product adds
+      ``a_i b_j + a_j b_i``;
+    - *collapsed* (order 2): block 2 is one row, ``Σᵢ ∂²/∂vᵢ²`` (the forward Laplacian):
+      a product adds ``2 Σᵢ a_i b_i``.
+
+    :attr:`half` is the factor of ``f''`` in a unary rule's order-2 rows (``½`` for
+    normalised series coefficients, 1 for derivatives), so one chain rule serves all three.
+    """
+
+    counts: tuple[int, ...]
+    pairs: tuple[Tensor, Tensor] | None  # local (i, j) per second-order row
     batch: int
+    collapsed: bool = False
+
+    def __post_init__(self) -> None:
+        self.order = len(self.counts) - 1
+        self.series = self.pairs is None and not self.collapsed
+        self.half = 0.5 if self.series else 1.0
 
     def empty(self, lay: Layout, shape: Sequence[int], like: Tensor, dtype=None) -> Jet:
-        t = like.new_empty((lay.rows(self.k1, self.k2), *shape), dtype=dtype or like.dtype)
-        return Jet(t, lay, self.k1, self.k2)
+        t = like.new_empty((lay.rows(self.counts), *shape), dtype=dtype or like.dtype)
+        return Jet(t, lay, self.counts)
 
     def jet(self, t: Tensor, lay: Layout) -> Jet:
-        return Jet(t, lay, self.k1, self.k2)
+        return Jet(t, lay, self.counts)
 
     def square(self, d1: Tensor, out: Tensor) -> Tensor:
-        """The second-order term of a unary op before ``f''``: ``d1_i d1_j`` per pair, or ``Σ d1_k²``."""
-        if self.pairs is None:
+        """``d1 ⊗ d1`` into ``out``: ``d1_i d1_j`` per pair, ``Σ d1_k²``, or ``d1²`` row by row
+        (times :attr:`half` ``· f''`` it is a unary op's order-2 term)."""
+        if self.collapsed:
             return torch.sum(d1 * d1, 0, keepdim=True, out=out)
-        if self.k1 == 1:  # one direction, one pair (0, 0)
+        if self.pairs is None or self.counts[1] == 1:  # series, or one direction and one pair (0, 0)
             return torch.mul(d1, d1, out=out)
         i, j = self.pairs
         torch.index_select(d1, 0, i, out=out)
         return out.mul_(d1.index_select(0, j))
 
-    def cross(self, a1: Tensor, b1: Tensor, beta: Callable) -> Tensor:
-        """The second-order term of a bilinear ``β(a, b)``: ``β(a_i, b_j) + β(a_j, b_i)``, or ``2 Σ β(a_k, b_k)``."""
+    def cross(self, a: Tensor, b: Tensor, beta: Callable = None) -> Tensor:
+        """What ``β(a, b)`` of rows of order ≥ 1 adds to the product's rows of the summed order."""
+        beta = beta or _b_mul
+        if self.collapsed:
+            return 2 * beta(a, b).sum(0, keepdim=True)
         if self.pairs is None:
-            return 2 * beta(a1, b1).sum(0, keepdim=True)
+            return beta(a, b)
         i, j = self.pairs
-        return beta(a1.index_select(0, i), b1.index_select(0, j)) + beta(
-            a1.index_select(0, j), b1.index_select(0, i)
-        )
+        return beta(a.index_select(0, i), b.index_select(0, j)) + beta(a.index_select(0, j), b.index_select(0, i))
 
 
 def _take(jet: Jet, lay: Layout) -> Tensor:
-    """The rows of ``jet`` for ``lay``: a slice when adjacent, else a copy (absent second order: zeros)."""
+    """The rows of ``jet`` for ``lay``: a slice when adjacent, else a copy (absent blocks of order ≥ 2: zeros)."""
     if jet.lay == lay:
         return jet.t
-    wanted = [o for o in range(3) if lay[o]]
-    present = [o for o in range(3) if jet.lay[o]]
+    wanted = [o for o in range(len(lay)) if lay[o]]
+    present = [o for o in range(len(jet.lay)) if jet.lay[o]]
     if set(wanted) <= set(present):
         lo, hi = present.index(wanted[0]), present.index(wanted[-1])
         if present[lo : hi + 1] == wanted:
@@ -125,7 +191,7 @@ def _take(jet: Jet, lay: Layout) -> Tensor:
     parts = []
     for o in wanted:
         block = jet.block(o)
-        parts.append(block if block is not None else jet.t.new_zeros((jet.k2, *jet.shape)))
+        parts.append(block if block is not None else jet.t.new_zeros((jet.counts[o], *jet.shape)))
     return torch.cat(parts)
 
 

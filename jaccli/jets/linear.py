@@ -3,7 +3,7 @@ products mul/div/matmul/bmm/einsum-style contractions, and addmm/linear layers.
 
 Sums combine each row block separately (constants enter the value only). A product
 with one input-dependent factor is linear (one matrix product for all rows); with two
-it follows the Leibniz rule, second-order rows included.
+it is their Cauchy product (the Leibniz rule, at every order).
 
 Imports: :mod:`.jet`, :mod:`.elementwise` (reciprocal for division).
 """
@@ -33,7 +33,7 @@ from jaccli.jets.jet import (
     _shift,
     _take,
 )
-from jaccli.jets.elementwise import _UNARY_RULES
+from jaccli.jets.elementwise import _UNARY_RULES, _r_pow as _pow_one_jet
 
 
 # ---- sums of terms: each row block is combined separately (constants enter the value only)
@@ -46,10 +46,10 @@ def _blocks(cx: _Call, lay: Layout, args: Sequence, combine: Callable, like: Ten
     zero (the number 0) in the derivative blocks, as is a Jet's absent block.
     """
     results = []
-    for order in range(3):
+    for order in range(len(lay)):
         if not lay[order]:
             continue
-        rows = 1 if order == 0 else (cx.k1 if order == 1 else cx.k2)
+        rows = cx.counts[order]
         parts = []
         for a in args:
             if isinstance(a, Jet):
@@ -63,7 +63,7 @@ def _blocks(cx: _Call, lay: Layout, args: Sequence, combine: Callable, like: Ten
     for r in tensors:
         dtype = torch.promote_types(dtype, r.dtype)
     shape = torch.broadcast_shapes(*(r.shape[1:] for r in tensors)) if tensors else like.shape[1:]
-    t = like.new_empty((lay.rows(cx.k1, cx.k2), *shape), dtype=dtype)
+    t = like.new_empty((lay.rows(cx.counts), *shape), dtype=dtype)
     start = 0
     for rows, r in results:
         t[start : start + rows] = r
@@ -152,31 +152,34 @@ def _onehot_mm(cx: _Call, lay: Layout, x: Jet, w: Tensor) -> Jet:
 
 
 def _product(cx: _Call, lay: Layout, a, b, beta: Callable) -> Jet:
-    """``β(a, b)`` with its first and second derivatives for a bilinear ``β``."""
+    """``β(a, b)`` and its Taylor rows for a bilinear ``β``: the Cauchy product of the factors,
+    rows of order ≥ 1 of both combined by :meth:`~.jet._Call.cross`."""
     ja, jb = isinstance(a, Jet), isinstance(b, Jet)
     if ja and not jb and a.onehot is not None and beta is _b_mm and isinstance(b, Tensor) and b.dim() == 2:
-        if lay.first and not lay.second:  # the first layer, fed the seed directly
+        if lay.top == 1:  # the first layer, fed the seed directly
             return _onehot_mm(cx, lay, a, b)
     if not (ja and jb):
         # linear in the one input-dependent factor: every row in one call (one GEMM for mm)
         if ja:
             return cx.jet(beta(_take(a, lay), _rows1(b)), lay)
         return cx.jet(beta(_rows1(a), _take(b, lay)), lay)
-    a0, b0 = a.block(0), b.block(0)
-    parts = []
-    if lay.value:
-        parts.append(beta(a0, b0))
-    if lay.first:
-        parts.append(beta(a.block(1), b0) + beta(a0, b.block(1)))
-    if lay.second:
-        d2 = cx.cross(a.block(1), b.block(1), beta)
-        if a.block(2) is not None:
-            d2 = d2 + beta(a.block(2), b0)
-        if b.block(2) is not None:
-            d2 = d2 + beta(a0, b.block(2))
-        parts.append(d2)
-    shape = torch.broadcast_shapes(*(p.shape[1:] for p in parts))
-    parts = [p.expand(p.shape[0], *shape) for p in parts]
+    parts: list[Tensor | None] = []
+    for k in range(len(lay)):
+        if not lay[k]:
+            continue
+        term = None
+        for i in range(k + 1):
+            ai, bj = a.block(i), b.block(k - i)
+            if ai is None or bj is None:
+                continue
+            t = beta(ai, bj) if i in (0, k) else cx.cross(ai, bj, beta)
+            term = t if term is None else term + t
+        parts.append(term)
+    known = [p for p in parts if p is not None]
+    shape = torch.broadcast_shapes(*(p.shape[1:] for p in known)) if known else beta(a.block(0), b.block(0)).shape[1:]
+    like = known[0] if known else a.t
+    rows = [cx.counts[k] for k in range(len(lay)) if lay[k]]
+    parts = [like.new_zeros((r, *shape)) if p is None else p.expand(p.shape[0], *shape) for p, r in zip(parts, rows)]
     return cx.jet(torch.cat(parts) if len(parts) > 1 else parts[0], lay)
 
 
@@ -192,7 +195,7 @@ def _r_div(cx, lay, a, b, rounding_mode=None):
         raise Unsupported("div", f"rounding_mode={rounding_mode!r} has no derivative rule")
     if not isinstance(b, Jet):
         return _product(cx, lay, a, b, _b_div)
-    inner = Layout(True, lay.first or lay.second, lay.second)
+    inner = Layout(*(k <= lay.top for k in range(len(lay))))  # every order up to the top
     recip = _UNARY_RULES["reciprocal"](cx, inner, b)
     return _product(cx, lay, a, recip, _b_mul)
 
@@ -219,3 +222,15 @@ def _addmm_like(beta: Callable) -> Rule:
 
 
 _ADD = _add_rule(1.0)
+
+
+def _r_pow(cx, lay, x, p):
+    """``x ** p``; with both input-dependent, ``exp(p log x)`` (its value as torch computes it)."""
+    if not (isinstance(x, Jet) and isinstance(p, Jet)):
+        return _pow_one_jet(cx, lay, x, p)
+    full = Layout(*(k <= lay.top for k in range(len(lay))))
+    log = _UNARY_RULES["log"](cx, full, x)
+    out = _UNARY_RULES["exp"](cx, lay, _product(cx, full, p, log, _b_mul))
+    if lay.value:
+        torch.pow(x.block(0), p.block(0), out=out.block(0))
+    return out

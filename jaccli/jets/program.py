@@ -1,9 +1,13 @@
 """The compiled program: which rows each step needs, and running it on chunks of points.
 
 :class:`TaylorProgram` holds the steps; a backward *need* analysis (:meth:`~TaylorProgram.schedule`)
-keeps only the rows the requested result uses, and its methods (``jacobian``,
-``hessian``, ``laplacian``, ``divergence``, ``jvp``, ``value``) seed the input jet and
-run the steps on one chunk of points, writing into the caller's result.
+keeps only the orders the requested result uses, and its methods seed the input jet and
+run the steps on one chunk of points, writing into the caller's result:
+
+- order 1: ``jacobian``, ``divergence``, ``jvp``;
+- order 2: ``hessian`` (one row per entry ``(i, j)``), ``laplacian`` (one collapsed row);
+- any order: ``series`` (univariate Taylor coefficients along directions, for
+  ``partials``) and ``series_into`` (one coefficient written straight into a result).
 
 Imports: :mod:`.jet`, :mod:`.record`.
 """
@@ -16,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from jaccli.jets.jet import EMPTY, Jet, Layout, _Call
+from jaccli.jets.jet import Jet, Layout, _Call, empty_layout
 from jaccli.jets.record import _INPUT, _Ref, _Step, _substitute
 
 
@@ -31,7 +35,7 @@ class _Schedule:
     zero: list[bool]
 
 
-#: what each kind needs at the output: first-order rows, or second-order rows
+#: what each kind needs at the output: the orders of its rows (``series`` asks its own)
 WANT = {
     "value": frozenset({0}),
     "jacobian": frozenset({1}),
@@ -63,6 +67,7 @@ class TaylorProgram:
         """Backward need analysis: which orders each step must produce for ``want`` at the output."""
         if want in self._schedules:
             return self._schedules[want]
+        top = max(want, default=0)
         n = len(self.steps)
         need: list[set[int]] = [set() for _ in range(n)]
         live = [False] * n
@@ -88,12 +93,13 @@ class TaylorProgram:
         layouts = []
         for i, s in enumerate(self.steps):
             if s.kind in ("jet", _INPUT):
-                layouts.append(Layout(0 in need[i], 1 in need[i], 2 in need[i] and not s.affine))
+                # an affine node has no rows of order ≥ 2 (they are zero)
+                layouts.append(Layout(*(k in need[i] and (k < 2 or not s.affine) for k in range(top + 1))))
             else:
-                layouts.append(EMPTY)
+                layouts.append(empty_layout(top))
         # a jet with no rows is zero (or unused): its step need not run
         for i, s in enumerate(self.steps):
-            if s.kind in ("jet", _INPUT) and layouts[i] == EMPTY:
+            if s.kind in ("jet", _INPUT) and not any(layouts[i]):
                 live[i] = False
         last: dict[int, int] = {}
         zero = [False] * n
@@ -125,7 +131,7 @@ class TaylorProgram:
             if not sched.live[i]:
                 continue
             lay = sched.layouts[i]
-            rows = lay.rows(k1, k2) if s.kind != "value" else 1
+            rows = lay.rows((1, k1, k2)) if s.kind != "value" else 1
             own = 0.0 if (s.rule is not None and s.rule.view) else rows * s.numel
             temp = 0.0
             if s.kind == "jet" and not s.linear:
@@ -150,19 +156,24 @@ class TaylorProgram:
 
     # ---- evaluation
 
-    def _run(self, z: Tensor, want: frozenset[int], tangents: Tensor | None, k2: int = 0,
-             pairs: tuple[Tensor, Tensor] | None = None, onehot: Tensor | None = None):  # fmt: skip
+    def _run(self, z: Tensor, want: frozenset[int], cx: _Call, tangents: Tensor | None,
+             onehot: Tensor | None = None):  # fmt: skip
         """Push the jet of ``z`` (first-order rows ``tangents``) through; returns the output (Jet, tensor or None).
 
         ``onehot``: the input columns when ``tangents`` are their one-hot rows.
         """
+        env = self._env(z, want, cx, tangents, onehot, [None] * len(self.steps), 0, len(self.steps))
+        out = self.output
+        return _substitute(out, env, z.shape[0]) if isinstance(out, _Ref) else out
+
+    def _env(self, z: Tensor, want: frozenset[int], cx: _Call, tangents: Tensor | None, onehot: Tensor | None,
+             env: list, start: int, stop: int) -> list:  # fmt: skip
+        """``env`` after the steps ``start`` to ``stop`` (exclusive) have run."""
         sched = self.schedule(want)
         batch = z.shape[0]
-        k1 = 0 if tangents is None else tangents.shape[0]
-        cx = _Call(k1, k2, pairs, batch)
-        env: list[Any] = [None] * len(self.steps)
         with torch.no_grad():
-            for i, s in enumerate(self.steps):
+            for i in range(start, stop):
+                s = self.steps[i]
                 if not sched.live[i]:
                     if sched.zero[i]:
                         env[i] = _zero_jet(cx, _substitute(s.shape, env, batch), z)
@@ -179,8 +190,7 @@ class TaylorProgram:
                     env[i] = s.rule.fn(cx, sched.layouts[i], *args, **kwargs)
                 for r in sched.frees[i]:
                     env[r] = None
-        out = self.output
-        return _substitute(out, env, batch) if isinstance(out, _Ref) else out
+        return env
 
     def _out_block(self, res, order: int, rows: int, z: Tensor) -> Tensor:
         """Rows of one order at the output as ``[rows, B, n_out]`` (zeros where the output does not depend on them)."""
@@ -191,21 +201,23 @@ class TaylorProgram:
 
     def value(self, z: Tensor) -> Tensor:
         """``g(z)`` through the program (the value rows only): ``[B, n_out]``."""
-        res = self._run(z, WANT["value"], None)
+        res = self._run(z, WANT["value"], _Call((1,), None, z.shape[0]), None)
         if isinstance(res, Jet):
             return res.block(0).reshape(z.shape[0], self.n_out)
         return torch.as_tensor(res).reshape(z.shape[0], self.n_out)
 
     def jvp(self, z: Tensor, tangents: Tensor) -> Tensor:
         """``J t`` for each ``t`` in ``tangents`` ``[k, B, n_in]`` -> ``[k, B, n_out]``."""
-        return self._out_block(self._run(z, WANT["jvp"], tangents), 1, tangents.shape[0], z)
+        cx = _Call((1, tangents.shape[0]), None, z.shape[0])
+        return self._out_block(self._run(z, WANT["jvp"], cx, tangents), 1, tangents.shape[0], z)
 
     def jacobian(self, z: Tensor, *, directions: int | None = None, out: Tensor | None = None) -> Tensor:
         """Per-point Jacobian ``[B, n_out, n_in]``, ``directions`` input columns per pass."""
         b = z.shape[0]
         out = z.new_empty((b, self.n_out, self.n_in), dtype=self.dtype) if out is None else out
         for cols in _chunks(self.n_in, directions):
-            res = self._run(z, WANT["jacobian"], _onehot(cols, b, self.n_in, z), onehot=cols)
+            cx = _Call((1, cols.numel()), None, b)
+            res = self._run(z, WANT["jacobian"], cx, _onehot(cols, b, self.n_in, z), onehot=cols)
             block = self._out_block(res, 1, cols.numel(), z)  # [k, B, n_out]
             if self.n_in == 1:  # a plain copy: through the permuted view it took 6x longer
                 out.view(b, self.n_out).copy_(block[0])
@@ -222,7 +234,8 @@ class TaylorProgram:
         b = z.shape[0]
         out = z.new_zeros(b, dtype=self.dtype) if out is None else out.zero_()
         for cols in _chunks(self.n_in, directions):
-            res = self._run(z, WANT["divergence"], _onehot(cols, b, self.n_in, z), onehot=cols)
+            cx = _Call((1, cols.numel()), None, b)
+            res = self._run(z, WANT["divergence"], cx, _onehot(cols, b, self.n_in, z), onehot=cols)
             block = self._out_block(res, 1, cols.numel(), z)  # [k, B, n]
             out += block.gather(2, cols.to(z.device)[:, None, None].expand(-1, b, 1)).sum(0)[:, 0]
         return out
@@ -232,7 +245,8 @@ class TaylorProgram:
         b = z.shape[0]
         out = z.new_empty((b, self.n_out), dtype=self.dtype) if out is None else out
         for k, cols in enumerate(_chunks(self.n_in, directions)):
-            res = self._run(z, WANT["laplacian"], _onehot(cols, b, self.n_in, z), k2=1, onehot=cols)
+            cx = _Call((1, cols.numel(), 1), None, b, collapsed=True)
+            res = self._run(z, WANT["laplacian"], cx, _onehot(cols, b, self.n_in, z), onehot=cols)
             block = self._out_block(res, 2, 1, z)
             if k == 0:  # the first pass writes, later ones add
                 out.copy_(block[0])
@@ -251,7 +265,8 @@ class TaylorProgram:
             i, j = pairs[:, start : start + step]
             cols, inverse = torch.unique(torch.cat([i, j]), return_inverse=True)
             local = (inverse[: i.numel()], inverse[i.numel() :])
-            res = self._run(z, WANT["hessian"], _onehot(cols, b, n, z), k2=i.numel(), pairs=local, onehot=cols)
+            cx = _Call((1, cols.numel(), i.numel()), local, b)
+            res = self._run(z, WANT["hessian"], cx, _onehot(cols, b, n, z), onehot=cols)
             block = self._out_block(res, 2, i.numel(), z)  # [P, B, n_out]
             if n == 1:
                 out.view(b, self.n_out).copy_(block[0])
@@ -262,11 +277,84 @@ class TaylorProgram:
         return out
 
 
+    # ---- univariate series, any order (partials)
+
+    def series(self, z: Tensor, tangents: Tensor, order: int, keep: frozenset[int] | None = None) -> list:
+        """Taylor coefficients ``[g(z), c₁, …, c_order]`` of ``t ↦ g(z + t v)`` for each of the
+        ``m`` directions ``v`` in ``tangents`` ``[m, B, n_in]``: entry ``k`` is ``[m, B, n_out]``
+        (``[B, n_out]`` for the value), None where zero or not asked for. With ``keep``,
+        only those coefficients are computed (and the rows each step needs for them)."""
+        want = frozenset(range(order + 1)) if keep is None else frozenset(keep)
+        m, b = tangents.shape[0], z.shape[0]
+        cx = _Call((1, *(m,) * order), None, b)
+        res = self._run(z, want, cx, tangents)
+        out: list = []
+        for k in range(order + 1):
+            if k not in want:
+                out.append(None)
+            elif isinstance(res, Jet) and res.block(k) is not None:
+                c = res.block(k)
+                out.append(c[0].reshape(b, self.n_out) if k == 0 else c.reshape(m, b, self.n_out))
+            elif k == 0:
+                out.append(torch.as_tensor(res, dtype=self.dtype, device=z.device).reshape(b, self.n_out))
+            else:
+                out.append(None)
+        return out
+
+    def series_into(self, z: Tensor, v: Tensor, order: int, out: Tensor, factor: float) -> None:
+        """``factor`` times coefficient ``order`` of ``t ↦ g(z + t v)`` (``v`` ``[B, n_in]``) written
+        into ``out`` ``[B, n_out]``. Where the output is a product with a constant matrix (a last
+        linear layer, perhaps reshaped), the factor scales its narrow input and the product lands
+        in ``out`` itself: no pass over the wide result but the one that writes it."""
+        want = frozenset({order})
+        cx = _Call((1, *(1,) * order), None, z.shape[0])
+        tangents = v[None]
+        last = self._last_product()
+        n = len(self.steps)
+        env = self._env(z, want, cx, tangents, None, [None] * n, 0, n if last is None else last)
+        if last is not None:
+            s = self.steps[last]
+            args = _substitute(s.args, env, z.shape[0])
+            a, w = (args[1], args[2]) if s.name == "addmm" else (args[0], args[1])
+            c = a.block(order) if isinstance(a, Jet) else None
+            if c is not None and isinstance(w, Tensor) and out.is_contiguous() and c.shape[1] * w.shape[-1] == out.numel():
+                with torch.no_grad():
+                    torch.mm(c[0] * (factor * s.kwargs.get("alpha", 1)), w, out=out.view(c.shape[1], w.shape[-1]))
+                return
+            env = self._env(z, want, cx, tangents, None, env, last, n)  # the rest, as usual
+        res = _substitute(self.output, env, z.shape[0]) if isinstance(self.output, _Ref) else self.output
+        c = res.block(order) if isinstance(res, Jet) else None
+        with torch.no_grad():
+            if c is None:
+                out.zero_()
+            else:
+                torch.mul(c.reshape(out.shape), factor, out=out)
+
+    def _last_product(self) -> int | None:
+        """The step of ``x @ W`` (``mm``, or ``addmm`` whose bias only the value gets) the
+        output is, through reshapes: its coefficients ≥ 1 are ``x_k @ W``."""
+        i = self.output.index if isinstance(self.output, _Ref) else None
+        while i is not None and self.steps[i].name in _RESHAPES and self.steps[i].kind == "jet":
+            ref = self.steps[i].args[0]
+            i = ref.index if isinstance(ref, _Ref) else None
+        if i is None or self.steps[i].kind != "jet" or self.steps[i].name not in ("mm", "addmm"):
+            return None
+        s = self.steps[i]
+        operands = s.args[1:3] if s.name == "addmm" else s.args[:2]
+        if not isinstance(operands[0], _Ref) or isinstance(operands[1], _Ref) or len(s.jet_refs) != 1:
+            return None  # the product must be linear in its left operand, the right a constant
+        return i
+
+
+#: ops that only reshape one jet (walked through to find the output's last product)
+_RESHAPES = frozenset({"view", "_unsafe_view", "reshape", "alias", "clone", "squeeze", "unsqueeze"})
+
+
 def _zero_jet(cx: _Call, shape, like: Tensor):
     """A jet with no rows: zero wherever it is read (a list of them for several results)."""
     if isinstance(shape, list):
         return [_zero_jet(cx, s, like) for s in shape]
-    return Jet(like.new_zeros(()).expand(0, *shape), EMPTY, cx.k1, cx.k2)
+    return Jet(like.new_zeros(()).expand(0, *shape), empty_layout(cx.order), cx.counts)
 
 
 def _seed(cx: _Call, lay: Layout, z: Tensor, tangents: Tensor | None, onehot: Tensor | None) -> Jet:

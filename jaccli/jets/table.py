@@ -1,6 +1,8 @@
 """The rule table: ATen op name → :class:`~.jet.Rule`, and the ops that carry values only.
 
-One rule per op (the design of ``jax.experimental.jet``): a recorded op with neither a
+One rule per op for every order (the design of ``jax.experimental.jet``'s ``jet_rules``
+and torch-jet's ``MAPPING``): a rule reads the orders to produce from its layout, and
+serves Jacobians, Hessians, Laplacians and series alike. A recorded op with neither a
 rule nor a place in :data:`VALUE_OPS` makes the program :class:`~.jet.Unsupported`
 and the engine falls back to torch.func, naming the op (``--verbose``).
 
@@ -38,8 +40,8 @@ from jaccli.jets.shape import (
     _rowwise,
     _split_rule,
 )
-from jaccli.jets.linear import _ADD, _add_rule, _addmm_like, _bilinear, _r_cat, _r_div, _r_stack, _r_where
-from jaccli.jets.elementwise import _UNARY_RULES, _nonlinear, _r_clamp_tensor, _r_pow
+from jaccli.jets.linear import _ADD, _add_rule, _addmm_like, _bilinear, _r_cat, _r_div, _r_pow, _r_stack, _r_where
+from jaccli.jets.elementwise import _UNARY_RULES, _nonlinear, _r_clamp_tensor
 from jaccli.jets.spatial import SPATIAL_RULES
 
 

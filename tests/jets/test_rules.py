@@ -1,8 +1,14 @@
-"""Every Taylor rule against torch.func in float64, one case per supported op."""
+"""Every Taylor rule against torch.func in float64, one case per supported op.
+
+A new rule is one entry in :data:`jaccli.jets.RULES` and one row in :data:`OP_CASES`:
+each case is checked as a Jacobian, Hessian (pairs), Laplacian (collapsed) and
+divergence, and as univariate series of orders 1 to 4 along several directions at once.
+"""
 
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import pytest
@@ -221,6 +227,109 @@ def test_each_op_matches_torch_func_in_float64(name):
     assert_rel(program.laplacian(x, directions=2), want_l)
     if square(f, x):
         assert_rel(program.divergence(x, directions=2), torch_func("divergence", f, x, per_sample=True))
+
+
+def _layer_norm_twin(x):
+    y = x * x
+    d = y - y.mean(1, keepdim=True)
+    return d / torch.sqrt((d * d).mean(1, keepdim=True) + 1e-5) * c + C[0]
+
+
+def _batch_norm_eval_twin(x):
+    mean, var = RUNNING
+    return (torch.tanh(x) - mean) / torch.sqrt(var + 1e-5) * c + C[1]
+
+
+#: a case's function written without the fused kernel whose derivatives PyTorch gets wrong
+#: (``planner.FORWARD_OVER_FORWARD_WRONG``: forward over forward at order 2, and autograd
+#: itself past order 2): the reference at orders 3 and 4
+_TWINS = {"layer-norm": _layer_norm_twin, "batch-norm-eval": _batch_norm_eval_twin}
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _directional(f, x: torch.Tensor, v: torch.Tensor, k: int, reverse: bool = False) -> torch.Tensor:
+    """``dᵏ/dtᵏ f(x + t v)`` at 0 per point, by ``k`` nested ``torch.func.jvp`` (or, ``reverse``,
+    ``torch.func.jacrev`` in ``t``)."""
+    if not reverse:
+        h = f
+        for _ in range(k):
+            h = (lambda g: lambda z: torch.func.jvp(g, (z,), (v,))[1])(h)
+        with torch.no_grad():
+            return h(x)
+
+    def h(t, z, d):
+        return f((z + t * d)[None])[0]
+
+    for _ in range(k):
+        h = torch.func.jacrev(h)
+    return torch.func.vmap(h, in_dims=(None, 0, 0))(torch.zeros((), dtype=x.dtype), x, v)
+
+
+def _reference(name: str, x: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The order-``k`` reference of a case: nested forward mode; nested reverse mode where
+    PyTorch has no (or a wrong) forward-over-forward formula; past order 2 through such a
+    kernel, the case's twin (None without one: autograd is wrong there too)."""
+    f = OP_CASES[name][0]
+    with _Ops() as ops:
+        f(x)
+    if ops.names & planner.FORWARD_OVER_FORWARD_WRONG:
+        if k <= 2:
+            return _directional(f, x, v, k, reverse=True)
+        return None if name not in _TWINS else _directional(_TWINS[name], x, v, k)
+    try:
+        return _directional(f, x, v, k)
+    except NotImplementedError:  # no forward-mode formula of some backward (silu, mish): reverse
+        return _directional(f, x, v, k, reverse=True)
+
+
+@pytest.mark.parametrize("name", list(OP_CASES))
+def test_each_op_matches_nested_torch_func_at_orders_one_to_four(name):
+    warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+    f = OP_CASES[name][0]
+    program = _program(name)
+    x = points()
+    v = torch.randn(2, *x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(5))  # two directions
+    got = program.series(x, v, 4)
+    with torch.no_grad():
+        assert_rel(got[0], f(x))
+        if name in _TWINS:
+            assert_rel(_TWINS[name](x), f(x))
+    for k in range(1, 5):
+        for i in range(2):
+            want = _reference(name, x, v[i], k)
+            if want is None:
+                continue
+            want = want.reshape(x.shape[0], -1)
+            assert_rel(torch.zeros_like(want) if got[k] is None else got[k][i] * math.factorial(k), want)
+
+
+def test_composite_ops_reach_the_recorder_as_ops_with_rules():
+    """narrow, flatten, unflatten, movedim, contiguous and matmul (entries of the old series
+    table) are CompositeImplicitAutograd: the recorder only ever sees their decompositions,
+    so the one table needs no rule for them."""
+    from jaccli.jets.record import _trace
+
+    def g(x):
+        a = torch.ops.aten.narrow(x, 1, 0, 2)
+        b = x.flatten(0).unflatten(0, (x.shape[0], 3))
+        return torch.matmul(a, C[:2]) + torch.movedim(b[:, None], 1, 2).contiguous()[:, :, 0]
+
+    recs, _, _ = _trace(g, points())
+    names = {r[0].overloadpacket.__name__ for r in recs[1:]}
+    assert not names & {"narrow", "flatten", "unflatten", "movedim", "contiguous", "matmul"}
+    assert names <= set(taylor.RULES) | taylor.VALUE_OPS
+    x = points()
+    program = taylor.build(g, x, orders=3)
+    assert_rel(program.jacobian(x), torch_func("jacobian", g, x, per_sample=True))
 
 
 def test_hardsigmoid_has_its_exact_slope():

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import jacfwd, jacrev, vmap
 
@@ -37,6 +38,15 @@ def nested(f, x: torch.Tensor, orders: tuple[int, ...], jac=jacfwd) -> torch.Ten
         t = vmap(g)(x)  # [N, n_out, n_in, ..., n_in]
     index = [i for i, o in enumerate(orders) for _ in range(o)]
     return t[(slice(None), slice(None), *index)]
+
+
+def along(f, z: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor:
+    """``dᵏ/dtᵏ f(z + t v)`` at 0 by nested torch.func.jvp."""
+    h = f
+    for _ in range(k):
+        h = (lambda g: lambda zz: torch.func.jvp(g, (zz,), (v,))[1])(h)
+    with torch.no_grad():
+        return h(z)
 
 
 def both_engines(fn):
@@ -101,12 +111,33 @@ def test_mlp_terms_match_nested_torch_func(act):
         assert_rel(got[name], nested(net, x, orders, jac))
 
 
-def test_ops_without_a_series_rule_fall_back_to_torch_func():
-    f = lambda p: torch.atan(p) * p  # noqa: E731  (atan has no series rule)
+def test_ops_without_a_rule_fall_back_to_torch_func():
+    f = lambda p: torch.lgamma(p + 1) * p  # noqa: E731  (lgamma has no rule)
     x = torch.rand(5, 1, dtype=torch.float64)
     got = jaccli.partials(f, x, ["u_xxx"], per_sample=True)
-    assert got.engine == "torch.func" and "atan" in got.engine_note
+    assert got.engine == "torch.func" and "lgamma" in got.engine_note
     assert_rel(got["u_xxx"], nested(f, x, (3,)))
+
+
+def test_a_cnn_takes_the_series_as_its_hessian_takes_the_fast_path():
+    """One rule table: convolution, padding, max pooling, amax, elu, tan, atan (once rules
+    of the order-2 engine only) run partials on the Taylor program too."""
+    torch.manual_seed(3)
+    conv = nn.Conv1d(1, 3, 3, padding=1).double()
+
+    def f(p):  # [B, 2] -> [B, 4]
+        h = torch.atan(p) * torch.tan(p / 2)
+        h = F.pad(torch.cat([h, h * h], 1)[:, None], (1, 1), mode="reflect")
+        h = F.max_pool1d(F.elu(conv(h) - 0.5), 2)
+        return torch.cat([h.flatten(1)[:, :3], h.amax((1, 2))[:, None]], 1) * torch.sin(p.sum(1, keepdim=True))
+
+    x = torch.rand(4, 2, dtype=torch.float64) + 0.2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jaccli.JaccliWarning)  # max pooling's kinks
+        got = jaccli.partials(f, x, ["u_aab", "u_bbbb"], inputs="a,b", per_sample=True)
+    assert got.engine == "taylor", got.engine_note
+    assert_rel(got["u_aab"], nested(f, x, (2, 1)))
+    assert_rel(got["u_bbbb"], nested(f, x, (0, 4)))
 
 
 @pytest.mark.parametrize("fmt", ["pt", "pt2"])
@@ -194,19 +225,24 @@ class _Branchy(nn.Module):
 
 @pytest.mark.parametrize("model", [lambda: tanh_mlp((2, 8, 8, 5)), _Branchy], ids=["mlp", "branchy"])
 def test_series_computes_only_the_coefficients_asked_for(model):
-    from jaccli.jets import series as jets
+    from jaccli import jets
 
     net = model().double()
     z = torch.randn(6, 2, dtype=torch.float64)
-    v = torch.randn(6, 2, dtype=torch.float64)
-    program = jets.build(net, z[:1], 4)
-    full = program.run(z, v, 4)
+    v = torch.randn(2, 6, 2, dtype=torch.float64)  # two directions per point
+    program = jets.build(net, z[:1], orders=4)
+    full = program.series(z, v, 4)
+    for k in range(1, 5):  # each direction's coefficient is that of its own series
+        for i in range(2):
+            assert_rel(full[k][i], along(net, z, v[i], k) / math.factorial(k))
     for keep in ({4}, {2, 4}, {0, 3}):
-        got = program.run(z, v, 4, frozenset(keep))
+        got = program.series(z, v, 4, frozenset(keep))
+        assert all(got[k] is None for k in range(5) if k not in keep)
         for k in keep:
             assert_rel(got[k], full[k])
-    if model is not _Branchy:  # the last layer is linear in one series: nothing else is computed
-        assert program.run(z, v, 4, frozenset({4}))[:4] == [None] * 4
+    if model is not _Branchy:  # the last layer is linear in one series: only the 4th coefficient reaches it
+        last = program.schedule(frozenset({4})).layouts[program.output.index]
+        assert tuple(last) == (False, False, False, False, True)
 
 
 @both_engines
@@ -240,21 +276,22 @@ def test_layer_norm_models_refuse_partials_past_second_order_instead_of_wrong_nu
 
 
 def test_a_single_series_written_into_the_result_equals_the_coefficient():
-    """run_into: the last layer's product lands in the result (contiguous rows), or the
+    """series_into: the last layer's product lands in the result (contiguous rows), or the
     program finishes as usual and the coefficient is scaled into it (any other layout)."""
-    from jaccli.jets import series as jets
+    from jaccli import jets
     from jaccli.load.models import build_mlp
 
     torch.manual_seed(0)
     net = build_mlp([1, 8, 8, 3], "tanh").double().eval()
     x = torch.rand(5, 1, dtype=torch.float64)
     v = torch.ones_like(x)
-    program = jets.build(net, x, 4)
+    program = jets.build(net, x, orders=4)
     assert program._last_product() is not None
-    want = program.run(x, v, 4)[4] * 24
+    want = program.series(x, v[None], 4)[4][0] * 24
+    assert_rel(want, nested(net, x, (4,)))
     direct = torch.empty(5, 3, dtype=torch.float64)
-    program.run_into(x, v, 4, direct, 24.0)
+    program.series_into(x, v, 4, direct, 24.0)
     strided = torch.empty(3, 5, dtype=torch.float64).t()
-    program.run_into(x, v, 4, strided, 24.0)
+    program.series_into(x, v, 4, strided, 24.0)
     assert_rel(direct, want)
     assert_rel(strided, want)

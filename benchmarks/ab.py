@@ -1,0 +1,142 @@
+"""This checkout against another one (a base), interleaved in ONE process: gross regressions only.
+
+    git -C . archive layout | tar -x -C /tmp/base      # or any checkout of the base
+    python benchmarks/ab.py --base /tmp/base [--points N] [--repeats R] [--json FILE]
+
+Both versions of the ``jaccli`` package are imported into this process (each under its
+own set of ``sys.modules`` entries, swapped in around every call), and each job runs
+base, new, base, new, … after one warm-up each, so that a drift of a shared machine hits
+both sides of a ratio alike. Reported: the median seconds of each side and new / base.
+The jobs are those of ``benchmarks/bench.py`` and ``benchmarks/partials.py`` at reduced
+sizes: the seed PINN's Jacobian, Hessian and ``u_xxxx`` (TorchScript), a Laplacian, a
+divergence and a mixed partial of MLPs, and a mixed partial of a small CNN. A ratio near 1 says nothing on a noisy machine;
+one far above it is a regression worth a real benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ours() -> dict:
+    return {k: v for k, v in sys.modules.items() if k == "jaccli" or k.startswith("jaccli.")}
+
+
+def load(root: Path) -> SimpleNamespace:
+    """The public functions of the ``jaccli`` under ``root``, and its modules."""
+    for k in list(_ours()):
+        del sys.modules[k]
+    sys.path.insert(0, str(root))
+    try:
+        import jaccli
+        import jaccli.engine.partials  # noqa: F401
+        import jaccli.io.stream  # noqa: F401
+        import jaccli.load.models  # noqa: F401
+
+        api = SimpleNamespace(**{n: getattr(jaccli, n) for n in ("jacobian", "hessian", "laplacian", "divergence", "partials", "load_model")})
+    finally:
+        sys.path.remove(str(root))
+    api.modules = _ours()
+    return api
+
+
+def call(api: SimpleNamespace, fn):
+    for k in list(_ours()):
+        del sys.modules[k]
+    sys.modules.update(api.modules)
+    return fn(api)
+
+
+def race(sides: dict, job, repeats: int) -> dict[str, float]:
+    """Median seconds of ``job(api)`` for each side, interleaved after one warm-up each."""
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for k, api in sides.items():
+        call(api, job)
+    for _ in range(repeats):
+        for k, api in sides.items():
+            start = time.perf_counter()
+            call(api, job)
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def mlp(sizes, seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers[:-1]).eval()
+
+
+class SmallCNN(torch.nn.Module):
+    """2 inputs → 16 → a Conv1d(1→4) with tanh and max pooling → 1: partials of a CNN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.a, self.conv, self.b = torch.nn.Linear(2, 16), torch.nn.Conv1d(1, 4, 3, padding=1), torch.nn.Linear(32, 1)
+
+    def forward(self, p):
+        h = torch.tanh(self.conv(torch.tanh(self.a(p))[:, None]))
+        return self.b(torch.nn.functional.max_pool1d(h, 2).flatten(1))
+
+
+def jobs(n: int) -> dict:
+    x1 = torch.linspace(0, 1, n)[:, None]
+    lap_net, lap_x = mlp((100, 256, 256, 256, 1), 1), torch.randn(max(n // 10, 8), 100)
+    div_net, div_x = mlp((16, 256, 256, 16), 2), torch.randn(n, 16)
+    mix_net, mix_x = mlp((2, 64, 64, 1), 3).double(), torch.rand(n, 2, dtype=torch.float64)
+    cnn = SmallCNN().double().eval()
+    pinn = ROOT / "examples/models/pinn.pt"
+
+    def model(api):
+        return api.load_model(pinn)
+
+    return {
+        "pinn jacobian": lambda api: api.jacobian(model(api), x1, per_sample=True),
+        "pinn hessian": lambda api: api.hessian(model(api), x1, per_sample=True),
+        "pinn u_xxxx": lambda api: api.partials(model(api), x1, ["u_xxxx"], inputs=["x"], outputs=["u"], per_sample=True),
+        "laplacian 100-256³-1": lambda api: api.laplacian(lap_net, lap_x, per_sample=True),
+        "divergence 16-256²-16": lambda api: api.divergence(div_net, div_x, per_sample=True),
+        "u_txx, u_tt 2-64²-1": lambda api: api.partials(mix_net, mix_x, ["u_txx", "u_tt"], inputs="t,x", per_sample=True),
+        "u_txx CNN (conv, pool)": lambda api: api.partials(cnn, mix_x[: max(n // 10, 8)], ["u_txx"], inputs="t,x", per_sample=True),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", type=Path, required=True, help="a checkout of the base (its jaccli/ package)")
+    ap.add_argument("--points", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    warnings.simplefilter("ignore")
+    sides = {"base": load(args.base.resolve()), "new": load(ROOT)}
+    rows = {}
+    for name, job in jobs(args.points).items():
+        a, b = (call(api, job) for api in sides.values())
+        got = [b[k] for k in b] if isinstance(b, dict) else [b]
+        want = [a[k] for k in a] if isinstance(a, dict) else [a]
+        agree = all(torch.allclose(g.double(), w.double(), rtol=1e-4, atol=1e-6 * float(w.abs().max())) for g, w in zip(got, want))
+        m = race(sides, job, args.repeats)
+        rows[name] = {**m, "ratio": m["new"] / m["base"], "agree": agree}
+        print(f"{name:24s} base {m['base'] * 1e3:8.1f} ms  new {m['new'] * 1e3:8.1f} ms  new/base {m['new'] / m['base']:.2f}"
+              f"{'' if agree else '  RESULTS DIFFER'}", flush=True)  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
