@@ -17,6 +17,7 @@ Imports: :mod:`jaccli.engine` (request normalisation, memory budget), :mod:`jacc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from jaccli.engine import planner
+from jaccli.engine.execute import _empty_result
 from jaccli.engine.problem import Problem, check_inputs, model_failed, probe_rows
 from jaccli.engine.results import NONSMOOTH_OPS
 from jaccli.errors import JaccliWarning, ModelError, NumericalError, UsageError
@@ -260,7 +262,11 @@ def partials(
     with_value = any(t.order == 0 for t in request.terms)
     single = _single_series(request, p.n_in, program)
     # chunks go straight into their rows of the results: no concatenation at the end
-    flat = {t.name: torch.empty((p.n, p.n_out), dtype=p.dtype, device=p.device) for t in request.terms}
+    flat = {t.name: _empty_result((p.n, p.n_out), p.dtype, p.device) for t in request.terms}
+    # the passes reuse their buffers from chunk to chunk (see jaccli.jets.workspace)
+    pool = contextlib.ExitStack()
+    if program is not None:
+        pool.enter_context(program.workspace())
     try:
         for start in range(0, p.n, ppc):
             stop = min(start + ppc, p.n)
@@ -278,6 +284,8 @@ def partials(
                 _term_into(flat[t.name][start:stop], t, p.n_in, coeffs, value)
     except (NotImplementedError, RuntimeError) as exc:
         model_failed(p, exc, probe_rows(p))
+    finally:
+        pool.close()
     for t in request.terms:
         if len(request.outputs) == 1:
             values[t.name] = flat[t.name].reshape((*lead, *p.out_shape))

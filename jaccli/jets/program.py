@@ -9,11 +9,16 @@ run the steps on one chunk of points, writing into the caller's result:
 - any order: ``series`` (univariate Taylor coefficients along directions, for
   ``partials``) and ``series_into`` (one coefficient written straight into a result).
 
-Imports: :mod:`.jet`, :mod:`.record`.
+Passes run inside :meth:`~TaylorProgram.workspace` take their rows from buffers reused
+chunk after chunk (:mod:`.workspace`): no allocator setting is needed for speed.
+
+Imports: :mod:`.jet`, :mod:`.record`, :mod:`.workspace`.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +27,7 @@ from torch import Tensor
 
 from jaccli.jets.jet import Jet, Layout, _Call, empty_layout
 from jaccli.jets.record import _INPUT, _Ref, _Step, _substitute
+from jaccli.jets.workspace import _CURRENT, Workspace, empty_like
 
 
 @dataclass
@@ -57,6 +63,26 @@ class TaylorProgram:
     dtype: torch.dtype
     itemsize: int
     _schedules: dict = field(default_factory=dict, repr=False)
+    #: the buffers of the computation in progress (see :meth:`workspace`)
+    _pool: Workspace | None = field(default=None, repr=False)
+
+    @contextlib.contextmanager
+    def workspace(self) -> Iterator[Workspace]:
+        """Passes inside reuse their buffers chunk after chunk; they are let go on leaving.
+
+        Reentrant: an inner use shares the outer one's buffers.
+        """
+        if self._pool is not None:
+            yield self._pool
+            return
+        self._pool = Workspace()
+        token = _CURRENT.set(self._pool)
+        try:
+            yield self._pool
+        finally:
+            _CURRENT.reset(token)
+            self._pool.clear()
+            self._pool = None
 
     # ---- analysis
 
@@ -171,6 +197,7 @@ class TaylorProgram:
         """``env`` after the steps ``start`` to ``stop`` (exclusive) have run."""
         sched = self.schedule(want)
         batch = z.shape[0]
+        cx.pool = self._pool
         with torch.no_grad():
             for i in range(start, stop):
                 s = self.steps[i]
@@ -319,7 +346,8 @@ class TaylorProgram:
             c = a.block(order) if isinstance(a, Jet) else None
             if c is not None and isinstance(w, Tensor) and out.is_contiguous() and c.shape[1] * w.shape[-1] == out.numel():
                 with torch.no_grad():
-                    torch.mm(c[0] * (factor * s.kwargs.get("alpha", 1)), w, out=out.view(c.shape[1], w.shape[-1]))
+                    scaled = torch.mul(c[0], factor * s.kwargs.get("alpha", 1), out=empty_like(c[0]))
+                    torch.mm(scaled, w, out=out.view(c.shape[1], w.shape[-1]))
                 return
             env = self._env(z, want, cx, tangents, None, env, last, n)  # the rest, as usual
         res = _substitute(self.output, env, z.shape[0]) if isinstance(self.output, _Ref) else self.output
