@@ -30,6 +30,7 @@ from torch import Tensor
 
 from jaccli.engine import planner
 from jaccli.engine.execute import _empty_result
+from jaccli.engine.programs import program_for
 from jaccli.engine.problem import Problem, check_inputs, model_failed, probe_rows
 from jaccli.engine.results import NONSMOOTH_OPS
 from jaccli.errors import JaccliWarning, ModelError, NumericalError, UsageError
@@ -145,9 +146,8 @@ def _program(p: Problem, order: int) -> tuple[jets.TaylorProgram | None, str | N
     """The Taylor program, checked to ``order``, where it applies (per-sample, one input, no static batch)."""
     if not (planner.FAST_PATH and p.per_sample and len(p.args.values) == 1 and p.static_batch is None):
         return None, None
-    rows = probe_rows(p)
     try:
-        return jets.build(p.fn(rows), p.z(rows), orders=order), None
+        return program_for(p, order), None
     except Unsupported as exc:
         return None, f"Taylor series not used: {exc}"
 

@@ -21,7 +21,8 @@ import torch
 
 from jaccli import jets as taylor
 from jaccli.errors import format_bytes, ModelError, ResourceError, shape_str, UsageError
-from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_args, probe_rows
+from jaccli.engine.programs import program_for
+from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_args
 from jaccli.request.choices import ESTIMATORS, KINDS, MODES
 from jaccli.engine.strategies import STRATEGIES, auto_mode, count_directions, mode_costs
 
@@ -294,9 +295,8 @@ def _taylor_program(kind: str, p: Problem, mode: str) -> tuple[taylor.TaylorProg
     eligible = p.per_sample and resolved == "forward" and len(p.args.values) == 1
     if not (FAST_PATH and eligible and p.static_batch is None):
         return None, None
-    rows = probe_rows(p)
     try:
-        return taylor.build(p.fn(rows), p.z(rows), orders=2 if kind in ("hessian", "laplacian") else 1), None
+        return program_for(p, 2 if kind in ("hessian", "laplacian") else 1), None
     except taylor.Unsupported as exc:
         return None, f"Taylor path not used: {exc}"
 

@@ -63,6 +63,9 @@ class TaylorProgram:
     dtype: torch.dtype
     itemsize: int
     _schedules: dict = field(default_factory=dict, repr=False)
+    #: the relative tolerance :func:`~.builder.build` checked it to, and up to which order
+    tol: float = field(default=1e-4, repr=False)
+    orders: int = field(default=0, repr=False)
     #: the buffers of the computation in progress (see :meth:`workspace`)
     _pool: Workspace | None = field(default=None, repr=False)
 
