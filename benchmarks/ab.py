@@ -1,7 +1,7 @@
 """This checkout against another one (a base), interleaved in ONE process: gross regressions only.
 
     git -C . archive layout | tar -x -C /tmp/base      # or any checkout of the base
-    python benchmarks/ab.py --base /tmp/base [--points N] [--repeats R] [--json FILE]
+    python benchmarks/ab.py --base /tmp/base [--points N] [--repeats R] [--json FILE] [--both-allocators]
 
 Both versions of the ``jaccli`` package are imported into this process (each under its
 own set of ``sys.modules`` entries, swapped in around every call), and each job runs
@@ -11,13 +11,21 @@ The jobs are those of ``benchmarks/bench.py`` and ``benchmarks/partials.py`` at 
 sizes: the seed PINN's Jacobian, Hessian and ``u_xxxx`` (TorchScript), a Laplacian, a
 divergence and a mixed partial of MLPs, and a mixed partial of a small CNN. A ratio near 1 says nothing on a noisy machine;
 one far above it is a regression worth a real benchmark.
+
+The "(same model)" jobs call one model object again and again, as a user's loop does:
+they show what keeping recorded programs saves. ``--both-allocators`` runs the whole
+comparison twice, each in its own subprocess: with glibc's defaults and with the
+thresholds the CLI sets (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``), so that
+an engine change that removes the need for them shows as equal ratios in both.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -103,10 +111,18 @@ def jobs(n: int) -> dict:
     def model(api):
         return api.load_model(pinn)
 
+    kept: dict = {}
+
+    def same(api):  # one model object per side, called again and again
+        return kept.setdefault(id(api), api.load_model(pinn))
+
     return {
         "pinn jacobian": lambda api: api.jacobian(model(api), x1, per_sample=True),
         "pinn hessian": lambda api: api.hessian(model(api), x1, per_sample=True),
         "pinn u_xxxx": lambda api: api.partials(model(api), x1, ["u_xxxx"], inputs=["x"], outputs=["u"], per_sample=True),
+        "pinn jacobian (same model)": lambda api: api.jacobian(same(api), x1, per_sample=True),
+        "pinn hessian (same model)": lambda api: api.hessian(same(api), x1, per_sample=True),
+        "pinn u_xxxx (same model)": lambda api: api.partials(same(api), x1, ["u_xxxx"], inputs=["x"], outputs=["u"], per_sample=True),
         "laplacian 100-256³-1": lambda api: api.laplacian(lap_net, lap_x, per_sample=True),
         "divergence 16-256²-16": lambda api: api.divergence(div_net, div_x, per_sample=True),
         "u_txx, u_tt 2-64²-1": lambda api: api.partials(mix_net, mix_x, ["u_txx", "u_tt"], inputs="t,x", per_sample=True),
@@ -120,7 +136,11 @@ def main(argv=None) -> int:
     ap.add_argument("--points", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--both-allocators", action="store_true",
+                    help="run twice, each in a subprocess: glibc's defaults, then the CLI's thresholds")
     args = ap.parse_args(argv)
+    if args.both_allocators:
+        return _both(args)
     warnings.simplefilter("ignore")
     sides = {"base": load(args.base.resolve()), "new": load(ROOT)}
     rows = {}
@@ -135,6 +155,28 @@ def main(argv=None) -> int:
               f"{'' if agree else '  RESULTS DIFFER'}", flush=True)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+_TUNED = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+
+
+def _both(args) -> int:
+    """The comparison under each allocator setting, each in a fresh process."""
+    base = [sys.executable, __file__, "--base", str(args.base), "--points", str(args.points), "--repeats", str(args.repeats)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    results = {}
+    for label, extra in (("glibc defaults", {}), ("CLI thresholds", _TUNED)):
+        print(f"== {label}", flush=True)
+        out = Path(f"{args.json}.{label.split()[0]}.json") if args.json else None
+        cmd = base + (["--json", str(out)] if out else [])
+        rc = subprocess.call(cmd, env={**env, **extra})
+        if rc:
+            return rc
+        if out:
+            results[label] = json.loads(out.read_text())
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 
