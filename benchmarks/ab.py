@@ -1,7 +1,7 @@
 """This checkout against another one (a base), interleaved in ONE process: gross regressions only.
 
     git -C . archive layout | tar -x -C /tmp/base      # or any checkout of the base
-    python benchmarks/ab.py --base /tmp/base [--points N] [--repeats R] [--json FILE] [--both-allocators]
+    python benchmarks/ab.py --base /tmp/base [--points N] [--repeats R] [--json FILE] [--only TEXT] [--both-allocators]
 
 Both versions of the ``jaccli`` package are imported into this process (each under its
 own set of ``sys.modules`` entries, swapped in around every call), and each job runs
@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--points", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--only", default="", help="run the jobs whose name contains this text")
     ap.add_argument("--both-allocators", action="store_true",
                     help="run twice, each in a subprocess: glibc's defaults, then the CLI's thresholds")
     args = ap.parse_args(argv)
@@ -145,6 +146,8 @@ def main(argv=None) -> int:
     sides = {"base": load(args.base.resolve()), "new": load(ROOT)}
     rows = {}
     for name, job in jobs(args.points).items():
+        if args.only not in name:
+            continue
         a, b = (call(api, job) for api in sides.values())
         got = [b[k] for k in b] if isinstance(b, dict) else [b]
         want = [a[k] for k in a] if isinstance(a, dict) else [a]
@@ -163,7 +166,8 @@ _TUNED = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "1073
 
 def _both(args) -> int:
     """The comparison under each allocator setting, each in a fresh process."""
-    base = [sys.executable, __file__, "--base", str(args.base), "--points", str(args.points), "--repeats", str(args.repeats)]
+    base = [sys.executable, __file__, "--base", str(args.base), "--points", str(args.points), "--repeats", str(args.repeats),
+            "--only", args.only]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     results = {}
     for label, extra in (("glibc defaults", {}), ("CLI thresholds", _TUNED)):
