@@ -22,8 +22,10 @@ an engine change that removes the need for them shows as equal ratios in both.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import pkgutil
 import statistics
 import subprocess
 import sys
@@ -48,9 +50,15 @@ def load(root: Path) -> SimpleNamespace:
     sys.path.insert(0, str(root))
     try:
         import jaccli
-        import jaccli.engine.partials  # noqa: F401
-        import jaccli.io.stream  # noqa: F401
-        import jaccli.load.models  # noqa: F401
+
+        # every module now, while this side's path is first: a lazy import during a call
+        # would otherwise pick the other side's (older bases have another layout)
+        for info in pkgutil.walk_packages(jaccli.__path__, "jaccli."):
+            if not info.name.startswith(("jaccli.cli", "jaccli.__main__")):
+                try:
+                    importlib.import_module(info.name)
+                except ImportError:  # an optional extra (plotting) that is not installed
+                    pass
 
         api = SimpleNamespace(**{n: getattr(jaccli, n) for n in ("jacobian", "hessian", "laplacian", "divergence", "partials", "load_model")})
     finally:

@@ -66,26 +66,27 @@ class TaylorProgram:
     #: the relative tolerance :func:`~.builder.build` checked it to, and up to which order
     tol: float = field(default=1e-4, repr=False)
     orders: int = field(default=0, repr=False)
-    #: the buffers of the computation in progress (see :meth:`workspace`)
-    _pool: Workspace | None = field(default=None, repr=False)
 
+    @staticmethod
     @contextlib.contextmanager
-    def workspace(self) -> Iterator[Workspace]:
+    def workspace() -> Iterator[Workspace]:
         """Passes inside reuse their buffers chunk after chunk; they are let go on leaving.
 
-        Reentrant: an inner use shares the outer one's buffers.
+        The workspace belongs to the thread (a context variable), not to the program: a
+        program kept for a model may run in two threads at once, and a buffer must never
+        be handed to both. Reentrant: an inner use shares the outer one's buffers.
         """
-        if self._pool is not None:
-            yield self._pool
+        pool = _CURRENT.get()
+        if pool is not None:
+            yield pool
             return
-        self._pool = Workspace()
-        token = _CURRENT.set(self._pool)
+        pool = Workspace()
+        token = _CURRENT.set(pool)
         try:
-            yield self._pool
+            yield pool
         finally:
             _CURRENT.reset(token)
-            self._pool.clear()
-            self._pool = None
+            pool.clear()
 
     # ---- analysis
 
@@ -200,7 +201,7 @@ class TaylorProgram:
         """``env`` after the steps ``start`` to ``stop`` (exclusive) have run."""
         sched = self.schedule(want)
         batch = z.shape[0]
-        cx.pool = self._pool
+        cx.pool = _CURRENT.get()
         with torch.no_grad():
             for i in range(start, stop):
                 s = self.steps[i]

@@ -122,3 +122,16 @@ def test_plain_functions_are_not_kept():
     for _ in range(2):
         jaccli.jacobian(lambda z: f(z), x, per_sample=True, mode="forward")
     assert programs.STATS["hits"] == 0 and programs.STATS["built"] == 2
+
+
+def test_one_kept_program_in_two_threads_at_once():
+    from concurrent.futures import ThreadPoolExecutor
+
+    f = tanh_mlp((2, 64, 64, 3))
+    xs = [_points(400, 2, seed=s) for s in range(4)]
+    jaccli.hessian(f, xs[0], per_sample=True, mode="forward")  # recorded once, then shared
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda x: jaccli.hessian(f, x, per_sample=True, mode="forward", chunk_size=16), xs))
+    assert programs.STATS["built"] == 1
+    for x, h in zip(xs, got):
+        assert_rel(h, torch_func("hessian", f, x, per_sample=True, mode="forward"))
