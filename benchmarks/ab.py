@@ -1,7 +1,7 @@
 """This checkout against another one (a base), interleaved in ONE process: gross regressions only.
 
     git -C . archive layout | tar -x -C /tmp/base      # or any checkout of the base
-    python benchmarks/ab.py --base /tmp/base [--points N] [--repeats R] [--json FILE] [--only TEXT] [--both-allocators]
+    python benchmarks/ab.py --base /tmp/base [--points N] [--repeats R] [--json FILE] [--only TEXT] [--clock cpu|wall] [--both-allocators]
 
 Both versions of the ``jaccli`` package are imported into this process (each under its
 own set of ``sys.modules`` entries, swapped in around every call), and each job runs
@@ -74,6 +74,13 @@ def call(api: SimpleNamespace, fn):
     return fn(api)
 
 
+#: what a repeat is timed by: this process's CPU time (user + system, page faults
+#: included) drifts far less than wall time on a machine shared with other work; with
+#: several threads it adds theirs up, so run with OMP_NUM_THREADS=1 (--clock wall otherwise)
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+CLOCK = CLOCKS["cpu"]
+
+
 def race(sides: dict, job, repeats: int) -> dict[str, float]:
     """Median seconds of ``job(api)`` for each side, interleaved after one warm-up each."""
     times: dict[str, list[float]] = {k: [] for k in sides}
@@ -81,9 +88,9 @@ def race(sides: dict, job, repeats: int) -> dict[str, float]:
         call(api, job)
     for _ in range(repeats):
         for k, api in sides.items():
-            start = time.perf_counter()
+            start = CLOCK()
             call(api, job)
-            times[k].append(time.perf_counter() - start)
+            times[k].append(CLOCK() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -144,12 +151,15 @@ def main(argv=None) -> int:
     ap.add_argument("--points", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="CPU time of this process (default) or wall time")
     ap.add_argument("--only", default="", help="run the jobs whose name contains this text")
     ap.add_argument("--both-allocators", action="store_true",
                     help="run twice, each in a subprocess: glibc's defaults, then the CLI's thresholds")
     args = ap.parse_args(argv)
     if args.both_allocators:
         return _both(args)
+    global CLOCK
+    CLOCK = CLOCKS[args.clock]
     warnings.simplefilter("ignore")
     sides = {"base": load(args.base.resolve()), "new": load(ROOT)}
     rows = {}
@@ -175,7 +185,7 @@ _TUNED = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "1073
 def _both(args) -> int:
     """The comparison under each allocator setting, each in a fresh process."""
     base = [sys.executable, __file__, "--base", str(args.base), "--points", str(args.points), "--repeats", str(args.repeats),
-            "--only", args.only]  # fmt: skip
+            "--only", args.only, "--clock", args.clock]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     results = {}
     for label, extra in (("glibc defaults", {}), ("CLI thresholds", _TUNED)):
