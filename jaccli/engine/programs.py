@@ -18,14 +18,16 @@ autograd on the new input's probe points (:func:`jaccli.jets.recheck`), exactly 
 new one is: a change the key cannot see (a plain tensor attribute, a Python flag) shows
 as a disagreement there, and the model is then recorded anew. What the check cannot see
 — a change that matters only away from the probe points — a fresh recording would not
-see either. Entries are few (:data:`_SIZE`) and hold no buffers between calls (the
-workspace is let go after each computation).
+see either. Entries are few (:data:`_SIZE`), dropped with their model (a program holds
+the model's weights) and hold no buffers between calls (the workspace is let go after
+each computation).
 
 Imports: :mod:`jaccli.jets`, :mod:`.problem`.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections import OrderedDict
@@ -38,7 +40,8 @@ from jaccli.engine.problem import Problem, probe_rows
 #: programs kept (least recently used dropped first)
 _SIZE = 8
 _CACHE: OrderedDict[tuple, tuple[weakref.ref, tuple, jets.TaylorProgram]] = OrderedDict()
-_LOCK = threading.Lock()
+#: reentrant: a model collected while the lock is held forgets its entry from this thread
+_LOCK = threading.RLock()
 #: counts of hits and recordings (for tests and benchmarks)
 STATS = {"hits": 0, "built": 0}
 
@@ -79,11 +82,19 @@ def program_for(p: Problem, orders: int) -> jets.TaylorProgram:
     STATS["built"] += 1
     if key is not None:
         with _LOCK:
-            _CACHE[key] = (weakref.ref(p.module), state, program)
+            _CACHE[key] = (weakref.ref(p.module, functools.partial(_forget, key)), state, program)
             _CACHE.move_to_end(key)
             while len(_CACHE) > _SIZE:
                 _CACHE.popitem(last=False)
     return program
+
+
+def _forget(key: tuple, ref: weakref.ref) -> None:
+    """A kept model is gone: so is its program (it holds the weights)."""
+    with _LOCK:
+        entry = _CACHE.get(key)
+        if entry is not None and entry[0] is ref:
+            del _CACHE[key]
 
 
 def clear() -> None:

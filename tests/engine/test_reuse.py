@@ -135,3 +135,14 @@ def test_one_kept_program_in_two_threads_at_once():
     assert programs.STATS["built"] == 1
     for x, h in zip(xs, got):
         assert_rel(h, torch_func("hessian", f, x, per_sample=True, mode="forward"))
+
+
+def test_a_program_goes_with_its_model():
+    import gc
+
+    f = tanh_mlp((2, 16, 1))
+    jaccli.jacobian(f, _points(10, 2), per_sample=True, mode="forward")
+    assert len(programs._CACHE) == 1
+    del f
+    gc.collect()
+    assert len(programs._CACHE) == 0
