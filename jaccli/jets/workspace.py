@@ -13,8 +13,7 @@ computation, and a buffer is handed out again only once nothing refers to it any
 That test is the storage's use count (every tensor viewing a buffer holds its storage):
 a buffer whose rows are still in an environment, or were returned to a caller that
 keeps them (a series' coefficients), is never reused, so reuse changes no result. Free
-buffers of the very size are taken most recently handed out first (still in cache),
-else best-fit by size (a last, smaller chunk reuses the big ones), so
+buffers are matched best-fit by size (a last, smaller chunk reuses the big ones), so
 the pool holds what the largest moment of a pass holds, as the planner budgets it.
 It is emptied when the computation ends (:meth:`TaylorProgram.workspace
 <jaccli.jets.program.TaylorProgram.workspace>`): nothing stays allocated between calls.
@@ -27,7 +26,6 @@ Imports: torch only.
 from __future__ import annotations
 
 import contextvars
-import math
 
 import torch
 from torch import Tensor
@@ -45,7 +43,7 @@ class Workspace:
     """A pool of flat CPU buffers handed out as shaped tensors (see the module docstring)."""
 
     def __init__(self) -> None:
-        #: (dtype) -> storages held, each with its size in bytes, most recently handed out last
+        #: (dtype) -> storages held, each with its size in bytes
         self._free: dict[torch.dtype, list[tuple[int, torch.UntypedStorage]]] = {}
         self.allocated = 0  # bytes held (for tests and benchmarks)
         self.reused = 0  # tensors served from a held buffer
@@ -53,23 +51,28 @@ class Workspace:
     def empty(self, shape, dtype: torch.dtype, like: Tensor) -> Tensor:
         """An uninitialised tensor of ``shape`` and ``dtype`` on ``like``'s device."""
         shape = tuple(shape)
-        n = math.prod(shape)
-        nbytes = n * (like.element_size() if dtype == like.dtype else dtype.itemsize)
+        itemsize = torch.empty((), dtype=dtype).element_size() if dtype != like.dtype else like.element_size()
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = n * itemsize
         if like.device.type != "cpu" or nbytes < _MIN_BYTES:
             return like.new_empty(shape, dtype=dtype)
         held = self._free.setdefault(dtype, [])
-        # most recently handed out first: the buffer freed last is the one still in cache
-        pick = next((i for i in range(len(held) - 1, -1, -1) if held[i][0] == nbytes and not _in_use(held[i][1])), None)
-        if pick is None:  # best fit among the larger ones (a last, smaller chunk)
-            fits = sorted((size, i) for i, (size, _) in enumerate(held) if size > nbytes)
-            pick = next((i for _, i in fits if not _in_use(held[i][1])), None)
-        if pick is None:
-            best = (nbytes, torch.empty(n, dtype=dtype).untyped_storage())
+        best = None
+        for entry in held:  # a few dozen at most: one per live row block of a pass
+            size, storage = entry
+            if size >= nbytes and (best is None or size < best[0]) and not _in_use(storage):
+                best = entry
+                if size == nbytes:
+                    break
+        if best is None:
+            storage = torch.empty(n, dtype=dtype).untyped_storage()
+            best = (nbytes, storage)
+            held.append(best)
             self.allocated += nbytes
         else:
-            best = held.pop(pick)
             self.reused += 1
-        held.append(best)
         return torch.empty(0, dtype=dtype).set_(best[1], 0, shape)
 
     def clear(self) -> None:
@@ -90,7 +93,7 @@ def empty_like(x: Tensor) -> Tensor:
 def mul(a: Tensor, b: Tensor) -> Tensor:
     """``a * b`` (broadcast) into a tensor of the current workspace if there is one."""
     pool = _CURRENT.get()
-    # operands of one shape and dtype (the series' blocks): anything else is rare, left to malloc
-    if pool is None or not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+    if pool is None or not isinstance(a, Tensor) or not isinstance(b, Tensor):
         return a * b
-    return torch.mul(a, b, out=pool.empty(a.shape, a.dtype, a))
+    out = pool.empty(torch.broadcast_shapes(a.shape, b.shape), torch.result_type(a, b), a)
+    return torch.mul(a, b, out=out)
