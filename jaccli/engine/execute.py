@@ -131,7 +131,8 @@ def _execute_taylor(kind: str, p: Problem, plan: Plan, program: taylor.TaylorPro
         row_shape = STRATEGIES[(kind, "forward")].result_shape(p)
         sink.open((p.n, *row_shape), p.dtype, p.device, zero=False, ppc=plan.points_per_chunk)
         compute = getattr(program, kind)
-    with torch.no_grad():
+    # the passes reuse their buffers from chunk to chunk (see jaccli.jets.workspace)
+    with torch.no_grad(), program.workspace():
         for start, stop in sink.chunks(p.n):
             rows = torch.arange(start, stop, device=p.device)
             z, out = p.z(rows), sink.rows(start, stop)

@@ -17,6 +17,7 @@ Imports: :mod:`jaccli.engine` (request normalisation, memory budget), :mod:`jacc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -28,6 +29,8 @@ import torch
 from torch import Tensor
 
 from jaccli.engine import planner
+from jaccli.engine.execute import _empty_result
+from jaccli.engine.programs import program_for
 from jaccli.engine.problem import Problem, check_inputs, model_failed, probe_rows
 from jaccli.engine.results import NONSMOOTH_OPS
 from jaccli.errors import JaccliWarning, ModelError, NumericalError, UsageError
@@ -143,9 +146,8 @@ def _program(p: Problem, order: int) -> tuple[jets.TaylorProgram | None, str | N
     """The Taylor program, checked to ``order``, where it applies (per-sample, one input, no static batch)."""
     if not (planner.FAST_PATH and p.per_sample and len(p.args.values) == 1 and p.static_batch is None):
         return None, None
-    rows = probe_rows(p)
     try:
-        return jets.build(p.fn(rows), p.z(rows), orders=order), None
+        return program_for(p, order), None
     except Unsupported as exc:
         return None, f"Taylor series not used: {exc}"
 
@@ -279,7 +281,11 @@ def partials(
     with_value = any(t.order == 0 for t in request.terms)
     single = _single_series(request, p.n_in, program)
     # chunks go straight into their rows of the results: no concatenation at the end
-    flat = {t.name: torch.empty((p.n, p.n_out), dtype=p.dtype, device=p.device) for t in request.terms}
+    flat = {t.name: _empty_result((p.n, p.n_out), p.dtype, p.device) for t in request.terms}
+    # the passes reuse their buffers from chunk to chunk (see jaccli.jets.workspace)
+    pool = contextlib.ExitStack()
+    if program is not None:
+        pool.enter_context(program.workspace())
     try:
         for start in range(0, p.n, ppc):
             stop = min(start + ppc, p.n)
@@ -297,6 +303,8 @@ def partials(
                 _term_into(flat[t.name][start:stop], t, p.n_in, coeffs, value)
     except (NotImplementedError, RuntimeError) as exc:
         model_failed(p, exc, probe_rows(p))
+    finally:
+        pool.close()
     for t in request.terms:
         if len(request.outputs) == 1:
             values[t.name] = flat[t.name].reshape((*lead, *p.out_shape))

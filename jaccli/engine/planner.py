@@ -21,7 +21,8 @@ import torch
 
 from jaccli import jets as taylor
 from jaccli.errors import format_bytes, ModelError, ResourceError, shape_str, UsageError
-from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_args, probe_rows
+from jaccli.engine.programs import program_for
+from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_args
 from jaccli.request.choices import ESTIMATORS, KINDS, MODES
 from jaccli.request.kinds import kind as kind_of
 from jaccli.request.spec import Derivative, Selection
@@ -329,9 +330,8 @@ def _taylor_program(kind: str, p: Problem, mode: str) -> tuple[taylor.TaylorProg
     """
     if not (mode == "forward" and fast_path_applies(p)):
         return None, None
-    rows = probe_rows(p)
     try:
-        return taylor.build(p.fn(rows), p.z(rows), orders=kind_of(kind).taylor_order), None
+        return program_for(p, kind_of(kind).taylor_order), None
     except taylor.Unsupported as exc:
         return None, f"Taylor path not used: {exc}"
 

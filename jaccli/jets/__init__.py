@@ -43,6 +43,7 @@ The package, in the order a program is made (each module imports only those abov
 :mod:`.record`       record a function's ATen ops; compile two records into steps
 :mod:`.program`      :class:`TaylorProgram`: the need analysis and the chunk runs
 :mod:`.builder`      :func:`build`: record, compile, verify against autograd
+:mod:`.workspace`    buffers the passes of one computation reuse, chunk after chunk
 ===================  ==================================================================
 
 To add a rule: write it in the family's module, add one line to :data:`RULES` and one
@@ -50,10 +51,10 @@ case to ``OP_CASES`` in ``tests/jets/test_rules.py``, which compares every rule 
 torch.func in float64 at orders 1 to 4 (and in the Hessian and Laplacian modes).
 """
 
-from jaccli.jets.builder import build
+from jaccli.jets.builder import build, recheck
 from jaccli.jets.jet import Layout, Rule, Unsupported
 from jaccli.jets.program import WANT, TaylorProgram
 from jaccli.jets.record import PROBE_BATCHES
 from jaccli.jets.table import RULES, VALUE_OPS
 
-__all__ = ["PROBE_BATCHES", "RULES", "VALUE_OPS", "WANT", "Layout", "Rule", "TaylorProgram", "Unsupported", "build"]
+__all__ = ["PROBE_BATCHES", "RULES", "VALUE_OPS", "WANT", "Layout", "Rule", "TaylorProgram", "Unsupported", "build", "recheck"]

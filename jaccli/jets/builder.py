@@ -54,8 +54,15 @@ def build(g: Callable[[Tensor], Tensor], z_probe: Tensor, orders: int = 2) -> Ta
     # float64 not at 1e-9 either: some of torch's float64 backward kernels use float32
     # constants (hardsigmoid's slope 1/6 is off by 2e-8), and a wrong rule is off by O(1)
     low = any(isinstance(r[3], Tensor) and r[3].is_floating_point() and r[3].element_size() < 8 for r in trace2[0])
-    _verify(program, g, z_probe, orders, tol=1e-4 if low or z_probe.dtype != torch.float64 else 1e-7)
+    program.tol = 1e-4 if low or z_probe.dtype != torch.float64 else 1e-7
+    _verify(program, g, z_probe, orders, tol=program.tol)
+    program.orders = orders
     return program
+
+
+def recheck(program: TaylorProgram, g: Callable[[Tensor], Tensor], z_probe: Tensor, orders: int) -> None:
+    """The check of :func:`build` again, on other probe points (a program reused for new inputs)."""
+    _verify(program, g, z_probe, orders, tol=program.tol)
 
 
 def _reachable(steps: list[_Step], output) -> set[int]:

@@ -9,7 +9,7 @@
   ``f′ = g(f)`` and ``g`` a quadratic (tanh, sigmoid, exp, …), the ODE's recurrence
   ``y_k = (1/k) Σ j x_j h_{k-j}`` (:func:`_ode_chain`): ``O(K²)`` products, not ``O(K³)``.
 
-Imports: :mod:`.jet`.
+Imports: :mod:`.jet`, :mod:`.workspace`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from jaccli.jets import workspace
 from jaccli.jets.jet import Jet, Layout, _Call
 
 
@@ -61,7 +62,7 @@ def _ode_chain(lay: Layout, x: Jet, y0: Tensor, f1: Tensor, g: tuple[float, ...]
             if xs[j] is None or hs[k - j] is None:
                 continue
             if acc is None:
-                acc = torch.mul(xs[j], hs[k - j], out=dst) if dst is not None else xs[j] * hs[k - j]
+                acc = torch.mul(xs[j], hs[k - j], out=dst) if dst is not None else workspace.mul(xs[j], hs[k - j])
                 if j != 1:
                     acc.mul_(j)
             else:
@@ -77,16 +78,16 @@ def _ode_chain(lay: Layout, x: Jet, y0: Tensor, f1: Tensor, g: tuple[float, ...]
 
 def _poly_of_series(g: tuple[float, ...], ys: list, m: int) -> Tensor | None:
     """Coefficient ``m ≥ 1`` of ``g(y)`` for a polynomial ``g`` of degree ≤ 2 (None: zero)."""
-    total = ys[m] * g[1] if len(g) > 1 and g[1] and ys[m] is not None else None
+    total = workspace.mul(ys[m], g[1]) if len(g) > 1 and g[1] and ys[m] is not None else None
     if len(g) > 2 and g[2]:
         sq = None  # Σ_i y_i y_{m-i}: each pair once, doubled, and the middle square
         for i in range((m + 1) // 2):
             if ys[i] is not None and ys[m - i] is not None:
-                sq = ys[i] * ys[m - i] if sq is None else sq.addcmul_(ys[i], ys[m - i])
+                sq = workspace.mul(ys[i], ys[m - i]) if sq is None else sq.addcmul_(ys[i], ys[m - i])
         if sq is not None:
             sq.mul_(2)
         if m % 2 == 0 and ys[m // 2] is not None:
-            sq = ys[m // 2] * ys[m // 2] if sq is None else sq.addcmul_(ys[m // 2], ys[m // 2])
+            sq = workspace.mul(ys[m // 2], ys[m // 2]) if sq is None else sq.addcmul_(ys[m // 2], ys[m // 2])
         if sq is not None:
             total = sq.mul_(g[2]) if total is None else total.add_(sq, alpha=g[2])
     return total
@@ -126,7 +127,7 @@ def _cauchy_tail(p: list, xs: list, k: int, lo: int):
     total = None
     for i in range(lo, k):
         if p[i] is not None and xs[k - i] is not None:
-            total = p[i] * xs[k - i] if total is None else total.addcmul_(p[i], xs[k - i])
+            total = workspace.mul(p[i], xs[k - i]) if total is None else total.addcmul_(p[i], xs[k - i])
     return total
 
 
@@ -149,7 +150,7 @@ def _faa_di_bruno(fs: list, xs: list, top: int, outs: list, lo: int = 3) -> list
             if done[k]:
                 outs[k].addcmul_(power[k], c)
             elif outs[k] is None:
-                outs[k] = power[k] * c
+                outs[k] = workspace.mul(power[k], c)
             else:
                 torch.mul(power[k], c, out=outs[k])
             done[k] = True

@@ -12,7 +12,7 @@ Gaussian CDF, falling factorials for powers. The derivatives are of the value ro
 To add an elementwise op, add its table entry to ``_UNARY_DERIVS`` and its name to the
 rule table.
 
-Imports: :mod:`.jet`, :mod:`.chain`.
+Imports: :mod:`.jet`, :mod:`.chain`, :mod:`.workspace`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from jaccli.jets.chain import _compose, _unary
+from jaccli.jets import workspace
 from jaccli.jets.jet import Jet, Unsupported
 
 
@@ -51,7 +52,7 @@ def _horner(coeffs: tuple[float, ...], y: Tensor) -> Tensor | None:
     if not any(coeffs):
         return None
     top = max(i for i, c in enumerate(coeffs) if c)
-    r = torch.full_like(y, coeffs[top])
+    r = workspace.empty_like(y).fill_(coeffs[top])
     for c in reversed(coeffs[:top]):
         r = r.mul_(y)
         if c:

@@ -143,6 +143,8 @@ class _Call:
     pairs: tuple[Tensor, Tensor] | None  # local (i, j) per second-order row
     batch: int
     collapsed: bool = False
+    #: where :meth:`empty` takes its rows from (a :class:`~.workspace.Workspace`), if anywhere
+    pool: object = None
 
     def __post_init__(self) -> None:
         self.order = len(self.counts) - 1
@@ -150,8 +152,13 @@ class _Call:
         self.half = 0.5 if self.series else 1.0
 
     def empty(self, lay: Layout, shape: Sequence[int], like: Tensor, dtype=None) -> Jet:
-        t = like.new_empty((lay.rows(self.counts), *shape), dtype=dtype or like.dtype)
-        return Jet(t, lay, self.counts)
+        return Jet(self.tensor((lay.rows(self.counts), *shape), like, dtype), lay, self.counts)
+
+    def tensor(self, shape: Sequence[int], like: Tensor, dtype=None) -> Tensor:
+        """An uninitialised tensor on ``like``'s device, from the pass's workspace where it has one."""
+        if self.pool is None:
+            return like.new_empty(shape, dtype=dtype or like.dtype)
+        return self.pool.empty(shape, dtype or like.dtype, like)
 
     def jet(self, t: Tensor, lay: Layout) -> Jet:
         return Jet(t, lay, self.counts)

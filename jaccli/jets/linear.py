@@ -63,7 +63,7 @@ def _blocks(cx: _Call, lay: Layout, args: Sequence, combine: Callable, like: Ten
     for r in tensors:
         dtype = torch.promote_types(dtype, r.dtype)
     shape = torch.broadcast_shapes(*(r.shape[1:] for r in tensors)) if tensors else like.shape[1:]
-    t = like.new_empty((lay.rows(cx.counts), *shape), dtype=dtype)
+    t = cx.tensor((lay.rows(cx.counts), *shape), like, dtype)
     start = 0
     for rows, r in results:
         t[start : start + rows] = r
@@ -161,6 +161,11 @@ def _product(cx: _Call, lay: Layout, a, b, beta: Callable) -> Jet:
     if not (ja and jb):
         # linear in the one input-dependent factor: every row in one call (one GEMM for mm)
         if ja:
+            if beta is _b_mm and isinstance(b, Tensor) and b.dim() == 2 and a.t.dim() == 3:
+                # x @ W for every row in one GEMM, into the workspace (a fresh tensor each chunk page-faults)
+                x = _take(a, lay)
+                out = cx.tensor((*x.shape[:-1], b.shape[-1]), x, torch.result_type(x, b))
+                return cx.jet(torch.matmul(x, b, out=out), lay)
             return cx.jet(beta(_take(a, lay), _rows1(b)), lay)
         return cx.jet(beta(_rows1(a), _take(b, lay)), lay)
     parts: list[Tensor | None] = []

@@ -9,11 +9,16 @@ run the steps on one chunk of points, writing into the caller's result:
 - any order: ``series`` (univariate Taylor coefficients along directions, for
   ``partials``) and ``series_into`` (one coefficient written straight into a result).
 
-Imports: :mod:`.jet`, :mod:`.record`.
+Passes run inside :meth:`~TaylorProgram.workspace` take their rows from buffers reused
+chunk after chunk (:mod:`.workspace`): no allocator setting is needed for speed.
+
+Imports: :mod:`.jet`, :mod:`.record`, :mod:`.workspace`.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +27,7 @@ from torch import Tensor
 
 from jaccli.jets.jet import Jet, Layout, _Call, empty_layout
 from jaccli.jets.record import _INPUT, _Ref, _Step, _substitute
+from jaccli.jets.workspace import _CURRENT, Workspace, empty_like
 
 
 @dataclass
@@ -57,6 +63,30 @@ class TaylorProgram:
     dtype: torch.dtype
     itemsize: int
     _schedules: dict = field(default_factory=dict, repr=False)
+    #: the relative tolerance :func:`~.builder.build` checked it to, and up to which order
+    tol: float = field(default=1e-4, repr=False)
+    orders: int = field(default=0, repr=False)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def workspace() -> Iterator[Workspace]:
+        """Passes inside reuse their buffers chunk after chunk; they are let go on leaving.
+
+        The workspace belongs to the thread (a context variable), not to the program: a
+        program kept for a model may run in two threads at once, and a buffer must never
+        be handed to both. Reentrant: an inner use shares the outer one's buffers.
+        """
+        pool = _CURRENT.get()
+        if pool is not None:
+            yield pool
+            return
+        pool = Workspace()
+        token = _CURRENT.set(pool)
+        try:
+            yield pool
+        finally:
+            _CURRENT.reset(token)
+            pool.clear()
 
     # ---- analysis
 
@@ -171,6 +201,7 @@ class TaylorProgram:
         """``env`` after the steps ``start`` to ``stop`` (exclusive) have run."""
         sched = self.schedule(want)
         batch = z.shape[0]
+        cx.pool = _CURRENT.get()
         with torch.no_grad():
             for i in range(start, stop):
                 s = self.steps[i]
@@ -215,13 +246,16 @@ class TaylorProgram:
         """Per-point Jacobian ``[B, n_out, n_in]``, ``directions`` input columns per pass."""
         b = z.shape[0]
         out = z.new_empty((b, self.n_out, self.n_in), dtype=self.dtype) if out is None else out
+        if self.n_in == 1:  # one row: the last product writes it into the result itself
+            cols = torch.zeros(1, dtype=torch.long)
+            cx = _Call((1, 1), None, b)
+            self._row_into(z, WANT["jacobian"], cx, _onehot(cols, b, 1, z), cols, 1, out.view(b, self.n_out))
+            return out
         for cols in _chunks(self.n_in, directions):
             cx = _Call((1, cols.numel()), None, b)
             res = self._run(z, WANT["jacobian"], cx, _onehot(cols, b, self.n_in, z), onehot=cols)
             block = self._out_block(res, 1, cols.numel(), z)  # [k, B, n_out]
-            if self.n_in == 1:  # a plain copy: through the permuted view it took 6x longer
-                out.view(b, self.n_out).copy_(block[0])
-            elif cols.numel() == self.n_in:
+            if cols.numel() == self.n_in:
                 out.copy_(block.permute(1, 2, 0))
             else:
                 out[:, :, cols] = block.permute(1, 2, 0).to(out.dtype)  # a model may answer in another dtype
@@ -246,12 +280,8 @@ class TaylorProgram:
         out = z.new_empty((b, self.n_out), dtype=self.dtype) if out is None else out
         for k, cols in enumerate(_chunks(self.n_in, directions)):
             cx = _Call((1, cols.numel(), 1), None, b, collapsed=True)
-            res = self._run(z, WANT["laplacian"], cx, _onehot(cols, b, self.n_in, z), onehot=cols)
-            block = self._out_block(res, 2, 1, z)
-            if k == 0:  # the first pass writes, later ones add
-                out.copy_(block[0])
-            else:
-                out += block[0]
+            # the first pass writes, later ones add
+            self._row_into(z, WANT["laplacian"], cx, _onehot(cols, b, self.n_in, z), cols, 2, out, add=k > 0)
         return out
 
     def hessian(self, z: Tensor, *, directions: int | None = None, out: Tensor | None = None) -> Tensor:
@@ -266,14 +296,14 @@ class TaylorProgram:
             cols, inverse = torch.unique(torch.cat([i, j]), return_inverse=True)
             local = (inverse[: i.numel()], inverse[i.numel() :])
             cx = _Call((1, cols.numel(), i.numel()), local, b)
+            if n == 1:  # one entry: the last product writes it into the result itself
+                self._row_into(z, WANT["hessian"], cx, _onehot(cols, b, n, z), cols, 2, out.view(b, self.n_out))
+                continue
             res = self._run(z, WANT["hessian"], cx, _onehot(cols, b, n, z), onehot=cols)
             block = self._out_block(res, 2, i.numel(), z)  # [P, B, n_out]
-            if n == 1:
-                out.view(b, self.n_out).copy_(block[0])
-            else:
-                block = block.permute(1, 2, 0).to(out.dtype)  # a model may answer in another dtype
-                out[:, :, i, j] = block
-                out[:, :, j, i] = block
+            block = block.permute(1, 2, 0).to(out.dtype)  # a model may answer in another dtype
+            out[:, :, i, j] = block
+            out[:, :, j, i] = block
         return out
 
 
@@ -303,30 +333,49 @@ class TaylorProgram:
 
     def series_into(self, z: Tensor, v: Tensor, order: int, out: Tensor, factor: float) -> None:
         """``factor`` times coefficient ``order`` of ``t ↦ g(z + t v)`` (``v`` ``[B, n_in]``) written
-        into ``out`` ``[B, n_out]``. Where the output is a product with a constant matrix (a last
-        linear layer, perhaps reshaped), the factor scales its narrow input and the product lands
-        in ``out`` itself: no pass over the wide result but the one that writes it."""
-        want = frozenset({order})
+        into ``out`` ``[B, n_out]`` (see :meth:`_row_into`)."""
         cx = _Call((1, *(1,) * order), None, z.shape[0])
-        tangents = v[None]
+        self._row_into(z, frozenset({order}), cx, v[None], None, order, out, factor)
+
+    def _row_into(self, z: Tensor, want: frozenset[int], cx: _Call, tangents: Tensor | None,
+                  onehot: Tensor | None, order: int, out: Tensor, factor: float = 1.0,
+                  add: bool = False) -> None:  # fmt: skip
+        """``factor`` times the one output row of ``order`` of a pass, written (``add``: added)
+        into ``out`` ``[B, n_out]``. Where the output is a product with a constant matrix (a
+        last linear layer, perhaps reshaped), the factor scales its narrow input and the
+        product lands in ``out`` itself: no pass over the wide result but the one that
+        writes it (no row block of the output, no copy of it)."""
         last = self._last_product()
         n = len(self.steps)
-        env = self._env(z, want, cx, tangents, None, [None] * n, 0, n if last is None else last)
+        b = z.shape[0]
+        env = self._env(z, want, cx, tangents, onehot, [None] * n, 0, n if last is None else last)
         if last is not None:
             s = self.steps[last]
-            args = _substitute(s.args, env, z.shape[0])
+            args = _substitute(s.args, env, b)
             a, w = (args[1], args[2]) if s.name == "addmm" else (args[0], args[1])
             c = a.block(order) if isinstance(a, Jet) else None
-            if c is not None and isinstance(w, Tensor) and out.is_contiguous() and c.shape[1] * w.shape[-1] == out.numel():
+            if (c is not None and c.shape[0] == 1 and isinstance(w, Tensor) and out.is_contiguous()
+                    and c.shape[1] * w.shape[-1] == out.numel() and c.dtype == w.dtype == out.dtype):  # fmt: skip
                 with torch.no_grad():
-                    torch.mm(c[0] * (factor * s.kwargs.get("alpha", 1)), w, out=out.view(c.shape[1], w.shape[-1]))
+                    scale = factor * s.kwargs.get("alpha", 1)
+                    x = c[0] if scale == 1 else torch.mul(c[0], scale, out=empty_like(c[0]))
+                    dest = out.view(c.shape[1], w.shape[-1])
+                    if add:
+                        dest.addmm_(x, w)
+                    else:
+                        torch.mm(x, w, out=dest)
                 return
-            env = self._env(z, want, cx, tangents, None, env, last, n)  # the rest, as usual
-        res = _substitute(self.output, env, z.shape[0]) if isinstance(self.output, _Ref) else self.output
+            env = self._env(z, want, cx, tangents, onehot, env, last, n)  # the rest, as usual
+        res = _substitute(self.output, env, b) if isinstance(self.output, _Ref) else self.output
         c = res.block(order) if isinstance(res, Jet) else None
         with torch.no_grad():
             if c is None:
-                out.zero_()
+                if not add:
+                    out.zero_()
+            elif add:
+                out.add_(c.reshape(out.shape), alpha=factor)
+            elif factor == 1:
+                out.copy_(c.reshape(out.shape))
             else:
                 torch.mul(c.reshape(out.shape), factor, out=out)
 

@@ -1,0 +1,104 @@
+"""Recorded Taylor programs kept for a model called again: no re-recording per call.
+
+Recording a model (two traces and a compile) and checking the program against autograd
+costs more than the derivatives of a few thousand points. A model called again with
+the same request reuses its program: :func:`program_for` keeps the last few, keyed by
+
+- the model object itself (held weakly: a model that is gone is never matched; only
+  ``torch.nn.Module`` objects, TorchScript ones included — a plain function's captured
+  state cannot be versioned, so it is recorded each call);
+- the state it computes with: every parameter and buffer's identity, storage address,
+  shape, dtype and version counter (an in-place update, ``optimizer.step()`` or
+  ``load_state_dict`` into the same tensors, bumps the version) and ``training``;
+- the request: per-point input and output shapes, dtype, device, which output, the
+  argument names, the ops the probe saw (they decide the RNN kernels) and the order.
+
+Even then, a program taken from the cache is checked again against the model and
+autograd on the new input's probe points (:func:`jaccli.jets.recheck`), exactly as a
+new one is: a change the key cannot see (a plain tensor attribute, a Python flag) shows
+as a disagreement there, and the model is then recorded anew. What the check cannot see
+— a change that matters only away from the probe points — a fresh recording would not
+see either. Entries are few (:data:`_SIZE`), dropped with their model (a program holds
+the model's weights) and hold no buffers between calls (the workspace is let go after
+each computation).
+
+Imports: :mod:`jaccli.jets`, :mod:`.problem`.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from collections import OrderedDict
+
+import torch
+
+from jaccli import jets
+from jaccli.engine.problem import Problem, probe_rows
+
+#: programs kept (least recently used dropped first)
+_SIZE = 8
+_CACHE: OrderedDict[tuple, tuple[weakref.ref, tuple, jets.TaylorProgram]] = OrderedDict()
+#: reentrant: a model collected while the lock is held forgets its entry from this thread
+_LOCK = threading.RLock()
+#: counts of hits and recordings (for tests and benchmarks)
+STATS = {"hits": 0, "built": 0}
+
+
+def _state(module: torch.nn.Module) -> tuple:
+    """What the model computes with, down to in-place updates of its tensors."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return (module.training, *((id(t), t.data_ptr(), tuple(t.shape), t.dtype, t._version) for t in tensors))
+
+
+def _key(p: Problem, orders: int) -> tuple | None:
+    if not isinstance(p.module, torch.nn.Module):
+        return None
+    return (id(p.module), p.in_shapes, p.out_shape, p.dtype, str(p.device), p.output, tuple(map(str, p.args.keys)),
+            p.wrt, p.per_sample, p.ops, orders)  # fmt: skip
+
+
+def program_for(p: Problem, orders: int) -> jets.TaylorProgram:
+    """The Taylor program of ``p``'s batch function checked to ``orders``: a kept one where it
+    is still this model's, else a new recording; raises :class:`jaccli.jets.Unsupported`."""
+    rows = probe_rows(p)
+    key = _key(p, orders)
+    if key is not None:
+        state = _state(p.module)
+        with _LOCK:
+            hit = _CACHE.get(key)
+        if hit is not None and hit[0]() is p.module and hit[1] == state:
+            try:
+                jets.recheck(hit[2], p.fn(rows), p.z(rows), orders)
+            except jets.Unsupported:
+                pass  # the model changed in a way the key cannot see: record it again
+            else:
+                with _LOCK:
+                    _CACHE.move_to_end(key)
+                STATS["hits"] += 1
+                return hit[2]
+    program = jets.build(p.fn(rows), p.z(rows), orders=orders)
+    STATS["built"] += 1
+    if key is not None:
+        with _LOCK:
+            _CACHE[key] = (weakref.ref(p.module, functools.partial(_forget, key)), state, program)
+            _CACHE.move_to_end(key)
+            while len(_CACHE) > _SIZE:
+                _CACHE.popitem(last=False)
+    return program
+
+
+def _forget(key: tuple, ref: weakref.ref) -> None:
+    """A kept model is gone: so is its program (it holds the weights)."""
+    with _LOCK:
+        entry = _CACHE.get(key)
+        if entry is not None and entry[0] is ref:
+            del _CACHE[key]
+
+
+def clear() -> None:
+    """Forget every kept program (and zero the counts)."""
+    with _LOCK:
+        _CACHE.clear()
+        STATS.update(hits=0, built=0)

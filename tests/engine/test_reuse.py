@@ -1,0 +1,148 @@
+"""Reuse across chunks and calls: the workspace of a computation, and programs kept per model.
+
+Every result is compared with torch.func in float64 (the fast path off): reuse must
+change no number, only what is allocated and recorded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import jaccli
+from jaccli.engine import planner, programs
+from jaccli.jets.workspace import Workspace
+from compare import assert_rel, torch_func
+from problems import tanh_mlp
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    programs.clear()
+    yield
+    programs.clear()
+
+
+def _points(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_workspace_reuses_only_buffers_nothing_refers_to():
+    w, like = Workspace(), torch.empty(1)
+    a = w.empty((64, 1024), torch.float32, like)
+    view = a[3:]
+    del a
+    b = w.empty((64, 1024), torch.float32, like)  # a's buffer is still viewed: a new one
+    assert w.reused == 0 and w.allocated == 2 * 64 * 1024 * 4
+    assert b.data_ptr() != view.data_ptr() - 3 * 1024 * 4
+    del view, b
+    c = w.empty((32, 1024), torch.float32, like)  # smaller fits a free one
+    assert w.reused == 1 and w.allocated == 2 * 64 * 1024 * 4 and c.shape == (32, 1024)
+    tiny = w.empty((4,), torch.float32, like)  # below the threshold: plain allocation
+    assert w.reused == 1 and tiny.shape == (4,)
+
+
+@pytest.mark.parametrize("kind", ["jacobian", "hessian", "laplacian"])
+def test_many_chunks_through_one_workspace_match_torch_func(kind):
+    f, x = tanh_mlp((3, 64, 64, 2)), _points(300, 3)
+    got = getattr(jaccli, kind)(f, x, per_sample=True, mode="forward", chunk_size=7)
+    assert_rel(got, torch_func(kind, f, x, per_sample=True, mode="forward", chunk_size=7))
+
+
+def torch_func_partials(f, x):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(planner, "FAST_PATH", False)
+        return jaccli.partials(f, x, ["u_xxxx", "u_xy", "u_xxy"], inputs="x,y", per_sample=True)
+
+
+def test_series_coefficients_kept_by_the_caller_are_not_overwritten():
+    f, x = tanh_mlp((2, 64, 64, 1)), _points(200, 2)
+    d = jaccli.partials(f, x, ["u_xxxx", "u_xy", "u_xxy"], inputs="x,y", per_sample=True, chunk_size=9)
+    ref = torch_func_partials(f, x)
+    for name in ("u_xxxx", "u_xy", "u_xxy"):
+        assert_rel(d[name], ref[name])
+
+
+def test_a_model_called_again_reuses_its_program():
+    f, x = tanh_mlp((2, 16, 16, 1)), _points(20, 2)
+    first = jaccli.hessian(f, x, per_sample=True, mode="forward")
+    again = jaccli.hessian(f, _points(20, 2, seed=1), per_sample=True, mode="forward")
+    assert programs.STATS["built"] == 1 and programs.STATS["hits"] >= 1
+    assert_rel(first, torch_func("hessian", f, x, per_sample=True, mode="forward"))
+    assert_rel(again, torch_func("hessian", f, _points(20, 2, seed=1), per_sample=True, mode="forward"))
+
+
+def test_other_shapes_orders_and_models_record_anew():
+    f, x = tanh_mlp((2, 16, 16, 1)), _points(20, 2)
+    jaccli.jacobian(f, x, per_sample=True, mode="forward")
+    jaccli.hessian(f, x, per_sample=True, mode="forward")  # order 2: another program
+    jaccli.hessian(f.float(), x.float(), per_sample=True, mode="forward")  # another dtype
+    jaccli.hessian(tanh_mlp((2, 16, 16, 1)), x, per_sample=True, mode="forward")  # another model
+    assert programs.STATS["hits"] == 0
+
+
+def test_an_in_place_update_of_the_weights_is_not_served_a_stale_program():
+    f, x = tanh_mlp((2, 16, 16, 1)), _points(20, 2)
+    jaccli.hessian(f, x, per_sample=True, mode="forward")
+    with torch.no_grad():
+        for prm in f.parameters():
+            prm.mul_(1.5)  # as an optimizer step does: same tensors, new values
+    built = programs.STATS["built"]
+    got = jaccli.hessian(f, x, per_sample=True, mode="forward")
+    assert programs.STATS["built"] == built + 1
+    assert_rel(got, torch_func("hessian", f, x, per_sample=True, mode="forward"))
+
+
+class _Switch(nn.Module):
+    """A Python flag the key cannot see changes the function: the recheck must catch it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 8).double()
+        self.square = False
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        return (h * h if self.square else h).sum(1, keepdim=True)
+
+
+def test_a_change_the_key_cannot_see_is_caught_by_the_recheck():
+    f, x = _Switch(), _points(20, 2)
+    jaccli.hessian(f, x, per_sample=True, mode="forward")
+    f.square = True
+    got = jaccli.hessian(f, x, per_sample=True, mode="forward")
+    assert programs.STATS["hits"] == 0 and programs.STATS["built"] == 2
+    assert_rel(got, torch_func("hessian", f, x, per_sample=True, mode="forward"))
+
+
+def test_plain_functions_are_not_kept():
+    f = tanh_mlp((2, 16, 1))
+    x = _points(10, 2)
+    for _ in range(2):
+        jaccli.jacobian(lambda z: f(z), x, per_sample=True, mode="forward")
+    assert programs.STATS["hits"] == 0 and programs.STATS["built"] == 2
+
+
+def test_one_kept_program_in_two_threads_at_once():
+    from concurrent.futures import ThreadPoolExecutor
+
+    f = tanh_mlp((2, 64, 64, 3))
+    xs = [_points(400, 2, seed=s) for s in range(4)]
+    jaccli.hessian(f, xs[0], per_sample=True, mode="forward")  # recorded once, then shared
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda x: jaccli.hessian(f, x, per_sample=True, mode="forward", chunk_size=16), xs))
+    assert programs.STATS["built"] == 1
+    for x, h in zip(xs, got):
+        assert_rel(h, torch_func("hessian", f, x, per_sample=True, mode="forward"))
+
+
+def test_a_program_goes_with_its_model():
+    import gc
+
+    f = tanh_mlp((2, 16, 1))
+    jaccli.jacobian(f, _points(10, 2), per_sample=True, mode="forward")
+    assert len(programs._CACHE) == 1
+    del f
+    gc.collect()
+    assert len(programs._CACHE) == 0
