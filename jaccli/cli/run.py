@@ -102,6 +102,8 @@ class Outcome:
     title: str
     extra: dict = field(default_factory=dict)  # tensors saved beside the results (stderr)
     summaries: dict = field(default_factory=dict)
+    #: what the kind's engine returned, for a kind that draws its own picture (curvature)
+    value: object = None
 
 
 # --------------------------------------------------------------------------- derivatives
@@ -116,19 +118,21 @@ def _streams(req: Request) -> bool:
     return bool(req.kind.streams and d.per_sample and one and d.estimator == "exact" and can_stream(req.output.save))
 
 
-def _file_facts(req: Request) -> dict:
-    """The model and input files a resumed run must share with the interrupted one (what the
-    engine's :func:`~jaccli.engine.api.fingerprint` cannot see from tensors), and the CLI's
-    loading options."""
+def file_facts(req: Request) -> dict:
+    """The model, input (and ``--target``) files a resumed run must share with the interrupted
+    one (what the engine's :func:`~jaccli.engine.api.fingerprint` cannot see from tensors), and
+    the CLI's loading options: the caller's part of the one fingerprint of a streamed result."""
     from jaccli.io import InputSpec
     from jaccli.io.records import file_fingerprint
 
-    s = req.source
+    s, q = req.source, req.derivative.parameters
     facts: dict = {"cli": {"device": s.device, "dtype": s.dtype, "key": s.key, "arch": s.arch,
                            "activation": s.activation, "arch_kwargs": s.arch_kwargs, "flatten": req.output.flatten}}
     if Path(s.model).is_file():
         facts["model"] = file_fingerprint(s.model)
     files = ([] if s.input is None else [("", s.input)]) + [(sp.name, sp.path) for sp in map(InputSpec.parse, s.inputs)]
+    if q is not None and q.target is not None:  # FILE or FILE:KEY
+        files.append(("target", q.target if Path(q.target).is_file() else q.target.rpartition(":")[0]))
     if files and all(path != STDIO and Path(path).is_file() for _, path in files):
         facts["inputs"] = {name: file_fingerprint(path, whole=False) for name, path in files}
     return facts
@@ -214,7 +218,7 @@ def derivative(req: Request, *, world: int = 1, rank: int = 0) -> None:
                 view, axes = _flatten(torch.empty(shape, device="meta"), axes, k)
                 shape = tuple(view.shape)
             stream = jaccli.Stream(o.save, name=k.name, metadata={**meta, "axes": {k.name: axes}}, shape=shape,
-                                   force=o.force, resume=o.resume, fingerprint=_file_facts(req))  # fmt: skip
+                                   force=o.force, resume=o.resume, fingerprint=file_facts(req))  # fmt: skip
         show_bar = o.progress if o.progress is not None else err_console().is_terminal
         label = k.name if world == 1 else f"{k.name} (rank 0, 1/{world} of the points)"
         extra = {"estimator": d.estimator, "probes": d.probes, "seed": d.seed} if "estimator" in k.options else {}
@@ -324,7 +328,9 @@ def deliver(req: Request, outcome: Outcome, *, saved: bool = False) -> None:
             save_stdout(tensors, outcome.metadata)
         else:
             jaccli.save_tensors(o.save, tensors, metadata=outcome.metadata, force=o.force)
-    if o.plot is not None:
+    if o.plot is not None and k.plot is not None:
+        k.plotter()(o.plot, outcome.value, title=outcome.title, force=o.force)
+    elif o.plot is not None:
         from jaccli.show import plot
 
         spectra = {n: s for n, s in outcome.summaries.items() if k.summary == SPECTRA}
