@@ -1,16 +1,21 @@
 """The ``jaccli curvature`` and ``jaccli grads`` commands: curvature in parameter space.
 
-Thin Typer commands over :func:`jaccli.curvature` and :func:`jaccli.grads`; registered by
-:mod:`jaccli.cli.main`. Torch-free at import like the rest of the CLI. Under ``torchrun``
-the ranks join a process group (gloo on CPU, nccl on CUDA), each takes a shard of the
-samples, and rank 0 alone prints and saves.
+Typer commands over :func:`jaccli.curvature` and :func:`jaccli.grads`, named by the
+``curvature`` and ``grads`` records of :mod:`jaccli.request.kinds` (which
+:mod:`jaccli.cli.main` registers). Their options become one
+:class:`~jaccli.request.spec.Request` (the parameter-space options one
+:class:`~jaccli.request.spec.Parameters`); :func:`check` refuses what it can before torch,
+and the results are saved and plotted by :func:`jaccli.cli.run.deliver` and streamed with
+the resume facts of :func:`jaccli.cli.run.file_facts`, as for every command. Torch-free
+at import like the rest of the CLI. Under ``torchrun`` the ranks join a process group
+(:func:`jaccli.cli.run.process_group`), each takes a shard of the samples, and rank 0
+alone prints and saves.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import replace
 from typing import Annotated, Optional
 
@@ -20,7 +25,7 @@ from rich.console import Console
 import jaccli
 
 from jaccli.cli.inputs import collect_warnings, err_console, load_request
-from jaccli.cli.run import Outcome, _check_outputs, _streams, check_early, deliver, file_facts
+from jaccli.cli.run import Outcome, _check_outputs, _streams, check_early, deliver, file_facts, process_group
 from jaccli.request.kinds import kind
 from jaccli.request.spec import Derivative, Parameters, Request, Source
 from jaccli.request.spec import Output as OutputOptions
@@ -75,37 +80,6 @@ def _target(spec: str | None, device, where_default="target"):
         raise UsageError("no such tensor in the target file", where=path, expected=", ".join(sorted(tensors)), got=key)
     t = tensors[key] if key is not None else next(iter(tensors.values()))
     return t.to(device), path
-
-
-@contextmanager
-def _process_group(device: str):
-    """Under torchrun (``WORLD_SIZE`` > 1), join a process group for the command's duration."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        yield device
-        return
-    import torch
-    import torch.distributed as dist
-
-    if device.startswith("cuda") and ":" not in device:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    joined = not dist.is_initialized()
-    if joined:
-        nccl = device.startswith("cuda") and torch.cuda.is_available()
-        if nccl:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if nccl else "gloo")
-    try:
-        yield device
-    finally:
-        if joined:
-            dist.destroy_process_group()
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def curvature_command(
@@ -180,8 +154,7 @@ def curvature(req: Request) -> None:
     """Load, compute, deliver (save, plot) and show ``jaccli curvature``."""
     d, o, q, k = req.derivative, req.output, req.derivative.parameters, req.kind
     _check_outputs(req)
-    with _process_group(req.source.device) as device:
-        rank = _rank()
+    with process_group(req.source.device) as (device, _world, rank):
         source = replace(req.source, device=device)
         messages: list[str] = []
         with collect_warnings(messages, show=rank == 0):
@@ -258,8 +231,7 @@ def grads(req: Request) -> None:
                           got="no --save" if o.save is None else f"--save {o.save}" if d.per_sample else "no --per-sample")  # fmt: skip
     if not o.resume:
         _check_outputs(req)
-    with _process_group(req.source.device) as device:
-        rank = _rank()
+    with process_group(req.source.device) as (device, _world, rank):
         source = replace(req.source, device=device)
         messages: list[str] = []
         with collect_warnings(messages, show=rank == 0):

@@ -197,32 +197,14 @@ def _derivative(req: Request) -> None:
     from jaccli.cli import run
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        return run.derivative(req)
-    if not run._streams(req) and not req.output.dry_run:  # before joining: the other ranks fail alike
+    if world > 1 and not run._streams(req) and not req.output.dry_run:  # before joining: the other ranks fail alike
         raise UsageError(
             f"under torchrun ({world} processes) jaccli splits per-sample results streamed to a file",
             expected="--per-sample --save FILE.npy or FILE.safetensors",
             hint="run other requests in one process",
         )
-    import torch.distributed as dist
-
-    device = req.source.device
-    if device.startswith("cuda") and ":" not in device:
-        req = replace(req, source=replace(req.source, device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"))
-    joined = not dist.is_initialized()
-    if joined:
-        import torch
-
-        nccl = device.startswith("cuda") and torch.cuda.is_available()  # else loading says CUDA is missing
-        if nccl:  # nccl's object collectives run on the current device: each rank's own, not cuda:0
-            torch.cuda.set_device(req.source.device)
-        dist.init_process_group("nccl" if nccl else "gloo")
-    try:
-        run.derivative(req, world=dist.get_world_size(), rank=dist.get_rank())
-    finally:
-        if joined:
-            dist.destroy_process_group()
+    with run.process_group(req.source.device) as (device, world, rank):
+        run.derivative(replace(req, source=replace(req.source, device=device)), world=world, rank=rank)
 
 
 def help_text(k: Kind) -> str:

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -88,6 +89,33 @@ def _check_outputs(req: Request) -> None:
         from jaccli.show import plot
 
         plot.check_path(o.plot, force=o.force)
+
+
+@contextmanager
+def process_group(device: str):
+    """Under torchrun (``WORLD_SIZE`` > 1), join a process group for the command's duration
+    (gloo on CPU, nccl on CUDA, each rank on its own ``cuda:LOCAL_RANK``); yields the rank's
+    device, the number of processes and this one's rank. One process: the device as given."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        yield device, 1, 0
+        return
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda") and ":" not in device:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    joined = not dist.is_initialized()
+    if joined:
+        nccl = device.startswith("cuda") and torch.cuda.is_available()  # else loading says CUDA is missing
+        if nccl:  # nccl's object collectives run on the current device: each rank's own, not cuda:0
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if nccl else "gloo")
+    try:
+        yield device, dist.get_world_size(), dist.get_rank()
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 @dataclass
