@@ -1,16 +1,22 @@
 """The ``jaccli curvature`` and ``jaccli grads`` commands: curvature in parameter space.
 
-Thin Typer commands over :func:`jaccli.curvature` and :func:`jaccli.grads`; registered by
-:mod:`jaccli.cli.main`. Torch-free at import like the rest of the CLI. Under ``torchrun``
-the ranks join a process group (gloo on CPU, nccl on CUDA), each takes a shard of the
-samples, and rank 0 alone prints and saves.
+Typer commands over :func:`jaccli.curvature` and :func:`jaccli.grads`, named by the
+``curvature`` and ``grads`` records of :mod:`jaccli.request.kinds` (which
+:mod:`jaccli.cli.main` registers). Their options become one
+:class:`~jaccli.request.spec.Request` (the parameter-space options one
+:class:`~jaccli.request.spec.Parameters`); :func:`check` refuses what it can before torch,
+and the results are saved and plotted by :func:`jaccli.cli.run.deliver` and streamed with
+the resume facts of :func:`jaccli.cli.run.file_facts`, as for every command. Torch-free
+at import like the rest of the CLI. Under ``torchrun`` the ranks join a process group
+(:func:`jaccli.cli.run.process_group`), each takes a shard of the samples, and rank 0
+alone prints and saves.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
+from dataclasses import replace
 from typing import Annotated, Optional
 
 import typer
@@ -19,36 +25,16 @@ from rich.console import Console
 import jaccli
 
 from jaccli.cli.inputs import collect_warnings, err_console, load_request
-from jaccli.request.spec import Source
+from jaccli.cli.run import Outcome, _check_outputs, _streams, check_early, deliver, file_facts, process_group
+from jaccli.request.kinds import kind
+from jaccli.request.spec import Derivative, Parameters, Request, Source
+from jaccli.request.spec import Output as OutputOptions
 from jaccli.cli.options import (
     Activation, Arch, ArchKwargs, ChunkSize, Device, Digits, Dtype, Force, InputArg, Inputs, Json, Key, MaxInputBytes,
     ModelArg, Output, ProgressOpt, Quiet, Resume, _complete,
 )  # fmt: skip
-from jaccli.errors import UsageError
+from jaccli.errors import ResumeError, UsageError
 from jaccli.request.choices import LOSS_NAMES, MATRICES, REDUCTIONS, STDIO, WHICH
-
-CURVATURE_EXAMPLE = (
-    "jaccli curvature examples/models/potential.pt examples/models/potential_x.npy --loss output --matrix ef "
-    "--eig 3 --trace --by-layer"
-)
-GRADS_EXAMPLE = "jaccli grads examples/models/potential.pt2 examples/models/potential_x.npy --loss output --per-sample --save g.npy"
-
-CURVATURE_HELP = (
-    "Curvature of the loss over a data set with respect to the model's parameters: the Hessian, the "
-    "Gauss-Newton matrix (ggn, the Fisher for these losses) or the empirical Fisher (ef).\n\n"
-    "Parameters are the named parameters in state-dict order, each flattened row-major (--params "
-    "restricts them by glob). --full the P×P matrix, --diag, --trace (exact when affordable, else "
-    "Hutch++ ± its standard error), --eig K eigenvalues by Lanczos, --density the spectral density by "
-    "stochastic Lanczos quadrature (--plot draws it), --by-layer the figures of each tensor's diagonal "
-    "block, --standard-errors √diag(I⁻¹) of the observed information of a log-likelihood. Without any "
-    f"of these: the loss, the gradient norm and the trace.\n\nExample: {CURVATURE_EXAMPLE}"
-)
-GRADS_HELP = (
-    "The gradient of the reduced loss with respect to the model's parameters; --per-sample the [N, P] "
-    "gradients of each sample's own loss (their mean is the gradient of the mean loss), streamed to "
-    "--save FILE.npy or .safetensors chunk by chunk (--resume continues), with a summary of their norms."
-    f"\n\nExample: {GRADS_EXAMPLE}"
-)
 
 Loss = Annotated[
     str, typer.Option(help="Loss: " + ", ".join(LOSS_NAMES) + ".", autocompletion=_complete(LOSS_NAMES), show_default=False)
@@ -75,14 +61,6 @@ SaveMany = Annotated[
 ]  # fmt: skip
 
 
-def _check_plot(path: str | None, force: bool) -> None:
-    if path is not None:
-        from jaccli.show import plot
-
-        plot.check_path(path, force=force)
-        plot.require_matplotlib()
-
-
 def _target(spec: str | None, device, where_default="target"):
     """The target tensor of ``--target FILE[:KEY]`` as stored (integer classes stay integers)."""
     if spec is None:
@@ -102,37 +80,6 @@ def _target(spec: str | None, device, where_default="target"):
         raise UsageError("no such tensor in the target file", where=path, expected=", ".join(sorted(tensors)), got=key)
     t = tensors[key] if key is not None else next(iter(tensors.values()))
     return t.to(device), path
-
-
-@contextmanager
-def _process_group(device: str):
-    """Under torchrun (``WORLD_SIZE`` > 1), join a process group for the command's duration."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        yield device
-        return
-    import torch
-    import torch.distributed as dist
-
-    if device.startswith("cuda") and ":" not in device:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    joined = not dist.is_initialized()
-    if joined:
-        nccl = device.startswith("cuda") and torch.cuda.is_available()
-        if nccl:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if nccl else "gloo")
-    try:
-        yield device
-    finally:
-        if joined:
-            dist.destroy_process_group()
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def curvature_command(
@@ -174,70 +121,69 @@ def curvature_command(
     max_input_bytes: MaxInputBytes = None,
     digits: Digits = 6,
 ) -> None:  # fmt: skip
-    from jaccli.io import check_output
+    req = Request(
+        _source(model, input, inputs, key, device, dtype, arch, activation, arch_kwargs),
+        Derivative(kind("curvature"), chunk_size=chunk_size, output=output, parameters=Parameters(
+            loss=loss, target=target, reduction=reduction, params=params, matrix=matrix, full=full, diag=diag,
+            trace=trace, eig=eig, which=which, density=density, by_layer=by_layer, standard_errors=standard_errors,
+            samples=samples, probes=probes, steps=steps, tol=tol, seed=seed)),
+        OutputOptions(save=save, force=force, json=json_, quiet=quiet, digits=digits, plot=plot),
+    )  # fmt: skip
+    check(req)
+    curvature(req)
 
-    if loss not in LOSS_NAMES:
-        raise UsageError("unknown --loss", expected="one of " + ", ".join(LOSS_NAMES), got=loss)
-    if save == STDIO:
-        raise UsageError("curvature writes several tensors", expected="--save FILE.npz, .safetensors or .pt")
-    if plot is not None and not density:
+
+def _source(model, input, inputs, key, device, dtype, arch, activation, arch_kwargs) -> Source:
+    return Source(model, input, tuple(inputs or ()), key, device, dtype, arch, activation, arch_kwargs)
+
+
+def check(req: Request) -> None:
+    """The early checks of a parameter-space request (before torch), then those every command shares."""
+    k, o, q = req.kind, req.output, req.derivative.parameters
+    if q.loss not in LOSS_NAMES:
+        raise UsageError("unknown --loss", expected="one of " + ", ".join(LOSS_NAMES), got=q.loss)
+    if o.save == STDIO:  # a streaming kind writes one tensor, row by row, into a file it can seek
+        raise UsageError(f"{k.name} writes to a file", expected="--save FILE.npy, .safetensors, .npz or .pt") \
+            if k.streams else UsageError(f"{k.name} writes several tensors", expected="--save FILE.npz, .safetensors or .pt")
+    if o.plot is not None and not q.density:
         raise UsageError("--plot draws the spectral density", expected="--density with --plot")
-    if save is not None:
-        check_output(save, force=force)
-    _check_plot(plot, force)
-    with _process_group(device) as device:
-        rank = _rank()
-        source = Source(model=model, input=input, inputs=tuple(inputs or ()), key=key, device=device, dtype=dtype,
-                        arch=arch, activation=activation, arch_kwargs=arch_kwargs)  # fmt: skip
+    check_early(req)
+
+
+def curvature(req: Request) -> None:
+    """Load, compute, deliver (save, plot) and show ``jaccli curvature``."""
+    d, o, q, k = req.derivative, req.output, req.derivative.parameters, req.kind
+    _check_outputs(req)
+    with process_group(req.source.device) as (device, _world, rank):
+        source = replace(req.source, device=device)
         messages: list[str] = []
         with collect_warnings(messages, show=rank == 0):
             net, args, _sources, _ = load_request(source)
-            y, tname = _target(target, device)
-            result = jaccli.curvature(
-                net, args, y, loss=loss, matrix=matrix, full=full, diag=diag, trace=trace, eig=eig, which=which,
-                density=density, by_layer=by_layer, standard_errors=standard_errors, params=params,
-                reduction=reduction, samples=samples, probes=probes, steps=steps, tol=tol, seed=seed,
-                chunk_size=chunk_size, output=output, target_name=tname,
+            y, tname = _target(q.target, device)
+            result = k.engine()(
+                net, args, y, loss=q.loss, matrix=q.matrix, full=q.full, diag=q.diag, trace=q.trace, eig=q.eig,
+                which=q.which, density=q.density, by_layer=q.by_layer, standard_errors=q.standard_errors,
+                params=q.params, reduction=q.reduction, samples=q.samples, probes=q.probes, steps=q.steps,
+                tol=q.tol, seed=q.seed, chunk_size=d.chunk_size, output=d.output, target_name=tname,
             )  # fmt: skip
         if rank != 0:
             return
-        if save is not None:
-            meta = {"jaccli_version": jaccli.__version__, "command": "curvature", "model": model, "loss": loss,
-                    "matrix": matrix, "params": [p.as_dict() for p in result.params]}  # fmt: skip
-            import torch
+        model = req.source.model
+        meta = {"jaccli_version": jaccli.__version__, "command": k.name, "model": model, "loss": q.loss,
+                "matrix": q.matrix, "params": [p.as_dict() for p in result.params]}  # fmt: skip
+        import torch
 
-            tensors = {k: torch.from_numpy(v) for k, v in result.tensors().items()}
-            jaccli.save_tensors(save, tensors, metadata=meta, force=force)
-        if plot is not None:
-            from jaccli.show.curvature import plot_density
-
-            plot_density(plot, result, title=f"{matrix} spectral density: {os.path.basename(model)}", force=force)
-        if json_:
+        tensors = {n: torch.from_numpy(v) for n, v in result.tensors().items()}
+        deliver(req, Outcome(tensors, {}, {}, {}, meta, f"{q.matrix} spectral density: {os.path.basename(model)}",
+                             value=result))  # fmt: skip
+        if o.json:
             doc = result.as_dict()
-            doc.update(model=model, warnings=messages, saved_to=save, plot=plot)
+            doc.update(model=model, warnings=messages, saved_to=o.save, plot=o.plot)
             typer.echo(json.dumps(doc))
-        elif not quiet:
+        elif not o.quiet:
             from jaccli.show.curvature import show_curvature
 
-            show_curvature(Console(highlight=False), result, model=model, digits=digits, saved_to=save)
-
-
-def _fingerprint(model: str, input: str | None, inputs, target: str | None) -> dict:
-    """The files a resumed ``grads`` run must share with the interrupted one."""
-    from pathlib import Path
-
-    from jaccli.io import InputSpec
-    from jaccli.io.records import file_fingerprint
-
-    facts: dict = {}
-    if Path(model).is_file():
-        facts["model_file"] = file_fingerprint(model)
-    files = ([] if input is None else [("", input)]) + [(s.name, s.path) for s in map(InputSpec.parse, inputs or ())]
-    if target is not None and Path(target.rpartition(":")[0] or target).is_file():
-        files.append(("target", target if Path(target).is_file() else target.rpartition(":")[0]))
-    if files and all(p != STDIO and Path(p).is_file() for _, p in files):
-        facts["inputs"] = {name: file_fingerprint(p, whole=False) for name, p in files}
-    return facts
+            show_curvature(Console(highlight=False), result, model=model, digits=o.digits, saved_to=o.save)
 
 
 def grads_command(
@@ -266,54 +212,58 @@ def grads_command(
     max_input_bytes: MaxInputBytes = None,
     digits: Digits = 6,
 ) -> None:  # fmt: skip
-    from jaccli.io import can_stream, check_output
-    from jaccli.errors import ResumeError
+    req = Request(
+        _source(model, input, inputs, key, device, dtype, arch, activation, arch_kwargs),
+        Derivative(kind("grads"), per_sample=per_sample, chunk_size=chunk_size, output=output,
+                   parameters=Parameters(loss=loss, target=target, reduction=reduction, params=params)),
+        OutputOptions(save=save, force=force, json=json_, quiet=quiet, digits=digits, progress=progress, resume=resume),
+    )  # fmt: skip
+    check(req)
+    grads(req)
 
-    if loss not in LOSS_NAMES:
-        raise UsageError("unknown --loss", expected="one of " + ", ".join(LOSS_NAMES), got=loss)
-    if save == STDIO:
-        raise UsageError("grads writes to a file", expected="--save FILE.npy, .safetensors, .npz or .pt")
-    streams = per_sample and save is not None and can_stream(save)
-    if resume and not streams:
+
+def grads(req: Request) -> None:
+    """Load, compute (streaming per-sample rows to ``--save``) and show ``jaccli grads``."""
+    d, o, q, k = req.derivative, req.output, req.derivative.parameters, req.kind
+    streams = _streams(req)
+    if o.resume and not streams:
         raise ResumeError("--resume continues per-sample gradients streaming to --save FILE.npy or FILE.safetensors",
-                          got="no --save" if save is None else f"--save {save}" if per_sample else "no --per-sample")  # fmt: skip
-    if save is not None and not resume:
-        check_output(save, force=force)
-    with _process_group(device) as device:
-        rank = _rank()
-        source = Source(model=model, input=input, inputs=tuple(inputs or ()), key=key, device=device, dtype=dtype,
-                        arch=arch, activation=activation, arch_kwargs=arch_kwargs)  # fmt: skip
+                          got="no --save" if o.save is None else f"--save {o.save}" if d.per_sample else "no --per-sample")  # fmt: skip
+    if not o.resume:
+        _check_outputs(req)
+    with process_group(req.source.device) as (device, _world, rank):
+        source = replace(req.source, device=device)
         messages: list[str] = []
         with collect_warnings(messages, show=rank == 0):
             net, args, _sources, _ = load_request(source)
-            y, tname = _target(target, device)
+            y, tname = _target(q.target, device)
             spec = None
-            if save is not None:
-                meta = {"jaccli_version": jaccli.__version__, "command": "grads", "model": model, "loss": loss,
-                        "reduction": reduction, "params": params, "per_sample": per_sample}  # fmt: skip
-                spec = jaccli.Stream(save, name="grads", metadata=meta, force=force, resume=resume,
-                                     fingerprint=_fingerprint(model, input, inputs, target) if streams else None)  # fmt: skip
+            if o.save is not None:
+                meta = {"jaccli_version": jaccli.__version__, "command": k.name, "model": req.source.model,
+                        "loss": q.loss, "reduction": q.reduction, "params": q.params, "per_sample": d.per_sample}  # fmt: skip
+                spec = jaccli.Stream(o.save, name=k.name, metadata=meta, force=o.force, resume=o.resume,
+                                     fingerprint=file_facts(req) if streams else None)  # fmt: skip
             from jaccli.show.progress import ProgressBar
 
-            show_bar = progress if progress is not None else err_console().is_terminal
-            with ProgressBar("per-sample gradients", force=bool(progress)) as bar:
-                use_bar = per_sample and show_bar and not quiet and not json_ and rank == 0
+            show_bar = o.progress if o.progress is not None else err_console().is_terminal
+            with ProgressBar("per-sample gradients", force=bool(o.progress)) as bar:
+                use_bar = d.per_sample and show_bar and not o.quiet and not o.json and rank == 0
                 try:
-                    result = jaccli.grads(net, args, y, loss=loss, reduction=reduction, per_sample=per_sample,
-                                          params=params, chunk_size=chunk_size, output=output, save=spec,
-                                          progress=bar if use_bar else None, target_name=tname)  # fmt: skip
+                    result = k.engine()(net, args, y, loss=q.loss, reduction=q.reduction, per_sample=d.per_sample,
+                                        params=q.params, chunk_size=d.chunk_size, output=d.output, save=spec,
+                                        progress=bar if use_bar else None, target_name=tname)  # fmt: skip
                 except KeyboardInterrupt:
                     if streams and rank == 0:
-                        err_console().print(f"[bold]note:[/] the rows written so far are kept beside {save}; "
+                        err_console().print(f"[bold]note:[/] the rows written so far are kept beside {o.save}; "
                                             "the same command with --resume continues from there")  # fmt: skip
                     raise
         if rank != 0:
             return
-        if json_:
+        if o.json:
             doc = result.as_dict()
-            doc.update(model=model, warnings=messages)
+            doc.update(model=req.source.model, warnings=messages)
             typer.echo(json.dumps(doc))
-        elif not quiet:
+        elif not o.quiet:
             from jaccli.show.curvature import show_grads
 
-            show_grads(Console(highlight=False), result, model=model, digits=digits)
+            show_grads(Console(highlight=False), result, model=req.source.model, digits=o.digits)

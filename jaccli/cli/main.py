@@ -27,12 +27,12 @@ import jaccli
 # to import, which --help, --version and shell completion must not pay. Commands import
 # what they use when they run.
 from jaccli.request.choices import DEFAULT_DIGITS, ESTIMATORS
-from jaccli.request.kinds import Kind, derivative_kinds, kind
+from jaccli.request.kinds import Kind, kinds
 from jaccli.request.spec import Derivative, Request, Selection, Source
 from jaccli.request.spec import Output as OutputOptions
 from jaccli.errors import CheckFailed, JaccliError, OutputClosed, UsageError
 from jaccli import signals
-from jaccli.cli import allocator as _allocator, partials as cli_partials
+from jaccli.cli import allocator as _allocator
 from jaccli.cli.inputs import collect_warnings, err_console, load_model_option, load_request
 from jaccli.cli.run import check_early, parse_show
 from jaccli.cli.options import (
@@ -197,32 +197,14 @@ def _derivative(req: Request) -> None:
     from jaccli.cli import run
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        return run.derivative(req)
-    if not run._streams(req) and not req.output.dry_run:  # before joining: the other ranks fail alike
+    if world > 1 and not run._streams(req) and not req.output.dry_run:  # before joining: the other ranks fail alike
         raise UsageError(
             f"under torchrun ({world} processes) jaccli splits per-sample results streamed to a file",
             expected="--per-sample --save FILE.npy or FILE.safetensors",
             hint="run other requests in one process",
         )
-    import torch.distributed as dist
-
-    device = req.source.device
-    if device.startswith("cuda") and ":" not in device:
-        req = replace(req, source=replace(req.source, device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"))
-    joined = not dist.is_initialized()
-    if joined:
-        import torch
-
-        nccl = device.startswith("cuda") and torch.cuda.is_available()  # else loading says CUDA is missing
-        if nccl:  # nccl's object collectives run on the current device: each rank's own, not cuda:0
-            torch.cuda.set_device(req.source.device)
-        dist.init_process_group("nccl" if nccl else "gloo")
-    try:
-        run.derivative(req, world=dist.get_world_size(), rank=dist.get_rank())
-    finally:
-        if joined:
-            dist.destroy_process_group()
+    with run.process_group(req.source.device) as (device, world, rank):
+        run.derivative(replace(req, source=replace(req.source, device=device)), world=world, rank=rank)
 
 
 def help_text(k: Kind) -> str:
@@ -295,15 +277,17 @@ def _make_command(k: Kind):
     return command
 
 
-for _kind in derivative_kinds():
-    app.command(_kind.name, help=help_text(_kind))(_make_command(_kind))
+# every kind's command, in registration order: the shared one built from its record, or the
+# kind's own (partials, curvature, grads), named by its record and imported here
+for _kind in kinds():
+    app.command(_kind.name, help=help_text(_kind))(_kind.typer_command() or _make_command(_kind))
 
 
 def _example_line(name: str) -> str:
     return f"\n\nExample (after jaccli example all):\n\n  {COMMAND_EXAMPLES[name]}"
 
 
-#: examples of the commands that are not derivative kinds (a test runs each one)
+#: examples of the commands that are not kinds (info, check); a kind's are in its record
 COMMAND_EXAMPLES = {
     "info": "jaccli info pinn.pt pinn_x.npy",
     "check": "jaccli check pinn.pt pinn_x.npy --hessian",
@@ -392,8 +376,6 @@ def check(
         raise CheckFailed(report.failures[0], where=model)
 
 
-app.command("partials", help=help_text(kind("partials")))(cli_partials.partials_command)
-
 #: the example models ``jaccli example`` writes (:mod:`jaccli.cli.example_models`), torch-free here
 EXAMPLE_NAMES = ("pinn", "ode", "field", "potential", "decay", "heat", "cnn", "transformer")
 
@@ -436,13 +418,6 @@ def example(
         for path in example_models.write(n, module, inputs, out):
             if not quiet:
                 typer.echo(f"wrote {path}")
-
-from jaccli.cli import curvature as cli_curvature  # noqa: E402  (parameter space: jaccli.curvature, jaccli.grads)
-
-COMMAND_EXAMPLES.update(curvature=cli_curvature.CURVATURE_EXAMPLE, grads=cli_curvature.GRADS_EXAMPLE)
-app.command("curvature", help=cli_curvature.CURVATURE_HELP)(cli_curvature.curvature_command)
-app.command("grads", help=cli_curvature.GRADS_HELP)(cli_curvature.grads_command)
-
 
 def main() -> None:
     """Run the command line with SIGINT, SIGTERM and SIGHUP handled (:mod:`jaccli.signals`);

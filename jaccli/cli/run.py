@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -90,6 +91,33 @@ def _check_outputs(req: Request) -> None:
         plot.check_path(o.plot, force=o.force)
 
 
+@contextmanager
+def process_group(device: str):
+    """Under torchrun (``WORLD_SIZE`` > 1), join a process group for the command's duration
+    (gloo on CPU, nccl on CUDA, each rank on its own ``cuda:LOCAL_RANK``); yields the rank's
+    device, the number of processes and this one's rank. One process: the device as given."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        yield device, 1, 0
+        return
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda") and ":" not in device:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    joined = not dist.is_initialized()
+    if joined:
+        nccl = device.startswith("cuda") and torch.cuda.is_available()  # else loading says CUDA is missing
+        if nccl:  # nccl's object collectives run on the current device: each rank's own, not cuda:0
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if nccl else "gloo")
+    try:
+        yield device, dist.get_world_size(), dist.get_rank()
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
 @dataclass
 class Outcome:
     """What a command computed, named for saving, plotting and summarising."""
@@ -102,6 +130,8 @@ class Outcome:
     title: str
     extra: dict = field(default_factory=dict)  # tensors saved beside the results (stderr)
     summaries: dict = field(default_factory=dict)
+    #: what the kind's engine returned, for a kind that draws its own picture (curvature)
+    value: object = None
 
 
 # --------------------------------------------------------------------------- derivatives
@@ -116,19 +146,21 @@ def _streams(req: Request) -> bool:
     return bool(req.kind.streams and d.per_sample and one and d.estimator == "exact" and can_stream(req.output.save))
 
 
-def _file_facts(req: Request) -> dict:
-    """The model and input files a resumed run must share with the interrupted one (what the
-    engine's :func:`~jaccli.engine.api.fingerprint` cannot see from tensors), and the CLI's
-    loading options."""
+def file_facts(req: Request) -> dict:
+    """The model, input (and ``--target``) files a resumed run must share with the interrupted
+    one (what the engine's :func:`~jaccli.engine.api.fingerprint` cannot see from tensors), and
+    the CLI's loading options: the caller's part of the one fingerprint of a streamed result."""
     from jaccli.io import InputSpec
     from jaccli.io.records import file_fingerprint
 
-    s = req.source
+    s, q = req.source, req.derivative.parameters
     facts: dict = {"cli": {"device": s.device, "dtype": s.dtype, "key": s.key, "arch": s.arch,
                            "activation": s.activation, "arch_kwargs": s.arch_kwargs, "flatten": req.output.flatten}}
     if Path(s.model).is_file():
         facts["model"] = file_fingerprint(s.model)
     files = ([] if s.input is None else [("", s.input)]) + [(sp.name, sp.path) for sp in map(InputSpec.parse, s.inputs)]
+    if q is not None and q.target is not None:  # FILE or FILE:KEY
+        files.append(("target", q.target if Path(q.target).is_file() else q.target.rpartition(":")[0]))
     if files and all(path != STDIO and Path(path).is_file() for _, path in files):
         facts["inputs"] = {name: file_fingerprint(path, whole=False) for name, path in files}
     return facts
@@ -214,7 +246,7 @@ def derivative(req: Request, *, world: int = 1, rank: int = 0) -> None:
                 view, axes = _flatten(torch.empty(shape, device="meta"), axes, k)
                 shape = tuple(view.shape)
             stream = jaccli.Stream(o.save, name=k.name, metadata={**meta, "axes": {k.name: axes}}, shape=shape,
-                                   force=o.force, resume=o.resume, fingerprint=_file_facts(req))  # fmt: skip
+                                   force=o.force, resume=o.resume, fingerprint=file_facts(req))  # fmt: skip
         show_bar = o.progress if o.progress is not None else err_console().is_terminal
         label = k.name if world == 1 else f"{k.name} (rank 0, 1/{world} of the points)"
         extra = {"estimator": d.estimator, "probes": d.probes, "seed": d.seed} if "estimator" in k.options else {}
@@ -324,7 +356,9 @@ def deliver(req: Request, outcome: Outcome, *, saved: bool = False) -> None:
             save_stdout(tensors, outcome.metadata)
         else:
             jaccli.save_tensors(o.save, tensors, metadata=outcome.metadata, force=o.force)
-    if o.plot is not None:
+    if o.plot is not None and k.plot is not None:
+        k.plotter()(o.plot, outcome.value, title=outcome.title, force=o.force)
+    elif o.plot is not None:
         from jaccli.show import plot
 
         spectra = {n: s for n, s in outcome.summaries.items() if k.summary == SPECTRA}

@@ -101,33 +101,21 @@ def _saved(d: Derivative, p, value, save):
 
 
 def fingerprint(d: Derivative, p, plan_, spec) -> dict:
-    """What must not change between an interrupted streaming run and its resumption: the
-    request's options and the plan's chunking, with what the files say where the caller
-    knows it (``Stream.fingerprint``: the CLI's model and input files), else digests of
-    the parameters and input tensors themselves. The one fingerprint of a request."""
-    import hashlib
-    import importlib.metadata
+    """The engine's facts of a streamed request — its options and the plan's chunking —
+    with what the caller knows of its files (``Stream.fingerprint``), made into the one
+    fingerprint of a streamed result by :func:`jaccli.io.records.fingerprint` (which adds
+    digests of the parameters and input tensors where the caller named no files)."""
+    from jaccli.io.records import fingerprint as whole
 
-    from jaccli.io.records import parameters_fingerprint
-
-    given = dict(spec.fingerprint or {})
     facts = {
         "request": d.fingerprint(),
         "engine": plan_.engine,
         "mode": plan_.mode,
         "directions_per_pass": plan_.directions_per_pass,
         "points": plan_.points,
-        "versions": {"jaccli": importlib.metadata.version("jaccli"), "torch": torch.__version__},
+        **dict(spec.fingerprint or {}),
     }
-    if "model" not in given:
-        facts["model"] = parameters_fingerprint(p.module)
-    if "inputs" not in given:
-        digests = {}
-        for label, v in zip(p.labels, p.args.values):
-            h = hashlib.sha256(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-            digests[label] = {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": h.hexdigest()}
-        facts["inputs"] = digests
-    return {**facts, **given}
+    return whole(facts, module=p.module, tensors=dict(zip(p.labels, p.args.values)))
 
 
 def plan(

@@ -30,18 +30,15 @@ from jaccli.engine.strategies import STRATEGIES, count_directions, estimate_seco
 
 _MIB = 2**20
 
-#: working-memory multiple of one forward pass, per point and direction (empirical)
+#: working-memory multiple of one forward pass, per point and direction (empirical), by the
+#: Taylor order of the kind (first derivatives and their trace; second derivatives and
+#: theirs) and the resolved mode
 _MEMORY_FACTOR = {
-    ("jacobian", "forward"): 2.0,
-    ("jacobian", "reverse"): 3.0,
-    ("divergence", "forward"): 2.0,
-    ("divergence", "reverse"): 3.0,
-    ("hessian", "forward"): 4.0,
-    ("hessian", "reverse"): 6.0,
-    ("laplacian", "forward"): 4.0,
-    ("laplacian", "reverse"): 6.0,
-    ("hessian", "reverse-only"): 8.0,
-    ("laplacian", "reverse-only"): 8.0,
+    (1, "forward"): 2.0,
+    (1, "reverse"): 3.0,
+    (2, "forward"): 4.0,
+    (2, "reverse"): 6.0,
+    (2, "reverse-only"): 8.0,
 }
 
 
@@ -147,14 +144,11 @@ class Plan:
 
 def _result_shape(kind: str, p: Problem, estimator: str) -> tuple[int, ...]:
     """The user-facing shape of the whole result (all differentiated inputs together)."""
+    k = kind_of(kind)
     lead = (p.n,) if p.per_sample else ()
     flat_in = (p.n_in,) if len(p.in_shapes) > 1 else p.in_shapes[0]
-    return {
-        "jacobian": lead + p.out_shape + flat_in,
-        "hessian": lead + p.out_shape + flat_in + flat_in,
-        "laplacian": lead + p.out_shape,
-        "divergence": lead,
-    }[kind]
+    out = () if k.square else p.out_shape  # a trace of a square Jacobian has no output axes
+    return lead + out + flat_in * k.order
 
 
 def strategy_key(kind: str, estimator: str, mode: str) -> tuple[str, str]:
@@ -222,7 +216,7 @@ def make_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int, chu
     result_bytes = math.prod(shape) * itemsize
     available = memory_available(p.device)
     budget = working_budget(p.device)
-    per_point_dir = max(p.act_bytes, 1.0) * _MEMORY_FACTOR[(kind, resolved)]
+    per_point_dir = max(p.act_bytes, 1.0) * _MEMORY_FACTOR[(kind_of(kind).taylor_order, resolved)]
     row_bytes = math.prod(strategy.result_shape(p)) * itemsize
     if p.per_sample:
         if chunk_size is not None:

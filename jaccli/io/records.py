@@ -21,6 +21,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -188,6 +189,32 @@ def parameters_fingerprint(f) -> str | None:
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def fingerprint(facts: Mapping, *, module=None, tensors: Mapping | None = None, layout: Mapping | None = None) -> dict:
+    """The one fingerprint of a streamed result: what a resumed run must share with the
+    interrupted one, recorded beside the partial file and compared key by key on resume.
+
+    ``facts`` are the caller's: the request's options and the plan's chunking (the engine),
+    or the loss and parameters (``grads``), and what the CLI knows of its files (``model``,
+    ``inputs``: :func:`file_fingerprint`) and loading options. Where the caller names no
+    ``model`` or ``inputs``, digests of ``module``'s parameters and of the argument
+    ``tensors`` themselves stand in; the jaccli and torch versions are added unless given.
+    ``layout`` is the file's own (format, shape, dtype, tensor name, header metadata), which
+    :class:`~jaccli.io.stream.FileSink` adds."""
+    import importlib.metadata
+
+    out = dict(facts)
+    out.setdefault("versions", {"jaccli": importlib.metadata.version("jaccli"), "torch": torch.__version__})
+    if module is not None and "model" not in out:
+        out["model"] = parameters_fingerprint(module)
+    if tensors is not None and "inputs" not in out:
+        out["inputs"] = {
+            label: {"shape": list(v.shape), "dtype": str(v.dtype),
+                    "sha256": hashlib.sha256(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()}
+            for label, v in tensors.items()
+        }  # fmt: skip
+    return {**out, **(layout or {})}
 
 
 def _atomic_json(path: Path, doc: dict, *, pause: str | None = None) -> None:

@@ -56,6 +56,7 @@ import torch
 from jaccli.errors import format_bytes, JaccliError, OutputError, ResumeError, UsageError
 from jaccli import signals
 from jaccli.io import transfer
+from jaccli.io import records
 from jaccli.io.records import (_Stats, _atomic_json, _done_path, _done_paths, _fsync_dir, _meta_path, _ranges, lock,
                                 partial_path, read_records, remove_stale_temporaries)  # fmt: skip
 from jaccli.io.write import _pause_for_tests, _place, check_writable, output_format
@@ -426,15 +427,15 @@ class FileSink:
         self.last_record = time.monotonic()
 
     def _fingerprint(self) -> dict:
-        return {
-            **self.fingerprint,
+        """The caller's facts with this file's layout: :func:`~jaccli.io.records.fingerprint`."""
+        return records.fingerprint(self.fingerprint, layout={
             "format_version": _FORMAT_VERSION,
             "file_format": self.fmt,
             "shape": list(self.shape),
             "dtype": str(self.dtype).removeprefix("torch."),
             "name": self.stream.name,
             "metadata": {k: v if isinstance(v, str) else json.dumps(v) for k, v in (self.stream.metadata or {}).items()},
-        }
+        })  # fmt: skip
 
     def _create_or_resume(self, grid: int) -> dict:
         """Rank 0: lock the partial file, then either continue the run it holds (``--resume``)

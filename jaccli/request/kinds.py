@@ -1,19 +1,21 @@
 """The derivative kinds: one :class:`Kind` record per command, in one registry.
 
-Everything that differs between ``jacobian``, ``hessian``, ``divergence``, ``laplacian``
-and ``partials`` (and the parameter-space kinds registered by their own packages) is a
+Everything that differs between ``jacobian``, ``hessian``, ``divergence``, ``laplacian``,
+``partials`` and the parameter-space kinds ``curvature`` and ``grads`` is a
 field of its record here: the name, the title and symbol shown, how many differentiated
 arguments the result's trailing axes belong to (its shape and axis names), how a
 point's block is laid out for tables and pictures, which options the command takes,
 what ``--summary`` gives, whether a per-sample result streams to disk, the help text
-and the runnable ``--help`` examples, and the function of the engine that computes it.
+and the runnable ``--help`` examples, the function of the engine that computes it, and
+the Typer command of a kind with options of its own. ``jaccli --help`` lists these
+commands in registration order.
 Adding a kind is one :func:`register` call; nothing else in jaccli tests a kind's name.
 
 **Layers.** This module sits in the torch-free :mod:`jaccli.request` layer, below
 everything that gives a kind meaning, so that the CLI can build ``--help`` and check a
 request before torch is imported, and every layer above (engine, show, cli) can read
-the records. The references *upwards* — the engine function that computes a kind and
-the extra summary of a kind — are therefore written as ``"module:attribute"`` strings
+the records. The references *upwards* — the engine function that computes a kind, the
+Typer command of a kind with its own options, a kind's own picture — are therefore written as ``"module:attribute"`` strings
 and resolved with :func:`importlib.import_module` when first used (:meth:`Kind.engine`).
 import-linter does not see those strings, on purpose: resolving them at run time, in the
 layer that calls them, is what keeps the import graph pointing downwards.
@@ -22,6 +24,8 @@ layer that calls them, is what keeps the import graph pointing downwards.
 (2, ('out', 'in', "in'"))
 >>> [k.name for k in derivative_kinds()]
 ['jacobian', 'hessian', 'divergence', 'laplacian']
+>>> [k.name for k in kinds() if k.command]
+['partials', 'curvature', 'grads']
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ from jaccli.errors import UsageError
 PER_ARGUMENT, PER_PAIR, JOINT = "per-argument", "per-pair", "joint"
 
 #: what ``--summary`` computes: spectra of each point's matrix (Jacobian singular values,
-#: Hessian eigenvalues), or the distribution over the points of each value
-SPECTRA, VALUES = "spectra", "values"
+#: Hessian eigenvalues), the distribution over the points of each value, or nothing (the
+#: parameter-space kinds, whose tables already are figures over the data set)
+SPECTRA, VALUES, NO_SUMMARY = "spectra", "values", "none"
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,24 @@ class Kind:
     #: whether :func:`jaccli.plan` plans it (the engine's chunked strategies and the Taylor
     #: program); partials plan themselves
     planned: bool = True
+    #: ``module:function`` of its Typer command where it has its own options (partials, the
+    #: parameter-space kinds); None for the command every planned kind shares
+    command: str | None = None
+    #: ``module:function`` drawing ``--plot`` where the kind draws its own picture (the
+    #: spectral density of ``curvature``); None for :func:`jaccli.show.plot.plot_results`
+    plot: str | None = None
 
     def engine(self) -> Callable:
         """The engine's function for this kind (imports torch on first call)."""
-        module, _, attr = self.entry.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return _resolve(self.entry)
+
+    def typer_command(self) -> Callable | None:
+        """The kind's own Typer command function, or None for the shared one (torch-free)."""
+        return None if self.command is None else _resolve(self.command)
+
+    def plotter(self) -> Callable | None:
+        """The kind's own ``--plot`` function, or None for the shared one."""
+        return None if self.plot is None else _resolve(self.plot)
 
     def result_names(self, wrt: list[str]) -> list[tuple[str, tuple[str, ...]]]:
         """``(name, differentiated arguments)`` of each result tensor for arguments ``wrt``:
@@ -96,6 +114,11 @@ class Kind:
         if self.split == PER_ARGUMENT:
             return [(f"{self.name}_{a}", (a,)) for a in wrt]
         return [(f"{self.name}_{a}_{b}", (a, b)) for a in wrt for b in wrt]
+
+
+def _resolve(ref: str) -> Callable:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 _REGISTRY: dict[str, Kind] = {}
@@ -248,5 +271,71 @@ register(
         options=frozenset({"want", "in", "out", "fail_above"}),
         planned=False,
         streams=False,
+        command="jaccli.cli.partials:partials_command",
+    )
+)
+# The parameter-space kinds: derivatives of a loss over a data set with respect to the
+# model's parameters (jaccli.curvature). Their results are figures of one P-vector or P×P
+# matrix, not per-point blocks over the input, so they have no block layout of their own.
+register(
+    Kind(
+        name="curvature",
+        title="curvature",
+        symbol="H",
+        line_label="{out}",
+        order=0,
+        taylor_order=0,
+        groups=(None, None, None),
+        split=JOINT,
+        summary=NO_SUMMARY,
+        entry="jaccli.curvature:curvature",
+        help=(
+            "Curvature of the loss over a data set with respect to the model's parameters: the Hessian, the "
+            "Gauss-Newton matrix (ggn, the Fisher for these losses) or the empirical Fisher (ef).\n\n"
+            "Parameters are the named parameters in state-dict order, each flattened row-major (--params "
+            "restricts them by glob). --full the P×P matrix, --diag, --trace (exact when affordable, else "
+            "Hutch++ ± its standard error), --eig K eigenvalues by Lanczos, --density the spectral density by "
+            "stochastic Lanczos quadrature (--plot draws it), --by-layer the figures of each tensor's diagonal "
+            "block, --standard-errors √diag(I⁻¹) of the observed information of a log-likelihood. Without any "
+            "of these: the loss, the gradient norm and the trace."
+        ),
+        examples=(
+            "jaccli curvature potential.pt potential_x.npy --loss output --matrix ef --eig 3 --trace --by-layer",
+            "jaccli curvature potential.pt2 potential_x.npy --loss output --diag --save curvature.npz",
+        ),
+        options=frozenset({"loss", "target", "matrix", "full", "diag", "trace", "eig", "which", "density",
+                           "by_layer", "standard_errors", "params", "reduction", "samples", "probes", "steps",
+                           "tol", "seed"}),  # fmt: skip
+        planned=False,
+        streams=False,
+        command="jaccli.cli.curvature:curvature_command",
+        plot="jaccli.show.curvature:plot_density",
+    )
+)
+register(
+    Kind(
+        name="grads",
+        title="gradients",
+        symbol="∇",
+        line_label="{out}",
+        order=0,
+        taylor_order=0,
+        groups=(None, None, None),
+        split=JOINT,
+        summary=NO_SUMMARY,
+        entry="jaccli.curvature:grads",
+        help=(
+            "The gradient of the reduced loss with respect to the model's parameters; --per-sample the [N, P] "
+            "gradients of each sample's own loss (their mean is the gradient of the mean loss), streamed to "
+            "--save FILE.npy or .safetensors chunk by chunk (--resume continues), with a summary of their norms."
+        ),
+        examples=(
+            "jaccli grads potential.pt2 potential_x.npy --loss output --per-sample --save g.npy",
+            "jaccli grads potential.pt potential_x.npy --loss output --params Q --json",
+        ),
+        options=frozenset({"loss", "target", "params", "reduction"}),
+        planned=False,
+        streams=True,
+        command="jaccli.cli.curvature:grads_command",
     )
 )

@@ -112,6 +112,33 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Parameters:
+    """What a parameter-space kind (``curvature``, ``grads``) computes: the loss over the
+    data set, which parameters, and which figures of its curvature."""
+
+    loss: str = "mse"
+    #: ``--target FILE[:KEY]``: one row per sample
+    target: str | None = None
+    reduction: str | None = None
+    #: comma-separated globs of parameter names
+    params: str | None = None
+    matrix: str = "hessian"
+    full: bool = False
+    diag: bool = False
+    trace: bool = False
+    eig: int | None = None
+    which: str = "largest"
+    density: bool = False
+    by_layer: bool = False
+    standard_errors: bool = False
+    samples: int = 100
+    probes: int = 8
+    steps: int = 64
+    tol: float = 1e-6
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Derivative:
     """What to compute: the kind and the options of the engine."""
 
@@ -132,6 +159,8 @@ class Derivative:
     in_names: str | None = None
     out_names: str | None = None
     limits: tuple[tuple[str, float], ...] = ()
+    #: the parameter-space kinds: the loss and the figures asked for
+    parameters: Parameters | None = None
 
     def fingerprint(self) -> dict:
         """The options a resumed run must share with the interrupted one, JSON-able."""

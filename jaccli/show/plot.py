@@ -153,11 +153,11 @@ def _hist(ax, values, title: str, xlabel: str, zero_line: bool = False, labels: 
     ax.grid(alpha=0.3)
 
 
-def _spectrum_labels(kind: str, k: int) -> list[str] | None:
+def _spectrum_labels(order: int, k: int) -> list[str] | None:
     """Legend of each singular value (largest first) or eigenvalue (smallest first), when few."""
     if k > MAX_SPECTRUM_LINES or k < 2:
         return None
-    if kind == "jacobian":
+    if order == 1:
         return ["σ_max"] + [f"σ_{i + 1}" for i in range(1, k - 1)] + ["σ_min"]
     return ["λ_min"] + [f"λ_{i + 1}" for i in range(1, k - 1)] + ["λ_max"]
 
@@ -221,10 +221,10 @@ def figure(
         s = summaries.get(name)
         if s is not None:
             spec = s.spectra.numpy()
-            labels = _spectrum_labels(s.kind, spec.shape[1])
+            labels = _spectrum_labels(s.order, spec.shape[1])
             spec = spec if labels else spec.reshape(-1)
             over = f"{s.points:,} points" + (f" × {s.components:,} outputs" if s.components > 1 else "")
-            if s.kind == "jacobian":
+            if s.order == 1:
                 draws.append(lambda fig, ax, v=spec, n=name, o=over, lb=labels: _hist(ax, v, f"{n}: singular values, {o}", "σ", labels=lb))
                 if "logabsdet" in s.per_point:
                     ld = s.per_point["logabsdet"].numpy()

@@ -485,16 +485,16 @@ def show_summary(console: Console, summary, *, title: str, digits: int = DEFAULT
     for col in ("min", "median", "max"):
         table.add_column(col, justify="right", no_wrap=True, header_style="bold cyan")
     stats_ = summary.stats()
-    for key, label in QUANTITIES[summary.kind].items():
+    for key, label in QUANTITIES[summary.order].items():
         if key not in stats_:
             continue
         table.add_row(escape(label), *[("—" if v is None else f"{v:.{digits}g}") for v in stats_[key].values()])
     _print_titled(console, table)
     if summary.counts:
-        what = "det J" if summary.kind == "jacobian" else "definiteness"
+        what = "det J" if summary.order == 1 else "definiteness"
         parts = [f"{n:,} {_CLASS_TEXT[k]}" for k, n in summary.counts.items() if n]
         console.print(f"  [bold cyan]{what}:[/] " + escape(", ".join(parts) or "none"))
-    if summary.kind == "hessian" and summary.rtol is not None:
+    if summary.order == 2 and summary.rtol is not None:
         console.print(f"  [dim]an eigenvalue counts as zero when |λ| ≤ {summary.rtol:.2g} · max|λ|[/]")
     if summary.non_finite:
         console.print(f"  [yellow]{summary.non_finite:,} matrices with NaN or Inf left out[/]")

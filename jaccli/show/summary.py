@@ -37,9 +37,12 @@ import numpy as np
 import torch
 
 from jaccli.errors import UsageError
+from jaccli.request.kinds import SPECTRA, kinds
+from jaccli.request.kinds import kind as kind_of
 
-#: kinds that have a summary
-SUMMARY_KINDS = ("jacobian", "hessian")
+#: kinds whose summary is spectra of each point's matrix: singular values of an order-1
+#: result (a Jacobian), eigenvalues of an order-2 one (a Hessian)
+SUMMARY_KINDS = tuple(k.name for k in kinds() if k.summary == SPECTRA)
 
 #: the float64 elements one chunk of matrices may hold (32 MiB)
 CHUNK_ELEMENTS = 1 << 22
@@ -66,16 +69,17 @@ DEFINITENESS_CLASSES = (
 #: det J sign -> name
 DET_SIGNS = {1: "positive", -1: "negative", 0: "zero"}
 
-#: per kind, the per-point quantities in the order they are shown, with their labels
-QUANTITIES: dict[str, dict[str, str]] = {
-    "jacobian": {
+#: per order of the summarised kind (1: Jacobian, 2: Hessian), the per-point quantities in
+#: the order they are shown, with their labels
+QUANTITIES: dict[int, dict[str, str]] = {
+    1: {
         "frobenius": "‖J‖_F",
         "sigma_max": "σ_max",
         "sigma_min": "σ_min",
         "condition": "condition σ_max/σ_min",
         "logabsdet": "log|det J|",
     },
-    "hessian": {
+    2: {
         "eigenvalue_min": "λ_min",
         "eigenvalue_max": "λ_max",
     },
@@ -115,6 +119,11 @@ class Summary:
     non_finite: int = 0
     rtol: float | None = None
 
+    @property
+    def order(self) -> int:
+        """The order of the summarised kind: 1 for a Jacobian's, 2 for a Hessian's."""
+        return kind_of(self.kind).order
+
     def stats(self) -> dict[str, dict[str, float | None]]:
         """``{quantity: {"min", "median", "max"}}`` (None where no point has a value)."""
         return {k: _stats(v.numpy()) for k, v in self.per_point.items()}
@@ -133,9 +142,9 @@ class Summary:
             **{k: {s: num(v) for s, v in d.items()} for k, d in self.stats().items()},
             "non_finite": self.non_finite,
         }
-        if self.kind == "jacobian" and "logabsdet" in self.per_point:
+        if self.order == 1 and "logabsdet" in self.per_point:
             doc["det_sign"] = dict(self.counts)
-        if self.kind == "hessian":
+        if self.order == 2:
             doc["definiteness"] = dict(self.counts)
             doc["rtol"] = self.rtol
         return doc
@@ -153,9 +162,9 @@ class Accumulator:
     """
 
     def __init__(self, kind: str, *, rtol: float | None = None) -> None:
-        if kind not in SUMMARY_KINDS:
-            raise UsageError("a summary needs a Jacobian or a Hessian", expected=" or ".join(SUMMARY_KINDS), got=kind)
+        _check_kind(kind)
         self.kind = kind
+        self.order = kind_of(kind).order
         self.rtol = rtol
         self._parts: dict[str, list[torch.Tensor]] = {}
         self._spectra: list[torch.Tensor] = []
@@ -172,7 +181,7 @@ class Accumulator:
             self._shape, self._dtype = (k, r, c), blocks.dtype
         elif self._shape != (k, r, c):
             raise ValueError(f"chunk of blocks {tuple(blocks.shape)} after blocks of {self._shape}")
-        if self.kind == "hessian" and r != c:
+        if self.order == 2 and r != c:
             raise UsageError("a Hessian summary needs square blocks", got=f"{r} x {c}")
         if r == 0 or c == 0:
             raise UsageError("nothing to summarise: the matrices are empty", got=f"{r} x {c}")
@@ -180,7 +189,7 @@ class Accumulator:
         finite = torch.isfinite(m).flatten(1).all(1)
         self._non_finite += int((~finite).sum())
         m = torch.where(finite[:, None, None], m, torch.zeros((), dtype=m.dtype, device=m.device))
-        values = _JOBS[self.kind](self, m)
+        values = _JOBS[self.order](self, m)
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=m.device)
         for name, v in values.items():
             if name == "spectrum":
@@ -231,8 +240,8 @@ class Accumulator:
         if self._shape is None:
             raise UsageError("nothing to summarise: no points")
         k, r, c = self._shape
-        names = DET_SIGNS.values() if self.kind == "jacobian" else DEFINITENESS_CLASSES
-        counted = self.kind == "hessian" or r == c  # det J signs of square Jacobians
+        names = DET_SIGNS.values() if self.order == 1 else DEFINITENESS_CLASSES
+        counted = self.order == 2 or r == c  # det J signs of square Jacobians
         counts = {n: self._counts.get(n, 0) for n in names} if counted else {}
         return Summary(
             kind=self.kind,
@@ -240,16 +249,22 @@ class Accumulator:
             components=k,
             matrix=(r, c),
             per_point={
-                q: torch.cat(self._parts[q]) for q in QUANTITIES[self.kind] if q in self._parts
+                q: torch.cat(self._parts[q]) for q in QUANTITIES[self.order] if q in self._parts
             },
             spectra=torch.cat(self._spectra),
             counts=counts,
             non_finite=self._non_finite,
-            rtol=self.rtol if self.kind == "hessian" else None,
+            rtol=self.rtol if self.order == 2 else None,
         )
 
 
-_JOBS = {"jacobian": Accumulator._jacobian, "hessian": Accumulator._hessian}
+#: per order of the summarised kind, what one chunk of its matrices gives
+_JOBS = {1: Accumulator._jacobian, 2: Accumulator._hessian}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in SUMMARY_KINDS:
+        raise UsageError("a summary needs a Jacobian or a Hessian", expected=" or ".join(SUMMARY_KINDS), got=kind)
 
 
 def summarize_blocks(blocks: torch.Tensor, kind: str, *, rtol: float | None = None, chunk_elements: int = CHUNK_ELEMENTS) -> Summary:
@@ -289,10 +304,10 @@ def summarize(
     >>> jaccli.summarize(H, "hessian", per_sample=True).counts["indefinite"]
     3
     """
-    if kind not in SUMMARY_KINDS:
-        raise UsageError("a summary needs a Jacobian or a Hessian", expected=" or ".join(SUMMARY_KINDS), got=kind)
+    _check_kind(kind)
+    order = kind_of(kind).order
     lead = 1 if per_sample else 0
-    n_in = in_ndim * (2 if kind == "hessian" else 1)
+    n_in = in_ndim * order
     if result.dim() < lead + n_in:
         raise UsageError(
             f"a {kind} result has too few axes for in_ndim={in_ndim}",
@@ -303,7 +318,7 @@ def summarize(
     points = shape[0] if per_sample else 1
     out = math.prod(shape[lead : result.dim() - n_in])
     n = math.prod(shape[result.dim() - n_in :][:in_ndim])
-    if kind == "hessian":  # one n x n matrix per output component
+    if order == 2:  # one n x n matrix per output component
         blocks = result.reshape(points, out, n, n)
     else:  # one out x n matrix per point
         blocks = result.reshape(points, 1, out, n)

@@ -62,6 +62,20 @@ def test_every_kind_resolves_its_engine_and_names_are_unique():
         register(Kind(**{**kind("laplacian").__dict__, "title": "another"}))
 
 
+def test_the_command_list_is_the_registry_then_info_check_example():
+    from jaccli.cli.main import COMMAND_EXAMPLES
+
+    names = [c.name for c in app.registered_commands]
+    assert names == [k.name for k in kinds()] + ["info", "check", "example"]
+    assert {"curvature", "grads"} <= set(names) and set(COMMAND_EXAMPLES) == {"info", "check"}
+    # a kind with options of its own names its command; the shared one serves the planned kinds
+    assert [k.name for k in kinds() if k.typer_command() is not None] == ["partials", "curvature", "grads"]
+    assert all(k.planned == (k.command is None) for k in kinds())
+    top = " ".join(run("--help").stdout.split())
+    for k in kinds():
+        assert k.help.split(".")[0][:40] in top
+
+
 def test_result_names_come_from_the_kind():
     assert kind("jacobian").result_names(["t", "x"]) == [("jacobian_t", ("t",)), ("jacobian_x", ("x",))]
     assert [n for n, _ in kind("hessian").result_names(["t", "x"])] == ["hessian_t_t", "hessian_t_x", "hessian_x_t", "hessian_x_x"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 import jaccli
-from jaccli.cli.main import COMMAND_EXAMPLES, app
+from jaccli.cli.main import app
 from jaccli.io import stream as st
 from problems import save_torchscript, tanh_mlp
 
@@ -189,9 +190,12 @@ def test_torchrun_shards_the_samples_and_gives_the_single_process_results(case, 
 def test_the_help_examples_run(tmp_path, monkeypatch):
     from problems import EXAMPLES
 
-    monkeypatch.chdir(EXAMPLES.parent.parent)
+    from jaccli.request.kinds import kind
+
+    monkeypatch.chdir(EXAMPLES)  # the folder jaccli example all fills
     for name in ("curvature", "grads"):
-        words = COMMAND_EXAMPLES[name].split()[1:]
-        words = [str(tmp_path / w) if w.endswith("g.npy") else w for w in words]
-        r = run(*words)
-        assert r.exit_code == 0, r.output
+        for line in kind(name).examples:
+            words = [str(tmp_path / w) if w.endswith((".npy", ".npz")) and w.startswith(("g.", "curvature.")) else w
+                     for w in shlex.split(line)[1:]]  # fmt: skip
+            r = run(*words)
+            assert r.exit_code == 0, (line, r.output)

@@ -383,3 +383,16 @@ def test_a_fall_back_mid_stream_rewrites_the_file_with_the_new_plan(tmp_path, mo
         got = jaccli.jacobian(_Square.apply, x, per_sample=True, mode="forward", chunk_size=100, save=tmp_path / "J.npy")
     assert torch.equal(got, torch.diag_embed(2 * x))
     assert _files(tmp_path) == ["J.npy"]
+
+
+def test_the_one_fingerprint_takes_the_callers_files_over_digests():
+    from jaccli.io.records import fingerprint
+
+    net, x = torch.nn.Linear(2, 1).double(), torch.ones(3, 2, dtype=torch.float64)
+    digests = fingerprint({"request": 1}, module=net, tensors={"x": x})
+    assert set(digests) == {"request", "versions", "model", "inputs"} and digests["inputs"]["x"]["shape"] == [3, 2]
+    changed = fingerprint({"request": 1}, module=net, tensors={"x": x + 1})
+    assert changed["inputs"] != digests["inputs"] and changed["model"] == digests["model"]
+    files = fingerprint({"request": 1, "model": {"sha256": "m"}, "inputs": {"": {"sha256": "i"}}}, module=net,
+                        tensors={"x": x}, layout={"shape": [3, 1]})  # fmt: skip
+    assert files["model"] == {"sha256": "m"} and files["inputs"] == {"": {"sha256": "i"}} and files["shape"] == [3, 1]
