@@ -36,6 +36,15 @@ def _sigcgt(pid: int) -> int:
     return 0
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT and SIGQUIT at their defaults, as a command typed at a
+    terminal has them. A test run started in the background of a non-interactive shell (a CI
+    job's ``cmd &``) inherits them ignored, and jaccli keeps an ignored signal ignored (as it
+    should, for ``nohup``), so a Ctrl-C case would otherwise run to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def _zygote() -> None:
     """``python tests/faults_driver.py --zygote``: import jaccli and torch once, then fork one
     child per case and run the real ``jaccli`` entry point in it with its own directory,
@@ -147,7 +156,7 @@ class Case:
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "jaccli", *self.args], cwd=self.cwd, env={**os.environ, **ONE_THREAD, **self.env},
-                stdin=subprocess.DEVNULL, stderr=err, **kw,
+                stdin=subprocess.DEVNULL, stderr=err, preexec_fn=_as_from_a_terminal, **kw,
             )  # fmt: skip
         self.pid = self.proc.pid
 
@@ -176,7 +185,7 @@ class Driver:
         self.events: queue.Queue = queue.Queue()
         self.zygote = subprocess.Popen(
             [sys.executable, __file__, "--zygote"], cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env={**os.environ, **ONE_THREAD},
+            env={**os.environ, **ONE_THREAD}, preexec_fn=_as_from_a_terminal,
         )  # fmt: skip
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
