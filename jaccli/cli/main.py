@@ -160,8 +160,10 @@ app = typer.Typer(
     cls=JaccliGroup,
     name="jaccli",
     help=(
-        "Derivatives of a saved PyTorch model with respect to its input: Jacobian, Hessian, "
-        "divergence and Laplacian, per sample or of the whole input, on CPU or GPU.\n\n"
+        "Derivatives of a saved PyTorch model, on CPU or GPU: with respect to its input (Jacobian, "
+        "Hessian, divergence, Laplacian and named partials of any order, per sample or of the whole "
+        "input) and with respect to its parameters (gradients, per-sample gradients and the curvature "
+        "of a loss).\n\n"
         "MODEL is a TorchScript archive, a torch.export program (.pt2), a safetensors MLP written "
         "by jaccli.save_mlp, or weights with --arch. Archives contain code that runs when the model "
         "runs and --arch factories are imported: use only files you trust. INPUT is a .npy, .npz, "
