@@ -1,4 +1,4 @@
-"""jaccli: derivatives of saved PyTorch models with respect to their inputs.
+"""jaccli: derivatives of saved PyTorch models with respect to their inputs and their parameters.
 
 The public API is what this module exports; the ``jaccli`` command calls exactly it.
 
