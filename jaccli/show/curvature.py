@@ -34,15 +34,22 @@ def _params_line(result) -> str:
     return f"{sum(p.size for p in result.params):,} parameters: {shown}"
 
 
-def show_curvature(console: Console, result, *, model: str, digits: int = 6, saved_to: str | None = None) -> None:
-    """The figures of a :class:`jaccli.CurvatureResult` as tables."""
-    t = Table(title=f"{result.matrix} of the {result.loss} loss ({result.reduction}) of {model}", title_justify="left")
+def _figures(title: str, result, gradient_norm: float, digits: int) -> Table:
+    """The table both commands start with: samples, parameters, the loss and its gradient's norm."""
+    t = Table(title=title, title_justify="left")
     t.add_column("figure")
     t.add_column("value", justify="right")
     t.add_row("samples", f"{result.samples:,}")
     t.add_row("parameters", _params_line(result))
     t.add_row("loss", _g(result.loss_value, digits))
-    t.add_row("‖gradient‖", _g(result.gradient_norm, digits))
+    t.add_row("‖gradient‖", _g(gradient_norm, digits))
+    return t
+
+
+def show_curvature(console: Console, result, *, model: str, digits: int = 6, saved_to: str | None = None) -> None:
+    """The figures of a :class:`jaccli.CurvatureResult` as tables."""
+    t = _figures(f"{result.matrix} of the {result.loss} loss ({result.reduction}) of {model}", result,
+                 result.gradient_norm, digits)  # fmt: skip
     if result.trace is not None:
         err = "exact" if result.trace_stderr is None else f"± {result.trace_stderr:.3g} (Hutch++ estimate)"
         t.add_row("trace", f"{_g(result.trace, digits)}  {err}")
@@ -101,13 +108,8 @@ def show_curvature(console: Console, result, *, model: str, digits: int = 6, sav
 
 def show_grads(console: Console, result, *, model: str, digits: int = 6) -> None:
     """The gradient of a :class:`jaccli.GradsResult` and its per-sample norms."""
-    t = Table(title=f"gradient of the {result.loss} loss ({result.reduction}) of {model}", title_justify="left")
-    t.add_column("figure")
-    t.add_column("value", justify="right")
-    t.add_row("samples", f"{result.samples:,}")
-    t.add_row("parameters", _params_line(result))
-    t.add_row("loss", _g(result.loss_value, digits))
-    t.add_row("‖gradient‖", _g(float(result.gradient.norm()), digits))
+    t = _figures(f"gradient of the {result.loss} loss ({result.reduction}) of {model}", result,
+                 float(result.gradient.norm()), digits)  # fmt: skip
     for p in result.params:
         part = result.gradient[p.offset : p.offset + p.size]
         t.add_row(f"  ‖∂L/∂{p.name}‖", _g(float(part.norm()), digits))
