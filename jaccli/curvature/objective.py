@@ -33,12 +33,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch.func import grad, jacrev, jvp, vjp, vmap
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from jaccli.curvature.losses import Loss, get_loss
 from jaccli.curvature.params import ParamSpace, _rows, take
 from jaccli.engine.planner import working_budget
 from jaccli.errors import first_line, InputError, ModelError, NumericalError, shape_str, UsageError
+from jaccli.jets.dispatch import QuietDispatchMode
 
 #: the most directions one pass carries, by device type: ``vmap`` over columns multiplies the
 #: activations, and on a CPU blocks past a few dozen columns leave the caches (measured: the
@@ -53,7 +53,7 @@ DENSE_COLUMNS = {"cpu": 128, "cuda": 1024}
 PROBE_SAMPLES = 8
 
 
-class _Bytes(TorchDispatchMode):
+class _Bytes(QuietDispatchMode):
     """Counts the bytes of every tensor the ops produce: a model's activations per call."""
 
     def __init__(self) -> None:

@@ -82,3 +82,21 @@ def test_a_per_sample_command_never_imports_dynamo(tmp_path, model, command):
     got = run_fresh(command, str(EXAMPLES / model), str(x), "-p", "--save", str(tmp_path / "r.npy"), "-q")
     assert got["code"] == 0, got["out"]
     assert "torch._dynamo" not in got["modules"]
+
+
+def loaded_after(code: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter holds after running ``code``."""
+    probe = f"{code}\nimport sys; print(' '.join(m for m in {modules!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_the_activation_byte_counter_does_not_wake_dynamo():
+    # a plain TorchDispatchMode subclass imports torch._dynamo on its first op (~1 s)
+    code = (
+        "import torch\nfrom jaccli.curvature.objective import _Bytes\n"
+        "a, b, counter = torch.ones(4, 3), torch.ones(3, 2), _Bytes()\nwith counter:\n    a @ b\n"
+        "assert counter.bytes == 4 * 2 * 4, counter.bytes"
+    )
+    assert loaded_after(code, ("torch._dynamo",)) == []
