@@ -5,7 +5,7 @@ the value (one row), then the rows of each order ``1 … K`` (one per direction 
 series; for order 2 also Hessian entries, or one collapsed Laplacian row); :class:`Layout`
 says which orders a node carries. :class:`_Call` is what a rule gets to make new jets
 (and how rows of two factors multiply); :class:`Rule` is one entry of the rule table
-(:mod:`.table`). Also here: the
+(:mod:`.table`). Also here: :func:`broadcast_shapes` and the
 broadcasting helpers and bilinear maps on stacked rows used by the rule families.
 
 Imports: torch only.
@@ -200,6 +200,29 @@ def _take(jet: Jet, lay: Layout) -> Tensor:
         block = jet.block(o)
         parts.append(block if block is not None else jet.t.new_zeros((jet.counts[o], *jet.shape)))
     return torch.cat(parts)
+
+
+def broadcast_shapes(*shapes: Sequence[int]) -> torch.Size:
+    """The shape ``shapes`` broadcast to, as ``torch.broadcast_shapes`` gives for concrete sizes.
+
+    torch's own goes through ``torch._refs``, whose first call imports sympy for symbolic
+    sizes (0.3-0.7 s of a command's start); the rules only ever see concrete ints.
+    """
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for arg, shape in enumerate(shapes):
+        for i, d in enumerate(shape, ndim - len(shape)):
+            if d == 1 or d == out[i]:
+                continue
+            if d < 0:
+                raise RuntimeError(f"broadcast_shapes: negative size {d} in argument {arg}")
+            if out[i] != 1:
+                raise RuntimeError(
+                    f"shape mismatch: objects cannot be broadcast to a single shape; argument {arg} has size {d} "
+                    f"where the others have {out[i]} (dimension {i - ndim})"
+                )
+            out[i] = d
+    return torch.Size(out)
 
 
 def _lift(x, rank: int):

@@ -32,6 +32,7 @@ from jaccli.jets.jet import (
     _rows1,
     _shift,
     _take,
+    broadcast_shapes,
 )
 from jaccli.jets.elementwise import _UNARY_RULES, _r_pow as _pow_one_jet
 
@@ -62,7 +63,7 @@ def _blocks(cx: _Call, lay: Layout, args: Sequence, combine: Callable, like: Ten
     dtype = like.dtype
     for r in tensors:
         dtype = torch.promote_types(dtype, r.dtype)
-    shape = torch.broadcast_shapes(*(r.shape[1:] for r in tensors)) if tensors else like.shape[1:]
+    shape = broadcast_shapes(*(r.shape[1:] for r in tensors)) if tensors else like.shape[1:]
     t = cx.tensor((lay.rows(cx.counts), *shape), like, dtype)
     start = 0
     for rows, r in results:
@@ -181,7 +182,7 @@ def _product(cx: _Call, lay: Layout, a, b, beta: Callable) -> Jet:
             term = t if term is None else term + t
         parts.append(term)
     known = [p for p in parts if p is not None]
-    shape = torch.broadcast_shapes(*(p.shape[1:] for p in known)) if known else beta(a.block(0), b.block(0)).shape[1:]
+    shape = broadcast_shapes(*(p.shape[1:] for p in known)) if known else beta(a.block(0), b.block(0)).shape[1:]
     like = known[0] if known else a.t
     rows = [cx.counts[k] for k in range(len(lay)) if lay[k]]
     parts = [like.new_zeros((r, *shape)) if p is None else p.expand(p.shape[0], *shape) for p, r in zip(parts, rows)]

@@ -20,7 +20,7 @@ It is emptied when the computation ends (:meth:`TaylorProgram.workspace
 
 Only CPU tensors are pooled: CUDA's caching allocator already reuses its blocks.
 
-Imports: torch only.
+Imports: torch and :func:`.jet.broadcast_shapes`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import contextvars
 
 import torch
 from torch import Tensor
+
+from jaccli.jets.jet import broadcast_shapes
 
 #: smaller blocks come from malloc's bins without page faults: not worth a lookup
 _MIN_BYTES = 64 * 1024
@@ -95,5 +97,5 @@ def mul(a: Tensor, b: Tensor) -> Tensor:
     pool = _CURRENT.get()
     if pool is None or not isinstance(a, Tensor) or not isinstance(b, Tensor):
         return a * b
-    out = pool.empty(torch.broadcast_shapes(a.shape, b.shape), torch.result_type(a, b), a)
+    out = pool.empty(broadcast_shapes(a.shape, b.shape), torch.result_type(a, b), a)
     return torch.mul(a, b, out=out)

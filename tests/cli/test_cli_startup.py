@@ -17,13 +17,18 @@ import pytest
 import jaccli
 from problems import EXAMPLES, HANG_GUARD_S
 
-PROBE = """
+#: what the probe reports: torch and numpy (help must not load them) and the big imports a
+#: small command must not pay for (each 0.05-1 s of start-up)
+HEAVY = ("torch", "numpy", "torch._dynamo", "sympy", "scipy", "pydantic")
+
+PROBE = f"""
+HEAVY = {HEAVY!r}
 import json, sys
 from jaccli.cli.main import app
 from typer.testing import CliRunner
 result = CliRunner().invoke(app, json.loads(sys.argv[1]))
-print(json.dumps({"code": result.exit_code, "out": result.output,
-                  "modules": [m for m in ("torch", "numpy", "torch._dynamo") if m in sys.modules]}))
+print(json.dumps({{"code": result.exit_code, "out": result.output,
+                  "modules": [m for m in HEAVY if m in sys.modules]}}))
 """
 
 
@@ -100,3 +105,19 @@ def test_the_activation_byte_counter_does_not_wake_dynamo():
         "assert counter.bytes == 4 * 2 * 4, counter.bytes"
     )
     assert loaded_after(code, ("torch._dynamo",)) == []
+
+
+#: small runs of every command on TorchScript models, and the modules each must not import
+SMALL_RUNS = {
+    "laplacian": (["laplacian", "pinn.pt", "pinn_x.npy", "-p"], ("torch._dynamo", "sympy", "scipy")),
+    "divergence": (["divergence", "field.pt", "field_x.npy", "-p"], ("torch._dynamo", "sympy", "scipy")),
+    "partials": (["partials", "heat.pt", "heat_x.npy", "-p", "--in", "t,x", "--want", "u_x,u_xx"], ("torch._dynamo", "sympy", "scipy")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_RUNS))
+def test_a_small_run_skips_the_big_imports(name):
+    args, banned = SMALL_RUNS[name]
+    got = run_fresh(*(str(EXAMPLES / a) if (EXAMPLES / a).is_file() else a for a in args), "-q")
+    assert got["code"] == 0, got["out"]
+    assert not set(banned) & set(got["modules"]), got["modules"]
