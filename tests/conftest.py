@@ -6,6 +6,11 @@ choice for a small request depends on what ran before. Tests see it as paid, the
 of any process that ran torch.func once, so that their choices do not depend on their
 order; tests of the cold choice patch it back (tests/engine/test_auto_choice.py), and
 tests that run the command in a fresh process see the real state.
+
+jaccli loads torch's forward-AD decompositions only before its first forward-mode product
+(:func:`jaccli.engine.strategies.jvp_ready`); tests load them once up front, so that a test
+calling ``torch.func.jvp`` for its reference never meets torch's TorchScript deprecation
+warning (an error under ``filterwarnings = error``) depending on which tests ran before.
 """
 
 from __future__ import annotations
@@ -18,3 +23,10 @@ def _torch_func_started(monkeypatch):
     from jaccli.engine import strategies
 
     monkeypatch.setattr(strategies, "torch_func_started", lambda: True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _jvp_ready():
+    from jaccli.engine.strategies import jvp_ready
+
+    jvp_ready()

@@ -32,11 +32,12 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.func import grad, jacrev, jvp, vjp, vmap
+from torch.func import grad, jacrev, vjp, vmap
 
 from jaccli.curvature.losses import Loss, get_loss
 from jaccli.curvature.params import ParamSpace, _rows, take
 from jaccli.engine.planner import working_budget
+from jaccli.engine.strategies import jvp
 from jaccli.errors import first_line, InputError, ModelError, NumericalError, shape_str, UsageError
 from jaccli.jets.dispatch import QuietDispatchMode
 

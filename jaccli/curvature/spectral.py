@@ -17,49 +17,73 @@ design), and the functions here take such operators:
 Random vectors come from a seeded generator, so every rank of a distributed job draws the
 same ones (their products are all-reduced, the iterations stay in step).
 
-Imports: numpy, scipy, torch, :mod:`jaccli.errors`.
+scipy is imported by the functions that use it, not with this module: ``scipy.linalg`` costs
+0.2-0.7 s of start-up, which ``jaccli grads`` (that imports this package) never needs.
+
+Imports: numpy, scipy (on first use), torch, :mod:`jaccli.errors`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.linalg
 import torch
-from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
 from jaccli.errors import NumericalError, UsageError
+
+if TYPE_CHECKING:
+    from scipy.sparse.linalg import LinearOperator
 
 #: ``--which`` -> ARPACK's name
 WHICH_ARPACK = {"largest": "LA", "smallest": "SA", "magnitude": "LM"}
 
 
-class CurvatureOperator(LinearOperator):
-    """A curvature matrix of an objective as a symmetric ``LinearOperator`` (float64)."""
+@functools.cache
+def _operator_class() -> type:
+    """:class:`CurvatureOperator`, defined on first use (it subclasses scipy's ``LinearOperator``)."""
+    from scipy.sparse.linalg import LinearOperator
 
-    def __init__(self, objective, matrix: str) -> None:
-        self.objective, self.matrix = objective, matrix
-        p = objective.space.size
-        super().__init__(dtype=np.float64, shape=(p, p))
+    class CurvatureOperator(LinearOperator):
+        """A curvature matrix of an objective as a symmetric ``LinearOperator`` (float64)."""
 
-    def _matmat(self, X):
-        V = torch.as_tensor(np.ascontiguousarray(X), device=self.objective.space.device)
-        return self.objective.matmat(self.matrix, V).detach().cpu().double().numpy()
+        def __init__(self, objective, matrix: str) -> None:
+            self.objective, self.matrix = objective, matrix
+            p = objective.space.size
+            super().__init__(dtype=np.float64, shape=(p, p))
 
-    def _matvec(self, x):
-        return self._matmat(np.asarray(x).reshape(-1, 1))[:, 0]
+        def _matmat(self, X):
+            V = torch.as_tensor(np.ascontiguousarray(X), device=self.objective.space.device)
+            return self.objective.matmat(self.matrix, V).detach().cpu().double().numpy()
 
-    def _rmatvec(self, x):
-        return self._matvec(x)  # symmetric
+        def _matvec(self, x):
+            return self._matmat(np.asarray(x).reshape(-1, 1))[:, 0]
 
-    def _adjoint(self):
-        return self
+        def _rmatvec(self, x):
+            return self._matvec(x)  # symmetric
+
+        def _adjoint(self):
+            return self
+
+    return CurvatureOperator
 
 
-def operator(objective, matrix: str) -> CurvatureOperator:
+def __getattr__(name: str):
+    # the scipy-backed names resolve on first use, like the functions below
+    if name == "CurvatureOperator":
+        return _operator_class()
+    if name == "LinearOperator":
+        from scipy.sparse.linalg import LinearOperator
+
+        return LinearOperator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def operator(objective, matrix: str) -> LinearOperator:
     """The ``matrix`` (hessian, ggn, ef) of ``objective`` as a scipy ``LinearOperator``."""
-    return CurvatureOperator(objective, matrix)
+    return _operator_class()(objective, matrix)
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -77,7 +101,7 @@ def dense(op: LinearOperator, block: int = 256) -> np.ndarray:
     :meth:`~.objective.Objective.dense_hessian` (one triangle by forward-over-reverse, the other
     by symmetry); any other operator, and that one where ``vmap`` fails, from ``op.matmat``.
     """
-    if isinstance(op, CurvatureOperator) and op.matrix == "hessian" and op.objective._vmap_ok:
+    if isinstance(op, _operator_class()) and op.matrix == "hessian" and op.objective._vmap_ok:
         try:
             return op.objective.dense_hessian().detach().cpu().double().numpy()
         except (RuntimeError, NotImplementedError):
@@ -98,6 +122,8 @@ DENSE_FALLBACK_MAX = 4096
 def eigenvalues(op: LinearOperator, k: int, which: str = "largest", *, tol: float = 1e-6, seed: int = 0,
                 dense_matrix: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The ``k`` eigenvalues of ``op`` that ``which`` picks, descending, and their eigenvectors ``[P, k]``."""
+    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, eigsh
+
     p = op.shape[0]
     if which not in WHICH_ARPACK:
         raise UsageError("unknown --which", expected=", ".join(WHICH_ARPACK), got=which)
@@ -197,7 +223,9 @@ def slq(op: LinearOperator, probes: int, steps: int, *, seed: int = 0) -> tuple[
         if len(alpha) == 1:
             theta, vecs = alpha, np.ones((1, 1))
         else:
-            theta, vecs = scipy.linalg.eigh_tridiagonal(alpha, beta)
+            from scipy.linalg import eigh_tridiagonal
+
+            theta, vecs = eigh_tridiagonal(alpha, beta)
         nodes[i, : len(theta)] = theta
         weights[i, : len(theta)] = vecs[0] ** 2
     return nodes, weights
@@ -224,6 +252,8 @@ def standard_errors(information: np.ndarray) -> np.ndarray:
             hint="check that θ is the maximum-likelihood estimate and that the parameters are identifiable "
             "(or restrict them with --params)",
         )
-    c = scipy.linalg.cho_factor(information, lower=True)
-    inv = scipy.linalg.cho_solve(c, np.eye(information.shape[0]))
+    from scipy.linalg import cho_factor, cho_solve
+
+    c = cho_factor(information, lower=True)
+    inv = cho_solve(c, np.eye(information.shape[0]))
     return np.sqrt(np.diag(inv))

@@ -19,7 +19,8 @@ from problems import EXAMPLES, HANG_GUARD_S
 
 #: what the probe reports: torch and numpy (help must not load them) and the big imports a
 #: small command must not pay for (each 0.05-1 s of start-up)
-HEAVY = ("torch", "numpy", "torch._dynamo", "sympy", "scipy", "pydantic")
+JVP_DECOMPOSITIONS = "torch._decomp.decompositions_for_jvp"
+HEAVY = ("torch", "numpy", "torch._dynamo", "sympy", "scipy", "pydantic", JVP_DECOMPOSITIONS)
 
 PROBE = f"""
 HEAVY = {HEAVY!r}
@@ -109,9 +110,11 @@ def test_the_activation_byte_counter_does_not_wake_dynamo():
 
 #: small runs of every command on TorchScript models, and the modules each must not import
 SMALL_RUNS = {
-    "laplacian": (["laplacian", "pinn.pt", "pinn_x.npy", "-p"], ("torch._dynamo", "sympy", "scipy")),
-    "divergence": (["divergence", "field.pt", "field_x.npy", "-p"], ("torch._dynamo", "sympy", "scipy")),
-    "partials": (["partials", "heat.pt", "heat_x.npy", "-p", "--in", "t,x", "--want", "u_x,u_xx"], ("torch._dynamo", "sympy", "scipy")),
+    "laplacian": (["laplacian", "pinn.pt", "pinn_x.npy", "-p"], ("torch._dynamo", "sympy", "scipy", JVP_DECOMPOSITIONS)),
+    "divergence": (["divergence", "field.pt", "field_x.npy", "-p"], ("torch._dynamo", "sympy", "scipy", JVP_DECOMPOSITIONS)),
+    # torch.func's reverse mode imports torch._dynamo (torch/_functorch/eager_transforms.py)
+    "grads": (["grads", "potential.pt", "potential_x.npy", "--loss", "output"], ("scipy",)),
+    "partials": (["partials", "heat.pt", "heat_x.npy", "-p", "--in", "t,x", "--want", "u_x,u_xx"], ("torch._dynamo", "sympy", "scipy", JVP_DECOMPOSITIONS)),
 }
 
 
@@ -121,3 +124,16 @@ def test_a_small_run_skips_the_big_imports(name):
     got = run_fresh(*(str(EXAMPLES / a) if (EXAMPLES / a).is_file() else a for a in args), "-q")
     assert got["code"] == 0, got["out"]
     assert not set(banned) & set(got["modules"]), got["modules"]
+
+
+def test_forward_mode_loads_the_decompositions_quietly_on_first_use():
+    # a run that never takes torch.func's forward mode does not pay 0.15-0.3 s for them; one
+    # that does gets them without torch's TorchScript deprecation warning
+    code = (
+        "import warnings, sys, torch\nwarnings.simplefilter('error')\n"
+        "from jaccli.engine import strategies\n"
+        f"assert {JVP_DECOMPOSITIONS!r} not in sys.modules\n"
+        "t = strategies.jvp(torch.sin, (torch.zeros(3),), (torch.ones(3),))[1]\n"
+        "assert torch.equal(t, torch.ones(3))"
+    )
+    assert loaded_after(code, (JVP_DECOMPOSITIONS,)) == [JVP_DECOMPOSITIONS]
