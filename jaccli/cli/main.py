@@ -33,6 +33,7 @@ from jaccli.request.spec import Output as OutputOptions
 from jaccli.errors import CheckFailed, JaccliError, OutputClosed, UsageError
 from jaccli import signals
 from jaccli.cli import allocator as _allocator
+from jaccli.cli import coerce as _coerce
 from jaccli.cli.inputs import collect_warnings, err_console, load_model_option, load_request
 from jaccli.cli.run import check_early, parse_show
 from jaccli.cli.options import (
@@ -109,6 +110,18 @@ def _choice_message(text: str) -> str:
 
 class JaccliGroup(TyperGroup):
     """Runs a command and reports any failure as one line and an exit code."""
+
+    # the group's options and then the command's get their values converted without pydantic
+    # (:mod:`jaccli.cli.coerce`), installed before either is parsed
+    def parse_args(self, ctx, args):
+        _coerce.install(self, ctx)
+        return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None:
+            _coerce.install(cmd, ctx)
+        return name, cmd, rest
 
     def invoke(self, ctx):
         try:
