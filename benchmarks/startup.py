@@ -1,8 +1,8 @@
 """How fast the ``jaccli`` process answers, against what a plain script pays, in ONE run.
 
-    python benchmarks/startup.py [--repeats R] [--points N]
+    python benchmarks/startup.py [--repeats R] [--points N] [--only CMD] [--baseline PATH]
 
-Two figures (issue 8's goals):
+Three figures (issues 8 and 23's goals):
 
 * ``jaccli --help``, ``--version``, ``jacobian --help`` and a shell-completion query:
   wall time of the whole process (goal: at most 0.3 s each).
@@ -11,14 +11,27 @@ Two figures (issue 8's goals):
   the same (load the TorchScript model and the .npy, ``vmap(jacfwd)``, save): the ratio of
   their process wall times (goal: at most 1.0).
 
+* the fixed cost of every command on a small model (issue 23: at most 0.3 s), split into
+  the interpreter, ``import torch``, ``import jaccli.cli.main``, the compute and the rest.
+  The compute is the same command run again in the process that ran it once (the median of
+  the warm runs): what a run costs once every import, trace and cache is paid. The fixed
+  cost is the whole process less ``python -c "import torch"`` less the compute: jaccli's
+  own imports and whatever it loads lazily (torch submodules, scipy, pydantic, …).
+  ``--only CMD`` measures that command alone (and skips the other two figures);
+  ``--baseline PATH`` measures another checkout of jaccli (``git archive main | tar -x -C
+  PATH``) in the same rounds, with the same interpreter and packages, and prints both.
+
 Every candidate is a fresh process, so imports count as a user sees them. Candidates
 take turns (round-robin, one warm-up round first) and the figures are medians, so that
-the drift of a shared machine hits both terms of a ratio alike.
+the drift of a shared machine hits both terms of a ratio alike. Every process runs with
+one thread (``OMP_NUM_THREADS=1``): the two figures of a difference then see the same
+machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -45,6 +58,37 @@ np.save(sys.argv[3], J.numpy())
 """
 
 
+#: the commands whose fixed cost is measured: small models of ``examples/models``, one run each
+COMMANDS = {
+    "jacobian": ["jacobian", "pinn.pt", "pinn_x.npy", "-p", "--save", "out.npy", "--force", "-q"],
+    "hessian": ["hessian", "pinn.pt", "pinn_x.npy", "-p", "--save", "out.npy", "--force", "-q"],
+    "laplacian": ["laplacian", "pinn.pt", "pinn_x.npy", "-p", "--save", "out.npy", "--force", "-q"],
+    "divergence": ["divergence", "field.pt", "field_x.npy", "-p", "--save", "out.npy", "--force", "-q"],
+    "partials": ["partials", "heat.pt", "heat_x.npy", "-p", "--in", "t,x", "--want", "u_t,u_xx", "-q"],
+    "grads": ["grads", "potential.pt", "potential_x.npy", "--loss", "output", "-q"],
+    "curvature": ["curvature", "potential.pt", "potential_x.npy", "--loss", "output", "--trace", "--diag"],
+    "info": ["info", "pinn.pt", "pinn_x.npy"],
+}
+
+#: runs the CLI in one process ``reps + 1`` times and prints each run's seconds (the first is cold)
+WARM = """
+import json, sys, time
+import typer
+from jaccli.cli.main import app
+command = typer.main.get_command(app)
+args, reps, times = json.loads(sys.argv[1]), int(sys.argv[2]), []
+for _ in range(reps + 1):
+    t0 = time.perf_counter()
+    try:
+        command.main(args, prog_name="jaccli")
+    except SystemExit as exc:
+        if exc.code:
+            raise
+    times.append(time.perf_counter() - t0)
+print(json.dumps(times), file=sys.stderr)
+"""
+
+
 def jaccli_exe() -> list[str]:
     found = shutil.which("jaccli", path=str(Path(sys.executable).parent)) or shutil.which("jaccli")
     return [found] if found else [sys.executable, "-m", "jaccli"]
@@ -62,11 +106,89 @@ def race(cmds: dict[str, list[str]], repeats: int, env: dict[str, str]) -> dict[
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def fixed_costs(names: list[str], checkouts: dict[str, Path], repeats: int, warm_runs: int) -> dict:
+    """Per checkout and command: the medians of the parts of a whole process (seconds)."""
+    base_env = {**os.environ, "COLUMNS": "100", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    envs = {who: {**base_env, "PYTHONPATH": str(root)} for who, root in checkouts.items()}
+    py = sys.executable
+    parts = {who: {n: {"total": [], "compute": []} for n in names} for who in checkouts}
+    shared = {"interpreter": [], "import torch": []}
+    imports = {who: [] for who in checkouts}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in EXAMPLE_FILES:
+            shutil.copy(PINN.parent / name, tmp)
+
+        def timed(cmd, env) -> float:
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp)
+            return time.perf_counter() - t0
+
+        for round_ in range(repeats + 1):
+            keep = round_ > 0  # the first round warms the file cache
+            for key, code in (("interpreter", "pass"), ("import torch", "import torch")):
+                t = timed([py, "-c", code], base_env)
+                if keep:
+                    shared[key].append(t)
+            for who, env in envs.items():
+                t = timed([py, "-c", "import torch, jaccli.cli.main"], env)
+                if keep:
+                    imports[who].append(t)
+                for n in names:
+                    t = timed([py, "-m", "jaccli", *COMMANDS[n]], env)
+                    done = subprocess.run([py, "-c", WARM, json.dumps(COMMANDS[n]), str(warm_runs)], check=True,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)  # fmt: skip
+                    if keep:
+                        parts[who][n]["total"].append(t)
+                        parts[who][n]["compute"].extend(json.loads(done.stderr.strip().splitlines()[-1])[1:])
+    med = statistics.median
+    interp, torch_s = med(shared["interpreter"]), med(shared["import torch"])
+    out = {}
+    for who in checkouts:
+        jaccli_s = med(imports[who]) - torch_s
+        for n in names:
+            total, compute = med(parts[who][n]["total"]), med(parts[who][n]["compute"])
+            out[who, n] = {
+                "total": total, "interpreter": interp, "import torch": torch_s - interp, "import jaccli": jaccli_s,
+                "compute": compute, "rest": total - torch_s - jaccli_s - compute, "fixed": total - torch_s - compute,
+            }  # fmt: skip
+    return out
+
+
+#: the files :data:`COMMANDS` read
+EXAMPLE_FILES = sorted({a for args in COMMANDS.values() for a in args if (PINN.parent / a).is_file()})
+
+
+def print_fixed_costs(names, checkouts, repeats, warm_runs) -> None:
+    print(f"[fixed cost per command: fresh processes, one thread, medians of {repeats} rounds "
+          f"(compute: median of {warm_runs} warm runs a round); {sys.executable}]")  # fmt: skip
+    got = fixed_costs(names, checkouts, repeats, warm_runs)
+    cols = ("total", "interpreter", "import torch", "import jaccli", "compute", "rest", "fixed")
+    print(f"  {'command':11s} {'checkout':9s}" + "".join(f"{c:>14s}" for c in cols) + "   goal fixed <= 0.3 s")
+    for n in names:
+        for who in checkouts:
+            row = got[who, n]
+            goal = "met" if row["fixed"] <= 0.3 else "NOT met"
+            print(f"  {n:11s} {who:9s}" + "".join(f"{row[c]:14.3f}" for c in cols) + f"   {goal}")
+    print("  fixed = total - (python -c 'import torch') - compute = import jaccli + rest")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--points", type=int, default=1000)
+    ap.add_argument("--only", choices=sorted(COMMANDS), help="measure the fixed cost of this command alone")
+    ap.add_argument("--baseline", type=Path, help="another checkout of jaccli to measure alongside this one")
+    ap.add_argument("--warm-runs", type=int, default=3, help="warm runs a round that measure the compute")
     args = ap.parse_args(argv)
+    checkouts = {"this": ROOT}
+    if args.baseline is not None:
+        if not (args.baseline / "jaccli" / "__init__.py").is_file():
+            ap.error(f"--baseline {args.baseline}: not a checkout of jaccli (no jaccli/__init__.py)")
+        checkouts = {"baseline": args.baseline.resolve(), "this": ROOT}
+    names = [args.only] if args.only else list(COMMANDS)
+    if args.only:
+        print_fixed_costs(names, checkouts, args.repeats, args.warm_runs)
+        return 0
     exe = jaccli_exe()
     env = {**os.environ, "COLUMNS": "100"}
     complete = {**env, "_JACCLI_COMPLETE": "complete_bash", "COMP_WORDS": "jaccli jac", "COMP_CWORD": "1"}
@@ -112,6 +234,8 @@ def main(argv=None) -> int:
         print(f"  torch.func script  {work['torch.func script']:6.3f} s")
         print(f"  jaccli / script    {ratio:6.2f}   (goal <= 1.0: {'met' if ratio <= 1.0 else 'NOT met'})")
         print(f"  max rel. difference of the two results: {err:.1e}")
+    print()
+    print_fixed_costs(names, checkouts, args.repeats, args.warm_runs)
     return 0
 
 
