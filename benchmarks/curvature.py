@@ -27,18 +27,27 @@ and per-sample gradients by relative error, traces against the float64 Hutch++ e
 within their standard errors, the full Hessian elementwise. Ratios are the peer's time
 over jaccli's (above 1: jaccli is faster).
 
-``--interleaved`` (tasks ``full`` and ``per-sample``): jaccli and its peer (the ``autograd.grad``
-loop; ``torch.func.vmap(grad)``) in ONE process, called alternately on the same data, the
-median of ``--repeats`` calls each and the ratio of the medians — the measurement to trust on
-a shared machine, where load drifts between separate processes. Both results are checked
-against each other (max relative difference), in float32 and again in float64 (``--dtype``).
+``--interleaved`` (tasks ``full``, ``per-sample`` and ``trace``): jaccli and its peer (the
+``autograd.grad`` loop; ``torch.func.vmap(grad)``; PyHessian's Hutchinson) in ONE process, called
+alternately on the same data, the median of ``--repeats`` calls each and the ratio of the
+medians — the measurement to trust on a shared machine, where load drifts between separate
+processes. Both results are checked against each other (max relative difference; for the trace
+each estimate with its standard error), in float32 and again in float64 (``--dtype``).
+``--peer-samples`` gives PyHessian another number of products than jaccli (the same tolerance).
 
-Measured (shared 2-core CPU, one thread; docs/curvature.md has the tables):
+Measured (shared 2-core CPU under load, one thread; docs/curvature.md has the tables):
 ``--task full --interleaved --full-width 60 --points 1024 --repeats 5 --threads 1`` gave the loop
 1.78× jaccli's time (P = 6 250; 1.65× at ``--points 2048``; issue 20 asks 10×, not met), ``--full-width 20 --points 256
---dtype float64`` 2.23× with a max relative difference of 6e-16; ``--task per-sample
---interleaved --width 256 --points 2048 --repeats 7 --threads 1`` gave ``vmap(grad)`` 0.86× jaccli's
-time (jaccli slower by its norm summary's pass over the rows).
+--dtype float64`` 2.23× with a max relative difference of 6e-16. Per-sample gradients
+(``--width 256 --points 2048``, P = 76 810; jaccli's linear layers by δxᵀ from one batched
+backward): ``--task per-sample --interleaved --repeats 5 --threads 1`` gave ``vmap(grad)`` 2.03×
+jaccli's time (bitwise equal rows); ``--task per-sample --repeats 5 --threads 1`` (own processes)
+``vmap(grad)`` 2.12×, Opacus 3.27×, BackPACK 2.64×. ``--task eig --repeats 3 --threads 1``:
+PyHessian 8.9×, hessian-eigenthings 16×, curvlinops 1.27×. ``--task trace --repeats 3
+--threads 1``: PyHessian 0.68× (jaccli slower), hessian-eigenthings 1.23×, curvlinops 1.83×;
+interleaved with PyHessian 0.85× at 99 products each, and 0.23× at the same standard error
+(``--peer-samples 29``): on this flat spectrum Hutch++ is less accurate per product than
+Hutchinson.
 
 Smoke test (tiny sizes, timings meaningless): ``python benchmarks/curvature.py --width 16 --points 64 --full-width 8 --repeats 1``
 (add ``--task full --interleaved`` for the in-process A/B)
