@@ -63,6 +63,16 @@ class Layer:
     bias: int | None
     x: torch.Tensor | None = None
     z: torch.Tensor | None = None
+    versions: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        self.versions = (self.x._version, self.z._version)
+
+    @property
+    def mutated(self) -> bool:
+        """Whether ``x`` or ``z`` was changed in place after the layer (``ReLU(inplace=True)``):
+        then ``z`` no longer holds the layer's output, nor its gradient the layer's ``δ``."""
+        return (self.x._version, self.z._version) != self.versions
 
 
 class _Record(QuietMode):
@@ -146,7 +156,7 @@ class LinearRows:
         weights, biases = set(), set()
         seen = Counter(i for layer in rec.layers for i in (layer.weight, layer.bias) if i is not None)
         for layer in rec.layers:
-            if layer.x.dim() != 2 or layer.x.shape[0] != rows or layer.z.shape[0] != rows:
+            if layer.mutated or layer.x.dim() != 2 or layer.x.shape[0] != rows or layer.z.shape[0] != rows:
                 continue  # rows that are not samples (a sequence folded into the batch): the general path
             w, b = layer.weight, layer.bias
             if w is not None and rec.uses[w] == 1 and rec.view_uses[w] == 1 and seen[w] == 1:
@@ -177,7 +187,7 @@ class LinearRows:
         for layer in rec.layers:
             for i, mine in ((layer.weight, self.weights), (layer.bias, self.biases)):
                 if i in mine:
-                    if i in where or layer.x.dim() != 2 or layer.x.shape[0] != called:
+                    if i in where or layer.mutated or layer.x.dim() != 2 or layer.x.shape[0] != called:
                         raise NotLinear
                     where[i] = layer
         if len(where) != len(self.weights) + len(self.biases):

@@ -161,9 +161,21 @@ class Shifty(nn.Module):
         return (x[:, None, :] * self.fc.weight).sum(-1) + self.fc.bias
 
 
+class InPlace(nn.Module):
+    """ReLU(inplace=True) overwrites the first layer's output: its δ is not that tensor's gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu_(self.a(x)))
+
+
 @pytest.mark.parametrize(
     "make, path",
-    [(ConvNet, "linear+vmap"), (Tied, "linear+vmap"), (Sequence, "vmap"), (Shifty, "vmap")],
+    [(ConvNet, "linear+vmap"), (Tied, "linear+vmap"), (Sequence, "vmap"), (Shifty, "vmap"), (InPlace, "linear+vmap")],
 )
 def test_other_structures_fall_back_to_vmap(make, path):
     torch.manual_seed(0)
