@@ -15,7 +15,8 @@ so TorchScript, ``.pt2`` programs and ``nn.Module``s look alike): ``aten.t`` (or
 ``aten.mm``/``aten.addmm``, and a 1-D parameter whose only use is ``addmm``'s added term.
 Any other parameter (a convolution, a weight used twice, one used elsewhere too) gets its
 rows from ``vmap(grad)`` of the model in those parameters alone; a model with no recognised
-layer keeps :class:`~.objective.Objective`'s ``vmap(grad)`` path whole.
+layer, or whose samples mix (one sample's output alone differs from its row in a batch), keeps
+:class:`~.objective.Objective`'s ``vmap(grad)`` path whole.
 
 Imports: torch, :mod:`.params`.
 """
@@ -149,9 +150,16 @@ class LinearRows:
         rows = space.static_batch or 1
         rec = _Record(space.values)
         try:
-            with torch.no_grad(), rec:
-                space.call(space.values, take(obj.args, 0, 1))
+            with torch.no_grad():
+                with rec:
+                    one = space.call(space.values, take(obj.args, 0, 1))
+                many = space.call(space.values, take(obj.args, 0, min(obj.n, 4)))
         except Exception:  # noqa: BLE001 -- any failure only means the general path
+            return None
+        # a sample's output alone and in a batch must agree (up to the GEMMs' rounding): where
+        # samples mix (x - x.mean(0), batch statistics) the batched backward is not the per-sample one
+        tol = torch.finfo(one.dtype).eps ** 0.5
+        if not torch.allclose(one, many[:1], rtol=tol, atol=tol * max(1.0, float(one.abs().max()))):
             return None
         weights, biases = set(), set()
         seen = Counter(i for layer in rec.layers for i in (layer.weight, layer.bias) if i is not None)
