@@ -27,18 +27,27 @@ and per-sample gradients by relative error, traces against the float64 Hutch++ e
 within their standard errors, the full Hessian elementwise. Ratios are the peer's time
 over jaccli's (above 1: jaccli is faster).
 
-``--interleaved`` (tasks ``full`` and ``per-sample``): jaccli and its peer (the ``autograd.grad``
-loop; ``torch.func.vmap(grad)``) in ONE process, called alternately on the same data, the
-median of ``--repeats`` calls each and the ratio of the medians — the measurement to trust on
-a shared machine, where load drifts between separate processes. Both results are checked
-against each other (max relative difference), in float32 and again in float64 (``--dtype``).
+``--interleaved`` (tasks ``full``, ``per-sample`` and ``trace``): jaccli and its peer (the
+``autograd.grad`` loop; ``torch.func.vmap(grad)``; PyHessian's Hutchinson) in ONE process, called
+alternately on the same data, the median of ``--repeats`` calls each and the ratio of the
+medians — the measurement to trust on a shared machine, where load drifts between separate
+processes. Both results are checked against each other (max relative difference; for the trace
+each estimate with its standard error), in float32 and again in float64 (``--dtype``).
+``--peer-samples`` gives PyHessian another number of products than jaccli (the same tolerance).
 
-Measured (shared 2-core CPU, one thread; docs/curvature.md has the tables):
+Measured (shared 2-core CPU under load, one thread; docs/curvature.md has the tables):
 ``--task full --interleaved --full-width 60 --points 1024 --repeats 5 --threads 1`` gave the loop
 1.78× jaccli's time (P = 6 250; 1.65× at ``--points 2048``; issue 20 asks 10×, not met), ``--full-width 20 --points 256
---dtype float64`` 2.23× with a max relative difference of 6e-16; ``--task per-sample
---interleaved --width 256 --points 2048 --repeats 7 --threads 1`` gave ``vmap(grad)`` 0.86× jaccli's
-time (jaccli slower by its norm summary's pass over the rows).
+--dtype float64`` 2.23× with a max relative difference of 6e-16. Per-sample gradients
+(``--width 256 --points 2048``, P = 76 810; jaccli's linear layers by δxᵀ from one batched
+backward): ``--task per-sample --interleaved --repeats 5 --threads 1`` gave ``vmap(grad)`` 2.03×
+jaccli's time (bitwise equal rows); ``--task per-sample --repeats 5 --threads 1`` (own processes)
+``vmap(grad)`` 2.12×, Opacus 3.27×, BackPACK 2.64×. ``--task eig --repeats 3 --threads 1``:
+PyHessian 8.9×, hessian-eigenthings 16×, curvlinops 1.27×. ``--task trace --repeats 3
+--threads 1``: PyHessian 0.68× (jaccli slower), hessian-eigenthings 1.23×, curvlinops 1.83×;
+interleaved with PyHessian 0.85× at 99 products each, and 0.23× at the same standard error
+(``--peer-samples 29``): on this flat spectrum Hutch++ is less accurate per product than
+Hutchinson.
 
 Smoke test (tiny sizes, timings meaningless): ``python benchmarks/curvature.py --width 16 --points 64 --full-width 8 --repeats 1``
 (add ``--task full --interleaved`` for the in-process A/B)
@@ -147,7 +156,7 @@ def pyhessian_trace(net, x, y, a):
     from pyhessian import hessian
     from torch import nn
 
-    est = hessian(net, nn.CrossEntropyLoss(), data=(x, y), cuda=False).trace(maxIter=a.samples, tol=0.0)
+    est = hessian(net, nn.CrossEntropyLoss(), data=(x, y), cuda=False).trace(maxIter=a.peer_samples or a.samples, tol=0.0)
     return [statistics.fmean(est), statistics.stdev(est) / len(est) ** 0.5]
 
 
@@ -279,7 +288,8 @@ def run_one(task: str, name: str, a) -> None:
 def child(task: str, name: str, a, out: Path, reference: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--run", task, name, "--width", str(a.width), "--points", str(a.points),
            "--full-width", str(a.full_width), "--repeats", str(0 if reference else a.repeats), "--tol", str(a.tol),
-           "--samples", str(a.samples), "--threads", str(a.threads)] + (["--reference"] if reference else [])  # fmt: skip
+           "--samples", str(a.samples), "--threads", str(a.threads)] + (["--reference"] if reference else []) \
+        + (["--peer-samples", str(a.peer_samples)] if a.peer_samples else [])  # fmt: skip
     env = {**os.environ, "CURV_BENCH_OUT": str(out), "OMP_NUM_THREADS": str(a.threads)}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
@@ -313,10 +323,15 @@ def interleaved(task: str, a) -> None:
     torch.set_num_threads(a.threads)
     dtype = torch.float64 if a.dtype == "float64" else torch.float32
     net, x, y = build(a.full_width if task == "full" else a.width, a.points, dtype)
-    peer = {"full": ("autograd-loop", loop_full), "per-sample": ("torch.func", func_per_sample)}[task]
+    peer = {"full": ("autograd-loop", loop_full), "per-sample": ("torch.func", func_per_sample),
+            "trace": ("pyhessian", pyhessian_trace)}[task]  # fmt: skip
     pair = [("jaccli", CANDIDATES[(task, "jaccli")]), peer]
-    got = {name: torch.as_tensor(fn(net, x, y, a)) for name, fn in pair}  # warm-up and the results
-    diff = float((got["jaccli"] - got[peer[0]]).abs().max() / got[peer[0]].abs().max())
+    got = {name: fn(net, x, y, a) for name, fn in pair}  # warm-up and the results
+    if task == "trace":  # estimates: each with its standard error
+        agree = "; ".join(f"{name} {v:.6g} ± {se:.2g}" for name, (v, se) in got.items())
+    else:
+        got = {name: torch.as_tensor(v) for name, v in got.items()}
+        agree = f"max relative difference {float((got['jaccli'] - got[peer[0]]).abs().max() / got[peer[0]].abs().max()):.1e}"
     times = {name: [] for name, _ in pair}
     for r in range(a.repeats):
         for name, fn in pair if r % 2 == 0 else pair[::-1]:  # alternate who goes first
@@ -328,7 +343,7 @@ def interleaved(task: str, a) -> None:
     print(f"{task} ({a.dtype}, {a.threads} thread(s)): P = {p:,}, N = {a.points:,}, medians of {a.repeats}")
     for name, t in med.items():
         print(f"  {name:<14} {t:9.4f} s   ({', '.join(f'{v:.3f}' for v in times[name])})")
-    print(f"  ratio {peer[0]} / jaccli = {med[peer[0]] / med['jaccli']:.2f}   max relative difference {diff:.1e}")
+    print(f"  ratio {peer[0]} / jaccli = {med[peer[0]] / med['jaccli']:.2f}   {agree}")
 
 
 def main() -> None:
@@ -340,8 +355,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--samples", type=int, default=99, help="products of the trace estimates")
+    ap.add_argument("--peer-samples", type=int, help="trace: PyHessian's products (default --samples)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--interleaved", action="store_true", help="full / per-sample: jaccli and its peer alternately in one process")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="full / per-sample / trace: jaccli and its peer alternately in one process")  # fmt: skip
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="with --interleaved")
     ap.add_argument("--run", nargs=2, metavar=("TASK", "NAME"), help=argparse.SUPPRESS)
     ap.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
@@ -349,7 +366,7 @@ def main() -> None:
     if a.run:
         return run_one(*a.run, a)
     if a.interleaved:
-        for task in ["full", "per-sample"] if a.task == "all" else [a.task]:
+        for task in ["full", "per-sample", "trace"] if a.task == "all" else [a.task]:
             interleaved(task, a)
         return
     import tempfile

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from jaccli.curvature.linear import NotLinear
 from jaccli.curvature.objective import Objective, all_reduce, build_objective, dist_info
 from jaccli.curvature.params import ParamInfo
 from jaccli.engine.planner import memory_available
@@ -47,6 +48,8 @@ class GradsResult:
     saved_to: str | None = None
     resumed_samples: int = 0
     seconds: float = 0.0
+    #: how the per-sample rows were computed: ``linear`` (δxᵀ of linear layers), ``linear+vmap``, ``vmap`` or ``jacrev``
+    path: str | None = None
 
     def as_dict(self) -> dict:
         doc = {
@@ -64,6 +67,7 @@ class GradsResult:
         if self.norms is not None:
             doc["per_sample_norms"] = self.norms
             doc["resumed_samples"] = self.resumed_samples
+            doc["per_sample_path"] = self.path
         return doc
 
 
@@ -145,19 +149,37 @@ def grads(
         resumed = 0
         rows = None if n <= obj.chunk else torch.empty(n, p, dtype=space.dtype, device=space.device)
         norms = torch.empty(n, dtype=torch.float64, device=space.device)
+        # linear layers' rows come with their norms, the chunk's loss and its gradient (one backward)
+        fast = obj.linear_rows()
+        total = torch.zeros(p + 1, dtype=space.dtype, device=space.device)
         for a in range(0, n, obj.chunk):
             b = min(a + obj.chunk, n)
-            # several chunks: each written straight into its rows (no copy of a chunk's block)
-            block = obj.per_sample_grads(a, b, out=None if rows is None else rows[a:b])
+            into = None if rows is None else rows[a:b]
+            piece = None
+            if fast is not None:
+                try:
+                    piece = fast.chunk(a, b, into)
+                except NotLinear:
+                    fast, obj._linear = None, False
+            if piece is not None:
+                block = piece.rows
+                norms[a:b] = piece.sq_norms.sqrt()
+                total[0] += piece.loss
+                total[1:] += piece.gradient
+            else:  # several chunks: each written straight into its rows (no copy of a chunk's block)
+                block = obj.per_sample_grads(a, b, out=into)
+                # the norms as the rows come, in the rows' dtype (a float64 reduction of float32
+                # rows is several times slower than computing them)
+                norms[a:b] = torch.linalg.vector_norm(block, dim=1)
             rows = block if rows is None else rows  # one chunk: its rows are the result
-            # the norms as the rows come, in the rows' dtype (a float64 reduction of float32
-            # rows is several times slower than computing them)
-            norms[a:b] = torch.linalg.vector_norm(block, dim=1)
             if progress is not None:
                 progress(b, n)
-        # the loss and the gradient by one batched backward per chunk: cheaper than another
-        # pass over the [N, P] rows (their sum), which memory bandwidth bounds
-        value, gradient = obj.value_and_grad()
+        if fast is not None:
+            value, gradient = _finite(float(total[0]), obj), total[1:]
+        else:
+            # the loss and the gradient by one batched backward per chunk: cheaper than another
+            # pass over the [N, P] rows (their sum), which memory bandwidth bounds
+            value, gradient = obj.value_and_grad()
         if spec is not None:
             save_tensors(spec.path, {spec.name if spec.name != "result" else "grads": rows.cpu()},
                          metadata=spec.metadata, force=spec.force)  # fmt: skip
@@ -170,7 +192,7 @@ def grads(
             norms[a : a + block.shape[0]] = torch.linalg.vector_norm(block, dim=1).cpu()
         gradient = (total * obj.weight).to(device=space.device, dtype=space.dtype)
     result = GradsResult(loss, obj.reduction, n, value, gradient, list(space.infos), per_sample=rows,
-                         norms=_norm_summary(norms.cpu()), resumed_samples=resumed)  # fmt: skip
+                         norms=_norm_summary(norms.cpu()), resumed_samples=resumed, path=obj.per_sample_path)  # fmt: skip
     result.saved_to = None if spec is None else os.fspath(spec.path)
     result.seconds = time.perf_counter() - start
     return result

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.func import grad, jacrev, vjp, vmap
 
+from jaccli.curvature.linear import LinearRows, NotLinear
 from jaccli.curvature.losses import Loss, get_loss
 from jaccli.curvature.params import ParamSpace, _rows, take
 from jaccli.engine.planner import working_budget
@@ -156,6 +157,9 @@ class Objective:
         # products while it fits, as PyHessian keeps its one graph: a product then costs one
         # backward pass instead of a forward, a backward and a backward of that
         self._pulls: dict | bool | None = None
+        self._linear: LinearRows | bool | None = None
+        #: how the last per-sample gradients were computed: linear (δxᵀ), linear+vmap, vmap or jacrev
+        self.per_sample_path: str | None = None
 
     # ------------------------------------------------------------------ chunks
 
@@ -197,8 +201,16 @@ class Objective:
         """``∇ℓᵢ(θ)`` for ``i`` in ``[a, b)`` as rows ``[b - a, P]`` (and ``ℓᵢ`` with ``losses``).
 
         ``out`` (contiguous ``[b - a, P]``, the rows' dtype): the rows are written there, as the
-        one concatenation of the parameters' pieces (no further copy), and returned."""
+        one concatenation of the parameters' pieces (no further copy), and returned. Linear layers'
+        parameters take :mod:`.linear`'s path (one batched backward), the rest ``vmap(grad)``."""
+        fast = None if losses else self.linear_rows()
+        if fast is not None:
+            try:
+                return fast.chunk(a, b, out).rows
+            except NotLinear:
+                self._linear = False
         theta = self.space.values
+        self.per_sample_path = "vmap" if self._vmap_ok and self.space.static_batch is None else "jacrev"
         if self._vmap_ok and self.space.static_batch is None:
             x, y = take(self.args, a, b), self._y(a, b)
 
@@ -213,9 +225,18 @@ class Objective:
                 return (G, ls.detach()) if losses else G
             except (RuntimeError, NotImplementedError):
                 self._vmap_ok = False  # the chunk's losses by jacrev instead: samples do not mix
+                self.per_sample_path = "jacrev"
         jac, ls = jacrev(lambda th: (lambda v: (v, v))(self.sample_losses(th, a, b)), has_aux=True)(theta)
         G = _cat_rows(jac, b - a, out)
         return (G, ls.detach()) if losses else G
+
+    def linear_rows(self) -> LinearRows | None:
+        """The δxᵀ path for this model's linear layers (:mod:`.linear`), ``None`` where it has none."""
+        if self._linear is None:
+            self._linear = LinearRows.detect(self) or False
+        if self._linear:
+            self.per_sample_path = self._linear.path
+        return self._linear or None
 
     def per_sample_jacobians(self, a: int, b: int) -> torch.Tensor:
         """``∂fᵢ/∂θ`` ``[b - a, C, P]`` (C the output's elements per sample)."""

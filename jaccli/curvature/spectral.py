@@ -160,18 +160,31 @@ def hutchpp(op: LinearOperator, products: int, *, seed: int = 0) -> tuple[float,
 
     A third of the products find a low-rank sketch ``Q`` whose trace is exact; the rest
     estimate the trace of the deflated remainder by Hutchinson, whose sample standard
-    deviation gives the error (the sketch's part has none).
+    deviation gives the error (the sketch's part has none). Two passes over the data: the
+    sketch, then ``Q`` and the deflated probes side by side. On a :class:`CurvatureOperator`
+    the vectors stay torch tensors in the model's dtype and device (the QR too: a float64
+    numpy QR of ``[P, k]`` cost a tenth of the estimate at P = 77k); the traces are summed in
+    float64.
     """
     p = op.shape[0]
     k = max(1, products // 3)
     rng = _rng(seed)
     S = _rademacher(rng, p, k)
     G = _rademacher(rng, p, max(2, products - 2 * k))
-    Q, _ = np.linalg.qr(op.matmat(S))
-    top = float(np.trace(Q.T @ op.matmat(Q)))
+    if isinstance(op, CurvatureOperator):
+        space = op.objective.space
+        mm = lambda X: op.objective.matmat(op.matrix, X).detach()  # noqa: E731
+        S, G = (torch.as_tensor(A, dtype=space.dtype, device=space.device) for A in (S, G))
+    else:
+        mm = lambda X: torch.as_tensor(op.matmat(X.numpy()))  # noqa: E731
+        S, G = torch.as_tensor(S), torch.as_tensor(G)
+    Q = torch.linalg.qr(mm(S)).Q
     R = G - Q @ (Q.T @ G)
-    samples = np.einsum("ij,ij->j", R, op.matmat(R))
-    return top + float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(len(samples)))
+    Z = mm(torch.cat([Q, R], dim=1))
+    q = Q.shape[1]
+    top = float((Q.double() * Z[:, :q].double()).sum())
+    samples = (R.double() * Z[:, q:].double()).sum(0)
+    return top + float(samples.mean()), float(samples.std() / math.sqrt(len(samples)))
 
 
 def hutchinson_diagonal(op: LinearOperator, products: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -118,6 +118,10 @@ def show_grads(console: Console, result, *, model: str, digits: int = 6) -> None
         t.add_row("per-sample ‖gᵢ‖", f"min {_g(n['min'], 4)}, median {_g(n['median'], 4)}, mean {_g(n['mean'], 4)}, "
                   f"max {_g(n['max'], 4)}")  # fmt: skip
         t.add_row("largest ‖gᵢ‖", ", ".join(f"#{d['sample']}: {_g(d['norm'], 4)}" for d in n["largest"]))
+        if result.path:
+            t.add_row("per-sample by", {"linear": "δxᵀ of linear layers (one batched backward)",
+                                        "linear+vmap": "δxᵀ of linear layers, vmap(grad) for the rest"}
+                      .get(result.path, result.path))  # fmt: skip
         if result.resumed_samples:
             t.add_row("resumed", f"{result.resumed_samples:,} samples were already written")
     if result.saved_to:

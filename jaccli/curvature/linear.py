@@ -1,0 +1,236 @@
+"""Per-sample gradients of linear layers' parameters as outer products, from one batched backward.
+
+For a layer ``z = x Wᵀ + b`` (weight ``[out, in]``, bias ``[out]``) sample ``n``'s own
+gradient is ``δₙ xₙᵀ`` in ``W`` and ``δₙ`` in ``b``, with ``xₙ`` the layer's input row and
+``δₙ = ∂ℓₙ/∂zₙ``. Where samples do not mix (what per-sample gradients assume anyway),
+``∂(Σᵢ ℓᵢ)/∂zₙ = δₙ``, so ONE forward and backward of the summed loss over a chunk gives
+every ``xₙ`` and ``δₙ`` of every layer, the loss and the gradient of the chunk at once, and
+the rows are written as outer products straight into the ``[N, P]`` result; their squared
+norms are ``‖δₙ‖²‖xₙ‖² (+ ‖δₙ‖²)`` per layer, without a pass over the rows. ``vmap(grad)``
+instead runs the model once per sample, and its gradient kernels at batch size one.
+
+Which parameters are linear weights and biases is read off the model's ops (a dispatch mode,
+so TorchScript, ``.pt2`` programs and ``nn.Module``s look alike): ``aten.t`` (or a 2-D
+``transpose``/``permute``) of a parameter whose only use is the second matrix of an
+``aten.mm``/``aten.addmm``, and a 1-D parameter whose only use is ``addmm``'s added term.
+Any other parameter (a convolution, a weight used twice, one used elsewhere too) gets its
+rows from ``vmap(grad)`` of the model in those parameters alone; a model with no recognised
+layer, or whose samples mix (one sample's output alone differs from its row in a batch), keeps
+:class:`~.objective.Objective`'s ``vmap(grad)`` path whole.
+
+Imports: torch, :mod:`.params`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch.func import grad, jacrev, vmap
+from torch.utils._pytree import tree_leaves
+
+from jaccli.curvature.params import take
+from jaccli.jets.dispatch import QuietDispatchMode
+
+aten = torch.ops.aten
+#: ops that give a 2-D parameter's transpose (``F.linear`` lowers to ``t``; exported programs may hold ``permute``)
+TRANSPOSES = (aten.t.default, aten.transpose.int, aten.permute.default)
+
+
+class NotLinear(Exception):
+    """The batched pass did not meet the layers the probe found (the caller falls back to ``vmap``)."""
+
+
+@dataclass
+class Layer:
+    """One ``mm``/``addmm`` of a linear layer: the indices of its weight and bias among the
+    selected parameters (``None``: not selected or not recognised), and, during a pass, its
+    input rows ``x`` and output ``z``."""
+
+    weight: int | None
+    bias: int | None
+    x: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    versions: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        self.versions = (self.x._version, self.z._version)
+
+    @property
+    def mutated(self) -> bool:
+        """Whether ``x`` or ``z`` was changed in place after the layer (``ReLU(inplace=True)``):
+        then ``z`` no longer holds the layer's output, nor its gradient the layer's ``δ``."""
+        return (self.x._version, self.z._version) != self.versions
+
+
+class _Record(QuietDispatchMode):
+    """Finds the linear layers of the selected parameters ``params`` among the ops of one call.
+
+    Parameters are told by identity: the model (``functional_call`` or TorchScript's swapped
+    attributes) hands the very tensors in to its ops."""
+
+    def __init__(self, params) -> None:
+        super().__init__()
+        self.index = {id(t): i for i, t in enumerate(params)}
+        self.views: dict[int, int] = {}  # id(transpose) -> parameter index
+        self.keep: list[torch.Tensor] = []  # the transposes, alive, so that their ids stay theirs
+        self.uses: Counter = Counter()  # parameter index -> ops that read it
+        self.view_uses: Counter = Counter()  # parameter index -> ops that read its transpose
+        self.layers: list[Layer] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is aten.detach.default:
+            return out  # autograd saving a tensor for backward; a detached copy carries no gradient
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                if id(t) in self.index:
+                    self.uses[self.index[id(t)]] += 1
+                if id(t) in self.views:
+                    self.view_uses[self.views[id(t)]] += 1
+        if func in TRANSPOSES and id(args[0]) in self.index and args[0].dim() == 2 and out.dim() == 2 \
+                and out.shape == args[0].shape[::-1]:  # fmt: skip
+            self.views[id(out)] = self.index[id(args[0])]
+            self.keep.append(out)
+        elif func is aten.mm.default and id(args[1]) in self.views:
+            self.layers.append(Layer(self.views[id(args[1])], None, args[0], out))
+        elif func is aten.addmm.default and len(args) == 3 and all(kwargs.get(k, 1) == 1 for k in ("beta", "alpha")):
+            bias, x, wt = args
+            w = self.views.get(id(wt))
+            b = self.index.get(id(bias)) if bias.dim() == 1 else None
+            if w is not None or b is not None:
+                self.layers.append(Layer(w, b, x, out))
+        return out
+
+
+@dataclass
+class Chunk:
+    """One chunk's rows ``[n, P]``, their squared norms ``[n]`` (float64), and the chunk's loss
+    ``w Σ ℓᵢ`` and gradient ``[P]`` from the same backward."""
+
+    rows: torch.Tensor
+    sq_norms: torch.Tensor
+    loss: torch.Tensor
+    gradient: torch.Tensor
+
+
+class LinearRows:
+    """Per-sample gradient rows of an :class:`~.objective.Objective` by ``δₙ xₙᵀ`` for its
+    linear layers' parameters and ``vmap(grad)`` for the rest."""
+
+    def __init__(self, obj, weights: set[int], biases: set[int]) -> None:
+        self.obj = obj
+        self.weights, self.biases = weights, biases  # indices of the selected parameters
+        fast = set(weights) | set(biases)
+        self.rest = tuple(i for i in range(len(obj.space.values)) if i not in fast)
+        self._vmap_ok = True
+        k = len(fast)
+        self.path = "linear" if not self.rest else "linear+vmap"
+        self.note = (f"per-sample gradients of {k} of {k + len(self.rest)} parameter tensors as δxᵀ of their linear "
+                     f"layers" + (f", of the other {len(self.rest)} by vmap(grad)" if self.rest else ""))  # fmt: skip
+
+    @classmethod
+    def detect(cls, obj) -> LinearRows | None:
+        """The path for ``obj``'s model, or ``None`` where no selected parameter is a linear layer's."""
+        space = obj.space
+        rows = space.static_batch or 1
+        rec = _Record(space.values)
+        try:
+            with torch.no_grad():
+                with rec:
+                    one = space.call(space.values, take(obj.args, 0, 1))
+                many = space.call(space.values, take(obj.args, 0, min(obj.n, 4)))
+        except Exception:  # noqa: BLE001 -- any failure only means the general path
+            return None
+        # a sample's output alone and in a batch must agree (up to the GEMMs' rounding): where
+        # samples mix (x - x.mean(0), batch statistics) the batched backward is not the per-sample one
+        tol = torch.finfo(one.dtype).eps ** 0.5
+        if not torch.allclose(one, many[:1], rtol=tol, atol=tol * max(1.0, float(one.abs().max()))):
+            return None
+        weights, biases = set(), set()
+        seen = Counter(i for layer in rec.layers for i in (layer.weight, layer.bias) if i is not None)
+        for layer in rec.layers:
+            if layer.mutated or layer.x.dim() != 2 or layer.x.shape[0] != rows or layer.z.shape[0] != rows:
+                continue  # rows that are not samples (a sequence folded into the batch): the general path
+            w, b = layer.weight, layer.bias
+            if w is not None and rec.uses[w] == 1 and rec.view_uses[w] == 1 and seen[w] == 1:
+                weights.add(w)
+            if b is not None and rec.uses[b] == 1 and seen[b] == 1 and layer.z.dim() == 2 \
+                    and space.values[b].shape[0] == layer.z.shape[1]:  # fmt: skip
+                biases.add(b)
+        if not weights and not biases:
+            return None
+        return cls(obj, weights, biases)
+
+    # ------------------------------------------------------------------ one chunk
+
+    def chunk(self, a: int, b: int, out: torch.Tensor | None = None) -> Chunk:
+        """Rows ``a:b`` (written into ``out``, contiguous ``[b - a, P]``, when given)."""
+        obj, space = self.obj, self.obj.space
+        n = b - a
+        rows = torch.empty(n, space.size, dtype=space.dtype, device=space.device) if out is None else out
+        theta = tuple(t.detach().requires_grad_() for t in space.values)
+        rec = _Record(theta)
+        with torch.enable_grad():
+            with rec:
+                z = space.call(theta, take(obj.args, a, b))
+            total = obj.loss.raw(z, obj._y(a, b)).sum() * obj.norm
+        called = space.static_batch or n  # a program exported for one batch size runs on padded chunks
+        # each recognised parameter's layer in this pass, by its role (the probe's op order is not relied on)
+        where: dict[int, Layer] = {}
+        for layer in rec.layers:
+            for i, mine in ((layer.weight, self.weights), (layer.bias, self.biases)):
+                if i in mine:
+                    if i in where or layer.mutated or layer.x.dim() != 2 or layer.x.shape[0] != called:
+                        raise NotLinear
+                    where[i] = layer
+        if len(where) != len(self.weights) + len(self.biases):
+            raise NotLinear
+        zs = list({id(layer.z): layer.z for layer in where.values()}.values())
+        got = torch.autograd.grad(total, [*zs, *theta], allow_unused=True, materialize_grads=True)
+        deltas = {id(z): d[:n].detach() for z, d in zip(zs, got[: len(zs)])}
+        gradient = space.flat(got[len(zs) :]).detach() * obj.weight
+        sq = torch.zeros(n, dtype=torch.float64, device=space.device)
+        for i in self.weights:
+            info, x, d = space.infos[i], where[i].x[:n].detach(), deltas[id(where[i].z)]
+            view = rows[:, info.offset : info.offset + info.size].view(n, *info.shape)
+            torch.mul(d[:, :, None], x[:, None, :], out=view)
+            sq += d.double().pow(2).sum(1) * x.double().pow(2).sum(1)
+        for i in self.biases:
+            info, d = space.infos[i], deltas[id(where[i].z)]
+            rows[:, info.offset : info.offset + info.size] = d
+            sq += d.double().pow(2).sum(1)
+        if self.rest:
+            for i, piece in zip(self.rest, self._rest_rows(a, b)):
+                info = space.infos[i]
+                part = rows[:, info.offset : info.offset + info.size]
+                part.copy_(piece.reshape(n, -1))
+                sq += part.double().pow(2).sum(1)
+        return Chunk(rows, sq, total.detach() * obj.weight, gradient)
+
+    def _rest_rows(self, a: int, b: int):
+        """Per-sample gradients of the parameters outside linear layers, one tensor each ``[b - a, *shape]``."""
+        obj, space = self.obj, self.obj.space
+        theta, rest = space.values, self.rest
+
+        def full(sub):
+            th = list(theta)
+            for i, t in zip(rest, sub):
+                th[i] = t
+            return th
+
+        sub = tuple(theta[i] for i in rest)
+        if self._vmap_ok and space.static_batch is None:
+            x, y = take(obj.args, a, b), obj._y(a, b)
+
+            def one(s, xi, yi):
+                z = space.call(full(s), {k: v[None] for k, v in xi.items()} if isinstance(xi, dict) else xi[None])
+                return obj.loss.raw(z, None if yi is None else yi[None])[0] * obj.norm
+
+            try:
+                return [t.detach() for t in vmap(grad(one), in_dims=(None, 0, None if y is None else 0))(sub, x, y)]
+            except (RuntimeError, NotImplementedError):
+                self._vmap_ok = False  # the chunk's losses by jacrev instead: samples do not mix
+        return [t.detach() for t in jacrev(lambda s: obj.sample_losses(full(s), a, b))(sub)]
