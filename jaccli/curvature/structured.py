@@ -206,32 +206,47 @@ def structured_hessian(obj: Objective) -> torch.Tensor:
     chunk = int(max(1, min(obj.hi - obj.lo, (budget // 4) // per_sample, MAX_CHUNK)))
     scale = obj.norm * obj.weight
 
-    def F(eps_flat, xi, yi):
-        eps = [eps_flat[o : o + d].reshape(1, d) for o, d in zip(eo, dims)]
-        out, acts = interp(eps, theta, _one(xi))
-        value = obj.loss.raw(out, None if yi is None else yi[None])[0] * scale
-        return value, torch.cat([a.reshape(-1) for a in acts])
+    zeros = [torch.zeros(d, dtype=dtype, device=device) for d in dims]
 
-    def G(eps_flat, xi, yi):
-        g, acts = grad(F, has_aux=True)(eps_flat, xi, yi)
-        return (g, acts), (g, acts)
+    def G(p):
+        """``ε_p ↦ (∂F/∂(ε_p, ε_{p+1}, …), a)``: the earlier layers' ε stay constant, so the
+        tangents of ε_p skip the layers before p and the backward pass stops at ε_p."""
+
+        def F(later, xi, yi):
+            eps = [zeros[k].reshape(1, -1) for k in range(p)] + [e.reshape(1, -1) for e in later]
+            out, acts = interp(eps, theta, _one(xi))
+            value = obj.loss.raw(out, None if yi is None else yi[None])[0] * scale
+            return value, torch.cat([a.reshape(-1) for a in acts])
+
+        def g(e, xi, yi):
+            d, acts = grad(F, has_aux=True)((e, *zeros[p + 1 :]), xi, yi)
+            d = torch.cat(d)
+            return (d, acts), (d, acts)
+
+        return g
 
     reach = _downstream(layers)
     L = len(layers)
     # the S term of block (p, q) as [(i k), (j̃ m̃)]: for p = q only the pairs i ≤ k (symmetry);
-    # the T term as [(i m), (j̃ k)]; both accumulate in place over the chunks (addmm)
+    # the T term as [(i m), (j̃ k)], or as [(i j̃), k] where T_pq is diagonal (a_q an elementwise
+    # function of z_p): all accumulate in place over the chunks (addmm)
     upper = [torch.triu_indices(l.d_out, l.d_out, device=device) for l in layers]
     s_acc: dict[tuple[int, int], torch.Tensor] = {}
     t_acc: dict[tuple[int, int], torch.Tensor] = {}
-    zero = torch.zeros(E, dtype=dtype, device=device)
+    d_acc: dict[tuple[int, int], torch.Tensor] = {}
     for a0 in range(obj.lo, obj.hi, chunk):
         b0 = min(a0 + chunk, obj.hi)
         x, y = take(obj.args, a0, b0), obj._y(a0, b0)
+        S, T = [], []
         try:
-            (S, T), (delta, acts) = vmap(jacfwd(G, has_aux=True), in_dims=(None, 0, None if y is None else 0))(zero, x, y)
+            for p in range(L):
+                (Sp, Tp), (d, a) = vmap(jacfwd(G(p), has_aux=True), in_dims=(None, 0, None if y is None else 0))(zeros[p], x, y)
+                S.append(Sp.detach())  # [n, (k of q ≥ p), i of p]
+                T.append(Tp.detach())  # [n, A, i of p]
+                if p == 0:
+                    delta, acts = d.detach(), a.detach()
         except (RuntimeError, NotImplementedError) as exc:
             raise NotStructured(f"the second derivatives of the layer outputs failed ({type(exc).__name__})") from None
-        S, T, delta, acts = S.detach(), T.detach(), delta.detach(), acts.detach()
         n = b0 - a0
         aug = []
         for k, l in enumerate(layers):
@@ -240,22 +255,27 @@ def structured_hessian(obj: Objective) -> torch.Tensor:
                 parts.append(torch.ones(n, 1, dtype=dtype, device=device))
             aug.append(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
         for p, lp in enumerate(layers):
-            rows = slice(eo[p], eo[p] + lp.d_out)
             for q in range(p, L):
                 lq = layers[q]
+                ks = slice(eo[q] - eo[p], eo[q] - eo[p] + lq.d_out)
                 cols = slice(eo[q], eo[q] + lq.d_out)
                 if p == q:
                     iu, ku = upper[p]
-                    Spq = S[:, rows, rows][:, iu, ku]  # [n, pairs i ≤ k]
+                    Spq = S[p][:, ks][:, ku, iu]  # [n, pairs i ≤ k]
                 else:
-                    Spq = S[:, rows, cols].reshape(n, -1)  # [n, (i k)]
+                    Spq = S[p][:, ks].transpose(1, 2).reshape(n, -1)  # [n, (i k)]
                 Y = (aug[p][:, :, None] * aug[q][:, None, :]).reshape(n, -1)  # [n, (j̃ m̃)]
                 _addmm(s_acc, (p, q), Spq.T, Y)
                 if q in reach[p] and lq.weight is not None:
                     # the weight of q sees its input a_q change with ε_p
-                    Tpq = T[:, ao[q] : ao[q] + lq.d_in, rows].transpose(1, 2).reshape(n, -1)  # [n, (i m)]
-                    Z = (aug[p][:, :, None] * delta[:, None, cols]).reshape(n, -1)  # [n, (j̃ k)]
-                    _addmm(t_acc, (p, q), Tpq.T, Z)
+                    Tpq = T[p][:, ao[q] : ao[q] + lq.d_in]  # [n, m, i]
+                    diag = Tpq.diagonal(dim1=1, dim2=2) if lq.d_in == lp.d_out else None  # [n, i]
+                    if diag is not None and int(torch.count_nonzero(Tpq)) == int(torch.count_nonzero(diag)):
+                        W = (diag[:, :, None] * aug[p][:, None, :]).reshape(n, -1)  # [n, (i j̃)]
+                        _addmm(d_acc, (p, q), W.T, delta[:, cols])
+                    else:
+                        Z = (aug[p][:, :, None] * delta[:, None, cols]).reshape(n, -1)  # [n, (j̃ k)]
+                        _addmm(t_acc, (p, q), Tpq.transpose(1, 2).reshape(n, -1).T, Z)
     out = torch.empty(space.size, space.size, dtype=dtype, device=device)
     if obj.lo >= obj.hi:  # a rank without samples still takes part in the all-reduce
         out.zero_()
@@ -270,10 +290,12 @@ def structured_hessian(obj: Objective) -> torch.Tensor:
         else:
             block = acc.reshape(lp.d_out, lq.d_out, lp.width, lq.width)
         block = block.permute(0, 2, 1, 3)  # [i, j̃, k, m̃]
-        if (p, q) in t_acc:
-            extra = t_acc[(p, q)].reshape(lp.d_out, lq.d_in, lp.width, lq.d_out).permute(0, 2, 3, 1)  # [i, j̃, k, m]
+        if (p, q) in t_acc or (p, q) in d_acc:
             block = block.clone()
-            block[..., : lq.d_in] += extra
+        if (p, q) in t_acc:
+            block[..., : lq.d_in] += t_acc[(p, q)].reshape(lp.d_out, lq.d_in, lp.width, lq.d_out).permute(0, 2, 3, 1)
+        if (p, q) in d_acc:  # the entries m = i: [j̃, k, i]
+            block.diagonal(dim1=0, dim2=3).add_(d_acc[(p, q)].reshape(lp.d_out, lp.width, lq.d_out).permute(1, 2, 0))
         for r0, rj in _parts(space, lp):
             for c0, cj in _parts(space, lq):
                 sub = block[:, rj, :, cj]
