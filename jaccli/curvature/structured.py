@@ -183,6 +183,22 @@ def _downstream(layers: list[_Layer]) -> list[set[int]]:
     return reach
 
 
+def _elementwise_between(p: _Layer, q: _Layer) -> bool:
+    """Whether ``q``'s input is a chain of pointwise ops of ``p``'s output alone (then
+    ``T_pq = ∂a_q/∂ε_p`` is diagonal)."""
+    n = q.input
+    while n is not p.node:
+        if not isinstance(n, torch.fx.Node) or n.op != "call_function" or _shape(n) != _shape(p.node):
+            return False
+        if torch.Tag.pointwise not in getattr(n.target, "tags", ()):
+            return False
+        nodes = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, torch.fx.Node)]
+        if len(nodes) != 1:
+            return False
+        n = nodes[0]
+    return True
+
+
 def structured_hessian(obj: Objective) -> torch.Tensor:
     """The Hessian ``[P, P]`` of ``obj``'s loss by the layer-wise form; raises :class:`NotStructured`."""
     space = obj.space
@@ -227,6 +243,7 @@ def structured_hessian(obj: Objective) -> torch.Tensor:
 
     reach = _downstream(layers)
     L = len(layers)
+    diagonal = [[_elementwise_between(lp, lq) for lq in layers] for lp in layers]
     # the S term of block (p, q) as [(i k), (j̃ m̃)]: for p = q only the pairs i ≤ k (symmetry);
     # the T term as [(i m), (j̃ k)], or as [(i j̃), k] where T_pq is diagonal (a_q an elementwise
     # function of z_p): all accumulate in place over the chunks (addmm)
@@ -269,9 +286,8 @@ def structured_hessian(obj: Objective) -> torch.Tensor:
                 if q in reach[p] and lq.weight is not None:
                     # the weight of q sees its input a_q change with ε_p
                     Tpq = T[p][:, ao[q] : ao[q] + lq.d_in]  # [n, m, i]
-                    diag = Tpq.diagonal(dim1=1, dim2=2) if lq.d_in == lp.d_out else None  # [n, i]
-                    if diag is not None and int(torch.count_nonzero(Tpq)) == int(torch.count_nonzero(diag)):
-                        W = (diag[:, :, None] * aug[p][:, None, :]).reshape(n, -1)  # [n, (i j̃)]
+                    if diagonal[p][q]:
+                        W = (Tpq.diagonal(dim1=1, dim2=2)[:, :, None] * aug[p][:, None, :]).reshape(n, -1)  # [n, (i j̃)]
                         _addmm(d_acc, (p, q), W.T, delta[:, cols])
                     else:
                         Z = (aug[p][:, :, None] * delta[:, None, cols]).reshape(n, -1)  # [n, (j̃ k)]
@@ -289,13 +305,11 @@ def structured_hessian(obj: Objective) -> torch.Tensor:
             block[iu, ku] = acc
         else:
             block = acc.reshape(lp.d_out, lq.d_out, lp.width, lq.width)
+            if (p, q) in t_acc:  # [i, m, j̃, k] into [i, k, j̃, m]
+                block[..., : lq.d_in] += t_acc[(p, q)].reshape(lp.d_out, lq.d_in, lp.width, lq.d_out).permute(0, 3, 2, 1)
+            if (p, q) in d_acc:  # [i, j̃, k] into the entries m = i of [i, k, j̃, m]: [k, j̃, i]
+                block.diagonal(dim1=0, dim2=3).add_(d_acc[(p, q)].reshape(lp.d_out, lp.width, lq.d_out).permute(2, 1, 0))
         block = block.permute(0, 2, 1, 3)  # [i, j̃, k, m̃]
-        if (p, q) in t_acc or (p, q) in d_acc:
-            block = block.clone()
-        if (p, q) in t_acc:
-            block[..., : lq.d_in] += t_acc[(p, q)].reshape(lp.d_out, lq.d_in, lp.width, lq.d_out).permute(0, 2, 3, 1)
-        if (p, q) in d_acc:  # the entries m = i: [j̃, k, i]
-            block.diagonal(dim1=0, dim2=3).add_(d_acc[(p, q)].reshape(lp.d_out, lp.width, lq.d_out).permute(1, 2, 0))
         for r0, rj in _parts(space, lp):
             for c0, cj in _parts(space, lq):
                 sub = block[:, rj, :, cj]
