@@ -217,3 +217,58 @@ def test_the_check_refuses_a_wrong_matrix():
     H[3, 5] += 1e-3 * H.abs().max()
     with pytest.raises(structured.NotStructured, match="disagrees with a Hessian-vector product"):
         structured._check(obj, H)
+
+
+# ------------------------------------------------------------------ the command line, torchrun
+
+
+def _jaccli(cwd, *args, torchrun=False):
+    import os
+    import subprocess
+    import sys
+
+    pre = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "jaccli"] \
+        if torchrun else [sys.executable, "-m", "jaccli"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run([*pre, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from problems import save_torchscript, tanh_mlp
+
+    d = tmp_path_factory.mktemp("structured")
+    net = tanh_mlp((2, 6, 5, 3))
+    jaccli.save_mlp(net, d / "m.safetensors")
+    save_torchscript(SmallCNN().double(), d / "cnn.pt")
+    rng = np.random.default_rng(0)
+    np.save(d / "x.npy", rng.standard_normal((40, 2)))
+    np.save(d / "y.npy", rng.integers(0, 3, 40))
+    np.save(d / "img.npy", rng.standard_normal((12, 1, 5, 5)))
+    np.save(d / "yi.npy", rng.integers(0, 4, 12))
+    return d, net
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="gloo")
+def test_cli_and_torchrun_equal_the_float64_reference(saved, tmp_path):
+    import json
+
+    d, net = saved
+    x, y = torch.from_numpy(np.load(d / "x.npy")), torch.from_numpy(np.load(d / "y.npy"))
+    want = reference(net, x, y, "cross-entropy", "mean")
+    common = [d / "m.safetensors", d / "x.npy", "--target", d / "y.npy", "--loss", "cross-entropy", "--full", "--json"]
+    for torchrun in (False, True):  # torchrun: two ranks, a shard of the samples each, all-reduced
+        name = f"h{int(torchrun)}.npz"
+        r = _jaccli(tmp_path, "curvature", *common, "--chunk-size", "6", "--save", name, torchrun=torchrun)
+        assert r.returncode == 0, r.stderr
+        (doc,) = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]  # rank 0 alone prints
+        assert doc["notes"] == []
+        np.testing.assert_allclose(np.load(tmp_path / name)["full"], want, rtol=1e-9, atol=1e-12)
+
+
+def test_cli_table_says_why_a_cnn_falls_back(saved, tmp_path):
+    d, _ = saved
+    r = _jaccli(tmp_path, "curvature", d / "cnn.pt", d / "img.npy", "--target", d / "yi.npy", "--loss", "cross-entropy",
+                "--full", "--trace")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "note: full Hessian by products with unit vectors, not layer by layer" in " ".join(r.stdout.split())
