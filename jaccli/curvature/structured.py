@@ -224,25 +224,32 @@ def structured_hessian(obj: Objective) -> torch.Tensor:
 
     zeros = [torch.zeros(d, dtype=dtype, device=device) for d in dims]
 
+    reach = _downstream(layers)
+    L = len(layers)
+    # the inputs whose change with ε_p the blocks need (T_pq): only those go through jacfwd
+    t_of = [[q for q in sorted(reach[p]) if layers[q].weight is not None] for p in range(L)]
+    t_at = [{q: sum(ins[r] for r in t_of[p][: t_of[p].index(q)]) for q in t_of[p]} for p in range(L)]
+
     def G(p):
-        """``ε_p ↦ (∂F/∂(ε_p, ε_{p+1}, …), a)``: the earlier layers' ε stay constant, so the
-        tangents of ε_p skip the layers before p and the backward pass stops at ε_p."""
+        """``ε_p ↦ (∂F/∂(ε_p, ε_{p+1}, …), the inputs a_q of T_pq)``: the earlier layers' ε stay
+        constant, so the tangents of ε_p skip the layers before p and the backward pass stops at ε_p."""
 
         def F(later, xi, yi):
             eps = [zeros[k].reshape(1, -1) for k in range(p)] + [e.reshape(1, -1) for e in later]
             out, acts = interp(eps, theta, _one(xi))
             value = obj.loss.raw(out, None if yi is None else yi[None])[0] * scale
-            return value, torch.cat([a.reshape(-1) for a in acts])
+            return value, [acts[q].reshape(-1) for q in t_of[p]]
 
         def g(e, xi, yi):
             d, acts = grad(F, has_aux=True)((e, *zeros[p + 1 :]), xi, yi)
             d = torch.cat(d)
-            return (d, acts), (d, acts)
+            return ((d, torch.cat(acts)) if acts else (d,)), d
 
         return g
 
-    reach = _downstream(layers)
-    L = len(layers)
+    def inputs(xi):
+        return torch.cat([a.reshape(-1) for a in interp([z.reshape(1, -1) for z in zeros], theta, _one(xi))[1]])
+
     diagonal = [[_elementwise_between(lp, lq) for lq in layers] for lp in layers]
     # the S term of block (p, q) as [(i k), (j̃ m̃)]: for p = q only the pairs i ≤ k (symmetry);
     # the T term as [(i m), (j̃ k)], or as [(i j̃), k] where T_pq is diagonal (a_q an elementwise
@@ -257,11 +264,13 @@ def structured_hessian(obj: Objective) -> torch.Tensor:
         S, T = [], []
         try:
             for p in range(L):
-                (Sp, Tp), (d, a) = vmap(jacfwd(G(p), has_aux=True), in_dims=(None, 0, None if y is None else 0))(zeros[p], x, y)
-                S.append(Sp.detach())  # [n, (k of q ≥ p), i of p]
-                T.append(Tp.detach())  # [n, A, i of p]
+                jac, d = vmap(jacfwd(G(p), has_aux=True), in_dims=(None, 0, None if y is None else 0))(zeros[p], x, y)
+                S.append(jac[0].detach())  # [n, (k of q ≥ p), i of p]
+                T.append(jac[1].detach() if len(jac) > 1 else None)  # [n, (m of q in t_of[p]), i of p]
                 if p == 0:
-                    delta, acts = d.detach(), a.detach()
+                    delta = d.detach()
+            with torch.no_grad():
+                acts = vmap(inputs)(x)
         except (RuntimeError, NotImplementedError) as exc:
             raise NotStructured(f"the second derivatives of the layer outputs failed ({type(exc).__name__})") from None
         n = b0 - a0
@@ -283,9 +292,9 @@ def structured_hessian(obj: Objective) -> torch.Tensor:
                     Spq = S[p][:, ks].transpose(1, 2).reshape(n, -1)  # [n, (i k)]
                 Y = (aug[p][:, :, None] * aug[q][:, None, :]).reshape(n, -1)  # [n, (j̃ m̃)]
                 _addmm(s_acc, (p, q), Spq.T, Y)
-                if q in reach[p] and lq.weight is not None:
+                if q in t_at[p]:
                     # the weight of q sees its input a_q change with ε_p
-                    Tpq = T[p][:, ao[q] : ao[q] + lq.d_in]  # [n, m, i]
+                    Tpq = T[p][:, t_at[p][q] : t_at[p][q] + lq.d_in]  # [n, m, i]
                     if diagonal[p][q]:
                         W = (Tpq.diagonal(dim1=1, dim2=2)[:, :, None] * aug[p][:, None, :]).reshape(n, -1)  # [n, (i j̃)]
                         _addmm(d_acc, (p, q), W.T, delta[:, cols])
@@ -298,11 +307,14 @@ def structured_hessian(obj: Objective) -> torch.Tensor:
     for (p, q), acc in s_acc.items():
         lp, lq = layers[p], layers[q]
         if p == q:  # the pairs i ≤ k, and i > k by symmetry: [i, k, j̃, m̃]
-            iu, ku = upper[p]
             acc = acc.reshape(-1, lp.width, lp.width)
             block = torch.empty(lp.d_out, lp.d_out, lp.width, lp.width, dtype=dtype, device=device)
-            block[ku, iu] = acc.transpose(1, 2)
-            block[iu, ku] = acc
+            at = 0
+            for i in range(lp.d_out):  # row i's pairs (i, k ≥ i) are contiguous (triu order): no scatter
+                row = acc[at : at + lp.d_out - i]
+                block[i, i:] = row
+                block[i + 1 :, i] = row[1:].transpose(1, 2)
+                at += lp.d_out - i
         else:
             block = acc.reshape(lp.d_out, lq.d_out, lp.width, lq.width)
             if (p, q) in t_acc:  # [i, m, j̃, k] into [i, k, j̃, m]
