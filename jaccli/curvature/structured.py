@@ -13,17 +13,24 @@ through ``z_p`` (and ``a_p`` does not depend on it), for ``p`` no later than ``q
     ∂²ℓ / ∂W_p[i,j] ∂W_q[k,m] = a_p[j] (S_pq[i,k] a_q[m] + δ_q[k] T_pq[i,m])
 
 with ``S = ∂²F/∂ε²`` and ``T_pq[i,m] = ∂a_q[m]/∂ε_p[i]`` (zero unless ``q`` is downstream of
-``p``, so zero for ``p = q``); a bias is a weight column whose input is the constant 1. ONE
-``vmap(jacfwd(grad))`` pass over the samples gives ``δ``, ``S``, ``T`` and ``a``; each block
-``H_pq`` is then a sum over samples, one batched GEMM ``ã_pᵀ · X`` per layer pair and chunk of
-samples, with ``X = S ⊗ ã_q + δ_q ⊗ T``. Only ``p ≤ q`` is computed, and inside a diagonal
-block only the rows' upper part (groups of rows against the columns from their first row
-on): the rest by symmetry. Samples go in chunks (memory flat in ``N``); under
-``torch.distributed`` the blocks are all-reduced.
+``p``, so zero for ``p = q``); a bias is a weight column whose input is the constant 1. One
+``vmap(jacfwd(grad))`` pass per layer ``p`` over the samples gives ``S_pq`` for ``q ≥ p`` and
+the ``T_pq`` the blocks need (the tangents of ``ε_p`` skip the layers before ``p``, and the
+backward pass stops at ``ε_p``); ``δ`` and ``a`` come with them. Each block ``H_pq`` is then a
+sum over samples of Kronecker products, i.e. GEMMs over the samples (their inner dimension):
+
+* the ``S`` term as ``[(i k), n] · [n, (j̃ m̃)]``, inside a layer's own block only for ``i ≤ k``;
+* the ``T`` term as ``[(i m), n] · [n, (j̃ k)]``, or as ``[(i j̃), n] · [n, k]`` where ``T_pq``
+  is diagonal (``a_q`` a chain of pointwise ops of ``z_p`` alone, read off the graph).
+
+Only ``p ≤ q`` is computed, the rest by symmetry; the GEMMs accumulate in place chunk by
+chunk (memory flat in ``N``); under ``torch.distributed`` the matrix is all-reduced. The
+products' layouts are permuted once, into the ``P × P`` matrix (in the model's precision).
 
 The layers are found by recording the model's aten ops at one sample with
 :func:`torch.fx.experimental.proxy_tensor.make_fx`: ``mm``/``addmm`` with a transposed 2-d
-weight on a one-row input, and a 1-d bias as ``addmm``'s first argument. Anything else a
+weight (``x @ W.T``, as ``nn.Linear``) or a plain one (``x @ W``) on a one-row input, and a 1-d
+bias as ``addmm``'s first argument or added to such a product. Anything else a
 selected parameter feeds (a convolution, a parameter used twice, a sequence axis) raises
 :class:`NotStructured` with the reason, and the caller falls back to the generic path. The
 assembled matrix is checked against one Hessian-vector product before it is returned.
@@ -66,6 +73,8 @@ class _Layer:
     d_in: int
     weight: int | None = None
     bias: int | None = None
+    #: the weight is stored ``[d_in, d_out]`` and multiplied as ``a @ W`` (flattened ``(j, i)``)
+    stored_t: bool = False
 
     @property
     def width(self) -> int:
@@ -102,13 +111,15 @@ def find_layers(gm, names: tuple[str, ...]) -> list[_Layer]:
     def refuse(i, why):
         raise NotStructured(f"parameter {names[i]} {why}; only linear layers are recognised")
 
+    MM, ADDMM, ADD = torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.add.Tensor
+    biases = []
     for i, node in enumerate(params):
         users = list(node.users)
         if len(users) != 1:
             refuse(i, f"is used {len(users)} times")
         use = users[0]
         shape = _shape(node)
-        if use.target in _TRANSPOSES and shape is not None and len(shape) == 2:
+        if use.target in _TRANSPOSES and shape is not None and len(shape) == 2:  # x @ W.T (nn.Linear)
             if use.target == torch.ops.aten.permute.default and list(use.args[1]) not in ([1, 0], [-1, -2]):
                 refuse(i, "is permuted")
             if use.target == torch.ops.aten.transpose.int and sorted(a % 2 for a in use.args[1:]) != [0, 1]:
@@ -116,20 +127,32 @@ def find_layers(gm, names: tuple[str, ...]) -> list[_Layer]:
             if len(use.users) != 1:
                 refuse(i, "is used after its transpose more than once")
             mm = next(iter(use.users))
-            pos = {torch.ops.aten.mm.default: 1, torch.ops.aten.addmm.default: 2}.get(mm.target)
+            pos = {MM: 1, ADDMM: 2}.get(mm.target)
             if pos is None or mm.args[pos] is not use or mm.kwargs:
                 refuse(i, f"feeds {mm.target}")
             layer = layers.setdefault(mm, _Layer(mm, mm.args[pos - 1], shape[0], shape[1]))
             layer.weight = i
-        elif use.target == torch.ops.aten.addmm.default and use.args[0] is node and not use.kwargs \
-                and shape is not None and len(shape) == 1:  # fmt: skip
+        elif use.target in (MM, ADDMM) and use.args[-1] is node and not use.kwargs and shape is not None \
+                and len(shape) == 2:  # x @ W  # fmt: skip
+            layer = layers.setdefault(use, _Layer(use, use.args[-2], shape[1], shape[0]))
+            layer.weight, layer.stored_t = i, True
+        elif use.target == ADDMM and use.args[0] is node and not use.kwargs and shape is not None and len(shape) == 1:
             w = _shape(use.args[2])
             if w is None or len(w) != 2:
                 refuse(i, "is the bias of an unrecognised product")
             layer = layers.setdefault(use, _Layer(use, use.args[1], w[1], w[0]))
             layer.bias = i
+        elif use.target == ADD and not use.kwargs and shape is not None and len(shape) == 1:  # x @ W.T + b
+            biases.append((i, use))
         else:
             refuse(i, f"feeds {getattr(use.target, '__name__', use.target)}")
+    for i, add in biases:  # after the weights: the product it is added to may be theirs
+        mm = next((a for a in add.args if isinstance(a, torch.fx.Node) and a is not params[i]), None)
+        w = _shape(mm.args[1]) if mm is not None and mm.target == MM and len(mm.users) == 1 else None
+        if w is None or len(w) != 2:
+            refuse(i, "is added to something other than a matrix product")
+        layer = layers.setdefault(mm, _Layer(mm, mm.args[0], w[1], w[0]))
+        layer.bias, layer.node = i, add  # the layer's output is the sum
     order = {n: k for k, n in enumerate(gm.graph.nodes)}
     out = sorted(layers.values(), key=lambda l: order[l.node])
     for layer in out:
@@ -142,7 +165,9 @@ class _Perturbed(torch.fx.Interpreter):
     """The recorded model with ``ε_l`` added to each linear output, recording each layer's input."""
 
     def __init__(self, gm, layers: list[_Layer]) -> None:
-        super().__init__(gm)
+        # a layer's input is read when its output is: keep values past their last use
+        super().__init__(gm, garbage_collect_values=False)
+        self.layers = layers
         self.index = {l.node: k for k, l in enumerate(layers)}
         self.eps: list[torch.Tensor] = []
         self.inputs: list[torch.Tensor | None] = []
@@ -151,7 +176,7 @@ class _Perturbed(torch.fx.Interpreter):
         out = super().run_node(n)
         k = self.index.get(n)
         if k is not None:
-            self.inputs[k] = self.env[n.args[0 if n.target == torch.ops.aten.mm.default else 1]]
+            self.inputs[k] = self.env[self.layers[k].input]
             out = out + self.eps[k]
         return out
 
@@ -322,9 +347,11 @@ def structured_hessian(obj: Objective) -> torch.Tensor:
             if (p, q) in d_acc:  # [i, j̃, k] into the entries m = i of [i, k, j̃, m]: [k, j̃, i]
                 block.diagonal(dim1=0, dim2=3).add_(d_acc[(p, q)].reshape(lp.d_out, lp.width, lq.d_out).permute(2, 1, 0))
         block = block.permute(0, 2, 1, 3)  # [i, j̃, k, m̃]
-        for r0, rj in _parts(space, lp):
-            for c0, cj in _parts(space, lq):
+        for r0, rj, rt in _parts(space, lp):
+            for c0, cj, ct in _parts(space, lq):
                 sub = block[:, rj, :, cj]
+                sub = sub.transpose(0, 1) if rt else sub
+                sub = sub.transpose(2, 3) if ct else sub
                 R = slice(r0, r0 + sub.shape[0] * sub.shape[1])
                 C = slice(c0, c0 + sub.shape[2] * sub.shape[3])
                 out[R, C].view(sub.shape).copy_(sub)
@@ -343,12 +370,12 @@ def _addmm(acc: dict, key, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _parts(space, layer: _Layer):
-    """``(offset, columns of ã)`` of the layer's selected parameter tensors."""
+    """``(offset, columns of ã, flattened (j, i))`` of the layer's selected parameter tensors."""
     out = []
     if layer.weight is not None:
-        out.append((space.infos[layer.weight].offset, slice(0, layer.d_in)))
+        out.append((space.infos[layer.weight].offset, slice(0, layer.d_in), layer.stored_t))
     if layer.bias is not None:
-        out.append((space.infos[layer.bias].offset, slice(layer.width - 1, layer.width)))
+        out.append((space.infos[layer.bias].offset, slice(layer.width - 1, layer.width), False))
     return out
 
 

@@ -136,6 +136,28 @@ def test_residual_model_with_later_inputs_depending_on_earlier_layers():
     np.testing.assert_allclose(r.full, reference(net, x, y, "cross-entropy", "mean"), rtol=1e-9, atol=1e-12)
 
 
+class HandWritten(nn.Module):
+    """Layers written as products: ``x @ W.T + b`` and ``x @ V + c`` (``V`` stored ``[in, out]``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.W, self.b = nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(5))
+        self.V, self.c = nn.Parameter(torch.randn(5, 4) / 2), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.W.T + self.b) @ self.V + self.c
+
+
+@pytest.mark.parametrize("params", [None, "V", "W,c", "b,V"])
+def test_hand_written_products_and_stored_transposed_weights(params):
+    net = HandWritten().double()
+    x, y = _data("cross-entropy", seed=10)
+    r = jaccli.curvature(net, x, y, loss="cross-entropy", params=params, full=True)
+    assert r.notes == []
+    np.testing.assert_allclose(r.full, reference(net, x, y, "cross-entropy", "mean", params), rtol=1e-9, atol=1e-12)
+
+
 def test_chunks_equal_one_chunk(monkeypatch):
     net = mlp()
     x, y = _data("cross-entropy", n=41, seed=7)
