@@ -245,7 +245,7 @@ def curvature(
         # the information of the summed log-likelihood: a mean divides it by N, the EF too
         scale = obj.n if (matrix == "ef" or obj.reduction == "mean") else 1
         result.standard_errors = spectral.standard_errors(M * scale)
-    if obj.dense_note:
+    if obj.dense_note and dense_needed:  # asked for the matrix: say why it took the slower path
         result.notes.append(obj.dense_note)
     result.products = obj.products
     result.seconds = time.perf_counter() - start

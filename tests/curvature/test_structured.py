@@ -294,3 +294,12 @@ def test_cli_table_says_why_a_cnn_falls_back(saved, tmp_path):
                 "--full", "--trace")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "note: full Hessian by products with unit vectors, not layer by layer" in " ".join(r.stdout.split())
+
+
+def test_no_note_where_the_matrix_was_not_asked_for():
+    net = SmallCNN().double()
+    x = torch.randn(9, 1, 5, 5, dtype=F64)
+    y = torch.randint(0, 4, (9,))
+    r = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True)  # exact: the diagonal of the assembled matrix
+    assert r.notes == [] and r.trace_stderr is None
+    assert r.trace == pytest.approx(np.trace(reference(net, x, y, "cross-entropy", "mean")), rel=1e-10)
