@@ -14,6 +14,8 @@ differentiates the *loss over a data set* with respect to the model's *parameter
 :mod:`.spectral`    those products as scipy ``LinearOperator``\\ s: ``eigsh``, Hutch++,
                     Hutchinson diagonals, stochastic Lanczos quadrature, the dense matrix,
                     standard errors
+:mod:`.structured`  the full Hessian of a model whose parameters sit in linear layers,
+                    layer by layer (one ``jacfwd`` pass, GEMMs over the samples)
 :mod:`.api`         :func:`curvature`, exported by :mod:`jaccli`
 :mod:`.gradients`   :func:`grads` (per-sample gradients streamed to disk), exported too
 ==================  ====================================================================

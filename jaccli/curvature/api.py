@@ -215,10 +215,10 @@ def curvature(
         result.full = M
     exact_diag = None
     if M is not None:
-        exact_diag = np.diag(M).copy()
+        exact_diag = np.diag(M).astype(np.float64)
     elif (diag or trace or by_layer) and (matrix != "hessian" or p <= EXACT_LIMIT):
         exact_diag = obj.diagonal(matrix).detach().cpu().double().numpy() if matrix != "hessian" else \
-            np.diag(spectral.dense(op))  # fmt: skip
+            np.diag(spectral.dense(op)).astype(np.float64)  # fmt: skip
     if diag:
         if exact_diag is not None:
             result.diag = exact_diag
@@ -245,6 +245,8 @@ def curvature(
         # the information of the summed log-likelihood: a mean divides it by N, the EF too
         scale = obj.n if (matrix == "ef" or obj.reduction == "mean") else 1
         result.standard_errors = spectral.standard_errors(M * scale)
+    if obj.dense_note and dense_needed:  # asked for the matrix: say why it took the slower path
+        result.notes.append(obj.dense_note)
     result.products = obj.products
     result.seconds = time.perf_counter() - start
     return result

@@ -160,6 +160,8 @@ class Objective:
         self._linear: LinearRows | bool | None = None
         #: how the last per-sample gradients were computed: linear (δxᵀ), linear+vmap, vmap or jacrev
         self.per_sample_path: str | None = None
+        #: why :meth:`dense_hessian` took the generic path instead of :mod:`.structured` (None: it did not)
+        self.dense_note: str | None = None
 
     # ------------------------------------------------------------------ chunks
 
@@ -321,7 +323,9 @@ class Objective:
     # ------------------------------------------------------------------ the assembled Hessian
 
     def dense_hessian(self) -> torch.Tensor:
-        """The Hessian ``[P, P]`` from products with unit vectors, one parameter tensor at a time.
+        """The Hessian ``[P, P]``: by :mod:`.structured` where every selected parameter sits in a
+        linear layer, else (the reason in :attr:`dense_note`) from products with unit vectors, one
+        parameter tensor at a time.
 
         For the unit vectors of tensor ``t`` only the rows of tensors ``t, t+1, …`` are
         computed (forward-over-reverse: the ``jvp`` in ``θ_t`` of the gradient in
@@ -331,6 +335,12 @@ class Objective:
         graph is kept between passes. Raises ``RuntimeError`` where ``vmap`` cannot batch the
         model (the caller then assembles from :meth:`matmat`).
         """
+        from jaccli.curvature.structured import NotStructured, structured_hessian
+
+        try:  # linear layers: the layer-wise form, GEMMs instead of a pass per column
+            return structured_hessian(self)
+        except NotStructured as why:
+            self.dense_note = f"full Hessian by products with unit vectors, not layer by layer: {why}"
         space, values = self.space, self.space.values
         out = torch.zeros(space.size, space.size, dtype=space.dtype, device=space.device)
         for t, info in enumerate(space.infos):

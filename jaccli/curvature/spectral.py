@@ -98,12 +98,15 @@ def dense(op: LinearOperator, block: int = 256) -> np.ndarray:
     """The matrix of ``op``, assembled from products with blocks of unit vectors.
 
     A Hessian operator whose model ``vmap`` can batch is assembled by its objective's
-    :meth:`~.objective.Objective.dense_hessian` (one triangle by forward-over-reverse, the other
-    by symmetry); any other operator, and that one where ``vmap`` fails, from ``op.matmat``.
+    :meth:`~.objective.Objective.dense_hessian` (layer by layer, or one triangle by
+    forward-over-reverse, the other by symmetry), in the model's float precision; any other
+    operator, and that one where ``vmap`` fails, from ``op.matmat`` (float64).
     """
     if isinstance(op, _operator_class()) and op.matrix == "hessian" and op.objective._vmap_ok:
         try:
-            return op.objective.dense_hessian().detach().cpu().double().numpy()
+            # the model's own precision: a float32 P×P copy to float64 costs as much as a layer's block
+            H = op.objective.dense_hessian().detach().cpu()
+            return (H if H.dtype in (torch.float32, torch.float64) else H.double()).numpy()
         except (RuntimeError, NotImplementedError):
             pass  # an op without a batching rule (or forward-mode rule): the products below
     p = op.shape[0]
@@ -147,7 +150,7 @@ def eigenvalues(op: LinearOperator, k: int, which: str = "largest", *, tol: floa
             assemble = True
     if assemble:
         m = dense(op) if dense_matrix is None else dense_matrix
-        w, v = np.linalg.eigh(m)
+        w, v = np.linalg.eigh(np.asarray(m, dtype=np.float64))
         pick = {"largest": np.argsort(w)[::-1][:k], "smallest": np.argsort(w)[:k],
                 "magnitude": np.argsort(np.abs(w))[::-1][:k]}[which]  # fmt: skip
     w, v = w[pick], v[:, pick]
@@ -254,6 +257,7 @@ def smooth_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sig
 def standard_errors(information: np.ndarray) -> np.ndarray:
     """``√diag(I⁻¹)`` of an information matrix, which must be symmetric positive definite
     (and not numerically singular: smallest eigenvalue above ``P·ε`` times the largest)."""
+    information = np.asarray(information, dtype=np.float64)
     w = np.linalg.eigvalsh(information)
     tiny = information.shape[0] * np.finfo(np.float64).eps * max(abs(w[-1]), abs(w[0]), 1e-300)
     if w[0] <= tiny:
