@@ -188,6 +188,30 @@ def func_hessian(net, shape, static_batch: int | None):
     return lambda x: flat(x.reshape(x.shape[0], -1))  # [N, outputs, n, n] of n = one point's numel
 
 
+def _save_formats(name, traced, module, tmp: Path, formats) -> tuple[dict, int | None]:
+    """The model saved in each of ``formats``, and the batch a static ``.pt2`` was exported at."""
+    example, files, static = (torch.randn(2, *zoo_shape(name)),), {}, None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notes
+        if "pt" in formats:
+            files["pt"] = tmp / f"{name}.pt"
+            torch.jit.save(traced, files["pt"])
+        if "pt2" in formats:
+            files["pt2"] = tmp / f"{name}.pt2"
+            try:
+                make_examples.save_export(module, example, files["pt2"])
+            except Exception:  # MultiheadAttention specialises the batch: static, as users must
+                make_examples.save_export(module, example, files["pt2"], dynamic=False)
+                static = 2
+    return files, static
+
+
+def zoo_shape(name: str) -> tuple[int, ...]:
+    from architectures import ZOO
+
+    return ZOO[name][1]
+
+
 def vs_func(names: list[str], points: int, repeats: int, tol: float, formats=("pt", "pt2"), out=print) -> list[dict]:
     """jaccli's per-sample Hessian and Laplacian against ``vmap(hessian)`` on the same loaded
     model, each format, interleaved; both checked against float64. Returns one row per
@@ -201,19 +225,9 @@ def vs_func(names: list[str], points: int, repeats: int, tol: float, formats=("p
         for name in names:
             shape = ZOO[name][1]
             traced, module = trace(name)
-            example = (torch.randn(2, *shape),)
-            files, static = {}, None
-            if "pt" in formats:
-                files["pt"] = Path(tmp) / f"{name}.pt"
-                torch.jit.save(traced, files["pt"])
-            if "pt2" in formats:
-                files["pt2"] = Path(tmp) / f"{name}.pt2"
-                try:
-                    make_examples.save_export(module, example, files["pt2"])
-                except Exception:  # MultiheadAttention specialises the batch: static, as users must
-                    make_examples.save_export(module, example, files["pt2"], dynamic=False)
-                    static = 2
+            files, static = _save_formats(name, traced, module, Path(tmp), formats)
             x = torch.randn(points, *shape, generator=torch.Generator().manual_seed(0))
+            module.requires_grad_(False)  # as load_model leaves the parameters: derivatives of the input only
             ref64 = func_hessian(module.double(), shape, None)(x.double())
             module.float()
             for fmt, path in files.items():
