@@ -13,12 +13,13 @@ the same request reuses its program: :func:`program_for` keeps the last few, key
 - the request: per-point input and output shapes, dtype, device, which output, the
   argument names, the ops the probe saw (they decide the RNN kernels) and the order.
 
-Even then, a program taken from the cache is checked again against the model and
-autograd on the new input's probe points (:func:`jaccli.jets.recheck`), exactly as a
-new one is: a change the key cannot see (a plain tensor attribute, a Python flag) shows
-as a disagreement there, and the model is then recorded anew. What the check cannot see
-— a change that matters only away from the probe points — a fresh recording would not
-see either. Entries are few (:data:`_SIZE`), dropped with their model (a program holds
+Even then, a program taken from the cache is checked again against the model on the
+new input's probe points (:func:`jaccli.jets.recheck`): its value, not its derivatives,
+which were checked against autograd once, when the entry was recorded (checking them on
+every call was about half of a small request's time). A change the key cannot see (a
+plain tensor attribute, a Python flag) makes another function, whose values show the
+disagreement, and the model is then recorded anew. What the check cannot see — a change
+that matters only away from the probe points — a fresh recording would not see either. Entries are few (:data:`_SIZE`), dropped with their model (a program holds
 the model's weights) and hold no buffers between calls (the workspace is let go after
 each computation).
 

@@ -146,3 +146,30 @@ def test_a_program_goes_with_its_model():
     del f
     gc.collect()
     assert len(programs._CACHE) == 0
+
+
+def test_a_kept_program_is_verified_once_then_only_its_values_are_checked(monkeypatch):
+    """The derivatives are checked against autograd when a program is recorded, not on every
+    reuse (that was half of a small request's time); the reused program stays exact."""
+    from jaccli.jets import builder
+
+    calls = {"verify": 0, "recheck": 0}
+    verify, recheck = builder._verify, builder.recheck
+
+    def counted_verify(*a, **k):
+        calls["verify"] += 1
+        return verify(*a, **k)
+
+    def counted_recheck(*a, **k):
+        calls["recheck"] += 1
+        return recheck(*a, **k)
+
+    monkeypatch.setattr(builder, "_verify", counted_verify)
+    monkeypatch.setattr(programs.jets, "recheck", counted_recheck)
+    f = tanh_mlp((2, 16, 16, 1))
+    for seed in range(3):
+        x = _points(20, 2, seed=seed)
+        got = jaccli.laplacian(f, x, per_sample=True, mode="forward")
+        assert_rel(got, torch_func("laplacian", f, x, per_sample=True, mode="forward"))
+    assert calls == {"verify": 1, "recheck": 2}
+    assert programs.STATS["built"] == 1 and programs.STATS["hits"] == 2
