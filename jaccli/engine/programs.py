@@ -23,7 +23,7 @@ that matters only away from the probe points — a fresh recording would not see
 the model's weights) and hold no buffers between calls (the workspace is let go after
 each computation).
 
-Imports: :mod:`jaccli.jets`, :mod:`.problem`.
+Imports: :mod:`jaccli.jets`, :mod:`.memo`, :mod:`.problem`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from collections import OrderedDict
 import torch
 
 from jaccli import jets
+from jaccli.engine import memo
 from jaccli.engine.problem import Problem, probe_rows
 
 #: programs kept (least recently used dropped first)
@@ -45,12 +46,6 @@ _CACHE: OrderedDict[tuple, tuple[weakref.ref, tuple, jets.TaylorProgram]] = Orde
 _LOCK = threading.RLock()
 #: counts of hits and recordings (for tests and benchmarks)
 STATS = {"hits": 0, "built": 0}
-
-
-def _state(module: torch.nn.Module) -> tuple:
-    """What the model computes with, down to in-place updates of its tensors."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return (module.training, *((id(t), t.data_ptr(), tuple(t.shape), t.dtype, t._version) for t in tensors))
 
 
 def _key(p: Problem, orders: int) -> tuple | None:
@@ -66,7 +61,7 @@ def program_for(p: Problem, orders: int) -> jets.TaylorProgram:
     rows = probe_rows(p)
     key = _key(p, orders)
     if key is not None:
-        state = _state(p.module)
+        state = memo.state(p.module)
         with _LOCK:
             hit = _CACHE.get(key)
         if hit is not None and hit[0]() is p.module and hit[1] == state:
