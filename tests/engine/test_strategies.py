@@ -114,3 +114,19 @@ def test_reverse_hessian_memory_counts_every_output_of_a_direction(monkeypatch):
     single = jaccli.plan("hessian", net, x, per_sample=True, mode="reverse")
     assert (shared.directions_per_pass, shared.points_per_chunk) == (single.directions_per_pass, single.points_per_chunk)
     assert shared.peak_bytes - shared.result_bytes > 6 * (single.peak_bytes - single.result_bytes)
+
+
+def test_reverse_hessian_through_silu_stays_forward_over_reverse():
+    """SiLU's backward has no forward-mode formula of its own, only torch's jvp
+    decomposition: the chunk loop's no_grad must not switch that off (the request would go
+    to reverse over reverse, with a warning, at 2-4x the time)."""
+    from torch.autograd.functional import hessian
+
+    net = nn.Sequential(nn.Linear(3, 8), nn.SiLU(), nn.Linear(8, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jaccli.JaccliWarning)
+        got = jaccli.hessian(net, x, per_sample=True, mode="reverse")
+    want = torch.stack([torch.stack([hessian(lambda v: net(v[None])[0, o], xi) for o in range(2)]) for xi in x])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert not got.requires_grad  # the parameters' graph is not kept
