@@ -4,6 +4,7 @@ file against the same model's ``.pt2``.
 
     python benchmarks/architectures.py [--points N] [--repeats R]
     python benchmarks/architectures.py --traces [--points N] [--repeats R] [--cold] [--only NAME,...]
+    python benchmarks/architectures.py --vs-func [--points N] [--repeats R] [--threads T] [--only NAME,...]
 
 Issue 9's targets. The models are the shipped examples' classes
 (``examples/models/make_examples.py``): ``SmallCNN`` (3×32×32 input, 4 convolutions with
@@ -30,6 +31,15 @@ fall-back), one line per (model, command): the engine each format takes, warm me
 them while loading, a trace on its first torch.func call), the ratio trace / ``.pt2``
 (the target is ≤ 2), and whether the two agree. ``--cold`` adds the wall time of the
 whole CLI command in a fresh process for each format (load, imports and all).
+
+``--vs-func`` (issue 23, "Real architectures"): every model of ``tests/architectures.py``
+saved as a trace and as a ``.pt2`` and loaded by ``jaccli.load_model``; for each format the
+per-sample Hessian and Laplacian by jaccli's public API (auto mode) against torch.func's
+``vmap(hessian)`` of the same loaded callable (one point per call, the Laplacian its trace),
+interleaved call by call in one process (``--repeats`` rounds, medians). Both results are
+compared with a float64 ``vmap(hessian)`` of the eager module in float64; a result off by
+more than ``--tol`` (relative to the reference's largest entry) gets no ratio. One line per
+(model, format, kind): jaccli's engine and mode, both medians, func / jaccli (target ≥ 5).
 """
 
 from __future__ import annotations
@@ -158,6 +168,106 @@ def traces_vs_pt2(names: list[str], points: int, repeats: int, cold: bool) -> No
                 print(line, flush=True)
 
 
+#: what ``--vs-func`` compares: jaccli's public functions, and the reduction of torch.func's Hessian to each
+VS_FUNC_KINDS = {"hessian": lambda h: h, "laplacian": lambda h: h.diagonal(dim1=-2, dim2=-1).sum(-1)}
+
+
+def func_hessian(net, shape, static_batch: int | None):
+    """torch.func's per-sample Hessian of ``net``: ``vmap(hessian)`` of one point's outputs. A
+    ``.pt2`` exported with a static batch is called on that many copies of the point (row 0
+    read: the points are independent, so its derivatives are the point's own)."""
+    from torch.func import hessian
+
+    def one(xi):
+        xb = xi.reshape(1, *shape)
+        if static_batch is not None:
+            xb = xb.expand(static_batch, *shape)
+        return net(xb)[0].reshape(-1)
+
+    flat = vmap(hessian(one))
+    return lambda x: flat(x.reshape(x.shape[0], -1))  # [N, outputs, n, n] of n = one point's numel
+
+
+def _save_formats(name, traced, module, tmp: Path, formats) -> tuple[dict, int | None]:
+    """The model saved in each of ``formats``, and the batch a static ``.pt2`` was exported at."""
+    example, files, static = (torch.randn(2, *zoo_shape(name)),), {}, None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notes
+        if "pt" in formats:
+            files["pt"] = tmp / f"{name}.pt"
+            torch.jit.save(traced, files["pt"])
+        if "pt2" in formats:
+            files["pt2"] = tmp / f"{name}.pt2"
+            try:
+                make_examples.save_export(module, example, files["pt2"])
+            except Exception:  # MultiheadAttention specialises the batch: static, as users must
+                make_examples.save_export(module, example, files["pt2"], dynamic=False)
+                static = 2
+    return files, static
+
+
+def zoo_shape(name: str) -> tuple[int, ...]:
+    from architectures import ZOO
+
+    return ZOO[name][1]
+
+
+def vs_func(names: list[str], points: int, repeats: int, tol: float, formats=("pt", "pt2"), out=print) -> list[dict]:
+    """jaccli's per-sample Hessian and Laplacian against ``vmap(hessian)`` on the same loaded
+    model, each format, interleaved; both checked against float64. Returns one row per
+    (model, format, kind) with ``jaccli``/``func`` medians (None where a result is wrong)."""
+    import statistics
+
+    from architectures import ZOO, trace
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            shape = ZOO[name][1]
+            traced, module = trace(name)
+            files, static = _save_formats(name, traced, module, Path(tmp), formats)
+            x = torch.randn(points, *shape, generator=torch.Generator().manual_seed(0))
+            module.requires_grad_(False)  # as load_model leaves the parameters: derivatives of the input only
+            ref64 = func_hessian(module.double(), shape, None)(x.double())
+            module.float()
+            for fmt, path in files.items():
+                net = jaccli.load_model(str(path))
+                h_func = func_hessian(net, shape, static if fmt == "pt2" else None)
+                for kind, reduce in VS_FUNC_KINDS.items():
+                    pl = jaccli.plan(kind, net, x, per_sample=True)
+                    fns = {
+                        "jaccli": lambda kind=kind, net=net: getattr(jaccli, kind)(net, x, per_sample=True),
+                        "func": lambda reduce=reduce, h_func=h_func: reduce(h_func(x)),
+                    }
+                    ref = reduce(ref64)
+                    errs, runs = {}, {k: [] for k in fns}
+                    for k, fn in fns.items():  # warm-up, and the result checked
+                        got = fn().double().reshape(ref.shape)
+                        errs[k] = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+                    for _ in range(max(1, repeats)):
+                        for k, fn in fns.items():
+                            t0 = time.perf_counter()
+                            fn()
+                            runs[k].append(time.perf_counter() - t0)
+                    med = {k: (statistics.median(v) if errs[k] <= tol else None) for k, v in runs.items()}
+                    ratio = med["func"] / med["jaccli"] if None not in med.values() else None
+                    row = {"model": name, "format": fmt, "kind": kind, "engine": pl.engine, "mode": pl.mode,
+                           **med, "err_jaccli": errs["jaccli"], "err_func": errs["func"], "ratio": ratio}  # fmt: skip
+                    rows.append(row)
+                    out(_vs_func_line(row))
+    return rows
+
+
+def _vs_func_line(r: dict) -> str:
+    def sec(v):
+        return "   wrong  " if v is None else f"{v:8.4f} s"
+
+    ratio = "    -" if r["ratio"] is None else f"{r['ratio']:5.2f}x"
+    return (f"{r['model']:22s} {r['format']:3s} {r['kind']:9s} {r['engine']:8s} {r['mode']:8s} "
+            f"jaccli {sec(r['jaccli'])}  func {sec(r['func'])}  func/jaccli {ratio}  "
+            f"f64 err jaccli {r['err_jaccli']:.1e} func {r['err_func']:.1e}")  # fmt: skip
+
+
 def _cli_wall(kind: str, mode: str, model: Path, x: Path) -> float:
     """Wall seconds of ``jaccli KIND MODEL X -p`` in a fresh process (result saved, not printed)."""
     out = x.with_suffix(".out.npy")
@@ -175,12 +285,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=128, help="directions per vmap of the torch.func Laplacian")
     ap.add_argument("--traces", action="store_true", help="every architecture: torch.jit.trace file against .pt2")
-    ap.add_argument("--only", default="", help="with --traces: comma-separated model names (default: all)")
+    ap.add_argument("--only", default="", help="with --traces or --vs-func: comma-separated model names (default: all)")
     ap.add_argument("--cold", action="store_true", help="with --traces: also the CLI's wall time in a fresh process")
+    ap.add_argument("--vs-func", action="store_true",
+                    help="every architecture, trace and .pt2: per-sample Hessian and Laplacian against vmap(hessian)")
+    ap.add_argument("--tol", type=float, default=1e-4, help="with --vs-func: largest relative error from float64")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     warnings.simplefilter("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU", flush=True)
+    if args.vs_func:
+        from architectures import ZOO
+
+        # torch.func's vmap(hessian) cannot batch nn.LSTM's fused kernel: the recurrent models are left out
+        names = [n for n in args.only.split(",") if n] or [n for n, (_, _, recurrent) in ZOO.items() if not recurrent]
+        with sdpa_kernel([SDPBackend.MATH]):  # torch.func's second derivatives need the math kernel
+            vs_func(names, args.points, args.repeats, args.tol)
+        return
     if args.traces:
         from architectures import ZOO
 

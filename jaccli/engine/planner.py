@@ -216,7 +216,7 @@ def make_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int, chu
     result_bytes = math.prod(shape) * itemsize
     available = memory_available(p.device)
     budget = working_budget(p.device)
-    per_point_dir = max(p.act_bytes, 1.0) * _MEMORY_FACTOR[(kind_of(kind).taylor_order, resolved)]
+    per_point_dir = max(p.act_bytes, 1.0) * _MEMORY_FACTOR[(kind_of(kind).taylor_order, resolved)] * strategy.width(p)
     row_bytes = math.prod(strategy.result_shape(p)) * itemsize
     if p.per_sample:
         if chunk_size is not None:

@@ -6,8 +6,8 @@ torchdiffeq's ``_check_inputs``: every later stage trusts what it returns), the 
 that learns output shape, memory per point and the ops the model runs, and the
 batch-independence check for per-sample work.
 
-Imports: torch, :mod:`jaccli.errors`, :mod:`jaccli.load.models`, :mod:`.kernels` and :mod:`.paths`;
-nothing else of the engine.
+Imports: torch, :mod:`jaccli.errors`, :mod:`jaccli.load.models`, :mod:`.kernels`, :mod:`.memo` and
+:mod:`.paths`; nothing else of the engine.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from jaccli.jets.dispatch import QuietDispatchMode
 from jaccli.errors import first_line, JaccliError, JaccliWarning, ModelError, NumericalError, UsageError, shape_str
 from jaccli.request.spec import Selection
 from jaccli.load.models import ExpectedInput, expected_input, info_of, model_dtype
+from jaccli.engine import memo
 from jaccli.engine.kernels import FUSED_RNN_OPS, differentiable
 from jaccli.engine.paths import Paths
 
@@ -537,11 +538,66 @@ def _without_recorder(problem: Problem, values: list[torch.Tensor], exc: Excepti
     return exc
 
 
+class _ProbeFacts(NamedTuple):
+    """What :func:`_probe` learns of a model, kept per model and request (:mod:`.memo`)."""
+
+    native_rnn: bool
+    out_shape: tuple[int, ...]
+    act_bytes: float
+    flops: float
+    ops: frozenset[str]
+    blocked: ModelError | None
+
+
+def _probe_request(problem: Problem) -> tuple:
+    """What a probe's facts depend on besides the model: every argument's per-point shape,
+    dtype and device, and the request's names, output, selection and per-sample flag."""
+    lead = 1 if problem.per_sample else 0
+    args = tuple((tuple(v.shape[lead:]), v.dtype, str(v.device)) for v in problem.args.values)
+    return (args, tuple(map(str, problem.args.keys)), problem.wrt, problem.per_sample, problem.output,
+            repr(problem.select), problem.static_batch)  # fmt: skip
+
+
 def _probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = True) -> None:
-    """Run the model once on a few points: output shape, memory per point, ops used."""
+    """Run the model once on a few points: output shape, memory per point, ops used (recalled
+    for a model called again with the same shapes: :mod:`.memo`)."""
     rows = probe_rows(problem)
+    request = _probe_request(problem)
+    facts = memo.recall(problem.module, request)
+    if facts is not None and facts.native_rnn:
+        problem.f = differentiable(problem.module, native_rnn=True)
+    if facts is not None and not _same_output(problem, rows, facts):
+        facts = None  # a change the key cannot see (a Python flag) changed the output's shape
+        problem.f = differentiable(problem.module)
+    if facts is None:
+        facts = _probe_model(problem, rows)
+        memo.keep(problem.module, request, facts)
+    problem.out_shape, problem.act_bytes, problem.flops = facts.out_shape, facts.act_bytes, facts.flops
+    problem.ops, problem.blocked = facts.ops, facts.blocked
+    if problem.blocked is not None and refuse_blocked:
+        raise problem.blocked
+    if check_batch:
+        check_batch_independence(problem, rows)
+
+
+def _same_output(problem: Problem, rows: torch.Tensor, facts: _ProbeFacts) -> bool:
+    """Whether the model, run plainly on the probe rows, still gives the kept output shape
+    (a plain forward of a few points: a fraction of the recorded probe's cost)."""
+    values = [v.index_select(0, rows) if problem.per_sample else v for v in problem.args.values]
+    try:
+        with torch.no_grad():
+            y = _call(problem, values)
+        part = select_part(y, problem.select, problem.per_sample, problem.where)
+    except Exception:  # noqa: BLE001 - the full probe runs again and reports it as it would
+        return False
+    return tuple(part.shape[1:] if problem.per_sample else part.shape) == facts.out_shape
+
+
+def _probe_model(problem: Problem, rows: torch.Tensor) -> _ProbeFacts:
+    """The probe itself: the model on the probe rows under the recorder."""
     values = [v.index_select(0, rows) if problem.per_sample else v for v in problem.args.values]
     y, recorder = _record(problem, values, rows)
+    native_rnn = bool(recorder.ops & FUSED_RNN_OPS)
     if recorder.ops & FUSED_RNN_OPS:
         # fused recurrent kernels serve no derivative; what runs instead (ATen's cell
         # loop) is probed again, so that ops and memory per point are of what will run
@@ -557,15 +613,14 @@ def _probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = True) 
     if not y.is_floating_point():
         raise ModelError("the model's output is not floating point", where=problem.where, got=str(y.dtype))
     part = select_part(y, problem.select, problem.per_sample, problem.where)
-    problem.out_shape = tuple(part.shape[1:]) if problem.per_sample else tuple(part.shape)
-    problem.act_bytes = recorder.bytes / rows.numel()
-    problem.flops = recorder.flops / rows.numel()
-    problem.ops = frozenset(recorder.ops)
-    problem.blocked = recorder.paths.refusal(y, [problem.labels[i] for i in problem.wrt], problem.where)
-    if problem.blocked is not None and refuse_blocked:
-        raise problem.blocked
-    if check_batch:
-        check_batch_independence(problem, rows)
+    return _ProbeFacts(
+        native_rnn=native_rnn,
+        out_shape=tuple(part.shape[1:]) if problem.per_sample else tuple(part.shape),
+        act_bytes=recorder.bytes / rows.numel(),
+        flops=recorder.flops / rows.numel(),
+        ops=frozenset(recorder.ops),
+        blocked=recorder.paths.refusal(y, [problem.labels[i] for i in problem.wrt], problem.where),
+    )
 
 
 def check_batch_independence(problem: Problem, rows: torch.Tensor) -> None:

@@ -13,16 +13,17 @@ the same request reuses its program: :func:`program_for` keeps the last few, key
 - the request: per-point input and output shapes, dtype, device, which output, the
   argument names, the ops the probe saw (they decide the RNN kernels) and the order.
 
-Even then, a program taken from the cache is checked again against the model and
-autograd on the new input's probe points (:func:`jaccli.jets.recheck`), exactly as a
-new one is: a change the key cannot see (a plain tensor attribute, a Python flag) shows
-as a disagreement there, and the model is then recorded anew. What the check cannot see
-— a change that matters only away from the probe points — a fresh recording would not
-see either. Entries are few (:data:`_SIZE`), dropped with their model (a program holds
+Even then, a program taken from the cache is checked again against the model on the
+new input's probe points (:func:`jaccli.jets.recheck`): its value, not its derivatives,
+which were checked against autograd once, when the entry was recorded (checking them on
+every call was about half of a small request's time). A change the key cannot see (a
+plain tensor attribute, a Python flag) makes another function, whose values show the
+disagreement, and the model is then recorded anew. What the check cannot see — a change
+that matters only away from the probe points — a fresh recording would not see either. Entries are few (:data:`_SIZE`), dropped with their model (a program holds
 the model's weights) and hold no buffers between calls (the workspace is let go after
 each computation).
 
-Imports: :mod:`jaccli.jets`, :mod:`.problem`.
+Imports: :mod:`jaccli.jets`, :mod:`.memo`, :mod:`.problem`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from collections import OrderedDict
 import torch
 
 from jaccli import jets
+from jaccli.engine import memo
 from jaccli.engine.problem import Problem, probe_rows
 
 #: programs kept (least recently used dropped first)
@@ -44,12 +46,6 @@ _CACHE: OrderedDict[tuple, tuple[weakref.ref, tuple, jets.TaylorProgram]] = Orde
 _LOCK = threading.RLock()
 #: counts of hits and recordings (for tests and benchmarks)
 STATS = {"hits": 0, "built": 0}
-
-
-def _state(module: torch.nn.Module) -> tuple:
-    """What the model computes with, down to in-place updates of its tensors."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return (module.training, *((id(t), t.data_ptr(), tuple(t.shape), t.dtype, t._version) for t in tensors))
 
 
 def _key(p: Problem, orders: int) -> tuple | None:
@@ -65,7 +61,7 @@ def program_for(p: Problem, orders: int) -> jets.TaylorProgram:
     rows = probe_rows(p)
     key = _key(p, orders)
     if key is not None:
-        state = _state(p.module)
+        state = memo.state(p.module)
         with _LOCK:
             hit = _CACHE.get(key)
         if hit is not None and hit[0]() is p.module and hit[1] == state:

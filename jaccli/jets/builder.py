@@ -61,8 +61,26 @@ def build(g: Callable[[Tensor], Tensor], z_probe: Tensor, orders: int = 2) -> Ta
 
 
 def recheck(program: TaylorProgram, g: Callable[[Tensor], Tensor], z_probe: Tensor, orders: int) -> None:
-    """The check of :func:`build` again, on other probe points (a program reused for new inputs)."""
-    _verify(program, g, z_probe, orders, tol=program.tol)
+    """The check of a program reused for new inputs: its value against ``g``'s on these probe
+    points (off the traced points, as :func:`build` checks); raises :class:`Unsupported`.
+
+    Only the value: the derivatives were checked against autograd when the program was
+    built, and a program is the function's own ops with a rule each, so it cannot come to
+    disagree with autograd while its values still agree with ``g``'s. What a reuse can meet
+    is another function behind the same key (a Python flag, a plain tensor attribute): that
+    changes the values. The derivative check was two reverse passes of the model and the
+    program's first and second order, about 5 ms of fixed cost per call on small models.
+    """
+    z, _v, _gen = _off_trace(z_probe)
+    try:
+        got = program.value(z)
+    except Unsupported:
+        raise
+    except Exception as exc:  # a rule that does not fit these inputs
+        raise Unsupported("verify", f"{type(exc).__name__}: {exc}") from None
+    with torch.no_grad():
+        if not _close(got, g(z), program.tol):
+            raise Unsupported("verify", "the traced program disagrees with the model")
 
 
 def _reachable(steps: list[_Step], output) -> set[int]:
@@ -77,24 +95,34 @@ def _reachable(steps: list[_Step], output) -> set[int]:
     return seen
 
 
+def _off_trace(z_probe: Tensor) -> tuple[Tensor, Tensor, torch.Generator]:
+    """Probe points moved off the traced ones (so that baked-in branches show), the direction
+    they moved along (the check's ``v``) and the generator that drew it (for the check's ``u``)."""
+    z = _probe_batch(z_probe, max(PROBE_BATCHES) + 1)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
+    return z + 1e-3 * v, v, gen
+
+
+def _close(got: Tensor, want: Tensor, tol: float) -> bool:
+    """Agreement to relative ``tol``; non-finite entries must sit in the same places (sqrt at 0, …)."""
+    finite = torch.isfinite(want)
+    if not torch.equal(torch.isfinite(got), finite):
+        return False
+    if not finite.any():
+        return True
+    scale = max(float(want[finite].abs().max()), 1.0)
+    return bool((got[finite] - want[finite]).abs().max() <= tol * scale)
+
+
 def _verify(program: TaylorProgram, g: Callable, z_probe: Tensor, orders: int, tol: float) -> None:
     """Compare value, ``J v`` and (``orders`` 2) ``d²g[v, v]`` — past order 2 the value and the
     top derivative along ``v`` — with the model and autograd on a few points, to relative
     ``tol`` (projected on a random output direction, see :func:`_reference_jets`)."""
-    z = _probe_batch(z_probe, max(PROBE_BATCHES) + 1)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
-    z = z + 1e-3 * v  # off the traced points, so that baked-in branches show
+    z, v, gen = _off_trace(z_probe)
 
     def close(got: Tensor, want: Tensor) -> bool:
-        # non-finite entries must sit in the same places (sqrt at 0, …); the rest must agree
-        finite = torch.isfinite(want)
-        if not torch.equal(torch.isfinite(got), finite):
-            return False
-        if not finite.any():
-            return True
-        scale = max(float(want[finite].abs().max()), 1.0)
-        return bool((got[finite] - want[finite]).abs().max() <= tol * scale)
+        return _close(got, want, tol)
 
     def second(zz: Tensor) -> Tensor:
         pair = (torch.zeros(1, dtype=torch.long, device=zz.device),) * 2

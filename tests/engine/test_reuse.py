@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import jaccli
-from jaccli.engine import planner, programs
+from jaccli.engine import memo, planner, programs
 from jaccli.jets.workspace import Workspace
 from compare import assert_rel, torch_func
 from problems import tanh_mlp
@@ -20,8 +20,10 @@ from problems import tanh_mlp
 @pytest.fixture(autouse=True)
 def _fresh_cache():
     programs.clear()
+    memo.clear()
     yield
     programs.clear()
+    memo.clear()
 
 
 def _points(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -146,3 +148,71 @@ def test_a_program_goes_with_its_model():
     del f
     gc.collect()
     assert len(programs._CACHE) == 0
+
+
+def test_a_kept_program_is_verified_once_then_only_its_values_are_checked(monkeypatch):
+    """The derivatives are checked against autograd when a program is recorded, not on every
+    reuse (that was half of a small request's time); the reused program stays exact."""
+    from jaccli.jets import builder
+
+    calls = {"verify": 0, "recheck": 0}
+    verify, recheck = builder._verify, builder.recheck
+
+    def counted_verify(*a, **k):
+        calls["verify"] += 1
+        return verify(*a, **k)
+
+    def counted_recheck(*a, **k):
+        calls["recheck"] += 1
+        return recheck(*a, **k)
+
+    monkeypatch.setattr(builder, "_verify", counted_verify)
+    monkeypatch.setattr(programs.jets, "recheck", counted_recheck)
+    f = tanh_mlp((2, 16, 16, 1))
+    for seed in range(3):
+        x = _points(20, 2, seed=seed)
+        got = jaccli.laplacian(f, x, per_sample=True, mode="forward")
+        assert_rel(got, torch_func("laplacian", f, x, per_sample=True, mode="forward"))
+    assert calls == {"verify": 1, "recheck": 2}
+    assert programs.STATS["built"] == 1 and programs.STATS["hits"] == 2
+
+
+def test_a_model_called_again_is_not_probed_again():
+    """The recorded probe (ops, memory, output shape) of a model called again with the same
+    per-point shapes is recalled; other requests and updated weights are probed anew."""
+    f = tanh_mlp((2, 16, 3))
+    xs = [_points(20, 2), _points(33, 2, seed=1)]  # another N: the same per-point shapes
+    got = [jaccli.laplacian(f, x, per_sample=True) for x in xs]
+    assert memo.STATS == {"hits": 1, "probed": 1}
+    jaccli.laplacian(f, xs[0], per_sample=True, select=0)  # another request
+    with torch.no_grad():
+        f[0].weight.mul_(2.0)  # the same tensors, new values
+    updated = jaccli.laplacian(f, xs[0], per_sample=True)
+    assert memo.STATS == {"hits": 1, "probed": 3}
+    assert_rel(updated, torch_func("laplacian", f, xs[0], per_sample=True))
+    with torch.no_grad():
+        f[0].weight.mul_(0.5)
+    for x, lap in zip(xs, got):
+        assert_rel(lap, torch_func("laplacian", f, x, per_sample=True))
+
+
+class _Wide(nn.Module):
+    """A Python flag the key cannot see changes the output's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 4).double()
+        self.both = False
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        return torch.cat([h, h * h], 1) if self.both else h
+
+
+def test_a_recalled_probe_whose_output_shape_changed_is_probed_again():
+    f, x = _Wide(), _points(10, 2)
+    jaccli.jacobian(f, x, per_sample=True)
+    f.both = True
+    got = jaccli.jacobian(f, x, per_sample=True)
+    assert got.shape == (10, 8, 2) and memo.STATS["probed"] == 2
+    assert_rel(got, torch_func("jacobian", f, x, per_sample=True))

@@ -76,3 +76,57 @@ def test_rademacher_probes_are_balanced_and_uncorrelated():
 def test_hutchinson_needs_two_probes():
     with pytest.raises(jaccli.UsageError, match="at least 2 probes"):
         jaccli.divergence(lambda v: v, torch.ones(3), estimator="hutchinson", probes=1)
+
+
+# ----------------------------------------------------------------- reverse-mode Hessian
+
+
+@pytest.mark.parametrize("kind", ["hessian", "laplacian"])
+def test_reverse_second_derivatives_share_each_tangent_among_the_outputs(kind, monkeypatch):
+    """Forward over reverse takes one direction per input (each tangent serves every output),
+    not one per (output, input) pair; exact against autograd's Hessian in float64, with the
+    directions split over many passes and points over several chunks."""
+    from torch.autograd.functional import hessian
+
+    net = tanh_mlp((5, 16, 16, 3))
+    x = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(planner, "working_budget", lambda device: 1)  # one direction per pass
+    plan = jaccli.plan(kind, net, x, per_sample=True, mode="reverse", chunk_size=3)
+    assert plan.mode == "reverse" and plan.directions == 5 and plan.directions_per_pass == 1
+    got = getattr(jaccli, kind)(net, x, per_sample=True, mode="reverse", chunk_size=3)
+    want = torch.stack([
+        torch.stack([hessian(lambda v: net(v[None])[0, o], xi) for o in range(3)]) for xi in x
+    ])  # fmt: skip
+    if kind == "laplacian":
+        want = want.diagonal(dim1=-2, dim2=-1).sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_reverse_hessian_memory_counts_every_output_of_a_direction(monkeypatch):
+    """A shared tangent holds all the outputs' products at once: the planner sizes a pass for
+    ``n_out`` products per direction (8 here), not one."""
+    from dataclasses import replace
+
+    net, x = tanh_mlp((5, 16, 8)), torch.randn(4, 5, dtype=torch.float64)
+    shared = jaccli.plan("hessian", net, x, per_sample=True, mode="reverse")
+    key = ("hessian", "reverse")
+    monkeypatch.setitem(STRATEGIES, key, replace(STRATEGIES[key], width=lambda p: 1))
+    single = jaccli.plan("hessian", net, x, per_sample=True, mode="reverse")
+    assert (shared.directions_per_pass, shared.points_per_chunk) == (single.directions_per_pass, single.points_per_chunk)
+    assert shared.peak_bytes - shared.result_bytes > 6 * (single.peak_bytes - single.result_bytes)
+
+
+def test_reverse_hessian_through_silu_stays_forward_over_reverse():
+    """SiLU's backward has no forward-mode formula of its own, only torch's jvp
+    decomposition: the chunk loop's no_grad must not switch that off (the request would go
+    to reverse over reverse, with a warning, at 2-4x the time)."""
+    from torch.autograd.functional import hessian
+
+    net = nn.Sequential(nn.Linear(3, 8), nn.SiLU(), nn.Linear(8, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jaccli.JaccliWarning)
+        got = jaccli.hessian(net, x, per_sample=True, mode="reverse")
+    want = torch.stack([torch.stack([hessian(lambda v: net(v[None])[0, o], xi) for o in range(2)]) for xi in x])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert not got.requires_grad  # the parameters' graph is not kept
