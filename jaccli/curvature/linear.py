@@ -18,7 +18,7 @@ rows from ``vmap(grad)`` of the model in those parameters alone; a model with no
 layer, or whose samples mix (one sample's output alone differs from its row in a batch), keeps
 :class:`~.objective.Objective`'s ``vmap(grad)`` path whole.
 
-Imports: torch, :mod:`.params`.
+Imports: torch, :mod:`.params`, :mod:`jaccli.jets.dispatch`.
 """
 
 from __future__ import annotations

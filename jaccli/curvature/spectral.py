@@ -174,7 +174,7 @@ def hutchpp(op: LinearOperator, products: int, *, seed: int = 0) -> tuple[float,
     rng = _rng(seed)
     S = _rademacher(rng, p, k)
     G = _rademacher(rng, p, max(2, products - 2 * k))
-    if isinstance(op, CurvatureOperator):
+    if isinstance(op, _operator_class()):
         space = op.objective.space
         mm = lambda X: op.objective.matmat(op.matrix, X).detach()  # noqa: E731
         S, G = (torch.as_tensor(A, dtype=space.dtype, device=space.device) for A in (S, G))
