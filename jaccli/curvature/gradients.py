@@ -1,13 +1,15 @@
 """The public function :func:`grads`: the gradient of the reduced loss and per-sample gradients.
 
-Per-sample gradients are computed chunk by chunk (``vmap(grad)``); saved to ``.npy`` or
-``.safetensors`` they stream into a :class:`jaccli.Stream` file through
-:class:`jaccli.io.stream.FileSink` (resume, torchrun ranks), else they are kept in memory. The
-gradient of the reduced loss and the summary of per-sample norms are read back from the rows
-themselves (a file-backed tensor, in chunks), so an interrupted and resumed run reports the
-whole data set.
+Per-sample gradients are computed chunk by chunk (linear layers' parameters as δxᵀ by
+:mod:`.linear`, the rest by ``vmap(grad)``); in memory, the loss, the gradient and the rows'
+norms come from the same batched backward (or, without linear layers, the norms from the rows
+and the loss and gradient from one backward per chunk). Saved to ``.npy`` or ``.safetensors``
+they stream into a :class:`jaccli.Stream` file through :class:`jaccli.io.stream.FileSink`
+(resume, torchrun ranks); the gradient of the reduced loss and the summary of per-sample norms
+are then read back from the rows themselves (a file-backed tensor, in chunks), so an
+interrupted and resumed run reports the whole data set.
 
-Imports: torch, :mod:`.objective`, :mod:`.params`, :mod:`jaccli.io`, :mod:`jaccli.engine.planner`
+Imports: torch, :mod:`.linear`, :mod:`.objective`, :mod:`.params`, :mod:`jaccli.io`, :mod:`jaccli.engine.planner`
 (memory), :mod:`jaccli.errors`.
 """
 

@@ -14,7 +14,7 @@ The products, for a block of directions ``V`` ``[P, k]`` (all with :mod:`torch.f
   built once), ``vmap`` over a block of columns;
 * ``ggn``: ``Jᵀ (w H_L) J V``: ``jvp`` of the model, the loss row's output-space product,
   ``vjp`` back;
-* ``ef``: ``Σᵢ gᵢ gᵢᵀ V / N`` from the chunk's per-sample gradients (``vmap(grad)``).
+* ``ef``: ``Σᵢ gᵢ gᵢᵀ V / N`` from the chunk's per-sample gradients (δxᵀ for linear layers, ``vmap(grad)`` otherwise).
 
 The assembled Hessian (:meth:`Objective.dense_hessian`, for ``--full``) is built apart:
 forward-over-reverse with unit vectors, one parameter tensor at a time, one triangle.
@@ -22,7 +22,7 @@ forward-over-reverse with unit vectors, one parameter tensor at a time, one tria
 A model ``vmap`` cannot batch (an op without a batching rule) falls back to one column
 (or one sample, by ``jacrev`` of the chunk's losses) at a time, with the same results.
 
-Imports: torch, :mod:`.params`, :mod:`.losses`, :mod:`jaccli.engine.planner` (the memory
+Imports: torch, :mod:`.linear`, :mod:`.params`, :mod:`.losses`, :mod:`jaccli.engine.planner` (the memory
 budget), :mod:`jaccli.errors`.
 """
 
