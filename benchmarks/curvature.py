@@ -35,9 +35,9 @@ against each other (max relative difference), in float32 and again in float64 (`
 
 Measured (shared 2-core CPU under load, one thread; docs/curvature.md has the tables):
 ``--task full --interleaved --full-width 60 --points 1024 --repeats 3 --threads 1`` gave the loop
-13.0× jaccli's time (P = 6 250, the layer-wise Hessian of jaccli/curvature/structured.py; 15.1× at
-``--points 2048``; issue 20 asks 10×), ``--full-width 20 --points 256 --dtype float64`` 9.6× with a
-max relative difference of 1.1e-15; ``--task per-sample
+14.8× jaccli's time (P = 6 250, the layer-wise Hessian of jaccli/curvature/structured.py; 15.4× at
+``--points 2048``; issue 20 asks 10×), ``--full-width 20 --points 256 --repeats 7 --dtype float64``
+11.3× with a max relative difference of 1.1e-15; ``--task per-sample
 --interleaved --width 256 --points 2048 --repeats 7 --threads 1`` gave ``vmap(grad)`` 0.86× jaccli's
 time (jaccli slower by its norm summary's pass over the rows).
 
