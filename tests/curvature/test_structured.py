@@ -325,3 +325,12 @@ def test_samples_that_mix_are_caught_by_the_check():
     r = jaccli.curvature(net, x, y, loss="cross-entropy", full=True)
     assert len(r.notes) == 1 and "disagrees with a Hessian-vector product" in r.notes[0]
     np.testing.assert_allclose(r.full, reference(net, x, y, "cross-entropy", "mean"), rtol=1e-9, atol=1e-12)
+
+
+def test_a_cnn_restricted_to_its_linear_head_goes_layer_by_layer():
+    net = SmallCNN().double()
+    x = torch.randn(9, 1, 5, 5, dtype=F64)
+    y = torch.randint(0, 4, (9,))
+    r = jaccli.curvature(net, x, y, loss="cross-entropy", params="head.*", full=True)
+    assert r.notes == []  # the convolution's weights are constants: only the head's layer counts
+    np.testing.assert_allclose(r.full, reference(net, x, y, "cross-entropy", "mean", "head.*"), rtol=1e-9, atol=1e-12)
