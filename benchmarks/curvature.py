@@ -37,9 +37,9 @@ each estimate with its standard error), in float32 and again in float64 (``--dty
 
 Measured (shared 2-core CPU under load, one thread; docs/curvature.md has the tables):
 ``--task full --interleaved --full-width 60 --points 1024 --repeats 3 --threads 1`` gave the loop
-13.0× jaccli's time (P = 6 250, the layer-wise Hessian of jaccli/curvature/structured.py; 15.1× at
-``--points 2048``; issue 20 asks 10×), ``--full-width 20 --points 256 --dtype float64`` 9.6× with a
-max relative difference of 1.1e-15. Per-sample gradients
+14.8× jaccli's time (P = 6 250, the layer-wise Hessian of jaccli/curvature/structured.py; 15.4× at
+``--points 2048``; issue 20 asks 10×), ``--full-width 20 --points 256 --repeats 7 --dtype float64``
+11.3× with a max relative difference of 1.1e-15. Per-sample gradients
 (``--width 256 --points 2048``, P = 76 810; jaccli's linear layers by δxᵀ from one batched
 backward): ``--task per-sample --interleaved --repeats 5 --threads 1`` gave ``vmap(grad)`` 2.03×
 jaccli's time (bitwise equal rows); ``--task per-sample --repeats 5 --threads 1`` (own processes)

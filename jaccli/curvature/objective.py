@@ -16,8 +16,9 @@ The products, for a block of directions ``V`` ``[P, k]`` (all with :mod:`torch.f
   ``vjp`` back;
 * ``ef``: ``Σᵢ gᵢ gᵢᵀ V / N`` from the chunk's per-sample gradients (δxᵀ for linear layers, ``vmap(grad)`` otherwise).
 
-The assembled Hessian (:meth:`Objective.dense_hessian`, for ``--full``) is built apart:
-forward-over-reverse with unit vectors, one parameter tensor at a time, one triangle.
+The assembled Hessian (:meth:`Objective.dense_hessian`, for ``--full``) is built apart: layer by
+layer by :mod:`.structured` where the parameters sit in linear layers, else forward-over-reverse
+with unit vectors, one parameter tensor at a time, one triangle.
 
 A model ``vmap`` cannot batch (an op without a batching rule) falls back to one column
 (or one sample, by ``jacrev`` of the chunk's losses) at a time, with the same results.

@@ -303,3 +303,34 @@ def test_no_note_where_the_matrix_was_not_asked_for():
     r = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True)  # exact: the diagonal of the assembled matrix
     assert r.notes == [] and r.trace_stderr is None
     assert r.trace == pytest.approx(np.trace(reference(net, x, y, "cross-entropy", "mean")), rel=1e-10)
+
+
+class BatchCentred(nn.Module):
+    """Linear layers whose outputs are centred over the batch: the samples mix, which the
+    per-sample layer-wise form cannot see and the checking product catches."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.tanh(h - h.mean(0, keepdim=True)))
+
+
+def test_samples_that_mix_are_caught_by_the_check():
+    net = BatchCentred().double()
+    x, y = _data("cross-entropy", seed=11)
+    r = jaccli.curvature(net, x, y, loss="cross-entropy", full=True)
+    assert len(r.notes) == 1 and "disagrees with a Hessian-vector product" in r.notes[0]
+    np.testing.assert_allclose(r.full, reference(net, x, y, "cross-entropy", "mean"), rtol=1e-9, atol=1e-12)
+
+
+def test_a_cnn_restricted_to_its_linear_head_goes_layer_by_layer():
+    net = SmallCNN().double()
+    x = torch.randn(9, 1, 5, 5, dtype=F64)
+    y = torch.randint(0, 4, (9,))
+    r = jaccli.curvature(net, x, y, loss="cross-entropy", params="head.*", full=True)
+    assert r.notes == []  # the convolution's weights are constants: only the head's layer counts
+    np.testing.assert_allclose(r.full, reference(net, x, y, "cross-entropy", "mean", "head.*"), rtol=1e-9, atol=1e-12)
