@@ -50,6 +50,7 @@ from torch.func import grad, jacfwd, vmap
 from jaccli.curvature.objective import all_reduce, Objective
 from jaccli.curvature.params import take
 from jaccli.engine.planner import working_budget
+from jaccli.engine.strategies import jvp_ready
 
 #: the most samples one pass carries: the GEMMs' inner dimension, longer is faster up to here
 MAX_CHUNK = 512
@@ -226,6 +227,7 @@ def _elementwise_between(p: _Layer, q: _Layer) -> bool:
 
 def structured_hessian(obj: Objective) -> torch.Tensor:
     """The Hessian ``[P, P]`` of ``obj``'s loss by the layer-wise form; raises :class:`NotStructured`."""
+    jvp_ready()  # jacfwd of backward ops needs torch's forward-AD decompositions, loaded lazily
     space = obj.space
     gm = _trace(obj)
     layers = find_layers(gm, space.names)
