@@ -159,15 +159,26 @@ def eigenvalues(op: LinearOperator, k: int, which: str = "largest", *, tol: floa
 
 
 def hutchpp(op: LinearOperator, products: int, *, seed: int = 0) -> tuple[float, float]:
-    """Hutch++ estimate of ``tr(op)`` from about ``products`` products, and its standard error.
+    """Trace estimate of ``op`` from about ``products`` products, and its standard error:
+    Hutch++ (Meyer, Musco, Musco & Woodruff 2021) where the spectrum decays, Hutchinson where
+    it is flat.
 
-    A third of the products find a low-rank sketch ``Q`` whose trace is exact; the rest
-    estimate the trace of the deflated remainder by Hutchinson, whose sample standard
-    deviation gives the error (the sketch's part has none). Two passes over the data: the
-    sketch, then ``Q`` and the deflated probes side by side. On a :class:`CurvatureOperator`
-    the vectors stay torch tensors in the model's dtype and device (the QR too: a float64
-    numpy QR of ``[P, k]`` cost a tenth of the estimate at P = 77k); the traces are summed in
-    float64.
+    Hutch++ spends two thirds of its products on a low-rank sketch ``Q`` (``AS``, then ``AQ``)
+    whose trace is exact, and only a third on Hutchinson probes of the deflated remainder; on a
+    flat spectrum (a network's Hessian, often) the sketch captures little, and the estimate has
+    about 1.7× the standard error of plain Hutchinson from the same products. So the first pass
+    (a third of the products, ``AS`` with Rademacher ``S``) decides: its columns are Hutchinson
+    samples ``sᵢᵀAsᵢ`` whose spread predicts Hutchinson's variance, and the distance of each
+    ``Asᵢ`` from the span of the others (``1/(YᵀY)⁻¹ᵢᵢ``, free, as in XTrace's leave-one-out)
+    is an unbiased estimate of ``‖(I−QQᵀ)A‖²_F`` for a sketch of the other columns, which bounds
+    the variance of the deflated remainder. The second pass is Hutch++'s ``A[Q, R]`` where that
+    predicts the smaller variance, else more Hutchinson probes (``S`` counted among them). The
+    standard error is the sample one of the Hutchinson part (the sketch's trace has none); the
+    choice rests on the first pass only, so the second pass's samples estimate it fairly.
+
+    Two passes over the data either way. On a :class:`CurvatureOperator` the vectors stay torch
+    tensors in the model's dtype and device (the QR too: a float64 numpy QR of ``[P, k]`` cost a
+    tenth of the estimate at P = 77k); the traces are summed in float64.
     """
     p = op.shape[0]
     k = max(1, products // 3)
@@ -177,17 +188,45 @@ def hutchpp(op: LinearOperator, products: int, *, seed: int = 0) -> tuple[float,
     if isinstance(op, _operator_class()):
         space = op.objective.space
         mm = lambda X: op.objective.matmat(op.matrix, X).detach()  # noqa: E731
-        S, G = (torch.as_tensor(A, dtype=space.dtype, device=space.device) for A in (S, G))
+        as_t = lambda A: torch.as_tensor(A, dtype=space.dtype, device=space.device)  # noqa: E731
     else:
         mm = lambda X: torch.as_tensor(op.matmat(X.numpy()))  # noqa: E731
-        S, G = torch.as_tensor(S), torch.as_tensor(G)
-    Q = torch.linalg.qr(mm(S)).Q
+        as_t = torch.as_tensor
+    S = as_t(S)
+    Y = mm(S)
+    Q, T = torch.linalg.qr(Y)
+    if Q.shape[1] < p and not _sketch_pays(S, Y, T, k, products):
+        # Hutchinson: the first pass's probes and as many new ones as the sketch's second pass would take
+        H = as_t(_rademacher(rng, p, max(1, products - k)))
+        samples = torch.cat([_quadratic(S, Y), _quadratic(H, mm(H))])
+        return float(samples.mean()), float(samples.std() / math.sqrt(len(samples)))
+    G = as_t(G)
     R = G - Q @ (Q.T @ G)
     Z = mm(torch.cat([Q, R], dim=1))
     q = Q.shape[1]
-    top = float((Q.double() * Z[:, :q].double()).sum())
-    samples = (R.double() * Z[:, q:].double()).sum(0)
+    top = float(_quadratic(Q, Z[:, :q]).sum())
+    samples = _quadratic(R, Z[:, q:])
     return top + float(samples.mean()), float(samples.std() / math.sqrt(len(samples)))
+
+
+def _quadratic(V: torch.Tensor, AV: torch.Tensor) -> torch.Tensor:
+    """``vᵢᵀAvᵢ`` for each column, summed in float64."""
+    return (V.double() * AV.double()).sum(0)
+
+
+def _sketch_pays(S: torch.Tensor, Y: torch.Tensor, T: torch.Tensor, k: int, products: int) -> bool:
+    """Whether Hutch++'s second pass (``k`` sketch products, ``products − 2k`` deflated probes)
+    promises a smaller variance than ``products`` Hutchinson probes, judged from ``Y = AS = QT``."""
+    g = max(2, products - 2 * k)
+    if k < 3:
+        return True  # too few columns to judge: Hutch++, as asked
+    hutchinson = float(_quadratic(S, Y).var()) / products
+    # ‖(I − Π₋ᵢ) yᵢ‖² = 1 / (YᵀY)⁻¹ᵢᵢ (YᵀY = TᵀT), regularised so that exactly dependent columns give ≈ 0
+    gram = T.double().T @ T.double()
+    gram = gram + torch.eye(k, dtype=gram.dtype, device=gram.device) * (1e-12 * float(gram.diagonal().sum()) / k + 1e-300)
+    residual = float((1.0 / torch.linalg.inv(gram).diagonal()).mean())
+    # a deflated Rademacher probe's quadratic form has variance ≤ 2‖(I−QQᵀ)A(I−QQᵀ)‖²_F ≤ 2‖(I−QQᵀ)A‖²_F
+    return 2 * residual / g < hutchinson
 
 
 def hutchinson_diagonal(op: LinearOperator, products: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
