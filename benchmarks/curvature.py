@@ -345,6 +345,11 @@ def interleaved(task: str, a) -> None:
     for name, t in med.items():
         print(f"  {name:<14} {t:9.4f} s   ({', '.join(f'{v:.3f}' for v in times[name])})")
     print(f"  ratio {peer[0]} / jaccli = {med[peer[0]] / med['jaccli']:.2f}   {agree}")
+    if task == "trace":
+        # time × variance: what each would take to reach the same standard error (variance ∝ 1/products)
+        cost = {name: med[name] * got[name][1] ** 2 for name in med}
+        print(f"  at equal standard error: {peer[0]} / jaccli = {cost[peer[0]] / cost['jaccli']:.2f}"
+              f"   (median time × standard error²)")  # fmt: skip
 
 
 def main() -> None:

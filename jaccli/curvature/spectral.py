@@ -6,8 +6,9 @@ design), and the functions here take such operators:
 
 * :func:`eigenvalues` — the ``k`` extreme eigenpairs by ARPACK's Lanczos (``eigsh``), or by
   ``numpy.linalg.eigh`` of the assembled matrix when ``k`` is close to ``P``;
-* :func:`hutchpp` — Hutch++ trace estimate (Meyer, Musco, Musco & Woodruff 2021) with the
-  standard error of its Hutchinson part;
+* :func:`trace_estimate` (and :func:`hutchpp`, the same less the estimator's name) — Hutch++
+  (Meyer, Musco, Musco & Woodruff 2021) where the spectrum decays, Hutchinson where the first
+  pass finds it flat, with the standard error of the Hutchinson part;
 * :func:`hutchinson_diagonal` — diagonal estimate ``E[z ⊙ Az]`` with Rademacher ``z``;
 * :func:`slq` — stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017): nodes and weights
   of the spectral density, one Gauss quadrature per probe vector;
@@ -159,6 +160,11 @@ def eigenvalues(op: LinearOperator, k: int, which: str = "largest", *, tol: floa
 
 
 def hutchpp(op: LinearOperator, products: int, *, seed: int = 0) -> tuple[float, float]:
+    """:func:`trace_estimate` without the name of the estimator it chose."""
+    return trace_estimate(op, products, seed=seed)[:2]
+
+
+def trace_estimate(op: LinearOperator, products: int, *, seed: int = 0) -> tuple[float, float, str]:
     """Trace estimate of ``op`` from about ``products`` products, and its standard error:
     Hutch++ (Meyer, Musco, Musco & Woodruff 2021) where the spectrum decays, Hutchinson where
     it is flat.
@@ -174,7 +180,8 @@ def hutchpp(op: LinearOperator, products: int, *, seed: int = 0) -> tuple[float,
     the variance of the deflated remainder. The second pass is Hutch++'s ``A[Q, R]`` where that
     predicts the smaller variance, else more Hutchinson probes (``S`` counted among them). The
     standard error is the sample one of the Hutchinson part (the sketch's trace has none); the
-    choice rests on the first pass only, so the second pass's samples estimate it fairly.
+    choice rests on the first pass only, so the second pass's samples estimate it fairly. The
+    third value names the estimator: ``"Hutch++"`` or ``"Hutchinson"``.
 
     Two passes over the data either way. On a :class:`CurvatureOperator` the vectors stay torch
     tensors in the model's dtype and device (the QR too: a float64 numpy QR of ``[P, k]`` cost a
@@ -199,14 +206,14 @@ def hutchpp(op: LinearOperator, products: int, *, seed: int = 0) -> tuple[float,
         # Hutchinson: the first pass's probes and as many new ones as the sketch's second pass would take
         H = as_t(_rademacher(rng, p, max(1, products - k)))
         samples = torch.cat([_quadratic(S, Y), _quadratic(H, mm(H))])
-        return float(samples.mean()), float(samples.std() / math.sqrt(len(samples)))
+        return float(samples.mean()), float(samples.std() / math.sqrt(len(samples))), "Hutchinson"
     G = as_t(G)
     R = G - Q @ (Q.T @ G)
     Z = mm(torch.cat([Q, R], dim=1))
     q = Q.shape[1]
     top = float(_quadratic(Q, Z[:, :q]).sum())
     samples = _quadratic(R, Z[:, q:])
-    return top + float(samples.mean()), float(samples.std() / math.sqrt(len(samples)))
+    return top + float(samples.mean()), float(samples.std() / math.sqrt(len(samples))), "Hutch++"
 
 
 def _quadratic(V: torch.Tensor, AV: torch.Tensor) -> torch.Tensor:
