@@ -91,8 +91,15 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def _rademacher(rng, p: int, k: int) -> np.ndarray:
-    return rng.choice(np.array([-1.0, 1.0]), size=(p, k))
+def _rademacher(rng, p: int, k: int, like: torch.dtype | None = None, device=None):
+    """``[p, k]`` random signs: a float64 array, or with ``like`` a tensor of that dtype on ``device``.
+
+    The same draws as ``rng.choice([-1.0, 1.0], (p, k))`` (the index stream of ``choice``),
+    a third of its time, and the tensor made without a float64 copy (0.1 s a ``[77k, 66]`` draw).
+    """
+    signs = torch.from_numpy(rng.integers(0, 2, size=(p, k)))
+    signs = signs.to(dtype=like or torch.float64, device=device).mul_(2).sub_(1)
+    return signs if like is not None else signs.numpy()
 
 
 def dense(op: LinearOperator, block: int = 256) -> np.ndarray:
@@ -190,24 +197,22 @@ def trace_estimate(op: LinearOperator, products: int, *, seed: int = 0) -> tuple
     p = op.shape[0]
     k = max(1, products // 3)
     rng = _rng(seed)
-    S = _rademacher(rng, p, k)
-    G = _rademacher(rng, p, max(2, products - 2 * k))
     if isinstance(op, _operator_class()):
         space = op.objective.space
         mm = lambda X: op.objective.matmat(op.matrix, X).detach()  # noqa: E731
-        as_t = lambda A: torch.as_tensor(A, dtype=space.dtype, device=space.device)  # noqa: E731
+        signs = lambda k: _rademacher(rng, p, k, space.dtype, space.device)  # noqa: E731
     else:
         mm = lambda X: torch.as_tensor(op.matmat(X.numpy()))  # noqa: E731
-        as_t = torch.as_tensor
-    S = as_t(S)
+        signs = lambda k: _rademacher(rng, p, k, torch.float64)  # noqa: E731
+    S = signs(k)
     Y = mm(S)
     Q, T = torch.linalg.qr(Y)
     if Q.shape[1] < p and not _sketch_pays(S, Y, T, k, products):
         # Hutchinson: the first pass's probes and as many new ones as the sketch's second pass would take
-        H = as_t(_rademacher(rng, p, max(1, products - k)))
+        H = signs(max(1, products - k))
         samples = torch.cat([_quadratic(S, Y), _quadratic(H, mm(H))])
         return float(samples.mean()), float(samples.std() / math.sqrt(len(samples))), "Hutchinson"
-    G = as_t(G)
+    G = signs(max(2, products - 2 * k))  # drawn after S, as before the choice existed
     R = G - Q @ (Q.T @ G)
     Z = mm(torch.cat([Q, R], dim=1))
     q = Q.shape[1]
@@ -217,8 +222,9 @@ def trace_estimate(op: LinearOperator, products: int, *, seed: int = 0) -> tuple
 
 
 def _quadratic(V: torch.Tensor, AV: torch.Tensor) -> torch.Tensor:
-    """``vᵢᵀAvᵢ`` for each column, summed in float64."""
-    return (V.double() * AV.double()).sum(0)
+    """``vᵢᵀAvᵢ`` for each column, summed in float64 (each product rounded in the model's dtype,
+    far below the samples' spread; half the time of a float64 copy of both)."""
+    return (V * AV).sum(0, dtype=torch.float64)
 
 
 def _sketch_pays(S: torch.Tensor, Y: torch.Tensor, T: torch.Tensor, k: int, products: int) -> bool:

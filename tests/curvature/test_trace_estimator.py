@@ -87,3 +87,9 @@ def test_with_the_whole_space_in_the_sketch_the_trace_is_exact():
     a = _matrix(SPECTRA["flat indefinite"][:20])
     t, se = spectral.hutchpp(aslinearoperator(a), 3 * 20, seed=0)
     assert t == pytest.approx(np.trace(a), rel=1e-12, abs=1e-12) and se < 1e-10
+
+
+@pytest.mark.parametrize(("name", "method"), [("flat positive", "Hutchinson"), ("geometric decay 0.8^i", "Hutch++")])
+def test_the_estimate_names_the_estimator_it_chose(name, method):
+    a = _matrix(SPECTRA[name])
+    assert spectral.trace_estimate(aslinearoperator(a), PRODUCTS, seed=0)[2] == method
