@@ -9,9 +9,12 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.sparse.linalg import aslinearoperator
+from torch import nn
 
-from jaccli.curvature import spectral
+import jaccli
+from jaccli.curvature import api, spectral
 
 P, PRODUCTS, SEEDS = 300, 60, range(80)
 
@@ -93,3 +96,17 @@ def test_with_the_whole_space_in_the_sketch_the_trace_is_exact():
 def test_the_estimate_names_the_estimator_it_chose(name, method):
     a = _matrix(SPECTRA[name])
     assert spectral.trace_estimate(aslinearoperator(a), PRODUCTS, seed=0)[2] == method
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_on_a_model_in_its_own_dtype_against_the_float64_trace(monkeypatch, dtype):
+    """The products, probes and QR in the model's dtype; the trace against the float64 matrix's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(64, 3), torch.randint(0, 3, (64,))
+    exact = float(np.trace(jaccli.curvature(net.double(), x.double(), y, loss="cross-entropy", full=True).full))
+    monkeypatch.setattr(api, "EXACT_LIMIT", 0)
+    for seed in range(5):
+        r = jaccli.curvature(net.to(dtype), x.to(dtype), y, loss="cross-entropy", trace=True, samples=30, seed=seed)
+        assert abs(r.trace - exact) < 4 * r.trace_stderr
+        assert any(n.startswith(("the trace is a Hutch++ estimate", "the trace is a Hutchinson estimate")) for n in r.notes)
