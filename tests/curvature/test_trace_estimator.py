@@ -45,6 +45,7 @@ def _errors(a: np.ndarray, products: int = PRODUCTS) -> tuple[np.ndarray, np.nda
 SPECTRA = {
     "flat positive": np.random.default_rng(0).uniform(0.5, 1.5, P),
     "flat indefinite": np.random.default_rng(1).standard_normal(P),
+    "power decay 1/i^0.75": 1.0 / np.arange(1, P + 1) ** 0.75,
     "power decay 1/i": 1.0 / np.arange(1, P + 1),
     "power decay 1/i²": 1.0 / np.arange(1, P + 1) ** 2,
     "geometric decay 0.9^i": 0.9 ** np.arange(P),
@@ -61,10 +62,11 @@ def test_on_a_flat_spectrum_about_as_accurate_as_hutchinson_per_product(name):
     assert rms <= 1.3 * _hutchinson_se(a, PRODUCTS)
 
 
-@pytest.mark.parametrize(("name", "factor"), [("power decay 1/i", 0.5), ("geometric decay 0.9^i", 0.5),
+@pytest.mark.parametrize(("name", "factor"), [("power decay 1/i^0.75", 0.8), ("power decay 1/i", 0.5), ("geometric decay 0.9^i", 0.5),
                                               ("power decay 1/i²", 0.05), ("geometric decay 0.8^i", 0.1)])  # fmt: skip
 def test_on_a_decaying_spectrum_better_than_hutchinson(name, factor):
-    """The sketch's share grows with the decay: 0.29× Hutchinson's error at 1/i, 0.016× at 1/i²."""
+    """The sketch's share grows with the decay: 0.6× Hutchinson's error at 1/i^0.75 (where a
+    cruder choice took Hutchinson), 0.29× at 1/i, 0.016× at 1/i²."""
     a, err, _ = _runs(name)
     assert math.sqrt(np.mean(err**2)) <= factor * _hutchinson_se(a, PRODUCTS)
 
