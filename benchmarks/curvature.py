@@ -11,8 +11,9 @@ random labels:
   (power iteration with deflation: the largest |λ|, checked against those), hessian-eigenthings
   (``lanczos``, reorthogonalised), curvlinops
   (``HessianLinearOperator`` + ``scipy.sparse.linalg.eigsh``), all to ``--tol``;
-* ``trace``: Hutch++ with the same number of products — jaccli, curvlinops
-  (``hutchpp_trace``), hessian-eigenthings (``hutch_plus_plus``); PyHessian's Hutchinson;
+* ``trace``: the same number of products — jaccli (Hutch++, or Hutchinson where its first
+  pass finds the spectrum flat), curvlinops (``hutchpp_trace``), hessian-eigenthings
+  (``hutch_plus_plus``); PyHessian's Hutchinson;
 * ``per-sample``: the [N, P] per-sample gradients — jaccli, ``torch.func.vmap(grad)``,
   Opacus (``GradSampleModule``), BackPACK (``BatchGrad``);
 * ``full``: the full Hessian of an MLP with P ≈ 5k (``--full-width``) — jaccli against a loop
@@ -23,7 +24,7 @@ from the same seeds, one warm-up, the median of ``--repeats`` timed calls), so t
 library's allocations or thread pools reach another's timing. A peer that is not installed
 is skipped with a line saying so (``pip install 'jaccli[bench]'`` brings those that install
 against this torch). Every result is cross-checked against jaccli in float64: eigenvalues
-and per-sample gradients by relative error, traces against the float64 Hutch++ estimate
+and per-sample gradients by relative error, traces against jaccli's float64 estimate
 within their standard errors, the full Hessian elementwise. Ratios are the peer's time
 over jaccli's (above 1: jaccli is faster).
 
@@ -33,7 +34,9 @@ alternately on the same data, the median of ``--repeats`` calls each and the rat
 medians — the measurement to trust on a shared machine, where load drifts between separate
 processes. Both results are checked against each other (max relative difference; for the trace
 each estimate with its standard error), in float32 and again in float64 (``--dtype``).
-``--peer-samples`` gives PyHessian another number of products than jaccli (the same tolerance).
+``--peer-samples`` gives PyHessian another number of products than jaccli (the same tolerance);
+the trace's line "at equal standard error" scales each median time by its estimate's variance
+(time × standard error², the cost of a given tolerance).
 
 Measured (shared 2-core CPU under load, one thread; docs/curvature.md has the tables):
 ``--task full --interleaved --full-width 60 --points 1024 --repeats 3 --threads 1`` gave the loop
@@ -45,10 +48,12 @@ backward): ``--task per-sample --interleaved --repeats 5 --threads 1`` gave ``vm
 jaccli's time (bitwise equal rows); ``--task per-sample --repeats 5 --threads 1`` (own processes)
 ``vmap(grad)`` 2.12×, Opacus 3.27×, BackPACK 2.64×. ``--task eig --repeats 3 --threads 1``:
 PyHessian 8.9×, hessian-eigenthings 16×, curvlinops 1.27×. ``--task trace --repeats 3
---threads 1``: PyHessian 0.68× (jaccli slower), hessian-eigenthings 1.23×, curvlinops 1.83×;
-interleaved with PyHessian 0.85× at 99 products each, and 0.23× at the same standard error
-(``--peer-samples 29``): on this flat spectrum Hutch++ is less accurate per product than
-Hutchinson.
+--threads 1``: PyHessian 0.87× (jaccli slower), hessian-eigenthings 0.97×, curvlinops 1.37× at
+99 products each; interleaved with PyHessian (``--task trace --interleaved --repeats 3 --threads 1``)
+0.79× at 99 products each and **0.86× at equal standard error** (0.57 and 0.59), 0.91× with
+``--peer-samples 106`` (0.57 both); before jaccli chose between Hutch++ and Hutchinson it was
+0.23× at equal standard error (on this flat spectrum Hutch++ had 1.9× Hutchinson's standard
+error). The rest of the gap is the cost of jaccli's products, not the estimator.
 
 Smoke test (tiny sizes, timings meaningless): ``python benchmarks/curvature.py --width 16 --points 64 --full-width 8 --repeats 1``
 (add ``--task full --interleaved`` for the in-process A/B)
@@ -345,6 +350,11 @@ def interleaved(task: str, a) -> None:
     for name, t in med.items():
         print(f"  {name:<14} {t:9.4f} s   ({', '.join(f'{v:.3f}' for v in times[name])})")
     print(f"  ratio {peer[0]} / jaccli = {med[peer[0]] / med['jaccli']:.2f}   {agree}")
+    if task == "trace":
+        # time × variance: what each would take to reach the same standard error (variance ∝ 1/products)
+        cost = {name: med[name] * got[name][1] ** 2 for name in med}
+        print(f"  at equal standard error: {peer[0]} / jaccli = {cost[peer[0]] / cost['jaccli']:.2f}"
+              f"   (median time × standard error²)")  # fmt: skip
 
 
 def main() -> None:

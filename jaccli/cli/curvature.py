@@ -91,7 +91,7 @@ def curvature_command(
                                         autocompletion=_complete(MATRICES))] = "hessian",  # fmt: skip
     full: Annotated[bool, typer.Option("--full", help="The P×P matrix (refused, exit 6, when it does not fit).")] = False,
     diag: Annotated[bool, typer.Option("--diag", help="The diagonal.")] = False,
-    trace: Annotated[bool, typer.Option("--trace", help="The trace: exact when affordable, else Hutch++ with --samples.")] = False,
+    trace: Annotated[bool, typer.Option("--trace", help="The trace: exact when affordable, else estimated from --samples products (Hutch++, or Hutchinson on a flat spectrum).")] = False,
     eig: Annotated[Optional[int], typer.Option("--eig", metavar="K", help="The K eigenvalues --which picks (Lanczos, eigsh); eigenvectors go to --save.", show_default=False)] = None,
     which: Annotated[str, typer.Option(help="largest, smallest or magnitude.", autocompletion=_complete(WHICH))] = "largest",
     density: Annotated[bool, typer.Option("--density", help="The spectral density by stochastic Lanczos quadrature (--probes, --steps).")] = False,
@@ -99,7 +99,7 @@ def curvature_command(
     standard_errors: Annotated[bool, typer.Option("--standard-errors", help="√diag(I⁻¹) per parameter (--loss log-likelihood).")] = False,
     params: Params = None,
     reduction: Reduction = None,
-    samples: Annotated[int, typer.Option(help="Products of a Hutch++ trace or Hutchinson diagonal estimate.")] = 100,
+    samples: Annotated[int, typer.Option(help="Products of a trace or diagonal estimate.")] = 100,
     probes: Annotated[int, typer.Option(help="Random vectors of --density.")] = 8,
     steps: Annotated[int, typer.Option(help="Lanczos steps per --density vector.")] = 64,
     tol: Annotated[float, typer.Option(help="Relative accuracy of --eig (ARPACK's tol).")] = 1e-6,

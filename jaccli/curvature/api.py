@@ -161,8 +161,8 @@ def curvature(
 
     ``full``: the ``P×P`` matrix (refused before allocating when it does not fit);
     ``diag``; ``trace`` (exact up to :data:`EXACT_LIMIT` parameters for the Hessian and
-    always for ``ggn``/``ef``, else Hutch++ from ``samples`` products with a standard
-    error); ``eig=K`` the K eigenvalues ``which`` picks (``largest``, ``smallest``,
+    always for ``ggn``/``ef``, else estimated from ``samples`` products with a standard
+    error: Hutch++, or Hutchinson where the spectrum is flat); ``eig=K`` the K eigenvalues ``which`` picks (``largest``, ``smallest``,
     ``magnitude``) by Lanczos (``eigsh``, tolerance ``tol``); ``density``: stochastic
     Lanczos quadrature with ``probes`` vectors of ``steps`` steps; ``by_layer``: trace and
     largest eigenvalue of each parameter tensor's diagonal block; ``standard_errors``
@@ -229,8 +229,8 @@ def curvature(
         if exact_diag is not None:
             result.trace = float(exact_diag.sum())
         else:
-            result.trace, result.trace_stderr = spectral.hutchpp(op, samples, seed=seed)
-            result.notes.append(f"the trace is a Hutch++ estimate from {samples} products ± its standard error")
+            result.trace, result.trace_stderr, method = spectral.trace_estimate(op, samples, seed=seed)
+            result.notes.append(f"the trace is a {method} estimate from {samples} products ± its standard error")
     if eig is not None:
         result.eigenvalues, result.eigenvectors = spectral.eigenvalues(op, eig, which, tol=tol, seed=seed,
                                                                        dense_matrix=M)  # fmt: skip
