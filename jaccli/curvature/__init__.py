@@ -13,7 +13,7 @@ differentiates the *loss over a data set* with respect to the model's *parameter
                     vectors; per-sample gradients and Jacobians; exact GGN/EF diagonals
 :mod:`.linear`      per-sample gradients of linear layers' weights and biases as δxᵀ
                     from one batched backward (the layers read off the model's ops)
-:mod:`.spectral`    those products as scipy ``LinearOperator``\\ s: ``eigsh``, Hutch++,
+:mod:`.spectral`    those products as scipy ``LinearOperator``\\ s: ``eigsh``, Hutch++/Hutchinson,
                     Hutchinson diagonals, stochastic Lanczos quadrature, the dense matrix,
                     standard errors
 :mod:`.structured`  the full Hessian of a model whose parameters sit in linear layers,

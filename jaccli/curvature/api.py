@@ -37,7 +37,8 @@ class CurvatureResult:
 
     ``eigenvalues`` are descending, ``eigenvectors`` ``[P, K]`` their columns; ``density``
     holds the SLQ ``nodes`` and ``weights`` ``[probes, steps]``; ``trace_stderr`` and
-    ``diag_stderr`` are ``None`` when the figure is exact; ``by_layer`` one dict per
+    ``diag_stderr`` are ``None`` when the figure is exact, ``trace_estimator`` names the estimator
+    (``"Hutch++"`` or ``"Hutchinson"``, ``None`` when exact); ``by_layer`` one dict per
     parameter tensor (its diagonal block of the matrix).
     """
 
@@ -53,6 +54,7 @@ class CurvatureResult:
     diag_stderr: np.ndarray | None = None
     trace: float | None = None
     trace_stderr: float | None = None
+    trace_estimator: str | None = None
     eigenvalues: np.ndarray | None = None
     eigenvectors: np.ndarray | None = None
     which: str = "largest"
@@ -94,6 +96,7 @@ class CurvatureResult:
         if self.trace is not None:
             doc["trace"] = self.trace
             doc["trace_stderr"] = self.trace_stderr
+            doc["trace_estimator"] = self.trace_estimator
         if self.eigenvalues is not None:
             doc["eigenvalues"] = self.eigenvalues.tolist()
             doc["which"] = self.which
@@ -230,6 +233,7 @@ def curvature(
             result.trace = float(exact_diag.sum())
         else:
             result.trace, result.trace_stderr, method = spectral.trace_estimate(op, samples, seed=seed)
+            result.trace_estimator = method
             result.notes.append(f"the trace is a {method} estimate from {samples} products ± its standard error")
     if eig is not None:
         result.eigenvalues, result.eigenvectors = spectral.eigenvalues(op, eig, which, tol=tol, seed=seed,

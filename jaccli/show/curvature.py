@@ -51,7 +51,7 @@ def show_curvature(console: Console, result, *, model: str, digits: int = 6, sav
     t = _figures(f"{result.matrix} of the {result.loss} loss ({result.reduction}) of {model}", result,
                  result.gradient_norm, digits)  # fmt: skip
     if result.trace is not None:
-        err = "exact" if result.trace_stderr is None else f"± {result.trace_stderr:.3g} (Hutch++ estimate)"
+        err = "exact" if result.trace_stderr is None else f"± {result.trace_stderr:.3g} ({result.trace_estimator} estimate)"
         t.add_row("trace", f"{_g(result.trace, digits)}  {err}")
     if result.diag is not None:
         est = "" if result.diag_stderr is None else "  (Hutchinson estimate)"
