@@ -297,3 +297,14 @@ BLOCKED = {
     "step": (lambda: _Blocked(lambda h: torch.where(h > 0, 1.0, -1.0).to(h.dtype)), r"aten\.gt"),
     "custom_op": (lambda: _Blocked(lambda h: torch.ops.jaccli_tests.cube(torch.tanh(h))), "jaccli_tests::cube"),
 }
+
+
+#: every saved file of the ``saved_formats`` fixture (tests/curvature/conftest.py) and the keywords ``jaccli.load_model`` needs for it
+FORMATS = {
+    "script.pt": {},
+    "trace.pt": {},
+    "dynamic.pt2": {},
+    "static.pt2": {},
+    "mlp.safetensors": {},
+    "state.pt": {"arch": "mlp", "activation": "tanh"},
+}

@@ -3,7 +3,6 @@ gets one error of the documented class and exit code."""
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -11,42 +10,16 @@ import torch
 from torch import nn
 
 import jaccli
-from problems import save_export, save_torchscript, tanh_mlp
+from problems import FORMATS, tanh_mlp
 
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    d = tmp_path_factory.mktemp("formats")
-    net = tanh_mlp((2, 5, 3))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(9, 2, generator=g, dtype=F64)
-    y = torch.randint(0, 3, (9,), generator=g)
-    save_torchscript(net, d / "script.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.trace(net, x[:4]), d / "trace.pt")
-    save_export(net, x[:4], d / "dynamic.pt2")
-    save_export(net, x[:4], d / "static.pt2", dynamic=False)
-    jaccli.save_mlp(net, d / "mlp.safetensors")
-    torch.save(net.state_dict(), d / "state.pt")
-    return d, net, x, y
-
-
-FORMATS = {
-    "script.pt": {},
-    "trace.pt": {},
-    "dynamic.pt2": {},
-    "static.pt2": {},
-    "mlp.safetensors": {},
-    "state.pt": {"arch": "mlp", "activation": "tanh"},
-}
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_every_format_gives_the_eager_curvature_and_gradients(saved, name):
-    d, net, x, y = saved
+def test_every_format_gives_the_eager_curvature_and_gradients(saved_formats, name):
+    d, net, x, y = saved_formats
     ref = jaccli.curvature(net, x, y, loss="cross-entropy", full=True, chunk_size=4)
     ref_g = jaccli.grads(net, x, y, loss="cross-entropy", per_sample=True)
     model = jaccli.load_model(d / name, **FORMATS[name])
@@ -129,8 +102,8 @@ def test_a_full_matrix_that_does_not_fit_is_refused_before_allocating(monkeypatc
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_gives_the_cpu_results(saved):
-    d, net, x, y = saved
+def test_cuda_gives_the_cpu_results(saved_formats):
+    d, net, x, y = saved_formats
     model = jaccli.load_model(d / "dynamic.pt2", device="cuda")
     r = jaccli.curvature(model, x.cuda(), y.cuda(), loss="cross-entropy", full=True, eig=2, matrix="ggn", diag=True)
     ref = jaccli.curvature(net, x, y, loss="cross-entropy", full=True, eig=2, matrix="ggn", diag=True)

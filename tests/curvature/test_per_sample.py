@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import subprocess
-import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 import jaccli
-from problems import save_export, save_torchscript, tanh_mlp
+from problems import FORMATS, tanh_mlp
 
 F64 = torch.float64
 
@@ -44,38 +43,12 @@ def check(g, ref: torch.Tensor, reduction: str = "mean") -> None:
     assert g.norms["largest"][0]["sample"] == int(norms.argmax())
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    d = tmp_path_factory.mktemp("per-sample")
-    net = tanh_mlp((2, 5, 3))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(9, 2, generator=g, dtype=F64)
-    y = torch.randint(0, 3, (9,), generator=g)
-    save_torchscript(net, d / "script.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.trace(net, x[:4]), d / "trace.pt")
-    save_export(net, x[:4], d / "dynamic.pt2")
-    save_export(net, x[:4], d / "static.pt2", dynamic=False)
-    jaccli.save_mlp(net, d / "mlp.safetensors")
-    torch.save(net.state_dict(), d / "state.pt")
-    return d, net, x, y
-
-
-FORMATS = {
-    "script.pt": {},
-    "trace.pt": {},
-    "dynamic.pt2": {},
-    "static.pt2": {},
-    "mlp.safetensors": {},
-    "state.pt": {"arch": "mlp", "activation": "tanh"},
-}
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
 @pytest.mark.parametrize("chunk", [None, 4])
-def test_every_format_takes_the_linear_path_and_gives_the_loop(saved, name, chunk):
-    d, net, x, y = saved
+def test_every_format_takes_the_linear_path_and_gives_the_loop(saved_formats, name, chunk):
+    d, net, x, y = saved_formats
     model = jaccli.load_model(d / name, **FORMATS[name])
     g = jaccli.grads(model, x, y, loss="cross-entropy", per_sample=True, chunk_size=chunk)
     assert g.path == "linear" and g.as_dict()["per_sample_path"] == "linear"
