@@ -71,6 +71,13 @@ PROBE_SAMPLES = 8
 #: one core, a 4.9k-parameter MLP, blocks of 32: 128 points 0.22 ms a column batched, 0.48 ms
 #: a backward each; 1024 points 3.3 ms batched, 2.0 ms each)
 BATCHED_BACKWARD_BYTES = 1 << 20
+#: the work (parameters × samples × activation bytes per sample) up to which the assembled
+#: Hessian comes from products with unit vectors through the kept graph rather than
+#: :mod:`.structured`, whose trace (``make_fx``) and ``jacfwd(grad)`` import ``torch._dynamo``
+#: (~1.4 s of CPU in a fresh process); the products cost about 1 s per GB of that work
+#: (measured on one core, TorchScript tanh MLPs: P 353 × 500 points 0.12 s against 0.05 s
+#: layer by layer once imported; P 1217 × 1000 points 1.4 s against 0.12 s)
+SMALL_DENSE_WORK = 256 << 20
 
 
 class _Bytes(QuietDispatchMode):
@@ -423,6 +430,15 @@ class Objective:
         return all_reduce(out)
 
     # ------------------------------------------------------------------ exact diagonals
+
+    def small_hessian(self) -> torch.Tensor | None:
+        """The Hessian ``[P, P]`` from :meth:`matmat` with unit vectors where the problem is
+        small (:data:`SMALL_DENSE_WORK`), else ``None`` (the caller assembles it by
+        :meth:`dense_hessian`). Every rank decides alike: the whole data set, not its shard."""
+        if self.space.size * self.n * self.act_bytes > SMALL_DENSE_WORK:
+            return None
+        H = self.matmat("hessian", torch.eye(self.space.size, dtype=self.space.dtype, device=self.space.device))
+        return (H + H.T) / 2  # symmetric up to rounding
 
     def diagonal(self, matrix: str) -> torch.Tensor:
         """The exact diagonal of ``ggn`` or ``ef`` ``[P]`` (one pass of per-sample factors)."""
