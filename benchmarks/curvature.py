@@ -371,9 +371,17 @@ def main() -> None:
     ap.add_argument("--interleaved", action="store_true",
                     help="full / per-sample / trace: jaccli and its peer alternately in one process")  # fmt: skip
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="with --interleaved")
+    ap.add_argument("--process", action="store_true",
+                    help="whole processes: the jaccli command against a peer's script on the same files "
+                         "(benchmarks/curvature_process.py)")  # fmt: skip
     ap.add_argument("--run", nargs=2, metavar=("TASK", "NAME"), help=argparse.SUPPRESS)
     ap.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.process:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import curvature_process
+
+        return curvature_process.main(a.width, a.points, a.repeats, a.tol, a.samples)
     if a.run:
         return run_one(*a.run, a)
     if a.interleaved:

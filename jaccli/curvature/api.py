@@ -220,8 +220,11 @@ def curvature(
     if M is not None:
         exact_diag = np.diag(M).astype(np.float64)
     elif (diag or trace or by_layer) and (matrix != "hessian" or p <= EXACT_LIMIT):
-        exact_diag = obj.diagonal(matrix).detach().cpu().double().numpy() if matrix != "hessian" else \
-            np.diag(spectral.dense(op)).astype(np.float64)  # fmt: skip
+        if matrix != "hessian":
+            exact_diag = obj.diagonal(matrix).detach().cpu().double().numpy()
+        else:  # a small problem by products through the kept graph: no layer-wise trace, no torch._dynamo
+            H = obj.small_hessian()
+            exact_diag = np.diag(spectral.dense(op) if H is None else H.detach().cpu().double().numpy()).astype(np.float64)
     if diag:
         if exact_diag is not None:
             result.diag = exact_diag

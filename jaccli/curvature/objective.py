@@ -8,12 +8,15 @@ accumulates, so memory is flat in ``N``; under ``torch.distributed`` each rank t
 contiguous shard of the samples and the sums are all-reduced, so every rank holds the
 single-process result.
 
-The products, for a block of directions ``V`` ``[P, k]`` (all with :mod:`torch.func`):
+The gradient and the products, for a block of directions ``V`` ``[P, k]``:
 
-* ``hessian``: reverse-over-reverse, the ``vjp`` of ``grad(L_c)`` per chunk ``c`` (its graph
-  built once), ``vmap`` over a block of columns;
-* ``ggn``: ``Jᵀ (w H_L) J V``: ``jvp`` of the model, the loss row's output-space product,
-  ``vjp`` back;
+* the gradient: one ``torch.autograd.grad`` per chunk;
+* ``hessian``: reverse-over-reverse as PyHessian does it: the gradient of each chunk ``c`` with
+  its graph (``create_graph``, built once and kept), then a backward of ``∇L_c · v`` per
+  column, or the block's columns in one batched backward (``is_grads_batched``) where the chunk
+  is small;
+* ``ggn``: ``Jᵀ (w H_L) J V``: ``jvp`` of the model (forward mode, :mod:`torch.func`), the loss
+  row's output-space product, one batched backward through the model's graph;
 * ``ef``: ``Σᵢ gᵢ gᵢᵀ V / N`` from the chunk's per-sample gradients (δxᵀ for linear layers, ``vmap(grad)`` otherwise).
 
 The assembled Hessian (:meth:`Objective.dense_hessian`, for ``--full``) is built apart: layer by
@@ -23,6 +26,13 @@ with unit vectors, one parameter tensor at a time, one triangle.
 A model ``vmap`` cannot batch (an op without a batching rule) falls back to one column
 (or one sample, by ``jacrev`` of the chunk's losses) at a time, with the same results.
 
+Why plain ``torch.autograd`` for the gradient and the products: :mod:`torch.func`'s reverse
+mode (``grad``, ``vjp``, ``jacrev``) imports ``torch._dynamo`` (with sympy, ~1.4 s of CPU) on
+its first backward, which a PyHessian script never pays; the same products by
+``torch.autograd.grad`` cost the same or less (docs/curvature.md, "Whole process").
+:mod:`torch.func` stays where only it does the job: ``vmap(grad)`` per-sample rows of
+non-linear parameters, ``jacrev`` fallbacks, ``jvp``, and the assembled Hessian.
+
 Imports: torch, :mod:`.linear`, :mod:`.params`, :mod:`.losses`, :mod:`jaccli.engine.planner` (the memory
 budget), :mod:`jaccli.errors`.
 """
@@ -30,10 +40,11 @@ budget), :mod:`jaccli.errors`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.func import grad, jacrev, vjp, vmap
+from torch.func import grad, jacrev, vmap
 
 from jaccli.curvature.linear import LinearRows, NotLinear
 from jaccli.curvature.losses import Loss, get_loss
@@ -54,6 +65,19 @@ MAX_COLUMNS = {"cpu": 32, "cuda": 256}
 DENSE_COLUMNS = {"cpu": 128, "cuda": 1024}
 #: samples the model is probed on for its activation bytes per sample
 PROBE_SAMPLES = 8
+#: a chunk's activation bytes below which a block of Hessian products runs as one batched
+#: backward (``is_grads_batched``), above which one backward per column: batching saves the
+#: per-call overhead on small chunks, but its batched GEMMs copy their operands (measured on
+#: one core, a 4.9k-parameter MLP, blocks of 32: 128 points 0.22 ms a column batched, 0.48 ms
+#: a backward each; 1024 points 3.3 ms batched, 2.0 ms each)
+BATCHED_BACKWARD_BYTES = 1 << 20
+#: the work (parameters × samples × activation bytes per sample) up to which the assembled
+#: Hessian comes from products with unit vectors through the kept graph rather than
+#: :mod:`.structured`, whose trace (``make_fx``) and ``jacfwd(grad)`` import ``torch._dynamo``
+#: (~1.4 s of CPU in a fresh process); the products cost about 1 s per GB of that work
+#: (measured on one core, TorchScript tanh MLPs: P 353 × 500 points 0.12 s against 0.05 s
+#: layer by layer once imported; P 1217 × 1000 points 1.4 s against 0.12 s)
+SMALL_DENSE_WORK = 256 << 20
 
 
 class _Bytes(QuietDispatchMode):
@@ -153,8 +177,9 @@ class Objective:
         self.weight = 1.0 / self.n if self.reduction == "mean" else 1.0
         self.products = 0  # curvature-vector products so far (each a pass over the data)
         self._vmap_ok = True
+        self._batched_ok = True  # is_grads_batched works on this model's backward
         self._grad_cache: dict | bool | None = None
-        # the gradient's graph per chunk (its vjp is the Hessian's product), kept between
+        # the gradient's graph per chunk (its backward is the Hessian's product), kept between
         # products while it fits, as PyHessian keeps its one graph: a product then costs one
         # backward pass instead of a forward, a backward and a backward of that
         self._pulls: dict | bool | None = None
@@ -187,18 +212,24 @@ class Objective:
 
     def value_and_grad(self) -> tuple[float, torch.Tensor]:
         """``L(θ)`` and ``∇L(θ)`` ``[P]`` (all ranks' sums)."""
-        theta = self.space.values
         total = torch.zeros(self.space.size + 1, dtype=self.space.dtype, device=self.space.device)
         for a, b in self.chunks():
-            g, v = grad(lambda th: (lambda l: (l, l))(self.chunk_loss(th, a, b)), has_aux=True)(theta)
+            theta = self._leaves()
+            with torch.enable_grad():
+                v = self.chunk_loss(theta, a, b)
+            g = torch.autograd.grad(v, theta, allow_unused=True, materialize_grads=True)
             total[0] += v.detach()
-            total[1:] += self.space.flat(g).detach()
+            total[1:] += self.space.flat(g)
         all_reduce(total)
         value = float(total[0])
         if not math.isfinite(value):
             raise NumericalError("the loss is not finite", where=self.space.where, got=value,
                                  hint="check the model, the input and the target for NaN, Inf or extreme values")  # fmt: skip
         return value, total[1:]
+
+    def _leaves(self) -> tuple[torch.Tensor, ...]:
+        """The parameters as fresh leaves that require grad (``torch.autograd`` differentiates in them)."""
+        return tuple(t.detach().requires_grad_() for t in self.space.values)
 
     def per_sample_grads(self, a: int, b: int, *, losses: bool = False, out: torch.Tensor | None = None):
         """``∇ℓᵢ(θ)`` for ``i`` in ``[a, b)`` as rows ``[b - a, P]`` (and ``ℓᵢ`` with ``losses``).
@@ -257,15 +288,6 @@ class Objective:
 
     # ------------------------------------------------------------------ curvature products
 
-    def _columns(self, fn: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) -> torch.Tensor:
-        """``fn`` on each column of ``V`` ``[P, k]``, batched by vmap where the model allows."""
-        if self._vmap_ok and V.shape[1] > 1:
-            try:
-                return vmap(fn, in_dims=1, out_dims=1)(V)
-            except (RuntimeError, NotImplementedError):
-                self._vmap_ok = False
-        return torch.stack([fn(V[:, j]) for j in range(V.shape[1])], dim=1)
-
     def matmat(self, matrix: str, V: torch.Tensor) -> torch.Tensor:
         """``M V`` for ``M`` the ``matrix`` (hessian, ggn, ef) and ``V`` ``[P, k]``."""
         PRODUCTS[matrix]  # noqa: B018 -- an unknown name fails before any work
@@ -280,30 +302,72 @@ class Objective:
         return all_reduce(out)
 
     def _hvp(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        # reverse over reverse: the gradient's graph is built once per chunk and block, and the
-        # block's columns run through its backward together (vmap); H is symmetric, so the
-        # vector-Jacobian product of the gradient is the Hessian-vector product
-        pull = self._pulls.get((a, b)) if isinstance(self._pulls, dict) else None
-        if pull is None:
-            _, pull = vjp(grad(lambda th: self.chunk_loss(th, a, b)), self.space.values)
+        # reverse over reverse, as PyHessian: the chunk's gradient with its graph, built once and
+        # kept; H is symmetric, so the backward of ∇L_c · v through that graph is H_c v
+        graph = self._pulls.get((a, b)) if isinstance(self._pulls, dict) else None
+        if graph is None:
+            theta = self._leaves()
+            with torch.enable_grad():
+                g = torch.autograd.grad(self.chunk_loss(theta, a, b), theta, create_graph=True, allow_unused=True)
+            # a gradient that is None or constant in θ (a loss linear in that tensor) adds nothing to H v
+            live = [i for i, t in enumerate(g) if t is not None and t.requires_grad]
+            graph = (theta, [g[i] for i in live], live)
             if self._pulls is None:  # keep the graphs while this rank's share of them fits
                 share = 6 * (self.hi - self.lo) * self.act_bytes + 4 * self.space.size * self.space.values[0].element_size()
                 self._pulls = {} if share <= working_budget(self.space.device) // 4 else False
             if self._pulls is not False:
-                self._pulls[(a, b)] = pull
-        return self._columns(lambda v: self.space.flat(pull(self.space.split(v))[0]), V)
+                self._pulls[(a, b)] = graph
+        theta, outputs, live = graph
+        k = V.shape[1]
+        infos = self.space.infos
+        cots = [V[infos[i].offset : infos[i].offset + infos[i].size].T.reshape(k, *infos[i].shape) for i in live]
+        return self._backward(outputs, theta, cots, k, b - a)
 
     def _ggn(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        theta, x, y = self.space.values, take(self.args, a, b), self._y(a, b)
+        values, x, y = self.space.values, take(self.args, a, b), self._y(a, b)
+        theta = self._leaves()
+        with torch.enable_grad():
+            out = self.space.call(theta, x)
         f = lambda th: self.space.call(th, x)  # noqa: E731
-        out, pull = vjp(f, theta)
         scale = self.norm * self.weight
+        held = out.detach()
 
-        def one(v):
-            u = jvp(f, (theta,), (self.space.split(v),))[1]
-            return self.space.flat(pull(self.loss.hvp(out, y, u) * scale)[0])
+        def one(v):  # w H_L J v, the cotangent whose backward through the model is the product
+            u = jvp(f, (values,), (self.space.split(v),))[1]
+            return self.loss.hvp(held, y, u) * scale
 
-        return self._columns(one, V)
+        k = V.shape[1]
+        if self._vmap_ok and k > 1:
+            try:
+                return self._backward([out], theta, [vmap(one, in_dims=1)(V)], k, b - a)
+            except (RuntimeError, NotImplementedError):
+                self._vmap_ok = False
+        return self._backward([out], theta, [torch.stack([one(V[:, j]) for j in range(k)])], k, b - a)
+
+    def _backward(self, outputs, theta, cots, k: int, rows: int) -> torch.Tensor:
+        """``Σₒ cotsₒ[j] · ∂outputsₒ/∂θ`` for each ``j < k``, as flat columns ``[P, k]``, through
+        a kept graph: one batched backward where the chunk of ``rows`` samples is small (see
+        :data:`BATCHED_BACKWARD_BYTES`), else one backward per column."""
+        space = self.space
+        if not outputs:
+            return torch.zeros(space.size, k, dtype=space.dtype, device=space.device)
+
+        def flat(got, lead):
+            return torch.cat([(torch.zeros(*lead, t.numel(), dtype=space.dtype, device=space.device) if g is None
+                               else g.reshape(*lead, -1)) for g, t in zip(got, theta)], dim=-1)  # fmt: skip
+
+        if k > 1 and self._batched_ok and rows * self.act_bytes <= BATCHED_BACKWARD_BYTES:
+            try:
+                with warnings.catch_warnings():  # an op without a batching rule loops inside, correctly
+                    warnings.filterwarnings("ignore", message="There is a performance drop")
+                    got = torch.autograd.grad(outputs, theta, cots, retain_graph=True, allow_unused=True,
+                                              is_grads_batched=True)  # fmt: skip
+                return flat(got, (k,)).T
+            except (RuntimeError, NotImplementedError):
+                self._batched_ok = False
+        cols = [flat(torch.autograd.grad(outputs, theta, [c[j] for c in cots], retain_graph=True, allow_unused=True), ())
+                for j in range(k)]  # fmt: skip
+        return torch.stack(cols, dim=1)
 
     def _ef(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
         G = self._cached_grads(a, b)
@@ -366,6 +430,15 @@ class Objective:
         return all_reduce(out)
 
     # ------------------------------------------------------------------ exact diagonals
+
+    def small_hessian(self) -> torch.Tensor | None:
+        """The Hessian ``[P, P]`` from :meth:`matmat` with unit vectors where the problem is
+        small (:data:`SMALL_DENSE_WORK`), else ``None`` (the caller assembles it by
+        :meth:`dense_hessian`). Every rank decides alike: the whole data set, not its shard."""
+        if self.space.size * self.n * self.act_bytes > SMALL_DENSE_WORK:
+            return None
+        H = self.matmat("hessian", torch.eye(self.space.size, dtype=self.space.dtype, device=self.space.device))
+        return (H + H.T) / 2  # symmetric up to rounding
 
     def diagonal(self, matrix: str) -> torch.Tensor:
         """The exact diagonal of ``ggn`` or ``ef`` ``[P]`` (one pass of per-sample factors)."""

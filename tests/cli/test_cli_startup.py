@@ -112,8 +112,8 @@ def test_the_activation_byte_counter_does_not_wake_dynamo():
 SMALL_RUNS = {
     "laplacian": (["laplacian", "pinn.pt", "pinn_x.npy", "-p"], ("torch._dynamo", "sympy", "scipy", "pydantic", JVP_DECOMPOSITIONS)),
     "divergence": (["divergence", "field.pt", "field_x.npy", "-p"], ("torch._dynamo", "sympy", "scipy", "pydantic", JVP_DECOMPOSITIONS)),
-    # torch.func's reverse mode imports torch._dynamo (torch/_functorch/eager_transforms.py)
-    "grads": (["grads", "potential.pt", "potential_x.npy", "--loss", "output"], ("scipy", "pydantic")),
+    # the gradient by torch.autograd (torch.func's reverse mode would import torch._dynamo)
+    "grads": (["grads", "potential.pt", "potential_x.npy", "--loss", "output"], ("torch._dynamo", "scipy", "pydantic")),
     "partials": (["partials", "heat.pt", "heat_x.npy", "-p", "--in", "t,x", "--want", "u_x,u_xx"], ("torch._dynamo", "sympy", "scipy", "pydantic", JVP_DECOMPOSITIONS)),
 }
 
@@ -141,3 +141,40 @@ def test_forward_mode_loads_the_decompositions_quietly_on_first_use():
 
 def test_importing_the_cli_loads_none_of_the_big_modules():
     assert loaded_after("import jaccli.cli.main", HEAVY) == []
+
+
+@pytest.fixture(scope="module")
+def script_mlp(tmp_path_factory):
+    """A TorchScript tanh MLP with its inputs and targets, as files."""
+    import warnings
+
+    import torch
+
+    d = tmp_path_factory.mktemp("mlp")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    with warnings.catch_warnings():  # torch's deprecation of TorchScript; users still bring such files
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(net).save(str(d / "mlp.pt"))
+    rng = np.random.default_rng(0)
+    np.save(d / "x.npy", rng.standard_normal((64, 3)).astype(np.float32))
+    np.save(d / "y.npy", rng.standard_normal((64, 1)).astype(np.float32))
+    return d
+
+
+# the gradient, the per-sample rows of linear layers and the Hessian's products go through
+# torch.autograd, as a PyHessian script does (torch.func's reverse mode imports torch._dynamo);
+# sympy is not checked: torch.autograd.grad with explicit grad_outputs imports it, for PyHessian too
+@pytest.mark.parametrize("extra", [
+    ["grads"],
+    ["grads", "--per-sample"],
+    ["curvature", "--trace", "--eig", "2"],
+    ["curvature", "--matrix", "ggn", "--eig", "2"],
+])  # fmt: skip
+def test_a_small_curvature_run_never_imports_dynamo(script_mlp, extra):
+    d = script_mlp
+    command, *options = extra
+    got = run_fresh(command, str(d / "mlp.pt"), str(d / "x.npy"), "--loss", "mse", "--target", str(d / "y.npy"),
+                    *options, "-q")  # fmt: skip
+    assert got["code"] == 0, got["out"]
+    assert "torch._dynamo" not in got["modules"]
