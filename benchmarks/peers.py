@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,7 +261,9 @@ def build(job: Job, points: int, d: Path) -> None:
 
     torch.manual_seed(sum(job.sizes))
     net = build_mlp(list(job.sizes), "tanh").eval().requires_grad_(False)
-    torch.jit.script(net).save(str(d / "model.pt"))
+    with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript, the format the jobs were measured in
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(net).save(str(d / "model.pt"))
     lins = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
     np.savez(d / "weights.npz", **{f"{k}{i}": getattr(m, a).detach().numpy()
                                    for i, m in enumerate(lins) for k, a in (("w", "weight"), ("b", "bias"))})  # fmt: skip
