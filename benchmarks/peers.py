@@ -1,6 +1,6 @@
 """Issue 23's peer table in ONE benchmark: jaccli against JAX jit, folx and torch.func on every job.
 
-    python benchmarks/peers.py [--jobs J,J] [--quick] [--points N] [--repeats R]
+    python benchmarks/peers.py [--jobs J,J] [--peers P,P] [--quick] [--points N] [--repeats R]
                                [--process-repeats P] [--threads T] [--tol TOL]
 
 The jobs (float32, CPU):
@@ -470,11 +470,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", default="all", help=f"comma-separated, of: {', '.join(JOBS)} (default all)")
     ap.add_argument("--peers", default="all", help="comma-separated peer names to run (default all installed)")
-    ap.add_argument("--quick", action="store_true", help="each job at a small N (seconds, not minutes)")
+    ap.add_argument("--quick", action="store_true", help="each job at a small N (a few minutes in all: each whole process still costs seconds)")
     ap.add_argument("--points", type=int, help="N for every job (overrides the job's and --quick's)")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per candidate in-process (median)")
     ap.add_argument("--process-repeats", type=int, default=3, help="fresh processes per candidate (median; 0: skip)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="threads of every child process (torch and XLA)")
     ap.add_argument("--tol", type=float, default=1e-4, help="max difference to float64 relative to its largest value")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
