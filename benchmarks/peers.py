@@ -171,25 +171,23 @@ class Job:
     out: str = "out.npy"
 
 
+def laplacian_peers() -> dict[str, tuple[str, str]]:
+    """The Laplacian's peers: folx's forward Laplacian, JAX jit ``trace(hessian)``, torch.func."""
+    return {
+        "folx": jax_peer(f"jax.vmap(lambda p: forward_laplacian({SCALAR})(p).laplacian)",
+                         "from folx import forward_laplacian", needs="folx"),
+        "JAX jit trace(hessian)": jax_peer(LAP_JAX),
+        "torch.func": torch_peer("lambda: vmap(hessian(lambda p: net(p[None])[0, 0]))(x).diagonal(dim1=-2, dim2=-1).sum(-1)"),
+    }  # fmt: skip
+
+
 JOBS: dict[str, Job] = {
     "laplacian-mlp": Job(
         "Laplacian, MLP 100→256³→1 tanh", (100, 256, 256, 256, 1), 2_000, 200, ["laplacian"],
-        jaccli_cand("lambda: jaccli.laplacian(model, x, per_sample=True)"),
-        {
-            "folx": jax_peer(f"jax.vmap(lambda p: forward_laplacian({SCALAR})(p).laplacian)",
-                             "from folx import forward_laplacian", needs="folx"),
-            "JAX jit trace(hessian)": jax_peer(LAP_JAX),
-            "torch.func": torch_peer("lambda: vmap(hessian(lambda p: net(p[None])[0, 0]))(x).diagonal(dim1=-2, dim2=-1).sum(-1)"),
-        }),  # fmt: skip
+        jaccli_cand("lambda: jaccli.laplacian(model, x, per_sample=True)"), laplacian_peers()),
     "laplacian-pinn": Job(
         "Laplacian, PINN 2→50³→1 tanh", (2, 50, 50, 50, 1), 100_000, 2_000, ["laplacian"],
-        jaccli_cand("lambda: jaccli.laplacian(model, x, per_sample=True)"),
-        {
-            "folx": jax_peer(f"jax.vmap(lambda p: forward_laplacian({SCALAR})(p).laplacian)",
-                             "from folx import forward_laplacian", needs="folx"),
-            "JAX jit trace(hessian)": jax_peer(LAP_JAX),
-            "torch.func": torch_peer("lambda: vmap(hessian(lambda p: net(p[None])[0, 0]))(x).diagonal(dim1=-2, dim2=-1).sum(-1)"),
-        }),  # fmt: skip
+        jaccli_cand("lambda: jaccli.laplacian(model, x, per_sample=True)"), laplacian_peers()),
     "u_xxxx": Job(
         "u_xxxx, PINN 1→50³→1 tanh", (1, 50, 50, 50, 1), 100_000, 2_000,
         ["partials", "--in", "x", "--want", "u_xxxx"],
