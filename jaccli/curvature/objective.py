@@ -154,6 +154,8 @@ class Objective:
         self.act_bytes = counter.bytes / max(space.static_batch or probe, 1)
         item = space.values[0].element_size()
         budget = working_budget(space.device)
+        #: the caller's ``--chunk-size`` (None: chosen here); the layer-wise Hessian sizes its own chunks below it
+        self.chunk_size = chunk_size
         if space.static_batch is not None:
             self.chunk = space.static_batch
         elif chunk_size is not None:

@@ -246,7 +246,8 @@ def structured_hessian(obj: Objective) -> torch.Tensor:
     per_sample = (4 * (E * E + A * E) + 2 * widest) * item + 4 * obj.act_bytes * E
     if per_sample > budget // 4:
         raise NotStructured("the per-sample second derivatives of the layer outputs do not fit the memory budget")
-    chunk = int(max(1, min(obj.hi - obj.lo, (budget // 4) // per_sample, MAX_CHUNK)))
+    # a --chunk-size caps the chunks (a smaller one than memory allows is the caller's choice)
+    chunk = int(max(1, min(obj.hi - obj.lo, (budget // 4) // per_sample, obj.chunk_size or MAX_CHUNK)))
     scale = obj.norm * obj.weight
 
     zeros = [torch.zeros(d, dtype=dtype, device=device) for d in dims]

@@ -169,6 +169,29 @@ def test_chunks_equal_one_chunk(monkeypatch):
     np.testing.assert_allclose(whole.numpy(), reference(net, x, y, "cross-entropy", "mean"), rtol=1e-9, atol=1e-12)
 
 
+def test_chunk_size_caps_the_chunks(monkeypatch):
+    """``--chunk-size`` reaches the layer-wise path: its chunks are at most that many samples."""
+    net = mlp()
+    x, y = _data("cross-entropy", n=23, seed=3)
+    seen = []
+    real_take = structured.take
+
+    def spy(args, a, b):
+        seen.append(b - a)
+        return real_take(args, a, b)
+
+    monkeypatch.setattr(structured, "take", spy)
+    whole = structured.structured_hessian(
+        build_objective(net, x, y, loss="cross-entropy", reduction=None, params=None, chunk_size=None, output=None))
+    assert max(seen) == len(x)  # one chunk where the caller says nothing (the test data fit MAX_CHUNK)
+    seen.clear()
+    obj = build_objective(net, x, y, loss="cross-entropy", reduction=None, params=None, chunk_size=5, output=None)
+    chunked = structured.structured_hessian(obj)
+    loop = seen[1:]  # the first take is the one sample the model is recorded at
+    assert seen[0] == 1 and max(loop) == 5 and sum(loop) == len(x)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
+
+
 def test_float32_model_close_to_float64():
     net = mlp()
     x, y = _data("cross-entropy", seed=8)
