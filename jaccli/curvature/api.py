@@ -281,7 +281,7 @@ def _by_layer(model, inputs, target, obj, matrix, exact_diag, M, *, eig, which, 
         elif info.size <= EXACT_LIMIT:
             row["trace"], row["trace_stderr"] = float(np.trace(spectral.dense(op))), None
         else:
-            row["trace"], row["trace_stderr"] = spectral.hutchpp(op, samples, seed=seed)
+            row["trace"], row["trace_stderr"] = spectral.trace_estimate(op, samples, seed=seed)[:2]
         k = min(eig, info.size)
         w, _ = spectral.eigenvalues(op, k, which, tol=tol, seed=seed, dense_matrix=block)
         row["eigenvalues"] = w.tolist()

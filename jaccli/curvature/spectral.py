@@ -6,7 +6,7 @@ design), and the functions here take such operators:
 
 * :func:`eigenvalues` — the ``k`` extreme eigenpairs by ARPACK's Lanczos (``eigsh``), or by
   ``numpy.linalg.eigh`` of the assembled matrix when ``k`` is close to ``P``;
-* :func:`trace_estimate` (and :func:`hutchpp`, the same less the estimator's name) — Hutch++
+* :func:`trace_estimate` — Hutch++
   (Meyer, Musco, Musco & Woodruff 2021) where the spectrum decays, Hutchinson where the first
   pass finds it flat, with the standard error of the Hutchinson part;
 * :func:`hutchinson_diagonal` — diagonal estimate ``E[z ⊙ Az]`` with Rademacher ``z``;
@@ -164,11 +164,6 @@ def eigenvalues(op: LinearOperator, k: int, which: str = "largest", *, tol: floa
     w, v = w[pick], v[:, pick]
     order = np.argsort(w)[::-1]
     return w[order], v[:, order]
-
-
-def hutchpp(op: LinearOperator, products: int, *, seed: int = 0) -> tuple[float, float]:
-    """:func:`trace_estimate` without the name of the estimator it chose."""
-    return trace_estimate(op, products, seed=seed)[:2]
 
 
 def trace_estimate(op: LinearOperator, products: int, *, seed: int = 0) -> tuple[float, float, str]:
