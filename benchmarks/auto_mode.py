@@ -1,47 +1,109 @@
-"""Is ``auto`` the fastest mode? Every engine on every case, against the planner's choice, in ONE run.
+"""Is ``auto`` the fastest mode? Every engine on a grid of cases, against the planner's choice, in ONE run.
 
-    python benchmarks/auto_mode.py [--points N] [--repeats R] [--cases jacobian:2x1,hessian:10x1,...]
+    python benchmarks/auto_mode.py [--quick] [--repeats R] [--cases CASE,CASE,...] [--fit] [--threads 1]
 
-For each case (a derivative of a tanh MLP ``n_in -> 50 -> 50 -> 50 -> n_out``, per sample,
-float32) the three engines auto mode weighs (the Taylor fast path, torch.func forward
-mode, torch.func reverse mode) run in turns, round-robin after one warm-up round, in
-this one process, and the table shows each one's median seconds, what the planner
-predicted for it (``Plan.estimates``, warm: torch._dynamo is loaded by the warm-up, so
-no start cost is counted) and which one auto mode picks. ``auto/best`` is the time of
-auto's pick over the fastest engine's: the goal is at most 1.1 on every case.
+A case is ``kind:MODEL[/wWIDTH][/dDEPTH][/nPOINTS]``: ``MODEL`` is ``N_INxN_OUT`` (a tanh MLP
+``n_in -> width x depth -> n_out``, default width 50, depth 3) or a model of
+``tests/architectures.py`` (``batchnorm_cnn``, ``groupnorm_residual``, ...); per sample,
+float32. The default grid varies one of input dimension, output dimension, width, depth and
+points at a time around a centre case per kind (``--quick``: a smaller grid, a few minutes
+on a loaded 2-core machine), plus a BatchNorm CNN where forward over reverse wins.
 
-The figures in :data:`jaccli.engine.strategies.COSTS` come from this benchmark's
-``passes`` column (seconds over one forward pass of the same points). Run it on a quiet
-machine: on a shared CPU the medians of a few rounds still drift.
+For each case the engines auto mode weighs (the Taylor fast path, torch.func forward mode,
+torch.func reverse mode: those the planner would consider) run round-robin after one
+warm-up round, in this one process. The table shows each engine's median seconds, the
+planner's prediction for it (``Plan.estimates``, warm: torch._dynamo is loaded by the
+warm-up, so no start cost is counted) and measured over predicted; ``auto/best`` is the
+time of auto's pick over the fastest engine's. The goal: at most 1.1 on every case; the
+last line counts the cases that meet it.
+
+``--fit`` refits :data:`jaccli.engine.strategies.COSTS` from the run: per (engine, mode) and
+kind, a non-negative least-squares fit of the measured seconds, in forward passes as the
+planner counts them (``points x`` :func:`~jaccli.engine.strategies.point_seconds`), to the
+record's terms (``base``, ``per_direction x directions``, ``per_output x directions x
+n_out``), relative errors weighted alike. Run it on a quiet machine where there is one: on a
+shared CPU the medians of a few rounds still drift.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
-import jaccli
-from jaccli.engine import planner
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-DEFAULT_CASES = (
-    "jacobian:1x1,jacobian:2x1,jacobian:3x1,jacobian:10x1,jacobian:50x1,jacobian:2x5,jacobian:1x50,"
-    "jacobian:10x10,hessian:1x1,hessian:2x1,hessian:3x1,hessian:5x1,hessian:10x1,hessian:20x1,"
-    "hessian:2x5,hessian:4x4,laplacian:2x1,laplacian:10x1,laplacian:2x5,laplacian:1x20"
-)
+import jaccli  # noqa: E402
+from jaccli.engine import planner, strategies  # noqa: E402
+
 ENGINES = (("taylor", "forward"), ("torch.func", "forward"), ("torch.func", "reverse"))
 
 
-def mlp(n_in: int, n_out: int, width: int = 50) -> nn.Module:
+def _sweep(kind: str, centre: dict, **axes) -> list[str]:
+    """``centre`` and, for each axis, ``centre`` with that axis at each of its other values."""
+    cases = [centre]
+    for axis, values in axes.items():
+        cases += [{**centre, axis: v} for v in values if v != centre[axis]]
+    return [f"{kind}:{c['i']}x{c['o']}/w{c['w']}/d{c['d']}/n{c['n']}" for c in cases]
+
+
+def default_grid(quick: bool) -> list[str]:
+    """One-axis-at-a-time sweeps around a centre case per kind (points chosen so that the
+    fastest engine takes 20-300 ms)."""
+    if quick:
+        return [
+            *_sweep("jacobian", dict(i=10, o=1, w=50, d=3, n=20_000), i=[2, 100], w=[200], n=[1_000]),
+            *_sweep("hessian", dict(i=5, o=1, w=50, d=3, n=10_000), i=[2], o=[8], d=[6]),
+            "hessian:32x1/w50/d3/n1000",
+            *_sweep("laplacian", dict(i=5, o=1, w=50, d=3, n=10_000), i=[50], w=[16]),
+            "hessian:batchnorm_cnn/n64",
+        ]
+    return [
+        *_sweep("jacobian", dict(i=10, o=1, w=50, d=3, n=20_000), i=[1, 2, 4, 30, 100], o=[10, 50], w=[16, 200],
+                d=[1, 6], n=[1_000, 60_000]),  # fmt: skip
+        *_sweep("hessian", dict(i=5, o=1, w=50, d=3, n=10_000), i=[1, 2, 10], o=[4, 8], w=[16, 200], d=[1, 6],
+                n=[500, 40_000]),  # fmt: skip
+        "hessian:20x1/w50/d3/n2000",
+        "hessian:32x1/w50/d3/n1000",
+        *_sweep("laplacian", dict(i=5, o=1, w=50, d=3, n=10_000), i=[2, 20, 50], o=[5], w=[16, 200], d=[6],
+                n=[1_000]),  # fmt: skip
+        "hessian:batchnorm_cnn/n64",
+        "laplacian:batchnorm_cnn/n64",
+    ]
+
+
+def mlp(n_in: int, n_out: int, width: int = 50, depth: int = 3) -> nn.Module:
     torch.manual_seed(0)
-    sizes = [n_in, width, width, width, n_out]
+    sizes = [n_in, *[width] * depth, n_out]
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(a, b), nn.Tanh()]
     return nn.Sequential(*layers[:-1]).eval()
+
+
+def build(model: str, opts: dict[str, int]) -> tuple[nn.Module, torch.Tensor]:
+    """The model of a case and its points."""
+    points = opts.get("n", 20_000)
+    g = torch.Generator().manual_seed(0)
+    if "x" in model:
+        n_in, n_out = map(int, model.split("x"))
+        return mlp(n_in, n_out, opts.get("w", 50), opts.get("d", 3)), torch.rand(points, n_in, generator=g)
+    from architectures import ZOO  # tests/architectures.py
+
+    factory, shape, _ = ZOO[model]
+    return factory().eval(), torch.randn(points, *shape, generator=g)
+
+
+def parse(case: str) -> tuple[str, str, dict[str, int]]:
+    kind, rest = case.split(":")
+    model, *opts = rest.split("/")
+    return kind, model, {o[0]: int(o[1:]) for o in opts}
 
 
 def run(kind: str, net: nn.Module, x: torch.Tensor, engine: str, mode: str) -> float:
@@ -54,6 +116,18 @@ def run(kind: str, net: nn.Module, x: torch.Tensor, engine: str, mode: str) -> f
         planner.FAST_PATH = True
 
 
+def runnable(kind: str, net: nn.Module, x: torch.Tensor, estimates: dict) -> list[tuple[str, str]]:
+    """The engines the planner weighs for the case, the Taylor one only where it traces the model."""
+    out = []
+    for engine, mode in ENGINES:
+        if f"{engine} {mode}" not in estimates:
+            continue
+        if engine == "taylor" and jaccli.plan(kind, net, x, per_sample=True, mode="forward").engine != "taylor":
+            continue
+        out.append((engine, mode))
+    return out
+
+
 def forward_seconds(net: nn.Module, x: torch.Tensor, repeats: int) -> float:
     times = []
     with torch.no_grad():
@@ -64,39 +138,87 @@ def forward_seconds(net: nn.Module, x: torch.Tensor, repeats: int) -> float:
     return statistics.median(times)
 
 
+def terms(kind: str, engine: str, mode: str, n_in: int, n_out: int) -> list[float]:
+    """The fitted terms of a COSTS record at (n_in, n_out): 1, directions, directions x n_out."""
+    cost = strategies.COSTS[(engine, mode)][kind]
+    k = cost.directions(n_in, n_out, 0)
+    return [1.0, float(k), float(k * n_out)]
+
+
+def fit(rows: list[tuple]) -> None:
+    """Print, per (engine, mode) and kind, the COSTS record that fits the measured passes best
+    (on the MLPs only: a small convolution runs far below an MLP's operations per second, for
+    every engine alike, which would only blur the fit; see docs/auto-mode.md)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    print("\nfit (passes as the planner counts them = measured s / (points x point_seconds)):")
+    groups: dict[tuple, list] = {}
+    for kind, engine, mode, n_in, n_out, passes in rows:
+        groups.setdefault((engine, mode, kind), []).append((terms(kind, engine, mode, n_in, n_out), passes))
+    for (engine, mode, kind), pts in sorted(groups.items()):
+        a = np.array([t for t, _ in pts])
+        y = np.array([p for _, p in pts])
+        used = [0, 1, 2] if strategies.COSTS[(engine, mode)][kind].per_output else [0, 1]
+        a = a[:, used] / y[:, None]  # relative errors
+        coef, _ = nnls(a, np.ones(len(y)))
+        pred = a @ coef
+        names = ["base", "per_direction", "per_output"]
+        shown = ", ".join(f"{names[j]}={c:.3g}" for j, c in zip(used, coef))
+        print(f"  {engine} {mode:8s} {kind:10s} {shown}  ({len(y)} cases, "
+              f"pred/meas {pred.min():.2f}-{pred.max():.2f})")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--points", type=int, default=40_000)
+    ap.add_argument("--quick", action="store_true", help="a smaller grid (a few minutes under load)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--cases", default=DEFAULT_CASES)
+    ap.add_argument("--cases", default=None, help="comma-separated cases (see the module doc)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fit", action="store_true", help="print the COSTS records that fit this run")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    print(f"{'case':16s} {'engine':20s} {'median s':>9s} {'predicted':>9s} {'passes':>7s}")
-    worst = 0.0
-    for case in args.cases.split(","):
-        kind, dims = case.split(":")
-        n_in, n_out = map(int, dims.split("x"))
-        net, x = mlp(n_in, n_out), torch.rand(args.points, n_in)
-        times: dict[tuple[str, str], list[float]] = {e: [] for e in ENGINES}
-        for e in ENGINES:  # warm-up: traces, torch._dynamo, caches
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")  # the CNNs' "ReLU's second derivative is zero" notes, once per call
+    cases = args.cases.split(",") if args.cases else default_grid(args.quick)
+    print(f"{'case':34s} {'engine':19s} {'median s':>9s} {'predicted':>9s} {'meas/pred':>9s} {'fwd passes':>10s}")
+    met, rows, summary = 0, [], []
+    for case in cases:
+        kind, model, opts = parse(case)
+        net, x = build(model, opts)
+        plan = jaccli.plan(kind, net, x, per_sample=True)
+        engines = runnable(kind, net, x, dict(plan.estimates))
+        times: dict[tuple[str, str], list[float]] = {e: [] for e in engines}
+        for e in engines:  # warm-up: traces, torch._dynamo, caches
             run(kind, net, x, *e)
         for _ in range(args.repeats):
-            for e in ENGINES:
+            for e in engines:
                 times[e].append(run(kind, net, x, *e))
-        plan = jaccli.plan(kind, net, x, per_sample=True)
+        plan = jaccli.plan(kind, net, x, per_sample=True)  # warm: no start cost counted
         predicted = dict(plan.estimates)
         fwd = forward_seconds(net, x, args.repeats)
+        unit = x.shape[0] * strategies.point_seconds(plan._request.problem.flops, x.device.type)
+        p = plan._request.problem
         medians = {e: statistics.median(t) for e, t in times.items()}
         best = min(medians.values())
-        for e in ENGINES:
+        for e in engines:
             name = f"{e[0]} {e[1]}"
-            print(f"{case:16s} {name:20s} {medians[e]:9.4f} {predicted.get(name, float('nan')):9.4f} "
-                  f"{medians[e] / fwd:7.1f}")  # fmt: skip
+            pred = predicted.get(name, float("nan"))
+            print(f"{case:34s} {name:19s} {medians[e]:9.4f} {pred:9.4f} {medians[e] / pred:9.2f} "
+                  f"{medians[e] / fwd:10.1f}")  # fmt: skip
+            if "x" in model:
+                rows.append((kind, *e, p.n_in, p.n_out, medians[e] / unit))
         pick = (plan.engine, plan.mode)
-        ratio = medians[pick] / best
-        worst = max(worst, ratio)
-        print(f"{case:16s} auto -> {plan.engine} {plan.mode}: auto/best = {ratio:.2f}\n")
-    print(f"worst auto/best: {worst:.2f} (goal <= 1.1)")
+        ratio = medians[pick] / best if pick in medians else float("nan")
+        fastest = min(medians, key=medians.__getitem__)
+        met += ratio <= 1.1
+        summary.append((case, f"{pick[0]} {pick[1]}", f"{fastest[0]} {fastest[1]}", ratio))
+        print(f"{case:34s} auto -> {pick[0]} {pick[1]}: auto/best = {ratio:.2f}\n", flush=True)
+    print(f"{'case':34s} {'auto':19s} {'best':19s} auto/best")
+    for case, pick, fastest, ratio in summary:
+        print(f"{case:34s} {pick:19s} {fastest:19s} {ratio:9.2f}{'' if ratio <= 1.1 else '  > 1.1'}")
+    print(f"\nauto within 10% of best on {met} of {len(cases)} cases")
+    if args.fit:
+        fit(rows)
 
 
 if __name__ == "__main__":

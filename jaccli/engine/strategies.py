@@ -388,6 +388,10 @@ class Cost(NamedTuple):
     base: float  #: the primal pass (and the tape, in reverse mode)
     per_direction: float  #: each product (a stream of the Taylor engine)
     directions: Callable[[int, int, int], int]  #: (n_in, n_out, probes) -> directions per point
+    #: what each direction adds per output it serves: forward over reverse shares one
+    #: tangent (a forward pass and its tangent: ``per_direction``) among every output's
+    #: pullback (``per_output`` each)
+    per_output: float = 0.0
 
 
 def _inputs(n_in: int, n_out: int, probes: int) -> int:
@@ -431,8 +435,8 @@ COSTS: dict[tuple[str, str], dict[str, Cost]] = {
     ("torch.func", "reverse"): {
         "jacobian": Cost(2.0, 2.0, _outputs),
         "divergence": Cost(2.0, 2.0, _outputs),
-        "hessian": Cost(4.0, 7.0, lambda i, o, k: i * o),
-        "laplacian": Cost(4.0, 6.0, lambda i, o, k: i * o),
+        "hessian": Cost(4.0, 3.0, _inputs, per_output=4.0),
+        "laplacian": Cost(4.0, 3.0, _inputs, per_output=4.0),
         "hutchinson": Cost(2.0, 2.0, _probes),
     },
 }
@@ -469,7 +473,7 @@ def point_seconds(flops: float, device_type: str) -> float:
 def passes_per_point(kind: str, engine: str, mode: str, n_in: int, n_out: int, probes: int = 0) -> float:
     """Forward passes one point costs ``engine`` in ``mode`` (``kind`` "hutchinson": ``probes`` products)."""
     cost = COSTS[(engine, mode)][kind]
-    return cost.base + cost.per_direction * cost.directions(n_in, n_out, probes)
+    return cost.base + (cost.per_direction + cost.per_output * n_out) * cost.directions(n_in, n_out, probes)
 
 
 def estimate_seconds(kind: str, engine: str, mode: str, *, n_in: int, n_out: int, points: int,

@@ -145,3 +145,71 @@ def test_the_hutchinson_estimate_is_planned_by_its_probes():
     cost = strategies.COSTS[("taylor", "forward")]["hutchinson"]
     assert strategies.passes_per_point("hutchinson", "taylor", "forward", 64, 64, probes=8) == cost.base + 8 * cost.per_direction
     assert strategies.passes_per_point("hutchinson", "taylor", "forward", 64, 64, probes=80) > 64 * cost.per_direction
+
+
+# ----------------------------------------------------------------- the cost model itself
+
+
+def test_every_engine_has_one_cost_record_per_kind():
+    kinds = {"jacobian", "hessian", "laplacian", "divergence", "hutchinson"}
+    for engine_mode in planner._CANDIDATES:
+        assert set(strategies.COSTS[engine_mode]) == kinds
+
+
+@pytest.mark.parametrize("kind", ["hessian", "laplacian"])
+def test_the_reverse_second_order_cost_shares_each_tangent_among_outputs(kind):
+    # forward over reverse runs one direction per input (a forward pass and its tangent)
+    # and, inside it, one pullback per output: linear in n_in for a fixed n_out and in
+    # n_out for a fixed n_in, never a product per (output, input) pair at full price
+    cost = strategies.COSTS[("torch.func", "reverse")][kind]
+    passes = lambda i, o: strategies.passes_per_point(kind, "torch.func", "reverse", i, o)  # noqa: E731
+    assert passes(64, 3) == pytest.approx(cost.base + 64 * (cost.per_direction + 3 * cost.per_output))
+    assert passes(64, 1) - passes(32, 1) == pytest.approx(passes(32, 1) - passes(0, 1))
+    assert passes(16, 8) - passes(16, 4) == pytest.approx(passes(16, 4) - passes(16, 0))
+    # a direction serving 8 outputs costs less than 8 directions serving one each
+    assert passes(16, 8) - cost.base < 8 * (passes(16, 1) - cost.base)
+
+
+def test_predictions_scale_with_the_models_operations_per_point():
+    # width and depth enter through the probe's operation count: the same request on a
+    # model with more operations per point is predicted slower by every engine, by the
+    # same factor once torch.func's start is left out
+    x = torch.rand(1000, 4)
+    small = jaccli.plan("hessian", tanh_mlp((4, 16, 16, 1), dtype=torch.float32), x, per_sample=True)
+    big = jaccli.plan("hessian", tanh_mlp((4, 64, 64, 64, 1), dtype=torch.float32), x, per_sample=True)
+    flops = small._request.problem.flops, big._request.problem.flops
+    assert flops[1] > 4 * flops[0]
+    a, b = dict(small.estimates), dict(big.estimates)
+    start = {name: strategies.start_seconds(name.split()[0]) for name in a}
+    for name in a:
+        assert (b[name] - start[name]) / (a[name] - start[name]) == pytest.approx(flops[1] / flops[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["jacobian", "hessian", "laplacian", "divergence"])
+def test_every_planned_kind_shows_what_auto_weighed(kind):
+    # what --json (and --dry-run --json) prints as plan.estimated_seconds: every candidate,
+    # in seconds, and the engine auto ran is the cheapest of them
+    net, x = tanh_mlp((3, 16, 3), dtype=torch.float32), torch.rand(50, 3)
+    doc = jaccli.plan(kind, net, x, per_sample=True).as_dict()
+    costs = doc["estimated_seconds"]
+    assert set(costs) == {"taylor forward", "torch.func forward", "torch.func reverse"}
+    assert all(isinstance(s, float) and s > 0 for s in costs.values())
+    assert min(costs, key=costs.get) == f"{doc['engine']} {doc['mode']}"
+    forced = jaccli.plan(kind, net, x, per_sample=True, mode="reverse").as_dict()
+    assert forced["estimated_seconds"] == costs  # a forced mode still shows what auto would have weighed
+
+
+@pytest.mark.parametrize("n_in", [16, 32, 64])
+def test_wide_input_scalar_hessians_take_forward_over_reverse(n_in):
+    # n_in(n_in+1)/2 second-order streams against n_in shared Hessian-vector products
+    net = tanh_mlp((n_in, 50, 50, 50, 1), dtype=torch.float32)
+    plan = jaccli.plan("hessian", net, torch.rand(1000, n_in), per_sample=True)
+    assert (plan.engine, plan.mode) == ("torch.func", "reverse")
+    costs = dict(plan.estimates)
+    assert costs["torch.func reverse"] < costs["taylor forward"] < costs["torch.func forward"]
+
+
+def test_small_input_jacobians_and_hessians_with_several_outputs_take_taylor():
+    net, x = tanh_mlp((2, 50, 50, 50, 8), dtype=torch.float32), torch.rand(10_000, 2)
+    for kind in ("jacobian", "hessian", "laplacian"):
+        assert engine_of(kind, net, x) == ("taylor", "forward")
