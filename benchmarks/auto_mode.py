@@ -17,11 +17,9 @@ warm-up, so no start cost is counted) and measured over predicted; ``auto/best``
 time of auto's pick over the fastest engine's. The goal: at most 1.1 on every case; the
 last line counts the cases that meet it.
 
-``--fit`` refits :data:`jaccli.engine.strategies.COSTS` from the run: per (engine, mode) and
-kind, a non-negative least-squares fit of the measured seconds, in forward passes as the
-planner counts them (``points x`` :func:`~jaccli.engine.strategies.point_seconds`), to the
-record's terms (``base``, ``per_direction x directions``, ``per_output x directions x
-n_out``), relative errors weighted alike. Run it on a quiet machine where there is one: on a
+``--fit`` refits :data:`jaccli.engine.strategies.COSTS` from the run's MLP cases (see
+:func:`fit`: the ratios between engines on each case, then one scale per kind in forward
+passes as the planner counts them). Run it on a quiet machine where there is one: on a
 shared CPU the medians of a few rounds still drift.
 """
 
@@ -139,34 +137,56 @@ def forward_seconds(net: nn.Module, x: torch.Tensor, repeats: int) -> float:
 
 
 def terms(kind: str, engine: str, mode: str, n_in: int, n_out: int) -> list[float]:
-    """The fitted terms of a COSTS record at (n_in, n_out): 1, directions, directions x n_out."""
+    """The terms of a COSTS record at (n_in, n_out): 1, directions, directions x n_out."""
     cost = strategies.COSTS[(engine, mode)][kind]
     k = cost.directions(n_in, n_out, 0)
     return [1.0, float(k), float(k * n_out)]
 
 
 def fit(rows: list[tuple]) -> None:
-    """Print, per (engine, mode) and kind, the COSTS record that fits the measured passes best
-    (on the MLPs only: a small convolution runs far below an MLP's operations per second, for
-    every engine alike, which would only blur the fit; see docs/auto-mode.md)."""
-    import numpy as np
-    from scipy.optimize import nnls
+    """Print, per kind, the COSTS records that fit the measured times best.
 
-    print("\nfit (passes as the planner counts them = measured s / (points x point_seconds)):")
-    groups: dict[tuple, list] = {}
-    for kind, engine, mode, n_in, n_out, passes in rows:
-        groups.setdefault((engine, mode, kind), []).append((terms(kind, engine, mode, n_in, n_out), passes))
-    for (engine, mode, kind), pts in sorted(groups.items()):
-        a = np.array([t for t, _ in pts])
-        y = np.array([p for _, p in pts])
-        used = [0, 1, 2] if strategies.COSTS[(engine, mode)][kind].per_output else [0, 1]
-        a = a[:, used] / y[:, None]  # relative errors
-        coef, _ = nnls(a, np.ones(len(y)))
-        pred = a @ coef
+    ``rows``: (case, kind, engine, mode, n_in, n_out, measured passes as the planner counts
+    them). What decides auto's pick is the ratio between engines on the same case, and the
+    planner's unit (operations per point at one rate, :func:`~jaccli.engine.strategies.point_seconds`)
+    is off by a factor that depends on the model (narrow layers run below the rate, wide ones
+    above it; a small convolution far below) but alike for every engine. So the fit takes a
+    free factor per case: it minimises the spread of log(measured / predicted) within each
+    case, over every (engine, mode) record of the kind at once (base, per_direction and, where
+    the record has one, per_output, all >= 0), then scales the kind's records together so that
+    the median case is predicted right in the planner's unit.
+    """
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    print("\nfit (per kind; ratios between engines within each case, then one scale for the kind):")
+    for kind in sorted({r[1] for r in rows}):
+        mine = [r for r in rows if r[1] == kind]
+        records = sorted({(r[2], r[3]) for r in mine})
+        used = {e: [0, 1, 2] if strategies.COSTS[e][kind].per_output else [0, 1] for e in records}
+        slots = [(e, j) for e in records for j in used[e]]
+        x0 = np.array([[strategies.COSTS[e][kind].base, strategies.COSTS[e][kind].per_direction,
+                        strategies.COSTS[e][kind].per_output][j] for e, j in slots]) + 0.1  # fmt: skip
+        cases = sorted({r[0] for r in mine})
+        a = np.array([[terms(kind, r[2], r[3], r[4], r[5])[j] if (r[2], r[3]) == e else 0.0 for e, j in slots]
+                      for r in mine])  # fmt: skip
+        y = np.log([r[6] for r in mine])
+        member = np.array([[r[0] == c for c in cases] for r in mine], dtype=float)
+
+        def spread(theta):
+            r = np.log(a @ theta) - y
+            return r - member @ ((member.T @ r) / member.sum(0))  # minus each case's mean
+
+        theta = least_squares(spread, x0, bounds=(0, np.inf)).x
+        theta *= np.exp(np.median(y - np.log(a @ theta)))
+        within = np.exp(spread(theta))
+        print(f"  {kind}: log spread within cases sd {np.std(np.log(within)):.2f}, "
+              f"measured/predicted {np.exp(y - np.log(a @ theta)).min():.2f}-"
+              f"{np.exp(y - np.log(a @ theta)).max():.2f} over {len(cases)} cases")  # fmt: skip
         names = ["base", "per_direction", "per_output"]
-        shown = ", ".join(f"{names[j]}={c:.3g}" for j, c in zip(used, coef))
-        print(f"  {engine} {mode:8s} {kind:10s} {shown}  ({len(y)} cases, "
-              f"pred/meas {pred.min():.2f}-{pred.max():.2f})")  # fmt: skip
+        for e in records:
+            shown = ", ".join(f"{names[j]}={theta[slots.index((e, j))]:.3g}" for j in used[e])
+            print(f"    {e[0]} {e[1]:8s} {shown}")
 
 
 def main() -> None:
@@ -206,7 +226,7 @@ def main() -> None:
             print(f"{case:34s} {name:19s} {medians[e]:9.4f} {pred:9.4f} {medians[e] / pred:9.2f} "
                   f"{medians[e] / fwd:10.1f}")  # fmt: skip
             if "x" in model:
-                rows.append((kind, *e, p.n_in, p.n_out, medians[e] / unit))
+                rows.append((case, kind, *e, p.n_in, p.n_out, medians[e] / unit))
         pick = (plan.engine, plan.mode)
         ratio = medians[pick] / best if pick in medians else float("nan")
         fastest = min(medians, key=medians.__getitem__)

@@ -410,34 +410,51 @@ def _probes(n_in: int, n_out: int, probes: int) -> int:
     return probes
 
 
-#: ``(engine, mode) -> kind -> Cost``. Fitted to interleaved medians of every engine on
-#: tanh MLPs n_in -> 50 -> 50 -> 50 -> n_out (n_in 1-50, n_out 1-50, 40 000 points,
-#: float32, one CPU thread; benchmarks/auto_mode.py measures them again). The Taylor
-#: Hessian runs n_in first- and n_in(n_in+1)/2 second-order streams, its Laplacian n_in
-#: of each; torch.func's forward-over-reverse Hessian runs one Hessian-vector product
-#: (about seven forward passes) per output and input. "hutchinson" is the stochastic
-#: divergence, one product per probe.
+#: ``(engine, mode) -> kind -> Cost``, in forward passes as the planner counts them
+#: (:func:`point_seconds`: the probe's operations per point at :data:`FLOPS_PER_SECOND`).
+#:
+#: What each record counts: the Taylor Jacobian runs n_in first-order streams, its Hessian
+#: n_in first- and n_in(n_in+1)/2 second-order streams, its Laplacian n_in of each;
+#: torch.func forward mode one jvp per input (Hessian: one jvp of jvp per pair of inputs);
+#: reverse mode one vjp per output, and its Hessian and Laplacian (forward over reverse,
+#: :func:`_hvps_shared`) one direction per input, whose forward pass and tangent
+#: (``per_direction``) serve every output's pullback (``per_output`` each).
+#:
+#: Where each figure comes from: ``benchmarks/auto_mode.py --fit`` on its default grid
+#: (39 cases: tanh MLPs n_in -> width x depth -> n_out, n_in 1-100, n_out 1-50, width
+#: 16-200, depth 1-6, 500-60 000 points, plus a BatchNorm CNN, which the fit leaves out;
+#: float32, one CPU thread, 3 interleaved rounds, 2026-12-06, 2 shared cores under load),
+#: rounded to two digits. The fit takes the ratios between engines on each case (the
+#: planner's unit is off by a factor per model, alike for every engine: 0.2-6x) and one
+#: scale per kind; within a case, log(measured/predicted) has a spread of 0.13-0.19. With
+#: these figures auto's pick is within 10% of the fastest engine on 39 of 39 cases of that
+#: run (docs/auto-mode.md). Records with no case of their own share the one that does the
+#: same products: the divergence (the Jacobian's diagonal) and "hutchinson" (the
+#: stochastic divergence, one product per probe) take the Jacobian's.
 COSTS: dict[tuple[str, str], dict[str, Cost]] = {
     ("taylor", "forward"): {
-        "jacobian": Cost(2.0, 0.7, _inputs),
-        "divergence": Cost(2.0, 0.7, _inputs),
-        "hessian": Cost(3.0, 1.0, lambda i, o, k: i + _pairs(i, o, k)),
-        "laplacian": Cost(4.0, 0.6, _inputs),
-        "hutchinson": Cost(2.0, 0.7, _probes),
+        "jacobian": Cost(2.7, 0.60, _inputs),
+        "divergence": Cost(2.7, 0.60, _inputs),
+        "hessian": Cost(4.4, 1.0, lambda i, o, k: i + _pairs(i, o, k)),
+        "laplacian": Cost(6.6, 0.84, _inputs),
+        "hutchinson": Cost(2.7, 0.60, _probes),
     },
     ("torch.func", "forward"): {
-        "jacobian": Cost(2.0, 5.0, _inputs),
-        "divergence": Cost(2.0, 5.0, _inputs),
-        "hessian": Cost(4.0, 11.0, _pairs),
-        "laplacian": Cost(8.0, 9.0, _inputs),
-        "hutchinson": Cost(2.0, 5.0, _probes),
+        "jacobian": Cost(1.4, 2.6, _inputs),
+        "divergence": Cost(1.4, 2.6, _inputs),
+        "hessian": Cost(6.9, 9.3, _pairs),
+        "laplacian": Cost(9.1, 7.6, _inputs),
+        "hutchinson": Cost(1.4, 2.6, _probes),
     },
     ("torch.func", "reverse"): {
-        "jacobian": Cost(2.0, 2.0, _outputs),
-        "divergence": Cost(2.0, 2.0, _outputs),
-        "hessian": Cost(4.0, 3.0, _inputs, per_output=4.0),
-        "laplacian": Cost(4.0, 3.0, _inputs, per_output=4.0),
-        "hutchinson": Cost(2.0, 2.0, _probes),
+        "jacobian": Cost(3.1, 1.1, _outputs),
+        "divergence": Cost(3.1, 1.1, _outputs),
+        "hessian": Cost(9.3, 0.95, _inputs, per_output=3.2),
+        # the same products as the Hessian's (its diagonal is gathered from them); the
+        # Laplacian's cases, all but one with one output, fix only their sum per input at
+        # one output (3.1), split as the Hessian's is (0.95 : 3.2)
+        "laplacian": Cost(15.0, 0.71, _inputs, per_output=2.4),
+        "hutchinson": Cost(3.1, 1.1, _probes),
     },
 }
 
@@ -450,7 +467,8 @@ TORCH_FUNC_START = 0.6
 #: floating-point operations per second of a forward pass, to turn the probe's count per
 #: point (:func:`jaccli.engine.problem.op_flops`) into seconds: a float32 MLP of width 50
 #: on one CPU thread runs 1.5-6e10 (the lower end, so that the start costs above weigh no
-#: more than they should); GPUs run far more
+#: more than they should; :data:`COSTS` is fitted in this unit, so it absorbs the rest);
+#: GPUs run far more
 FLOPS_PER_SECOND = {"cpu": 1.5e10}
 _FLOPS_PER_SECOND_ELSE = 1e12
 
