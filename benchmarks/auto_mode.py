@@ -6,8 +6,8 @@ A case is ``kind:MODEL[/wWIDTH][/dDEPTH][/nPOINTS]``: ``MODEL`` is ``N_INxN_OUT`
 ``n_in -> width x depth -> n_out``, default width 50, depth 3) or a model of
 ``tests/architectures.py`` (``batchnorm_cnn``, ``groupnorm_residual``, ...); per sample,
 float32. The default grid varies one of input dimension, output dimension, width, depth and
-points at a time around a centre case per kind (``--quick``: a smaller grid, a few minutes
-on a loaded 2-core machine), plus a BatchNorm CNN where forward over reverse wins.
+points at a time around a centre case per kind (``--quick``: 14 of its 39 cases, about 4
+minutes on a loaded 2-core machine), plus a BatchNorm CNN where forward over reverse wins.
 
 For each case the engines auto mode weighs (the Taylor fast path, torch.func forward mode,
 torch.func reverse mode: those the planner would consider) run round-robin after one
@@ -85,11 +85,16 @@ def mlp(n_in: int, n_out: int, width: int = 50, depth: int = 3) -> nn.Module:
     return nn.Sequential(*layers[:-1]).eval()
 
 
+def is_mlp(model: str) -> bool:
+    """Whether a case's model is an MLP ``N_INxN_OUT`` (else a name of ``tests/architectures.py``)."""
+    return model[:1].isdigit()
+
+
 def build(model: str, opts: dict[str, int]) -> tuple[nn.Module, torch.Tensor]:
     """The model of a case and its points."""
     points = opts.get("n", 20_000)
     g = torch.Generator().manual_seed(0)
-    if "x" in model:
+    if is_mlp(model):
         n_in, n_out = map(int, model.split("x"))
         return mlp(n_in, n_out, opts.get("w", 50), opts.get("d", 3)), torch.rand(points, n_in, generator=g)
     from architectures import ZOO  # tests/architectures.py
@@ -225,7 +230,7 @@ def main() -> None:
             pred = predicted.get(name, float("nan"))
             print(f"{case:34s} {name:19s} {medians[e]:9.4f} {pred:9.4f} {medians[e] / pred:9.2f} "
                   f"{medians[e] / fwd:10.1f}")  # fmt: skip
-            if "x" in model:
+            if is_mlp(model):
                 rows.append((case, kind, *e, p.n_in, p.n_out, medians[e] / unit))
         pick = (plan.engine, plan.mode)
         ratio = medians[pick] / best if pick in medians else float("nan")
