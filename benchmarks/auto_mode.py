@@ -148,8 +148,8 @@ def terms(kind: str, engine: str, mode: str, n_in: int, n_out: int) -> list[floa
     return [1.0, float(k), float(k * n_out)]
 
 
-def fit(rows: list[tuple]) -> None:
-    """Print, per kind, the COSTS records that fit the measured times best.
+def fit(rows: list[tuple]) -> dict[str, tuple[dict[tuple[str, str], dict[str, float]], float]]:
+    """Per kind, the COSTS figures that fit the measured times best, and the spread left.
 
     ``rows``: (case, kind, engine, mode, n_in, n_out, measured passes as the planner counts
     them). What decides auto's pick is the ratio between engines on the same case, and the
@@ -159,19 +159,22 @@ def fit(rows: list[tuple]) -> None:
     free factor per case: it minimises the spread of log(measured / predicted) within each
     case, over every (engine, mode) record of the kind at once (base, per_direction and, where
     the record has one, per_output, all >= 0), then scales the kind's records together so that
-    the median case is predicted right in the planner's unit.
+    the median row is predicted right in the planner's unit. Returns ``kind -> ({(engine,
+    mode): {"base": …, "per_direction": …[, "per_output": …]}}, sd of the log spread within
+    cases)``.
     """
     import numpy as np
     from scipy.optimize import least_squares
 
-    print("\nfit (per kind; ratios between engines within each case, then one scale for the kind):")
+    names = ("base", "per_direction", "per_output")
+    out = {}
     for kind in sorted({r[1] for r in rows}):
         mine = [r for r in rows if r[1] == kind]
         records = sorted({(r[2], r[3]) for r in mine})
-        used = {e: [0, 1, 2] if strategies.COSTS[e][kind].per_output else [0, 1] for e in records}
+        used = {e: (0, 1, 2) if strategies.COSTS[e][kind].per_output else (0, 1) for e in records}
         slots = [(e, j) for e in records for j in used[e]]
-        x0 = np.array([[strategies.COSTS[e][kind].base, strategies.COSTS[e][kind].per_direction,
-                        strategies.COSTS[e][kind].per_output][j] for e, j in slots]) + 0.1  # fmt: skip
+        x0 = np.array([strategies.COSTS[e][kind][j] if j < 2 else strategies.COSTS[e][kind].per_output
+                       for e, j in slots]) + 0.1  # fmt: skip
         cases = sorted({r[0] for r in mine})
         a = np.array([[terms(kind, r[2], r[3], r[4], r[5])[j] if (r[2], r[3]) == e else 0.0 for e, j in slots]
                       for r in mine])  # fmt: skip
@@ -184,14 +187,18 @@ def fit(rows: list[tuple]) -> None:
 
         theta = least_squares(spread, x0, bounds=(0, np.inf)).x
         theta *= np.exp(np.median(y - np.log(a @ theta)))
-        within = np.exp(spread(theta))
-        print(f"  {kind}: log spread within cases sd {np.std(np.log(within)):.2f}, "
-              f"measured/predicted {np.exp(y - np.log(a @ theta)).min():.2f}-"
-              f"{np.exp(y - np.log(a @ theta)).max():.2f} over {len(cases)} cases")  # fmt: skip
-        names = ["base", "per_direction", "per_output"]
-        for e in records:
-            shown = ", ".join(f"{names[j]}={theta[slots.index((e, j))]:.3g}" for j in used[e])
-            print(f"    {e[0]} {e[1]:8s} {shown}")
+        figures = {e: {names[j]: float(theta[slots.index((e, j))]) for j in used[e]} for e in records}
+        out[kind] = (figures, float(np.std(spread(theta))))
+    return out
+
+
+def print_fit(rows: list[tuple]) -> None:
+    print("\nfit (per kind; ratios between engines within each case, then one scale for the kind):")
+    for kind, (figures, sd) in fit(rows).items():
+        print(f"  {kind}: log(measured/predicted) within cases sd {sd:.2f} "
+              f"over {len({r[0] for r in rows if r[1] == kind})} cases")  # fmt: skip
+        for (engine, mode), values in figures.items():
+            print(f"    {engine} {mode:8s} " + ", ".join(f"{n}={v:.3g}" for n, v in values.items()))
 
 
 def main() -> None:
@@ -243,7 +250,7 @@ def main() -> None:
         print(f"{case:34s} {pick:19s} {fastest:19s} {ratio:9.2f}{'' if ratio <= 1.1 else '  > 1.1'}")
     print(f"\nauto within 10% of best on {met} of {len(cases)} cases")
     if args.fit:
-        fit(rows)
+        print_fit(rows)
 
 
 if __name__ == "__main__":

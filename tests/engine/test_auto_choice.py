@@ -220,3 +220,40 @@ def test_small_input_jacobians_and_hessians_with_several_outputs_take_taylor():
     net, x = tanh_mlp((2, 50, 50, 50, 8), dtype=torch.float32), torch.rand(10_000, 2)
     for kind in ("jacobian", "hessian", "laplacian"):
         assert engine_of(kind, net, x) == ("taylor", "forward")
+
+
+def _auto_mode_benchmark():
+    """``benchmarks/auto_mode.py`` as a module (its ``fit`` is where COSTS comes from)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "auto_mode.py"
+    spec = importlib.util.spec_from_file_location("auto_mode_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["jacobian", "hessian", "laplacian"])
+def test_the_cost_fit_recovers_the_table_from_times_it_predicts(kind):
+    # times made by the table itself, each case slowed by its own factor (the planner's unit
+    # is off by one per model, alike for every engine): the fit gives back the table up to
+    # one scale for the kind, and the within-case spread it leaves is nil
+    bench = _auto_mode_benchmark()
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for c, (n_in, n_out) in enumerate([(1, 1), (2, 1), (5, 1), (10, 1), (30, 1), (5, 4), (10, 8), (3, 20)]):
+        factor = float(torch.empty(()).uniform_(0.3, 5.0, generator=g))
+        for engine, mode in planner._CANDIDATES:
+            passes = strategies.passes_per_point(kind, engine, mode, n_in, n_out)
+            rows.append((f"case {c}", kind, engine, mode, n_in, n_out, passes * factor))
+    figures, sd = bench.fit(rows)[kind]
+    assert sd < 1e-6
+    got, want = [], []
+    for (engine, mode), values in figures.items():
+        cost = strategies.COSTS[(engine, mode)][kind]
+        for name, value in values.items():
+            got.append(value)
+            want.append(getattr(cost, name))
+    scale = got[0] / want[0]
+    assert got == pytest.approx([w * scale for w in want], rel=1e-3, abs=1e-3 * scale)
