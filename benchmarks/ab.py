@@ -9,7 +9,9 @@ base, new, base, new, … after one warm-up each, so that a drift of a shared ma
 both sides of a ratio alike. Reported: the median seconds of each side and new / base.
 The jobs are those of ``benchmarks/bench.py`` and ``benchmarks/partials.py`` at reduced
 sizes: the seed PINN's Jacobian, Hessian and ``u_xxxx`` (TorchScript), a Laplacian, a
-divergence and a mixed partial of MLPs, and a mixed partial of a small CNN. A ratio near 1 says nothing on a noisy machine;
+divergence and a mixed partial of MLPs, and a mixed partial of a small CNN; and two of
+``benchmarks/curvature.py``'s (``--only curvature``): per-sample gradients of an MLP
+32→256→256→10 over ``--points`` points, and the full Hessian of a 32→60→60→10 over half of them. A ratio near 1 says nothing on a noisy machine;
 one far above it is a regression worth a real benchmark.
 
 The "(same model)" jobs call one model object again and again, as a user's loop does:
@@ -60,7 +62,7 @@ def load(root: Path) -> SimpleNamespace:
                 except ImportError:  # an optional extra (plotting) that is not installed
                     pass
 
-        api = SimpleNamespace(**{n: getattr(jaccli, n) for n in ("jacobian", "hessian", "laplacian", "divergence", "partials", "load_model")})
+        api = SimpleNamespace(**{n: getattr(jaccli, n) for n in ("jacobian", "hessian", "laplacian", "divergence", "partials", "load_model", "grads", "curvature")})
     finally:
         sys.path.remove(str(root))
     api.modules = _ours()
@@ -122,6 +124,10 @@ def jobs(n: int) -> dict:
     mix_net, mix_x = mlp((2, 64, 64, 1), 3).double(), torch.rand(n, 2, dtype=torch.float64)
     cnn = SmallCNN().double().eval()
     pinn = ROOT / "examples/models/pinn.pt"
+    # curvature in parameter space (benchmarks/curvature.py's MLPs): per-sample rows by δxᵀ, the layer-wise Hessian
+    g = torch.Generator().manual_seed(5)
+    cls_net, cls_x, cls_y = mlp((32, 256, 256, 10), 5), torch.randn(n, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    full_net, full_x, full_y = mlp((32, 60, 60, 10), 6), cls_x[: n // 2], cls_y[: n // 2]
 
     def model(api):
         return api.load_model(pinn)
@@ -142,6 +148,8 @@ def jobs(n: int) -> dict:
         "divergence 16-256²-16": lambda api: api.divergence(div_net, div_x, per_sample=True),
         "u_txx, u_tt 2-64²-1": lambda api: api.partials(mix_net, mix_x, ["u_txx", "u_tt"], inputs="t,x", per_sample=True),
         "u_txx CNN (conv, pool)": lambda api: api.partials(cnn, mix_x[: max(n // 10, 8)], ["u_txx"], inputs="t,x", per_sample=True),
+        "curvature: grads per-sample 32-256²-10": lambda api: api.grads(cls_net, cls_x, cls_y, loss="cross-entropy", per_sample=True).per_sample,
+        "curvature: full Hessian 32-60²-10": lambda api: torch.as_tensor(api.curvature(full_net, full_x, full_y, loss="cross-entropy", full=True).full),
     }
 
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import jaccli  # noqa: E402
 from timing import status_kib as _status_kib  # noqa: E402
-from jaccli.engine import planner, problem  # noqa: E402
+from jaccli.engine import planner, probe, problem  # noqa: E402
 from jaccli import jets as taylor  # noqa: E402
 from jaccli.load.models import build_mlp  # noqa: E402
 
@@ -166,7 +166,7 @@ def case_pinn(t: Table, n: int, repeats: int, budget: float) -> None:
     model = jaccli.load_model(ROOT / "examples/models/pinn.pt")
     x = torch.linspace(0, 1, n)[:, None]
     p = problem.check_inputs(model, x, per_sample=True)
-    rows = problem.probe_rows(p)
+    rows = probe.probe_rows(p)
 
     def forward():
         with torch.no_grad():

@@ -27,6 +27,15 @@ before), so that one invocation fits a ten-minute slot.
 
 Without a CUDA device it says so and exits 0; ``--smoke`` then runs a tiny N on the CPU
 through the same code, to check the script itself.
+
+``--table [PEERS.PY OPTIONS]``: instead, issue 23's jobs and table (``benchmarks/peers.py``:
+jaccli against JAX jit, folx and ``torch.func``, in-process and as a whole process, each
+result checked against float64) with every candidate on ``cuda`` — the same jobs and the same
+table as on the CPU. JAX and folx count only where jaxlib has a CUDA backend (otherwise they
+are skipped with a line saying so). Without CUDA it says so and exits 0; with ``--smoke`` it
+runs the table at a tiny N on the CPU, to check the script::
+
+    python benchmarks/gpu.py --table --repeats 5 --process-repeats 3 --markdown gpu-peers.md
 """
 
 from __future__ import annotations
@@ -115,7 +124,25 @@ def measure(kind: str, model, x: torch.Tensor, device: torch.device, *, chunk_si
     return seconds, gpu, rss, out
 
 
+def peers(argv: list[str]) -> int:
+    """Issue 23's table (benchmarks/peers.py) on CUDA; without one: a message, or with --smoke the CPU at tiny N."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peers as table
+
+    smoke = "--smoke" in argv
+    argv = [a for a in argv if a != "--smoke"]
+    if torch.cuda.is_available():
+        return table.main([*argv, "--device", "cuda"])
+    if not smoke:
+        print("no CUDA device: --table measures issue 23's jobs on a GPU; nothing to do "
+              "(--smoke runs the table at a tiny N on the CPU to check the script)")  # fmt: skip
+        return 0
+    return table.main(["--quick", "--points", "64", "--repeats", "1", "--process-repeats", "1", *argv, "--device", "cpu"])
+
+
 def main() -> None:
+    if "--table" in sys.argv[1:]:
+        sys.exit(peers([a for a in sys.argv[1:] if a != "--table"]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, default=10_000_000)
     parser.add_argument("--dir", action="append", type=Path, help="where the streamed files go (repeatable; default: .)")

@@ -39,6 +39,11 @@ Peers that are not installed (``pip install 'jaccli[bench]'`` brings JAX and fol
 with a line saying so. Ratios are jaccli's time over the fastest agreeing peer's; issue 23's
 targets are ≤ 0.8 in-process and ≤ 1.0 as a whole process.
 
+``--readme`` rewrites the README's performance table (between :data:`README_MARKS`) from the run,
+with the date, the machine and the command; ``--markdown FILE`` writes the same table to a file.
+``--device cuda`` puts every candidate on a GPU (``benchmarks/gpu.py --table`` does so when CUDA is
+present); JAX and folx then count only on a jaxlib with a CUDA backend.
+
 ``--threads`` sets ``OMP_NUM_THREADS`` / XLA's thread count of every child (1 on a shared machine).
 Figures and the targets met and not met: docs/performance.md, "Against every peer (issue 23)".
 """
@@ -81,6 +86,21 @@ def as_numpy(v):
     if hasattr(v, "detach"):
         v = v.detach().cpu()
     return np.asarray(v)
+
+
+def synced(thunk, device):
+    """On CUDA a call returns once the kernels have run (what a timing must include)."""
+    if not str(device).startswith("cuda"):
+        return thunk
+
+    def run():
+        import torch
+
+        out = thunk()
+        torch.cuda.synchronize()
+        return out
+
+    return run
 '''
 
 TORCH_NET = '''
@@ -100,17 +120,17 @@ def torch_net(D, dtype):
 '''
 
 TORCH = TORCH_NET + '''
-def make(D, dtype):
+def make(D, dtype, device="cpu"):
     import torch
     from torch.func import hessian, jacfwd, vmap
     dt = getattr(torch, dtype)
-    net = torch_net(D, dt)
-    x = torch.from_numpy(np.load(D / "x.npy")).to(dt)
-    return {expr}
+    net = torch_net(D, dt).to(device)
+    x = torch.from_numpy(np.load(D / "x.npy")).to(device, dt)
+    return synced({expr}, device)
 '''
 
 JAX = '''
-def make(D, dtype):
+def make(D, dtype, device="cpu"):
     import jax
     jax.config.update("jax_enable_x64", dtype == "float64")
     import jax.numpy as jnp
@@ -126,17 +146,17 @@ def make(D, dtype):
 '''
 
 JACCLI = '''
-def make(D, dtype):
+def make(D, dtype, device="cpu"):
     import torch
     import jaccli
-    model = jaccli.load_model(D / "model.pt")
-    x = torch.from_numpy(np.load(D / "x.npy"))
-    return {expr}
+    model = jaccli.load_model(D / "model.pt", device=device)
+    x = torch.from_numpy(np.load(D / "x.npy")).to(device)
+    return synced({expr}, device)
 '''
 
 SAVE = '''
 if __name__ == "__main__":
-    np.save(sys.argv[2], as_numpy(make(Path(sys.argv[1]), "float32")()))
+    np.save(sys.argv[2], as_numpy(make(Path(sys.argv[1]), "float32", sys.argv[3] if len(sys.argv) > 3 else "cpu")()))
 '''
 
 SCALAR = "lambda v: g(v)[0]"  # one point's scalar output (the JAX twin maps [in] -> [1])
@@ -306,13 +326,19 @@ def run_one(job_name: str, name: str, d: str, a) -> None:
     if mod != "jaccli" and importlib.util.find_spec(mod) is None:
         print(json.dumps({"skipped": f"{mod} is not installed"}))
         return
+    if mod in ("jax", "folx") and a.device != "cpu":
+        import jax
+
+        if jax.default_backend() == "cpu":  # a CPU-only jaxlib: its figure would not be a GPU's
+            print(json.dumps({"skipped": f"JAX has no {a.device} backend here (jaxlib for CPU only)"}))
+            return
     if mod in ("torch", "jaccli"):
         import torch
 
         torch.set_num_threads(a.threads)
     scope: dict = {"__name__": "candidate"}
     exec(compile(source(job, name), f"<{job_name}: {name}>", "exec"), scope)
-    thunk = scope["make"](Path(d), a.dtype)
+    thunk = scope["make"](Path(d), a.dtype, a.device)
     value = scope["as_numpy"](thunk())
     times = []
     for _ in range(a.repeats):
@@ -326,7 +352,7 @@ def run_one(job_name: str, name: str, d: str, a) -> None:
 
 def child(job_name: str, name: str, d: Path, a, reference: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--run", job_name, name, str(d), "--repeats", str(0 if reference else a.repeats),
-           "--threads", str(a.threads), "--dtype", "float64" if reference else "float32"]  # fmt: skip
+           "--threads", str(a.threads), "--dtype", "float64" if reference else "float32", "--device", a.device]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(a.threads))
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     if r.returncode != 0 or not lines:
@@ -351,9 +377,9 @@ def whole_process(job: Job, names: list[str], d: Path, a) -> dict[str, tuple[flo
         if name == "jaccli":
             exe = shutil.which("jaccli") or str(Path(sys.executable).parent / "jaccli")
             cmds[name] = ([exe, job.command[0], str(d / "model.pt"), str(d / "x.npy"), "-p", *job.command[1:],
-                           "--save", str(out), "--force", "-q"], out)  # fmt: skip
+                           "--save", str(out), "--force", "-q", "--device", a.device], out)  # fmt: skip
         else:
-            cmds[name] = ([sys.executable, str(d / f"peer_{slug(name)}.py"), str(d), str(out)], out)
+            cmds[name] = ([sys.executable, str(d / f"peer_{slug(name)}.py"), str(d), str(out), a.device], out)
     times: dict[str, list[float]] = {n: [] for n in names}
     env = child_env(a.threads)
     for r in range(a.process_repeats):
@@ -464,6 +490,85 @@ def table(rows: list[dict]) -> None:
             print(f"  {'':<16} whole process: the fastest peer is {r['process_peer']}")
 
 
+def machine(device: str) -> str:
+    """The machine in words: CPU model, cores, memory, GPU where one ran, library versions."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        mem = f", {gib:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        mem = ""
+    gpu = ""
+    if device != "cpu":
+        import torch
+
+        gpu = f", {torch.cuda.get_device_name(torch.device(device))}"
+    libs = []
+    for dist in ("torch", "jax", "folx"):
+        try:
+            libs.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            pass
+    return f"{cpu}, {os.cpu_count()} cores{mem}{gpu}; Python {platform.python_version()}, {', '.join(libs)}"
+
+
+def markdown(rows: list[dict], a, when: str) -> str:
+    """The summary as a Markdown table, headed by the date, the machine and the command that made it."""
+    fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+    verdict = lambda v, t: "" if v is None else (" ✓" if v <= t else " ✗")  # noqa: E731
+    argv, given = [], iter(a.argv_given)
+    for arg in given:  # the command that measured, without the options naming where it wrote
+        if arg in ("--json", "--markdown"):
+            next(given, None)
+        elif arg != "--readme" and not (argv[-1:] == ["--readme"] and not arg.startswith("-")):
+            argv.append(arg)
+        elif arg == "--readme":
+            argv.append(arg)
+    argv = " ".join(x for x in argv if x != "--readme")
+    lines = [
+        f"Measured {when} on {machine(a.device)}; device {a.device}, {a.threads} thread(s) per process, float32, "
+        f"every result within {a.tol:g} of float64. `python benchmarks/peers.py {argv}`".rstrip() + ". "
+        f"Ratios are jaccli's time over the fastest peer's (below 1: jaccli is faster); targets ≤ "
+        f"{IN_PROCESS_TARGET} in-process, ≤ {PROCESS_TARGET} as a whole process.",
+        "",
+        "| job | N | jaccli (s) | fastest peer (s) | in-process | whole process: jaccli / peer (s) | whole process |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ip, pr = r.get("in_process", {}), r.get("process", {})
+        peer, ppeer = r.get("peer"), r.get("process_peer")
+        ratio, pratio = r.get("ratio"), r.get("process_ratio")
+        lines.append(
+            f"| {r['title']} | {r['points']:,} | {fmt(ip.get('jaccli'), '.3g')} | "
+            f"{(peer + ' ') if peer else ''}{fmt(ip.get(peer), '.3g')} | {fmt(ratio, '.2f')}{verdict(ratio, IN_PROCESS_TARGET)} | "
+            f"{fmt(pr.get('jaccli'), '.2f')} / {fmt(pr.get(ppeer), '.2f')}{(' (' + ppeer + ')') if ppeer else ''} | "
+            f"{fmt(pratio, '.2f')}{verdict(pratio, PROCESS_TARGET)} |"
+        )  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+#: the README's performance table lies between these two lines; ``--readme`` rewrites what is between
+README_MARKS = ("<!-- peers.py table: start -->", "<!-- peers.py table: end -->")
+
+
+def write_readme(text: str, readme: Path) -> None:
+    """Replace the README's table (between :data:`README_MARKS`) with ``text``; refuse without the marks."""
+    doc = readme.read_text()
+    start, end = README_MARKS
+    i, j = doc.find(start), doc.find(end)
+    if i < 0 or j < i:
+        raise SystemExit(f"{readme}: no table to replace (expected the lines {start!r} and {end!r})")
+    readme.write_text(doc[: i + len(start)] + "\n" + text + doc[j:])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", default="all", help=f"comma-separated, of: {', '.join(JOBS)} (default all)")
@@ -475,11 +580,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="threads of every child process (torch and XLA)")
     ap.add_argument("--tol", type=float, default=1e-4, help="max difference to float64 relative to its largest value")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
+    ap.add_argument("--device", default="cpu", help="where every candidate computes: cpu, cuda, cuda:N "
+                    "(JAX and folx only on a jaxlib with that backend; benchmarks/gpu.py --table uses it)")
+    ap.add_argument("--markdown", type=Path, help="also write the summary as a Markdown table (date, machine, command)")
+    ap.add_argument("--readme", type=Path, nargs="?", const=ROOT / "README.md",
+                    help="rewrite the performance table in this README (default the project's) with the summary")
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--run", nargs=3, metavar=("JOB", "NAME", "DIR"), help=argparse.SUPPRESS)
     # a candidate whose result is scaled by 1.01 before the check (the test that the check rejects it)
     ap.add_argument("--perturb", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    a.argv_given = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg]
     if a.run:
         run_one(*a.run, a)
         return 0
@@ -500,6 +611,12 @@ def main(argv=None) -> int:
     table(rows)
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2))
+    if a.markdown or a.readme:
+        text = markdown(rows, a, time.strftime("%Y-%m-%d", time.gmtime()))
+        if a.markdown:
+            a.markdown.write_text(text)
+        if a.readme:
+            write_readme(text, a.readme)
     return 0
 
 

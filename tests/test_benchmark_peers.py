@@ -58,3 +58,48 @@ def test_disagreement_is_relative_to_the_reference_and_refuses_a_shape_mismatch(
     assert bench.disagreement(ref.astype(np.float32), ref) == 0.0
     assert bench.disagreement(ref + np.array([[0.0, 0.04], [0.0, 0.0]]), ref) == pytest.approx(0.01)
     assert bench.disagreement(ref[:, :1], ref) == float("inf")
+
+
+def test_the_readme_table_is_rewritten_between_its_marks_only(bench, tmp_path):
+    start, end = bench.README_MARKS
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{start}\nold table\n{end}\nafter\n")
+    bench.write_readme("| new | table |\n", readme)
+    assert readme.read_text() == f"# title\n\nbefore\n{start}\n| new | table |\n{end}\nafter\n"
+    readme.write_text("# no marks\n")
+    with pytest.raises(SystemExit, match="no table to replace"):
+        bench.write_readme("| t |\n", readme)
+    assert readme.read_text() == "# no marks\n"  # left as it was
+
+
+def test_the_project_readme_has_the_marks_the_benchmark_rewrites(bench):
+    text = (ROOT / "README.md").read_text()
+    start, end = bench.README_MARKS
+    assert text.count(start) == 1 and text.count(end) == 1 and text.index(start) < text.index(end)
+
+
+def test_the_markdown_table_names_date_machine_command_and_verdicts(bench):
+    rows = [
+        {"job": "hessian", "title": "per-sample Hessian", "points": 100_000,
+         "in_process": {"jaccli": 0.2, "torch.func": 0.4}, "peer": "torch.func", "ratio": 0.5,
+         "process": {"jaccli": 1.5, "torch.func": 1.2}, "process_peer": "torch.func", "process_ratio": 1.25},
+        {"job": "u_xxxx", "title": "u_xxxx", "points": 2_000},  # its reference failed: no figures
+    ]  # fmt: skip
+    a = bench.argparse.Namespace(device="cpu", threads=1, tol=1e-4,
+                                 argv_given=["--jobs", "hessian", "--json", "rows.json", "--readme"])  # fmt: skip
+    text = bench.markdown(rows, a, "2026-12-06")
+    head, _, *table = text.splitlines()
+    assert "Measured 2026-12-06 on " in head and "cores" in head and "torch " in head
+    assert "`python benchmarks/peers.py --jobs hessian`" in head  # where it wrote is left out
+    assert table[2] == "| per-sample Hessian | 100,000 | 0.2 | torch.func 0.4 | 0.50 ✓ | 1.50 / 1.20 (torch.func) | 1.25 ✗ |"
+    assert table[3] == "| u_xxxx | 2,000 | – | – | – | – / – | – |"
+
+
+def test_gpu_table_without_cuda_says_so_and_does_nothing(tmp_path):
+    import subprocess
+
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a CUDA device is present: --table would measure")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--table"], capture_output=True,
+                       text=True, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0 and "no CUDA device" in r.stdout and not list(tmp_path.iterdir())

@@ -11,6 +11,8 @@ differentiates the *loss over a data set* with respect to the model's *parameter
 :mod:`.objective`   the loss over the data, chunk by chunk and shard by shard (torchrun),
                     and its products: Hessian, GGN and empirical Fisher with a block of
                     vectors; per-sample gradients and Jacobians; exact GGN/EF diagonals
+:mod:`.layers`      which parameters are the weights and biases of linear layers, read
+                    off a graph of the model's ops (for :mod:`.linear` and :mod:`.structured`)
 :mod:`.linear`      per-sample gradients of linear layers' weights and biases as δxᵀ
                     from one batched backward (the layers read off the model's ops)
 :mod:`.spectral`    those products as scipy ``LinearOperator``\\ s: ``eigsh``, Hutch++/Hutchinson,

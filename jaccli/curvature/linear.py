@@ -9,100 +9,39 @@ the rows are written as outer products straight into the ``[N, P]`` result; thei
 norms are ``‖δₙ‖²‖xₙ‖² (+ ‖δₙ‖²)`` per layer, without a pass over the rows. ``vmap(grad)``
 instead runs the model once per sample, and its gradient kernels at batch size one.
 
-Which parameters are linear weights and biases is read off the model's ops (a dispatch mode,
-so TorchScript, ``.pt2`` programs and ``nn.Module``s look alike): ``aten.t`` (or a 2-D
-``transpose``/``permute``) of a parameter whose only use is the second matrix of an
-``aten.mm``/``aten.addmm``, and a 1-D parameter whose only use is ``addmm``'s added term.
-Any other parameter (a convolution, a weight used twice, one used elsewhere too) gets its
-rows from ``vmap(grad)`` of the model in those parameters alone; a model with no recognised
-layer, or whose samples mix (one sample's output alone differs from its row in a batch), keeps
+Which parameters are linear weights and biases is read off the model's ops by
+:mod:`.layers` (the rules the layer-wise Hessian uses too), recorded once on one sample (the
+probe) and again in each chunk's pass (the layers' inputs and outputs of that pass). A weight
+stored ``[in, out]`` (``x @ W``) gets its rows as ``xₙ δₙᵀ``. Any other parameter (a
+convolution, a weight used twice, one used elsewhere too) gets its rows from ``vmap(grad)`` of
+the model in those parameters alone; a model with no recognised layer, or whose samples mix
+(one sample's output alone differs from its row in a batch), keeps
 :class:`~.objective.Objective`'s ``vmap(grad)`` path whole.
 
-Imports: torch, :mod:`.params`, :mod:`jaccli.jets.dispatch`.
+Imports: torch, :mod:`.params`, :mod:`.layers`.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch.func import grad, jacrev, vmap
-from torch.utils._pytree import tree_leaves
 
+from jaccli.curvature.layers import find_layers, Layer, LayerRecorder, value
 from jaccli.curvature.params import take
-from jaccli.jets.dispatch import QuietDispatchMode
-
-aten = torch.ops.aten
-#: ops that give a 2-D parameter's transpose (``F.linear`` lowers to ``t``; exported programs may hold ``permute``)
-TRANSPOSES = (aten.t.default, aten.transpose.int, aten.permute.default)
 
 
 class NotLinear(Exception):
     """The batched pass did not meet the layers the probe found (the caller falls back to ``vmap``)."""
 
 
-@dataclass
-class Layer:
-    """One ``mm``/``addmm`` of a linear layer: the indices of its weight and bias among the
-    selected parameters (``None``: not selected or not recognised), and, during a pass, its
-    input rows ``x`` and output ``z``."""
-
-    weight: int | None
-    bias: int | None
-    x: torch.Tensor | None = None
-    z: torch.Tensor | None = None
-    versions: tuple[int, int] = (0, 0)
-
-    def __post_init__(self) -> None:
-        self.versions = (self.x._version, self.z._version)
-
-    @property
-    def mutated(self) -> bool:
-        """Whether ``x`` or ``z`` was changed in place after the layer (``ReLU(inplace=True)``):
-        then ``z`` no longer holds the layer's output, nor its gradient the layer's ``δ``."""
-        return (self.x._version, self.z._version) != self.versions
-
-
-class _Record(QuietDispatchMode):
-    """Finds the linear layers of the selected parameters ``params`` among the ops of one call.
-
-    Parameters are told by identity: the model (``functional_call`` or TorchScript's swapped
-    attributes) hands the very tensors in to its ops."""
-
-    def __init__(self, params) -> None:
-        super().__init__()
-        self.index = {id(t): i for i, t in enumerate(params)}
-        self.views: dict[int, int] = {}  # id(transpose) -> parameter index
-        self.keep: list[torch.Tensor] = []  # the transposes, alive, so that their ids stay theirs
-        self.uses: Counter = Counter()  # parameter index -> ops that read it
-        self.view_uses: Counter = Counter()  # parameter index -> ops that read its transpose
-        self.layers: list[Layer] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is aten.detach.default:
-            return out  # autograd saving a tensor for backward; a detached copy carries no gradient
-        for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor):
-                if id(t) in self.index:
-                    self.uses[self.index[id(t)]] += 1
-                if id(t) in self.views:
-                    self.view_uses[self.views[id(t)]] += 1
-        if func in TRANSPOSES and id(args[0]) in self.index and args[0].dim() == 2 and out.dim() == 2 \
-                and out.shape == args[0].shape[::-1]:  # fmt: skip
-            self.views[id(out)] = self.index[id(args[0])]
-            self.keep.append(out)
-        elif func is aten.mm.default and id(args[1]) in self.views:
-            self.layers.append(Layer(self.views[id(args[1])], None, args[0], out))
-        elif func is aten.addmm.default and len(args) == 3 and all(kwargs.get(k, 1) == 1 for k in ("beta", "alpha")):
-            bias, x, wt = args
-            w = self.views.get(id(wt))
-            b = self.index.get(id(bias)) if bias.dim() == 1 else None
-            if w is not None or b is not None:
-                self.layers.append(Layer(w, b, x, out))
-        return out
+def _mutated(layer: Layer) -> bool:
+    """Whether the layer's input or output was changed in place after the layer
+    (``ReLU(inplace=True)``): then ``z`` no longer holds the layer's output, nor its gradient the
+    layer's ``δ``."""
+    return (value(layer.input)._version != layer.product.meta["input_version"]
+            or value(layer.node)._version != layer.node.meta["version"])  # fmt: skip
 
 
 @dataclass
@@ -135,8 +74,7 @@ class LinearRows:
     def detect(cls, obj) -> LinearRows | None:
         """The path for ``obj``'s model, or ``None`` where no selected parameter is a linear layer's."""
         space = obj.space
-        rows = space.static_batch or 1
-        rec = _Record(space.values)
+        rec = LayerRecorder(space.values)
         try:
             with torch.no_grad():
                 with rec:
@@ -149,17 +87,10 @@ class LinearRows:
         tol = torch.finfo(one.dtype).eps ** 0.5
         if not torch.allclose(one, many[:1], rtol=tol, atol=tol * max(1.0, float(one.abs().max()))):
             return None
-        weights, biases = set(), set()
-        seen = Counter(i for layer in rec.layers for i in (layer.weight, layer.bias) if i is not None)
-        for layer in rec.layers:
-            if layer.mutated or layer.x.dim() != 2 or layer.x.shape[0] != rows or layer.z.shape[0] != rows:
-                continue  # rows that are not samples (a sequence folded into the batch): the general path
-            w, b = layer.weight, layer.bias
-            if w is not None and rec.uses[w] == 1 and rec.view_uses[w] == 1 and seen[w] == 1:
-                weights.add(w)
-            if b is not None and rec.uses[b] == 1 and seen[b] == 1 and layer.z.dim() == 2 \
-                    and space.values[b].shape[0] == layer.z.shape[1]:  # fmt: skip
-                biases.add(b)
+        # a parameter refused (or in a layer whose rows are not samples) takes vmap(grad)
+        layers, _ = find_layers(rec.nodes, rec.params, space.names, rows=space.static_batch or 1)
+        weights = {layer.weight for layer in layers if layer.weight is not None and not _mutated(layer)}
+        biases = {layer.bias for layer in layers if layer.bias is not None and not _mutated(layer)}
         if not weights and not biases:
             return None
         return cls(obj, weights, biases)
@@ -172,34 +103,39 @@ class LinearRows:
         n = b - a
         rows = torch.empty(n, space.size, dtype=space.dtype, device=space.device) if out is None else out
         theta = tuple(t.detach().requires_grad_() for t in space.values)
-        rec = _Record(theta)
+        rec = LayerRecorder(theta)
         with torch.enable_grad():
             with rec:
                 z = space.call(theta, take(obj.args, a, b))
             total = obj.loss.raw(z, obj._y(a, b)).sum() * obj.norm
         called = space.static_batch or n  # a program exported for one batch size runs on padded chunks
         # each recognised parameter's layer in this pass, by its role (the probe's op order is not relied on)
+        layers, _ = find_layers(rec.nodes, rec.params, space.names, rows=called)
         where: dict[int, Layer] = {}
-        for layer in rec.layers:
+        for layer in layers:
             for i, mine in ((layer.weight, self.weights), (layer.bias, self.biases)):
                 if i in mine:
-                    if i in where or layer.mutated or layer.x.dim() != 2 or layer.x.shape[0] != called:
+                    if _mutated(layer):
                         raise NotLinear
                     where[i] = layer
         if len(where) != len(self.weights) + len(self.biases):
             raise NotLinear
-        zs = list({id(layer.z): layer.z for layer in where.values()}.values())
+        xs = {i: value(where[i].input)[:n].detach() for i in self.weights}
+        zs = list({id(layer.node): value(layer.node) for layer in where.values()}.values())
         got = torch.autograd.grad(total, [*zs, *theta], allow_unused=True, materialize_grads=True)
         deltas = {id(z): d[:n].detach() for z, d in zip(zs, got[: len(zs)])}
         gradient = space.flat(got[len(zs) :]).detach() * obj.weight
         sq = torch.zeros(n, dtype=torch.float64, device=space.device)
         for i in self.weights:
-            info, x, d = space.infos[i], where[i].x[:n].detach(), deltas[id(where[i].z)]
+            info, x, d = space.infos[i], xs[i], deltas[id(value(where[i].node))]
             view = rows[:, info.offset : info.offset + info.size].view(n, *info.shape)
-            torch.mul(d[:, :, None], x[:, None, :], out=view)
+            if where[i].stored_t:  # W stored [in, out]: its rows are x δᵀ
+                torch.mul(x[:, :, None], d[:, None, :], out=view)
+            else:
+                torch.mul(d[:, :, None], x[:, None, :], out=view)
             sq += d.double().pow(2).sum(1) * x.double().pow(2).sum(1)
         for i in self.biases:
-            info, d = space.infos[i], deltas[id(where[i].z)]
+            info, d = space.infos[i], deltas[id(value(where[i].node))]
             rows[:, info.offset : info.offset + info.size] = d
             sq += d.double().pow(2).sum(1)
         if self.rest:

@@ -27,26 +27,25 @@ Only ``p ≤ q`` is computed, the rest by symmetry; the GEMMs accumulate in plac
 chunk (memory flat in ``N``); under ``torch.distributed`` the matrix is all-reduced. The
 products' layouts are permuted once, into the ``P × P`` matrix (in the model's precision).
 
-The layers are found by recording the model's aten ops at one sample with
-:func:`torch.fx.experimental.proxy_tensor.make_fx`: ``mm``/``addmm`` with a transposed 2-d
-weight (``x @ W.T``, as ``nn.Linear``) or a plain one (``x @ W``) on a one-row input, and a 1-d
-bias as ``addmm``'s first argument or added to such a product. Anything else a
-selected parameter feeds (a convolution, a parameter used twice, a sequence axis) raises
-:class:`NotStructured` with the reason, and the caller falls back to the generic path. The
+The layers are found by :mod:`.layers` (``mm``/``addmm`` with a transposed or a plain 2-d
+weight, a 1-d bias, one row per sample) in the model's aten ops recorded at one sample with
+:func:`torch.fx.experimental.proxy_tensor.make_fx` (the graph this module replays). Anything
+else a selected parameter feeds (a convolution, a parameter used twice, a sequence axis) raises
+:class:`NotStructured` with the first reason found, and the caller falls back to the generic path. The
 assembled matrix is checked against one Hessian-vector product before it is returned.
 
-Imports: torch, :mod:`.objective` (the data, chunks, products), :mod:`jaccli.engine.planner`
+Imports: torch, :mod:`.layers`, :mod:`.objective` (the data, chunks, products), :mod:`jaccli.engine.planner`
 (the memory budget).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from torch.func import grad, jacfwd, vmap
 
+from jaccli.curvature.layers import find_layers, Layer, shape
 from jaccli.curvature.objective import all_reduce, Objective
 from jaccli.curvature.params import take
 from jaccli.engine.planner import working_budget
@@ -57,30 +56,8 @@ MAX_CHUNK = 512
 #: the relative error the check against one Hessian-vector product allows, by dtype
 CHECK_TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 
-_TRANSPOSES = {torch.ops.aten.t.default, torch.ops.aten.transpose.int, torch.ops.aten.permute.default}
-
-
 class NotStructured(Exception):
     """The model is not made of linear layers this module recognises (the message says why)."""
-
-
-@dataclass
-class _Layer:
-    """One linear layer: its node, the selected weight and bias (indices into the values)."""
-
-    node: torch.fx.Node
-    input: torch.fx.Node
-    d_out: int
-    d_in: int
-    weight: int | None = None
-    bias: int | None = None
-    #: the weight is stored ``[d_in, d_out]`` and multiplied as ``a @ W`` (flattened ``(j, i)``)
-    stored_t: bool = False
-
-    @property
-    def width(self) -> int:
-        """Columns of the augmented input ``ã``: the input where the weight is selected, 1 for a bias."""
-        return (self.d_in if self.weight is not None else 0) + (1 if self.bias is not None else 0)
 
 
 def _trace(obj: Objective):
@@ -98,74 +75,10 @@ def _trace(obj: Objective):
     return gm
 
 
-def _shape(node) -> tuple[int, ...] | None:
-    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
-def find_layers(gm, names: tuple[str, ...]) -> list[_Layer]:
-    """The linear layers the selected parameters (the first ``len(names)`` placeholders) feed."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    params = placeholders[: len(names)]
-    layers: dict[torch.fx.Node, _Layer] = {}
-
-    def refuse(i, why):
-        raise NotStructured(f"parameter {names[i]} {why}; only linear layers are recognised")
-
-    MM, ADDMM, ADD = torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.add.Tensor
-    biases = []
-    for i, node in enumerate(params):
-        users = list(node.users)
-        if len(users) != 1:
-            refuse(i, f"is used {len(users)} times")
-        use = users[0]
-        shape = _shape(node)
-        if use.target in _TRANSPOSES and shape is not None and len(shape) == 2:  # x @ W.T (nn.Linear)
-            if use.target == torch.ops.aten.permute.default and list(use.args[1]) not in ([1, 0], [-1, -2]):
-                refuse(i, "is permuted")
-            if use.target == torch.ops.aten.transpose.int and sorted(a % 2 for a in use.args[1:]) != [0, 1]:
-                refuse(i, "is transposed oddly")
-            if len(use.users) != 1:
-                refuse(i, "is used after its transpose more than once")
-            mm = next(iter(use.users))
-            pos = {MM: 1, ADDMM: 2}.get(mm.target)
-            if pos is None or mm.args[pos] is not use or mm.kwargs:
-                refuse(i, f"feeds {mm.target}")
-            layer = layers.setdefault(mm, _Layer(mm, mm.args[pos - 1], shape[0], shape[1]))
-            layer.weight = i
-        elif use.target in (MM, ADDMM) and use.args[-1] is node and not use.kwargs and shape is not None \
-                and len(shape) == 2:  # x @ W  # fmt: skip
-            layer = layers.setdefault(use, _Layer(use, use.args[-2], shape[1], shape[0]))
-            layer.weight, layer.stored_t = i, True
-        elif use.target == ADDMM and use.args[0] is node and not use.kwargs and shape is not None and len(shape) == 1:
-            w = _shape(use.args[2])
-            if w is None or len(w) != 2:
-                refuse(i, "is the bias of an unrecognised product")
-            layer = layers.setdefault(use, _Layer(use, use.args[1], w[1], w[0]))
-            layer.bias = i
-        elif use.target == ADD and not use.kwargs and shape is not None and len(shape) == 1:  # x @ W.T + b
-            biases.append((i, use))
-        else:
-            refuse(i, f"feeds {getattr(use.target, '__name__', use.target)}")
-    for i, add in biases:  # after the weights: the product it is added to may be theirs
-        mm = next((a for a in add.args if isinstance(a, torch.fx.Node) and a is not params[i]), None)
-        w = _shape(mm.args[1]) if mm is not None and mm.target == MM and len(mm.users) == 1 else None
-        if w is None or len(w) != 2:
-            refuse(i, "is added to something other than a matrix product")
-        layer = layers.setdefault(mm, _Layer(mm, mm.args[0], w[1], w[0]))
-        layer.bias, layer.node = i, add  # the layer's output is the sum
-    order = {n: k for k, n in enumerate(gm.graph.nodes)}
-    out = sorted(layers.values(), key=lambda l: order[l.node])
-    for layer in out:
-        if _shape(layer.input) != (1, layer.d_in) or _shape(layer.node) != (1, layer.d_out):
-            raise NotStructured(f"a linear layer acts on {_shape(layer.input)} per sample (one row is recognised)")
-    return out
-
-
 class _Perturbed(torch.fx.Interpreter):
     """The recorded model with ``ε_l`` added to each linear output, recording each layer's input."""
 
-    def __init__(self, gm, layers: list[_Layer]) -> None:
+    def __init__(self, gm, layers: list[Layer]) -> None:
         # a layer's input is read when its output is: keep values past their last use
         super().__init__(gm, garbage_collect_values=False)
         self.layers = layers
@@ -190,7 +103,7 @@ class _Perturbed(torch.fx.Interpreter):
         return out, self.inputs
 
 
-def _downstream(layers: list[_Layer]) -> list[set[int]]:
+def _downstream(layers: list[Layer]) -> list[set[int]]:
     """For each layer, the layers whose input depends on its output (``T_pq`` can be nonzero)."""
     reach: list[set[int]] = []
     index = {l.node: k for k, l in enumerate(layers)}
@@ -209,12 +122,12 @@ def _downstream(layers: list[_Layer]) -> list[set[int]]:
     return reach
 
 
-def _elementwise_between(p: _Layer, q: _Layer) -> bool:
+def _elementwise_between(p: Layer, q: Layer) -> bool:
     """Whether ``q``'s input is a chain of pointwise ops of ``p``'s output alone (then
     ``T_pq = ∂a_q/∂ε_p`` is diagonal)."""
     n = q.input
     while n is not p.node:
-        if not isinstance(n, torch.fx.Node) or n.op != "call_function" or _shape(n) != _shape(p.node):
+        if not isinstance(n, torch.fx.Node) or n.op != "call_function" or shape(n) != shape(p.node):
             return False
         if torch.Tag.pointwise not in getattr(n.target, "tags", ()):
             return False
@@ -230,7 +143,10 @@ def structured_hessian(obj: Objective) -> torch.Tensor:
     jvp_ready()  # jacfwd of backward ops needs torch's forward-AD decompositions, loaded lazily
     space = obj.space
     gm = _trace(obj)
-    layers = find_layers(gm, space.names)
+    nodes = list(gm.graph.nodes)
+    layers, refused = find_layers(nodes, [n for n in nodes if n.op == "placeholder"][: len(space.names)], space.names)
+    if refused:  # the first reason found
+        raise NotStructured(refused[0])
     interp = _Perturbed(gm, layers)
     dims = [l.d_out for l in layers]
     E = sum(dims)
@@ -372,7 +288,7 @@ def _addmm(acc: dict, key, a: torch.Tensor, b: torch.Tensor) -> None:
         acc[key] = a @ b
 
 
-def _parts(space, layer: _Layer):
+def _parts(space, layer: Layer):
     """``(offset, columns of ã, flattened (j, i))`` of the layer's selected parameter tensors."""
     out = []
     if layer.weight is not None:

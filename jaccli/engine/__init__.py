@@ -7,9 +7,11 @@ The pipeline, one module per stage:
 :mod:`.problem`           normalise a request once into a *flat batch function*
                           ``g: [B, n_in] -> [B, n_out]`` (:class:`~.problem.Problem`): the
                           points are rows, the differentiated arguments are flattened and
-                          concatenated into columns; probe the model on a few points
-                          (output shape, memory per point, ops) and check that it does not
-                          mix batch elements
+                          concatenated into columns; validate the arguments
+:mod:`.probe`             the model on a few points: the output the request chose, output
+                          shape, memory and operations per point, ops, whether derivatives
+                          reach the output, that it does not mix batch elements; a failing
+                          call as one :class:`~jaccli.errors.ModelError`
 :mod:`.kernels`           the kernels a model call runs on: attention on its math kernel,
                           recurrent layers on ATen's cell loop where a probe saw a fused
                           kernel (oneDNN, cuDNN), TorchScript without its optimiser
@@ -38,7 +40,7 @@ products with one-hot directions that are the same for every row, which never fo
 the cross-point blocks of the full Jacobian. Without it the whole input is one point.
 
 Inside, imports go one way, up the table (``check``, ``partials`` → ``api`` → ``execute`` →
-``planner`` → ``strategies`` → ``problem`` → ``kernels``, ``paths``). The package may import the
+``planner`` → ``strategies`` → ``problem`` → ``probe`` → ``memo``, ``kernels``, ``paths``). The package may import the
 layers below it (:mod:`jaccli.jets`, :mod:`jaccli.load`, :mod:`jaccli.io`, :mod:`jaccli.request`,
 :mod:`jaccli.errors`); only :mod:`jaccli`, :mod:`jaccli.show` and :mod:`jaccli.cli` import it
 (``lint-imports`` checks this).
@@ -48,7 +50,7 @@ from jaccli.request.choices import ESTIMATORS, KINDS, MODES
 from jaccli.engine.api import DivergenceEstimate, describe, divergence, hessian, jacobian, laplacian, plan
 from jaccli.engine.planner import Plan
 from jaccli.errors import format_bytes
-from jaccli.engine.problem import select_output
+from jaccli.engine.probe import select_output
 from jaccli.engine.results import NONSMOOTH_OPS
 
 __all__ = [

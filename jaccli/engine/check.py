@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from jaccli.engine import select_output
-from jaccli.engine.problem import select_part
+from jaccli.engine.probe import select_part
 from jaccli.request.spec import Selection
 from jaccli.engine import describe, hessian, jacobian
 from jaccli.errors import ModelError, UsageError

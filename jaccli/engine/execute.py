@@ -6,7 +6,7 @@ the torch.func loop over chunks of points and directions, and falls back to reve
 mode where an op has no forward-mode derivative. Failures inside the model become
 :class:`~jaccli.errors.ModelError`, memory exhaustion :class:`~jaccli.errors.ResourceError`.
 
-Imports: torch, numpy, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.strategies`, :mod:`.planner`.
+Imports: torch, numpy, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.probe`, :mod:`.strategies`, :mod:`.planner`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 from jaccli import jets as taylor
 from jaccli.errors import first_line, JaccliError, JaccliWarning, ResourceError
 from jaccli.engine.planner import Plan, check_fits, make_plan, prepare, reuse, strategy_key
-from jaccli.engine.problem import Problem, model_failed, probe_rows
+from jaccli.engine.probe import model_failed, probe_rows
+from jaccli.engine.problem import Problem
 from jaccli.request.spec import Derivative
 from jaccli.engine.strategies import ASSIGNING_SCATTERS, STRATEGIES, Strategy, hutchinson_product
 

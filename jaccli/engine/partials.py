@@ -31,7 +31,8 @@ from torch import Tensor
 from jaccli.engine import planner
 from jaccli.engine.execute import _empty_result
 from jaccli.engine.programs import program_for
-from jaccli.engine.problem import Problem, check_inputs, model_failed, probe_rows
+from jaccli.engine.probe import model_failed, probe_rows
+from jaccli.engine.problem import Problem, check_inputs
 from jaccli.engine.results import NONSMOOTH_OPS
 from jaccli.errors import JaccliWarning, ModelError, NumericalError, UsageError
 from jaccli import jets

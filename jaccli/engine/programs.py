@@ -23,7 +23,7 @@ that matters only away from the probe points — a fresh recording would not see
 the model's weights) and hold no buffers between calls (the workspace is let go after
 each computation).
 
-Imports: :mod:`jaccli.jets`, :mod:`.memo`, :mod:`.problem`.
+Imports: :mod:`jaccli.jets`, :mod:`.memo`, :mod:`.problem`, :mod:`.probe`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ import torch
 
 from jaccli import jets
 from jaccli.engine import memo
-from jaccli.engine.problem import Problem, probe_rows
+from jaccli.engine.probe import probe_rows
+from jaccli.engine.problem import Problem
 
 #: programs kept (least recently used dropped first)
 _SIZE = 8

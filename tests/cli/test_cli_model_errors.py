@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import jaccli
 from jaccli.cli.main import app
-from jaccli.engine.problem import model_cause
+from jaccli.engine.probe import model_cause
 from jaccli.load.models import describe_expected_input, expected_input
 from problems import save_export, save_torchscript, tanh_mlp
 

@@ -158,11 +158,38 @@ class Centred(nn.Module):
         return self.fc(torch.tanh(x - x.mean(0, keepdim=True) + 0.5 * x))
 
 
+class HandWritten(nn.Module):
+    """Layers written as products, as jaccli.curvature.layers recognises them for the layer-wise
+    Hessian too: ``x @ W.T + b`` (a bias added to the product) and ``x @ V + c`` (``V`` stored
+    ``[in, out]``: its rows are ``x δᵀ``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.W, self.b = nn.Parameter(torch.randn(5, 6)), nn.Parameter(torch.randn(5))
+        self.V, self.c = nn.Parameter(torch.randn(5, 3) / 2), nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.W.T + self.b) @ self.V + self.c
+
+
+class Broadcast(nn.Module):
+    """A one-element bias broadcast over a layer's outputs: its gradient is not ``δ``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3, bias=False)
+        self.b = nn.Parameter(torch.randn(1))
+
+    def forward(self, x):
+        return torch.addmm(self.b, x, self.fc.weight.T)
+
+
 @pytest.mark.parametrize(
     "make, path",
-    [(ConvNet, "linear+vmap"), (Tied, "linear+vmap"), (Sequence, "vmap"), (Shifty, "vmap"), (InPlace, "linear+vmap")],
+    [(ConvNet, "linear+vmap"), (Tied, "linear+vmap"), (Sequence, "vmap"), (Shifty, "vmap"), (InPlace, "linear+vmap"),
+     (HandWritten, "linear"), (Broadcast, "linear+vmap")],
 )
-def test_other_structures_fall_back_to_vmap(make, path):
+def test_other_structures_take_their_path(make, path):
     torch.manual_seed(0)
     net = make().double()
     x = torch.randn(7, 6, dtype=F64, generator=torch.Generator().manual_seed(1))

@@ -238,10 +238,23 @@ class Sequence(nn.Module):
         return torch.tanh(self.lin(x.reshape(-1, 2, 3))).sum(1)
 
 
+class Broadcast(nn.Module):
+    """A one-element bias broadcast over the layer's outputs: not a column of the layer's input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.w, self.b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(1))
+
+    def forward(self, x):
+        return torch.addmm(self.b, x, self.w.T)
+
+
 @pytest.mark.parametrize("make, x, why", [
     (SmallCNN, torch.randn(9, 1, 5, 5), "conv"),
     (Tied, torch.randn(9, 4), "used 2 times"),
     (Sequence, torch.randn(9, 6), "per sample"),
+    (Broadcast, torch.randn(9, 3), "broadcast"),
 ])  # fmt: skip
 def test_unrecognised_models_fall_back_with_a_note(make, x, why):
     net = make().double()
