@@ -465,7 +465,7 @@ COSTS: dict[tuple[str, str], dict[str, Cost]] = {
 #: each for a small MLP) is alike and left out.
 TORCH_FUNC_START = 0.6
 #: floating-point operations per second of a forward pass, to turn the probe's count per
-#: point (:func:`jaccli.engine.problem.op_flops`) into seconds: a float32 MLP of width 50
+#: point (:func:`jaccli.engine.probe.op_flops`) into seconds: a float32 MLP of width 50
 #: on one CPU thread runs 1.5-6e10 (the lower end, so that the start costs above weigh no
 #: more than they should; :data:`COSTS` is fitted in this unit, so it absorbs the rest);
 #: GPUs run far more
