@@ -216,6 +216,8 @@ def derivative(req: Request, *, world: int = 1, rank: int = 0) -> None:
         if o.verbose:
             why = f"; {plan.engine_note}" if plan.engine_note else ""
             err_console().print(f"[bold]note:[/] {plan.mode} mode on the {plan.engine} engine{escape(why)}")
+            if plan.predicted:  # what auto mode weighed, so that a surprising choice can be read
+                err_console().print(f"[bold]note:[/] predicted: {escape(plan.predicted)}")
         if o.dry_run:
             if as_json:
                 typer.echo(json.dumps({"schema": "jaccli.plan", "version": render.JSON_SCHEMA_VERSION, **plan.as_dict()}))

@@ -118,6 +118,12 @@ class Plan:
             self.directions / self.directions_per_pass
         )
 
+    @property
+    def predicted(self) -> str:
+        """The engines auto mode weighed with their predicted times, cheapest first, as ``--verbose``
+        prints them (``"taylor forward 4 ms, torch.func reverse 500 ms"``; ``""`` where none were weighed)."""
+        return ", ".join(f"{name} {_seconds(s)}" for name, s in sorted(self.estimates, key=lambda e: e[1]))
+
     def as_dict(self) -> dict:
         return {
             "kind": self.kind,

@@ -87,3 +87,16 @@ def test_a_few_wide_points_are_done_before_torch_func_would_have_started(wide):
     doc, dynamo = fresh("jacobian", model, d / "few.npy", "-p", "--json")
     assert (doc["plan"]["engine"], doc["plan"]["mode"]) == ("taylor", "forward")
     assert doc["results"]["jacobian"]["shape"] == [20, 1, 1024] and not dynamo
+
+
+def test_verbose_names_every_engine_weighed_with_its_predicted_time_cheapest_first(pinn):
+    from typer.testing import CliRunner
+
+    from jaccli.cli.main import app
+
+    model, col = pinn
+    done = CliRunner().invoke(app, ["hessian", str(model), str(col), "-p", "--verbose", "--dry-run"])
+    assert done.exit_code == 0, done.output
+    (line,) = [ln for ln in done.stderr.splitlines() if "predicted:" in ln]
+    names = [part.strip().rsplit(" ", 2)[0] for part in line.split("predicted:", 1)[1].split(",")]
+    assert names[0] == "taylor forward" and set(names) == {"taylor forward", "torch.func forward", "torch.func reverse"}
