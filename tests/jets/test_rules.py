@@ -359,3 +359,29 @@ def test_values_and_arbitrary_tangents_match_the_model_and_torch_func():
     assert_rel(program.value(x), f(x))
     want = torch.stack([torch.func.jvp(f, (x,), (vi,))[1] for vi in v])
     assert_rel(program.jvp(x, v), want)
+
+
+def test_float32_tanh_is_within_a_few_ulp_of_one_of_float64():
+    from jaccli.jets.elementwise import _tanh
+
+    x = torch.cat([torch.linspace(-12, 12, 20001), torch.tensor([0.0, -0.0, 1e-8, -1e-30, 50.0, -50.0])])
+    want = torch.tanh(x.double())
+    out = torch.empty_like(x)
+    for got in (_tanh(x, None), _tanh(x, out)):
+        assert got.dtype == torch.float32
+        assert (got.double() - want).abs().max().item() <= 2.5e-7  # absolute: ~4 ulp of 1
+    assert out.abs().max().item() <= 1.0 and _tanh(x, out) is out
+    ends = _tanh(torch.tensor([float("inf"), -float("inf"), float("nan")]), None)
+    assert ends[:2].tolist() == [1.0, -1.0] and ends[2].isnan()
+    # float64 keeps torch's kernel: bitwise equal
+    assert torch.equal(_tanh(x.double(), None), torch.tanh(x.double()))
+
+
+def test_float32_tanh_mlp_derivatives_match_float64():
+    net = tanh_mlp((2, 16, 16, 3), seed=4)
+    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    want_j = jaccli.jacobian(net, x, per_sample=True, mode="forward")
+    want_h = jaccli.hessian(net, x, per_sample=True, mode="forward")
+    net32, x32 = net.float(), x.float()
+    assert (jaccli.jacobian(net32, x32, per_sample=True, mode="forward").double() - want_j).abs().max() <= 2e-5 * want_j.abs().max()
+    assert (jaccli.hessian(net32, x32, per_sample=True, mode="forward").double() - want_h).abs().max() <= 2e-5 * want_h.abs().max()
