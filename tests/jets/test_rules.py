@@ -385,3 +385,30 @@ def test_float32_tanh_mlp_derivatives_match_float64():
     net32, x32 = net.float(), x.float()
     assert (jaccli.jacobian(net32, x32, per_sample=True, mode="forward").double() - want_j).abs().max() <= 2e-5 * want_j.abs().max()
     assert (jaccli.hessian(net32, x32, per_sample=True, mode="forward").double() - want_h).abs().max() <= 2e-5 * want_h.abs().max()
+
+
+@pytest.mark.parametrize("pairs", [
+    ([0, 0, 1], [0, 1, 1]),  # the upper triangle of two directions: two runs
+    ([0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2]),
+    ([2, 0, 1, 0], [2, 1, 2, 0]),  # scattered: one run per pair
+])
+def test_pair_runs_give_the_gathered_square(pairs):
+    from jaccli.jets.jet import _Call
+
+    i, j = (torch.tensor(p) for p in pairs)
+    d1 = torch.randn(3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    cx = _Call((1, 3, len(pairs[0])), (i, j), 5)
+    assert cx.runs() is not None and sum(r1 - r0 for r0, r1, _, _ in cx.runs()) == len(pairs[0])
+    got = cx.square(d1, torch.empty(len(pairs[0]), 5, 4, dtype=torch.float64))
+    assert torch.equal(got, d1[i] * d1[j])
+
+
+def test_many_scattered_pairs_are_gathered():
+    from jaccli.jets import jet
+
+    k = jet._MAX_RUNS + 1
+    i = torch.arange(k).flip(0)
+    cx = jet._Call((1, k, k), (i, i), 2)
+    assert cx.runs() is None
+    d1 = torch.randn(k, 2, 3, dtype=torch.float64)
+    assert torch.equal(cx.square(d1, torch.empty(k, 2, 3, dtype=torch.float64)), d1[i] * d1[i])
