@@ -84,15 +84,12 @@ def _poly_of_series(g: tuple[float, ...], ys: list, m: int) -> Tensor | None:
         for i in range((m + 1) // 2):
             if ys[i] is not None and ys[m - i] is not None:
                 sq = workspace.mul(ys[i], ys[m - i]) if sq is None else sq.addcmul_(ys[i], ys[m - i])
-        middle = ys[m // 2] if m % 2 == 0 else None
         if sq is not None:
-            if middle is not None:  # 2·Σ + y², the doubling folded into the scale: g₂·(Σ + y²/2)·2
-                sq.addcmul_(middle, middle, value=0.5)
-            scale = 2 * g[2]
-        elif middle is not None:
-            sq, scale = workspace.mul(middle, middle), g[2]
+            sq.mul_(2)
+        if m % 2 == 0 and ys[m // 2] is not None:
+            sq = workspace.mul(ys[m // 2], ys[m // 2]) if sq is None else sq.addcmul_(ys[m // 2], ys[m // 2])
         if sq is not None:
-            total = sq.mul_(scale) if total is None else total.add_(sq, alpha=scale)
+            total = sq.mul_(g[2]) if total is None else total.add_(sq, alpha=g[2])
     return total
 
 

@@ -52,20 +52,11 @@ def _horner(coeffs: tuple[float, ...], y: Tensor) -> Tensor | None:
     if not any(coeffs):
         return None
     top = max(i for i, c in enumerate(coeffs) if c)
-    r = workspace.empty_like(y)
-    if top == 0:
-        return r.fill_(coeffs[0])
-    # one pass per coefficient below the top (c + r·y as one addcmul), not a fill and two per coefficient
-    below = coeffs[top - 1]
-    if below:
-        torch.add(y.new_tensor(below), y, alpha=coeffs[top], out=r)
-    else:
-        torch.mul(y, coeffs[top], out=r)
-    for c in reversed(coeffs[: top - 1]):
+    r = workspace.empty_like(y).fill_(coeffs[top])
+    for c in reversed(coeffs[:top]):
+        r = r.mul_(y)
         if c:
-            torch.addcmul(y.new_tensor(c), r, y, out=r)
-        else:
-            r.mul_(y)
+            r = r.add_(c)
     return r
 
 
