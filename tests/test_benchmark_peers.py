@@ -103,3 +103,15 @@ def test_gpu_table_without_cuda_says_so_and_does_nothing(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--table"], capture_output=True,
                        text=True, cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0 and "no CUDA device" in r.stdout and not list(tmp_path.iterdir())
+
+
+def test_children_are_pinned_to_as_many_cpus_as_threads(bench):
+    import os
+    import subprocess
+
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to pin to one")
+    code = "import os; print(len(os.sched_getaffinity(0)))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=bench.pinned(1))
+    assert r.stdout.strip() == "1"
+    assert bench.pinned(len(os.sched_getaffinity(0))) is None  # all CPUs: nothing to pin
