@@ -412,3 +412,23 @@ def test_many_scattered_pairs_are_gathered():
     assert cx.runs() is None
     d1 = torch.randn(k, 2, 3, dtype=torch.float64)
     assert torch.equal(cx.square(d1, torch.empty(k, 2, 3, dtype=torch.float64)), d1[i] * d1[i])
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "tan", "exp", "expm1"])
+def test_ode_recurrence_to_order_six_matches_nested_derivatives(name):
+    # past order 4 the recurrence's sums hold several pairs and a middle square at once
+    from jaccli.engine.partials import nested_derivative
+
+    fn = getattr(torch, name)
+    w = torch.tensor([[0.7, -0.4], [0.3, 0.9]], dtype=torch.float64)
+
+    def g(x):
+        return fn(0.5 * x @ w) * 0.8
+
+    z = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 0.5
+    v = torch.tensor([[1.0, -0.5]], dtype=torch.float64).expand(5, 2)
+    program = taylor.build(g, z, orders=6)
+    coeffs = program.series(z, v[None], 6)
+    for k in range(1, 7):
+        want = nested_derivative(g, z, v, k) / math.factorial(k)
+        assert_rel(coeffs[k][0], want)
