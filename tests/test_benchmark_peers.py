@@ -123,8 +123,10 @@ def test_the_toggle_benchmark_runs_both_sides(capsys):
     spec.loader.exec_module(module)
     import jaccli.jets.elementwise as elementwise
 
-    kept = elementwise._tanh
+    import jaccli.jets.chain as chain
+
+    kept, kept_chain = elementwise._tanh, chain._ode_chain
     assert module.main(["--jobs", "hessian,u_xxxx", "--points", "32", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("CPU s") == 2 and "hessian" in out and "u_xxxx" in out
-    assert elementwise._tanh is kept  # the current behaviour is restored
+    assert elementwise._tanh is kept and chain._ode_chain is kept_chain  # the current behaviour is restored
