@@ -319,6 +319,25 @@ def child_env(threads: int) -> dict:
     return env
 
 
+def pinned(threads: int):
+    """A ``preexec_fn`` that keeps a child on ``threads`` CPUs (None where it has no more).
+
+    Why: XLA's CPU runtime runs independent ops of one program on a pool of its own,
+    whatever ``intra_op_parallelism_threads`` says: with ``--threads 1`` folx's Laplacian
+    of the MLP kept two threads busy (0.50 s and 0.45 s of CPU in one call, measured
+    per thread from ``/proc``, 2026-12-06), so on an idle 2-core machine it had twice
+    the CPU of a one-thread jaccli (0.48 s against 0.78 s). Pinning every candidate to
+    the same ``threads`` CPUs makes ``--threads`` hold for all of them.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if threads >= len(cpus):
+        return None
+    keep = set(cpus[:threads])
+    return lambda: os.sched_setaffinity(0, keep)
+
+
 def run_one(job_name: str, name: str, d: str, a) -> None:
     """The child: one candidate, warmed up once, then timed; its result saved next to the files."""
     job = JOBS[job_name]
@@ -353,7 +372,7 @@ def run_one(job_name: str, name: str, d: str, a) -> None:
 def child(job_name: str, name: str, d: Path, a, reference: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--run", job_name, name, str(d), "--repeats", str(0 if reference else a.repeats),
            "--threads", str(a.threads), "--dtype", "float64" if reference else "float32", "--device", a.device]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(a.threads))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(a.threads), preexec_fn=pinned(a.threads))
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     if r.returncode != 0 or not lines:
         return {"failed": (r.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -386,7 +405,7 @@ def whole_process(job: Job, names: list[str], d: Path, a) -> dict[str, tuple[flo
         for name in names if r % 2 == 0 else names[::-1]:  # alternate who goes first
             cmd, out = cmds[name]
             t0 = time.perf_counter()
-            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=pinned(a.threads))
             times[name].append(time.perf_counter() - t0)
             if p.returncode != 0:
                 print(f"    {name}: the process failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")

@@ -103,3 +103,30 @@ def test_gpu_table_without_cuda_says_so_and_does_nothing(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--table"], capture_output=True,
                        text=True, cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0 and "no CUDA device" in r.stdout and not list(tmp_path.iterdir())
+
+
+def test_children_are_pinned_to_as_many_cpus_as_threads(bench):
+    import os
+    import subprocess
+
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to pin to one")
+    code = "import os; print(len(os.sched_getaffinity(0)))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=bench.pinned(1))
+    assert r.stdout.strip() == "1"
+    assert bench.pinned(len(os.sched_getaffinity(0))) is None  # all CPUs: nothing to pin
+
+
+def test_the_toggle_benchmark_runs_both_sides(capsys):
+    spec = importlib.util.spec_from_file_location("taylor_toggles", ROOT / "benchmarks" / "taylor_toggles.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import jaccli.jets.elementwise as elementwise
+
+    import jaccli.jets.chain as chain
+
+    kept, kept_chain = elementwise._tanh, chain._ode_chain
+    assert module.main(["--jobs", "hessian,u_xxxx", "--points", "32", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("CPU s") == 2 and "hessian" in out and "u_xxxx" in out
+    assert elementwise._tanh is kept and chain._ode_chain is kept_chain  # the current behaviour is restored

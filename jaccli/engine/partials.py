@@ -48,8 +48,10 @@ _FUNCTIONS: dict[str, Callable] = {
 #: counts every coefficient of every activation, about twice what runs): series run as
 #: one op per coefficient, so passes of a few thousand points keep the per-op overhead
 #: small while they still fit the caches (seed PINN, u_xxxx: 1 000 points per pass cost
-#: 1.2×, 16 000 1.4× what 2 000–4 000 do)
-_PASS_BYTES = 768 * 2**20
+#: 1.2×, 16 000 1.4× what 2 000–4 000 do). 768 MiB gave the u_xxxx job of
+#: ``benchmarks/peers.py`` (1→50³→1) 11 917 points a pass: 0.36 s against 0.27–0.30 s at
+#: 2 000–4 000 (interleaved, medians of 7, under load, 2026-12-06); 192 MiB gives it 2 979.
+_PASS_BYTES = 192 * 2**20
 _MIN_POINTS = 2048
 
 

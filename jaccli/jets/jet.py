@@ -118,6 +118,10 @@ class Jet:
         return self.t.shape[1:]
 
 
+#: a pass whose pairs scatter into more runs than this gathers them (index_select) instead
+_MAX_RUNS = 16
+
+
 @dataclass
 class _Call:
     """What one evaluation propagates: rows per order and how products of rows combine.
@@ -150,6 +154,27 @@ class _Call:
         self.order = len(self.counts) - 1
         self.series = self.pairs is None and not self.collapsed
         self.half = 0.5 if self.series else 1.0
+        self._runs: list[tuple[int, int, int, int]] | None | bool = False  # not yet looked at
+
+    def runs(self) -> list[tuple[int, int, int, int]] | None:
+        """The second-order rows as runs ``(r0, r1, i, j0)``: rows ``r0 … r1-1`` are the pairs
+        ``(i, j0) … (i, j0 + r1 - r0 - 1)``; None off the CPU or where the pairs scatter into
+        more than :data:`_MAX_RUNS` runs. A Hessian's pass over every pair ``i ≤ j`` of ``k``
+        directions is ``k`` runs (the upper triangle row by row)."""
+        if self._runs is False:
+            self._runs = None
+            i, j = self.pairs
+            if i.device.type == "cpu":
+                runs: list[list[int]] = []
+                for r, (a, b) in enumerate(zip(i.tolist(), j.tolist())):
+                    last = runs[-1] if runs else None
+                    if last is not None and last[2] == a and last[3] + (last[1] - last[0]) == b:
+                        last[1] = r + 1
+                    else:
+                        runs.append([r, r + 1, a, b])
+                if len(runs) <= _MAX_RUNS:
+                    self._runs = [tuple(run) for run in runs]  # type: ignore[misc]
+        return self._runs  # type: ignore[return-value]
 
     def empty(self, lay: Layout, shape: Sequence[int], like: Tensor, dtype=None) -> Jet:
         return Jet(self.tensor((lay.rows(self.counts), *shape), like, dtype), lay, self.counts)
@@ -170,6 +195,11 @@ class _Call:
             return torch.sum(d1 * d1, 0, keepdim=True, out=out)
         if self.pairs is None or self.counts[1] == 1:  # series, or one direction and one pair (0, 0)
             return torch.mul(d1, d1, out=out)
+        runs = self.runs()
+        if runs is not None:  # each run one product into its rows: no gathered copies of d1
+            for r0, r1, i0, j0 in runs:
+                torch.mul(d1[i0 : i0 + 1], d1[j0 : j0 + r1 - r0], out=out[r0:r1])
+            return out
         i, j = self.pairs
         torch.index_select(d1, 0, i, out=out)
         return out.mul_(d1.index_select(0, j))

@@ -359,3 +359,76 @@ def test_values_and_arbitrary_tangents_match_the_model_and_torch_func():
     assert_rel(program.value(x), f(x))
     want = torch.stack([torch.func.jvp(f, (x,), (vi,))[1] for vi in v])
     assert_rel(program.jvp(x, v), want)
+
+
+def test_float32_tanh_is_within_a_few_ulp_of_one_of_float64():
+    from jaccli.jets.elementwise import _tanh
+
+    x = torch.cat([torch.linspace(-12, 12, 20001), torch.tensor([0.0, -0.0, 1e-8, -1e-30, 50.0, -50.0])])
+    want = torch.tanh(x.double())
+    out = torch.empty_like(x)
+    for got in (_tanh(x, None), _tanh(x, out)):
+        assert got.dtype == torch.float32
+        assert (got.double() - want).abs().max().item() <= 2.5e-7  # absolute: ~4 ulp of 1
+    assert out.abs().max().item() <= 1.0 and _tanh(x, out) is out
+    ends = _tanh(torch.tensor([float("inf"), -float("inf"), float("nan")]), None)
+    assert ends[:2].tolist() == [1.0, -1.0] and ends[2].isnan()
+    # float64 keeps torch's kernel: bitwise equal
+    assert torch.equal(_tanh(x.double(), None), torch.tanh(x.double()))
+
+
+def test_float32_tanh_mlp_derivatives_match_float64():
+    net = tanh_mlp((2, 16, 16, 3), seed=4)
+    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    want_j = jaccli.jacobian(net, x, per_sample=True, mode="forward")
+    want_h = jaccli.hessian(net, x, per_sample=True, mode="forward")
+    net32, x32 = net.float(), x.float()
+    assert (jaccli.jacobian(net32, x32, per_sample=True, mode="forward").double() - want_j).abs().max() <= 2e-5 * want_j.abs().max()
+    assert (jaccli.hessian(net32, x32, per_sample=True, mode="forward").double() - want_h).abs().max() <= 2e-5 * want_h.abs().max()
+
+
+@pytest.mark.parametrize("pairs", [
+    ([0, 0, 1], [0, 1, 1]),  # the upper triangle of two directions: two runs
+    ([0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2]),
+    ([2, 0, 1, 0], [2, 1, 2, 0]),  # scattered: one run per pair
+])
+def test_pair_runs_give_the_gathered_square(pairs):
+    from jaccli.jets.jet import _Call
+
+    i, j = (torch.tensor(p) for p in pairs)
+    d1 = torch.randn(3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    cx = _Call((1, 3, len(pairs[0])), (i, j), 5)
+    assert cx.runs() is not None and sum(r1 - r0 for r0, r1, _, _ in cx.runs()) == len(pairs[0])
+    got = cx.square(d1, torch.empty(len(pairs[0]), 5, 4, dtype=torch.float64))
+    assert torch.equal(got, d1[i] * d1[j])
+
+
+def test_many_scattered_pairs_are_gathered():
+    from jaccli.jets import jet
+
+    k = jet._MAX_RUNS + 1
+    i = torch.arange(k).flip(0)
+    cx = jet._Call((1, k, k), (i, i), 2)
+    assert cx.runs() is None
+    d1 = torch.randn(k, 2, 3, dtype=torch.float64)
+    assert torch.equal(cx.square(d1, torch.empty(k, 2, 3, dtype=torch.float64)), d1[i] * d1[i])
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "tan", "exp", "expm1"])
+def test_ode_recurrence_to_order_six_matches_nested_derivatives(name):
+    # past order 4 the recurrence's sums hold several pairs and a middle square at once
+    from jaccli.engine.partials import nested_derivative
+
+    fn = getattr(torch, name)
+    w = torch.tensor([[0.7, -0.4], [0.3, 0.9]], dtype=torch.float64)
+
+    def g(x):
+        return fn(0.5 * x @ w) * 0.8
+
+    z = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 0.5
+    v = torch.tensor([[1.0, -0.5]], dtype=torch.float64).expand(5, 2)
+    program = taylor.build(g, z, orders=6)
+    coeffs = program.series(z, v[None], 6)
+    for k in range(1, 7):
+        want = nested_derivative(g, z, v, k) / math.factorial(k)
+        assert_rel(coeffs[k][0], want)

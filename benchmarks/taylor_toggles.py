@@ -1,0 +1,105 @@
+"""Before → after of the Taylor-pass changes of issue 23, in one process, alternately.
+
+    python benchmarks/taylor_toggles.py --jobs u_xxxx,hessian --rounds 11
+
+Runs a job of ``benchmarks/peers.py`` (same model, weights and inputs, jaccli's Python API
+call) with the earlier behaviour and the current one toggled call by call: ``torch.tanh``
+against ``elementwise._tanh``, gathered Hessian squares against ``_Call.runs``, and series
+passes of 768 MiB against ``partials._PASS_BYTES``, and the ODE series recurrence of
+``--base`` (``jets/chain.py`` read from git) against the current one. On a shared machine the two sides see
+the same load, which separate runs do not; it prints medians of wall and CPU seconds
+(CPU time is the steadier figure under load). One thread (``--threads``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+
+def _base_module(path: str, rev: str, name: str):
+    """The module at ``path`` as of git revision ``rev`` (None where git cannot show it)."""
+    import subprocess
+    import types
+
+    r = subprocess.run(["git", "-C", str(HERE.parent), "show", f"{rev}:{path}"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    module = types.ModuleType(name)
+    exec(compile(r.stdout, f"{rev}:{path}", "exec"), module.__dict__)
+    return module
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", default="u_xxxx,hessian,pinn-jacobian,pinn-hessian,laplacian-mlp,laplacian-pinn")
+    ap.add_argument("--rounds", type=int, default=11, help="calls per side (median)")
+    ap.add_argument("--points", type=int, help="N (default: the job's)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--base", default="main", help="git revision whose ODE recurrence is 'before' (default main)")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    import peers
+    import jaccli.engine.partials as partials
+    import jaccli.jets.elementwise as elementwise
+    import jaccli.jets.jet as jet
+
+    torch.set_num_threads(a.threads)
+    import jaccli.jets.chain as chain
+
+    now = (elementwise._tanh, jet._Call.runs, partials._PASS_BYTES, chain._ode_chain)
+    old_chain = _base_module("jaccli/jets/chain.py", a.base, "chain_before")
+    if old_chain is None:
+        print(f"(the ODE recurrence is not toggled: jaccli/jets/chain.py of {a.base} could not be read from git)")
+
+    def before():
+        elementwise._tanh = lambda x, out: torch.tanh(x, out=out)
+        jet._Call.runs = lambda self: None
+        partials._PASS_BYTES = 768 * 2**20
+        if old_chain is not None:
+            chain._ode_chain = old_chain._ode_chain
+
+    def after():
+        elementwise._tanh, jet._Call.runs, partials._PASS_BYTES, chain._ode_chain = now
+
+    with tempfile.TemporaryDirectory(prefix="taylor-toggles-") as tmp:
+        for name in a.jobs.split(","):
+            job = peers.JOBS[name]
+            d = Path(tmp) / name
+            d.mkdir()
+            peers.build(job, a.points or job.points, d)
+            scope: dict = {"__name__": "candidate"}
+            exec(compile(peers.source(job, "jaccli"), name, "exec"), scope)
+            thunk = scope["make"](d, "float32", "cpu")
+            wall: dict = {"before": [], "after": []}
+            cpu: dict = {"before": [], "after": []}
+            sides = (("before", before), ("after", after))
+            for _, switch in sides:  # warm-up, and the two results agree
+                switch()
+                thunk()
+            for r in range(a.rounds):
+                for side, switch in sides if r % 2 == 0 else sides[::-1]:  # each side goes first in turn
+                    switch()
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    thunk()
+                    wall[side].append(time.perf_counter() - t0)
+                    cpu[side].append(time.process_time() - c0)
+            after()
+            m = {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in wall}
+            print(f"{name:<14} CPU s {m['before'][1]:.4f} -> {m['after'][1]:.4f} ({m['after'][1] / m['before'][1]:.3f})"
+                  f"   wall s {m['before'][0]:.4f} -> {m['after'][0]:.4f} ({m['after'][0] / m['before'][0]:.3f})",
+                  flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
