@@ -361,20 +361,35 @@ def test_values_and_arbitrary_tangents_match_the_model_and_torch_func():
     assert_rel(program.jvp(x, v), want)
 
 
-def test_float32_tanh_is_within_a_few_ulp_of_one_of_float64():
+def test_float32_tanh_is_within_a_few_ulp_of_float64_relative_to_itself():
     from jaccli.jets.elementwise import _tanh
 
-    x = torch.cat([torch.linspace(-12, 12, 20001), torch.tensor([0.0, -0.0, 1e-8, -1e-30, 50.0, -50.0])])
+    tiny = torch.logspace(-30, 0, 301)  # where a subtraction from 1 would lose every digit
+    x = torch.cat([torch.linspace(-12, 12, 20001), tiny, -tiny, torch.tensor([0.0, -0.0, 50.0, -50.0])])
     want = torch.tanh(x.double())
     out = torch.empty_like(x)
     for got in (_tanh(x, None), _tanh(x, out)):
         assert got.dtype == torch.float32
-        assert (got.double() - want).abs().max().item() <= 2.5e-7  # absolute: ~4 ulp of 1
+        assert ((got.double() - want).abs() <= 4e-7 * want.abs()).all()  # relative: ~3 ulp, as torch.tanh
+    assert _tanh(torch.tensor([-0.0]), None).signbit().item()
     assert out.abs().max().item() <= 1.0 and _tanh(x, out) is out
     ends = _tanh(torch.tensor([float("inf"), -float("inf"), float("nan")]), None)
     assert ends[:2].tolist() == [1.0, -1.0] and ends[2].isnan()
     # float64 keeps torch's kernel: bitwise equal
     assert torch.equal(_tanh(x.double(), None), torch.tanh(x.double()))
+
+
+def test_float32_hessian_of_tanh_near_zero_keeps_its_relative_accuracy():
+    """u = tanh(w·x) at w·x ≈ 1e-5: its Hessian -2u(1-u²)wwᵀ is as small as u, so an absolute
+    error of the activation (≈ 2e-7) would be a relative 2 % of it."""
+    net = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Tanh()).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[3.0, -2.0]], dtype=torch.float64))
+        net[0].bias.zero_()
+    x = torch.tensor([[1e-5, 1e-5], [2e-4, -1e-4], [0.3, 0.1]], dtype=torch.float64)
+    want = jaccli.hessian(net, x, per_sample=True, mode="forward")
+    got = jaccli.hessian(net.float(), x.float(), per_sample=True, mode="forward").double()
+    assert ((got - want).abs() <= 1e-6 * want.abs()).all()
 
 
 def test_float32_tanh_mlp_derivatives_match_float64():
