@@ -336,6 +336,8 @@ def _checked_output(problem: Problem, rows: torch.Tensor) -> tuple[int, ...] | N
         if "mixes batch elements" in exc.what:
             raise
         return None
+    except Exception:  # noqa: BLE001 - as in _same_output: the full probe reports it
+        return None
 
 
 def _same_output(problem: Problem, rows: torch.Tensor, facts: _ProbeFacts) -> bool:

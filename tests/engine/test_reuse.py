@@ -219,14 +219,17 @@ def test_a_recalled_probe_whose_output_shape_changed_is_probed_again():
 
 
 class _Flagged(nn.Module):
-    """Python flags the key cannot see: one mixes the batch, one transposes the output."""
+    """Python flags the key cannot see: one mixes the batch, one transposes the output, one
+    makes the model fail."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(2, 6).double()
-        self.mix = self.transpose = False
+        self.mix = self.transpose = self.broken = False
 
     def forward(self, x):
+        if self.broken:
+            raise TypeError("a model broken by its flag")
         h = torch.tanh(self.lin(x))
         h = h - h.mean(0) if self.mix else h
         return h.reshape(-1, 3, 2) if self.transpose else h.reshape(-1, 2, 3)
@@ -253,3 +256,16 @@ def test_a_recalled_probe_whose_output_is_transposed_is_probed_again():
     got = jaccli.jacobian(f, x, per_sample=True)
     assert got.shape == (10, 3, 2, 2) and memo.STATS["probed"] == 2
     assert_rel(got, torch_func("jacobian", f, x, per_sample=True))
+
+
+def test_a_recalled_model_that_now_fails_gets_the_probes_error():
+    """A model that fails on the recalled path's forward is probed anew, which reports the
+    failure as one ModelError, not a traceback."""
+    from jaccli.errors import ModelError
+
+    f, x = _Flagged(), _points(10, 2)
+    jaccli.laplacian(f, x, per_sample=True)
+    f.broken = True
+    with pytest.raises(ModelError, match="a model broken by its flag"):
+        jaccli.laplacian(f, x, per_sample=True)
+    assert memo.STATS["hits"] == 1  # recalled, then probed anew (a failed probe is not kept)
