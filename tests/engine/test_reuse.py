@@ -216,3 +216,56 @@ def test_a_recalled_probe_whose_output_shape_changed_is_probed_again():
     got = jaccli.jacobian(f, x, per_sample=True)
     assert got.shape == (10, 8, 2) and memo.STATS["probed"] == 2
     assert_rel(got, torch_func("jacobian", f, x, per_sample=True))
+
+
+class _Flagged(nn.Module):
+    """Python flags the key cannot see: one mixes the batch, one transposes the output, one
+    makes the model fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 6).double()
+        self.mix = self.transpose = self.broken = False
+
+    def forward(self, x):
+        if self.broken:
+            raise TypeError("a model broken by its flag")
+        h = torch.tanh(self.lin(x))
+        h = h - h.mean(0) if self.mix else h
+        return h.reshape(-1, 3, 2) if self.transpose else h.reshape(-1, 2, 3)
+
+
+def test_a_recalled_probe_still_checks_batch_independence():
+    """The batch check of a recalled probe also confirms its output shape (one forward): it
+    still refuses a model that now mixes the batch."""
+    from jaccli.errors import ModelError
+
+    f, x = _Flagged(), _points(10, 2)
+    jaccli.jacobian(f, x, per_sample=True)
+    f.mix = True
+    with pytest.raises(ModelError, match="mixes batch elements"):
+        jaccli.jacobian(f, x, per_sample=True)
+    assert memo.STATS == {"hits": 1, "probed": 1}
+
+
+def test_a_recalled_probe_whose_output_is_transposed_is_probed_again():
+    """The same number of outputs in another shape is another output: probed anew."""
+    f, x = _Flagged(), _points(10, 2)
+    jaccli.jacobian(f, x, per_sample=True)
+    f.transpose = True
+    got = jaccli.jacobian(f, x, per_sample=True)
+    assert got.shape == (10, 3, 2, 2) and memo.STATS["probed"] == 2
+    assert_rel(got, torch_func("jacobian", f, x, per_sample=True))
+
+
+def test_a_recalled_model_that_now_fails_gets_the_probes_error():
+    """A model that fails on the recalled path's forward is probed anew, which reports the
+    failure as one ModelError, not a traceback."""
+    from jaccli.errors import ModelError
+
+    f, x = _Flagged(), _points(10, 2)
+    jaccli.laplacian(f, x, per_sample=True)
+    f.broken = True
+    with pytest.raises(ModelError, match="a model broken by its flag"):
+        jaccli.laplacian(f, x, per_sample=True)
+    assert memo.STATS["hits"] == 1  # recalled, then probed anew (a failed probe is not kept)
