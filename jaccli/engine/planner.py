@@ -57,13 +57,13 @@ def memory_available(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def working_budget(device: torch.device) -> int:
-    """Bytes one pass may use: a quarter of what is free, at most 2 GiB on CPU.
+def working_budget(device: torch.device, free: int | None = None) -> int:
+    """Bytes one pass may use: a quarter of what is free (``free``, else asked), at most 2 GiB on CPU.
 
     Larger passes gain nothing on CPU (the products are already long matrix
     multiplications) and leave the machine unusable; GPUs want big passes.
     """
-    free = memory_available(device)
+    free = memory_available(device) if free is None else free
     cap = free // 2 if device.type == "cuda" else 2 * 2**30
     return max(64 * _MIB, min(free // 4, cap))
 
@@ -221,7 +221,7 @@ def make_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int, chu
     itemsize = torch.empty((), dtype=p.dtype).element_size()
     result_bytes = math.prod(shape) * itemsize
     available = memory_available(p.device)
-    budget = working_budget(p.device)
+    budget = working_budget(p.device, available)
     per_point_dir = max(p.act_bytes, 1.0) * _MEMORY_FACTOR[(kind_of(kind).taylor_order, resolved)] * strategy.width(p)
     row_bytes = math.prod(strategy.result_shape(p)) * itemsize
     if p.per_sample:
@@ -347,7 +347,8 @@ def _taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, estimator
     itemsize = torch.empty((), dtype=p.dtype).element_size()
     result_bytes = math.prod(shape) * itemsize
     row_bytes = 16 if tkind == "jvp" else math.prod(shape[1:]) * itemsize
-    budget = working_budget(p.device)
+    available = memory_available(p.device)  # read once: /proc/meminfo costs ~0.1 ms a call
+    budget = working_budget(p.device, available)
 
     def per_point(directions: int) -> int:
         return program.bytes_per_point(tkind, directions) + row_bytes
@@ -375,7 +376,7 @@ def _taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, estimator
         result_shape=shape,
         result_bytes=int(result_bytes),
         peak_bytes=int(result_bytes + ppc * per_point(dpp)),
-        available_bytes=int(memory_available(p.device)),
+        available_bytes=int(available),
         dtype=p.dtype,
         device=p.device,
         engine="taylor",

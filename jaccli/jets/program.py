@@ -63,6 +63,8 @@ class TaylorProgram:
     dtype: torch.dtype
     itemsize: int
     _schedules: dict = field(default_factory=dict, repr=False)
+    #: (kind, directions) -> bytes_per_point: a kept program is planned again on every call
+    _per_point: dict = field(default_factory=dict, repr=False)
     #: the relative tolerance :func:`~.builder.build` checked it to, and up to which order
     tol: float = field(default=1e-4, repr=False)
     orders: int = field(default=0, repr=False)
@@ -153,6 +155,12 @@ class TaylorProgram:
         Simulates the live jets of a pass (rows times elements per point) and adds the
         temporaries of the rule that runs: the planner divides its budget by this.
         """
+        key = (kind, int(directions))
+        if key not in self._per_point:
+            self._per_point[key] = self._bytes_per_point(kind, directions)
+        return self._per_point[key]
+
+    def _bytes_per_point(self, kind: str, directions: int) -> int:
         k1, k2 = self.stream_counts(kind, directions)
         sched = self.schedule(WANT[kind])
         live_bytes, peak = 0.0, 0.0

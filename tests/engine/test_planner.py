@@ -42,7 +42,7 @@ def test_auto_mode_picks_the_cheaper_engine(kind, n_in, n_out, engine, mode):
 
 
 def test_plan_bounds_chunks_by_memory(monkeypatch):
-    monkeypatch.setattr(planner, "working_budget", lambda device: 4 * 2**20)
+    monkeypatch.setattr(planner, "working_budget", lambda device, free=None: 4 * 2**20)
     net = tanh_mlp((1, 64, 64, 501), dtype=torch.float32)
     p = jaccli.plan("hessian", net, torch.zeros(100_000, 1), per_sample=True)
     assert p.points_per_chunk < 100_000 and p.chunks > 1
@@ -51,7 +51,7 @@ def test_plan_bounds_chunks_by_memory(monkeypatch):
     # and the chunked result equals the unchunked one
     x = torch.rand(300, 1)
     small = jaccli.hessian(net, x, per_sample=True)
-    monkeypatch.setattr(planner, "working_budget", lambda device: 64 * 2**10)
+    monkeypatch.setattr(planner, "working_budget", lambda device, free=None: 64 * 2**10)
     assert jaccli.plan("hessian", net, x, per_sample=True).chunks > 1
     torch.testing.assert_close(jaccli.hessian(net, x, per_sample=True), small)
 

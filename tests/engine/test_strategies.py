@@ -90,7 +90,7 @@ def test_reverse_second_derivatives_share_each_tangent_among_the_outputs(kind, m
 
     net = tanh_mlp((5, 16, 16, 3))
     x = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(planner, "working_budget", lambda device: 1)  # one direction per pass
+    monkeypatch.setattr(planner, "working_budget", lambda device, free=None: 1)  # one direction per pass
     plan = jaccli.plan(kind, net, x, per_sample=True, mode="reverse", chunk_size=3)
     assert plan.mode == "reverse" and plan.directions == 5 and plan.directions_per_pass == 1
     got = getattr(jaccli, kind)(net, x, per_sample=True, mode="reverse", chunk_size=3)

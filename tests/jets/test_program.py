@@ -259,7 +259,7 @@ def test_small_budgets_split_points_and_directions(monkeypatch):
     net = tanh_mlp((20, 32, 32, 1), seed=2)
     x = torch.randn(50, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     want = torch_func("laplacian", net, x, per_sample=True)
-    monkeypatch.setattr(planner, "working_budget", lambda device: 64 * 2**10)
+    monkeypatch.setattr(planner, "working_budget", lambda device, free=None: 64 * 2**10)
     p = jaccli.plan("laplacian", net, x, per_sample=True)
     assert p.engine == "taylor" and p.directions == 20
     assert p.directions_per_pass < 20 and p.points_per_chunk < 50
