@@ -381,7 +381,8 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import curvature_process
 
-        return curvature_process.main(a.width, a.points, a.repeats, a.tol, a.samples)
+        return curvature_process.main(a.width, a.points, a.repeats, a.tol, a.samples,
+                                      None if a.task in ("all", "full") else (a.task,))
     if a.run:
         return run_one(*a.run, a)
     if a.interleaved:

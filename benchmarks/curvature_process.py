@@ -1,7 +1,7 @@
 """Whole-process curvature timings: the ``jaccli`` command against a Python script running the
 fastest peer library on the same files (issue 20, "Speed", last sentence).
 
-    python benchmarks/curvature.py --process [--width W] [--points N] [--repeats R]
+    python benchmarks/curvature.py --process [--task eig|trace|per-sample] [--width W] [--points N] [--repeats R]
 
 The model (a TorchScript tanh MLP ``20 → W → W → 10``, softmax cross-entropy), its inputs and
 labels are saved once to a temporary folder; then each pair runs as fresh processes, in turns
@@ -95,7 +95,7 @@ def _timed(cmd: list[str], env: dict) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def main(width: int, points: int, repeats: int, tol: float, samples: int) -> None:
+def main(width: int, points: int, repeats: int, tol: float, samples: int, tasks: tuple[str, ...] | None = None) -> None:
     import importlib.util
 
     jaccli = shutil.which("jaccli") or str(Path(sys.executable).with_name("jaccli"))
@@ -113,6 +113,8 @@ def main(width: int, points: int, repeats: int, tol: float, samples: int) -> Non
         print(f"whole process, TorchScript MLP 20 → {width} → {width} → 10 on {points} points, one thread, "
               f"medians of {repeats} (wall and CPU seconds)")  # fmt: skip
         for task, (mine, extra) in jobs.items():
+            if tasks is not None and task not in tasks:
+                continue
             peer, code = PEER_SCRIPTS[task]
             if peer != "torch.func" and importlib.util.find_spec(peer) is None:
                 print(f"{task}: {peer} is not installed, skipped")
