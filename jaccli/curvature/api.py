@@ -209,7 +209,8 @@ def curvature(
     if dense_needed:
         check_dense_fits(p, what="the full matrix" if full else "the information matrix" if standard_errors else
                          "the eigen-decomposition")  # fmt: skip
-    value, gradient = obj.value_and_grad()
+    # the Hessian's products through kept graphs follow: the gradient's pass builds them
+    value, gradient = obj.value_and_grad(keep_hessian_graphs=matrix == "hessian" and not dense_needed)
     result = CurvatureResult(loss, obj.reduction, matrix, obj.n, value, float(gradient.norm()), list(obj.space.infos),
                              which=which)  # fmt: skip
     # a trace alone runs on torch alone: scipy's operator (0.1-0.2 s to import) only where a scipy routine needs it

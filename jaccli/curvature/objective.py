@@ -213,16 +213,23 @@ class Objective:
 
     # ------------------------------------------------------------------ loss and gradient
 
-    def value_and_grad(self) -> tuple[float, torch.Tensor]:
-        """``L(θ)`` and ``∇L(θ)`` ``[P]`` (all ranks' sums)."""
+    def value_and_grad(self, *, keep_hessian_graphs: bool = False) -> tuple[float, torch.Tensor]:
+        """``L(θ)`` and ``∇L(θ)`` ``[P]`` (all ranks' sums).
+
+        ``keep_hessian_graphs``: take each chunk's gradient with its graph and keep it for the
+        Hessian's products that follow (where the graphs fit, see :meth:`_hvp`), instead of a
+        plain gradient now and the same forward and backward again for the first product."""
         total = torch.zeros(self.space.size + 1, dtype=self.space.dtype, device=self.space.device)
         for a, b in self.chunks():
-            theta = self._leaves()
-            with torch.enable_grad():
-                v = self.chunk_loss(theta, a, b)
-            g = torch.autograd.grad(v, theta, allow_unused=True, materialize_grads=True)
+            if keep_hessian_graphs and self._keeps_graphs():
+                v, g, _ = self._pull(a, b)
+            else:
+                theta = self._leaves()
+                with torch.enable_grad():
+                    v = self.chunk_loss(theta, a, b)
+                g = self.space.flat(torch.autograd.grad(v, theta, allow_unused=True, materialize_grads=True))
             total[0] += v.detach()
-            total[1:] += self.space.flat(g)
+            total[1:] += g.detach()
         all_reduce(total)
         value = float(total[0])
         if not math.isfinite(value):
@@ -295,35 +302,49 @@ class Objective:
         """``M V`` for ``M`` the ``matrix`` (hessian, ggn, ef) and ``V`` ``[P, k]``."""
         PRODUCTS[matrix]  # noqa: B018 -- an unknown name fails before any work
         V = V.to(self.space.dtype)
-        out = torch.zeros_like(V)
+        # each direction's product as a contiguous row (returned transposed, a [P, k] view): the
+        # products come as rows, and adding them into columns of a [P, k] tensor cost 5 % of a trace
+        rows = torch.zeros(V.shape[1], self.space.size, dtype=V.dtype, device=V.device)
         k = self.columns
         for j in range(0, V.shape[1], k):
             block = V[:, j : j + k]
             for a, b in self.chunks():
-                out[:, j : j + k] += PRODUCTS[matrix](self, block, a, b)
+                rows[j : j + k] += PRODUCTS[matrix](self, block, a, b).T
         self.products += V.shape[1]
         self._rows_cache = None
-        return all_reduce(out)
+        return all_reduce(rows).T
+
+    def _keeps_graphs(self) -> bool:
+        """Whether this rank's share of the gradients' graphs fits in a quarter of the memory
+        budget, so that each chunk's graph is built once and kept between products."""
+        if self._pulls is None:
+            share = 6 * (self.hi - self.lo) * self.act_bytes + 4 * self.space.size * self.space.values[0].element_size()
+            self._pulls = {} if share <= working_budget(self.space.device) // 4 else False
+        return self._pulls is not False
+
+    def _pull(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """Chunk ``[a, b)``'s loss, flat gradient (zeros where a tensor has none) and the
+        gradient's graph (``create_graph``): ``(θ leaves, flat live gradient, live tensors)``,
+        kept for :meth:`_hvp` where it fits."""
+        theta = self._leaves()
+        with torch.enable_grad():
+            v = self.chunk_loss(theta, a, b)
+            g = torch.autograd.grad(v, theta, create_graph=True, allow_unused=True)
+            # a gradient that is None or constant in θ (a loss linear in that tensor) adds nothing to H v
+            live = [i for i, t in enumerate(g) if t is not None and t.requires_grad]
+            # one flat output, so that a column's cotangent is one contiguous row of Vᵀ
+            flat_g = torch.cat([g[i].reshape(-1) for i in live]) if live else None
+        graph = (theta, flat_g, live)
+        if self._keeps_graphs():
+            self._pulls[(a, b)] = graph
+        full = [torch.zeros_like(t) if d is None else d.detach() for d, t in zip(g, theta)]
+        return v.detach(), self.space.flat(full), graph
 
     def _hvp(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
         # reverse over reverse, as PyHessian: the chunk's gradient with its graph, built once and
         # kept; H is symmetric, so the backward of ∇L_c · v through that graph is H_c v
-        graph = self._pulls.get((a, b)) if isinstance(self._pulls, dict) else None
-        if graph is None:
-            theta = self._leaves()
-            with torch.enable_grad():
-                g = torch.autograd.grad(self.chunk_loss(theta, a, b), theta, create_graph=True, allow_unused=True)
-                # a gradient that is None or constant in θ (a loss linear in that tensor) adds nothing to H v
-                live = [i for i, t in enumerate(g) if t is not None and t.requires_grad]
-                # one flat output, so that a column's cotangent is one contiguous row of Vᵀ
-                flat_g = torch.cat([g[i].reshape(-1) for i in live]) if live else None
-            graph = (theta, flat_g, live)
-            if self._pulls is None:  # keep the graphs while this rank's share of them fits
-                share = 6 * (self.hi - self.lo) * self.act_bytes + 4 * self.space.size * self.space.values[0].element_size()
-                self._pulls = {} if share <= working_budget(self.space.device) // 4 else False
-            if self._pulls is not False:
-                self._pulls[(a, b)] = graph
-        theta, flat_g, live = graph
+        graph = self._pulls.get((a, b)) if self._keeps_graphs() else None
+        theta, flat_g, live = graph if graph is not None else self._pull(a, b)[2]
         if flat_g is None:
             return self._backward([], theta, [], V.shape[1], b - a)
         return self._backward([flat_g], theta, [self._rows_of(V, live)], V.shape[1], b - a)
@@ -403,7 +424,7 @@ class Objective:
 
     def _ef(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
         G = self._cached_grads(a, b)
-        return G.T @ (G @ V) / self.n
+        return ((G @ V).T @ G).T / self.n  # the product's rows contiguous, as matmat adds them
 
     def _cached_grads(self, a: int, b: int) -> torch.Tensor:
         """Per-sample gradients of a chunk, kept between products while this rank's share of
