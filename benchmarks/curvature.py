@@ -374,6 +374,7 @@ def main() -> None:
     ap.add_argument("--process", action="store_true",
                     help="whole processes: the jaccli command against a peer's script on the same files "
                          "(benchmarks/curvature_process.py)")  # fmt: skip
+    ap.add_argument("--baseline", type=Path, help="with --process: another checkout of jaccli, measured alongside")
     ap.add_argument("--run", nargs=2, metavar=("TASK", "NAME"), help=argparse.SUPPRESS)
     ap.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -382,7 +383,7 @@ def main() -> None:
         import curvature_process
 
         return curvature_process.main(a.width, a.points, a.repeats, a.tol, a.samples,
-                                      None if a.task in ("all", "full") else (a.task,))
+                                      None if a.task in ("all", "full") else (a.task,), a.baseline)
     if a.run:
         return run_one(*a.run, a)
     if a.interleaved:

@@ -81,17 +81,24 @@ SMALL_DENSE_WORK = 256 << 20
 
 
 class _Bytes(QuietDispatchMode):
-    """Counts the bytes of every tensor the ops produce: a model's activations per call."""
+    """Counts the bytes of every tensor the ops produce: a model's activations per call
+    (``bytes``), and of those that are not views (``fresh``: memory a kept graph holds; a
+    weight's ``t()`` is a view, yet its size made ``bytes`` of a 0.5M-parameter MLP 20× its
+    activations)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.bytes = 0
+        self.fresh = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.bytes += t.numel() * t.element_size()
+                if t.untyped_storage().data_ptr() not in inputs:  # not a view of an input
+                    self.fresh += t.numel() * t.element_size()
         return out
 
 
@@ -152,6 +159,7 @@ class Objective:
         if not out0.is_floating_point():
             raise ModelError("the model's output is not floating point", where=space.where, got=str(out0.dtype))
         self.act_bytes = counter.bytes / max(space.static_batch or probe, 1)
+        self.graph_bytes = counter.fresh / max(space.static_batch or probe, 1)  # per sample, views left out
         item = space.values[0].element_size()
         budget = working_budget(space.device)
         #: the caller's ``--chunk-size`` (None: chosen here); the layer-wise Hessian sizes its own chunks below it
@@ -194,10 +202,20 @@ class Objective:
 
     # ------------------------------------------------------------------ chunks
 
-    def chunks(self) -> Iterator[tuple[int, int]]:
-        """This rank's chunks of samples."""
-        for a in range(self.lo, self.hi, self.chunk):
-            yield a, min(a + self.chunk, self.hi)
+    def chunks(self, size: int | None = None) -> Iterator[tuple[int, int]]:
+        """This rank's chunks of samples (of ``size``, by default :attr:`chunk`)."""
+        step = size or self.chunk
+        for a in range(self.lo, self.hi, step):
+            yield a, min(a + step, self.hi)
+
+    def _graph_chunk(self) -> int:
+        """Samples per kept graph of the Hessian's products: this rank's whole shard where its
+        graphs fit and the caller set no ``--chunk-size``, as PyHessian keeps one graph (each
+        chunk's product pays parameter-sized work: the weight gradients' GEMM outputs, the dot
+        and concatenation of the flat gradient), else :attr:`chunk` (sized for per-sample rows)."""
+        if self.chunk_size is None and self.space.static_batch is None and self._keeps_graphs():
+            return max(self.hi - self.lo, 1)
+        return self.chunk
 
     def _y(self, a: int, b: int):
         return None if self.target is None else self.target[a:b]
@@ -220,7 +238,7 @@ class Objective:
         Hessian's products that follow (where the graphs fit, see :meth:`_hvp`), instead of a
         plain gradient now and the same forward and backward again for the first product."""
         total = torch.zeros(self.space.size + 1, dtype=self.space.dtype, device=self.space.device)
-        for a, b in self.chunks():
+        for a, b in self.chunks(self._graph_chunk() if keep_hessian_graphs else None):
             if keep_hessian_graphs and self._keeps_graphs():
                 v, g, _ = self._pull(a, b)
             else:
@@ -308,7 +326,7 @@ class Objective:
         k = self.columns
         for j in range(0, V.shape[1], k):
             block = V[:, j : j + k]
-            for a, b in self.chunks():
+            for a, b in self.chunks(self._graph_chunk() if matrix == "hessian" else None):
                 rows[j : j + k] += PRODUCTS[matrix](self, block, a, b).T
         self.products += V.shape[1]
         self._rows_cache = None
@@ -318,7 +336,7 @@ class Objective:
         """Whether this rank's share of the gradients' graphs fits in a quarter of the memory
         budget, so that each chunk's graph is built once and kept between products."""
         if self._pulls is None:
-            share = 6 * (self.hi - self.lo) * self.act_bytes + 4 * self.space.size * self.space.values[0].element_size()
+            share = 6 * (self.hi - self.lo) * self.graph_bytes + 4 * self.space.size * self.space.values[0].element_size()
             self._pulls = {} if share <= working_budget(self.space.device) // 4 else False
         return self._pulls is not False
 
