@@ -12,9 +12,10 @@ The gradient and the products, for a block of directions ``V`` ``[P, k]``:
 
 * the gradient: one ``torch.autograd.grad`` per chunk;
 * ``hessian``: reverse-over-reverse as PyHessian does it: the gradient of each chunk ``c`` with
-  its graph (``create_graph``, built once and kept), then a backward of ``∇L_c · v`` per
-  column, or the block's columns in one batched backward (``is_grads_batched``) where the chunk
-  is small;
+  its graph (``create_graph``, built once by the gradient's pass and kept; one chunk per rank
+  where the graphs fit), then a backward of the scalar ``∇L_c · v`` per column (``v`` a
+  contiguous row of ``Vᵀ``), or the block's columns in one batched backward
+  (``is_grads_batched``) where the chunk is small;
 * ``ggn``: ``Jᵀ (w H_L) J V``: ``jvp`` of the model (forward mode, :mod:`torch.func`), the loss
   row's output-space product, one batched backward through the model's graph;
 * ``ef``: ``Σᵢ gᵢ gᵢᵀ V / N`` from the chunk's per-sample gradients (δxᵀ for linear layers, ``vmap(grad)`` otherwise).
