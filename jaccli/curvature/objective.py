@@ -34,8 +34,8 @@ its first backward, which a PyHessian script never pays; the same products by
 :mod:`torch.func` stays where only it does the job: ``vmap(grad)`` per-sample rows of
 non-linear parameters, ``jacrev`` fallbacks, ``jvp``, and the assembled Hessian.
 
-Imports: torch, :mod:`.linear`, :mod:`.params`, :mod:`.losses`, :mod:`jaccli.engine.planner` (the memory
-budget), :mod:`jaccli.errors`.
+Imports: torch, :mod:`.linear`, :mod:`.params`, :mod:`.losses`, :mod:`.runtime` (ranks, activation bytes),
+:mod:`jaccli.engine.planner` (the memory budget), :mod:`jaccli.errors`.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ from torch.func import grad, jacrev, vmap
 from jaccli.curvature.linear import LinearRows, NotLinear
 from jaccli.curvature.losses import Loss, get_loss
 from jaccli.curvature.params import ParamSpace, _rows, take
+from jaccli.curvature.runtime import _Bytes, all_reduce, dist_info  # noqa: F401 (re-exported)
 from jaccli.engine.planner import working_budget
 from jaccli.engine.strategies import jvp
 from jaccli.errors import first_line, InputError, ModelError, NumericalError, shape_str, UsageError
-from jaccli.jets.dispatch import QuietDispatchMode
 
 #: the most directions one pass carries, by device type: ``vmap`` over columns multiplies the
 #: activations, and on a CPU blocks past a few dozen columns leave the caches (measured: the
@@ -79,46 +79,6 @@ BATCHED_BACKWARD_BYTES = 1 << 20
 #: (measured on one core, TorchScript tanh MLPs: P 353 × 500 points 0.12 s against 0.05 s
 #: layer by layer once imported; P 1217 × 1000 points 1.4 s against 0.12 s)
 SMALL_DENSE_WORK = 256 << 20
-
-
-class _Bytes(QuietDispatchMode):
-    """Counts the bytes of every tensor the ops produce: a model's activations per call
-    (``bytes``), and of those that are not views (``fresh``: memory a kept graph holds; a
-    weight's ``t()`` is a view, yet its size made ``bytes`` of a 0.5M-parameter MLP 20× its
-    activations)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes = 0
-        self.fresh = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.bytes += t.numel() * t.element_size()
-                if t.untyped_storage().data_ptr() not in inputs:  # not a view of an input
-                    self.fresh += t.numel() * t.element_size()
-        return out
-
-
-def dist_info() -> tuple[int, int]:
-    """(world size, rank) of the ``torch.distributed`` group, (1, 0) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def all_reduce(t: torch.Tensor) -> torch.Tensor:
-    """The sum of ``t`` over the ranks (``t`` itself in one process)."""
-    import torch.distributed as dist
-
-    if dist_info()[0] > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 class Objective:
@@ -210,10 +170,8 @@ class Objective:
             yield a, min(a + step, self.hi)
 
     def _graph_chunk(self) -> int:
-        """Samples per kept graph of the Hessian's products: this rank's whole shard where its
-        graphs fit and the caller set no ``--chunk-size``, as PyHessian keeps one graph (each
-        chunk's product pays parameter-sized work: the weight gradients' GEMM outputs, the dot
-        and concatenation of the flat gradient), else :attr:`chunk` (sized for per-sample rows)."""
+        """Samples per kept Hessian graph: the rank's whole shard where the graphs fit and no
+        ``--chunk-size`` was given (each chunk's product pays parameter-sized work), else :attr:`chunk`."""
         if self.chunk_size is None and self.space.static_batch is None and self._keeps_graphs():
             return max(self.hi - self.lo, 1)
         return self.chunk
@@ -233,11 +191,8 @@ class Objective:
     # ------------------------------------------------------------------ loss and gradient
 
     def value_and_grad(self, *, keep_hessian_graphs: bool = False) -> tuple[float, torch.Tensor]:
-        """``L(θ)`` and ``∇L(θ)`` ``[P]`` (all ranks' sums).
-
-        ``keep_hessian_graphs``: take each chunk's gradient with its graph and keep it for the
-        Hessian's products that follow (where the graphs fit, see :meth:`_hvp`), instead of a
-        plain gradient now and the same forward and backward again for the first product."""
+        """``L(θ)`` and ``∇L(θ)`` ``[P]`` (all ranks' sums); ``keep_hessian_graphs``: the gradient
+        taken with its graph, kept for the Hessian's products that follow (:meth:`_pull`)."""
         total = torch.zeros(self.space.size + 1, dtype=self.space.dtype, device=self.space.device)
         for a, b in self.chunks(self._graph_chunk() if keep_hessian_graphs else None):
             if keep_hessian_graphs and self._keeps_graphs():
@@ -334,8 +289,7 @@ class Objective:
         return all_reduce(rows).T
 
     def _keeps_graphs(self) -> bool:
-        """Whether this rank's share of the gradients' graphs fits in a quarter of the memory
-        budget, so that each chunk's graph is built once and kept between products."""
+        """Whether this rank's gradients' graphs fit in a quarter of the memory budget (then kept)."""
         if self._pulls is None:
             share = 6 * (self.hi - self.lo) * self.graph_bytes + 4 * self.space.size * self.space.values[0].element_size()
             self._pulls = {} if share <= working_budget(self.space.device) // 4 else False
@@ -369,11 +323,9 @@ class Objective:
         return self._backward([flat_g], theta, [self._rows_of(V, live)], V.shape[1], b - a)
 
     def _rows_of(self, V: torch.Tensor, live: list[int]) -> torch.Tensor:
-        """The block ``V`` ``[P, k]`` as contiguous rows ``[k, P_live]`` of the ``live`` tensors'
-        entries: each column's cotangent one contiguous row. Strided views of ``V`` made every
-        backward copy its operands (measured on one core, P = 77k, 1024 points: 12.7 ms a
-        backward with strided cotangents, 11.2 ms with contiguous ones); the transpose is made
-        once per block, not once per chunk and column."""
+        """The block ``V`` ``[P, k]`` as contiguous rows ``[k, P_live]`` (the ``live`` tensors'
+        entries), once per block: strided cotangents made every backward copy its operands
+        (one core, P = 77k, 1024 points: 12.7 ms a backward, 11.2 ms with contiguous rows)."""
         # the same block object for every chunk of one pass (kept alive by the cache, so `is` is safe)
         if self._rows_cache is not None and self._rows_cache[0] is V and self._rows_cache[1] == live:
             return self._rows_cache[2]
@@ -409,12 +361,9 @@ class Objective:
     def _backward(self, outputs, theta, cots, k: int, rows: int) -> torch.Tensor:
         """``Σₒ cotsₒ[j] · ∂outputsₒ/∂θ`` for each ``j < k``, as flat columns ``[P, k]``, through
         a kept graph: one batched backward where the chunk of ``rows`` samples is small (see
-        :data:`BATCHED_BACKWARD_BYTES`), else one backward per column.
-
-        A column's backward starts from the scalar ``Σₒ cotsₒ[j] · outputsₒ`` (whose gradient in
-        each output is exactly its cotangent) rather than from ``grad_outputs``: torch checks
-        tensor ``grad_outputs`` with ``torch.fx.experimental.symbolic_shapes``, whose first import
-        brings in sympy (≈0.35 s of a fresh process, more than the trace's own products)."""
+        :data:`BATCHED_BACKWARD_BYTES`), else one backward per column, from the scalar
+        ``Σₒ cotsₒ[j] · outputsₒ``: tensor ``grad_outputs`` would make torch import sympy
+        (``symbolic_shapes``, ≈0.35 s of a fresh process)."""
         space = self.space
         if not outputs:
             return torch.zeros(space.size, k, dtype=space.dtype, device=space.device)
