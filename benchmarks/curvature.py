@@ -53,7 +53,15 @@ PyHessian 8.9×, hessian-eigenthings 16×, curvlinops 1.27×. ``--task trace --r
 0.79× at 99 products each and **0.86× at equal standard error** (0.57 and 0.59), 0.91× with
 ``--peer-samples 106`` (0.57 both); before jaccli chose between Hutch++ and Hutchinson it was
 0.23× at equal standard error (on this flat spectrum Hutch++ had 1.9× Hutchinson's standard
-error). The rest of the gap is the cost of jaccli's products, not the estimator.
+error). The rest of the gap was the cost of jaccli's products: strided cotangents and the
+products' columns (docs/curvature.md, "Where the last ≈ 10 % went"); with those fixed, 2026-12-06,
+under load (load average ≈ 5), ``--task trace --interleaved --repeats 5 --threads 1`` gave PyHessian
+**1.18×** jaccli's time at 99 products each and **1.27× at equal standard error** (jaccli 4.63 s,
+PyHessian 5.48 s). About 0.5M parameters (``--width 700 --points 512``, P = 520 810, same load):
+trace interleaved 0.87× (0.91× at equal standard error: jaccli's probes and quadratic forms,
+not its products), per-sample ``--interleaved`` ``vmap(grad)`` 1.77×, eig (``--run eig NAME``)
+curvlinops 1.35×. ``--process --task trace --baseline PATH`` adds a second jaccli checkout
+(e.g. ``git archive main jaccli | tar -x -C PATH``) to the whole-process rounds.
 
 Smoke test (tiny sizes, timings meaningless): ``python benchmarks/curvature.py --width 16 --points 64 --full-width 8 --repeats 1``
 (add ``--task full --interleaved`` for the in-process A/B)
@@ -374,6 +382,7 @@ def main() -> None:
     ap.add_argument("--process", action="store_true",
                     help="whole processes: the jaccli command against a peer's script on the same files "
                          "(benchmarks/curvature_process.py)")  # fmt: skip
+    ap.add_argument("--baseline", type=Path, help="with --process: another checkout of jaccli, measured alongside")
     ap.add_argument("--run", nargs=2, metavar=("TASK", "NAME"), help=argparse.SUPPRESS)
     ap.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -381,7 +390,8 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import curvature_process
 
-        return curvature_process.main(a.width, a.points, a.repeats, a.tol, a.samples)
+        return curvature_process.main(a.width, a.points, a.repeats, a.tol, a.samples,
+                                      None if a.task in ("all", "full") else (a.task,), a.baseline)
     if a.run:
         return run_one(*a.run, a)
     if a.interleaved:

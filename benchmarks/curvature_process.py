@@ -1,7 +1,8 @@
 """Whole-process curvature timings: the ``jaccli`` command against a Python script running the
 fastest peer library on the same files (issue 20, "Speed", last sentence).
 
-    python benchmarks/curvature.py --process [--width W] [--points N] [--repeats R]
+    python benchmarks/curvature.py --process [--task eig|trace|per-sample] [--width W] [--points N] [--repeats R]
+                                             [--baseline PATH]
 
 The model (a TorchScript tanh MLP ``20 → W → W → 10``, softmax cross-entropy), its inputs and
 labels are saved once to a temporary folder; then each pair runs as fresh processes, in turns
@@ -17,6 +18,9 @@ with the ratio jaccli / peer (below 1: jaccli is faster):
   saving the same ``.npy`` (the fastest peer of ``--task per-sample``).
 
 A peer that is not installed is skipped with a line. Every process runs with one thread.
+``--baseline PATH`` runs the same jaccli command on another checkout as well (``git archive main
+jaccli | tar -x -C PATH``, run as ``python -m jaccli`` with ``PYTHONPATH=PATH``), in the same turns:
+before and after a change, against the same peer.
 """
 
 from __future__ import annotations
@@ -83,11 +87,11 @@ def _files(folder: Path, width: int, points: int) -> tuple[Path, Path, Path]:
     return folder / "mlp.pt", folder / "x.npy", folder / "y.npy"
 
 
-def _timed(cmd: list[str], env: dict) -> tuple[float, float]:
+def _timed(cmd: list[str], env: dict, cwd: Path | None = None) -> tuple[float, float]:
     """Wall and CPU (user + system) seconds of one fresh process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
@@ -95,7 +99,8 @@ def _timed(cmd: list[str], env: dict) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def main(width: int, points: int, repeats: int, tol: float, samples: int) -> None:
+def main(width: int, points: int, repeats: int, tol: float, samples: int, tasks: tuple[str, ...] | None = None,
+         baseline: Path | None = None) -> None:
     import importlib.util
 
     jaccli = shutil.which("jaccli") or str(Path(sys.executable).with_name("jaccli"))
@@ -113,6 +118,8 @@ def main(width: int, points: int, repeats: int, tol: float, samples: int) -> Non
         print(f"whole process, TorchScript MLP 20 → {width} → {width} → 10 on {points} points, one thread, "
               f"medians of {repeats} (wall and CPU seconds)")  # fmt: skip
         for task, (mine, extra) in jobs.items():
+            if tasks is not None and task not in tasks:
+                continue
             peer, code = PEER_SCRIPTS[task]
             if peer != "torch.func" and importlib.util.find_spec(peer) is None:
                 print(f"{task}: {peer} is not installed, skipped")
@@ -120,13 +127,21 @@ def main(width: int, points: int, repeats: int, tol: float, samples: int) -> Non
             script = folder / f"{task}.py"
             script.write_text(code)
             theirs = [sys.executable, str(script), str(model), str(x), str(y), *extra, str(width)]
-            times: dict[str, list[tuple[float, float]]] = {"jaccli": [], peer: []}
+            runs = [("jaccli", mine, env), (peer, theirs, env)]
+            if baseline is not None:  # the same command on another checkout, from a folder that does not hold this one
+                runs.insert(1, ("baseline", [sys.executable, "-m", "jaccli", *mine[1:]],
+                                {**env, "PYTHONPATH": str(baseline.resolve())}))  # fmt: skip
+            times: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in runs}
             for r in range(repeats + 1):  # round 0 warms the file cache
-                for name, cmd in (("jaccli", mine), (peer, theirs)):
-                    got = _timed(cmd, env)
+                for name, cmd, e in runs:
+                    got = _timed(cmd, e, cwd=folder)
                     if r:
                         times[name].append(got)
             med = {n: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)) for n, ts in times.items()}
             (jw, jc), (pw, pc) = med["jaccli"], med[peer]
             print(f"{task:10s} jaccli {jw:6.2f} s wall {jc:6.2f} s CPU | {peer} script {pw:6.2f} s wall {pc:6.2f} s CPU"
                   f" | ratio jaccli/peer {jw / pw:.2f} wall, {jc / pc:.2f} CPU")  # fmt: skip
+            if baseline is not None:
+                bw, bc = med["baseline"]
+                print(f"{'':10s} baseline {bw:6.2f} s wall {bc:6.2f} s CPU | ratio baseline/peer {bw / pw:.2f} wall, "
+                      f"{bc / pc:.2f} CPU | jaccli/baseline {jw / bw:.2f} wall, {jc / bc:.2f} CPU")  # fmt: skip

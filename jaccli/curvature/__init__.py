@@ -8,6 +8,8 @@ differentiates the *loss over a data set* with respect to the model's *parameter
                     square-root factor) of the Gauss-Newton matrix, target checks
 :mod:`.params`      the parameters (state-dict order, ``--params`` globs, flat offsets)
                     and the model as a function of them, for every format jaccli loads
+:mod:`.runtime`     the ranks of torchrun (shards, all-reduce) and a model call's
+                    allocated bytes (chunks, column blocks, kept graphs)
 :mod:`.objective`   the loss over the data, chunk by chunk and shard by shard (torchrun),
                     and its products: Hessian, GGN and empirical Fisher with a block of
                     vectors; per-sample gradients and Jacobians; exact GGN/EF diagonals
@@ -15,7 +17,8 @@ differentiates the *loss over a data set* with respect to the model's *parameter
                     off a graph of the model's ops (for :mod:`.linear` and :mod:`.structured`)
 :mod:`.linear`      per-sample gradients of linear layers' weights and biases as δxᵀ
                     from one batched backward (the layers read off the model's ops)
-:mod:`.spectral`    those products as scipy ``LinearOperator``\\ s: ``eigsh``, Hutch++/Hutchinson,
+:mod:`.spectral`    those products as scipy ``LinearOperator``\\ s (a bare trace on torch
+                    alone): ``eigsh``, Hutch++/Hutchinson,
                     Hutchinson diagonals, stochastic Lanczos quadrature, the dense matrix,
                     standard errors
 :mod:`.structured`  the full Hessian of a model whose parameters sit in linear layers,

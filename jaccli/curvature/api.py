@@ -209,10 +209,13 @@ def curvature(
     if dense_needed:
         check_dense_fits(p, what="the full matrix" if full else "the information matrix" if standard_errors else
                          "the eigen-decomposition")  # fmt: skip
-    value, gradient = obj.value_and_grad()
+    # the Hessian's products through kept graphs follow: the gradient's pass builds them
+    value, gradient = obj.value_and_grad(keep_hessian_graphs=matrix == "hessian" and not dense_needed)
     result = CurvatureResult(loss, obj.reduction, matrix, obj.n, value, float(gradient.norm()), list(obj.space.infos),
                              which=which)  # fmt: skip
-    op = spectral.operator(obj, matrix)
+    # a trace alone runs on torch alone: scipy's operator (0.1-0.2 s to import) only where a scipy routine needs it
+    trace_only = not (full or diag or eig is not None or density or by_layer or standard_errors)
+    op = spectral.Products(obj, matrix) if trace_only else spectral.operator(obj, matrix)
     M = spectral.dense(op) if dense_needed else None
     if full:
         result.full = M
@@ -224,7 +227,8 @@ def curvature(
             exact_diag = obj.diagonal(matrix).detach().cpu().double().numpy()
         else:  # a small problem by products through the kept graph: no layer-wise trace, no torch._dynamo
             H = obj.small_hessian()
-            exact_diag = np.diag(spectral.dense(op) if H is None else H.detach().cpu().double().numpy()).astype(np.float64)
+            H = spectral.dense(spectral.operator(obj, matrix)) if H is None else H.detach().cpu().double().numpy()
+            exact_diag = np.diag(H).astype(np.float64)
     if diag:
         if exact_diag is not None:
             result.diag = exact_diag

@@ -12,9 +12,10 @@ The gradient and the products, for a block of directions ``V`` ``[P, k]``:
 
 * the gradient: one ``torch.autograd.grad`` per chunk;
 * ``hessian``: reverse-over-reverse as PyHessian does it: the gradient of each chunk ``c`` with
-  its graph (``create_graph``, built once and kept), then a backward of ``∇L_c · v`` per
-  column, or the block's columns in one batched backward (``is_grads_batched``) where the chunk
-  is small;
+  its graph (``create_graph``, built once by the gradient's pass and kept; one chunk per rank
+  where the graphs fit), then a backward of the scalar ``∇L_c · v`` per column (``v`` a
+  contiguous row of ``Vᵀ``), or the block's columns in one batched backward
+  (``is_grads_batched``) where the chunk is small;
 * ``ggn``: ``Jᵀ (w H_L) J V``: ``jvp`` of the model (forward mode, :mod:`torch.func`), the loss
   row's output-space product, one batched backward through the model's graph;
 * ``ef``: ``Σᵢ gᵢ gᵢᵀ V / N`` from the chunk's per-sample gradients (δxᵀ for linear layers, ``vmap(grad)`` otherwise).
@@ -33,8 +34,8 @@ its first backward, which a PyHessian script never pays; the same products by
 :mod:`torch.func` stays where only it does the job: ``vmap(grad)`` per-sample rows of
 non-linear parameters, ``jacrev`` fallbacks, ``jvp``, and the assembled Hessian.
 
-Imports: torch, :mod:`.linear`, :mod:`.params`, :mod:`.losses`, :mod:`jaccli.engine.planner` (the memory
-budget), :mod:`jaccli.errors`.
+Imports: torch, :mod:`.linear`, :mod:`.params`, :mod:`.losses`, :mod:`.runtime` (ranks, activation bytes),
+:mod:`jaccli.engine.planner` (the memory budget), :mod:`jaccli.errors`.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ from torch.func import grad, jacrev, vmap
 from jaccli.curvature.linear import LinearRows, NotLinear
 from jaccli.curvature.losses import Loss, get_loss
 from jaccli.curvature.params import ParamSpace, _rows, take
+from jaccli.curvature.runtime import _Bytes, all_reduce, dist_info  # noqa: F401 (re-exported)
 from jaccli.engine.planner import working_budget
 from jaccli.engine.strategies import jvp
 from jaccli.errors import first_line, InputError, ModelError, NumericalError, shape_str, UsageError
-from jaccli.jets.dispatch import QuietDispatchMode
 
 #: the most directions one pass carries, by device type: ``vmap`` over columns multiplies the
 #: activations, and on a CPU blocks past a few dozen columns leave the caches (measured: the
@@ -78,39 +79,6 @@ BATCHED_BACKWARD_BYTES = 1 << 20
 #: (measured on one core, TorchScript tanh MLPs: P 353 × 500 points 0.12 s against 0.05 s
 #: layer by layer once imported; P 1217 × 1000 points 1.4 s against 0.12 s)
 SMALL_DENSE_WORK = 256 << 20
-
-
-class _Bytes(QuietDispatchMode):
-    """Counts the bytes of every tensor the ops produce: a model's activations per call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.bytes += t.numel() * t.element_size()
-        return out
-
-
-def dist_info() -> tuple[int, int]:
-    """(world size, rank) of the ``torch.distributed`` group, (1, 0) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def all_reduce(t: torch.Tensor) -> torch.Tensor:
-    """The sum of ``t`` over the ranks (``t`` itself in one process)."""
-    import torch.distributed as dist
-
-    if dist_info()[0] > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 class Objective:
@@ -152,6 +120,7 @@ class Objective:
         if not out0.is_floating_point():
             raise ModelError("the model's output is not floating point", where=space.where, got=str(out0.dtype))
         self.act_bytes = counter.bytes / max(space.static_batch or probe, 1)
+        self.graph_bytes = counter.fresh / max(space.static_batch or probe, 1)  # per sample, views left out
         item = space.values[0].element_size()
         budget = working_budget(space.device)
         #: the caller's ``--chunk-size`` (None: chosen here); the layer-wise Hessian sizes its own chunks below it
@@ -181,6 +150,7 @@ class Objective:
         self._vmap_ok = True
         self._batched_ok = True  # is_grads_batched works on this model's backward
         self._grad_cache: dict | bool | None = None
+        self._rows_cache: tuple | None = None  # the last block of directions as rows (see _rows_of)
         # the gradient's graph per chunk (its backward is the Hessian's product), kept between
         # products while it fits, as PyHessian keeps its one graph: a product then costs one
         # backward pass instead of a forward, a backward and a backward of that
@@ -193,10 +163,18 @@ class Objective:
 
     # ------------------------------------------------------------------ chunks
 
-    def chunks(self) -> Iterator[tuple[int, int]]:
-        """This rank's chunks of samples."""
-        for a in range(self.lo, self.hi, self.chunk):
-            yield a, min(a + self.chunk, self.hi)
+    def chunks(self, size: int | None = None) -> Iterator[tuple[int, int]]:
+        """This rank's chunks of samples (of ``size``, by default :attr:`chunk`)."""
+        step = size or self.chunk
+        for a in range(self.lo, self.hi, step):
+            yield a, min(a + step, self.hi)
+
+    def _graph_chunk(self) -> int:
+        """Samples per kept Hessian graph: the rank's whole shard where the graphs fit and no
+        ``--chunk-size`` was given (each chunk's product pays parameter-sized work), else :attr:`chunk`."""
+        if self.chunk_size is None and self.space.static_batch is None and self._keeps_graphs():
+            return max(self.hi - self.lo, 1)
+        return self.chunk
 
     def _y(self, a: int, b: int):
         return None if self.target is None else self.target[a:b]
@@ -212,16 +190,20 @@ class Objective:
 
     # ------------------------------------------------------------------ loss and gradient
 
-    def value_and_grad(self) -> tuple[float, torch.Tensor]:
-        """``L(θ)`` and ``∇L(θ)`` ``[P]`` (all ranks' sums)."""
+    def value_and_grad(self, *, keep_hessian_graphs: bool = False) -> tuple[float, torch.Tensor]:
+        """``L(θ)`` and ``∇L(θ)`` ``[P]`` (all ranks' sums); ``keep_hessian_graphs``: the gradient
+        taken with its graph, kept for the Hessian's products that follow (:meth:`_pull`)."""
         total = torch.zeros(self.space.size + 1, dtype=self.space.dtype, device=self.space.device)
-        for a, b in self.chunks():
-            theta = self._leaves()
-            with torch.enable_grad():
-                v = self.chunk_loss(theta, a, b)
-            g = torch.autograd.grad(v, theta, allow_unused=True, materialize_grads=True)
+        for a, b in self.chunks(self._graph_chunk() if keep_hessian_graphs else None):
+            if keep_hessian_graphs and self._keeps_graphs():
+                v, g, _ = self._pull(a, b)
+            else:
+                theta = self._leaves()
+                with torch.enable_grad():
+                    v = self.chunk_loss(theta, a, b)
+                g = self.space.flat(torch.autograd.grad(v, theta, allow_unused=True, materialize_grads=True))
             total[0] += v.detach()
-            total[1:] += self.space.flat(g)
+            total[1:] += g.detach()
         all_reduce(total)
         value = float(total[0])
         if not math.isfinite(value):
@@ -294,36 +276,66 @@ class Objective:
         """``M V`` for ``M`` the ``matrix`` (hessian, ggn, ef) and ``V`` ``[P, k]``."""
         PRODUCTS[matrix]  # noqa: B018 -- an unknown name fails before any work
         V = V.to(self.space.dtype)
-        out = torch.zeros_like(V)
+        # each direction's product as a contiguous row (returned transposed, a [P, k] view): the
+        # products come as rows, and adding them into columns of a [P, k] tensor cost 5 % of a trace
+        rows = torch.zeros(V.shape[1], self.space.size, dtype=V.dtype, device=V.device)
         k = self.columns
         for j in range(0, V.shape[1], k):
             block = V[:, j : j + k]
-            for a, b in self.chunks():
-                out[:, j : j + k] += PRODUCTS[matrix](self, block, a, b)
+            for a, b in self.chunks(self._graph_chunk() if matrix == "hessian" else None):
+                rows[j : j + k] += PRODUCTS[matrix](self, block, a, b).T
         self.products += V.shape[1]
-        return all_reduce(out)
+        self._rows_cache = None
+        return all_reduce(rows).T
+
+    def _keeps_graphs(self) -> bool:
+        """Whether this rank's gradients' graphs fit in a quarter of the memory budget (then kept)."""
+        if self._pulls is None:
+            share = 6 * (self.hi - self.lo) * self.graph_bytes + 4 * self.space.size * self.space.values[0].element_size()
+            self._pulls = {} if share <= working_budget(self.space.device) // 4 else False
+        return self._pulls is not False
+
+    def _pull(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """Chunk ``[a, b)``'s loss, flat gradient (zeros where a tensor has none) and the
+        gradient's graph (``create_graph``): ``(θ leaves, flat live gradient, live tensors)``,
+        kept for :meth:`_hvp` where it fits."""
+        theta = self._leaves()
+        with torch.enable_grad():
+            v = self.chunk_loss(theta, a, b)
+            g = torch.autograd.grad(v, theta, create_graph=True, allow_unused=True)
+            # a gradient that is None or constant in θ (a loss linear in that tensor) adds nothing to H v
+            live = [i for i, t in enumerate(g) if t is not None and t.requires_grad]
+            # one flat output, so that a column's cotangent is one contiguous row of Vᵀ
+            flat_g = torch.cat([g[i].reshape(-1) for i in live]) if live else None
+        graph = (theta, flat_g, live)
+        if self._keeps_graphs():
+            self._pulls[(a, b)] = graph
+        full = [torch.zeros_like(t) if d is None else d.detach() for d, t in zip(g, theta)]
+        return v.detach(), self.space.flat(full), graph
 
     def _hvp(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
         # reverse over reverse, as PyHessian: the chunk's gradient with its graph, built once and
         # kept; H is symmetric, so the backward of ∇L_c · v through that graph is H_c v
-        graph = self._pulls.get((a, b)) if isinstance(self._pulls, dict) else None
-        if graph is None:
-            theta = self._leaves()
-            with torch.enable_grad():
-                g = torch.autograd.grad(self.chunk_loss(theta, a, b), theta, create_graph=True, allow_unused=True)
-            # a gradient that is None or constant in θ (a loss linear in that tensor) adds nothing to H v
-            live = [i for i, t in enumerate(g) if t is not None and t.requires_grad]
-            graph = (theta, [g[i] for i in live], live)
-            if self._pulls is None:  # keep the graphs while this rank's share of them fits
-                share = 6 * (self.hi - self.lo) * self.act_bytes + 4 * self.space.size * self.space.values[0].element_size()
-                self._pulls = {} if share <= working_budget(self.space.device) // 4 else False
-            if self._pulls is not False:
-                self._pulls[(a, b)] = graph
-        theta, outputs, live = graph
-        k = V.shape[1]
+        graph = self._pulls.get((a, b)) if self._keeps_graphs() else None
+        theta, flat_g, live = graph if graph is not None else self._pull(a, b)[2]
+        if flat_g is None:
+            return self._backward([], theta, [], V.shape[1], b - a)
+        return self._backward([flat_g], theta, [self._rows_of(V, live)], V.shape[1], b - a)
+
+    def _rows_of(self, V: torch.Tensor, live: list[int]) -> torch.Tensor:
+        """The block ``V`` ``[P, k]`` as contiguous rows ``[k, P_live]`` (the ``live`` tensors'
+        entries), once per block: strided cotangents made every backward copy its operands
+        (one core, P = 77k, 1024 points: 12.7 ms a backward, 11.2 ms with contiguous rows)."""
+        # the same block object for every chunk of one pass (kept alive by the cache, so `is` is safe)
+        if self._rows_cache is not None and self._rows_cache[0] is V and self._rows_cache[1] == live:
+            return self._rows_cache[2]
         infos = self.space.infos
-        cots = [V[infos[i].offset : infos[i].offset + infos[i].size].T.reshape(k, *infos[i].shape) for i in live]
-        return self._backward(outputs, theta, cots, k, b - a)
+        if len(live) == len(infos):
+            rows = V.T.contiguous()
+        else:
+            rows = torch.cat([V[infos[i].offset : infos[i].offset + infos[i].size] for i in live]).T.contiguous()
+        self._rows_cache = (V, list(live), rows)
+        return rows
 
     def _ggn(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
         values, x, y = self.space.values, take(self.args, a, b), self._y(a, b)
@@ -349,7 +361,9 @@ class Objective:
     def _backward(self, outputs, theta, cots, k: int, rows: int) -> torch.Tensor:
         """``Σₒ cotsₒ[j] · ∂outputsₒ/∂θ`` for each ``j < k``, as flat columns ``[P, k]``, through
         a kept graph: one batched backward where the chunk of ``rows`` samples is small (see
-        :data:`BATCHED_BACKWARD_BYTES`), else one backward per column."""
+        :data:`BATCHED_BACKWARD_BYTES`), else one backward per column, from the scalar
+        ``Σₒ cotsₒ[j] · outputsₒ``: tensor ``grad_outputs`` would make torch import sympy
+        (``symbolic_shapes``, ≈0.35 s of a fresh process)."""
         space = self.space
         if not outputs:
             return torch.zeros(space.size, k, dtype=space.dtype, device=space.device)
@@ -367,13 +381,18 @@ class Objective:
                 return flat(got, (k,)).T
             except (RuntimeError, NotImplementedError):
                 self._batched_ok = False
-        cols = [flat(torch.autograd.grad(outputs, theta, [c[j] for c in cots], retain_graph=True, allow_unused=True), ())
-                for j in range(k)]  # fmt: skip
-        return torch.stack(cols, dim=1)
+        out = torch.empty(k, space.size, dtype=space.dtype, device=space.device)
+        for j in range(k):
+            with torch.enable_grad():
+                scalar = sum(torch.dot(o.reshape(-1), c[j].reshape(-1)) for o, c in zip(outputs, cots))
+            torch.cat([g.reshape(-1) if g is not None else torch.zeros(t.numel(), dtype=space.dtype, device=space.device)
+                       for g, t in zip(torch.autograd.grad(scalar, theta, retain_graph=True, allow_unused=True), theta)],
+                      out=out[j])  # fmt: skip
+        return out.T
 
     def _ef(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
         G = self._cached_grads(a, b)
-        return G.T @ (G @ V) / self.n
+        return ((G @ V).T @ G).T / self.n  # the product's rows contiguous, as matmat adds them
 
     def _cached_grads(self, a: int, b: int) -> torch.Tensor:
         """Per-sample gradients of a chunk, kept between products while this rank's share of

@@ -162,9 +162,34 @@ def script_mlp(tmp_path_factory):
     return d
 
 
+def test_a_trace_estimate_imports_neither_scipy_nor_sympy(tmp_path):
+    # the estimate runs on torch alone (no scipy operator), and a Hessian product's backward starts
+    # from the scalar v·∇L (tensor grad_outputs would import symbolic_shapes, hence sympy); the
+    # chunk (2048 points) is past the size where a block of columns runs as one batched backward
+    import warnings
+
+    import torch
+
+    torch.manual_seed(0)  # P = 4 481: past the exact trace's limit
+    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+                              torch.nn.Linear(64, 1))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(net).save(str(tmp_path / "mlp.pt"))
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.standard_normal((2048, 3)).astype(np.float32))
+    np.save(tmp_path / "y.npy", rng.standard_normal((2048, 1)).astype(np.float32))
+    got = run_fresh("curvature", str(tmp_path / "mlp.pt"), str(tmp_path / "x.npy"), "--loss", "mse", "--target",
+                    str(tmp_path / "y.npy"), "--trace", "--samples", "6", "--json")  # fmt: skip
+    assert got["code"] == 0, got["out"]
+    assert json.loads(got["out"])["trace_estimator"] is not None  # estimated, not exact
+    assert not {"scipy", "sympy", "torch._dynamo"} & set(got["modules"]), got["modules"]
+
+
 # the gradient, the per-sample rows of linear layers and the Hessian's products go through
 # torch.autograd, as a PyHessian script does (torch.func's reverse mode imports torch._dynamo);
-# sympy is not checked: torch.autograd.grad with explicit grad_outputs imports it, for PyHessian too
+# sympy is not checked: these small chunks take the batched backward, whose tensor grad_outputs
+# torch checks with symbolic_shapes (PyHessian's products import it too)
 @pytest.mark.parametrize("extra", [
     ["grads"],
     ["grads", "--per-sample"],

@@ -234,3 +234,43 @@ def test_assembled_hessian_by_triangles_matches_autograd_and_the_products(monkey
     monkeypatch.setattr(type(obj), "dense_hessian", unbatchable)  # the products' path takes over
     slow = spectral.dense(spectral.operator(obj, "hessian"))
     np.testing.assert_allclose(slow, H[np.ix_(idx, idx)], rtol=1e-10, atol=1e-12)
+
+
+def test_hessian_products_keep_one_graph_per_rank_or_the_callers_chunks():
+    """Where the graphs fit, the Hessian's products run through ONE kept graph over the samples
+    (as PyHessian's), whatever the per-sample chunk; ``chunk_size`` keeps its chunks. Both equal
+    the float64 Hessian of ``torch.autograd.functional`` times the block."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+    x = torch.randn(48, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (48,))
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+    def loss(flat):
+        params, o = {}, 0
+        for n, p in net.named_parameters():
+            params[n] = flat[o : o + p.numel()].reshape(p.shape)
+            o += p.numel()
+        out = torch.func.functional_call(net, params, (x,))
+        return torch.nn.functional.cross_entropy(out, y)
+
+    H = torch.autograd.functional.hessian(loss, theta)
+    V = torch.randn(theta.numel(), 5, dtype=torch.float64)
+    for chunk_size, graphs in ((None, 1), (16, 3)):
+        obj = _objective(net, x, y, loss="cross-entropy", reduction=None, params=None, chunk_size=chunk_size,
+                         output=None)  # fmt: skip
+        obj.chunk = 16  # as the per-sample rows of a large model size it: the graph need not follow
+        obj.value_and_grad(keep_hessian_graphs=True)
+        got = obj.matmat("hessian", V)
+        assert len(obj._pulls) == graphs, chunk_size
+        torch.testing.assert_close(got, H @ V, rtol=1e-10, atol=1e-12)
+
+
+def test_the_kept_graphs_are_sized_without_views():
+    # a weight's t() is a view: counted among the bytes an op returns, not among those it allocates
+    from jaccli.curvature.runtime import _Bytes
+
+    w, a, counter = torch.ones(300, 200), torch.ones(4, 200), _Bytes()
+    with counter:
+        a @ w.t()
+    assert counter.fresh == 4 * 300 * 4 and counter.bytes == counter.fresh + 300 * 200 * 4
