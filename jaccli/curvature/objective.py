@@ -50,7 +50,7 @@ from torch.func import grad, jacrev, vmap
 from jaccli.curvature.linear import LinearRows, NotLinear
 from jaccli.curvature.losses import Loss, get_loss
 from jaccli.curvature.params import ParamSpace, _rows, take
-from jaccli.curvature.runtime import _Bytes, all_reduce, dist_info  # noqa: F401 (re-exported)
+from jaccli.curvature.runtime import _Bytes, all_reduce, dist_info
 from jaccli.engine.planner import working_budget
 from jaccli.engine.strategies import jvp
 from jaccli.errors import first_line, InputError, ModelError, NumericalError, shape_str, UsageError

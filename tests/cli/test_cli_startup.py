@@ -101,7 +101,7 @@ def loaded_after(code: str, modules: tuple[str, ...]) -> list[str]:
 def test_the_activation_byte_counter_does_not_wake_dynamo():
     # a plain TorchDispatchMode subclass imports torch._dynamo on its first op (~1 s)
     code = (
-        "import torch\nfrom jaccli.curvature.objective import _Bytes\n"
+        "import torch\nfrom jaccli.curvature.runtime import _Bytes\n"
         "a, b, counter = torch.ones(4, 3), torch.ones(3, 2), _Bytes()\nwith counter:\n    a @ b\n"
         "assert counter.bytes == 4 * 2 * 4, counter.bytes"
     )
