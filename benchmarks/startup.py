@@ -16,7 +16,11 @@ Three figures (issues 8 and 23's goals):
   The compute is the same command run again in the process that ran it once (the median of
   the warm runs): what a run costs once every import, trace and cache is paid. The fixed
   cost is the whole process less ``python -c "import torch"`` less the compute: jaccli's
-  own imports and whatever it loads lazily (torch submodules, scipy, pydantic, …).
+  own imports and whatever it loads lazily (torch submodules, scipy, pydantic, …). It is
+  negative where the jaccli process imports torch for less than a plain ``import torch``
+  costs (it holds Python's garbage collector off while it starts, :mod:`jaccli.cli.collector`):
+  ``own`` is the whole process less ``import torch`` with the collector disabled too, less
+  the compute — what jaccli adds to the cheapest torch import.
   ``--only CMD`` measures that command alone (and skips the other two figures);
   ``--baseline PATH`` measures another checkout of jaccli (``git archive main | tar -x -C
   PATH``) in the same rounds, with the same interpreter and packages, and prints both.
@@ -133,7 +137,7 @@ def fixed_costs(names: list[str], checkouts: dict[str, Path], repeats: int, warm
     envs = {who: {**base_env, "PYTHONPATH": str(root)} for who, root in checkouts.items()}
     py = sys.executable
     parts = {who: {n: {"total": [], "compute": []} for n in names} for who in checkouts}
-    shared = {"interpreter": [], "import torch": []}
+    shared = {"interpreter": [], "import torch": [], "import torch, GC off": []}
     imports = {who: [] for who in checkouts}
     with tempfile.TemporaryDirectory() as tmp:
         for name in EXAMPLE_FILES:
@@ -146,7 +150,8 @@ def fixed_costs(names: list[str], checkouts: dict[str, Path], repeats: int, warm
 
         for round_ in range(repeats + 1):
             keep = round_ > 0  # the first round warms the file cache
-            for key, code in (("interpreter", "pass"), ("import torch", "import torch")):
+            for key, code in (("interpreter", "pass"), ("import torch", "import torch"),
+                              ("import torch, GC off", "import gc; gc.disable(); import torch")):
                 t = timed([py, "-c", code], base_env)
                 if keep:
                     shared[key].append(t)
@@ -162,7 +167,7 @@ def fixed_costs(names: list[str], checkouts: dict[str, Path], repeats: int, warm
                         parts[who][n]["total"].append(t)
                         parts[who][n]["compute"].extend(json.loads(done.stderr.strip().splitlines()[-1])[1:])
     med = statistics.median
-    interp, torch_s = med(shared["interpreter"]), med(shared["import torch"])
+    interp, torch_s, quiet_s = med(shared["interpreter"]), med(shared["import torch"]), med(shared["import torch, GC off"])
     out = {}
     for who in checkouts:
         jaccli_s = med(imports[who]) - torch_s
@@ -171,6 +176,7 @@ def fixed_costs(names: list[str], checkouts: dict[str, Path], repeats: int, warm
             out[who, n] = {
                 "total": total, "interpreter": interp, "import torch": torch_s - interp, "import jaccli": jaccli_s,
                 "compute": compute, "rest": total - torch_s - jaccli_s - compute, "fixed": total - torch_s - compute,
+                "own": total - quiet_s - compute,
             }  # fmt: skip
     return out
 
@@ -183,7 +189,7 @@ def print_fixed_costs(names, checkouts, repeats, warm_runs, clock) -> None:
     print(f"[fixed cost per command, {clock} seconds: fresh processes, one thread, medians of {repeats} rounds "
           f"(compute: median of {warm_runs} warm runs a round); {sys.executable}]")  # fmt: skip
     got = fixed_costs(names, checkouts, repeats, warm_runs, clock)
-    cols = ("total", "interpreter", "import torch", "import jaccli", "compute", "rest", "fixed")
+    cols = ("total", "interpreter", "import torch", "import jaccli", "compute", "rest", "fixed", "own")
     print(f"  {'command':11s} {'checkout':9s}" + "".join(f"{c:>14s}" for c in cols) + "   goal fixed <= 0.3 s")
     for n in names:
         for who in checkouts:
@@ -191,6 +197,8 @@ def print_fixed_costs(names, checkouts, repeats, warm_runs, clock) -> None:
             goal = "met" if row["fixed"] <= 0.3 else "NOT met"
             print(f"  {n:11s} {who:9s}" + "".join(f"{row[c]:14.3f}" for c in cols) + f"   {goal}")
     print("  fixed = total - (python -c 'import torch') - compute = import jaccli + rest")
+    print("  own = total - (python -c 'import gc; gc.disable(); import torch') - compute: what jaccli adds to a torch import\n"
+          "        that pays no garbage collection either (the jaccli process holds the collector off while it starts)")
 
 
 def main(argv=None) -> int:
