@@ -19,8 +19,9 @@ Three figures (issues 8 and 23's goals):
   own imports and whatever it loads lazily (torch submodules, scipy, pydantic, …). It is
   negative where the jaccli process imports torch for less than a plain ``import torch``
   costs (it holds Python's garbage collector off while it starts, :mod:`jaccli.cli.collector`):
-  ``own`` is the whole process less ``import torch`` with the collector disabled too, less
-  the compute — what jaccli adds to the cheapest torch import.
+  ``own`` is the whole process less ``import torch`` with the collector disabled and torch's
+  objects frozen too (which also spares the collections at exit), less the compute — what
+  jaccli adds to the cheapest torch import.
   ``--only CMD`` measures that command alone (and skips the other two figures);
   ``--baseline PATH`` measures another checkout of jaccli (``git archive main | tar -x -C
   PATH``) in the same rounds, with the same interpreter and packages, and prints both.
@@ -151,7 +152,7 @@ def fixed_costs(names: list[str], checkouts: dict[str, Path], repeats: int, warm
         for round_ in range(repeats + 1):
             keep = round_ > 0  # the first round warms the file cache
             for key, code in (("interpreter", "pass"), ("import torch", "import torch"),
-                              ("import torch, GC off", "import gc; gc.disable(); import torch")):
+                              ("import torch, GC off", "import gc; gc.disable(); import torch; gc.freeze()")):
                 t = timed([py, "-c", code], base_env)
                 if keep:
                     shared[key].append(t)
@@ -197,8 +198,8 @@ def print_fixed_costs(names, checkouts, repeats, warm_runs, clock) -> None:
             goal = "met" if row["fixed"] <= 0.3 else "NOT met"
             print(f"  {n:11s} {who:9s}" + "".join(f"{row[c]:14.3f}" for c in cols) + f"   {goal}")
     print("  fixed = total - (python -c 'import torch') - compute = import jaccli + rest")
-    print("  own = total - (python -c 'import gc; gc.disable(); import torch') - compute: what jaccli adds to a torch import\n"
-          "        that pays no garbage collection either (the jaccli process holds the collector off while it starts)")
+    print("  own = total - (python -c 'import gc; gc.disable(); import torch; gc.freeze()') - compute: what jaccli adds\n"
+          "        to a torch import that pays no garbage collection either, at start or exit (as the jaccli process)")
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ before the model is loaded (:func:`jaccli.cli.inputs.load_model_option`;
 ``example`` before it builds its models), so that what loading and computing discard is
 collected as usual. :func:`gc.freeze` first moves what start-up left into the permanent
 generation, which later collections skip: the compute's collections walk the compute's
-objects only. This is the pattern the :mod:`gc` documentation gives for ``fork``.
+objects only, and so do those the interpreter runs as it exits. This is the pattern the :mod:`gc` documentation gives for ``fork``.
 
 Only the process entry pauses: a program that embeds the CLI (Typer's ``CliRunner``, a
 script calling :func:`jaccli.cli.main.main`) keeps its collector as it is, and
