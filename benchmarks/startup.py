@@ -16,7 +16,12 @@ Three figures (issues 8 and 23's goals):
   The compute is the same command run again in the process that ran it once (the median of
   the warm runs): what a run costs once every import, trace and cache is paid. The fixed
   cost is the whole process less ``python -c "import torch"`` less the compute: jaccli's
-  own imports and whatever it loads lazily (torch submodules, scipy, pydantic, …).
+  own imports and whatever it loads lazily (torch submodules, scipy, pydantic, …). It is
+  negative where the jaccli process imports torch for less than a plain ``import torch``
+  costs (it holds Python's garbage collector off while it starts, :mod:`jaccli.cli.collector`):
+  ``own`` is the whole process less ``import torch`` with the collector disabled and torch's
+  objects frozen too (which also spares the collections at exit), less the compute — what
+  jaccli adds to the cheapest torch import.
   ``--only CMD`` measures that command alone (and skips the other two figures);
   ``--baseline PATH`` measures another checkout of jaccli (``git archive main | tar -x -C
   PATH``) in the same rounds, with the same interpreter and packages, and prints both.
@@ -28,6 +33,11 @@ one thread (``OMP_NUM_THREADS=1``): the two figures of a difference then see the
 machine. The fixed-cost figures are CPU seconds (user + system) by default: on a machine
 shared with other work a process's wall time grows with the load (``import torch`` went from
 1.3 s to 2.7 s here), its CPU time far less; ``--clock wall`` measures wall time instead.
+
+Every checkout's ``jaccli`` is byte-compiled first (``compileall``), as ``pip install`` leaves
+it: with ``PYTHONDONTWRITEBYTECODE=1`` set (as on the project's shared machines) an editable
+checkout would otherwise compile its ~60 modules again in every process, 0.1-0.2 s that no
+installed copy pays (``--no-compile`` keeps that cost, to see it).
 """
 
 from __future__ import annotations
@@ -93,6 +103,13 @@ print(json.dumps(times), file=sys.stderr)
 """
 
 
+def compile_checkouts(roots) -> None:
+    """Byte-compile each checkout's ``jaccli`` package into its ``__pycache__`` (git ignores it)."""
+    for root in roots:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(root) / "jaccli")], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+
+
 def jaccli_exe() -> list[str]:
     found = shutil.which("jaccli", path=str(Path(sys.executable).parent)) or shutil.which("jaccli")
     return [found] if found else [sys.executable, "-m", "jaccli"]
@@ -121,7 +138,7 @@ def fixed_costs(names: list[str], checkouts: dict[str, Path], repeats: int, warm
     envs = {who: {**base_env, "PYTHONPATH": str(root)} for who, root in checkouts.items()}
     py = sys.executable
     parts = {who: {n: {"total": [], "compute": []} for n in names} for who in checkouts}
-    shared = {"interpreter": [], "import torch": []}
+    shared = {"interpreter": [], "import torch": [], "import torch, GC off": []}
     imports = {who: [] for who in checkouts}
     with tempfile.TemporaryDirectory() as tmp:
         for name in EXAMPLE_FILES:
@@ -134,7 +151,8 @@ def fixed_costs(names: list[str], checkouts: dict[str, Path], repeats: int, warm
 
         for round_ in range(repeats + 1):
             keep = round_ > 0  # the first round warms the file cache
-            for key, code in (("interpreter", "pass"), ("import torch", "import torch")):
+            for key, code in (("interpreter", "pass"), ("import torch", "import torch"),
+                              ("import torch, GC off", "import gc; gc.disable(); import torch; gc.freeze()")):
                 t = timed([py, "-c", code], base_env)
                 if keep:
                     shared[key].append(t)
@@ -150,7 +168,7 @@ def fixed_costs(names: list[str], checkouts: dict[str, Path], repeats: int, warm
                         parts[who][n]["total"].append(t)
                         parts[who][n]["compute"].extend(json.loads(done.stderr.strip().splitlines()[-1])[1:])
     med = statistics.median
-    interp, torch_s = med(shared["interpreter"]), med(shared["import torch"])
+    interp, torch_s, quiet_s = med(shared["interpreter"]), med(shared["import torch"]), med(shared["import torch, GC off"])
     out = {}
     for who in checkouts:
         jaccli_s = med(imports[who]) - torch_s
@@ -159,6 +177,7 @@ def fixed_costs(names: list[str], checkouts: dict[str, Path], repeats: int, warm
             out[who, n] = {
                 "total": total, "interpreter": interp, "import torch": torch_s - interp, "import jaccli": jaccli_s,
                 "compute": compute, "rest": total - torch_s - jaccli_s - compute, "fixed": total - torch_s - compute,
+                "own": total - quiet_s - compute,
             }  # fmt: skip
     return out
 
@@ -171,7 +190,7 @@ def print_fixed_costs(names, checkouts, repeats, warm_runs, clock) -> None:
     print(f"[fixed cost per command, {clock} seconds: fresh processes, one thread, medians of {repeats} rounds "
           f"(compute: median of {warm_runs} warm runs a round); {sys.executable}]")  # fmt: skip
     got = fixed_costs(names, checkouts, repeats, warm_runs, clock)
-    cols = ("total", "interpreter", "import torch", "import jaccli", "compute", "rest", "fixed")
+    cols = ("total", "interpreter", "import torch", "import jaccli", "compute", "rest", "fixed", "own")
     print(f"  {'command':11s} {'checkout':9s}" + "".join(f"{c:>14s}" for c in cols) + "   goal fixed <= 0.3 s")
     for n in names:
         for who in checkouts:
@@ -179,6 +198,8 @@ def print_fixed_costs(names, checkouts, repeats, warm_runs, clock) -> None:
             goal = "met" if row["fixed"] <= 0.3 else "NOT met"
             print(f"  {n:11s} {who:9s}" + "".join(f"{row[c]:14.3f}" for c in cols) + f"   {goal}")
     print("  fixed = total - (python -c 'import torch') - compute = import jaccli + rest")
+    print("  own = total - (python -c 'import gc; gc.disable(); import torch; gc.freeze()') - compute: what jaccli adds\n"
+          "        to a torch import that pays no garbage collection either, at start or exit (as the jaccli process)")
 
 
 def main(argv=None) -> int:
@@ -189,12 +210,15 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", type=Path, help="another checkout of jaccli to measure alongside this one")
     ap.add_argument("--warm-runs", type=int, default=3, help="warm runs a round that measure the compute")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="what the fixed-cost figures measure")
+    ap.add_argument("--no-compile", action="store_true", help="leave the checkouts' bytecode as it is")
     args = ap.parse_args(argv)
     checkouts = {"this": ROOT}
     if args.baseline is not None:
         if not (args.baseline / "jaccli" / "__init__.py").is_file():
             ap.error(f"--baseline {args.baseline}: not a checkout of jaccli (no jaccli/__init__.py)")
         checkouts = {"baseline": args.baseline.resolve(), "this": ROOT}
+    if not args.no_compile:
+        compile_checkouts(checkouts.values())
     names = [args.only] if args.only else list(COMMANDS)
     if args.only:
         print_fixed_costs(names, checkouts, args.repeats, args.warm_runs, args.clock)

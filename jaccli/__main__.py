@@ -7,6 +7,7 @@ jaccli runs, are out of reach.
 """
 
 from jaccli import signals
+from jaccli.cli import collector
 
 
 def _cli() -> None:
@@ -16,6 +17,7 @@ def _cli() -> None:
 
 
 def main() -> None:
+    collector.pause()  # until the model is loaded: start-up's full collections would free nothing
     signals.run(_cli)
 
 

@@ -11,6 +11,7 @@
 :mod:`.options`     the options the commands share, as Typer annotations
 :mod:`.inputs`      MODEL, INPUT and the loading options → a model and its arguments
 :mod:`.allocator`   glibc's allocator tuned for tensor work, for this process only
+:mod:`.collector`   Python's garbage collector held off while the process starts
 ==================  ====================================================================
 
 Start-up is torch-free: every module here imports the core inside the functions that

@@ -14,6 +14,7 @@ from rich.markup import escape
 
 import jaccli
 
+from jaccli.cli import collector
 from jaccli.errors import UsageError
 from jaccli.request.spec import Source
 
@@ -59,7 +60,10 @@ def arch_kwargs(text: str | None) -> dict:
 
 
 def load_model_option(source: Source, dev, dtype=None):
-    return jaccli.load_model(
+    from jaccli.load import load_model  # torch and the loaders: what start-up imports
+
+    collector.resume()  # before the load, whose garbage (a .pt2's graphs) must not be frozen
+    return load_model(
         source.model, device=dev, dtype=dtype, arch=source.arch, activation=source.activation,
         arch_kwargs=arch_kwargs(source.arch_kwargs),
     )  # fmt: skip

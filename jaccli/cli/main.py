@@ -413,7 +413,9 @@ def example(
     from pathlib import Path
 
     from jaccli.errors import OutputError
-    from jaccli.cli import example_models
+    from jaccli.cli import collector, example_models
+
+    collector.resume()  # torch is imported: building and exporting the models makes real garbage
 
     out = Path(directory)
     if out.exists() and not out.is_dir():

@@ -110,6 +110,9 @@ def test_the_activation_byte_counter_does_not_wake_dynamo():
 
 #: small runs of every command on TorchScript models, and the modules each must not import
 SMALL_RUNS = {
+    "jacobian": (["jacobian", "pinn.pt", "pinn_x.npy", "-p"], ("torch._dynamo", "sympy", "scipy", "pydantic", JVP_DECOMPOSITIONS)),
+    "hessian": (["hessian", "pinn.pt", "pinn_x.npy", "-p"], ("torch._dynamo", "sympy", "scipy", "pydantic", JVP_DECOMPOSITIONS)),
+    "info": (["info", "pinn.pt", "pinn_x.npy"], ("torch._dynamo", "sympy", "scipy", "pydantic", JVP_DECOMPOSITIONS)),
     "laplacian": (["laplacian", "pinn.pt", "pinn_x.npy", "-p"], ("torch._dynamo", "sympy", "scipy", "pydantic", JVP_DECOMPOSITIONS)),
     "divergence": (["divergence", "field.pt", "field_x.npy", "-p"], ("torch._dynamo", "sympy", "scipy", "pydantic", JVP_DECOMPOSITIONS)),
     # the gradient by torch.autograd (torch.func's reverse mode would import torch._dynamo)
@@ -121,7 +124,7 @@ SMALL_RUNS = {
 @pytest.mark.parametrize("name", sorted(SMALL_RUNS))
 def test_a_small_run_skips_the_big_imports(name):
     args, banned = SMALL_RUNS[name]
-    got = run_fresh(*(str(EXAMPLES / a) if (EXAMPLES / a).is_file() else a for a in args), "-q")
+    got = run_fresh(*(str(EXAMPLES / a) if (EXAMPLES / a).is_file() else a for a in args), *(["-q"] if name != "info" else []))
     assert got["code"] == 0, got["out"]
     assert not set(banned) & set(got["modules"]), got["modules"]
 
@@ -203,3 +206,46 @@ def test_a_small_curvature_run_never_imports_dynamo(script_mlp, extra):
                     *options, "-q")  # fmt: skip
     assert got["code"] == 0, got["out"]
     assert "torch._dynamo" not in got["modules"]
+
+
+#: runs ``python -m jaccli ARGS`` in this interpreter and reports every collection of the cyclic
+#: garbage collector: whether torch was imported then, and how many objects were frozen
+COLLECTIONS = """
+import gc, json, runpy, sys
+seen = []
+gc.callbacks.append(lambda phase, info: phase == "start" and seen.append(("torch" in sys.modules, gc.get_freeze_count())))
+sys.argv = ["jaccli", *json.loads(sys.argv[1])]
+try:
+    runpy.run_module("jaccli", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"code": code, "seen": seen, "enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}))
+"""
+
+
+@pytest.mark.parametrize("command", [["laplacian", "-p", "-q"], ["info"], ["grads", "--loss", "output", "-q"]])
+def test_the_process_walks_no_start_up_objects_in_a_collection(tmp_path, command):
+    # jaccli.cli.collector: no full collection walks torch's ~170k objects while the command starts
+    name, *options = command
+    model, x = ("potential.pt", "potential_x.npy") if name == "grads" else ("pinn.pt", "pinn_x.npy")
+    args = [name, str(EXAMPLES / model), str(EXAMPLES / x), *options]
+    done = subprocess.run([sys.executable, "-c", COLLECTIONS, json.dumps(args)], capture_output=True, text=True,
+                          timeout=HANG_GUARD_S, cwd=tmp_path)  # fmt: skip
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["code"] in (0, None), done.stderr
+    assert got["enabled"] and got["frozen"] > 10_000, got  # resumed, with torch's objects frozen
+    assert all(frozen for with_torch, frozen in got["seen"] if with_torch), got["seen"]
+
+
+def test_only_the_process_entry_pauses_the_collector():
+    # an embedding program (CliRunner, a script calling main()) keeps its collector as it is
+    code = (
+        "import gc\nfrom jaccli.cli import collector\n"
+        "collector.resume(); assert gc.isenabled() and gc.get_freeze_count() == 0\n"
+        "gc.disable(); collector.pause(); collector.resume(); assert not gc.isenabled()\n"
+        "gc.enable(); collector.pause(); assert not gc.isenabled()\n"
+        "x = []; x.append(x); collector.resume(); assert gc.isenabled() and gc.get_freeze_count() > 0\n"
+        "collector.resume(); print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert done.stdout.split() == ["ok"], done.stderr
