@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import jaccli
+from jaccli.cli import collector
 from jaccli.cli.inputs import collect_warnings, err_console, input_meta, load_request, model_meta
 from jaccli.errors import DependencyError, GateFailed, ResumeError, UsageError
 from jaccli.request.choices import STDIO
@@ -107,14 +108,21 @@ def process_group(device: str):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     joined = not dist.is_initialized()
     if joined:
+        # the group's objects must stay collectable: frozen ones (collector.resume freezes what
+        # exists) are never freed, and a gloo group left alive at exit aborts the process
+        collector.resume()
         nccl = device.startswith("cuda") and torch.cuda.is_available()  # else loading says CUDA is missing
         if nccl:  # nccl's object collectives run on the current device: each rank's own, not cuda:0
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if nccl else "gloo")
+    done = False
     try:
         yield device, dist.get_world_size(), dist.get_rank()
+        done = True
     finally:
         if joined:
+            if done:  # every rank leaves together: none tears gloo down while another still talks to it
+                dist.barrier()
             dist.destroy_process_group()
 
 
