@@ -278,12 +278,16 @@ class Objective:
         V = V.to(self.space.dtype)
         # each direction's product as a contiguous row (returned transposed, a [P, k] view): the
         # products come as rows, and adding them into columns of a [P, k] tensor cost 5 % of a trace
-        rows = torch.zeros(V.shape[1], self.space.size, dtype=V.dtype, device=V.device)
+        rows = torch.empty(V.shape[1], self.space.size, dtype=V.dtype, device=V.device)
         k = self.columns
         for j in range(0, V.shape[1], k):
-            block = V[:, j : j + k]
+            block, dst, first = V[:, j : j + k], rows[j : j + k], True
             for a, b in self.chunks(self._graph_chunk() if matrix == "hessian" else None):
-                rows[j : j + k] += PRODUCTS[matrix](self, block, a, b).T
+                part = PRODUCTS[matrix](self, block, a, b).T
+                dst.copy_(part) if first else dst.add_(part)  # the first chunk's sets: no zero-filling pass
+                first = False
+            if first:  # this rank holds no samples: its share of the sum is zero
+                dst.zero_()
         self.products += V.shape[1]
         self._rows_cache = None
         return all_reduce(rows).T
