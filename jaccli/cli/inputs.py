@@ -60,8 +60,7 @@ def arch_kwargs(text: str | None) -> dict:
 
 
 def load_model_option(source: Source, dev, dtype=None):
-    from jaccli.load import load_model  # torch and the loaders: what start-up imports
-
+    load_model = jaccli.load_model  # a lazy attribute: imports torch and the loaders, start-up's objects
     collector.resume()  # before the load, whose garbage (a .pt2's graphs) must not be frozen
     return load_model(
         source.model, device=dev, dtype=dtype, arch=source.arch, activation=source.activation,
