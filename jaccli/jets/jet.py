@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -154,27 +155,24 @@ class _Call:
         self.order = len(self.counts) - 1
         self.series = self.pairs is None and not self.collapsed
         self.half = 0.5 if self.series else 1.0
-        self._runs: list[tuple[int, int, int, int]] | None | bool = False  # not yet looked at
 
+    @cached_property
     def runs(self) -> list[tuple[int, int, int, int]] | None:
         """The second-order rows as runs ``(r0, r1, i, j0)``: rows ``r0 … r1-1`` are the pairs
         ``(i, j0) … (i, j0 + r1 - r0 - 1)``; None off the CPU or where the pairs scatter into
         more than :data:`_MAX_RUNS` runs. A Hessian's pass over every pair ``i ≤ j`` of ``k``
         directions is ``k`` runs (the upper triangle row by row)."""
-        if self._runs is False:
-            self._runs = None
-            i, j = self.pairs
-            if i.device.type == "cpu":
-                runs: list[list[int]] = []
-                for r, (a, b) in enumerate(zip(i.tolist(), j.tolist())):
-                    last = runs[-1] if runs else None
-                    if last is not None and last[2] == a and last[3] + (last[1] - last[0]) == b:
-                        last[1] = r + 1
-                    else:
-                        runs.append([r, r + 1, a, b])
-                if len(runs) <= _MAX_RUNS:
-                    self._runs = [tuple(run) for run in runs]  # type: ignore[misc]
-        return self._runs  # type: ignore[return-value]
+        i, j = self.pairs
+        if i.device.type != "cpu":
+            return None
+        runs: list[list[int]] = []
+        for r, (a, b) in enumerate(zip(i.tolist(), j.tolist())):
+            last = runs[-1] if runs else None
+            if last is not None and last[2] == a and last[3] + (last[1] - last[0]) == b:
+                last[1] = r + 1
+            else:
+                runs.append([r, r + 1, a, b])
+        return [tuple(run) for run in runs] if len(runs) <= _MAX_RUNS else None  # type: ignore[misc]
 
     def empty(self, lay: Layout, shape: Sequence[int], like: Tensor, dtype=None) -> Jet:
         return Jet(self.tensor((lay.rows(self.counts), *shape), like, dtype), lay, self.counts)
@@ -195,7 +193,7 @@ class _Call:
             return torch.sum(d1 * d1, 0, keepdim=True, out=out)
         if self.pairs is None or self.counts[1] == 1:  # series, or one direction and one pair (0, 0)
             return torch.mul(d1, d1, out=out)
-        runs = self.runs()
+        runs = self.runs
         if runs is not None:  # each run one product into its rows: no gathered copies of d1
             for r0, r1, i0, j0 in runs:
                 torch.mul(d1[i0 : i0 + 1], d1[j0 : j0 + r1 - r0], out=out[r0:r1])

@@ -413,7 +413,7 @@ def test_pair_runs_give_the_gathered_square(pairs):
     i, j = (torch.tensor(p) for p in pairs)
     d1 = torch.randn(3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     cx = _Call((1, 3, len(pairs[0])), (i, j), 5)
-    assert cx.runs() is not None and sum(r1 - r0 for r0, r1, _, _ in cx.runs()) == len(pairs[0])
+    assert cx.runs is not None and sum(r1 - r0 for r0, r1, _, _ in cx.runs) == len(pairs[0])
     got = cx.square(d1, torch.empty(len(pairs[0]), 5, 4, dtype=torch.float64))
     assert torch.equal(got, d1[i] * d1[j])
 
@@ -424,7 +424,7 @@ def test_many_scattered_pairs_are_gathered():
     k = jet._MAX_RUNS + 1
     i = torch.arange(k).flip(0)
     cx = jet._Call((1, k, k), (i, i), 2)
-    assert cx.runs() is None
+    assert cx.runs is None
     d1 = torch.randn(k, 2, 3, dtype=torch.float64)
     assert torch.equal(cx.square(d1, torch.empty(k, 2, 3, dtype=torch.float64)), d1[i] * d1[i])
 
