@@ -372,9 +372,9 @@ class Objective:
         if not outputs:
             return torch.zeros(space.size, k, dtype=space.dtype, device=space.device)
 
-        def flat(got, lead):
+        def flat(got, lead, out=None):
             return torch.cat([(torch.zeros(*lead, t.numel(), dtype=space.dtype, device=space.device) if g is None
-                               else g.reshape(*lead, -1)) for g, t in zip(got, theta)], dim=-1)  # fmt: skip
+                               else g.reshape(*lead, -1)) for g, t in zip(got, theta)], dim=-1, out=out)  # fmt: skip
 
         if k > 1 and self._batched_ok and rows * self.act_bytes <= BATCHED_BACKWARD_BYTES:
             try:
@@ -389,9 +389,7 @@ class Objective:
         for j in range(k):
             with torch.enable_grad():
                 scalar = sum(torch.dot(o.reshape(-1), c[j].reshape(-1)) for o, c in zip(outputs, cots))
-            torch.cat([g.reshape(-1) if g is not None else torch.zeros(t.numel(), dtype=space.dtype, device=space.device)
-                       for g, t in zip(torch.autograd.grad(scalar, theta, retain_graph=True, allow_unused=True), theta)],
-                      out=out[j])  # fmt: skip
+            flat(torch.autograd.grad(scalar, theta, retain_graph=True, allow_unused=True), (), out=out[j])
         return out.T
 
     def _ef(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
