@@ -543,15 +543,14 @@ def markdown(rows: list[dict], a, when: str) -> str:
     """The summary as a Markdown table, headed by the date, the machine and the command that made it."""
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     verdict = lambda v, t: "" if v is None else (" ✓" if v <= t else " ✗")  # noqa: E731
-    argv, given = [], iter(a.argv_given)
-    for arg in given:  # the command that measured, without the options naming where it wrote
-        if arg in ("--json", "--markdown"):
-            next(given, None)
-        elif arg != "--readme" and not (argv[-1:] == ["--readme"] and not arg.startswith("-")):
-            argv.append(arg)
-        elif arg == "--readme":
-            argv.append(arg)
-    argv = " ".join(x for x in argv if x != "--readme")
+    shown, prev = [], None
+    for arg in a.argv_given:  # the command that measured, less the options naming where it wrote
+        writes = (arg in ("--json", "--markdown", "--readme") or prev in ("--json", "--markdown")
+                  or (prev == "--readme" and not arg.startswith("-")))  # --readme's file is optional
+        if not writes:
+            shown.append(arg)
+        prev = arg
+    argv = " ".join(shown)
     lines = [
         f"Measured {when} on {machine(a.device)}; device {a.device}, {a.threads} thread(s) per process, float32, "
         f"every result within {a.tol:g} of float64. `python benchmarks/peers.py {argv}`".rstrip() + ". "
