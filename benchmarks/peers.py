@@ -622,9 +622,10 @@ def main(argv=None) -> int:
 
     print(f"python {platform.python_version()}, {platform.platform()}, {os.cpu_count()} CPUs, {a.threads} thread(s)"
           f" per process; repeats {a.repeats}, process repeats {a.process_repeats}")  # fmt: skip
-    # jaccli byte-compiled as an install leaves it: with PYTHONDONTWRITEBYTECODE set, an editable
-    # checkout would recompile its modules in every whole process (0.1-0.2 s no user pays)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "jaccli")], check=True, stdout=subprocess.DEVNULL)
+    sys.path.insert(0, str(HERE))
+    from timing import compile_checkouts
+
+    compile_checkouts([ROOT])  # the whole processes run jaccli as an install leaves it
     rows = []
     with tempfile.TemporaryDirectory(prefix="peers-bench-") as tmp:
         for job in jobs:

@@ -56,6 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
+from timing import compile_checkouts
+
 ROOT = Path(__file__).resolve().parent.parent
 PINN = ROOT / "examples" / "models" / "pinn.pt"
 
@@ -101,13 +103,6 @@ for _ in range(reps + 1):
     times.append(clock() - t0)
 print(json.dumps(times), file=sys.stderr)
 """
-
-
-def compile_checkouts(roots) -> None:
-    """Byte-compile each checkout's ``jaccli`` package into its ``__pycache__`` (git ignores it)."""
-    for root in roots:
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(root) / "jaccli")], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
 
 
 def jaccli_exe() -> list[str]:
