@@ -18,6 +18,7 @@ with the ratio jaccli / peer (below 1: jaccli is faster):
   saving the same ``.npy`` (the fastest peer of ``--task per-sample``).
 
 A peer that is not installed is skipped with a line. Every process runs with one thread.
+Both checkouts are byte-compiled first, as an install leaves them (``timing.compile_checkouts``).
 ``--baseline PATH`` runs the same jaccli command on another checkout as well (``git archive main
 jaccli | tar -x -C PATH``, run as ``python -m jaccli`` with ``PYTHONPATH=PATH``), in the same turns:
 before and after a change, against the same peer.
@@ -103,6 +104,10 @@ def main(width: int, points: int, repeats: int, tol: float, samples: int, tasks:
          baseline: Path | None = None) -> None:
     import importlib.util
 
+    from timing import compile_checkouts
+
+    # both checkouts as an install leaves them (else each jaccli process may compile its modules again)
+    compile_checkouts([Path(__file__).resolve().parent.parent, *([baseline] if baseline is not None else [])])
     jaccli = shutil.which("jaccli") or str(Path(sys.executable).with_name("jaccli"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
