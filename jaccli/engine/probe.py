@@ -350,7 +350,15 @@ def _same_output(problem: Problem, rows: torch.Tensor, facts: _ProbeFacts) -> bo
         part = select_part(y, problem.select, problem.per_sample, problem.where)
     except Exception:  # noqa: BLE001 - the full probe runs again and reports it as it would
         return False
+    _keep_output(problem, rows, part)
     return tuple(part.shape[1:] if problem.per_sample else part.shape) == facts.out_shape
+
+
+def _keep_output(problem: Problem, rows: torch.Tensor, part: torch.Tensor) -> None:
+    """Keep the model's (selected) output on the probe rows for the kept program's recheck
+    (:func:`jaccli.engine.programs.program_for`): one forward of the model fewer per call."""
+    if problem.per_sample and part.dim() > 0 and part.shape[0] == rows.numel():
+        problem.probe_output = (rows, part.detach().reshape(rows.numel(), -1))
 
 
 def _probe_model(problem: Problem, rows: torch.Tensor) -> _ProbeFacts:
@@ -373,6 +381,7 @@ def _probe_model(problem: Problem, rows: torch.Tensor) -> _ProbeFacts:
     if not y.is_floating_point():
         raise ModelError("the model's output is not floating point", where=problem.where, got=str(y.dtype))
     part = select_part(y, problem.select, problem.per_sample, problem.where)
+    _keep_output(problem, rows, part)
     return _ProbeFacts(
         native_rnn=native_rnn,
         out_shape=tuple(part.shape[1:]) if problem.per_sample else tuple(part.shape),
@@ -434,6 +443,7 @@ def check_batch_independence(problem: Problem, rows: torch.Tensor) -> tuple[int,
                 cli_hint=cli,
             ) from None
     y = y.detach()
+    _keep_output(problem, rows, y)
     if y.is_floating_point():  # a float64 input through a float32 model: float32's rounding
         eps = max(eps, torch.finfo(y.dtype).eps)
     grad = torch.zeros_like(z) if grad is None else grad

@@ -132,6 +132,9 @@ class Problem:
     ops: frozenset[str] = field(default_factory=frozenset)
     blocked: ModelError | None = None  # why no derivative reaches the output, if none can
     select: Selection | None = None  # the elements of each point's output differentiated
+    #: (rows, g(z(rows))) of the probe's last forward on its rows (per sample): the kept
+    #: program's recheck compares with it instead of running the model once more
+    probe_output: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def n_in(self) -> int:

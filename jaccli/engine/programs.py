@@ -16,7 +16,9 @@ the same request reuses its program: :func:`program_for` keeps the last few, key
 Even then, a program taken from the cache is checked again against the model on the
 new input's probe points (:func:`jaccli.jets.recheck`): its value, not its derivatives,
 which were checked against autograd once, when the entry was recorded (checking them on
-every call was about half of a small request's time). A change the key cannot see (a
+every call was about half of a small request's time). The model's side of that check is
+the probe's own forward on the same rows (the batch-independence check's, kept in
+``Problem.probe_output``): no forward of its own. A change the key cannot see (a
 plain tensor attribute, a Python flag) makes another function, whose values show the
 disagreement, and the model is then recorded anew. What the check cannot see — a change
 that matters only away from the probe points — a fresh recording would not see either. Entries are few (:data:`_SIZE`), dropped with their model (a program holds
@@ -67,7 +69,7 @@ def program_for(p: Problem, orders: int) -> jets.TaylorProgram:
             hit = _CACHE.get(key)
         if hit is not None and hit[0]() is p.module and hit[1] == state:
             try:
-                jets.recheck(hit[2], p.fn(rows), p.z(rows), orders)
+                jets.recheck(hit[2], p.fn(rows), p.z(rows), orders, value=_seen(p, rows))
             except jets.Unsupported:
                 pass  # the model changed in a way the key cannot see: record it again
             else:
@@ -84,6 +86,15 @@ def program_for(p: Problem, orders: int) -> jets.TaylorProgram:
             while len(_CACHE) > _SIZE:
                 _CACHE.popitem(last=False)
     return program
+
+
+def _seen(p: Problem, rows: torch.Tensor) -> torch.Tensor | None:
+    """The model's output on ``rows`` where the probe's forward (the batch check's, most often)
+    ran on those very rows of this input, else None (the recheck then runs the model itself)."""
+    seen = p.probe_output
+    if seen is None or seen[0].shape != rows.shape or not torch.equal(seen[0], rows):
+        return None
+    return seen[1]
 
 
 def _forget(key: tuple, ref: weakref.ref) -> None:

@@ -68,6 +68,8 @@ class TaylorProgram:
     #: the relative tolerance :func:`~.builder.build` checked it to, and up to which order
     tol: float = field(default=1e-4, repr=False)
     orders: int = field(default=0, repr=False)
+    #: the recorded ops as one straight-line function of values (the recheck's, see builder._replay)
+    replay: Any = field(default=None, repr=False, compare=False)
 
     @staticmethod
     @contextlib.contextmanager
