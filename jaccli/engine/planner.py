@@ -6,7 +6,7 @@ fast path (:mod:`jaccli.jets`, forward-mode requests on one per-sample input) an
 the torch.func strategies. A plan carries the normalised request it was made for, so
 that computing it probes and traces the model no second time.
 
-Imports: torch, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.strategies`.
+Imports: torch, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.probe`, :mod:`.programs`, :mod:`.strategies`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 
 from jaccli import jets as taylor
 from jaccli.errors import format_bytes, ModelError, ResourceError, shape_str, UsageError
-from jaccli.engine.programs import program_for
+from jaccli.engine.probe import settle_batch_check
+from jaccli.engine.programs import confirm, program_for
 from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_args
 from jaccli.request.choices import ESTIMATORS, KINDS, MODES
 from jaccli.request.kinds import kind as kind_of
@@ -422,10 +423,14 @@ def prepare(d: Derivative, f: Callable, x) -> Plan:
     check_mode(d.mode)
     p = check_inputs(
         f, x, wrt=d.wrt, per_sample=d.per_sample, output=d.output, check_batch=d.check_batch, strict=d.strict,
-        select=d.select,
+        select=d.select, defer_batch=True,
     )  # fmt: skip
     check_preconditions(kind, p, d.estimator, d.probes)
     plan, program = choose_plan(kind, p, d.mode, d.estimator, d.probes, d.chunk_size)
+    # a recalled model's batch check, unless the kept program vouched for these rows (its
+    # model passed the check, and the recheck found the model computing it on them)
+    if settle_batch_check(p) and program is not None:
+        confirm(p, program, d.kind.taylor_order)
     return replace(plan, _request=Request(p, program, d))
 
 

@@ -295,10 +295,14 @@ def _probe_request(problem: Problem) -> tuple:
             repr(problem.select), problem.static_batch)  # fmt: skip
 
 
-def run_probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = True) -> None:
+def run_probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = True, defer_batch: bool = False) -> None:
     """Run the model once on a few points: output shape, memory per point, ops used (recalled
     for a model called again with the same shapes: :mod:`.memo`, the shape confirmed by a
-    forward on the probe rows, the batch check's where it runs); then the batch check."""
+    forward on the probe rows, the batch check's where it runs); then the batch check.
+
+    ``defer_batch``: a recalled model's batch check is left pending (``problem.batch_pending``,
+    its rows) for :func:`settle_batch_check`, which the caller runs once it knows whether a
+    kept program vouches for these rows (:func:`jaccli.engine.programs.program_for`)."""
     rows = probe_rows(problem)
     request = _probe_request(problem)
     facts = memo.recall(problem.module, request)
@@ -306,7 +310,7 @@ def run_probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = Tru
         problem.f = differentiable(problem.module, native_rnn=True)
     checked = False  # whether the batch check ran on the model as it now stands
     if facts is not None:
-        if check_batch and facts.blocked is None:
+        if check_batch and facts.blocked is None and not defer_batch:
             # the batch check's own forward shows the output's shape: one forward of the
             # probe rows fewer per call (0.1-0.4 ms of a 2-20 ms call, most from a .pt2)
             checked = fits = _checked_output(problem, rows) == facts.out_shape
@@ -315,6 +319,8 @@ def run_probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = Tru
         if not fits:  # a change the key cannot see (a Python flag) changed the output's shape
             facts, checked = None, False
             problem.f = differentiable(problem.module)
+        elif check_batch and defer_batch:
+            checked, problem.batch_pending = True, rows  # settled by settle_batch_check
     if facts is None:
         facts = _probe_model(problem, rows)
         memo.keep(problem.module, request, facts)
@@ -324,6 +330,17 @@ def run_probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = Tru
         raise problem.blocked
     if check_batch and not checked:
         check_batch_independence(problem, rows)
+
+
+def settle_batch_check(problem: Problem) -> bool:
+    """Run the batch check :func:`run_probe` left pending, unless a kept program vouched for
+    the rows in the meantime; whether it ran (and passed: a coupled model raises)."""
+    rows, problem.batch_pending = problem.batch_pending, None
+    if rows is None:
+        return False
+    if problem.blocked is None:
+        check_batch_independence(problem, rows)
+    return True
 
 
 def _checked_output(problem: Problem, rows: torch.Tensor) -> tuple[int, ...] | None:
@@ -471,4 +488,5 @@ def check_batch_independence(problem: Problem, rows: torch.Tensor) -> tuple[int,
     with torch.no_grad():
         part = select_part(select_output(seen[0], problem.output, problem.where), problem.select,
                            problem.per_sample, problem.where)  # fmt: skip
+    problem.batch_checked = True
     return tuple(part.shape[1:] if problem.per_sample else part.shape)

@@ -135,6 +135,11 @@ class Problem:
     #: (rows, g(z(rows))) of the probe's last forward on its rows (per sample): the kept
     #: program's recheck compares with it instead of running the model once more
     probe_output: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: whether the batch-independence check passed on this call's model (it vouches for a
+    #: program recorded in this call), and the probe rows of a check left pending (see
+    #: :func:`.probe.settle_batch_check`)
+    batch_checked: bool = False
+    batch_pending: torch.Tensor | None = None
 
     @property
     def n_in(self) -> int:
@@ -188,12 +193,15 @@ def check_inputs(
     strict: bool = False,
     refuse_blocked: bool = True,
     select=None,
+    defer_batch: bool = False,
 ) -> Problem:
     """Validate and normalise a request once; probe the model on a few points.
 
     A model whose output the differentiated inputs reach only through ops without a
     derivative is refused (``refuse_blocked``) rather than answered with zeros; with
-    ``refuse_blocked=False`` the reason is left in ``Problem.blocked``.
+    ``refuse_blocked=False`` the reason is left in ``Problem.blocked``. With ``defer_batch``
+    a recalled model's batch check may be left pending: the caller must run
+    :func:`.probe.settle_batch_check` before computing.
     """
     if not callable(f):
         raise UsageError("the model is not callable", got=type(f).__name__)
@@ -270,7 +278,7 @@ def check_inputs(
         select=Selection.parse(select),
     )
     _check_exported_shapes(problem, names)
-    run_probe(problem, check_batch=check_batch and per_sample, refuse_blocked=refuse_blocked)
+    run_probe(problem, check_batch=check_batch and per_sample, refuse_blocked=refuse_blocked, defer_batch=defer_batch)
     return problem
 
 

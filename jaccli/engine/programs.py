@@ -44,7 +44,9 @@ from jaccli.engine.problem import Problem
 
 #: programs kept (least recently used dropped first)
 _SIZE = 8
-_CACHE: OrderedDict[tuple, tuple[weakref.ref, tuple, jets.TaylorProgram]] = OrderedDict()
+#: key -> (the model, weakly; its state; the program; whether the batch check passed on the
+#: model it was recorded from)
+_CACHE: OrderedDict[tuple, tuple[weakref.ref, tuple, jets.TaylorProgram, bool]] = OrderedDict()
 #: reentrant: a model collected while the lock is held forgets its entry from this thread
 _LOCK = threading.RLock()
 #: counts of hits and recordings (for tests and benchmarks)
@@ -68,24 +70,41 @@ def program_for(p: Problem, orders: int) -> jets.TaylorProgram:
         with _LOCK:
             hit = _CACHE.get(key)
         if hit is not None and hit[0]() is p.module and hit[1] == state:
+            seen = _seen(p, rows)
             try:
-                jets.recheck(hit[2], p.fn(rows), p.z(rows), orders, value=_seen(p, rows))
+                jets.recheck(hit[2], p.fn(rows), p.z(rows), orders, value=seen)
             except jets.Unsupported:
                 pass  # the model changed in a way the key cannot see: record it again
             else:
                 with _LOCK:
                     _CACHE.move_to_end(key)
                 STATS["hits"] += 1
+                if hit[3] and seen is not None and p.n >= rows.numel():
+                    # the model computes, on these distinct rows, the function that passed the
+                    # batch check when it was recorded: the check left pending is not run
+                    p.batch_pending = None
                 return hit[2]
     program = jets.build(p.fn(rows), p.z(rows), orders=orders)
     STATS["built"] += 1
     if key is not None:
         with _LOCK:
-            _CACHE[key] = (weakref.ref(p.module, functools.partial(_forget, key)), state, program)
+            _CACHE[key] = (weakref.ref(p.module, functools.partial(_forget, key)), state, program, p.batch_checked)
             _CACHE.move_to_end(key)
             while len(_CACHE) > _SIZE:
                 _CACHE.popitem(last=False)
     return program
+
+
+def confirm(p: Problem, program: jets.TaylorProgram, orders: int) -> None:
+    """The batch check passed on ``p``'s model after ``program`` was taken for it: the kept
+    entry now vouches for the rows of later calls (see :func:`program_for`)."""
+    key = _key(p, orders)
+    if key is None:
+        return
+    with _LOCK:
+        entry = _CACHE.get(key)
+        if entry is not None and entry[2] is program:
+            _CACHE[key] = (*entry[:3], True)
 
 
 def _seen(p: Problem, rows: torch.Tensor) -> torch.Tensor | None:

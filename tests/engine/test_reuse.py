@@ -269,3 +269,95 @@ def test_a_recalled_model_that_now_fails_gets_the_probes_error():
     with pytest.raises(ModelError, match="a model broken by its flag"):
         jaccli.laplacian(f, x, per_sample=True)
     assert memo.STATS["hits"] == 1  # recalled, then probed anew (a failed probe is not kept)
+
+
+class _Coupled(nn.Module):
+    """A Python flag the key cannot see couples the points: through the gradient (``grad``),
+    through batch statistics without one (``stats``), or by ``tiny`` (a coupling far below
+    the recheck's tolerance)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 6).double()
+        self.grad = self.stats = False
+        self.tiny = 0.0
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        if self.grad:
+            h = h - h.mean(0)
+        if self.stats:
+            h = h / h.detach().norm(dim=0)
+        return (h + self.tiny * h.sum(0)).sum(1, keepdim=True)
+
+
+def _counting_batch_checks(monkeypatch) -> list:
+    from jaccli.engine import probe
+
+    ran = []
+    check = probe.check_batch_independence
+
+    def counted(problem, rows):
+        ran.append(rows.numel())
+        return check(problem, rows)
+
+    monkeypatch.setattr(probe, "check_batch_independence", counted)
+    return ran
+
+
+def test_a_kept_program_vouches_for_the_batch_check_of_a_model_called_again(monkeypatch):
+    """A repeated call whose kept program passes the recheck does not run the batch check:
+    the program's model passed it when it was recorded, and the model still computes that
+    function on the probe rows. Where nothing vouches, the check runs: the first call, another
+    order (a new program), torch.func's engine, a program recorded without the check (once:
+    its passing vouches from then on), and a single point (the probe's rows repeat it)."""
+    ran = _counting_batch_checks(monkeypatch)
+    f, x = _Coupled(), _points(20, 2)
+    jaccli.laplacian(f, x, per_sample=True)
+    assert ran == [8]
+    jaccli.laplacian(f, _points(20, 2, seed=1), per_sample=True)
+    jaccli.hessian(f, x, per_sample=True, mode="forward")  # order 2 too: the same program
+    assert ran == [8] and programs.STATS["hits"] == 2
+    jaccli.jacobian(f, x, per_sample=True, mode="forward")  # order 1: recorded now, checked now
+    jaccli.jacobian(f, x, per_sample=True, mode="forward")  # ... and vouched for from then on
+    jaccli.jacobian(f, x, per_sample=True, mode="reverse")  # torch.func: no program
+    assert ran == [8, 8, 8]
+    g = _Coupled()
+    jaccli.laplacian(g, x, per_sample=True, check_batch=False)  # recorded unchecked
+    jaccli.laplacian(g, x, per_sample=True)  # checked now: vouched for from then on
+    jaccli.laplacian(g, x, per_sample=True)
+    assert ran == [8, 8, 8, 8]
+    jaccli.laplacian(f, x[:1], per_sample=True)
+    jaccli.laplacian(f, x[:1], per_sample=True)
+    assert ran == [8, 8, 8, 8, 2, 2]
+
+
+@pytest.mark.parametrize("flag", ["grad", "stats"])
+@pytest.mark.parametrize("kind", ["laplacian", "jacobian"])
+def test_a_kept_programs_model_that_now_couples_the_points_is_refused(flag, kind):
+    """The coupling changes the values on the probe rows: the recheck records the model anew,
+    and then nothing vouches for it; the batch check runs and refuses it."""
+    from jaccli.errors import ModelError
+
+    f, x = _Coupled(), _points(20, 2)
+    getattr(jaccli, kind)(f, x, per_sample=True, mode="forward")
+    getattr(jaccli, kind)(f, x, per_sample=True, mode="forward")
+    setattr(f, flag, True)
+    with pytest.raises(ModelError, match="mixes batch elements"):
+        getattr(jaccli, kind)(f, x, per_sample=True, mode="forward")
+
+
+def test_what_a_vouched_call_no_longer_refuses_a_coupling_below_the_rechecks_tolerance():
+    """The narrowing, pinned (docs/reuse.md): a coupling a Python flag adds after the program
+    was kept, too small to move the probe rows' values past the recheck's tolerance (1e-7
+    relative in float64), is no longer refused on a repeated call; the batch check itself
+    (run on a fresh model, or with the program forgotten) refuses it."""
+    from jaccli.errors import ModelError
+
+    f, x = _Coupled(), _points(20, 2)
+    jaccli.laplacian(f, x, per_sample=True)
+    f.tiny = 1e-10
+    jaccli.laplacian(f, x, per_sample=True)  # vouched for by the kept program
+    programs.clear()
+    with pytest.raises(ModelError, match="mixes batch elements"):
+        jaccli.laplacian(f, x, per_sample=True)

@@ -86,21 +86,20 @@ def test_the_recheck_refuses_another_function_and_passes_the_same():
                 jets.recheck(program, g, z, 2, value=value)
 
 
-def test_the_recheck_uses_the_batch_checks_forward(monkeypatch):
-    """A repeated call runs the model twice (the batch check's forward and point 0 alone), not
-    three times: the recheck compares with the batch check's output. Without the batch
-    check, the recalled probe's shape forward serves it."""
+def test_the_recheck_uses_the_probes_forward(monkeypatch):
+    """A repeated call runs the model once (a plain forward of the probe rows: the recalled
+    probe's shape, and the recheck's model side), not four times as it did (batch check,
+    point 0 alone, the recheck's own forward); the batch check of a kept program's model
+    is vouched for (tests/engine/test_reuse.py). The first call runs the batch check."""
     f = tanh_mlp((2, 8, 1))
     calls = []
     forward = f.forward
     monkeypatch.setattr(f, "forward", lambda *a: calls.append(a[0].shape[0]) or forward(*a))
     x = torch.randn(20, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     jaccli.laplacian(f, x, per_sample=True)
-    calls.clear()
-    jaccli.laplacian(f, x, per_sample=True)
-    assert programs.STATS["hits"] == 1
-    assert calls == [8, 1]  # the batch check's two (the computation runs the program, not the model)
-    calls.clear()
-    jaccli.laplacian(f, x, per_sample=True, check_batch=False)
-    assert programs.STATS["hits"] == 2
-    assert calls == [8]
+    assert calls[:3] == [8, 8, 1]  # the probe, the batch check's two (then the traces)
+    for hits, check_batch in ((1, True), (2, False)):
+        calls.clear()
+        jaccli.laplacian(f, x, per_sample=True, check_batch=check_batch)
+        assert programs.STATS["hits"] == hits
+        assert calls == [8]  # the computation runs the program, not the model
