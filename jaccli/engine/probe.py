@@ -305,7 +305,9 @@ def run_probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = Tru
     kept program vouches for these rows (:func:`jaccli.engine.programs.program_for`)."""
     rows = probe_rows(problem)
     request = _probe_request(problem)
-    facts = memo.recall(problem.module, request)
+    if isinstance(problem.module, torch.nn.Module):
+        problem.state = memo.state(problem.module)  # once per call: the program cache keys it too
+    facts = memo.recall(problem.module, request, problem.state)
     if facts is not None and facts.native_rnn:
         problem.f = differentiable(problem.module, native_rnn=True)
     checked = False  # whether the batch check ran on the model as it now stands
@@ -323,7 +325,7 @@ def run_probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = Tru
             checked, problem.batch_pending = True, rows  # settled by settle_batch_check
     if facts is None:
         facts = _probe_model(problem, rows)
-        memo.keep(problem.module, request, facts)
+        memo.keep(problem.module, request, facts, problem.state)
     problem.out_shape, problem.act_bytes, problem.flops = facts.out_shape, facts.act_bytes, facts.flops
     problem.ops, problem.blocked = facts.ops, facts.blocked
     if problem.blocked is not None and refuse_blocked:

@@ -135,6 +135,8 @@ class Problem:
     #: (rows, g(z(rows))) of the probe's last forward on its rows (per sample): the kept
     #: program's recheck compares with it instead of running the model once more
     probe_output: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: the model's :func:`.memo.state` when the call began (the probe and program caches' key)
+    state: tuple | None = None
     #: whether the batch-independence check passed on this call's model (it vouches for a
     #: program recorded in this call), and the probe rows of a check left pending (see
     #: :func:`.probe.settle_batch_check`)

@@ -66,7 +66,7 @@ def program_for(p: Problem, orders: int) -> jets.TaylorProgram:
     rows = probe_rows(p)
     key = _key(p, orders)
     if key is not None:
-        state = memo.state(p.module)
+        state = memo.state(p.module) if p.state is None else p.state
         with _LOCK:
             hit = _CACHE.get(key)
         if hit is not None and hit[0]() is p.module and hit[1] == state:
