@@ -4,8 +4,9 @@ Owns the output a request chose (:func:`select_output`, :func:`select_part`), th
 :func:`.problem.check_inputs` ends with (:func:`run_probe`: the model once on a
 few points under a dispatch mode that learns output shape, memory and operations per point
 (:func:`op_flops`), the ops it runs and whether derivatives reach the output; recalled per
-model and request by :mod:`.memo`), the batch-independence check for per-sample work, and
-the one :class:`~jaccli.errors.ModelError` a failing model call becomes (:func:`model_failed`).
+model and request by :mod:`.memo`), the batch-independence check for per-sample work (left
+pending for a recalled model, :func:`settle_batch_check`: a kept program may vouch for it),
+and the one :class:`~jaccli.errors.ModelError` a failing model call becomes (:func:`model_failed`).
 
 Imports: torch, :mod:`jaccli.errors`, :mod:`jaccli.request.spec`, :mod:`jaccli.load.models`,
 :mod:`jaccli.jets.dispatch`, :mod:`.kernels`, :mod:`.memo` and :mod:`.paths`; nothing else of
@@ -340,8 +341,7 @@ def settle_batch_check(problem: Problem) -> bool:
     rows, problem.batch_pending = problem.batch_pending, None
     if rows is None:
         return False
-    if problem.blocked is None:
-        check_batch_independence(problem, rows)
+    check_batch_independence(problem, rows)
     return True
 
 
