@@ -9,7 +9,7 @@ has no control flow left, and an eager model that reads input values into Python
 it in the ops (``_local_scalar_dense``), which keeps it off the Taylor engine, whatever
 the values. The key holds the model weakly and what it computes with (:func:`state`, as
 the program cache keys it); the batch-independence check still runs on every call (it is
-about these points).
+about these points) unless a kept program vouches for them (:mod:`.programs`).
 
 Imports: torch only.
 """

@@ -20,7 +20,10 @@ every call was about half of a small request's time). The model's side of that c
 the probe's own forward on the same rows (the batch-independence check's, kept in
 ``Problem.probe_output``): no forward of its own. A change the key cannot see (a
 plain tensor attribute, a Python flag) makes another function, whose values show the
-disagreement, and the model is then recorded anew. What the check cannot see — a change
+disagreement, and the model is then recorded anew. An entry recorded from (or later
+taken for) a model that passed the batch-independence check vouches for that check on a
+call whose recheck passes on distinct probe rows: the check left pending is not run
+(docs/reuse.md says what this no longer catches). What the check cannot see — a change
 that matters only away from the probe points — a fresh recording would not see either. Entries are few (:data:`_SIZE`), dropped with their model (a program holds
 the model's weights) and hold no buffers between calls (the workspace is let go after
 each computation).
