@@ -20,6 +20,9 @@ preempted call is not the code's cost):
 - *compute*: ``execute._execute_taylor`` (the chunk loop);
 - *call*: the whole public call.
 
+Each result is compared once with a float64 torch.func answer of the eager module; a row
+off by more than 1e-4 (relative to the reference's largest entry) is marked WRONG.
+
 ``--root`` imports jaccli from another checkout (the models and this script stay this
 checkout's); ``--compare A B`` runs this script on checkout A, then B, then A … (``--rounds``
 processes each, alternating) and prints each process's table: the two checkouts are measured
@@ -50,10 +53,12 @@ STAGES = (
 )
 
 
-def _wrap(spent: dict[str, float]) -> None:
-    """Wrap every stage's function so that its time adds to ``spent[column]``."""
+def _wrap(spent: dict[str, float]):
+    """Wrap every stage's function so that its time adds to ``spent[column]``; returns the
+    function that puts the originals back."""
     import importlib
 
+    originals = []
     for column, modname, attr in STAGES:
         mod = importlib.import_module(modname)
         fn = getattr(mod, attr, None)
@@ -67,7 +72,14 @@ def _wrap(spent: dict[str, float]) -> None:
             finally:
                 spent[_col] += time.perf_counter() - t0
 
+        originals.append((mod, attr, fn))
         setattr(mod, attr, timed)
+
+    def restore() -> None:
+        for mod, attr, fn in originals:
+            setattr(mod, attr, fn)
+
+    return restore
 
 
 def _save(name: str, shape, traced, module, tmp: Path) -> dict[str, Path]:
@@ -76,16 +88,43 @@ def _save(name: str, shape, traced, module, tmp: Path) -> dict[str, Path]:
     import torch
 
     files = {"pt": tmp / f"{name}.pt", "pt2": tmp / f"{name}.pt2"}
-    torch.jit.save(traced, files["pt"])
     example = (torch.randn(2, *shape),)
-    try:
-        make_examples.save_export(module, example, files["pt2"])
-    except Exception:  # MultiheadAttention specialises the batch: static, as users must
-        make_examples.save_export(module, example, files["pt2"], dynamic=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notes
+        torch.jit.save(traced, files["pt"])
+        try:
+            make_examples.save_export(module, example, files["pt2"])
+        except Exception:  # MultiheadAttention specialises the batch: static, as users must
+            make_examples.save_export(module, example, files["pt2"], dynamic=False)
     return files
 
 
-def breakdown(names: list[str], kind: str, points: int, calls: int) -> None:
+def _reference(kind: str, module, x):
+    """The float64 answer of the eager module by torch.func, one point per call (vmapped)."""
+    import copy
+
+    import torch
+    from torch.func import hessian, jacrev, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    m = copy.deepcopy(module).double().requires_grad_(False)
+    shape = x.shape[1:]
+
+    def one(xi):
+        return m(xi.reshape(1, *shape))[0].reshape(-1)
+
+    flat = x.double().reshape(x.shape[0], -1)
+    with sdpa_kernel([SDPBackend.MATH]):  # torch.func's second derivatives need the math kernel
+        if kind == "jacobian":
+            return vmap(jacrev(one))(flat)
+        h = vmap(hessian(one))(flat)
+    return h if kind == "hessian" else h.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def breakdown(names: list[str], kind: str, points: int, calls: int, out=print, tol: float = 1e-4) -> list[dict]:
+    """One row per (model, format): each stage's minimum over ``calls`` repeated calls (seconds),
+    and the result's largest error relative to a float64 torch.func reference (a row whose
+    result is off by more than ``tol`` has ``wrong`` set and is printed as such)."""
     sys.path.insert(0, str(ROOT / "examples" / "models"))
     sys.path.insert(0, str(ROOT / "tests"))
     import torch
@@ -94,35 +133,43 @@ def breakdown(names: list[str], kind: str, points: int, calls: int) -> None:
     from architectures import ZOO, trace  # tests/architectures.py
 
     spent = {c: 0.0 for c, _, _ in STAGES}
-    _wrap(spent)
-    best: dict[tuple[str, str], dict[str, float]] = {}
-    print(f"jaccli from {Path(jaccli.__file__).parent.parent}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s); {kind}, N = {points}, min of {calls} calls (ms)")  # fmt: skip
     cols = [c for c, _, _ in STAGES] + ["call"]
-    print(f"{'model':20s} {'fmt':4s} " + " ".join(f"{c:>12s}" for c in cols), flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            shape = ZOO[name][1]
-            traced, module = trace(name)
-            files = _save(name, shape, traced, module, Path(tmp))
-            x = torch.randn(points, *shape, generator=torch.Generator().manual_seed(0))
-            for fmt, path in files.items():
-                net = jaccli.load_model(str(path))
-                fn = getattr(jaccli, kind)
-                fn(net, x, per_sample=True)  # records and keeps the program
-                fn(net, x, per_sample=True)
-                mins = {c: float("inf") for c in cols}
-                for _ in range(calls):
-                    for c in spent:
-                        spent[c] = 0.0
-                    t0 = time.perf_counter()
-                    fn(net, x, per_sample=True)
-                    spent_call = time.perf_counter() - t0
-                    for c in spent:
-                        mins[c] = min(mins[c], spent[c])
-                    mins["call"] = min(mins["call"], spent_call)
-                best[(name, fmt)] = mins
-                print(f"{name:20s} {fmt:4s} " + " ".join(f"{mins[c] * 1e3:12.3f}" for c in cols), flush=True)
+    rows: list[dict] = []
+    out(f"jaccli from {Path(jaccli.__file__).parent.parent}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s); {kind}, N = {points}, min of {calls} calls (ms)")  # fmt: skip
+    out(f"{'model':20s} {'fmt':4s} " + " ".join(f"{c:>12s}" for c in cols) + "   f64 err")
+    restore = _wrap(spent)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in names:
+                shape = ZOO[name][1]
+                traced, module = trace(name)
+                files = _save(name, shape, traced, module, Path(tmp))
+                x = torch.randn(points, *shape, generator=torch.Generator().manual_seed(0))
+                ref = _reference(kind, module, x)
+                for fmt, path in files.items():
+                    net = jaccli.load_model(str(path))
+                    fn = getattr(jaccli, kind)
+                    fn(net, x, per_sample=True)  # records and keeps the program
+                    got = fn(net, x, per_sample=True).double().reshape(ref.shape)
+                    err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+                    mins = {c: float("inf") for c in cols}
+                    for _ in range(calls):
+                        for c in spent:
+                            spent[c] = 0.0
+                        t0 = time.perf_counter()
+                        fn(net, x, per_sample=True)
+                        whole = time.perf_counter() - t0
+                        for c in spent:
+                            mins[c] = min(mins[c], spent[c])
+                        mins["call"] = min(mins["call"], whole)
+                    row = {"model": name, "format": fmt, **mins, "err": err, "wrong": err > tol}
+                    rows.append(row)
+                    figures = " ".join(f"{mins[c] * 1e3:12.3f}" for c in cols)
+                    out(f"{name:20s} {fmt:4s} " + figures + ("   WRONG " if row["wrong"] else "   ") + f"{err:.1e}")
+    finally:
+        restore()
+    return rows
 
 
 def main() -> None:
