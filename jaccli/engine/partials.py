@@ -30,8 +30,8 @@ from torch import Tensor
 
 from jaccli.engine import planner
 from jaccli.engine.execute import _empty_result
-from jaccli.engine.programs import program_for
-from jaccli.engine.probe import model_failed, probe_rows
+from jaccli.engine.programs import confirm, program_for
+from jaccli.engine.probe import model_failed, probe_rows, settle_batch_check
 from jaccli.engine.problem import Problem, check_inputs
 from jaccli.engine.results import NONSMOOTH_OPS
 from jaccli.errors import JaccliWarning, ModelError, NumericalError, UsageError
@@ -246,7 +246,7 @@ def partials(
     ([2.0, 2.0, 2.0], [2.718282, 2.718282, 2.718282])
     """
     p = check_inputs(f, x, wrt=wrt, per_sample=per_sample, output=output, check_batch=check_batch, strict=strict,
-                     select=select)  # fmt: skip
+                     select=select, defer_batch=True)  # fmt: skip
     try:
         names = input_names(inputs, p.n_in)
         request: Request = parse_want(want, names, output_names(outputs, p.n_out))
@@ -266,6 +266,9 @@ def partials(
     top = max(t.order for t in request.terms)
     need = _directions(request.terms, p.n_in)
     program, note = _program(p, top) if need else (None, None)
+    # a recalled model's batch check, unless the kept program vouched for these rows
+    if settle_batch_check(p) and program is not None:
+        confirm(p, program, top)
     wrong = sorted(p.ops & planner.FORWARD_OVER_FORWARD_WRONG)
     if program is None and top >= 2 and wrong:
         # nested forward mode through these ops gives wrong numbers in PyTorch, and so do

@@ -361,3 +361,18 @@ def test_what_a_vouched_call_no_longer_refuses_a_coupling_below_the_rechecks_tol
     programs.clear()
     with pytest.raises(ModelError, match="mixes batch elements"):
         jaccli.laplacian(f, x, per_sample=True)
+
+
+def test_partials_are_vouched_for_and_refuse_a_model_that_now_couples(monkeypatch):
+    from jaccli.errors import ModelError
+
+    ran = _counting_batch_checks(monkeypatch)
+    f, x = _Coupled(), _points(20, 2)
+    first = jaccli.partials(f, x, "y_xx", inputs="x,t", outputs="y", per_sample=True)
+    again = jaccli.partials(f, x, "y_xx", inputs="x,t", outputs="y", per_sample=True)
+    assert ran == [8] and programs.STATS["hits"] == 1
+    assert_rel(again["y_xx"], first["y_xx"])
+    assert_rel(first["y_xx"][:, 0], torch_func("hessian", f, x, per_sample=True)[:, 0, 0, 0])
+    f.grad = True
+    with pytest.raises(ModelError, match="mixes batch elements"):
+        jaccli.partials(f, x, "y_xx", inputs="x,t", outputs="y", per_sample=True)
