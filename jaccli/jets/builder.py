@@ -140,8 +140,8 @@ def _generate(steps: list[_Step], output, n_out: int) -> Callable[[Tensor], Tens
         if s.kind == _INPUT:
             lines.append(f"    v{i} = z")
             continue
-        kwargs = f", **{expr(s.kwargs)}" if s.kwargs else ""
-        lines.append(f"    v{i} = {const(s.op)}(*{expr(tuple(s.args))}{kwargs})")
+        args = [expr(a) for a in s.args] + ([f"**{expr(s.kwargs)}"] if s.kwargs else [])
+        lines.append(f"    v{i} = {const(s.op)}({', '.join(args)})")
     lines.append(f"    return {expr(output)}.reshape(b, {int(n_out)})")
     namespace = dict(consts)
     exec(compile("\n".join(lines), "<jaccli.jets replay>", "exec"), namespace)  # noqa: S102 - no text of the model's
