@@ -85,7 +85,7 @@ IN, CLASSES, K = 32, 10, 10
 
 PEERS = {
     "eig": ["jaccli", "pyhessian", "hessian-eigenthings", "curvlinops"],
-    "trace": ["jaccli", "pyhessian", "hessian-eigenthings", "curvlinops"],
+    "trace": ["jaccli", "jaccli-products", "pyhessian", "hessian-eigenthings", "curvlinops"],
     "per-sample": ["jaccli", "torch.func", "opacus", "backpack"],
     "full": ["jaccli", "autograd-loop"],
 }
@@ -157,19 +157,40 @@ def curvlinops_eig(net, x, y, a):
     return sorted(w.tolist(), reverse=True)
 
 
-def jaccli_trace(net, x, y, a):
+def jaccli_trace(net, x, y, a, method="auto"):
     import jaccli
     from jaccli.curvature import api
 
-    api.EXACT_LIMIT = 0  # the estimator, as the peers run it, at every size
-    r = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, samples=a.samples)
+    api.EXACT_LIMIT = 0  # an estimator, as the peers run one, at every size
+    if a.reference:  # the exact trace (unit probes of the layers' outputs), where the estimates are checked against it
+        return [exact_trace(net, x, y), None]
+    r = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, samples=a.samples, seed=getattr(a, "seed", 0),
+                         trace_method=method)  # fmt: skip
     return [r.trace, r.trace_stderr]
+
+
+def jaccli_products_trace(net, x, y, a):
+    """jaccli's parameter-space estimator (Hutch++ / Hutchinson), as before the layers' one."""
+    return jaccli_trace(net, x, y, a, method="products")
+
+
+def exact_trace(net, x, y) -> float:
+    """The Hessian's exact trace: ``Σₙ Σₗ ‖ãₙ,ₗ‖² tr ∂²ℓₙ/∂z_l²`` by unit probes of the layers' outputs
+    (``Σ d_l`` backward passes, jaccli/curvature/layertrace.py), in the net's dtype."""
+    import jaccli
+
+    r = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, samples=10**9, trace_method="layers")
+    assert r.trace_stderr is None
+    return r.trace
 
 
 def pyhessian_trace(net, x, y, a):
     from pyhessian import hessian
     from torch import nn
 
+    import torch
+
+    torch.manual_seed(getattr(a, "seed", 0))  # its Rademacher probes come from torch's global generator
     est = hessian(net, nn.CrossEntropyLoss(), data=(x, y), cuda=False).trace(maxIter=a.peer_samples or a.samples, tol=0.0)
     return [statistics.fmean(est), statistics.stdev(est) / len(est) ** 0.5]
 
@@ -252,6 +273,7 @@ CANDIDATES = {
     ("eig", "hessian-eigenthings"): eigenthings_eig, ("eig", "curvlinops"): curvlinops_eig,
     ("trace", "jaccli"): jaccli_trace, ("trace", "pyhessian"): pyhessian_trace,
     ("trace", "hessian-eigenthings"): eigenthings_trace, ("trace", "curvlinops"): curvlinops_trace,
+    ("trace", "jaccli-products"): jaccli_products_trace,
     ("per-sample", "jaccli"): jaccli_per_sample, ("per-sample", "torch.func"): func_per_sample,
     ("per-sample", "opacus"): opacus_per_sample, ("per-sample", "backpack"): backpack_per_sample,
     ("full", "jaccli"): jaccli_full, ("full", "autograd-loop"): loop_full,
@@ -321,31 +343,90 @@ def check(task: str, got, ref, name: str = "") -> str:
         want = np.array(ref[which])
         err = np.max(np.abs(np.array(got) - want) / np.maximum(np.abs(want), 1e-12))
         return f"max rel. error {err:.1e}" + (" (largest |λ|)" if which == "magnitude" else "")
-    if task == "trace":
+    if task == "trace":  # against the exact float64 trace
         value, se = got
         diff = abs(value - ref[0])
-        spread = ref[1] if se is None else float(np.hypot(se, ref[1]))
-        return f"{value:.6g}; {diff / spread:.1f} standard errors from float64" if spread else f"{value:.6g}"
+        return f"{value:.6g} (exact {ref[0]:.6g}, rel. error {diff / abs(ref[0]):.1e}" + \
+            (f", {diff / se:.1f} of its standard errors)" if se else ")")
     a, b = np.load(got), np.load(ref)
     return f"max rel. error {np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300):.1e}"
+
+
+def interleaved_trace(a) -> None:
+    """The trace at the SAME TOLERANCE: jaccli (``--samples`` rounds), jaccli's parameter-space
+    estimator and PyHessian (``--peer-samples`` products each) alternately in this process, seed
+    ``r`` in repeat ``r``, every estimate against the exact trace.
+
+    Tolerance is judged by the error against the exact trace (unit probes of the layers' outputs
+    in float64, ``exact_trace``), not by the standard error each reports: over the ``--repeats``
+    seeds, each estimator's RMS error. "Time to the same tolerance" is the median time × the
+    mean squared error — for an unbiased estimator the squared error falls as 1/products, so
+    this is the time each would take to reach the other's error (fixed costs counted as if they
+    scaled too, which favours the slower-per-product side) — and the direct reading: where jaccli's RMS
+    error is at most the peer's, the ratio of the median times is a time to a tolerance at least
+    as tight. Each line also gives the mean reported standard error and the largest |error| /
+    standard error (honesty of the error bars).
+    """
+    import copy
+    import math
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    dtype = torch.float64 if a.dtype == "float64" else torch.float32
+    net, x, y = build(a.width, a.points, dtype)
+    t0 = time.perf_counter()
+    exact = exact_trace(copy.deepcopy(net).double(), x.double(), y)  # (Module.double() converts in place)
+    t_exact = time.perf_counter() - t0
+    peers = a.peer_samples or a.samples
+    pair = [("jaccli", jaccli_trace, a.samples), ("jaccli-products", jaccli_products_trace, peers),
+            ("pyhessian", pyhessian_trace, peers)]  # fmt: skip
+    for _, fn, _ in pair:
+        fn(net, x, y, a)  # warm-up
+    times = {name: [] for name, _, _ in pair}
+    got = {name: [] for name, _, _ in pair}
+    for r in range(a.repeats):
+        a.seed = r
+        for name, fn, _ in pair[r % len(pair):] + pair[: r % len(pair)]:  # rotate who goes first
+            t = time.perf_counter()
+            got[name].append(fn(net, x, y, a))
+            times[name].append(time.perf_counter() - t)
+    p = sum(t.numel() for t in net.parameters())
+    print(f"trace ({a.dtype}, {a.threads} thread(s)): P = {p:,}, N = {a.points:,}, {a.repeats} seeds; exact "
+          f"{exact:.6g} (float64, {t_exact:.1f} s)")  # fmt: skip
+    cost = {}
+    for name, _, k in pair:
+        med = statistics.median(times[name])
+        err = [v - exact for v, _ in got[name]]
+        rms = math.sqrt(statistics.fmean(e * e for e in err))
+        ses = [s for _, s in got[name] if s is not None]  # none where jaccli's rounds covered the unit probes
+        bars = f"mean s.e. {statistics.fmean(ses):.3g}  max |error|/s.e. " \
+               f"{max(abs(e) / s for e, (_, s) in zip(err, got[name])):.1f}" if ses else "exact"
+        cost[name] = (med, rms, med * rms**2 if ses else 0.0)
+        print(f"  {name:<16} {k:4d} {'rounds' if name == 'jaccli' else 'products'}  median {med:8.3f} s  "
+              f"RMS error {rms:.3g} ({rms / abs(exact):.1e} rel.)  {bars}")
+    for name in ("jaccli-products", "pyhessian"):
+        med, rms, c = cost[name]
+        direct = f"; jaccli's RMS error at most {name}'s, in {cost['jaccli'][0] / med:.3f} of its time" \
+            if cost["jaccli"][1] <= rms else ""
+        same = f"{c / cost['jaccli'][2]:.1f}" if cost["jaccli"][2] > 0 else "∞ (jaccli exact)"
+        print(f"  at the same tolerance: {name} / jaccli = {same} (median time × mean squared error){direct}")
 
 
 def interleaved(task: str, a) -> None:
     """jaccli and its one peer alternately in this process: medians and their ratio."""
     import torch
 
+    if task == "trace":
+        return interleaved_trace(a)
+
     torch.set_num_threads(a.threads)
     dtype = torch.float64 if a.dtype == "float64" else torch.float32
     net, x, y = build(a.full_width if task == "full" else a.width, a.points, dtype)
-    peer = {"full": ("autograd-loop", loop_full), "per-sample": ("torch.func", func_per_sample),
-            "trace": ("pyhessian", pyhessian_trace)}[task]  # fmt: skip
+    peer = {"full": ("autograd-loop", loop_full), "per-sample": ("torch.func", func_per_sample)}[task]
     pair = [("jaccli", CANDIDATES[(task, "jaccli")]), peer]
-    got = {name: fn(net, x, y, a) for name, fn in pair}  # warm-up and the results
-    if task == "trace":  # estimates: each with its standard error
-        agree = "; ".join(f"{name} {v:.6g} ± {se:.2g}" for name, (v, se) in got.items())
-    else:
-        got = {name: torch.as_tensor(v) for name, v in got.items()}
-        agree = f"max relative difference {float((got['jaccli'] - got[peer[0]]).abs().max() / got[peer[0]].abs().max()):.1e}"
+    got = {name: torch.as_tensor(fn(net, x, y, a)) for name, fn in pair}  # warm-up and the results
+    agree = f"max relative difference {float((got['jaccli'] - got[peer[0]]).abs().max() / got[peer[0]].abs().max()):.1e}"
     times = {name: [] for name, _ in pair}
     for r in range(a.repeats):
         for name, fn in pair if r % 2 == 0 else pair[::-1]:  # alternate who goes first
@@ -358,11 +439,6 @@ def interleaved(task: str, a) -> None:
     for name, t in med.items():
         print(f"  {name:<14} {t:9.4f} s   ({', '.join(f'{v:.3f}' for v in times[name])})")
     print(f"  ratio {peer[0]} / jaccli = {med[peer[0]] / med['jaccli']:.2f}   {agree}")
-    if task == "trace":
-        # time × variance: what each would take to reach the same standard error (variance ∝ 1/products)
-        cost = {name: med[name] * got[name][1] ** 2 for name in med}
-        print(f"  at equal standard error: {peer[0]} / jaccli = {cost[peer[0]] / cost['jaccli']:.2f}"
-              f"   (median time × standard error²)")  # fmt: skip
 
 
 def main() -> None:
