@@ -157,21 +157,21 @@ def curvlinops_eig(net, x, y, a):
     return sorted(w.tolist(), reverse=True)
 
 
-def jaccli_trace(net, x, y, a, method="auto"):
+def jaccli_trace(net, x, y, a, method="auto", samples=None):
     import jaccli
     from jaccli.curvature import api
 
     api.EXACT_LIMIT = 0  # an estimator, as the peers run one, at every size
     if a.reference:  # the exact trace (unit probes of the layers' outputs), where the estimates are checked against it
         return [exact_trace(net, x, y), None]
-    r = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, samples=a.samples, seed=getattr(a, "seed", 0),
+    r = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, samples=samples or a.samples, seed=getattr(a, "seed", 0),
                          trace_method=method)  # fmt: skip
     return [r.trace, r.trace_stderr]
 
 
 def jaccli_products_trace(net, x, y, a):
-    """jaccli's parameter-space estimator (Hutch++ / Hutchinson), as before the layers' one."""
-    return jaccli_trace(net, x, y, a, method="products")
+    """jaccli's parameter-space estimator (Hutch++ / Hutchinson), as before the layers' one, with PyHessian's products."""
+    return jaccli_trace(net, x, y, a, method="products", samples=a.peer_samples or a.samples)
 
 
 def exact_trace(net, x, y) -> float:

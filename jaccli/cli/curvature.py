@@ -91,7 +91,7 @@ def curvature_command(
                                         autocompletion=_complete(MATRICES))] = "hessian",  # fmt: skip
     full: Annotated[bool, typer.Option("--full", help="The P×P matrix (refused, exit 6, when it does not fit).")] = False,
     diag: Annotated[bool, typer.Option("--diag", help="The diagonal.")] = False,
-    trace: Annotated[bool, typer.Option("--trace", help="The trace: exact when affordable, else estimated from --samples products (Hutch++, or Hutchinson on a flat spectrum).")] = False,
+    trace: Annotated[bool, typer.Option("--trace", help="The trace: exact when affordable, else estimated from --samples products (where every selected parameter is a linear layer's: per-sample probes of the layers' outputs; else Hutch++, or Hutchinson on a flat spectrum).")] = False,
     eig: Annotated[Optional[int], typer.Option("--eig", metavar="K", help="The K eigenvalues --which picks (Lanczos, eigsh); eigenvectors go to --save.", show_default=False)] = None,
     which: Annotated[str, typer.Option(help="largest, smallest or magnitude.", autocompletion=_complete(WHICH))] = "largest",
     density: Annotated[bool, typer.Option("--density", help="The spectral density by stochastic Lanczos quadrature (--probes, --steps).")] = False,
