@@ -11,9 +11,11 @@ random labels:
   (power iteration with deflation: the largest |λ|, checked against those), hessian-eigenthings
   (``lanczos``, reorthogonalised), curvlinops
   (``HessianLinearOperator`` + ``scipy.sparse.linalg.eigsh``), all to ``--tol``;
-* ``trace``: the same number of products — jaccli (Hutch++, or Hutchinson where its first
-  pass finds the spectrum flat), curvlinops (``hutchpp_trace``), hessian-eigenthings
-  (``hutch_plus_plus``); PyHessian's Hutchinson;
+* ``trace``: the same number of products — jaccli (per-sample probes of the linear layers'
+  outputs, jaccli/curvature/layertrace.py), jaccli's parameter-space estimator
+  (``--trace-method products``: Hutch++, or Hutchinson where its first pass finds the spectrum
+  flat), curvlinops (``hutchpp_trace``), hessian-eigenthings (``hutch_plus_plus``); PyHessian's
+  Hutchinson; each checked against the exact trace (float64, unit probes of the layers' outputs);
 * ``per-sample``: the [N, P] per-sample gradients — jaccli, ``torch.func.vmap(grad)``,
   Opacus (``GradSampleModule``), BackPACK (``BatchGrad``);
 * ``full``: the full Hessian of an MLP with P ≈ 5k (``--full-width``) — jaccli against a loop
@@ -29,14 +31,15 @@ within their standard errors, the full Hessian elementwise. Ratios are the peer'
 over jaccli's (above 1: jaccli is faster).
 
 ``--interleaved`` (tasks ``full``, ``per-sample`` and ``trace``): jaccli and its peer (the
-``autograd.grad`` loop; ``torch.func.vmap(grad)``; PyHessian's Hutchinson) in ONE process, called
-alternately on the same data, the median of ``--repeats`` calls each and the ratio of the
-medians — the measurement to trust on a shared machine, where load drifts between separate
-processes. Both results are checked against each other (max relative difference; for the trace
-each estimate with its standard error), in float32 and again in float64 (``--dtype``).
-``--peer-samples`` gives PyHessian another number of products than jaccli (the same tolerance);
-the trace's line "at equal standard error" scales each median time by its estimate's variance
-(time × standard error², the cost of a given tolerance).
+``autograd.grad`` loop; ``torch.func.vmap(grad)``; PyHessian's Hutchinson and jaccli's
+parameter-space estimator) in ONE process, called alternately on the same data, the median of
+``--repeats`` calls each and the ratio of the medians — the measurement to trust on a shared
+machine, where load drifts between separate processes. Both results are checked against each
+other (max relative difference), in float32 and again in float64 (``--dtype``). The trace is
+judged at the SAME TOLERANCE (``interleaved_trace``): seed ``r`` in repeat ``r``, every estimate
+against the exact float64 trace, RMS error over the seeds, and the cost of a tolerance as median
+time × mean squared error; ``--samples`` is jaccli's rounds, ``--peer-samples`` the products of
+PyHessian and of jaccli's parameter-space estimator (default ``--samples``).
 
 Measured (shared 2-core CPU under load, one thread; docs/curvature.md has the tables):
 ``--task full --interleaved --full-width 60 --points 1024 --repeats 3 --threads 1`` gave the loop
@@ -62,6 +65,12 @@ trace interleaved 0.87× (0.91× at equal standard error: jaccli's probes and qu
 not its products), per-sample ``--interleaved`` ``vmap(grad)`` 1.77×, eig (``--run eig NAME``)
 curvlinops 1.35×. ``--process --task trace --baseline PATH`` adds a second jaccli checkout
 (e.g. ``git archive main jaccli | tar -x -C PATH``) to the whole-process rounds.
+
+The trace at the same tolerance, 2026-12-06, under load (docs/curvature.md, "The trace at the
+same tolerance"): ``--task trace --interleaved --repeats 5 --threads 1 --samples 8 --peer-samples 99``
+gave jaccli a 6× smaller RMS error than PyHessian's 99 products in 0.061 of its time (time ×
+squared error 630×); at ``--width 700 --points 512 --repeats 3`` 2.7× smaller in 0.068 of its
+time (105×). The older trace figures above are of the parameter-space estimator.
 
 Smoke test (tiny sizes, timings meaningless): ``python benchmarks/curvature.py --width 16 --points 64 --full-width 8 --repeats 1``
 (add ``--task full --interleaved`` for the in-process A/B)
@@ -402,15 +411,17 @@ def interleaved_trace(a) -> None:
         ses = [s for _, s in got[name] if s is not None]  # none where jaccli's rounds covered the unit probes
         bars = f"mean s.e. {statistics.fmean(ses):.3g}  max |error|/s.e. " \
                f"{max(abs(e) / s for e, (_, s) in zip(err, got[name])):.1f}" if ses else "exact"
-        cost[name] = (med, rms, med * rms**2 if ses else 0.0)
+        cost[name] = (med, rms, med * rms**2 if ses else 0.0, med * statistics.fmean(ses) ** 2 if ses else 0.0)
         print(f"  {name:<16} {k:4d} {'rounds' if name == 'jaccli' else 'products'}  median {med:8.3f} s  "
               f"RMS error {rms:.3g} ({rms / abs(exact):.1e} rel.)  {bars}")
     for name in ("jaccli-products", "pyhessian"):
-        med, rms, c = cost[name]
+        med, rms, c, c_se = cost[name]
         direct = f"; jaccli's RMS error at most {name}'s, in {cost['jaccli'][0] / med:.3f} of its time" \
             if cost["jaccli"][1] <= rms else ""
         same = f"{c / cost['jaccli'][2]:.1f}" if cost["jaccli"][2] > 0 else "∞ (jaccli exact)"
-        print(f"  at the same tolerance: {name} / jaccli = {same} (median time × mean squared error){direct}")
+        by_se = f"{c_se / cost['jaccli'][3]:.1f}" if cost["jaccli"][3] > 0 else "∞"
+        print(f"  at the same tolerance: {name} / jaccli = {same} (median time × mean squared error; {by_se} by "
+              f"median time × mean s.e.²){direct}")  # fmt: skip
 
 
 def interleaved(task: str, a) -> None:
