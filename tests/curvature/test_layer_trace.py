@@ -142,3 +142,23 @@ def test_the_methods_the_cli_offers_are_the_ones_the_library_knows():
     assert tuple(api.TRACE_METHODS) == TRACE_METHODS
     with pytest.raises(UsageError, match="unknown --trace-method"):
         jaccli.curvature(mlp(), *_data("cross-entropy"), loss="cross-entropy", trace=True, trace_method="nope")
+
+
+@pytest.mark.parametrize("name", ["script.pt", "trace.pt", "dynamic.pt2", "mlp.safetensors", "state.pt", "static.pt2"])
+def test_every_format_gives_the_eager_models_estimate(saved_formats, name):
+    """The same probes, the same layers: TorchScript, a dynamic-batch ``.pt2`` program, a
+    safetensors MLP and a state dict give the ``nn.Module``'s estimate; a program exported for
+    one batch size takes the parameter-space estimators (its chunks are padded)."""
+    from problems import FORMATS
+
+    d, net, x, y = saved_formats
+    want = np.trace(reference(net, x, y, "cross-entropy", "mean"))
+    ref = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, samples=5, seed=2)
+    r = jaccli.curvature(jaccli.load_model(d / name, **FORMATS[name]), x, y, loss="cross-entropy", trace=True, samples=5,
+                         seed=2)  # fmt: skip
+    if name == "static.pt2":
+        assert r.trace_estimator in ("Hutch++", "Hutchinson")
+    else:
+        assert r.trace_estimator == "per-sample Hutchinson"
+        assert r.trace == pytest.approx(ref.trace, rel=1e-10) and r.trace_stderr == pytest.approx(ref.trace_stderr, rel=1e-8)
+    assert abs(r.trace - want) < 4 * r.trace_stderr
