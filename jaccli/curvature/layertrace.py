@@ -73,19 +73,24 @@ def layer_trace(obj, rounds: int, *, seed: int = 0, exact: bool | None = None) -
         dims = [z.shape[1] for z in zs]
         if exact is None:
             exact = sum(dims) <= rounds
+        # a δ constant in z (the last layer's, for a loss linear in the output) has S's rows zero,
+        # and by symmetry its columns: its layer adds nothing, and it cannot be differentiated
+        live = [k for k, d in enumerate(deltas) if d.requires_grad]
         if exact:
             for z, d, c in zip(zs, deltas, norms):
+                if not d.requires_grad:
+                    continue
                 for i in range(z.shape[1]):
                     # e_i of this layer at every sample, scaled by ‖ã‖: the i-th diagonal of each Sₙ,ₗₗ, weighted
                     g = torch.autograd.grad((d[:, i] * c).sum(), z, retain_graph=True)[0]
                     total[0] += (g[:, i] * c).double().sum()
             total[2], total[3] = 1, sum(dims)  # per rank with samples: the passes over its data
             continue
-        q = torch.empty(rounds, b - a, dtype=torch.float64, device=space.device)
-        for r in range(rounds):
+        q = torch.zeros(rounds, b - a, dtype=torch.float64, device=space.device)
+        for r in range(rounds if live else 0):
             u = _signs(seed, r, a, b, sum(dims)).to(dtype=space.dtype, device=space.device)
             vs = [v.mul_(c[:, None]) for v, c in zip(u.split(dims, dim=1), norms)]
-            s = sum((d * v).sum() for d, v in zip(deltas, vs))
+            s = sum((deltas[k] * vs[k]).sum() for k in live)
             sv = torch.autograd.grad(s, zs, retain_graph=True, allow_unused=True, materialize_grads=True)
             q[r] = sum((v * g).sum(1).double() for v, g in zip(vs, sv))
         total[0] += q.mean(0).sum()

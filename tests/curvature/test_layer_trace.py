@@ -162,3 +162,32 @@ def test_every_format_gives_the_eager_models_estimate(saved_formats, name):
         assert r.trace_estimator == "per-sample Hutchinson"
         assert r.trace == pytest.approx(ref.trace, rel=1e-10) and r.trace_stderr == pytest.approx(ref.trace_stderr, rel=1e-8)
     assert abs(r.trace - want) < 4 * r.trace_stderr
+
+
+@pytest.mark.parametrize("loss", ["output", "log-likelihood"])
+def test_exact_when_the_output_is_the_loss_or_the_log_likelihood(loss):
+    """``output``: the mean of the outputs; ``log-likelihood``: the observed information, −∇² of the summed output."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 5), nn.Softplus(), nn.Linear(5, 1)).double()
+    x, _ = _data("mse", seed=9)
+    names = [k for k, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+
+    def f(v):
+        state, o = {}, 0
+        for k, s in zip(names, shapes):
+            state[k] = v[o : o + s.numel()].reshape(s)
+            o += s.numel()
+        out = torch.func.functional_call(net, state, (x,))
+        return out.mean() if loss == "output" else -out.sum()
+
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    want = float(torch.trace(torch.autograd.functional.hessian(f, flat)))
+    assert _exact(net, x, None, loss) == pytest.approx(want, rel=1e-10)
+
+
+def test_a_loss_linear_in_its_parameters_has_trace_zero():
+    net = nn.Linear(6, 1).double()
+    x = torch.randn(40, 6, dtype=F64)
+    r = jaccli.curvature(net, x, loss="output", trace=True, samples=3)
+    assert r.trace == 0.0 and r.trace_stderr == 0.0 and r.trace_estimator == "per-sample Hutchinson"
