@@ -75,6 +75,7 @@ def layer_trace(obj, rounds: int, *, seed: int = 0, exact: bool | None = None) -
             exact = sum(dims) <= rounds
         # a δ constant in z (the last layer's, for a loss linear in the output) has S's rows zero,
         # and by symmetry its columns: its layer adds nothing, and it cannot be differentiated
+        # (one that reaches z only through the weights, δ₀ = δ₁W₁ after a linear layer, gives zeros)
         live = [k for k, d in enumerate(deltas) if d.requires_grad]
         if exact:
             for z, d, c in zip(zs, deltas, norms):
@@ -82,7 +83,8 @@ def layer_trace(obj, rounds: int, *, seed: int = 0, exact: bool | None = None) -
                     continue
                 for i in range(z.shape[1]):
                     # e_i of this layer at every sample, scaled by ‖ã‖: the i-th diagonal of each Sₙ,ₗₗ, weighted
-                    g = torch.autograd.grad((d[:, i] * c).sum(), z, retain_graph=True)[0]
+                    g = torch.autograd.grad((d[:, i] * c).sum(), z, retain_graph=True, allow_unused=True,
+                                            materialize_grads=True)[0]  # fmt: skip
                     total[0] += (g[:, i] * c).double().sum()
             total[2], total[3] = 1, sum(dims)  # per rank with samples: the passes over its data
             continue

@@ -186,8 +186,11 @@ def test_exact_when_the_output_is_the_loss_or_the_log_likelihood(loss):
     assert _exact(net, x, None, loss) == pytest.approx(want, rel=1e-10)
 
 
-def test_a_loss_linear_in_its_parameters_has_trace_zero():
-    net = nn.Linear(6, 1).double()
+def test_a_loss_linear_in_each_layers_output_has_trace_zero():
+    """Two linear layers and the output as the loss: every δ is constant, the blocks are zero."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 1)).double()
     x = torch.randn(40, 6, dtype=F64)
-    r = jaccli.curvature(net, x, loss="output", trace=True, samples=3)
+    r = jaccli.curvature(net, x, loss="output", trace=True, samples=3)  # Σ d_l = 5 > 3: estimated
     assert r.trace == 0.0 and r.trace_stderr == 0.0 and r.trace_estimator == "per-sample Hutchinson"
+    assert _exact(net, x, None, "output") == 0.0
