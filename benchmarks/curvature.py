@@ -425,7 +425,12 @@ def interleaved_trace(a) -> None:
 
 
 def interleaved(task: str, a) -> None:
-    """jaccli and its one peer alternately in this process: medians and their ratio."""
+    """jaccli and its peers alternately in this process: medians and their ratios (``per-sample``:
+    ``vmap(grad)``, and Opacus and BackPACK where installed, each on its own copy of the net,
+    since both hook into the module)."""
+    import copy
+    import importlib.util
+
     import torch
 
     if task == "trace":
@@ -434,22 +439,25 @@ def interleaved(task: str, a) -> None:
     torch.set_num_threads(a.threads)
     dtype = torch.float64 if a.dtype == "float64" else torch.float32
     net, x, y = build(a.full_width if task == "full" else a.width, a.points, dtype)
-    peer = {"full": ("autograd-loop", loop_full), "per-sample": ("torch.func", func_per_sample)}[task]
-    pair = [("jaccli", CANDIDATES[(task, "jaccli")]), peer]
-    got = {name: torch.as_tensor(fn(net, x, y, a)) for name, fn in pair}  # warm-up and the results
-    agree = f"max relative difference {float((got['jaccli'] - got[peer[0]]).abs().max() / got[peer[0]].abs().max()):.1e}"
-    times = {name: [] for name, _ in pair}
+    names = {"full": ["jaccli", "autograd-loop"], "per-sample": PEERS["per-sample"]}[task]
+    names = [n for n in names if n not in NEEDS or importlib.util.find_spec(NEEDS[n]) is not None]
+    own = {n: copy.deepcopy(net) if n in ("opacus", "backpack") else net for n in names}
+    cands = [(n, CANDIDATES[(task, n)]) for n in names]
+    got = {n: torch.as_tensor(fn(own[n], x, y, a)) for n, fn in cands}  # warm-up and the results
+    times = {n: [] for n in names}
     for r in range(a.repeats):
-        for name, fn in pair if r % 2 == 0 else pair[::-1]:  # alternate who goes first
+        for n, fn in cands[r % len(cands):] + cands[: r % len(cands)]:  # rotate who goes first
             t0 = time.perf_counter()
-            fn(net, x, y, a)
-            times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(t) for name, t in times.items()}
+            fn(own[n], x, y, a)
+            times[n].append(time.perf_counter() - t0)
+    med = {n: statistics.median(t) for n, t in times.items()}
     p = sum(t.numel() for t in net.parameters())
     print(f"{task} ({a.dtype}, {a.threads} thread(s)): P = {p:,}, N = {a.points:,}, medians of {a.repeats}")
-    for name, t in med.items():
-        print(f"  {name:<14} {t:9.4f} s   ({', '.join(f'{v:.3f}' for v in times[name])})")
-    print(f"  ratio {peer[0]} / jaccli = {med[peer[0]] / med['jaccli']:.2f}   {agree}")
+    for n, t in med.items():
+        print(f"  {n:<14} {t:9.4f} s   ({', '.join(f'{v:.3f}' for v in times[n])})")
+    for n in names[1:]:
+        diff = float((got["jaccli"] - got[n]).abs().max() / got[n].abs().max())
+        print(f"  ratio {n} / jaccli = {med[n] / med['jaccli']:.2f}   max relative difference {diff:.1e}")
 
 
 def main() -> None:
