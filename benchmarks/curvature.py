@@ -63,7 +63,10 @@ under load (load average ≈ 5), ``--task trace --interleaved --repeats 5 --thre
 PyHessian 5.48 s). About 0.5M parameters (``--width 700 --points 512``, P = 520 810, same load):
 trace interleaved 0.87× (0.91× at equal standard error: jaccli's probes and quadratic forms,
 not its products), per-sample ``--interleaved`` ``vmap(grad)`` 1.77×, eig (``--run eig NAME``)
-curvlinops 1.35×. ``--process --task trace --baseline PATH`` adds a second jaccli checkout
+curvlinops 1.35×; every peer there, 2026-12-06 under load (load average 3-4.6): per-sample
+``--interleaved`` ``vmap(grad)`` 2.33-2.86×, Opacus 3.83-5.70×, BackPACK 1.80-1.98× (two runs);
+``--task eig --repeats 1`` PyHessian 1.92×, hessian-eigenthings 6.07×, curvlinops 1.95×.
+``--process --task trace --baseline PATH`` adds a second jaccli checkout
 (e.g. ``git archive main jaccli | tar -x -C PATH``) to the whole-process rounds.
 
 The trace at the same tolerance, 2026-12-06, under load (docs/curvature.md, "The trace at the
