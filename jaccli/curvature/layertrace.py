@@ -15,7 +15,7 @@ scaled by ``‖ãₙ,ₗ‖``: ``qₙ = vₙᵀ Sₙ vₙ`` with ``vₙ = (‖ã
 samples' ``qₙ`` are independent, so one round's variance is ``Σₙ Var qₙ`` — the
 parameter-space Hutchinson instead shares one probe over all samples and carries their
 covariances ``2 tr(Hₙ Hₘ)`` too, and a probe of ``P`` signs where these have ``d_l``: on the
-benchmark MLP (P = 76 810, N = 2 048) a round has ≈ 1/400 of a parameter probe's variance.
+benchmark MLP (P = 76 810, N = 2 048) a round has ≈ 1/250 of a parameter probe's variance.
 The standard error is honest and stable: ``√(Σₙ s²ₙ / R)`` with ``s²ₙ`` the sample variance of
 ``qₙ`` over the ``R`` rounds (``N`` estimates pooled, not one from ``R`` totals).
 
