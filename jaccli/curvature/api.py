@@ -277,6 +277,7 @@ def curvature(
     if by_layer:
         result.by_layer = _by_layer(model, inputs, target, obj, matrix, exact_diag, M, loss=loss, reduction=reduction,
                                     chunk_size=chunk_size, output=output, eig=eig or 1, which=which, samples=samples,
+                                    trace_method=trace_method,
                                     tol=tol, seed=seed)  # fmt: skip
     if standard_errors:
         # the information of the summed log-likelihood: a mean divides it by N, the EF too
@@ -310,8 +311,10 @@ def _by_layer(model, inputs, target, obj, matrix, exact_diag, M, *, eig, which, 
             row["trace"], row["trace_stderr"] = float(exact_diag[sl].sum()), None
         elif info.size <= EXACT_LIMIT:
             row["trace"], row["trace_stderr"] = float(np.trace(spectral.dense(op))), None
-        else:
-            row["trace"], row["trace_stderr"] = spectral.trace_estimate(op, samples, seed=seed)[:2]
+        else:  # the layers' per-sample probes where the tensor is a linear layer's (its block's trace alone)
+            got = layertrace.layer_trace(sub, samples, seed=seed) \
+                if matrix == "hessian" and "layers" in TRACE_METHODS[kw["trace_method"]] else None
+            row["trace"], row["trace_stderr"] = got or spectral.trace_estimate(op, samples, seed=seed)[:2]
         k = min(eig, info.size)
         w, _ = spectral.eigenvalues(op, k, which, tol=tol, seed=seed, dense_matrix=block)
         row["eigenvalues"] = w.tolist()

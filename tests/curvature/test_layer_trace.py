@@ -194,3 +194,19 @@ def test_a_loss_linear_in_each_layers_output_has_trace_zero():
     r = jaccli.curvature(net, x, loss="output", trace=True, samples=3)  # Σ d_l = 5 > 3: estimated
     assert r.trace == 0.0 and r.trace_stderr == 0.0 and r.trace_estimator == "per-sample Hutchinson"
     assert _exact(net, x, None, "output") == 0.0
+
+
+def test_by_layer_traces_of_linear_tensors_by_their_layers_probes():
+    """Each tensor's diagonal-block trace: exact where the layer's width fits ``samples``, else
+    estimated within 4 of its standard errors; a model's other tensors keep Hutch++/Hutchinson."""
+    net = mlp()
+    x, y = _data("cross-entropy", n=31, seed=12)
+    H = reference(net, x, y, "cross-entropy", "mean")
+    offsets = np.cumsum([0] + [p.numel() for p in net.parameters()])
+    blocks = [float(np.trace(H[a:b, a:b])) for a, b in zip(offsets[:-1], offsets[1:])]
+    exact = jaccli.curvature(net, x, y, loss="cross-entropy", by_layer=True, samples=10)  # widths 6, 5, 4 ≤ 10
+    for row, want in zip(exact.by_layer, blocks):
+        assert row["trace_stderr"] is None and row["trace"] == pytest.approx(want, rel=1e-10), row["name"]
+    est = jaccli.curvature(net, x, y, loss="cross-entropy", by_layer=True, samples=3)  # 6 and 5 > 3: estimated
+    for row, want in zip(est.by_layer, blocks):
+        assert abs(row["trace"] - want) <= 4 * (row["trace_stderr"] or 1e-12 * abs(want)), row["name"]
