@@ -34,7 +34,7 @@ from jaccli.cli.options import (
     ModelArg, Output, ProgressOpt, Quiet, Resume, _complete,
 )  # fmt: skip
 from jaccli.errors import ResumeError, UsageError
-from jaccli.request.choices import LOSS_NAMES, MATRICES, REDUCTIONS, STDIO, WHICH
+from jaccli.request.choices import LOSS_NAMES, MATRICES, REDUCTIONS, STDIO, TRACE_METHODS, WHICH
 
 Loss = Annotated[
     str, typer.Option(help="Loss: " + ", ".join(LOSS_NAMES) + ".", autocompletion=_complete(LOSS_NAMES), show_default=False)
@@ -91,7 +91,7 @@ def curvature_command(
                                         autocompletion=_complete(MATRICES))] = "hessian",  # fmt: skip
     full: Annotated[bool, typer.Option("--full", help="The P×P matrix (refused, exit 6, when it does not fit).")] = False,
     diag: Annotated[bool, typer.Option("--diag", help="The diagonal.")] = False,
-    trace: Annotated[bool, typer.Option("--trace", help="The trace: exact when affordable, else estimated from --samples products (Hutch++, or Hutchinson on a flat spectrum).")] = False,
+    trace: Annotated[bool, typer.Option("--trace", help="The trace: exact when affordable, else estimated from --samples products (where every selected parameter is a linear layer's: per-sample probes of the layers' outputs; else Hutch++, or Hutchinson on a flat spectrum).")] = False,
     eig: Annotated[Optional[int], typer.Option("--eig", metavar="K", help="The K eigenvalues --which picks (Lanczos, eigsh); eigenvectors go to --save.", show_default=False)] = None,
     which: Annotated[str, typer.Option(help="largest, smallest or magnitude.", autocompletion=_complete(WHICH))] = "largest",
     density: Annotated[bool, typer.Option("--density", help="The spectral density by stochastic Lanczos quadrature (--probes, --steps).")] = False,
@@ -99,7 +99,8 @@ def curvature_command(
     standard_errors: Annotated[bool, typer.Option("--standard-errors", help="√diag(I⁻¹) per parameter (--loss log-likelihood).")] = False,
     params: Params = None,
     reduction: Reduction = None,
-    samples: Annotated[int, typer.Option(help="Products of a trace or diagonal estimate.")] = 100,
+    samples: Annotated[int, typer.Option(help="Products of a trace or diagonal estimate (rounds of the per-sample one).")] = 100,
+    trace_method: Annotated[str, typer.Option(help="An estimated Hessian trace by: auto (layers where every selected parameter is a linear layer's, else products), layers (per-sample probes of the linear layers' outputs) or products (Hutch++ / Hutchinson in parameter space).", autocompletion=_complete(TRACE_METHODS))] = "auto",
     probes: Annotated[int, typer.Option(help="Random vectors of --density.")] = 8,
     steps: Annotated[int, typer.Option(help="Lanczos steps per --density vector.")] = 64,
     tol: Annotated[float, typer.Option(help="Relative accuracy of --eig (ARPACK's tol).")] = 1e-6,
@@ -126,7 +127,7 @@ def curvature_command(
         Derivative(kind("curvature"), chunk_size=chunk_size, output=output, parameters=Parameters(
             loss=loss, target=target, reduction=reduction, params=params, matrix=matrix, full=full, diag=diag,
             trace=trace, eig=eig, which=which, density=density, by_layer=by_layer, standard_errors=standard_errors,
-            samples=samples, probes=probes, steps=steps, tol=tol, seed=seed)),
+            samples=samples, trace_method=trace_method, probes=probes, steps=steps, tol=tol, seed=seed)),
         OutputOptions(save=save, force=force, json=json_, quiet=quiet, digits=digits, plot=plot),
     )  # fmt: skip
     check(req)
@@ -163,7 +164,7 @@ def curvature(req: Request) -> None:
             result = k.engine()(
                 net, args, y, loss=q.loss, matrix=q.matrix, full=q.full, diag=q.diag, trace=q.trace, eig=q.eig,
                 which=q.which, density=q.density, by_layer=q.by_layer, standard_errors=q.standard_errors,
-                params=q.params, reduction=q.reduction, samples=q.samples, probes=q.probes, steps=q.steps,
+                params=q.params, reduction=q.reduction, samples=q.samples, trace_method=q.trace_method, probes=q.probes, steps=q.steps,
                 tol=q.tol, seed=q.seed, chunk_size=d.chunk_size, output=d.output, target_name=tname,
             )  # fmt: skip
         if rank != 0:

@@ -6,7 +6,7 @@ tensor, or a dict of named tensors, samples along axis 0) and a target, builds a
 requested, sharing the work: one assembled matrix serves ``full``, ``diag``, ``trace``,
 ``eig`` and standard errors alike; an exact diagonal gives the trace and the per-layer traces.
 
-Imports: torch, numpy, :mod:`.objective`, :mod:`.params`, :mod:`.spectral`,
+Imports: torch, numpy, :mod:`.layertrace`, :mod:`.objective`, :mod:`.params`, :mod:`.spectral`,
 :mod:`jaccli.engine.planner` (memory), :mod:`jaccli.errors`.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from jaccli.curvature import spectral
+from jaccli.curvature import layertrace, spectral
 from jaccli.curvature.losses import get_loss
 from jaccli.curvature.objective import Objective, build_objective
 from jaccli.curvature.params import ParamInfo, ParamSpace
@@ -27,6 +27,11 @@ from jaccli.errors import format_bytes, ResourceError, UsageError
 
 #: up to this many parameters a Hessian's diagonal and trace are exact (P products); beyond, estimated
 EXACT_LIMIT = 2048
+#: ``trace_method`` -> what a Hessian's estimated trace may use: ``layers`` (per-sample probes of the
+#: linear layers' outputs, :mod:`.layertrace`), ``products`` (Hutch++/Hutchinson in parameter space)
+TRACE_METHODS = {"auto": ("layers", "products"), "layers": ("layers",), "products": ("products",)}
+#: ``trace_estimator`` of :mod:`.layertrace`'s estimate
+LAYER_ESTIMATOR = "per-sample Hutchinson"
 #: the JSON schema of ``jaccli curvature --json``
 SCHEMA = "jaccli.curvature/1"
 
@@ -38,7 +43,7 @@ class CurvatureResult:
     ``eigenvalues`` are descending, ``eigenvectors`` ``[P, K]`` their columns; ``density``
     holds the SLQ ``nodes`` and ``weights`` ``[probes, steps]``; ``trace_stderr`` and
     ``diag_stderr`` are ``None`` when the figure is exact, ``trace_estimator`` names the estimator
-    (``"Hutch++"`` or ``"Hutchinson"``, ``None`` when exact); ``by_layer`` one dict per
+    (``"per-sample Hutchinson"``, ``"Hutch++"`` or ``"Hutchinson"``, ``None`` when exact); ``by_layer`` one dict per
     parameter tensor (its diagonal block of the matrix).
     """
 
@@ -145,6 +150,7 @@ def curvature(
     params: str | None = None,
     reduction: str | None = None,
     samples: int = 100,
+    trace_method: str = "auto",
     probes: int = 8,
     steps: int = 64,
     tol: float = 1e-6,
@@ -165,7 +171,9 @@ def curvature(
     ``full``: the ``P×P`` matrix (refused before allocating when it does not fit);
     ``diag``; ``trace`` (exact up to :data:`EXACT_LIMIT` parameters for the Hessian and
     always for ``ggn``/``ef``, else estimated from ``samples`` products with a standard
-    error: Hutch++, or Hutchinson where the spectrum is flat); ``eig=K`` the K eigenvalues ``which`` picks (``largest``, ``smallest``,
+    error: where every selected parameter is a linear layer's, by per-sample probes of the layers'
+    outputs (exact where their widths add up to at most ``samples``), else Hutch++, or Hutchinson
+    where the spectrum is flat; ``trace_method`` ``"layers"`` or ``"products"`` insists on one); ``eig=K`` the K eigenvalues ``which`` picks (``largest``, ``smallest``,
     ``magnitude``) by Lanczos (``eigsh``, tolerance ``tol``); ``density``: stochastic
     Lanczos quadrature with ``probes`` vectors of ``steps`` steps; ``by_layer``: trace and
     largest eigenvalue of each parameter tensor's diagonal block; ``standard_errors``
@@ -193,6 +201,8 @@ def curvature(
     if standard_errors and matrix == "ggn":
         raise UsageError("--standard-errors takes the observed information (hessian) or the outer product of "
                          "scores (ef)", got="ggn")  # fmt: skip
+    if trace_method not in TRACE_METHODS:
+        raise UsageError("unknown --trace-method", expected=", ".join(TRACE_METHODS), got=trace_method)
     if which not in spectral.WHICH_ARPACK:
         raise UsageError("unknown --which", expected=", ".join(spectral.WHICH_ARPACK), got=which)
     if eig is not None and eig < 1:
@@ -209,12 +219,16 @@ def curvature(
     if dense_needed:
         check_dense_fits(p, what="the full matrix" if full else "the information matrix" if standard_errors else
                          "the eigen-decomposition")  # fmt: skip
-    # the Hessian's products through kept graphs follow: the gradient's pass builds them
-    value, gradient = obj.value_and_grad(keep_hessian_graphs=matrix == "hessian" and not dense_needed)
-    result = CurvatureResult(loss, obj.reduction, matrix, obj.n, value, float(gradient.norm()), list(obj.space.infos),
-                             which=which)  # fmt: skip
     # a trace alone runs on torch alone: scipy's operator (0.1-0.2 s to import) only where a scipy routine needs it
     trace_only = not (full or diag or eig is not None or density or by_layer or standard_errors)
+    # an estimated Hessian trace by the linear layers' outputs (None: not asked, or the model has other parameters)
+    layered = (trace and matrix == "hessian" and not dense_needed and p > EXACT_LIMIT
+               and "layers" in TRACE_METHODS[trace_method] and layertrace.applies(obj))  # fmt: skip
+    # the Hessian's products through kept graphs follow: the gradient's pass builds them (not for the layers' trace alone)
+    keep = matrix == "hessian" and not dense_needed and not (trace_only and layered)
+    value, gradient = obj.value_and_grad(keep_hessian_graphs=keep)
+    result = CurvatureResult(loss, obj.reduction, matrix, obj.n, value, float(gradient.norm()), list(obj.space.infos),
+                             which=which)  # fmt: skip
     op = spectral.Products(obj, matrix) if trace_only else spectral.operator(obj, matrix)
     M = spectral.dense(op) if dense_needed else None
     if full:
@@ -239,9 +253,21 @@ def curvature(
         if exact_diag is not None:
             result.trace = float(exact_diag.sum())
         else:
-            result.trace, result.trace_stderr, method = spectral.trace_estimate(op, samples, seed=seed)
-            result.trace_estimator = method
-            result.notes.append(f"the trace is a {method} estimate from {samples} products ± its standard error")
+            got = layertrace.layer_trace(obj, samples, seed=seed) if layered else None
+            if got is not None:
+                result.trace, result.trace_stderr = got
+                result.trace_estimator = None if got[1] is None else LAYER_ESTIMATOR
+                result.notes.append("the trace is exact: the linear layers' output Hessians by unit probes"
+                                    if got[1] is None else
+                                    f"the trace is a {LAYER_ESTIMATOR} estimate (probes of the linear layers' outputs, "
+                                    f"one per sample) from {max(2, samples)} rounds ± its standard error")  # fmt: skip
+            elif "products" not in TRACE_METHODS[trace_method]:
+                raise UsageError("--trace-method layers needs every selected parameter in a linear layer of a model "
+                                 "whose samples do not mix", hint="--trace-method products (Hutch++), or restrict --params")
+            else:
+                result.trace, result.trace_stderr, method = spectral.trace_estimate(op, samples, seed=seed)
+                result.trace_estimator = method
+                result.notes.append(f"the trace is a {method} estimate from {samples} products ± its standard error")
     if eig is not None:
         result.eigenvalues, result.eigenvectors = spectral.eigenvalues(op, eig, which, tol=tol, seed=seed,
                                                                        dense_matrix=M)  # fmt: skip
@@ -251,6 +277,7 @@ def curvature(
     if by_layer:
         result.by_layer = _by_layer(model, inputs, target, obj, matrix, exact_diag, M, loss=loss, reduction=reduction,
                                     chunk_size=chunk_size, output=output, eig=eig or 1, which=which, samples=samples,
+                                    trace_method=trace_method,
                                     tol=tol, seed=seed)  # fmt: skip
     if standard_errors:
         # the information of the summed log-likelihood: a mean divides it by N, the EF too
@@ -284,8 +311,10 @@ def _by_layer(model, inputs, target, obj, matrix, exact_diag, M, *, eig, which, 
             row["trace"], row["trace_stderr"] = float(exact_diag[sl].sum()), None
         elif info.size <= EXACT_LIMIT:
             row["trace"], row["trace_stderr"] = float(np.trace(spectral.dense(op))), None
-        else:
-            row["trace"], row["trace_stderr"] = spectral.trace_estimate(op, samples, seed=seed)[:2]
+        else:  # the layers' per-sample probes where the tensor is a linear layer's (its block's trace alone)
+            got = layertrace.layer_trace(sub, samples, seed=seed) \
+                if matrix == "hessian" and "layers" in TRACE_METHODS[kw["trace_method"]] else None
+            row["trace"], row["trace_stderr"] = got or spectral.trace_estimate(op, samples, seed=seed)[:2]
         k = min(eig, info.size)
         w, _ = spectral.eigenvalues(op, k, which, tol=tol, seed=seed, dense_matrix=block)
         row["eigenvalues"] = w.tolist()

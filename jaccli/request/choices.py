@@ -29,5 +29,7 @@ LOSS_NAMES = ("mse", "cross-entropy", "bce", "nll", "output", "log-likelihood")
 MATRICES = ("hessian", "ggn", "ef")
 #: ``--reduction`` of the loss over samples, as in ``torch.nn.functional``
 REDUCTIONS = ("mean", "sum")
+#: ``--trace-method`` of ``jaccli curvature``'s estimated Hessian trace (their meaning: :data:`jaccli.curvature.api.TRACE_METHODS`)
+TRACE_METHODS = ("auto", "layers", "products")
 #: ``--which`` eigenvalues ``--eig K`` finds
 WHICH = ("largest", "smallest", "magnitude")

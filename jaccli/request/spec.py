@@ -132,6 +132,8 @@ class Parameters:
     by_layer: bool = False
     standard_errors: bool = False
     samples: int = 100
+    #: what an estimated Hessian trace may use: auto, layers or products (:data:`jaccli.curvature.api.TRACE_METHODS`)
+    trace_method: str = "auto"
     probes: int = 8
     steps: int = 64
     tol: float = 1e-6

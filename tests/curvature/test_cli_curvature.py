@@ -107,6 +107,7 @@ def test_standard_errors_of_a_log_likelihood_model(tmp_path):
         (["--loss", "cross-entropy", "--target", "y.npy", "--which", "middle", "--eig", "1"], 2, "unknown --which"),
         (["--loss", "cross-entropy", "--target", "y.npy", "--matrix", "fisher"], 2, "unknown matrix"),
         (["--loss", "output", "--matrix", "ggn"], 2, "not defined"),
+        (["--loss", "cross-entropy", "--target", "y.npy", "--trace-method", "exact"], 2, "unknown --trace-method"),
     ],
 )
 def test_bad_requests_get_one_line_and_their_exit_code(case, extra, code, needle):
@@ -185,6 +186,31 @@ def test_torchrun_shards_the_samples_and_gives_the_single_process_results(case, 
     x, y = torch.from_numpy(np.load(d / "x.npy")), torch.from_numpy(np.load(d / "y.npy"))
     ref_g = jaccli.grads(net, x, y, loss="cross-entropy", per_sample=True)
     np.testing.assert_allclose(np.load(tmp_path / "g.npy"), ref_g.per_sample.numpy(), rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="gloo")
+def test_the_layers_trace_estimate_under_torchrun_equals_the_single_process_one(tmp_path):
+    """A sample's probes depend on the seed, the round and its index alone: two ranks' shards
+    (and their chunks) give the single process's estimate and standard error."""
+    net = tanh_mlp((2, 64, 32, 3))  # P = 2 371: past the exact trace's limit
+    jaccli.save_mlp(net, tmp_path / "big.safetensors")
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((50, 2)), rng.integers(0, 3, 50)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    r = _jaccli(tmp_path, "curvature", "big.safetensors", "x.npy", "--target", "y.npy", "--loss", "cross-entropy",
+                "--trace", "--samples", "5", "--seed", "4", "--chunk-size", "7", "--json", torchrun=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (doc,) = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    ref = jaccli.curvature(net, torch.from_numpy(x), torch.from_numpy(y), loss="cross-entropy", trace=True, samples=5,
+                           seed=4)  # fmt: skip
+    assert doc["trace_estimator"] == ref.trace_estimator == "per-sample Hutchinson"
+    assert doc["trace"] == pytest.approx(ref.trace, rel=1e-10)
+    assert doc["trace_stderr"] == pytest.approx(ref.trace_stderr, rel=1e-8)
+    r = run("curvature", tmp_path / "big.safetensors", tmp_path / "x.npy", "--target", tmp_path / "y.npy", "--loss",
+            "cross-entropy", "--trace", "--samples", "5", "--trace-method", "products", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["trace_estimator"] in ("Hutch++", "Hutchinson")
 
 
 def test_the_help_examples_run(tmp_path, monkeypatch):

@@ -135,12 +135,12 @@ def test_estimated_trace_and_diagonal_beyond_the_exact_limit(monkeypatch):
     H = jaccli.curvature(net, x, y, loss="cross-entropy", full=True).full
     monkeypatch.setattr(api, "EXACT_LIMIT", 0)
     p = H.shape[0]
-    r = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, diag=True, samples=3 * p + 3)
+    r = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, diag=True, samples=3 * p + 3, trace_method="products")
     # with 3P products Hutch++'s sketch spans the whole space: the trace is exact, the remainder zero
     assert r.trace == pytest.approx(np.trace(H), rel=1e-9) and r.trace_stderr < 1e-8
     assert r.diag_stderr is not None and r.notes
     assert np.all(np.abs(r.diag - np.diag(H)) <= 5 * r.diag_stderr + 1e-12)
-    r = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, samples=30)
+    r = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, samples=30, trace_method="products")
     assert abs(r.trace - np.trace(H)) <= 5 * r.trace_stderr
 
 
