@@ -498,7 +498,13 @@ def main() -> None:
         return
     import tempfile
 
-    tmp = Path(tempfile.mkdtemp(prefix="curv-bench-"))
+    # the results (per-sample gradients at 0.5M parameters: gigabytes) go with the directory
+    with tempfile.TemporaryDirectory(prefix="curv-bench-") as tmp:
+        own_processes(a, Path(tmp))
+
+
+def own_processes(a, tmp: Path) -> None:
+    """Every peer of each task in its own process, results in ``tmp``, checked against jaccli's float64 run."""
     for task in PEERS if a.task == "all" else [a.task]:
         ref = child(task, "jaccli", a, tmp / f"{task}-ref.npy", reference=True)
         if "failed" in ref:
