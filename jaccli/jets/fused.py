@@ -1,4 +1,4 @@
-"""Fused Taylor kernels: the chain rule of one elementwise op compiled by ``torch.compile``.
+"""Fused Taylor kernels: the chain rule of one elementwise op compiled by inductor (``torch.compile``'s compiler).
 
 What it owns: the *unit* that is compiled, the compiled kernels of this process, the on-disk
 cache directory, and the policy of when compiling pays (:func:`should_compile`).
@@ -62,9 +62,11 @@ ODES: dict[str, tuple[tuple[float, ...], object]] = {
 #: ``compile=`` / ``--compile`` values and what they mean
 MODES = {"auto": "auto", "on": True, "off": False, True: True, False: False}
 
-#: predicted compile seconds per kernel, and the one-time import of dynamo and inductor:
-#: measured on the project's 2-core CPU, one thread, under load (docs/performance.md)
-COLD_S, WARM_S, IMPORT_S = 8.0, 1.5, 2.0
+#: predicted compile seconds per kernel (an empty cache, a warm one) and the one-time import of
+#: dynamo and inductor: measured on the project's 2-core CPU, one thread, under load — two
+#: kernels of the seed PINN's Jacobian in a fresh process: 22.9 s cold, 5.6-6.2 s warm, of
+#: which importing ``torch._dynamo`` and ``torch._inductor.compile_fx`` 3.0 s (docs/performance.md)
+COLD_S, WARM_S, IMPORT_S = 10.0, 1.5, 3.0
 #: a kernel is used only where it takes at most this fraction of the eager rule's time
 MARGIN = 0.9
 
@@ -259,10 +261,9 @@ class Fuser:
         start = time.perf_counter()
         fn = _kernel(key)
         try:
-            with warnings.catch_warnings():  # torch's own deprecations as it imports dynamo
+            with warnings.catch_warnings():  # torch's own deprecations as it imports inductor
                 warnings.simplefilter("ignore")
-                kernel = torch.compile(fn, dynamic=False, fullgraph=True)
-                kernel(*_example_blocks(key))  # compile now, where a failure is caught
+                kernel = _inductor(fn, _example_blocks(key))
         except Exception as exc:  # noqa: BLE001 — any compiler failure means: run eager
             kernel = None
             self.notes.append(f"compile of the fused {key[0]} rule failed, ran eager: {_first_line(exc)}")
@@ -311,6 +312,21 @@ class Fuser:
 
 
 _MISSING = object()
+
+
+def _inductor(fn, example: list[Tensor]):
+    """``fn`` traced to ATen ops at the example's (static) shapes and compiled by inductor,
+    what ``torch.compile`` does past dynamo. Not ``torch.compile`` itself: every kernel is
+    the same Python function (closures of :func:`_kernel`), and dynamo keeps at most 8
+    compiled variants per function (``recompile_limit``) before it silently runs the rest
+    eager; and its guards cost some 30 µs a call. A traced graph has neither."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(fn)(*example)
+    kernel = compile_fx(gm, example)
+    kernel(*example)  # run once: a failure shows here, where it is caught
+    return kernel
 
 
 def fuser(mode, batch: int, spent: dict) -> Fuser:

@@ -145,7 +145,7 @@ def test_a_failed_compile_runs_eager_with_a_note(monkeypatch):
         raise RuntimeError("no C++ compiler here\nmore")
 
     monkeypatch.setattr(fused, "_KERNELS", {})
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(fused, "_inductor", broken)
     net, x = _net(), torch.linspace(-1, 1, 7, dtype=torch.float64)[:, None]
     notes: list = []
     token = fused.NOTES.set(notes)
