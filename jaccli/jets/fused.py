@@ -283,17 +283,24 @@ class Fuser:
     def chunk(self, spent: dict):
         """One chunk's pass under this fuser: its eager time counts towards ``spent`` (the
         program's ledger, kept across calls) and, once the policy says so, the next chunk
-        compiles (``mode`` auto)."""
-        token = CURRENT.set(self)
+        compiles (``mode`` auto). Only the program's first full chunk notes the keys its
+        steps would compile: later ones pay two clock reads and no look-up per step."""
+        if self.mode is False:  # nothing to observe or use
+            yield
+            return
+        use = self.active or not spent.get("keys")
+        token = CURRENT.set(self) if use else None
         start = time.perf_counter()
         try:
             yield
         finally:
-            CURRENT.reset(token)
+            if token is not None:
+                CURRENT.reset(token)
             if not self.active and self.mode == "auto":
                 spent["s"] = spent.get("s", 0.0) + time.perf_counter() - start
-                keys = spent.setdefault("keys", set())
-                keys.update(self.seen)
+                if self.seen:
+                    spent.setdefault("keys", set()).update(self.seen)
+                keys = spent.get("keys")
                 self.active = bool(keys) and should_compile("auto", spent["s"], predicted_cost(keys))
 
     def note(self) -> str | None:
