@@ -186,8 +186,10 @@ def _tanh_expm1(x: Tensor) -> Tensor:
     return e / (e + 2.0)
 
 
-#: key -> compiled kernel (None: compiling it failed); shared by every program of the process
+#: key -> compiled kernel (None: compiling it failed, or it lost to the eager rule); shared by
+#: every program of the process; and why a key has none
 _KERNELS: dict[tuple, object] = {}
+_WHY: dict[tuple, str] = {}
 
 
 @dataclass
@@ -227,8 +229,10 @@ class Fuser:
             kernel = self._compile(key)
             if kernel is not None and not self._faster(kernel, eager, cx, lay, x, blocks):
                 kernel = _KERNELS[key] = None
-                self.notes.append(f"the fused {name} kernel of {tuple(x.t.shape)} was slower than eager: not used")
+                _WHY[key] = f"the fused {name} kernel of {tuple(x.t.shape)} was slower than eager: not used"
         if kernel is None:
+            if _WHY.get(key) and _WHY[key] not in self.notes:  # each computation says why, once
+                self.notes.append(_WHY[key])
             return None
         out = cx.empty(lay, x.shape, x.t)
         kernel(out.t, *blocks)
@@ -266,7 +270,7 @@ class Fuser:
                 kernel = _inductor(fn, _example_blocks(key))
         except Exception as exc:  # noqa: BLE001 — any compiler failure means: run eager
             kernel = None
-            self.notes.append(f"compile of the fused {key[0]} rule failed, ran eager: {_first_line(exc)}")
+            _WHY[key] = f"compile of the fused {key[0]} rule failed, ran eager: {_first_line(exc)}"
         self.compile_s += time.perf_counter() - start
         _KERNELS[key] = kernel
         if kernel is not None:
@@ -369,3 +373,4 @@ NOTES: contextvars.ContextVar[list | None] = contextvars.ContextVar("jaccli_fuse
 def clear() -> None:
     """Forget this process's compiled kernels (tests)."""
     _KERNELS.clear()
+    _WHY.clear()

@@ -145,6 +145,7 @@ def test_a_failed_compile_runs_eager_with_a_note(monkeypatch):
         raise RuntimeError("no C++ compiler here\nmore")
 
     monkeypatch.setattr(fused, "_KERNELS", {})
+    monkeypatch.setattr(fused, "_WHY", {})
     monkeypatch.setattr(fused, "_inductor", broken)
     net, x = _net(), torch.linspace(-1, 1, 7, dtype=torch.float64)[:, None]
     notes: list = []
@@ -163,6 +164,7 @@ def test_compiled_program_matches_eager_and_the_closed_form(monkeypatch, tmp_pat
     the last chunk of 3 eager; both agree with the eager pass and the closed form."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(fused, "_KERNELS", {})
+    monkeypatch.setattr(fused, "_WHY", {})
     monkeypatch.setattr(fused, "MARGIN", float("inf"))  # keep the kernel however fast it is
     net, x = _net(), torch.linspace(-1, 1, 11, dtype=torch.float64)[:, None]
     notes: list = []
