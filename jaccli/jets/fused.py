@@ -62,10 +62,10 @@ ODES: dict[str, tuple[tuple[float, ...], object]] = {
 #: ``compile=`` / ``--compile`` values and what they mean
 MODES = {"auto": "auto", "on": True, "off": False, True: True, False: False}
 
-#: predicted compile seconds per kernel (an empty cache, a warm one) and the one-time import of
-#: dynamo and inductor: measured on the project's 2-core CPU, one thread, under load — two
-#: kernels of the seed PINN's Jacobian in a fresh process: 22.9 s cold, 5.6-6.2 s warm, of
-#: which importing ``torch._dynamo`` and ``torch._inductor.compile_fx`` 3.0 s (docs/performance.md)
+#: predicted compile seconds per kernel (not in the cache, in it) and the one-time import of
+#: inductor, on the safe side of what the project's 2-core CPU took under load (one thread,
+#: a fresh process): u_xxxx's three kernels 17.1 s cold and 3.4 s warm, imports included;
+#: importing ``torch._dynamo`` and ``torch._inductor.compile_fx`` alone 3.0 s (docs/performance.md)
 COLD_S, WARM_S, IMPORT_S = 10.0, 1.5, 3.0
 #: a kernel is used only where it takes at most this fraction of the eager rule's time
 MARGIN = 0.9
