@@ -39,6 +39,7 @@ import contextlib
 import contextvars
 import hashlib
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -69,6 +70,11 @@ MODES = {"auto": "auto", "on": True, "off": False, True: True, False: False}
 COLD_S, WARM_S, IMPORT_S = 10.0, 1.5, 3.0
 #: a kernel is used only where it takes at most this fraction of the eager rule's time
 MARGIN = 0.9
+#: ``auto`` keeps a program's fused passes only while they take at most this fraction of its
+#: eager ones (medians of its last 16 full chunks of each, judged from the 8th fused one on):
+#: lenient, because the eager times are older and a shared machine's load moves in between
+#: (u_xxxx's fused chunks, 0.68 of eager in one run, read 0.95 in another under a load spike)
+PROGRAM_MARGIN, PROGRAM_CHUNKS = 1.0, 8
 
 
 def cache_dir() -> Path:
@@ -284,32 +290,50 @@ class Fuser:
         return kernel
 
     @contextlib.contextmanager
-    def chunk(self, spent: dict):
-        """One chunk's pass under this fuser: its eager time counts towards ``spent`` (the
-        program's ledger, kept across calls) and, once the policy says so, the next chunk
-        compiles (``mode`` auto). Only the program's first full chunk notes the keys its
-        steps would compile: later ones pay two clock reads and no look-up per step."""
+    def chunk(self, spent: dict, points: int | None = None):
+        """One chunk's pass (of ``points`` points) under this fuser, ``spent`` being the
+        program's ledger, kept across calls. In ``auto``: an eager chunk's time counts towards
+        the compile (ski rental), and once the policy says so the next chunk compiles; the
+        program's fused full chunks are then timed against its eager ones, and where they are
+        not faster (:data:`PROGRAM_MARGIN`, medians, from the :data:`PROGRAM_CHUNKS`-th on) the
+        program goes back to eager for good — a kernel can win alone and lose inside the pass
+        (the 2→50³→1 Hessian's did). Only the program's first full chunk notes the keys its
+        steps would compile: later eager ones pay two clock reads and no look-up per step."""
         if self.mode is False:  # nothing to observe or use
             yield
             return
         use = self.active or not spent.get("keys")
         token = CURRENT.set(self) if use else None
-        start = time.perf_counter()
+        compiled, start = self.compile_s, time.perf_counter()
         try:
             yield
         finally:
             if token is not None:
                 CURRENT.reset(token)
-            if not self.active and self.mode == "auto":
-                spent["s"] = spent.get("s", 0.0) + time.perf_counter() - start
-                if self.seen:
-                    spent.setdefault("keys", set()).update(self.seen)
-                keys = spent.get("keys")
-                self.active = bool(keys) and should_compile("auto", spent["s"], predicted_cost(keys))
+            if self.mode == "auto":
+                self._account(spent, time.perf_counter() - start, points in (None, self.batch), compiled != self.compile_s)
+
+    def _account(self, spent: dict, seconds: float, full: bool, compiled: bool) -> None:
+        if not self.active:
+            spent["s"] = spent.get("s", 0.0) + seconds
+            if full:
+                spent["eager"] = [*spent.get("eager", [])[-15:], seconds]
+            if self.seen:
+                spent.setdefault("keys", set()).update(self.seen)
+            keys = spent.get("keys")
+            self.active = bool(keys) and not spent.get("rejected") and should_compile("auto", spent["s"], predicted_cost(keys))
+            return
+        if full and not compiled:
+            spent["fused"] = [*spent.get("fused", [])[-15:], seconds]
+        fused_s, eager_s = spent.get("fused", []), spent.get("eager", [])
+        if len(fused_s) >= PROGRAM_CHUNKS and eager_s and statistics.median(fused_s) > PROGRAM_MARGIN * statistics.median(eager_s):
+            ratio = statistics.median(fused_s) / statistics.median(eager_s)
+            self.notes.append(f"fused passes took {ratio:.2f}× the eager ones for this program: eager from here on")
+            self.active, spent["rejected"] = False, True
 
     def note(self) -> str | None:
         """``--verbose``'s line about this computation, if it used or tried kernels."""
-        if not self.active:
+        if not (self.active or self.used or self.compiled or self.notes):
             return None
         text = (f"fused Taylor kernels: {self.used} pass(es) through them, {self.compiled} compiled "
                 f"in {self.compile_s:.1f} s (cache {cache_dir()})")  # fmt: skip
@@ -350,7 +374,7 @@ def fuser(mode, batch: int, spent: dict) -> Fuser:
     """The fuser of one computation in ``mode`` (``"auto"``, ``"on"``, ``"off"``, True, False)
     whose chunks have ``batch`` points; ``spent`` is the program's ledger (:attr:`TaylorProgram.fusion`)."""
     mode = MODES[mode]
-    active = mode is True or (mode == "auto" and bool(spent.get("keys"))
+    active = mode is True or (mode == "auto" and bool(spent.get("keys")) and not spent.get("rejected")
                               and should_compile(mode, spent.get("s", 0.0), predicted_cost(spent["keys"])))  # fmt: skip
     return Fuser(batch=batch, mode=mode, active=active)
 

@@ -120,6 +120,35 @@ def test_auto_turns_on_once_the_eager_time_pays_for_the_compile(cache, monkeypat
     assert fused.fuser("on", 8, {}).active
 
 
+def test_auto_goes_back_to_eager_where_fused_passes_are_not_faster(cache, monkeypatch):
+    """After PROGRAM_CHUNKS fused full chunks whose median is above PROGRAM_MARGIN of the eager
+    median, the program is eager for good, and the note says so (durations injected)."""
+    monkeypatch.setattr(fused, "PROGRAM_MARGIN", 0.95)
+    monkeypatch.setattr(fused, "PROGRAM_CHUNKS", 3)
+    spent: dict = {}
+    fz = fused.fuser("auto", 8, spent)
+    fz.seen.add(("tanh", "key"))
+    fz._account(spent, 6.0, True, False)  # one eager chunk of 6 s: 6 < 10 s predicted
+    assert not fz.active
+    fz._account(spent, 6.0, True, False)  # 12 s ≥ 10 s: compile from the next chunk on
+    assert fz.active
+    fz._account(spent, 9.0, True, True)  # the chunk that compiled is not timed
+    fz._account(spent, 5.9, False, False)  # nor a short last chunk
+    assert "fused" not in spent
+    for _ in range(2):
+        fz._account(spent, 5.9, True, False)
+        assert fz.active  # fewer than three fused chunks: not judged yet
+    fz._account(spent, 5.9, True, False)  # 5.9 > 0.95 × 6: back to eager
+    assert not fz.active and spent["rejected"]
+    assert "0.98× the eager ones" in fz.note()
+    assert not fused.fuser("auto", 8, spent).active
+    faster: dict = {"keys": {("tanh", "key")}, "s": 12.0, "eager": [6.0]}
+    fz = fused.fuser("auto", 8, faster)
+    for _ in range(5):
+        fz._account(faster, 3.0, True, False)
+    assert fz.active and not faster.get("rejected")
+
+
 def test_compile_choice_is_checked():
     with pytest.raises(jaccli.UsageError):
         jaccli.laplacian(torch.tanh, torch.zeros(3, 2), per_sample=True, compile="sometimes")
