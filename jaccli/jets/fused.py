@@ -23,7 +23,8 @@ size (:attr:`Fuser.batch`) use it, a shorter last chunk runs eager (rows are ind
 per point, so this changes no value): no recompilation, no padding.
 
 **The cache.** Inductor's FX-graph cache under ``$TORCHINDUCTOR_CACHE_DIR`` when set, else
-``$XDG_CACHE_HOME/jaccli/inductor`` (``~/.cache/jaccli/inductor``). A marker file per kernel
+``$XDG_CACHE_HOME/jaccli/inductor`` (``~/.cache/jaccli/inductor``; inductor reads only the
+environment, so the first compile sets ``TORCHINDUCTOR_CACHE_DIR`` for the process when unset). A marker file per kernel
 key (:func:`cache_marker`) says that a compile of that key finished once on this machine,
 so the policy can predict a warm compile instead of a cold one.
 
