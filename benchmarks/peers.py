@@ -256,16 +256,23 @@ def forward_thunk(model, x):
 '''
 
 
+#: jaccli with fused Taylor kernels forced on (``compile="on"``): compiled in the warm-up call,
+#: as JAX jit is, so the timed calls are the compiled program's (whole process: ``auto``)
+COMPILED = "jaccli (compiled)"
+
+
 def source(job: Job, name: str) -> str:
     if name == "jaccli":
         return PRELUDE + job.jaccli
+    if name == COMPILED:
+        return PRELUDE + job.jaccli.replace("per_sample=True)", 'per_sample=True, compile="on")')
     if name == "forward":
         return PRELUDE + FORWARD
     return PRELUDE + job.peers[name][1]
 
 
 def needs(job: Job, name: str) -> str:
-    return "jaccli" if name in ("jaccli", "forward") else job.peers[name][0]
+    return "jaccli" if name in ("jaccli", "forward", COMPILED) else job.peers[name][0]
 
 
 # ------------------------------------------------------------------ files
@@ -438,11 +445,12 @@ def run_job(job_name: str, a, tmp: Path) -> dict:
         print(f"  the float64 reference ({job.reference}) failed: {ref.get('failed') or ref.get('skipped')}; no figures")
         return row
     want = np.load(ref["result"])
-    names = ["jaccli", *(["forward"] if job.forward else []), *job.peers]
-    peers = [n for n in names if n not in ("jaccli", "forward") and n in a.peer_filter(n)]
+    ours = ("jaccli", COMPILED, "forward")
+    names = ["jaccli", *([COMPILED] if a.compiled else []), *(["forward"] if job.forward else []), *job.peers]
+    peers = [n for n in names if n not in ours and n in a.peer_filter(n)]
     inproc: dict[str, float] = {}
     for name in names:
-        if name not in ("jaccli", "forward") and name not in peers:
+        if name not in ours and name not in peers:
             print(f"  {name:<30} left out by --peers")
             continue
         r = child(job_name, name, d, a)
@@ -465,6 +473,10 @@ def run_job(job_name: str, a, tmp: Path) -> dict:
     if "jaccli" in inproc and agreeing:
         best = min(agreeing, key=inproc.get)
         row["peer"], row["ratio"] = best, inproc["jaccli"] / inproc[best]
+    if COMPILED in inproc and "jaccli" in inproc:
+        row["compiled_over_eager"] = inproc[COMPILED] / inproc["jaccli"]
+        best = f", {inproc[COMPILED] / inproc[row['peer']]:.2f} of {row['peer']}" if "peer" in row else ""
+        print(f"  {COMPILED} / jaccli: {row['compiled_over_eager']:.2f}{best}")
     if "forward" in inproc and "jaccli" in inproc:
         row["over_forward"] = inproc["jaccli"] / inproc["forward"]
         print(f"  jaccli / its forward pass: {row['over_forward']:.2f}")
@@ -505,6 +517,9 @@ def table(rows: list[dict]) -> None:
               f"{fmt(pr.get('jaccli'), '9.3f'):>9} {fmt(pr.get(r.get('process_peer')), '8.3f'):>8} "
               f"{fmt(pratio, '8.3f'):>8} {mark(pratio, PROCESS_TARGET):<8}"
               + (f"  (jaccli {r['over_forward']:.2f}× its forward pass)" if "over_forward" in r else ""))  # fmt: skip
+        if ip.get(COMPILED) is not None:
+            vs = f", {ip[COMPILED] / ip[peer]:.3f} of the peer" if peer in ip else ""
+            print(f"  {'':<16} {COMPILED}: {ip[COMPILED]:.4f} s in-process, {r['compiled_over_eager']:.3f} of jaccli's{vs}")
         if r.get("process_peer") and r.get("process_peer") != peer:
             print(f"  {'':<16} whole process: the fastest peer is {r['process_peer']}")
 
@@ -595,6 +610,8 @@ def main(argv=None) -> int:
     ap.add_argument("--points", type=int, help="N for every job (overrides the job's and --quick's)")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per candidate in-process (median)")
     ap.add_argument("--process-repeats", type=int, default=3, help="fresh processes per candidate (median; 0: skip)")
+    ap.add_argument("--no-compiled", dest="compiled", action="store_false",
+                    help=f"leave out the in-process '{COMPILED}' row (fused kernels forced on, compiled in its warm-up)")
     ap.add_argument("--threads", type=int, default=1, help="threads of every child process (torch and XLA)")
     ap.add_argument("--tol", type=float, default=1e-4, help="max difference to float64 relative to its largest value")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")

@@ -9,6 +9,9 @@ passes of 768 MiB against ``partials._PASS_BYTES``, and the ODE series recurrenc
 ``--base`` (``jets/chain.py`` read from git) against the current one. On a shared machine the two sides see
 the same load, which separate runs do not; it prints medians of wall and CPU seconds
 (CPU time is the steadier figure under load). One thread (``--threads``).
+
+``--compile`` compares today's eager passes with fused Taylor kernels forced on
+(``compile="on"``, :mod:`jaccli.jets.fused`; compiled in the warm-up call, not timed).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=11, help="calls per side (median)")
     ap.add_argument("--points", type=int, help="N (default: the job's)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", action="store_true",
+                    help="instead: eager (before) against fused Taylor kernels forced on (after, compile='on')")
     ap.add_argument("--base", default="main", help="git revision whose ODE recurrence is 'before' (default main)")
     a = ap.parse_args(argv)
 
@@ -77,20 +82,23 @@ def main(argv=None) -> int:
             d = Path(tmp) / name
             d.mkdir()
             peers.build(job, a.points or job.points, d)
-            scope: dict = {"__name__": "candidate"}
-            exec(compile(peers.source(job, "jaccli"), name, "exec"), scope)
-            thunk = scope["make"](d, "float32", "cpu")
+            thunks = {}
+            for side, cand in (("before", "jaccli"), ("after", peers.COMPILED if a.compile else "jaccli")):
+                scope: dict = {"__name__": "candidate"}
+                exec(compile(peers.source(job, cand), name, "exec"), scope)
+                thunks[side] = scope["make"](d, "float32", "cpu")
             wall: dict = {"before": [], "after": []}
             cpu: dict = {"before": [], "after": []}
-            sides = (("before", before), ("after", after))
-            for _, switch in sides:  # warm-up, and the two results agree
+            # --compile: both sides today's code, eager against fused kernels forced on
+            sides = (("before", after if a.compile else before), ("after", after))
+            for side, switch in sides:  # warm-up (the compiled side compiles here)
                 switch()
-                thunk()
+                thunks[side]()
             for r in range(a.rounds):
                 for side, switch in sides if r % 2 == 0 else sides[::-1]:  # each side goes first in turn
                     switch()
                     c0, t0 = time.process_time(), time.perf_counter()
-                    thunk()
+                    thunks[side]()
                     wall[side].append(time.perf_counter() - t0)
                     cpu[side].append(time.process_time() - c0)
             after()

@@ -27,7 +27,7 @@ def bench():
 def test_the_quick_run_measures_both_ways_and_prints_the_table(bench, tmp_path, capsys):
     out = tmp_path / "rows.json"
     args = ["--quick", "--jobs", "hessian", "--peers", "torch.func", "--points", "16", "--repeats", "1",
-            "--process-repeats", "1", "--json", str(out)]  # fmt: skip
+            "--process-repeats", "1", "--json", str(out), "--no-compiled"]  # fmt: skip
     assert bench.main(args) == 0
     text = capsys.readouterr().out
     (row,) = json.loads(out.read_text())
@@ -44,13 +44,20 @@ def test_the_quick_run_measures_both_ways_and_prints_the_table(bench, tmp_path, 
 def test_a_result_off_the_float64_reference_gets_no_figure(bench, capsys):
     """jaccli's Laplacian scaled by 1.01 is refused: no time, no ratio, and no whole-process race."""
     args = ["--jobs", "laplacian-pinn", "--peers", "torch.func", "--points", "16", "--repeats", "1",
-            "--process-repeats", "1", "--perturb", "jaccli"]  # fmt: skip
+            "--process-repeats", "1", "--perturb", "jaccli", "--no-compiled"]  # fmt: skip
     assert bench.main(args) == 0
     text = capsys.readouterr().out
     assert any(line.strip().startswith("jaccli") and "DISAGREES with float64" in line for line in text.splitlines())
     assert "whole process, medians" not in text
     table_line = next(line for line in text.splitlines() if line.strip().startswith("laplacian-pinn "))
     assert "met" not in table_line.lower()
+
+
+def test_the_compiled_candidate_is_jaccli_with_fused_kernels_forced_on(bench):
+    for job in bench.JOBS.values():
+        text = bench.source(job, bench.COMPILED)
+        assert text.count('compile="on"') == 1 and text.replace(', compile="on"', "") == bench.source(job, "jaccli")
+        assert bench.needs(job, bench.COMPILED) == "jaccli"
 
 
 def test_disagreement_is_relative_to_the_reference_and_refuses_a_shape_mismatch(bench):

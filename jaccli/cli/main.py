@@ -43,6 +43,7 @@ from jaccli.cli.options import (
     Device,
     Dtype,
     Mode,
+    CompileOpt,
     ChunkSize,
     Save,
     Force,
@@ -241,6 +242,7 @@ def _make_command(k: Kind):
         dtype: Dtype = None,
         mode: Mode = "auto",
         chunk_size: ChunkSize = None,
+        compile_: CompileOpt = "auto",
         save: Save = None,
         force: Force = False,
         json_: Json = False,
@@ -278,7 +280,7 @@ def _make_command(k: Kind):
             Derivative(
                 k, per_sample=per_sample, wrt=tuple(wrt) if wrt else None, output=output, select=Selection.parse(select),
                 mode=mode, chunk_size=chunk_size, check_batch=not no_batch_check, strict=strict, estimator=estimator,
-                probes=probes, seed=seed,
+                probes=probes, seed=seed, compile=compile_,
             ),
             OutputOptions(
                 save=save, force=force, json=json_, quiet=quiet, dry_run=dry_run, verbose=verbose, show=parse_show(show),

@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from jaccli.request.choices import ACTIVATION_NAMES, DTYPE_NAMES, MODES
+from jaccli.request.choices import ACTIVATION_NAMES, COMPILE, DTYPE_NAMES, MODES
 
 # Every option with a fixed set of values is typed as a Literal of that set: Typer lists
 # the values in --help (<auto|forward|reverse>) and refuses any other while it parses
@@ -49,6 +49,14 @@ Dtype = Annotated[
 Mode = Annotated[
     Literal[MODES],
     typer.Option(help="auto picks the engine and mode predicted fastest (--json shows the estimates)."),
+]
+CompileOpt = Annotated[
+    Literal[COMPILE],
+    typer.Option(
+        "--compile",
+        help="Fused Taylor kernels (torch.compile, cached on disk): auto compiles once the time already spent "
+        "pays for it (long or streamed runs), on at once, off never.",
+    ),
 ]
 Select = Annotated[
     Optional[str],

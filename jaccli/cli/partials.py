@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from jaccli.cli.options import (
-    Activation, Arch, ArchKwargs, ChunkSize, Device, Digits, Dtype, Force, InputArg, Inputs, Json, Key, MaxInputBytes,
+    Activation, Arch, ArchKwargs, ChunkSize, CompileOpt, Device, Digits, Dtype, Force, InputArg, Inputs, Json, Key, MaxInputBytes,
     ModelArg, NoBatchCheck, Output, PerSample, PlotFile, Quiet, Save, Select, Strict, Summary, Verbose, Wrt,
 )  # fmt: skip
 from jaccli.cli.run import check_early
@@ -44,6 +44,7 @@ def partials_command(
     device: Device = "cpu",
     dtype: Dtype = None,
     chunk_size: ChunkSize = None,
+    compile_: CompileOpt = "auto",
     save: Save = None,
     force: Force = False,
     json_: Json = False,
@@ -75,7 +76,7 @@ def partials_command(
         Derivative(
             kind("partials"), per_sample=per_sample, wrt=tuple(wrt) if wrt else None, output=output,
             select=Selection.parse(select), chunk_size=chunk_size, check_batch=not no_batch_check, strict=strict,
-            want=tuple(want), in_names=in_, out_names=out, limits=tuple(limits.items()),
+            want=tuple(want), in_names=in_, out_names=out, limits=tuple(limits.items()), compile=compile_,
         ),
         OutputOptions(save=save, force=force, json=json_, quiet=quiet, verbose=verbose, show=show, digits=digits,
                       summary=summary, plot=plot),

@@ -12,6 +12,8 @@ What differs between kinds is read from their :class:`~jaccli.request.kinds.Kind
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import io
 import json
@@ -196,6 +198,19 @@ def _name_results(k: Kind, value, wrt: list[str], in_ndims: list[int], per_sampl
     return results, axes, args
 
 
+@contextlib.contextmanager
+def compile_notes():
+    """The notes of fused-kernel use (:mod:`jaccli.jets.fused`) that a computation inside leaves."""
+    from jaccli.jets import fused
+
+    notes: list[str] = []
+    token = fused.NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        fused.NOTES.reset(token)
+
+
 def derivative(req: Request, *, world: int = 1, rank: int = 0) -> None:
     """Load, plan, compute and deliver one of the engine's derivative kinds."""
     from jaccli.show import render
@@ -263,11 +278,12 @@ def derivative(req: Request, *, world: int = 1, rank: int = 0) -> None:
         with ProgressBar(label, force=bool(o.progress)) as bar:
             start = time.perf_counter()
             try:
-                value = k.engine()(
-                    net, args, plan=plan, wrt=wrt_arg, per_sample=d.per_sample, mode=d.mode, chunk_size=d.chunk_size,
-                    output=d.output, select=d.select, check_batch=d.check_batch, strict=d.strict, save=stream,
-                    progress=bar if show_bar and not quiet and not as_json else None, **extra,
-                )  # fmt: skip
+                with compile_notes() as notes:
+                    value = k.engine()(
+                        net, args, plan=plan, wrt=wrt_arg, per_sample=d.per_sample, mode=d.mode, chunk_size=d.chunk_size,
+                        output=d.output, select=d.select, check_batch=d.check_batch, strict=d.strict, save=stream,
+                        progress=bar if show_bar and not quiet and not as_json else None, compile=d.compile, **extra,
+                    )  # fmt: skip
             except KeyboardInterrupt:
                 if stream is not None and rank == 0:
                     err_console().print(
@@ -278,6 +294,10 @@ def derivative(req: Request, *, world: int = 1, rank: int = 0) -> None:
             seconds = time.perf_counter() - start
         if stream is not None:
             plan = replace(plan, world_size=stream.world_size)
+        if notes:
+            plan = replace(plan, compiled="; ".join(notes))
+            if o.verbose:
+                err_console().print(f"[bold]note:[/] {escape(plan.compiled)}")
     estimate = isinstance(value, jaccli.DivergenceEstimate)  # a value and its standard error
     stderr = value.stderr if estimate else None
     results, axes, arg_names = _name_results(k, value.value if estimate else value, diff, in_ndims, d.per_sample)
@@ -392,15 +412,19 @@ def partials(req: Request) -> None:
     with collect_warnings(messages):
         net, args, sources, wrt = load_request(req.source, d.wrt)
         start = time.perf_counter()
-        result = k.engine()(
-            net, args, list(d.want), inputs=d.in_names, outputs=d.out_names, per_sample=d.per_sample,
-            wrt=None if wrt is None else (wrt if len(wrt) > 1 else wrt[0]), output=d.output, select=d.select,
-            chunk_size=d.chunk_size, check_batch=d.check_batch, strict=d.strict,
-        )  # fmt: skip
+        with compile_notes() as notes:
+            result = k.engine()(
+                net, args, list(d.want), inputs=d.in_names, outputs=d.out_names, per_sample=d.per_sample,
+                wrt=None if wrt is None else (wrt if len(wrt) > 1 else wrt[0]), output=d.output, select=d.select,
+                chunk_size=d.chunk_size, check_batch=d.check_batch, strict=d.strict, compile=d.compile,
+            )  # fmt: skip
         seconds = time.perf_counter() - start
+        result.compiled = "; ".join(notes) or None
     if o.verbose:
         why = f"; {result.engine_note}" if result.engine_note else ""
         err_console().print(f"note: partials on the {result.engine} engine{escape(why)}")
+        if result.compiled:
+            err_console().print(f"note: {escape(result.compiled)}")
     in_tensors = args if isinstance(args, dict) else {next(iter(sources)): args}
     coords = next(iter(in_tensors.values())) if wrt is None or len(wrt) == 1 else None
     gates = [render.gate(name, result[name], tol, d.per_sample, inputs=result.inputs, x=coords) for name, tol in limits.items()]

@@ -19,6 +19,7 @@ import torch
 
 from jaccli.errors import ModelError, ResumeError, UsageError
 from jaccli.request.kinds import kind as kind_of
+from jaccli.request.choices import compile_choice
 from jaccli.request.spec import Derivative, Selection
 from jaccli.load.models import count_parameters, describe_expected_input, info_of, model_dtype
 from jaccli.engine.execute import MemorySink, compute
@@ -155,11 +156,12 @@ def plan(
 
 
 def _request(name: str, *, wrt, per_sample, mode, chunk_size, output, select, check_batch, strict,
-             estimator="exact", probes=16, seed=0) -> Derivative:  # fmt: skip
+             estimator="exact", probes=16, seed=0, compile="auto") -> Derivative:  # fmt: skip
     """The typed request of a Python call (the CLI builds the same record from its options)."""
     return Derivative(
         kind_of(name), per_sample=per_sample, wrt=wrt, output=output, select=Selection.parse(select), mode=mode,
         chunk_size=chunk_size, check_batch=check_batch, strict=strict, estimator=estimator, probes=probes, seed=seed,
+        compile=compile_choice(compile),
     )  # fmt: skip
 
 
@@ -177,6 +179,7 @@ def jacobian(
     strict: bool = False,
     plan: Plan | None = None,
     save=None,
+    compile: str | bool = "auto",
     progress: Callable[[int, int], None] | None = None,
 ):
     """Jacobian of ``f`` at ``x``.
@@ -208,6 +211,12 @@ def jacobian(
     computed in memory and then saved. ``progress(done, total)`` is called with the points
     done after each chunk (the same two arguments apply to every derivative function).
 
+    ``compile`` (every derivative function): whether the Taylor fast path runs the chain rule
+    of elementwise ops (tanh, sigmoid, exp, …) as fused kernels compiled by ``torch.compile``
+    (cached on disk): ``"auto"`` once the time this program has already cost in this process
+    pays for the compile (repeated calls, long runs), ``"on"`` (True) at once, ``"off"`` (False)
+    never. A compile that fails runs eager. See docs/performance.md, "Fused Taylor kernels".
+
     >>> import torch, jaccli
     >>> A = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     >>> jaccli.jacobian(lambda v: A @ v, torch.zeros(2))
@@ -221,7 +230,7 @@ def jacobian(
     tensor([3., 4.])
     """
     d = _request("jacobian", wrt=wrt, per_sample=per_sample, mode=mode, chunk_size=chunk_size, output=output,
-                 select=select, check_batch=check_batch, strict=strict)  # fmt: skip
+                 select=select, check_batch=check_batch, strict=strict, compile=compile)  # fmt: skip
     p, flat, streamed = _run(d, f, x, plan=plan, save=save, progress=progress)
     if streamed is not None:
         return streamed
@@ -244,6 +253,7 @@ def hessian(
     strict: bool = False,
     plan: Plan | None = None,
     save=None,
+    compile: str | bool = "auto",
     progress: Callable[[int, int], None] | None = None,
 ):
     """Second derivatives of ``f`` at ``x``: one Hessian per output component.
@@ -263,7 +273,7 @@ def hessian(
             [1., 6.]])
     """
     d = _request("hessian", wrt=wrt, per_sample=per_sample, mode=mode, chunk_size=chunk_size, output=output,
-                 select=select, check_batch=check_batch, strict=strict)  # fmt: skip
+                 select=select, check_batch=check_batch, strict=strict, compile=compile)  # fmt: skip
     p, flat, streamed = _run(d, f, x, plan=plan, save=save, progress=progress)
     if streamed is not None:
         return streamed
@@ -286,6 +296,7 @@ def laplacian(
     strict: bool = False,
     plan: Plan | None = None,
     save=None,
+    compile: str | bool = "auto",
     progress: Callable[[int, int], None] | None = None,
 ):
     """Trace of the Hessian of every output component: ``[*, *out]``.
@@ -297,7 +308,7 @@ def laplacian(
     tensor(6.)
     """
     d = _request("laplacian", wrt=wrt, per_sample=per_sample, mode=mode, chunk_size=chunk_size, output=output,
-                 select=select, check_batch=check_batch, strict=strict)  # fmt: skip
+                 select=select, check_batch=check_batch, strict=strict, compile=compile)  # fmt: skip
     p, flat, streamed = _run(d, f, x, plan=plan, save=save, progress=progress)
     if streamed is not None:
         return streamed
@@ -331,6 +342,7 @@ def divergence(
     strict: bool = False,
     plan: Plan | None = None,
     save=None,
+    compile: str | bool = "auto",
     progress: Callable[[int, int], None] | None = None,
 ):
     """Divergence (trace of the Jacobian) of a map whose output shape equals its input's.
@@ -350,7 +362,7 @@ def divergence(
     """
     d = _request("divergence", wrt=wrt, per_sample=per_sample, mode=mode, chunk_size=chunk_size, output=output,
                  select=select, check_batch=check_batch, strict=strict, estimator=estimator, probes=probes,
-                 seed=seed)  # fmt: skip
+                 seed=seed, compile=compile)  # fmt: skip
     p, flat, streamed = _run(d, f, x, plan=plan, save=save, progress=progress)
     if streamed is not None:
         return streamed

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from jaccli import jets as taylor
+from jaccli.jets import fused
 from jaccli.errors import first_line, JaccliError, JaccliWarning, ResourceError
 from jaccli.engine.planner import Plan, check_fits, make_plan, prepare, reuse, strategy_key
 from jaccli.engine.probe import model_failed, probe_rows
@@ -120,8 +121,9 @@ def _execute(kind: str, p: Problem, plan: Plan, strategy: Strategy, sink, *, see
 
 
 def _execute_taylor(kind: str, p: Problem, plan: Plan, program: taylor.TaylorProgram, sink, *,
-                    seed: int, probes: int) -> None:  # fmt: skip
-    """The fast path's loop over chunks of points: each pass writes its rows of ``sink`` in place."""
+                    seed: int, probes: int, compile="auto") -> None:  # fmt: skip
+    """The fast path's loop over chunks of points: each pass writes its rows of ``sink`` in place;
+    ``compile`` decides whether elementwise rules run as fused kernels (:mod:`jaccli.jets.fused`)."""
     dpp = plan.directions_per_pass
     hutchinson = plan.estimator == "hutchinson"
     if hutchinson:
@@ -132,20 +134,23 @@ def _execute_taylor(kind: str, p: Problem, plan: Plan, program: taylor.TaylorPro
         row_shape = STRATEGIES[(kind, "forward")].result_shape(p)
         sink.open((p.n, *row_shape), p.dtype, p.device, zero=False, ppc=plan.points_per_chunk)
         compute = getattr(program, kind)
+    fz = fused.fuser(compile, plan.points_per_chunk, program.fusion)
     # the passes reuse their buffers from chunk to chunk (see jaccli.jets.workspace)
     with torch.no_grad(), program.workspace():
         for start, stop in sink.chunks(p.n):
             rows = torch.arange(start, stop, device=p.device)
             z, out = p.z(rows), sink.rows(start, stop)
-            if not hutchinson:
-                compute(z, directions=dpp, out=out)
-            else:
-                ctx = {"seed": seed, "points": rows}
-                for d0 in range(0, int(probes), dpp):
-                    idx = torch.arange(d0, min(d0 + dpp, int(probes)))[:, None]
-                    out += estimate(None, z, idx, ctx)
+            with fz.chunk(program.fusion, stop - start):
+                if not hutchinson:
+                    compute(z, directions=dpp, out=out)
+                else:
+                    ctx = {"seed": seed, "points": rows}
+                    for d0 in range(0, int(probes), dpp):
+                        idx = torch.arange(d0, min(d0 + dpp, int(probes)))[:, None]
+                        out += estimate(None, z, idx, ctx)
             sink.commit(start, stop)
         sink.flush()
+    fz.finish()
 
 
 def compute(d: Derivative, f, x, *, plan: Plan | None = None, sink=None) -> tuple[Problem, Plan, torch.Tensor | None]:
@@ -169,7 +174,7 @@ def compute(d: Derivative, f, x, *, plan: Plan | None = None, sink=None) -> tupl
     check_fits(plan, p, in_memory=sink is None or isinstance(sink, MemorySink))
     sink = sink or MemorySink()
     try:
-        _guarded(kind, p, plan, sink, seed, probes, program)
+        _guarded(kind, p, plan, sink, seed, probes, program, d.compile)
         return p, plan, _value(sink)
     except NotImplementedError as exc:
         fallback = _FALLBACK.get(strategy_key(kind, estimator, plan.mode))
@@ -194,12 +199,12 @@ def _value(sink) -> torch.Tensor | None:
 
 
 def _guarded(kind: str, p: Problem, plan: Plan, sink, seed: int, probes: int,
-             program: taylor.TaylorProgram | None = None) -> None:  # fmt: skip
+             program: taylor.TaylorProgram | None = None, compile="auto") -> None:  # fmt: skip
     """Execute ``plan`` into ``sink``, turning failures into jaccli errors (NotImplementedError passes)."""
     strategy = STRATEGIES[strategy_key(kind, plan.estimator, plan.mode)]
     try:
         if program is not None:
-            return _execute_taylor(kind, p, plan, program, sink, seed=seed, probes=probes)
+            return _execute_taylor(kind, p, plan, program, sink, seed=seed, probes=probes, compile=compile)
         return _execute(kind, p, plan, strategy, sink, seed=seed, probes=probes)
     except (JaccliError, NotImplementedError):
         raise

@@ -36,7 +36,8 @@ from jaccli.engine.problem import Problem, check_inputs
 from jaccli.engine.results import NONSMOOTH_OPS
 from jaccli.errors import JaccliWarning, ModelError, NumericalError, UsageError
 from jaccli import jets
-from jaccli.jets import Unsupported
+from jaccli.jets import Unsupported, fused
+from jaccli.request.choices import compile_choice
 from jaccli.request.names import ExpressionError, Request, Term, input_names, output_names, parse_want
 
 _FUNCTIONS: dict[str, Callable] = {
@@ -65,6 +66,8 @@ class Partials(dict):
 
     engine: str = "taylor"
     engine_note: str | None = None
+    #: what the computation did with fused Taylor kernels (set by the CLI's ``--verbose`` / ``--json``)
+    compiled: str | None = None
     points: int = 0
     inputs: list[str]
     outputs: list[str]
@@ -215,6 +218,7 @@ def partials(
     check_batch: bool = True,
     strict: bool = False,
     select=None,
+    compile: str | bool = "auto",
 ) -> Partials:
     """Named partial derivatives of any order (``u_x``, ``u_txx``, ``v_xxxx``) and expressions over them.
 
@@ -290,27 +294,23 @@ def partials(
     flat = {t.name: _empty_result((p.n, p.n_out), p.dtype, p.device) for t in request.terms}
     # the passes reuse their buffers from chunk to chunk (see jaccli.jets.workspace)
     pool = contextlib.ExitStack()
+    fz = None
     if program is not None:
         pool.enter_context(program.workspace())
+        # elementwise rules as fused kernels where the policy says so (jaccli.jets.fused)
+        fz = fused.fuser(compile_choice(compile), ppc, program.fusion)
     try:
         for start in range(0, p.n, ppc):
             stop = min(start + ppc, p.n)
-            rows = torch.arange(start, stop, device=p.device)
-            if p.static_batch is not None and rows.numel() < p.static_batch:
-                rows = torch.cat([rows, rows[-1:].expand(p.static_batch - rows.numel())])
-            if single is not None:
-                t, prim, factor = single
-                z = p.z(rows)
-                v = torch.tensor(prim, dtype=z.dtype, device=z.device).expand(z.shape[0], -1)
-                program.series_into(z, v, t.order, flat[t.name][start:stop], factor)
-                continue
-            value, coeffs = _coefficients(p, rows, need, program, with_value)
-            for t in request.terms:
-                _term_into(flat[t.name][start:stop], t, p.n_in, coeffs, value)
+            chunk = fz.chunk(program.fusion, stop - start) if fz is not None else contextlib.nullcontext()
+            with chunk:
+                _chunk_into(p, program, request, need, single, with_value, flat, start, stop)
     except (NotImplementedError, RuntimeError) as exc:
         model_failed(p, exc, probe_rows(p))
     finally:
         pool.close()
+    if fz is not None:
+        fz.finish()
     for t in request.terms:
         if len(request.outputs) == 1:
             values[t.name] = flat[t.name].reshape((*lead, *p.out_shape))
@@ -327,6 +327,23 @@ def partials(
     out.inputs, out.outputs = request.inputs, request.outputs
     _finish(p, out, top, strict)
     return out
+
+
+def _chunk_into(p: Problem, program, request: Request, need, single, with_value: bool, flat: dict,
+                start: int, stop: int) -> None:  # fmt: skip
+    """The terms of the points ``start`` to ``stop`` written into their rows of ``flat``."""
+    rows = torch.arange(start, stop, device=p.device)
+    if p.static_batch is not None and rows.numel() < p.static_batch:
+        rows = torch.cat([rows, rows[-1:].expand(p.static_batch - rows.numel())])
+    if single is not None:
+        t, prim, factor = single
+        z = p.z(rows)
+        v = torch.tensor(prim, dtype=z.dtype, device=z.device).expand(z.shape[0], -1)
+        program.series_into(z, v, t.order, flat[t.name][start:stop], factor)
+        return
+    value, coeffs = _coefficients(p, rows, need, program, with_value)
+    for t in request.terms:
+        _term_into(flat[t.name][start:stop], t, p.n_in, coeffs, value)
 
 
 def _finish(p: Problem, out: Partials, top: int, strict: bool) -> None:

@@ -109,6 +109,8 @@ class Plan:
     #: what auto mode weighed: predicted seconds of each engine that could run the request,
     #: as ("taylor forward" | "torch.func forward" | "torch.func reverse", seconds) pairs
     estimates: tuple[tuple[str, float], ...] = ()
+    #: what the computation did with fused Taylor kernels (:mod:`jaccli.jets.fused`), once it ran
+    compiled: str | None = None
     #: the normalised request and traced program, so that computing the plan needs no
     #: second probe or trace (see :func:`prepare` and :func:`reuse`)
     _request: Request | None = field(default=None, repr=False, compare=False)
@@ -146,6 +148,7 @@ class Plan:
             "engine_note": self.engine_note,
             "world_size": self.world_size,
             "estimated_seconds": {name: float(f"{s:.4g}") for name, s in self.estimates},
+            "compiled": self.compiled,
         }
 
 

@@ -29,7 +29,8 @@ a graph with an op that has none of these raises :class:`Unsupported`
 naming the op, and the engine falls back to torch.func. :func:`build` also checks the
 program against the model on a probe batch before it is used.
 
-The package, in the order a program is made (each module imports only those above it):
+The package, in the order a program is made (each module imports only those above it;
+:mod:`.fused` imports only :mod:`.jet`, and :mod:`.program` reads it):
 
 ===================  ==================================================================
 :mod:`.jet`          :class:`Jet`, :class:`Layout`, :class:`Rule`, row arithmetic
@@ -44,6 +45,7 @@ The package, in the order a program is made (each module imports only those abov
 :mod:`.program`      :class:`TaylorProgram`: the need analysis and the chunk runs
 :mod:`.builder`      :func:`build`: record, compile, verify against autograd
 :mod:`.workspace`    buffers the passes of one computation reuse, chunk after chunk
+:mod:`.fused`        elementwise chain rules as ``torch.compile``'d kernels, and when to compile
 ===================  ==================================================================
 
 To add a rule: write it in the family's module, add one line to :data:`RULES` and one

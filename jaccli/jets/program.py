@@ -12,7 +12,10 @@ run the steps on one chunk of points, writing into the caller's result:
 Passes run inside :meth:`~TaylorProgram.workspace` take their rows from buffers reused
 chunk after chunk (:mod:`.workspace`): no allocator setting is needed for speed.
 
-Imports: :mod:`.jet`, :mod:`.record`, :mod:`.workspace`.
+Passes inside a :class:`~.fused.Fuser` (:data:`.fused.CURRENT`) take the chain rule of
+elementwise ODE ops (tanh, sigmoid, …) from compiled kernels where the policy chose them.
+
+Imports: :mod:`.jet`, :mod:`.record`, :mod:`.workspace`, :mod:`.fused`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from jaccli.jets import fused
 from jaccli.jets.jet import Jet, Layout, _Call, empty_layout
 from jaccli.jets.record import _INPUT, _Ref, _Step, _substitute
 from jaccli.jets.workspace import _CURRENT, Workspace, empty_like
@@ -70,6 +74,9 @@ class TaylorProgram:
     orders: int = field(default=0, repr=False)
     #: the recorded ops as one straight-line function of values (the recheck's, see builder._replay)
     replay: Any = field(default=None, repr=False, compare=False)
+    #: eager seconds spent on this program and the fused-kernel keys its passes met, in this
+    #: process (what :func:`.fused.should_compile` weighs; kept with the program across calls)
+    fusion: dict = field(default_factory=dict, repr=False)
 
     @staticmethod
     @contextlib.contextmanager
@@ -212,6 +219,7 @@ class TaylorProgram:
         sched = self.schedule(want)
         batch = z.shape[0]
         cx.pool = _CURRENT.get()
+        fuser = fused.CURRENT.get()
         with torch.no_grad():
             for i in range(start, stop):
                 s = self.steps[i]
@@ -228,7 +236,11 @@ class TaylorProgram:
                 else:
                     args = _substitute(s.args, env, batch)
                     kwargs = _substitute(s.kwargs, env, batch)
-                    env[i] = s.rule.fn(cx, sched.layouts[i], *args, **kwargs)
+                    jet = None
+                    if fuser is not None and s.name in fused.ODES and len(args) == 1 and not kwargs:
+                        lay = sched.layouts[i]
+                        jet = fuser.apply(s.name, cx, lay, args[0], lambda: s.rule.fn(cx, lay, *args))
+                    env[i] = jet if jet is not None else s.rule.fn(cx, sched.layouts[i], *args, **kwargs)
                 for r in sched.frees[i]:
                     env[r] = None
         return env

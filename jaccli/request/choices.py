@@ -13,6 +13,8 @@ from jaccli.request.kinds import derivative_kinds
 KINDS = tuple(k.name for k in derivative_kinds())
 #: ``mode=`` / ``--mode``
 MODES = ("auto", "forward", "reverse")
+#: ``compile=`` / ``--compile``: fused Taylor kernels (:mod:`jaccli.jets.fused`)
+COMPILE = ("auto", "on", "off")
 #: ``estimator=`` / ``--estimator`` of the divergence
 ESTIMATORS = ("exact", "hutchinson")
 #: ``dtype=`` / ``--dtype``
@@ -33,3 +35,14 @@ REDUCTIONS = ("mean", "sum")
 TRACE_METHODS = ("auto", "layers", "products")
 #: ``--which`` eigenvalues ``--eig K`` finds
 WHICH = ("largest", "smallest", "magnitude")
+
+
+def compile_choice(value) -> str:
+    """``compile=`` as one of :data:`COMPILE` (True and False are "on" and "off")."""
+    if value is True or value is False:
+        return "on" if value else "off"
+    if value not in COMPILE:
+        from jaccli.errors import UsageError
+
+        raise UsageError("bad compile", expected="'auto', 'on', 'off', True or False", got=repr(value))
+    return value

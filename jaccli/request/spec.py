@@ -156,6 +156,9 @@ class Derivative:
     estimator: str = "exact"
     probes: int = 16
     seed: int = 0
+    #: ``--compile`` / ``compile=``: fused Taylor kernels "auto" (when the time already spent
+    #: pays a compile, :func:`jaccli.jets.fused.should_compile`), "on" or "off"
+    compile: str = "auto"
     #: ``partials``: the terms and expressions, the names of the inputs and outputs, the gates
     want: tuple[str, ...] = ()
     in_names: str | None = None

@@ -551,6 +551,7 @@ def partials_json(result, model: dict, inputs: dict, per_sample: bool, gates: li
         "points": result.points,
         "engine": result.engine,
         "engine_note": result.engine_note,
+        "compiled": result.compiled,
         "results": results,
         "gates": gates,
         "passed": all(g["passed"] for g in gates),
