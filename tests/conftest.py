@@ -30,3 +30,28 @@ def _jvp_ready():
     from jaccli.engine.strategies import jvp_ready
 
     jvp_ready()
+
+
+@pytest.fixture
+def fresh_programs():
+    """Kept programs and recalled probes cleared before and after the test (reuse is per process)."""
+    from jaccli.engine import memo, programs
+
+    programs.clear()
+    memo.clear()
+    yield
+    programs.clear()
+    memo.clear()
+
+
+@pytest.fixture
+def failing_compile(monkeypatch):
+    """Every fused kernel's compile fails (as without a C++ compiler); nothing compiled is kept."""
+    from jaccli.jets import fused
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler here\nmore")
+
+    monkeypatch.setattr(fused, "_KERNELS", {})
+    monkeypatch.setattr(fused, "_WHY", {})
+    monkeypatch.setattr(fused, "_inductor", broken)

@@ -17,13 +17,7 @@ from compare import assert_rel, torch_func
 from problems import tanh_mlp
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    programs.clear()
-    memo.clear()
-    yield
-    programs.clear()
-    memo.clear()
+pytestmark = pytest.mark.usefixtures("fresh_programs")
 
 
 def _points(n: int, d: int, seed: int = 0) -> torch.Tensor:

@@ -169,13 +169,7 @@ def _closed_form_hessian(net, x):
     return ((w2 * w1**2) * (-2 * t * (1 - t * t))).sum(-1)
 
 
-def test_a_failed_compile_runs_eager_with_a_note(monkeypatch):
-    def broken(*a, **k):
-        raise RuntimeError("no C++ compiler here\nmore")
-
-    monkeypatch.setattr(fused, "_KERNELS", {})
-    monkeypatch.setattr(fused, "_WHY", {})
-    monkeypatch.setattr(fused, "_inductor", broken)
+def test_a_failed_compile_runs_eager_with_a_note(failing_compile):
     net, x = _net(), torch.linspace(-1, 1, 7, dtype=torch.float64)[:, None]
     notes: list = []
     token = fused.NOTES.set(notes)

@@ -14,7 +14,7 @@ import torch
 
 import jaccli
 from jaccli import jets
-from jaccli.engine import memo, probe, programs
+from jaccli.engine import probe, programs
 from jaccli.jets import builder
 from architectures import ZOO
 from architectures import trace as trace_zoo
@@ -22,13 +22,7 @@ from compare import assert_rel
 from problems import tanh_mlp
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    programs.clear()
-    memo.clear()
-    yield
-    programs.clear()
-    memo.clear()
+pytestmark = pytest.mark.usefixtures("fresh_programs")
 
 
 def _program(f, x):
