@@ -321,8 +321,7 @@ class Fuser:
                 spent["eager"] = [*spent.get("eager", [])[-15:], seconds]
             if self.seen:
                 spent.setdefault("keys", set()).update(self.seen)
-            keys = spent.get("keys")
-            self.active = bool(keys) and not spent.get("rejected") and should_compile("auto", spent["s"], predicted_cost(keys))
+            self.active = _pays(spent)
             return
         if full and not compiled:
             spent["fused"] = [*spent.get("fused", [])[-15:], seconds]
@@ -375,9 +374,14 @@ def fuser(mode, batch: int, spent: dict) -> Fuser:
     """The fuser of one computation in ``mode`` (``"auto"``, ``"on"``, ``"off"``, True, False)
     whose chunks have ``batch`` points; ``spent`` is the program's ledger (:attr:`TaylorProgram.fusion`)."""
     mode = MODES[mode]
-    active = mode is True or (mode == "auto" and bool(spent.get("keys")) and not spent.get("rejected")
-                              and should_compile(mode, spent.get("s", 0.0), predicted_cost(spent["keys"])))  # fmt: skip
-    return Fuser(batch=batch, mode=mode, active=active)
+    return Fuser(batch=batch, mode=mode, active=mode is True or (mode == "auto" and _pays(spent)))
+
+
+def _pays(spent: dict) -> bool:
+    """Whether ``auto`` compiles for a program with ledger ``spent``: it has met keys to
+    compile, has not gone back to eager, and its eager time has reached their predicted cost."""
+    keys = spent.get("keys")
+    return bool(keys) and not spent.get("rejected") and should_compile("auto", spent.get("s", 0.0), predicted_cost(keys))
 
 
 def _example_blocks(key: tuple) -> list[Tensor]:
