@@ -126,6 +126,14 @@ class LayerRecorder(QuietDispatchMode):
         return out
 
 
+def mutated(layer: Layer) -> bool:
+    """Whether the layer's input or output was changed in place after the layer
+    (``ReLU(inplace=True)``): then ``z`` no longer holds the layer's output, nor its gradient the
+    layer's ``δ`` (the versions compared are the ones :class:`LayerRecorder` noted)."""
+    return (value(layer.input)._version != layer.product.meta["input_version"]
+            or value(layer.node)._version != layer.node.meta["version"])  # fmt: skip
+
+
 def find_layers(nodes, params, names: tuple[str, ...], rows: int = 1) -> tuple[list[Layer], list[str]]:
     """The linear layers the parameters ``params`` (nodes, named ``names``) feed, in the order of
     ``nodes``, and the reasons the others were refused (in the order found: parameters first).

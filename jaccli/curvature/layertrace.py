@@ -32,7 +32,7 @@ not mix. Applies where every selected parameter is a recognised linear layer's w
 elsewhere :func:`layer_trace` returns ``None`` and the caller takes the parameter-space
 estimators of :mod:`.spectral`.
 
-Imports: numpy, torch, :mod:`.layers`, :mod:`.linear`, :mod:`.params`, :mod:`.runtime`.
+Imports: numpy, torch, :mod:`.layers`, :mod:`.params`, :mod:`.runtime`.
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ import math
 import numpy as np
 import torch
 
-from jaccli.curvature.layers import find_layers, LayerRecorder, value
-from jaccli.curvature.linear import _mutated
+from jaccli.curvature.layers import find_layers, LayerRecorder, mutated, value
 from jaccli.curvature.params import take
 from jaccli.curvature.runtime import all_reduce
 
@@ -78,9 +77,8 @@ def layer_trace(obj, rounds: int, *, seed: int = 0, exact: bool | None = None) -
         # (one that reaches z only through the weights, δ₀ = δ₁W₁ after a linear layer, gives zeros)
         live = [k for k, d in enumerate(deltas) if d.requires_grad]
         if exact:
-            for z, d, c in zip(zs, deltas, norms):
-                if not d.requires_grad:
-                    continue
+            for k in live:
+                z, d, c = zs[k], deltas[k], norms[k]
                 for i in range(z.shape[1]):
                     # e_i of this layer at every sample, scaled by ‖ã‖: the i-th diagonal of each Sₙ,ₗₗ, weighted
                     g = torch.autograd.grad((d[:, i] * c).sum(), z, retain_graph=True, allow_unused=True,
@@ -127,13 +125,11 @@ def _chunk_pass(obj, rows, a: int, b: int):
     layers, _ = find_layers(rec.nodes, rec.params, space.names, rows=called)
     mine = set(rows.weights) | set(rows.biases)
     seen = {i for layer in layers for i in (layer.weight, layer.bias) if i in mine}
-    if seen != mine or any(_mutated(layer) for layer in layers):
+    if seen != mine or any(mutated(layer) for layer in layers):
         return None
-    n = b - a
     zs, norms = [], []
     for layer in layers:
-        w = layer.weight in mine if layer.weight is not None else False
-        bias = layer.bias in mine if layer.bias is not None else False
+        w, bias = layer.weight in mine, layer.bias in mine
         if not (w or bias):
             continue  # a layer whose parameters are held constant: its block is not in the trace
         sq = torch.zeros(called, dtype=space.dtype, device=space.device)

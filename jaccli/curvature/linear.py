@@ -28,20 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch.func import grad, jacrev, vmap
 
-from jaccli.curvature.layers import find_layers, Layer, LayerRecorder, value
+from jaccli.curvature.layers import find_layers, Layer, LayerRecorder, mutated, value
 from jaccli.curvature.params import take
 
 
 class NotLinear(Exception):
     """The batched pass did not meet the layers the probe found (the caller falls back to ``vmap``)."""
-
-
-def _mutated(layer: Layer) -> bool:
-    """Whether the layer's input or output was changed in place after the layer
-    (``ReLU(inplace=True)``): then ``z`` no longer holds the layer's output, nor its gradient the
-    layer's ``δ``."""
-    return (value(layer.input)._version != layer.product.meta["input_version"]
-            or value(layer.node)._version != layer.node.meta["version"])  # fmt: skip
 
 
 @dataclass
@@ -89,8 +81,9 @@ class LinearRows:
             return None
         # a parameter refused (or in a layer whose rows are not samples) takes vmap(grad)
         layers, _ = find_layers(rec.nodes, rec.params, space.names, rows=space.static_batch or 1)
-        weights = {layer.weight for layer in layers if layer.weight is not None and not _mutated(layer)}
-        biases = {layer.bias for layer in layers if layer.bias is not None and not _mutated(layer)}
+        kept = [layer for layer in layers if not mutated(layer)]
+        weights = {layer.weight for layer in kept if layer.weight is not None}
+        biases = {layer.bias for layer in kept if layer.bias is not None}
         if not weights and not biases:
             return None
         return cls(obj, weights, biases)
@@ -115,7 +108,7 @@ class LinearRows:
         for layer in layers:
             for i, mine in ((layer.weight, self.weights), (layer.bias, self.biases)):
                 if i in mine:
-                    if _mutated(layer):
+                    if mutated(layer):
                         raise NotLinear
                     where[i] = layer
         if len(where) != len(self.weights) + len(self.biases):
