@@ -31,7 +31,7 @@ so the policy can predict a warm compile instead of a cold one.
 **Failure** (no C++ compiler, a dynamo error) marks the key failed: the pass runs eager and
 :attr:`Fuser.notes` says why; never an error.
 
-Imports: torch, :mod:`.jet`; :mod:`.program` imports this module.
+Imports: torch, :mod:`.jet`, :mod:`.elementwise` (its ODE table); :mod:`.program` imports this module.
 """
 
 from __future__ import annotations
@@ -50,16 +50,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from jaccli.jets.elementwise import _ODES as _ELEMENTWISE_ODES
 from jaccli.jets.jet import Jet, Layout, _Call
 
-#: ``f′ = g(f)``: ``g``'s coefficients (low to high) and the op computing ``f`` (as :mod:`.elementwise`)
-ODES: dict[str, tuple[tuple[float, ...], object]] = {
-    "tanh": ((1.0, 0.0, -1.0), torch.tanh),
-    "sigmoid": ((0.0, 1.0, -1.0), torch.sigmoid),
-    "tan": ((1.0, 0.0, 1.0), torch.tan),
-    "exp": ((0.0, 1.0), torch.exp),
-    "expm1": ((1.0, 1.0), torch.expm1),
-}
+#: ``f′ = g(f)``: ``g``'s coefficients (low to high, :mod:`.elementwise`'s table) and the op computing ``f``
+ODES: dict[str, tuple[tuple[float, ...], object]] = {name: (g, getattr(torch, name)) for name, g in _ELEMENTWISE_ODES.items()}
 
 #: ``compile=`` / ``--compile`` values and what they mean
 MODES = {"auto": "auto", "on": True, "off": False, True: True, False: False}
@@ -207,8 +202,8 @@ class Fuser:
     (:attr:`seen`, what the policy prices). ``batch``: the chunk size kernels serve.
     """
 
-    #: the chunk size kernels serve (None: the first pass's)
-    batch: int | None = None
+    #: the chunk size kernels serve
+    batch: int
     #: ``"auto"``, True or False (:data:`MODES`)
     mode: object = "auto"
     active: bool = False
@@ -220,8 +215,6 @@ class Fuser:
 
     def apply(self, name: str, cx: _Call, lay: Layout, x, eager) -> Jet | None:
         """The step's output jet from a fused kernel, or None: run the eager rule (``eager()``)."""
-        if self.batch is None:
-            self.batch = cx.batch
         if cx.batch != self.batch:
             return None
         key = kernel_key(name, cx, lay, x)
