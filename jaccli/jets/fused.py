@@ -124,9 +124,8 @@ def kernel_key(name: str, cx: _Call, lay: Layout, x: Jet) -> tuple | None:
         return None
     if lay.top >= 1 and x.block(1) is None:  # the eager rule handles a constant input
         return None
-    pairs = None if cx.pairs is None else (tuple(cx.pairs[0].tolist()), tuple(cx.pairs[1].tolist()))
     present = tuple(x.block(k) is not None for k in range(lay.top + 1))
-    return (name, cx.counts, pairs, cx.collapsed, tuple(lay), present, tuple(t.shape), str(t.dtype), str(t.device))
+    return (name, cx.counts, cx.pair_key, cx.collapsed, tuple(lay), present, tuple(t.shape), str(t.dtype), str(t.device))
 
 
 def _kernel(key: tuple):

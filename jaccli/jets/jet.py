@@ -157,6 +157,12 @@ class _Call:
         self.half = 0.5 if self.series else 1.0
 
     @cached_property
+    def pair_key(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """The pairs as Python tuples (a hashable key; None without pairs), converted once per
+        pass set-up rather than at every step that asks (:func:`.fused.kernel_key`)."""
+        return None if self.pairs is None else (tuple(self.pairs[0].tolist()), tuple(self.pairs[1].tolist()))
+
+    @cached_property
     def runs(self) -> list[tuple[int, int, int, int]] | None:
         """The second-order rows as runs ``(r0, r1, i, j0)``: rows ``r0 … r1-1`` are the pairs
         ``(i, j0) … (i, j0 + r1 - r0 - 1)``; None off the CPU or where the pairs scatter into
