@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from jaccli.jets import fused
+from jaccli.jets import fold, fused
 from jaccli.jets.jet import Jet, Layout, _Call, empty_layout
 from jaccli.jets.record import _INPUT, _Ref, _Step, _substitute
 from jaccli.jets.workspace import _CURRENT, Workspace, empty_like
@@ -43,6 +43,8 @@ class _Schedule:
     frees: list[list[int]]
     #: jets with no rows that a live step reads (a sum with an affine term): zero placeholders
     zero: list[bool]
+    #: runs of steps computed together (:mod:`.fold`), by the step each starts at
+    folds: dict = field(default_factory=dict)
 
 
 #: what each kind needs at the output: the orders of its rows (``series`` asks its own)
@@ -154,7 +156,7 @@ class TaylorProgram:
         for r, i in last.items():
             if r != keep:
                 frees[i].append(r)
-        sched = _Schedule(layouts, live, frees, zero)
+        sched = _Schedule(layouts, live, frees, zero, fold.find(self.steps, layouts, live, out))
         self._schedules[want] = sched
         return sched
 
@@ -220,9 +222,17 @@ class TaylorProgram:
         batch = z.shape[0]
         cx.pool = _CURRENT.get()
         fuser = fused.CURRENT.get()
+        folded: tuple[int, ...] = ()
         with torch.no_grad():
             for i in range(start, stop):
                 s = self.steps[i]
+                f = sched.folds.get(i)
+                if f is not None and f.steps[-1] < stop and (jet := f.run(f, cx, env, batch)) is not None:
+                    env[f.steps[-1]], folded = jet, f.steps
+                if i in folded:  # computed by the fold: only its frees are left
+                    for r in sched.frees[i]:
+                        env[r] = None
+                    continue
                 if not sched.live[i]:
                     if sched.zero[i]:
                         env[i] = _zero_jet(cx, _substitute(s.shape, env, batch), z)

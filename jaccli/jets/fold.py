@@ -1,0 +1,172 @@
+"""Folds: runs of steps that a pass computes together, because the rows between them are
+cheaper to fold into a matrix than to materialise.
+
+What it owns: the table :data:`FOLDS` of patterns, :func:`find` (which steps of a schedule
+match one) and the code that runs each pattern. :mod:`.program` asks :func:`find` once per
+schedule and, in a pass, calls a match's :attr:`Fold.run` where its first step is due; a
+``run`` that returns None (a condition only the pass can see does not hold) leaves the steps
+to their rules.
+
+**The first layer** (``"first-layer"``): ``seed → x @ W₁ (+ b₁) → f → · @ W₂ (+ b₂)`` with
+``W₁``, ``W₂`` constant and every first-order seed row one-hot (a Jacobian, Hessian or
+Laplacian pass). The first product's rows are then constants, ``cᵣ = W₁[colᵣ]``, and the
+chain rule makes ``f``'s rows ``f′ ⊙ cᵣ`` and ``h f″ ⊙ (c ⊗ c)ₚ`` (``c ⊗ c`` as
+:meth:`~.jet._Call.square` pairs, collapses or squares them; ``h`` is :attr:`~.jet._Call.half`).
+Through the second product they are
+
+    ``f′ @ [diag(cᵣ) W₂]ᵣ``  and  ``f″ @ [diag(h (c ⊗ c)ₚ) W₂]ₚ``,
+
+one wide GEMM per order (``[B, n₁] @ [n₁, rows·m]``) instead of ``f``'s rows written out
+elementwise (and the first product's copied out) and then one GEMM of ``[rows·B, n₁] @
+[n₁, m]``. The FLOPs are the same; a wide GEMM runs at about 0.85 of the narrow one's
+time on this CPU (MKL, ``n₁ = m = 50``, ``docs/performance.md``), and the elementwise
+passes of ``f``'s rows go.
+
+The GEMMs write into one *point-major* buffer ``[B, rows, m]``; the jet is its transpose
+``[rows, B, m]`` (a strided view, no copy). Hence the pattern asks that every step reading
+the second product be an elementwise rule (they read rows through strides), which is what
+follows a hidden layer. Orders past 2 (series of ``partials``) are not folded.
+
+Imports: :mod:`.jet`, :mod:`.record`, :mod:`.elementwise`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from jaccli.jets.elementwise import _UNARY_DERIVS, _UNARY_RULES
+from jaccli.jets.jet import Jet, Layout, _Call
+from jaccli.jets.record import _Ref, _Step
+
+_PRODUCTS = ("mm", "addmm")
+
+
+@dataclass
+class Fold:
+    """One match: ``steps`` (the first is where it runs) computed by ``run``, which returns
+    the last step's jet or None (then the steps run one by one)."""
+
+    steps: tuple[int, ...]
+    run: Callable
+    #: folded weights kept between passes: (what they were folded from) -> the matrices
+    memo: dict = field(default_factory=dict, repr=False)
+
+
+def _product(s: _Step) -> tuple[object, object, object] | None:
+    """``(bias, left, right)`` of an ``mm`` / ``addmm`` step with a constant 2-D right operand
+    and a constant (or no) bias, unscaled; else None."""
+    if s.kind != "jet" or s.name not in _PRODUCTS or s.kwargs:
+        return None
+    bias, left, right = (None, *s.args) if s.name == "mm" else s.args
+    if not isinstance(left, _Ref) or not isinstance(right, Tensor) or right.dim() != 2 or isinstance(bias, _Ref):
+        return None
+    return bias, left, right
+
+
+def _readers(steps: list[_Step], live: list[bool]) -> dict[int, list[int]]:
+    readers: dict[int, list[int]] = {}
+    for i, s in enumerate(steps):
+        if live[i]:
+            for r in (*s.jet_refs, *s.value_refs):
+                readers.setdefault(r, []).append(i)
+    return readers
+
+
+def _first_layer(steps: list[_Step], layouts: list[Layout], live: list[bool], output) -> list[Fold]:
+    readers = _readers(steps, live)
+    out = output.index if isinstance(output, _Ref) else None
+    folds = []
+    for a, s in enumerate(steps):
+        pa = _product(s)
+        if pa is None or not live[a] or not readers.get(a):
+            continue
+        (u,) = readers[a] if len(readers[a]) == 1 else (None,)
+        if u is None or u == out or steps[u].name not in _UNARY_DERIVS or steps[u].kind != "jet":
+            continue
+        params = (*steps[u].args[1:], *steps[u].kwargs.values())
+        if steps[u].args[:1] != (_Ref(a),) or any(isinstance(p, _Ref) for p in params) or len(readers.get(u, [])) != 1:
+            continue
+        m = readers[u][0]
+        pm = _product(steps[m])
+        if pm is None or pm[1] != _Ref(u) or m == out or layouts[m].top > 2 or not any(layouts[m]):
+            continue
+        after = readers.get(m, [])
+        # the fold's jet is a strided view: only elementwise rules read it
+        if not after or any(steps[r].kind != "jet" or steps[r].name not in _UNARY_RULES or steps[r].jet_refs != (m,)
+                            for r in after):  # fmt: skip
+            continue
+        folds.append(Fold((a, u, m), _first_layer_run(steps[a], steps[u], steps[m], layouts[m])))
+    return folds
+
+
+def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
+    derivs = _UNARY_DERIVS[su.name]
+    bias1, seed_ref, w1 = _product(sa)
+    bias2, _, w2 = _product(sm)
+
+    def run(fold: Fold, cx: _Call, env: list, batch: int) -> Jet | None:
+        seed = env[seed_ref.index]  # one-hot rows only where it is the seed (through identity views)
+        if not isinstance(seed, Jet) or seed.onehot is None or seed.lay.top != 1 or cx.order > 2:
+            return None
+        z = seed.block(0)[0]
+        a1 = torch.mm(z, w1) if bias1 is None else torch.addmm(bias1, z, w1)
+        dtype = torch.result_type(a1, w2)
+        top = lay.top
+        y, fs = derivs(a1, top, None, *su.args[1:], **su.kwargs)
+        fs = [*fs, None, None]
+        weights = _folded(fold, cx, seed.onehot, w1, w2, a1.dtype)
+        m = w2.shape[1]
+        rows = lay.rows(cx.counts)
+        buf = cx.tensor((batch, rows, m), a1, dtype)  # point-major: the GEMMs write rows side by side
+        start = 0
+        for order in range(top + 1):
+            if not lay[order]:
+                continue
+            n = cx.counts[order]
+            dest = buf[:, start : start + n].view(batch, n * m)
+            start += n
+            if order == 0:
+                if bias2 is None:
+                    torch.mm(y, w2, out=dest)
+                else:
+                    torch.addmm(bias2, y, w2, out=dest)
+            elif fs[order - 1] is None:
+                dest.zero_()
+            else:
+                torch.mm(fs[order - 1], weights[order - 1], out=dest)
+        return cx.jet(buf.transpose(0, 1), lay)
+
+    return run
+
+
+def _folded(fold: Fold, cx: _Call, cols: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> list[Tensor]:
+    """``[diag(cᵣ) W₂]ᵣ`` and ``[diag(h (c ⊗ c)ₚ) W₂]ₚ`` side by side (``[n₁, rows·m]`` each),
+    kept while the columns, pairs, mode and weights stay the same (every chunk of a pass)."""
+    key = (tuple(cols.tolist()), cx.pair_key, cx.collapsed, cx.half, w1._version, w2._version, dtype)
+    hit = fold.memo.get(key)
+    if hit is not None:
+        return hit
+    c = w1.index_select(0, cols.to(w1.device)).to(dtype)  # [k1, n1]: the first product's rows
+    sq = c.new_empty((cx.counts[2], 1, c.shape[1])) if cx.order >= 2 else None
+    if sq is not None:
+        cx.square(c[:, None, :], sq).mul_(cx.half)
+    weights = [(r[:, :, None] * w2.to(dtype)[None]).transpose(0, 1).reshape(c.shape[1], -1)
+               for r in (c, None if sq is None else sq[:, 0])
+               if r is not None]  # fmt: skip
+    if len(fold.memo) > 8:
+        fold.memo.clear()
+    fold.memo[key] = weights
+    return weights
+
+
+#: pattern name -> finder ``(steps, layouts, live, output) -> [Fold]``
+FOLDS: dict[str, Callable] = {"first-layer": _first_layer}
+
+
+def find(steps: list[_Step], layouts: list[Layout], live: list[bool], output) -> dict[int, Fold]:
+    """The folds of one schedule, by the step each starts at."""
+    return {f.steps[0]: f for finder in FOLDS.values() for f in finder(steps, layouts, live, output)}

@@ -1,0 +1,139 @@
+"""Folds (jets/fold.py): the first layer's constant rows folded into the second layer's GEMM.
+
+Every derivative is compared with torch.func in float64 (the fast path off); each test also
+says whether the fold ran, so that a pattern that silently stops matching fails here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import jaccli
+from jaccli.jets import fold
+from compare import assert_rel, torch_func
+from problems import tanh_mlp
+
+KINDS3 = ("jacobian", "hessian", "laplacian")
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """How many passes each fold pattern computed (its ``run`` returned a jet)."""
+    counts = {"first-layer": 0}
+    finder = fold._first_layer_run
+
+    def counting(*args):
+        run = finder(*args)
+
+        def wrapped(*a):
+            jet = run(*a)
+            counts["first-layer"] += jet is not None
+            return jet
+
+        return wrapped
+
+    monkeypatch.setattr(fold, "_first_layer_run", counting)
+    return counts
+
+
+def _x(n_in: int, dtype=torch.float64, n: int = 7) -> torch.Tensor:
+    return torch.randn(n, n_in, dtype=dtype, generator=torch.Generator().manual_seed(n_in))
+
+
+@pytest.mark.parametrize("n_in", [1, 2, 3])
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "softplus"])
+def test_first_layer_fold_is_exact_in_float64(fresh_programs, runs, n_in, act):
+    net = tanh_mlp((n_in, 9, 8, 7, 2), seed=n_in, act=act)
+    x = _x(n_in)
+    for kind in KINDS3:
+        got = getattr(jaccli, kind)(net, x, per_sample=True, chunk_size=3)
+        assert_rel(got, torch_func(kind, net, x, per_sample=True))
+    assert runs["first-layer"] >= 3 * len(KINDS3)  # every chunk of every kind
+
+
+@pytest.mark.parametrize("directions", [1, 2, 4])
+def test_fold_with_fewer_directions_per_pass(fresh_programs, runs, directions):
+    # a pass over some columns (and some Hessian pairs) folds only its own rows
+    net = tanh_mlp((3, 6, 5, 1), seed=3)
+    x = _x(3)
+    with pytest.MonkeyPatch.context() as mp:
+        from jaccli.engine import planner
+
+        real = planner._taylor_plan
+
+        def split(*a, **k):
+            from dataclasses import replace
+
+            return replace(real(*a, **k), directions_per_pass=directions)
+
+        mp.setattr(planner, "_taylor_plan", split)
+        for kind in KINDS3:
+            assert_rel(getattr(jaccli, kind)(net, x, per_sample=True), torch_func(kind, net, x, per_sample=True))
+    assert runs["first-layer"] > 0
+
+
+def test_float32_fold_against_float64(fresh_programs, runs):
+    net64 = tanh_mlp((2, 50, 50, 50, 1), seed=5)
+    net32 = tanh_mlp((2, 50, 50, 50, 1), seed=5, dtype=torch.float32)
+    x = _x(2, n=300)
+    for kind in KINDS3:
+        got = getattr(jaccli, kind)(net32, x.float(), per_sample=True)
+        want = torch_func(kind, net64, x, per_sample=True)
+        err = float((got.double() - want).abs().max() / want.abs().max())
+        assert err < 2e-5, (kind, err)
+    assert runs["first-layer"] == len(KINDS3)
+
+
+class _Skip(nn.Module):
+    """The first layer's activation read twice (a skip connection): its rows must exist."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(2, 6), nn.Linear(6, 6), nn.Linear(6, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.c(torch.tanh(self.b(h)) + h)
+
+
+class _Sum(nn.Module):
+    """The second product read by a sum, not an elementwise op: the strided rows are not handed to it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.b, self.c = nn.Linear(2, 6), nn.Linear(6, 6), nn.Linear(6, 1)
+
+    def forward(self, x):
+        u = self.b(torch.tanh(self.a(x)))
+        return self.c(torch.tanh(u) + u)
+
+
+@pytest.mark.parametrize("net", [_Skip(), _Sum(), tanh_mlp((2, 6, 1), seed=2)], ids=["skip", "sum", "one-hidden"])
+def test_fold_does_not_apply_where_the_rows_are_needed(fresh_programs, runs, net):
+    net = net.double().eval()
+    x = _x(2)
+    for kind in KINDS3:
+        assert_rel(getattr(jaccli, kind)(net, x, per_sample=True), torch_func(kind, net, x, per_sample=True))
+    assert runs["first-layer"] == 0
+
+
+def test_series_passes_run_unfolded(fresh_programs, runs):
+    # no one-hot seed rows (the series of partials): the steps run one by one
+    from torch.func import jacfwd, vmap
+
+    net = tanh_mlp((1, 7, 6, 1), seed=4).requires_grad_(False)
+    x = _x(1)
+    got = jaccli.partials(net, x, ["u_xxxx", "u_xx"], inputs=["x"], outputs=["u"], per_sample=True)
+
+    def u(p):
+        return net(p.reshape(1, 1))[0, 0]
+
+    d2 = jacfwd(jacfwd(u))
+    want = {"u_xx": vmap(d2)(x[:, 0]), "u_xxxx": vmap(jacfwd(jacfwd(d2)))(x[:, 0])}
+    for name in ("u_xxxx", "u_xx"):
+        assert_rel(torch.as_tensor(got[name]).reshape(-1), want[name].reshape(-1))
+    assert runs["first-layer"] == 0
