@@ -14,18 +14,21 @@ chain rule makes ``f``'s rows ``f′ ⊙ cᵣ`` and ``h f″ ⊙ (c ⊗ c)ₚ`` 
 :meth:`~.jet._Call.square` pairs, collapses or squares them; ``h`` is :attr:`~.jet._Call.half`).
 Through the second product they are
 
-    ``f′ @ [diag(cᵣ) W₂]ᵣ``  and  ``f″ @ [diag(h (c ⊗ c)ₚ) W₂]ₚ``,
+    ``f′ @ diag(cᵣ) W₂``  and  ``f″ @ diag(h (c ⊗ c)ₚ) W₂``,
 
-one wide GEMM per order (``[B, n₁] @ [n₁, rows·m]``) instead of ``f``'s rows written out
-elementwise (and the first product's copied out) and then one GEMM of ``[rows·B, n₁] @
-[n₁, m]``. The FLOPs are the same; a wide GEMM runs at about 0.85 of the narrow one's
-time on this CPU (MKL, ``n₁ = m = 50``, ``docs/performance.md``), and the elementwise
-passes of ``f``'s rows go.
+one batched GEMM per order whose left factor is shared (``f′`` or ``f″`` ``[B, n₁]``,
+broadcast, not copied) and whose right factors are the folded weights (``[rows, n₁, m]``,
+made once per pass set-up and kept across chunks). The FLOPs are those of the one GEMM
+``[rows·B, n₁] @ [n₁, m]`` they replace; what goes is ``f``'s rows written out
+elementwise (``f′ ⊙ cᵣ``, the pairs or the collapsed sum, ``f″ ⊙ …``) and the first
+product's rows copied out: on the 2→50³→1 PINN about 0.88 of the Laplacian's and 0.95 of
+the Hessian's time (``docs/performance.md``).
 
-The GEMMs write into one *point-major* buffer ``[B, rows, m]``; the jet is its transpose
-``[rows, B, m]`` (a strided view, no copy). Hence the pattern asks that every step reading
-the second product be an elementwise rule (they read rows through strides), which is what
-follows a hidden layer. Orders past 2 (series of ``partials``) are not folded.
+The result is an ordinary contiguous jet, so whatever reads the second product reads it
+as before. Tried and dropped: one wide GEMM per order (``[B, n₁] @ [n₁, rows·m]``) into a
+point-major buffer whose transpose is the jet; the strided rows made every elementwise
+rule after it slower than the wide GEMM saved. Orders past 2 (series of ``partials``,
+which have no one-hot seed) are not folded.
 
 Imports: :mod:`.jet`, :mod:`.record`, :mod:`.elementwise`.
 """
@@ -38,11 +41,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from jaccli.jets.elementwise import _UNARY_DERIVS, _UNARY_RULES
+from jaccli.jets.elementwise import _UNARY_DERIVS
 from jaccli.jets.jet import Jet, Layout, _Call
 from jaccli.jets.record import _Ref, _Step
 
 _PRODUCTS = ("mm", "addmm")
+
+#: the most bytes of folded weights a pass may make: each row's ``[n₁, m]`` matrix is read
+#: once per chunk, and past cache size the batched GEMM waits on memory (the 100→256³→1
+#: Laplacian's 26 MB of them took 1.07× the unfolded pass; the 2→50³→1 Hessian's are 50 kB)
+MAX_FOLDED_BYTES = 2 << 20
 
 
 @dataclass
@@ -92,12 +100,7 @@ def _first_layer(steps: list[_Step], layouts: list[Layout], live: list[bool], ou
             continue
         m = readers[u][0]
         pm = _product(steps[m])
-        if pm is None or pm[1] != _Ref(u) or m == out or layouts[m].top > 2 or not any(layouts[m]):
-            continue
-        after = readers.get(m, [])
-        # the fold's jet is a strided view: only elementwise rules read it
-        if not after or any(steps[r].kind != "jet" or steps[r].name not in _UNARY_RULES or steps[r].jet_refs != (m,)
-                            for r in after):  # fmt: skip
+        if pm is None or pm[1] != _Ref(u) or layouts[m].top > 2 or not any(layouts[m]):
             continue
         folds.append(Fold((a, u, m), _first_layer_run(steps[a], steps[u], steps[m], layouts[m])))
     return folds
@@ -112,6 +115,8 @@ def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
         seed = env[seed_ref.index]  # one-hot rows only where it is the seed (through identity views)
         if not isinstance(seed, Jet) or seed.onehot is None or seed.lay.top != 1 or cx.order > 2:
             return None
+        if sum(cx.counts[1:]) * w2.numel() * w2.element_size() > MAX_FOLDED_BYTES:
+            return None  # the folded weights would stream from memory
         z = seed.block(0)[0]
         a1 = torch.mm(z, w1) if bias1 is None else torch.addmm(bias1, z, w1)
         dtype = torch.result_type(a1, w2)
@@ -120,31 +125,30 @@ def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
         fs = [*fs, None, None]
         weights = _folded(fold, cx, seed.onehot, w1, w2, a1.dtype)
         m = w2.shape[1]
-        rows = lay.rows(cx.counts)
-        buf = cx.tensor((batch, rows, m), a1, dtype)  # point-major: the GEMMs write rows side by side
-        start = 0
+        out = cx.empty(lay, (batch, m), a1, dtype)
         for order in range(top + 1):
-            if not lay[order]:
+            dest = out.block(order)
+            if dest is None:
                 continue
-            n = cx.counts[order]
-            dest = buf[:, start : start + n].view(batch, n * m)
-            start += n
             if order == 0:
                 if bias2 is None:
-                    torch.mm(y, w2, out=dest)
+                    torch.mm(y, w2, out=dest[0])
                 else:
-                    torch.addmm(bias2, y, w2, out=dest)
+                    torch.addmm(bias2, y, w2, out=dest[0])
             elif fs[order - 1] is None:
                 dest.zero_()
-            else:
-                torch.mm(fs[order - 1], weights[order - 1], out=dest)
-        return cx.jet(buf.transpose(0, 1), lay)
+            elif dest.shape[0] == 1:
+                torch.mm(fs[order - 1], weights[order - 1][0], out=dest[0])
+            else:  # one batched GEMM, the left factor shared (a stride-0 batch, not copied)
+                f = fs[order - 1]
+                torch.bmm(f.expand(dest.shape[0], *f.shape), weights[order - 1], out=dest)
+        return out
 
     return run
 
 
 def _folded(fold: Fold, cx: _Call, cols: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> list[Tensor]:
-    """``[diag(cᵣ) W₂]ᵣ`` and ``[diag(h (c ⊗ c)ₚ) W₂]ₚ`` side by side (``[n₁, rows·m]`` each),
+    """``[diag(cᵣ) W₂]ᵣ`` and ``[diag(h (c ⊗ c)ₚ) W₂]ₚ`` (``[rows, n₁, m]`` each),
     kept while the columns, pairs, mode and weights stay the same (every chunk of a pass)."""
     key = (tuple(cols.tolist()), cx.pair_key, cx.collapsed, cx.half, w1._version, w2._version, dtype)
     hit = fold.memo.get(key)
@@ -154,9 +158,7 @@ def _folded(fold: Fold, cx: _Call, cols: Tensor, w1: Tensor, w2: Tensor, dtype: 
     sq = c.new_empty((cx.counts[2], 1, c.shape[1])) if cx.order >= 2 else None
     if sq is not None:
         cx.square(c[:, None, :], sq).mul_(cx.half)
-    weights = [(r[:, :, None] * w2.to(dtype)[None]).transpose(0, 1).reshape(c.shape[1], -1)
-               for r in (c, None if sq is None else sq[:, 0])
-               if r is not None]  # fmt: skip
+    weights = [r[:, :, None] * w2.to(dtype)[None] for r in (c, None if sq is None else sq[:, 0]) if r is not None]
     if len(fold.memo) > 8:
         fold.memo.clear()
     fold.memo[key] = weights

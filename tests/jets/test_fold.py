@@ -100,7 +100,7 @@ class _Skip(nn.Module):
 
 
 class _Sum(nn.Module):
-    """The second product read by a sum, not an elementwise op: the strided rows are not handed to it."""
+    """The second product read by a sum (not only by an activation): folded, read as any jet."""
 
     def __init__(self):
         super().__init__()
@@ -112,13 +112,40 @@ class _Sum(nn.Module):
         return self.c(torch.tanh(u) + u)
 
 
-@pytest.mark.parametrize("net", [_Skip(), _Sum(), tanh_mlp((2, 6, 1), seed=2)], ids=["skip", "sum", "one-hidden"])
-def test_fold_does_not_apply_where_the_rows_are_needed(fresh_programs, runs, net):
+class _Squared(nn.Module):
+    """The first product fed ``x²``: its rows are not one-hot, the pass sees it and runs unfolded."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.a, self.b = nn.Linear(2, 6), nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x * x)))
+
+
+class _PreTwice(nn.Module):
+    """The first pre-activation read twice: its rows must exist."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b = nn.Linear(2, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        a = self.a(x)
+        return (self.b(torch.tanh(a)) * a).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("net, folds", [(_Sum(), True), (tanh_mlp((2, 6, 1), seed=2), True), (_Skip(), False),
+                                        (_Squared(), False), (_PreTwice(), False)],
+                         ids=["sum", "one-hidden", "skip", "squared", "pre-twice"])  # fmt: skip
+def test_fold_applies_only_where_the_rows_are_not_needed(fresh_programs, runs, net, folds):
     net = net.double().eval()
     x = _x(2)
     for kind in KINDS3:
         assert_rel(getattr(jaccli, kind)(net, x, per_sample=True), torch_func(kind, net, x, per_sample=True))
-    assert runs["first-layer"] == 0
+    assert (runs["first-layer"] > 0) == folds
 
 
 def test_series_passes_run_unfolded(fresh_programs, runs):
@@ -137,3 +164,15 @@ def test_series_passes_run_unfolded(fresh_programs, runs):
     for name in ("u_xxxx", "u_xx"):
         assert_rel(torch.as_tensor(got[name]).reshape(-1), want[name].reshape(-1))
     assert runs["first-layer"] == 0
+
+
+def test_folded_weights_past_the_cap_run_unfolded(fresh_programs, runs, monkeypatch):
+    # a wide first layer's folded weights would stream from memory: the pass keeps its rows
+    monkeypatch.setattr(fold, "MAX_FOLDED_BYTES", 6 * 5 * 8 * 5 - 1)  # rows · n₁ · m · itemsize, one byte short
+    net = tanh_mlp((2, 6, 5, 1), seed=6)
+    x = _x(2)
+    assert_rel(jaccli.hessian(net, x, per_sample=True), torch_func("hessian", net, x, per_sample=True))
+    assert runs["first-layer"] == 0
+    monkeypatch.setattr(fold, "MAX_FOLDED_BYTES", 6 * 5 * 8 * 5)  # a Hessian pass of 2 inputs: 5 rows
+    assert_rel(jaccli.hessian(net, x, per_sample=True), torch_func("hessian", net, x, per_sample=True))
+    assert runs["first-layer"] == 1
