@@ -51,6 +51,11 @@ _PRODUCTS = ("mm", "addmm")
 #: once per chunk, and past cache size the batched GEMM waits on memory (the 100→256³→1
 #: Laplacian's 26 MB of them took 1.07× the unfolded pass; the 2→50³→1 Hessian's are 50 kB)
 MAX_FOLDED_BYTES = 2 << 20
+#: a pass folds only where some order has at least this many rows: with one row per order
+#: (one input) the fold saves one elementwise pass per order and splits the second product's
+#: one GEMM into a GEMM per order, which cost more (the seed PINN's 1→50³→501 Hessian took
+#: 1.03-1.08× the unfolded time eager, 1.08-1.14× compiled; under load)
+MIN_ROWS = 2
 
 
 @dataclass
@@ -115,8 +120,8 @@ def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
         seed = env[seed_ref.index]  # one-hot rows only where it is the seed (through identity views)
         if not isinstance(seed, Jet) or seed.onehot is None or seed.lay.top != 1 or cx.order > 2:
             return None
-        if sum(cx.counts[1:]) * w2.numel() * w2.element_size() > MAX_FOLDED_BYTES:
-            return None  # the folded weights would stream from memory
+        if max(cx.counts[1:]) < MIN_ROWS or sum(cx.counts[1:]) * w2.numel() * w2.element_size() > MAX_FOLDED_BYTES:
+            return None
         z = seed.block(0)[0]
         a1 = torch.mm(z, w1) if bias1 is None else torch.addmm(bias1, z, w1)
         dtype = torch.result_type(a1, w2)

@@ -44,7 +44,8 @@ def _x(n_in: int, dtype=torch.float64, n: int = 7) -> torch.Tensor:
 
 @pytest.mark.parametrize("n_in", [1, 2, 3])
 @pytest.mark.parametrize("act", ["tanh", "sigmoid", "softplus"])
-def test_first_layer_fold_is_exact_in_float64(fresh_programs, runs, n_in, act):
+def test_first_layer_fold_is_exact_in_float64(fresh_programs, runs, monkeypatch, n_in, act):
+    monkeypatch.setattr(fold, "MIN_ROWS", 1)  # one input folds too (the planner's choice aside)
     net = tanh_mlp((n_in, 9, 8, 7, 2), seed=n_in, act=act)
     x = _x(n_in)
     for kind in KINDS3:
@@ -163,6 +164,15 @@ def test_series_passes_run_unfolded(fresh_programs, runs):
     want = {"u_xx": vmap(d2)(x[:, 0]), "u_xxxx": vmap(jacfwd(jacfwd(d2)))(x[:, 0])}
     for name in ("u_xxxx", "u_xx"):
         assert_rel(torch.as_tensor(got[name]).reshape(-1), want[name].reshape(-1))
+    assert runs["first-layer"] == 0
+
+
+def test_one_row_per_order_runs_unfolded(fresh_programs, runs):
+    # one input: each order has one row, and the fold would only split the GEMM (fold.MIN_ROWS)
+    net = tanh_mlp((1, 6, 5, 3), seed=7)
+    x = _x(1)
+    for kind in KINDS3:
+        assert_rel(getattr(jaccli, kind)(net, x, per_sample=True), torch_func(kind, net, x, per_sample=True))
     assert runs["first-layer"] == 0
 
 
