@@ -61,7 +61,26 @@ def _horner(coeffs: tuple[float, ...], y: Tensor) -> Tensor | None:
 
 
 def _ode_derivs(y: Tensor, order: int, g: tuple[float, ...]) -> list:
+    if order in (1, 2):
+        low = _low_derivs(y, order, g)
+        if low is not None:
+            return low
     return [_horner(p, y) for p in _ode_polys(g, order)] if order else []
+
+
+def _low_derivs(y: Tensor, order: int, g: tuple[float, ...]) -> list | None:
+    """``f′ = g(y)`` and ``f″ = g′(y) f′`` for a quadratic ``g`` in one ``addcmul`` pass each
+    (``g₀ + y·(g₁ + g₂ y)`` as ``base + g₂ y²``, ``base`` a constant or ``y`` itself); None
+    where ``g`` has no such form (Horner then). Why: Horner took four and five passes over
+    the value's row (a tanh layer of the 2→50³→1 Hessian: 71 µs against 22 µs a chunk)."""
+    g0, g1, g2 = (*g, 0.0, 0.0)[:3]
+    if not g2 or g1 not in (0.0, 1.0) or (g1 and g0):
+        return None
+    f1 = torch.addcmul(y if g1 else y.new_full((), g0), y, y, value=g2, out=workspace.empty_like(y))
+    if order == 1:
+        return [f1]
+    # g′(y) f′ = g₁ f′ + 2 g₂ y f′
+    return [f1, torch.addcmul(f1 if g1 else y.new_zeros(()), y, f1, value=2 * g2, out=workspace.empty_like(y))]
 
 
 _TANH, _SIGMOID, _TAN = (1.0, 0.0, -1.0), (0.0, 1.0, -1.0), (1.0, 0.0, 1.0)
