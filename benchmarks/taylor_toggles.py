@@ -12,6 +12,10 @@ the same load, which separate runs do not; it prints medians of wall and CPU sec
 
 ``--compile`` compares today's eager passes with fused Taylor kernels forced on
 (``compile="on"``, :mod:`jaccli.jets.fused`; compiled in the warm-up call, not timed).
+
+``--set fold`` toggles the later changes instead: the first layer folded into the second
+layer's GEMM (:mod:`jaccli.jets.fold`, off as ``fold.MIN_ROWS`` past any pass) and ``f′``,
+``f″`` of tanh, sigmoid and tan by ``addcmul`` (``elementwise._low_derivs``, off: Horner).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true",
                     help="instead: eager (before) against fused Taylor kernels forced on (after, compile='on')")
     ap.add_argument("--base", default="main", help="git revision whose ODE recurrence is 'before' (default main)")
+    ap.add_argument("--set", default="earlier", choices=("earlier", "fold"),
+                    help="which changes to toggle: the earlier ones (default) or the first-layer fold and addcmul derivatives")
     a = ap.parse_args(argv)
 
     import torch
@@ -66,7 +72,14 @@ def main(argv=None) -> int:
     if old_chain is None:
         print(f"(the ODE recurrence is not toggled: jaccli/jets/chain.py of {a.base} could not be read from git)")
 
+    import jaccli.jets.fold as fold
+
+    later = (fold.MIN_ROWS, elementwise._low_derivs)
+
     def before():
+        if a.set == "fold":
+            fold.MIN_ROWS, elementwise._low_derivs = 2**62, lambda *args: None
+            return
         elementwise._tanh = lambda x, out: torch.tanh(x, out=out)
         jet._Call.runs = property(lambda self: None)
         partials._PASS_BYTES = 768 * 2**20
@@ -75,6 +88,7 @@ def main(argv=None) -> int:
 
     def after():
         elementwise._tanh, jet._Call.runs, partials._PASS_BYTES, chain._ode_chain = now
+        fold.MIN_ROWS, elementwise._low_derivs = later
 
     with tempfile.TemporaryDirectory(prefix="taylor-toggles-") as tmp:
         for name in a.jobs.split(","):

@@ -42,6 +42,7 @@ The package, in the order a program is made (each module imports only those abov
 :mod:`.table`        the rule table :data:`RULES` (op name → rule) and :data:`VALUE_OPS`
 :mod:`.decompose`    norms, softmax, … written in ops with rules; in-place ops' twins
 :mod:`.record`       record a function's ATen ops; compile two records into steps
+:mod:`.fold`         runs of steps a pass computes together (the first layer into the second's GEMM)
 :mod:`.program`      :class:`TaylorProgram`: the need analysis and the chunk runs
 :mod:`.builder`      :func:`build`: record, compile, verify against autograd
 :mod:`.workspace`    buffers the passes of one computation reuse, chunk after chunk
