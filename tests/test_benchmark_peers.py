@@ -137,3 +137,16 @@ def test_the_toggle_benchmark_runs_both_sides(capsys):
     out = capsys.readouterr().out
     assert out.count("CPU s") == 2 and "hessian" in out and "u_xxxx" in out
     assert elementwise._tanh is kept and chain._ode_chain is kept_chain  # the current behaviour is restored
+
+
+def test_the_toggle_benchmark_toggles_the_fold(capsys):
+    spec = importlib.util.spec_from_file_location("taylor_toggles", ROOT / "benchmarks" / "taylor_toggles.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import jaccli.jets.elementwise as elementwise
+    import jaccli.jets.fold as fold
+
+    kept = (fold.MIN_ROWS, elementwise._low_derivs)
+    assert module.main(["--set", "fold", "--jobs", "hessian", "--points", "32", "--rounds", "1"]) == 0
+    assert capsys.readouterr().out.count("CPU s") == 1
+    assert (fold.MIN_ROWS, elementwise._low_derivs) == kept  # the current behaviour is restored
