@@ -13,7 +13,8 @@ the same load, which separate runs do not; it prints medians of wall and CPU sec
 ``--compile`` compares today's eager passes with fused Taylor kernels forced on
 (``compile="on"``, :mod:`jaccli.jets.fused`; compiled in the warm-up call, not timed).
 
-``--set fold`` toggles the later changes instead: the first layer folded into the second
+``--eager`` runs both sides with ``compile="off"`` (under ``auto`` the sides share one program
+and its ledger, which may compile mid-run). ``--set fold`` toggles the later changes instead: the first layer folded into the second
 layer's GEMM (:mod:`jaccli.jets.fold`, off as ``fold.MIN_ROWS`` past any pass) and ``f′``,
 ``f″`` of tanh, sigmoid and tan by ``addcmul`` (``elementwise._low_derivs``, off: Horner).
 """
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true",
                     help="instead: eager (before) against fused Taylor kernels forced on (after, compile='on')")
     ap.add_argument("--base", default="main", help="git revision whose ODE recurrence is 'before' (default main)")
+    ap.add_argument("--eager", action="store_true",
+                    help="compile='off' on both sides: auto's ledger, shared by the sides, may compile mid-run")
     ap.add_argument("--set", default="earlier", choices=("earlier", "fold"),
                     help="which changes to toggle: the earlier ones (default) or the first-layer fold and addcmul derivatives")
     a = ap.parse_args(argv)
@@ -99,7 +102,10 @@ def main(argv=None) -> int:
             thunks = {}
             for side, cand in (("before", "jaccli"), ("after", peers.COMPILED if a.compile else "jaccli")):
                 scope: dict = {"__name__": "candidate"}
-                exec(compile(peers.source(job, cand), name, "exec"), scope)
+                src = peers.source(job, cand)
+                if a.eager:
+                    src = src.replace("per_sample=True)", 'per_sample=True, compile="off")')
+                exec(compile(src, name, "exec"), scope)
                 thunks[side] = scope["make"](d, "float32", "cpu")
             wall: dict = {"before": [], "after": []}
             cpu: dict = {"before": [], "after": []}

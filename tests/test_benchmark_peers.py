@@ -147,6 +147,6 @@ def test_the_toggle_benchmark_toggles_the_fold(capsys):
     import jaccli.jets.fold as fold
 
     kept = (fold.MIN_ROWS, elementwise._low_derivs)
-    assert module.main(["--set", "fold", "--jobs", "hessian", "--points", "32", "--rounds", "1"]) == 0
+    assert module.main(["--set", "fold", "--eager", "--jobs", "hessian", "--points", "32", "--rounds", "1"]) == 0
     assert capsys.readouterr().out.count("CPU s") == 1
     assert (fold.MIN_ROWS, elementwise._low_derivs) == kept  # the current behaviour is restored
