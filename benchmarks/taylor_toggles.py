@@ -13,10 +13,11 @@ the same load, which separate runs do not; it prints medians of wall and CPU sec
 ``--compile`` compares today's eager passes with fused Taylor kernels forced on
 (``compile="on"``, :mod:`jaccli.jets.fused`; compiled in the warm-up call, not timed).
 
-``--eager`` runs both sides with ``compile="off"`` (under ``auto`` the sides share one program
-and its ledger, which may compile mid-run). ``--set fold`` toggles the later changes instead: the first layer folded into the second
-layer's GEMM (:mod:`jaccli.jets.fold`, off as ``fold.MIN_ROWS`` past any pass) and ``f′``,
-``f″`` of tanh, sigmoid and tan by ``addcmul`` (``elementwise._low_derivs``, off: Horner).
+``--eager`` runs both sides with ``compile="off"`` (under ``auto`` the sides share one
+program and its ledger, which may compile mid-run). ``--set fold`` toggles the later changes
+instead: the first layer folded into the second layer's GEMM (:mod:`jaccli.jets.fold`, off as
+``fold.MIN_ROWS`` past any pass) and ``f′``, ``f″`` of tanh, sigmoid and tan by ``addcmul``
+(``elementwise._low_derivs``, off: Horner).
 """
 
 from __future__ import annotations
