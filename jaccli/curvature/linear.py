@@ -47,6 +47,20 @@ class Chunk:
     gradient: torch.Tensor
 
 
+@dataclass
+class Pass:
+    """One chunk's batched forward (:meth:`LinearRows.recorded_pass`): the parameters it ran on
+    (leaves requiring grad), its scaled loss with the graph, the layers holding a selected
+    parameter (in op order, each once), each selected parameter's layer, and the rows the model
+    was called with (more than the chunk's for a padded program)."""
+
+    theta: tuple[torch.Tensor, ...]
+    loss: torch.Tensor
+    layers: list[Layer]
+    where: dict[int, Layer]
+    called: int
+
+
 class LinearRows:
     """Per-sample gradient rows of an :class:`~.objective.Objective` by ``δₙ xₙᵀ`` for its
     linear layers' parameters and ``vmap(grad)`` for the rest."""
@@ -90,31 +104,50 @@ class LinearRows:
 
     # ------------------------------------------------------------------ one chunk
 
-    def chunk(self, a: int, b: int, out: torch.Tensor | None = None) -> Chunk:
-        """Rows ``a:b`` (written into ``out``, contiguous ``[b - a, P]``, when given)."""
+    def recorded_pass(self, a: int, b: int, scale, *, strict: bool = False) -> Pass | None:
+        """One batched forward of chunk ``[a, b)`` with its layers recorded, and its loss
+        ``Σ ℓᵢ · scale`` with the graph; ``None`` where the pass does not meet the layers the probe
+        found, or a selected parameter's layer was changed in place (:func:`.layers.mutated`).
+
+        ``strict``: ``None`` also where a layer holding **no** selected parameter was changed in
+        place. The rows (:meth:`chunk`) read only the selected layers' ``x`` and ``δ``, which such a
+        change leaves intact, so they keep this path; :func:`.layertrace.layer_trace` asks for
+        ``strict`` and falls back to the parameter-space estimators, as it always has: its probes
+        differentiate the recorded graph twice, and refusing there costs only the fall-back."""
         obj, space = self.obj, self.obj.space
-        n = b - a
-        rows = torch.empty(n, space.size, dtype=space.dtype, device=space.device) if out is None else out
         theta = tuple(t.detach().requires_grad_() for t in space.values)
         rec = LayerRecorder(theta)
         with torch.enable_grad():
             with rec:
                 z = space.call(theta, take(obj.args, a, b))
-            total = obj.loss.raw(z, obj._y(a, b)).sum() * obj.norm
-        called = space.static_batch or n  # a program exported for one batch size runs on padded chunks
+            loss = obj.loss.raw(z, obj._y(a, b)).sum() * scale
+        called = space.static_batch or b - a  # a program exported for one batch size runs on padded chunks
         # each recognised parameter's layer in this pass, by its role (the probe's op order is not relied on)
         layers, _ = find_layers(rec.nodes, rec.params, space.names, rows=called)
         where: dict[int, Layer] = {}
+        mine: list[Layer] = []
         for layer in layers:
-            for i, mine in ((layer.weight, self.weights), (layer.bias, self.biases)):
-                if i in mine:
-                    if mutated(layer):
-                        raise NotLinear
-                    where[i] = layer
+            held = [i for i, sel in ((layer.weight, self.weights), (layer.bias, self.biases)) if i in sel]
+            if (held or strict) and mutated(layer):
+                return None
+            if held:
+                mine.append(layer)
+            where.update(dict.fromkeys(held, layer))
         if len(where) != len(self.weights) + len(self.biases):
+            return None
+        return Pass(theta, loss, mine, where, called)
+
+    def chunk(self, a: int, b: int, out: torch.Tensor | None = None) -> Chunk:
+        """Rows ``a:b`` (written into ``out``, contiguous ``[b - a, P]``, when given)."""
+        obj, space = self.obj, self.obj.space
+        n = b - a
+        rows = torch.empty(n, space.size, dtype=space.dtype, device=space.device) if out is None else out
+        got = self.recorded_pass(a, b, obj.norm)
+        if got is None:
             raise NotLinear
+        theta, total, where = got.theta, got.loss, got.where
         xs = {i: value(where[i].input)[:n].detach() for i in self.weights}
-        zs = list({id(layer.node): value(layer.node) for layer in where.values()}.values())
+        zs = [value(layer.node) for layer in got.layers]
         got = torch.autograd.grad(total, [*zs, *theta], allow_unused=True, materialize_grads=True)
         deltas = {id(z): d[:n].detach() for z, d in zip(zs, got[: len(zs)])}
         gradient = space.flat(got[len(zs) :]).detach() * obj.weight
