@@ -12,7 +12,6 @@ What differs between kinds is read from their :class:`~jaccli.request.kinds.Kind
 
 from __future__ import annotations
 
-import contextlib
 
 import importlib.util
 import io
@@ -198,21 +197,9 @@ def _name_results(k: Kind, value, wrt: list[str], in_ndims: list[int], per_sampl
     return results, axes, args
 
 
-@contextlib.contextmanager
-def compile_notes():
-    """The notes of fused-kernel use (:mod:`jaccli.jets.fused`) that a computation inside leaves."""
-    from jaccli.jets import fused
-
-    notes: list[str] = []
-    token = fused.NOTES.set(notes)
-    try:
-        yield notes
-    finally:
-        fused.NOTES.reset(token)
-
-
 def derivative(req: Request, *, world: int = 1, rank: int = 0) -> None:
     """Load, plan, compute and deliver one of the engine's derivative kinds."""
+    from jaccli.jets.fused import collect_notes as fused_notes
     from jaccli.show import render
     from jaccli.show.progress import ProgressBar
 
@@ -278,7 +265,7 @@ def derivative(req: Request, *, world: int = 1, rank: int = 0) -> None:
         with ProgressBar(label, force=bool(o.progress)) as bar:
             start = time.perf_counter()
             try:
-                with compile_notes() as notes:
+                with fused_notes() as notes:
                     value = k.engine()(
                         net, args, plan=plan, wrt=wrt_arg, per_sample=d.per_sample, mode=d.mode, chunk_size=d.chunk_size,
                         output=d.output, select=d.select, check_batch=d.check_batch, strict=d.strict, save=stream,
@@ -403,6 +390,7 @@ def deliver(req: Request, outcome: Outcome, *, saved: bool = False) -> None:
 
 def partials(req: Request) -> None:
     """``jaccli partials``: named partials, expressions and their gates."""
+    from jaccli.jets.fused import collect_notes as fused_notes
     from jaccli.show import render
 
     d, o, k = req.derivative, req.output, req.kind
@@ -412,7 +400,7 @@ def partials(req: Request) -> None:
     with collect_warnings(messages):
         net, args, sources, wrt = load_request(req.source, d.wrt)
         start = time.perf_counter()
-        with compile_notes() as notes:
+        with fused_notes() as notes:
             result = k.engine()(
                 net, args, list(d.want), inputs=d.in_names, outputs=d.out_names, per_sample=d.per_sample,
                 wrt=None if wrt is None else (wrt if len(wrt) > 1 else wrt[0]), output=d.output, select=d.select,

@@ -44,6 +44,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -393,8 +394,21 @@ def _first_line(exc: BaseException) -> str:
 CURRENT: contextvars.ContextVar[Fuser | None] = contextvars.ContextVar("jaccli_fuser", default=None)
 
 
-#: where :meth:`Fuser.finish` puts its note (a list set by the caller), if anywhere
+#: where :meth:`Fuser.finish` puts its note (the list :func:`collect_notes` set), if anywhere
 NOTES: contextvars.ContextVar[list | None] = contextvars.ContextVar("jaccli_fuser_notes", default=None)
+
+
+@contextlib.contextmanager
+def collect_notes() -> Iterator[list[str]]:
+    """The notes of fused-kernel use (:meth:`Fuser.note`) that the computations inside leave, one
+    per computation that used or tried kernels, in a list filled as they finish (the CLI's
+    ``--verbose`` and ``--json`` show them; a Python caller may read them the same way)."""
+    notes: list[str] = []
+    token = NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        NOTES.reset(token)
 
 
 def clear() -> None:

@@ -171,12 +171,8 @@ def _closed_form_hessian(net, x):
 
 def test_a_failed_compile_runs_eager_with_a_note(failing_compile):
     net, x = _net(), torch.linspace(-1, 1, 7, dtype=torch.float64)[:, None]
-    notes: list = []
-    token = fused.NOTES.set(notes)
-    try:
+    with fused.collect_notes() as notes:
         got = jaccli.hessian(net, x, per_sample=True, mode="forward", compile="on")
-    finally:
-        fused.NOTES.reset(token)
     torch.testing.assert_close(got.reshape(-1), _closed_form_hessian(net, x).detach(), rtol=1e-10, atol=1e-12)
     assert len(notes) == 1 and "failed, ran eager: RuntimeError: no C++ compiler here" in notes[0]
 
@@ -190,12 +186,8 @@ def test_compiled_program_matches_eager_and_the_closed_form(monkeypatch, tmp_pat
     monkeypatch.setattr(fused, "_WHY", {})
     monkeypatch.setattr(fused, "MARGIN", float("inf"))  # keep the kernel however fast it is
     net, x = _net(), torch.linspace(-1, 1, 11, dtype=torch.float64)[:, None]
-    notes: list = []
-    token = fused.NOTES.set(notes)
-    try:
+    with fused.collect_notes() as notes:
         got = jaccli.hessian(net, x, per_sample=True, mode="forward", chunk_size=4, compile="on")
-    finally:
-        fused.NOTES.reset(token)
     eager = jaccli.hessian(net, x, per_sample=True, mode="forward", chunk_size=4, compile="off")
     assert "2 pass(es) through them, 1 compiled" in notes[0], notes
     torch.testing.assert_close(got, eager, rtol=1e-12, atol=1e-14)
