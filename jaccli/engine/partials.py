@@ -30,8 +30,8 @@ from torch import Tensor
 
 from jaccli.engine import planner
 from jaccli.engine.execute import _empty_result
-from jaccli.engine.programs import confirm, program_for
-from jaccli.engine.probe import model_failed, probe_rows, settle_batch_check
+from jaccli.engine.programs import program_for, settle
+from jaccli.engine.probe import model_failed, probe_rows
 from jaccli.engine.problem import Problem, check_inputs
 from jaccli.engine.results import NONSMOOTH_OPS
 from jaccli.errors import JaccliWarning, ModelError, NumericalError, UsageError
@@ -270,9 +270,7 @@ def partials(
     top = max(t.order for t in request.terms)
     need = _directions(request.terms, p.n_in)
     program, note = _program(p, top) if need else (None, None)
-    # a recalled model's batch check, unless the kept program vouched for these rows
-    if settle_batch_check(p) and program is not None:
-        confirm(p, program, top)
+    settle(p, program, top)
     wrong = sorted(p.ops & planner.FORWARD_OVER_FORWARD_WRONG)
     if program is None and top >= 2 and wrong:
         # nested forward mode through these ops gives wrong numbers in PyTorch, and so do
