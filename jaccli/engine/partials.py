@@ -300,7 +300,7 @@ def partials(
     try:
         for start in range(0, p.n, ppc):
             stop = min(start + ppc, p.n)
-            chunk = fz.chunk(program.fusion, stop - start) if fz is not None else contextlib.nullcontext()
+            chunk = fz.chunk(stop - start) if fz is not None else contextlib.nullcontext()
             with chunk:
                 _chunk_into(p, program, request, need, single, with_value, flat, start, stop)
     except (NotImplementedError, RuntimeError) as exc:

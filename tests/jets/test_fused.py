@@ -109,7 +109,7 @@ def test_auto_turns_on_once_the_eager_time_pays_for_the_compile(cache, monkeypat
     assert not fz.active
     seen = []
     for _ in range(3):
-        with fz.chunk(spent):
+        with fz.chunk():
             fz.seen.add(("tanh", "key"))  # what a pass through a tanh step notes
         seen.append(fz.active)
     assert seen == [False, False, True]  # 4 s, 8 s < 10 s; 12 s ≥ 10 s
@@ -128,24 +128,24 @@ def test_auto_goes_back_to_eager_where_fused_passes_are_not_faster(cache, monkey
     spent: dict = {}
     fz = fused.fuser("auto", 8, spent)
     fz.seen.add(("tanh", "key"))
-    fz._account(spent, 6.0, True, False)  # one eager chunk of 6 s: 6 < 10 s predicted
+    fz._account(6.0, True, False)  # one eager chunk of 6 s: 6 < 10 s predicted
     assert not fz.active
-    fz._account(spent, 6.0, True, False)  # 12 s ≥ 10 s: compile from the next chunk on
+    fz._account(6.0, True, False)  # 12 s ≥ 10 s: compile from the next chunk on
     assert fz.active
-    fz._account(spent, 9.0, True, True)  # the chunk that compiled is not timed
-    fz._account(spent, 5.9, False, False)  # nor a short last chunk
+    fz._account(9.0, True, True)  # the chunk that compiled is not timed
+    fz._account(5.9, False, False)  # nor a short last chunk
     assert "fused" not in spent
     for _ in range(2):
-        fz._account(spent, 5.9, True, False)
+        fz._account(5.9, True, False)
         assert fz.active  # fewer than three fused chunks: not judged yet
-    fz._account(spent, 5.9, True, False)  # 5.9 > 0.95 × 6: back to eager
+    fz._account(5.9, True, False)  # 5.9 > 0.95 × 6: back to eager
     assert not fz.active and spent["rejected"]
     assert "0.98× the eager ones" in fz.note()
     assert not fused.fuser("auto", 8, spent).active
     faster: dict = {"keys": {("tanh", "key")}, "s": 12.0, "eager": [6.0]}
     fz = fused.fuser("auto", 8, faster)
     for _ in range(5):
-        fz._account(faster, 3.0, True, False)
+        fz._account(3.0, True, False)
     assert fz.active and not faster.get("rejected")
 
 
