@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from problems import tanh_mlp
 from test_structured import _data, BatchCentred, HandWritten, LogSoftmaxMLP, mlp, reference, Residual, SmallCNN
 from torch import nn
 
@@ -77,8 +78,7 @@ def test_exact_for_residual_and_hand_written_layers(make, params):
 def test_the_estimate_is_calibrated_over_seeds():
     """40 seeds of 6 rounds each: every estimate within 4 standard errors of the exact trace, and
     the squared z-scores average about 1 (the standard error is neither too small nor too large)."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    net = tanh_mlp((4, 16, 16, 3))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(200, 4, generator=g, dtype=F64), torch.randint(0, 3, (200,), generator=g)
     want = np.trace(reference(net, x, y, "cross-entropy", "mean"))
@@ -94,8 +94,7 @@ def test_the_estimate_is_calibrated_over_seeds():
 
 def test_more_accurate_than_parameter_probes_from_the_same_products():
     """The point of it: on this MLP one round has a fraction of a parameter probe's variance."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)).double()
+    net = tanh_mlp((4, 32, 32, 3))
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(300, 4, generator=g, dtype=F64), torch.randint(0, 3, (300,), generator=g)
     layers = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, samples=20)

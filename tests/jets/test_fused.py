@@ -13,6 +13,7 @@ import jaccli
 from jaccli.jets import fused
 from jaccli.jets.jet import Jet, Layout, _Call
 from jaccli.jets.table import RULES
+from problems import tanh_mlp
 
 HAS_COMPILER = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
@@ -158,8 +159,7 @@ def test_compile_choice_is_checked():
 
 
 def _net():
-    torch.manual_seed(3)
-    return torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    return tanh_mlp((1, 8, 1), seed=3)
 
 
 def _closed_form_hessian(net, x):
