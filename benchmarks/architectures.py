@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import jaccli  # noqa: E402
 from make_examples import SmallCNN, SmallTransformer  # noqa: E402
 from timing import blocks  # noqa: E402
-from zoo import func_hessian, save_formats  # noqa: E402
+from zoo import func_hessian, saved  # noqa: E402
 
 
 def per_point(model, shape):
@@ -137,14 +137,10 @@ TRACE_CASES = (("laplacian", "auto"), ("jacobian", "auto"), ("jacobian", "forwar
 def traces_vs_pt2(names: list[str], points: int, repeats: int, cold: bool) -> None:
     """One line per (model, command): engines, warm medians, trace / .pt2, agreement."""
     import numpy as np
-    from architectures import ZOO, trace
 
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            shape = ZOO[name][1]
-            traced, module = trace(name)
-            files, _ = save_formats(name, shape, traced, module, Path(tmp))
-            x = torch.randn(points, *shape, generator=torch.Generator().manual_seed(0))
+        for m in saved(names, points, Path(tmp)):
+            name, files, x = m.name, m.files, m.x
             xfile = Path(tmp) / f"{name}_x.npy"
             np.save(xfile, x.numpy())
             nets = {fmt: jaccli.load_model(str(path)) for fmt, path in files.items()}
@@ -172,15 +168,10 @@ def vs_func(names: list[str], points: int, repeats: int, tol: float, formats=("p
     (model, format, kind) with ``jaccli``/``func`` medians (None where a result is wrong)."""
     import statistics
 
-    from architectures import ZOO, trace
-
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            shape = ZOO[name][1]
-            traced, module = trace(name)
-            files, static = save_formats(name, shape, traced, module, Path(tmp), formats)
-            x = torch.randn(points, *shape, generator=torch.Generator().manual_seed(0))
+        for m in saved(names, points, Path(tmp), formats):
+            name, shape, module, files, static, x = m.name, m.shape, m.module, m.files, m.static, m.x
             module.requires_grad_(False)  # as load_model leaves the parameters: derivatives of the input only
             ref64 = func_hessian(module.double(), shape, None)(x.double())
             module.float()

@@ -91,8 +91,7 @@ def breakdown(names: list[str], kind: str, points: int, calls: int, out=print, t
     import torch
 
     import jaccli
-    from architectures import ZOO, trace  # tests/architectures.py
-    from zoo import reference, save_formats
+    from zoo import reference, saved
 
     spent = {c: 0.0 for c, _, _ in STAGES}
     cols = [c for c, _, _ in STAGES] + ["call"]
@@ -103,13 +102,10 @@ def breakdown(names: list[str], kind: str, points: int, calls: int, out=print, t
     restore = _wrap(spent)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for name in names:
-                shape = ZOO[name][1]
-                traced, module = trace(name)
-                files, _ = save_formats(name, shape, traced, module, Path(tmp))
-                x = torch.randn(points, *shape, generator=torch.Generator().manual_seed(0))
-                ref = reference(kind, module, x)
-                for fmt, path in files.items():
+            for m in saved(names, points, Path(tmp)):
+                name, x = m.name, m.x
+                ref = reference(kind, m.module, x)
+                for fmt, path in m.files.items():
                     net = jaccli.load_model(str(path))
                     fn = getattr(jaccli, kind)
                     fn(net, x, per_sample=True)  # records and keeps the program

@@ -10,11 +10,39 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.func import hessian, jacrev, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+@dataclass
+class Saved:
+    """One model of the zoo saved: its per-point ``shape``, the eager ``module``, the ``files``
+    by format, the batch of a static ``.pt2`` (or None) and ``points`` inputs ``x`` (seed 0)."""
+
+    name: str
+    shape: tuple[int, ...]
+    module: torch.nn.Module
+    files: dict[str, Path]
+    static: int | None
+    x: torch.Tensor
+
+
+def saved(names, points: int, folder: Path, formats=("pt", "pt2")) -> Iterator[Saved]:
+    """Each model of ``names`` (``tests/architectures.py``, on the caller's ``sys.path``)
+    traced and saved in ``formats`` under ``folder``, with its inputs."""
+    from architectures import ZOO, trace
+
+    for name in names:
+        shape = ZOO[name][1]
+        traced, module = trace(name)
+        files, static = save_formats(name, shape, traced, module, folder, formats)
+        x = torch.randn(points, *shape, generator=torch.Generator().manual_seed(0))
+        yield Saved(name, shape, module, files, static, x)
 
 
 def save_formats(name: str, shape, traced, module, folder: Path,
