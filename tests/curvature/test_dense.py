@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from problems import tanh_mlp
-from test_structured import reference
+from test_structured import reference, SmallCNN
 from torch import nn
 
 import jaccli
@@ -20,17 +20,6 @@ F64 = torch.float64
 
 def mlp():
     return tanh_mlp((3, 6, 4))
-
-
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(1)
-        self.conv = nn.Conv2d(1, 2, 3)
-        self.head = nn.Linear(2 * 3 * 3, 2)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.conv(x)).flatten(1))
 
 
 def _data():
@@ -64,7 +53,7 @@ def test_hessian_ggn_and_ef_match_dense_references(case):
         lossfn = lambda out: nn.functional.cross_entropy(out, y)  # noqa: E731
         loss, tgt = "cross-entropy", y
     else:
-        net = SmallCNN().double()
+        net = SmallCNN(outputs=2).double()
         g = torch.Generator().manual_seed(2)
         x = torch.randn(12, 1, 5, 5, generator=g, dtype=F64)
         tgt = torch.randn(12, 2, generator=g, dtype=F64)
