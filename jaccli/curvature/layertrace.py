@@ -112,10 +112,10 @@ def applies(obj) -> bool:
 def _chunk_pass(obj, rows, a: int, b: int):
     """One batched forward of chunk ``[a, b)`` and the backward of its loss to the layer outputs,
     with its graph: ``(z per layer, δ per layer, √(w‖ãₙ‖²) per layer [n])``, or ``None`` where the
-    pass does not meet the layers the probe found, or any layer in it was changed in place
-    (``strict``: see :meth:`.linear.LinearRows.recorded_pass`)."""
+    pass does not meet the layers the probe found, or one of them was changed in place
+    (:meth:`.linear.LinearRows.recorded_pass`)."""
     space = obj.space
-    got = rows.recorded_pass(a, b, obj.norm * obj.weight, strict=True)
+    got = rows.recorded_pass(a, b, obj.norm * obj.weight)
     if got is None:
         return None
     zs, norms = [], []

@@ -104,16 +104,24 @@ class LinearRows:
 
     # ------------------------------------------------------------------ one chunk
 
-    def recorded_pass(self, a: int, b: int, scale, *, strict: bool = False) -> Pass | None:
+    def recorded_pass(self, a: int, b: int, scale) -> Pass | None:
         """One batched forward of chunk ``[a, b)`` with its layers recorded, and its loss
-        ``Σ ℓᵢ · scale`` with the graph; ``None`` where the pass does not meet the layers the probe
-        found, or a selected parameter's layer was changed in place (:func:`.layers.mutated`).
+        ``Σ ℓᵢ · scale`` with the graph (the rows' :meth:`chunk` and
+        :func:`.layertrace.layer_trace` both start here); ``None`` where the pass does not meet
+        the layers the probe found, or a layer holding a selected parameter was changed in
+        place (:func:`.layers.mutated`: its ``z`` and ``δ`` are no longer that layer's).
 
-        ``strict``: ``None`` also where a layer holding **no** selected parameter was changed in
-        place. The rows (:meth:`chunk`) read only the selected layers' ``x`` and ``δ``, which such a
-        change leaves intact, so they keep this path; :func:`.layertrace.layer_trace` asks for
-        ``strict`` and falls back to the parameter-space estimators, as it always has: its probes
-        differentiate the recorded graph twice, and refusing there costs only the fall-back."""
+        The edge case, decided: a layer changed in place that holds none of the parameters taken
+        by ``δxᵀ`` does not refuse the pass — the rows read only those layers' ``x`` and ``δ``,
+        and the parameters left to ``vmap(grad)`` (:attr:`rest`) take theirs from the model
+        itself. For the trace this is the rule it always had, "any layer changed in place
+        refuses": the recorder sees only the selected parameters (the others are constants of
+        the call) and the trace applies only where none is left to ``vmap``
+        (:func:`.layertrace.applies`), so every layer its pass finds holds one (in another role
+        than the probe's, ``where`` comes out short: refused too). A first layer overwritten by
+        ``relu_`` thus sends the trace to the parameter-space estimators where its parameters
+        are selected (the probe leaves them to ``vmap``), and not where only the layers after
+        it are (they read that tensor, unchanged since, as their input)."""
         obj, space = self.obj, self.obj.space
         theta = tuple(t.detach().requires_grad_() for t in space.values)
         rec = LayerRecorder(theta)
@@ -128,9 +136,9 @@ class LinearRows:
         mine: list[Layer] = []
         for layer in layers:
             held = [i for i, sel in ((layer.weight, self.weights), (layer.bias, self.biases)) if i in sel]
-            if (held or strict) and mutated(layer):
-                return None
             if held:
+                if mutated(layer):
+                    return None
                 mine.append(layer)
             where.update(dict.fromkeys(held, layer))
         if len(where) != len(self.weights) + len(self.biases):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from problems import tanh_mlp
+from test_per_sample import InPlace
 from test_structured import _data, BatchCentred, HandWritten, LogSoftmaxMLP, mlp, reference, Residual, SmallCNN
 from torch import nn
 
@@ -135,6 +136,24 @@ def test_other_models_take_the_parameter_space_estimators(make, shape):
     assert abs(r.trace - np.trace(reference(net, x, y, "cross-entropy", "mean"))) < 4 * r.trace_stderr
     with pytest.raises(UsageError, match="--trace-method layers needs"):
         jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, trace_method="layers")
+
+
+def test_a_layer_changed_in_place_takes_the_parameter_space_estimators_where_its_parameters_are_selected():
+    """``relu_`` overwrites the first layer's output (its δ is not that tensor's gradient): with
+    every parameter selected the layers' trace does not apply and ``auto`` takes Hutch++ or
+    Hutchinson; with the second layer's alone (the overwritten tensor only its input, the first
+    layer's parameters constants) the layers' trace applies and is exact."""
+    torch.manual_seed(0)
+    net = InPlace().double()
+    g = torch.Generator().manual_seed(10)
+    x, y = torch.randn(12, 6, generator=g, dtype=F64), torch.randint(0, 3, (12,), generator=g)
+    r = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, samples=30)
+    assert r.trace_estimator in ("Hutch++", "Hutchinson")
+    assert abs(r.trace - np.trace(reference(net, x, y, "cross-entropy", "mean"))) < 4 * r.trace_stderr
+    with pytest.raises(UsageError, match="--trace-method layers needs"):
+        jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, trace_method="layers")
+    want = np.trace(reference(net, x, y, "cross-entropy", "mean", "b.*"))
+    assert _exact(net, x, y, params="b.*") == pytest.approx(want, rel=1e-10)
 
 
 def test_the_methods_the_cli_offers_are_the_ones_the_library_knows():
