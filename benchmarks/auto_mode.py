@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import jaccli  # noqa: E402
 from jaccli.engine import planner, strategies  # noqa: E402
-from jaccli.load.models import build_mlp  # noqa: E402
+from jaccli.load.weights import build_mlp  # noqa: E402
 
 ENGINES = (("taylor", "forward"), ("torch.func", "forward"), ("torch.func", "reverse"))
 
