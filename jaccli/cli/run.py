@@ -391,7 +391,7 @@ def deliver(req: Request, outcome: Outcome, *, saved: bool = False) -> None:
 def partials(req: Request) -> None:
     """``jaccli partials``: named partials, expressions and their gates."""
     from jaccli.jets.fused import collect_notes as fused_notes
-    from jaccli.show import render
+    from jaccli.show import partials as partials_view, tables
 
     d, o, k = req.derivative, req.output, req.kind
     limits = dict(d.limits)
@@ -415,7 +415,7 @@ def partials(req: Request) -> None:
             err_console().print(f"note: {escape(result.compiled)}")
     in_tensors = args if isinstance(args, dict) else {next(iter(sources)): args}
     coords = next(iter(in_tensors.values())) if wrt is None or len(wrt) == 1 else None
-    gates = [render.gate(name, result[name], tol, d.per_sample, inputs=result.inputs, x=coords) for name, tol in limits.items()]
+    gates = [partials_view.gate(name, result[name], tol, d.per_sample, inputs=result.inputs, x=coords) for name, tol in limits.items()]
     inputs = input_meta(args, sources)
     names = {"inputs": result.inputs, "outputs": result.outputs}
     axes = {n: axis_names(d.per_sample, t.dim()) for n, t in result.items()}
@@ -425,7 +425,7 @@ def partials(req: Request) -> None:
                       _plot_title(req, {"path": req.source.model}, result.points))  # fmt: skip
     deliver(req, outcome)
     if o.json or not o.quiet:
-        doc = render.partials_json(result, model_meta(net, req.source.model), inputs, d.per_sample, gates, messages,
+        doc = partials_view.partials_json(result, model_meta(net, req.source.model), inputs, d.per_sample, gates, messages,
                                    seconds, o.save)  # fmt: skip
         doc["names"] = names
         if outcome.summaries:
@@ -434,9 +434,9 @@ def partials(req: Request) -> None:
             typer.echo(json.dumps(doc))
         else:
             console = Console(stderr=o.save == STDIO, highlight=False)
-            render.show_partials(console, doc, result, show=o.show if o.show is not None else result.points, digits=o.digits)
+            partials_view.show_partials(console, doc, result, show=o.show if o.show is not None else result.points, digits=o.digits)
             for name, s in outcome.summaries.items():
-                render.show_value_summary(console, s, title=name, digits=o.digits)
+                tables.show_value_summary(console, s, title=name, digits=o.digits)
     failed = [g for g in gates if not g["passed"]]
     if failed:
-        raise GateFailed(render.gate_line(failed[0]), where=req.source.model)
+        raise GateFailed(partials_view.gate_line(failed[0]), where=req.source.model)
