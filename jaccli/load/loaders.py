@@ -214,7 +214,7 @@ def load_model(
 
     Recognised by content: TorchScript archives (``torch.jit.save``), ``torch.export``
     programs (``torch.export.save``, usually ``.pt2``), safetensors files written by
-    :func:`save_mlp` (they describe their network), and weights only — safetensors
+    :func:`~.weights.save_mlp` (they describe their network), and weights only — safetensors
     or a ``torch.save`` state dict — with ``arch="mlp", activation=...`` (widths
     inferred) or ``arch="file.py:factory"`` (called with ``arch_kwargs``). The model
     is put in eval mode where the format allows and its parameters stop requiring
