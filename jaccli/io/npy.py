@@ -59,8 +59,6 @@ def _check_npy_header(src: Source, buf: BinaryIO, offset: int = 0) -> None:
         )
 
 
-
-
 def _bad_header(exc: BaseException, name: str) -> InputError:
     """A ``.npy`` header numpy cannot parse, in words: numpy's own message where it is
     plain, never the Python objects (``<ast.Name object at 0x…>``) some of them show."""

@@ -105,8 +105,6 @@ def limit_input_bytes(limit: int | str | None):
         _max_input.reset(token)
 
 
-
-
 def shown_path(name: str, most: int = 120) -> str:
     """``name`` for an error line, its middle elided when it is absurdly long."""
     return name if len(name) <= most else f"{name[:60]}…{name[-50:]} ({len(name)} characters)"

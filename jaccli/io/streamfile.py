@@ -62,4 +62,3 @@ def open_result(path: str | os.PathLike, shape: tuple[int, ...], dtype: torch.dt
             offset = 8 + int.from_bytes(fh.read(8), "little")
         arr = np.memmap(name, dtype=np_dtype, mode="c", offset=offset, shape=tuple(shape))
     return torch.from_numpy(arr)
-

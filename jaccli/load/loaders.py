@@ -251,4 +251,3 @@ def load_model(
     if want is not None:
         cast_model(model, want, src.name)
     return model
-

@@ -53,7 +53,6 @@ class LoadedModel(nn.Module):
         return f"format={self.info.format}, path={self.info.path!r}"
 
 
-
 def count_parameters(model: Callable) -> int:
     """Number of parameter elements (0 for a plain function)."""
     if isinstance(model, nn.Module):

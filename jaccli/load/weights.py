@@ -26,8 +26,6 @@ from jaccli.io import Source, read_torch_object, safetensors_metadata
 from jaccli.load.models import LoadedModel, ModelInfo
 
 
-
-
 class Sine(nn.Module):
     """sin as a layer: the activation of SIREN-style physics-informed networks."""
 
@@ -278,4 +276,3 @@ def save_mlp(model: nn.Sequential, path: str | os.PathLike, *, force: bool = Fal
     sizes = [linears[0].in_features] + [l.out_features for l in linears]
     meta = {"jaccli.arch": "mlp", "jaccli.sizes": json.dumps(sizes), "jaccli.activation": activation, "jaccli.bias": json.dumps(bias)}
     save_tensors(path, dict(model.state_dict()), metadata=meta, force=force)
-
