@@ -12,7 +12,6 @@ What differs between kinds is read from their :class:`~jaccli.request.kinds.Kind
 
 from __future__ import annotations
 
-
 import importlib.util
 import io
 import json

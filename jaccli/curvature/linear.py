@@ -156,9 +156,9 @@ class LinearRows:
         theta, total, where = got.theta, got.loss, got.where
         xs = {i: value(where[i].input)[:n].detach() for i in self.weights}
         zs = [value(layer.node) for layer in got.layers]
-        got = torch.autograd.grad(total, [*zs, *theta], allow_unused=True, materialize_grads=True)
-        deltas = {id(z): d[:n].detach() for z, d in zip(zs, got[: len(zs)])}
-        gradient = space.flat(got[len(zs) :]).detach() * obj.weight
+        grads = torch.autograd.grad(total, [*zs, *theta], allow_unused=True, materialize_grads=True)
+        deltas = {id(z): d[:n].detach() for z, d in zip(zs, grads[: len(zs)])}
+        gradient = space.flat(grads[len(zs) :]).detach() * obj.weight
         sq = torch.zeros(n, dtype=torch.float64, device=space.device)
         for i in self.weights:
             info, x, d = space.infos[i], xs[i], deltas[id(value(where[i].node))]

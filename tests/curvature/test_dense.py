@@ -232,7 +232,7 @@ def test_hessian_products_keep_one_graph_per_rank_or_the_callers_chunks():
         obj.chunk = 16  # as the per-sample rows of a large model size it: the graph need not follow
         obj.value_and_grad(keep_hessian_graphs=True)
         got = obj.matmat("hessian", V)
-        assert len(obj._pulls) == graphs, chunk_size
+        assert len(obj._graphs) == graphs, chunk_size
         torch.testing.assert_close(got, H @ V, rtol=1e-10, atol=1e-12)
 
 
