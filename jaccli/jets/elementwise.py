@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from jaccli.jets.chain import _compose, _unary
+from jaccli.jets.chain import _compose, _horner, _unary
 from jaccli.jets import workspace
 from jaccli.jets.jet import Jet, Unsupported
 
@@ -46,18 +46,6 @@ def _ode_polys(g: tuple[float, ...], order: int) -> tuple[tuple[float, ...], ...
                 prod[i + j] += a * b
         polys.append(tuple(prod))
     return tuple(polys)
-
-
-def _horner(coeffs: tuple[float, ...], y: Tensor) -> Tensor | None:
-    if not any(coeffs):
-        return None
-    top = max(i for i, c in enumerate(coeffs) if c)
-    r = workspace.empty_like(y).fill_(coeffs[top])
-    for c in reversed(coeffs[:top]):
-        r = r.mul_(y)
-        if c:
-            r = r.add_(c)
-    return r
 
 
 def _ode_derivs(y: Tensor, order: int, g: tuple[float, ...]) -> list:
@@ -260,7 +248,7 @@ def _d_silu(x, order, out):
     # silu⁽ⁿ⁾ = x σ⁽ⁿ⁾ + n σ⁽ⁿ⁻¹⁾
     sig = _sigmoid_derivs(torch.sigmoid(x), order)
     y = torch.mul(x, sig[0], out=out)
-    return y, [x * sig[n] + n * sig[n - 1] for n in range(1, order + 1)]
+    return y, [torch.addcmul(sig[n - 1] if n == 1 else sig[n - 1] * n, x, sig[n]) for n in range(1, order + 1)]
 
 
 _SQRT1_2PI = 1 / math.sqrt(2 * math.pi)

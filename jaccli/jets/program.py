@@ -30,7 +30,7 @@ from torch import Tensor
 
 from jaccli.jets import fused
 from jaccli.jets.jet import Jet, Layout, _Call, empty_layout
-from jaccli.jets.record import _INPUT, _Ref, _Step, _substitute
+from jaccli.jets.record import _INPUT, _BatchDim, _BatchScalar, _Ref, _Step, _substitute, _value_of, _walk
 from jaccli.jets.workspace import _CURRENT, Workspace, empty_like
 
 
@@ -77,6 +77,8 @@ class TaylorProgram:
     #: eager seconds spent on this program and the fused-kernel keys its passes met, in this
     #: process (what :func:`.fused.should_compile` weighs; kept with the program across calls)
     fusion: dict = field(default_factory=dict, repr=False)
+    #: step -> how its arguments bind (see :func:`_binding`), made on first use
+    _bindings: dict = field(default_factory=dict, repr=False, compare=False)
 
     @staticmethod
     @contextlib.contextmanager
@@ -220,6 +222,7 @@ class TaylorProgram:
         batch = z.shape[0]
         cx.pool = _CURRENT.get()
         fuser = fused.CURRENT.get()
+        bindings = self._bindings
         with torch.no_grad():
             for i in range(start, stop):
                 s = self.steps[i]
@@ -229,13 +232,20 @@ class TaylorProgram:
                     continue
                 if s.kind == _INPUT:
                     env[i] = _seed(cx, sched.layouts[i], z, tangents, onehot)
-                elif s.kind == "value":
-                    args = _substitute(s.args, env, batch, values=True)
-                    kwargs = _substitute(s.kwargs, env, batch, values=True)
+                    continue
+                bind = bindings.get(i)
+                if bind is None:
+                    bind = bindings[i] = _binding(s)
+                values = s.kind == "value"
+                if bind:  # top-level references only: no walk through the arguments
+                    args = [a if r is None else _value_of(env[r]) if values else env[r] for a, r in zip(s.args, bind)]
+                    kwargs = s.kwargs
+                else:
+                    args = _substitute(s.args, env, batch, values=values)
+                    kwargs = _substitute(s.kwargs, env, batch, values=values)
+                if values:
                     env[i] = s.op(*args, **kwargs)
                 else:
-                    args = _substitute(s.args, env, batch)
-                    kwargs = _substitute(s.kwargs, env, batch)
                     jet = None
                     if fuser is not None and s.name in fused.ODES and len(args) == 1 and not kwargs:
                         lay = sched.layouts[i]
@@ -415,6 +425,19 @@ class TaylorProgram:
         if not isinstance(operands[0], _Ref) or isinstance(operands[1], _Ref) or len(s.jet_refs) != 1:
             return None  # the product must be linear in its left operand, the right a constant
         return i
+
+
+def _binding(s: _Step) -> tuple:
+    """How a step's arguments bind, per top-level argument: the index of the step it refers to,
+    or None for a constant passed as it is; ``()`` where a reference or a batch size sits
+    deeper (a list of jets, a shape), for :func:`~.record._substitute` to walk at each call.
+    Walking every step's arguments cost ~0.1 ms of a small model's pass."""
+    nested: list = []
+    deeper = [a for a in s.args if not isinstance(a, _Ref)] + list(s.kwargs.values())
+    _walk(deeper, lambda o: nested.append(o) if isinstance(o, (_Ref, _BatchDim, _BatchScalar)) else None)
+    if nested or not s.args:
+        return ()
+    return tuple(a.index if isinstance(a, _Ref) else None for a in s.args)
 
 
 #: ops that only reshape one jet (walked through to find the output's last product)

@@ -132,7 +132,7 @@ OP_CASES = {
     "unbind-stack": (lambda x: (lambda a, b, cc: torch.stack([a * b, cc], 1))(*x.unbind(1)), {"unbind", "stack"}),
     "neg": (lambda x: -(x * x), {"neg"}),
     "sum-mean": (lambda x: (x * x).sum(1, keepdim=True) + torch.sin(x).mean(-1, keepdim=True) * x, {"sum", "mean"}),
-    "index": (lambda x: x.index_select(1, torch.tensor([2, 0])) * x[:, [1, 2]], {"index_select", "index"}),
+    "index": (lambda x: x.index_select(1, torch.tensor([2, 0])) * x[:, [1, 2]] + x[:, [-1, 0]], {"index_select", "index"}),
     "flip-roll": (lambda x: x.flip(1) * x.roll(1, 1), {"flip", "roll"}),
     "cumsum": (lambda x: torch.sin(x).cumsum(1) * x.cumsum(-1, dtype=x.dtype), {"cumsum"}),
     "masked-fill": (lambda x: torch.sin(x).masked_fill_(x > 1, 0.5) * x.masked_fill(x < 1, torch.tensor(2.0, dtype=x.dtype)), {"where"}),
@@ -407,9 +407,12 @@ def test_float32_tanh_mlp_derivatives_match_float64():
     ([0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2]),
     ([2, 0, 1, 0], [2, 1, 2, 0]),  # scattered: one run per pair
 ])
-def test_pair_runs_give_the_gathered_square(pairs):
+@pytest.mark.parametrize("gather_below", [0, 10**9], ids=["runs", "small-gathered"])
+def test_pair_runs_give_the_gathered_square(pairs, gather_below, monkeypatch):
+    from jaccli.jets import jet
     from jaccli.jets.jet import _Call
 
+    monkeypatch.setattr(jet, "_GATHER_BELOW", gather_below)  # blocks this small are gathered by default
     i, j = (torch.tensor(p) for p in pairs)
     d1 = torch.randn(3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     cx = _Call((1, 3, len(pairs[0])), (i, j), 5)
@@ -447,3 +450,34 @@ def test_ode_recurrence_to_order_six_matches_nested_derivatives(name):
     for k in range(1, 7):
         want = nested_derivative(g, z, v, k) / math.factorial(k)
         assert_rel(coeffs[k][0], want)
+
+
+def test_scalar_constants_are_kept_only_outside_dispatch_modes():
+    # a constant made while a mode traces (make_fx for fused kernels, fake tensors) is not kept
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from jaccli.jets import jet
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    like = torch.zeros(2, dtype=torch.float64)
+    with Passthrough():
+        first = jet._scalar(0.123, like)
+    assert (0.123, torch.float64, like.device) not in jet._SCALARS
+    kept = jet._scalar(0.123, like)
+    assert kept is jet._scalar(0.123, like) and kept is not first
+    assert kept.dim() == 0 and kept.dtype == torch.float64 and float(kept) == 0.123
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "tan", "exp", "expm1"])
+def test_ode_polynomials_match_their_coefficients(name):
+    # f′ and f″ of the ODE ops by one add/addcmul per degree, against the polynomial summed plainly
+    from jaccli.jets.chain import _horner
+    from jaccli.jets.elementwise import _ODES, _ode_polys
+
+    y = torch.linspace(-0.9, 0.9, 11, dtype=torch.float64)
+    for poly in _ode_polys(_ODES[name], 3):
+        expected = sum(cf * y**k for k, cf in enumerate(poly))
+        torch.testing.assert_close(_horner(poly, y), expected, rtol=1e-12, atol=1e-12)
