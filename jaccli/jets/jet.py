@@ -116,15 +116,15 @@ class Jet:
             return blocks[order]
         lay = self.lay
         if order >= len(lay) or not lay[order]:
-            block = None
-        elif order == 0:
-            block = self.t[:1]
-        else:
-            start, stop = self.span(order)
-            # a jet of one block is that block: no view to make
-            block = self.t if start == 0 and stop == self.t.shape[0] else self.t[start:stop]
-        blocks[order] = block
-        return block
+            blocks[order] = None
+            return None
+        present = [o for o in range(min(len(lay), len(self.counts))) if lay[o]]
+        if len(present) == 1:  # a jet of one block is that block: no view to make
+            blocks[order] = self.t
+        else:  # every block at once: a rule that reads one block reads the others too
+            sizes = [self.counts[o] for o in present]
+            blocks.update(zip(present, self.t.split_with_sizes(sizes)))
+        return blocks[order]
 
     @property
     def shape(self) -> torch.Size:
