@@ -129,7 +129,62 @@ def _zero_parts(parts, rows: int, sources) -> list[Tensor]:
     ]
 
 
+def _cat_into(cx: _Call, lay: Layout, tensors, dim: int) -> Jet | None:
+    """``cat`` written into the result: each operand's rows copied to its place along ``dim``
+    (one copy for a jet with every block of the result, a copy or a zero fill per block
+    otherwise); None where an operand is no tensor or shapes differ in rank (legacy empty
+    operands), for :func:`_blocks`. The general path concatenated each block apart and copied
+    it in: 17 ATen calls for a coupling layer's ``cat``, now 7."""
+    shapes = [a.shape if isinstance(a, (Jet, Tensor)) else None for a in tensors]
+    if any(sh is None or len(sh) != len(shapes[0]) or not len(sh) for sh in shapes):
+        return None
+    d = _norm(dim, len(shapes[0]))
+    size = list(shapes[0])
+    size[d] = sum(sh[d] for sh in shapes)
+    dtype = tensors[0].t.dtype if isinstance(tensors[0], Jet) else tensors[0].dtype
+    for a in tensors[1:]:
+        dtype = torch.promote_types(dtype, a.t.dtype if isinstance(a, Jet) else a.dtype)
+    like = next(a.t for a in tensors if isinstance(a, Jet))
+    out = cx.empty(lay, size, like, dtype)
+    rows = [_rows_of(a, lay) if isinstance(a, Jet) else None for a in tensors]
+    if all(r is not None for r in rows):  # every block of every operand at hand: one call
+        torch.cat(rows, d + 1, out=out.t)
+        return out
+    offset = 0
+    for a, sh, r in zip(tensors, shapes, rows):
+        part = out.t.narrow(d + 1, offset, sh[d])
+        offset += sh[d]
+        if r is not None:
+            part.copy_(r)
+            continue
+        start = 0
+        for k in range(len(lay)):
+            if not lay[k]:
+                continue
+            dst = part[start : start + cx.counts[k]]
+            start += cx.counts[k]
+            src = a.block(k) if isinstance(a, Jet) else (a[None] if k == 0 else None)
+            dst.copy_(src) if src is not None else dst.zero_()
+    return out
+
+
+def _rows_of(a: Jet, lay: Layout) -> Tensor | None:
+    """``a``'s rows for ``lay`` as one view (its blocks of ``lay`` adjacent), else None."""
+    if a.lay == lay:
+        return a.t
+    wanted = [k for k in range(len(lay)) if lay[k]]
+    if not wanted or any(a.block(k) is None for k in wanted):
+        return None
+    if any(a.span(k)[1] != a.span(k2)[0] for k, k2 in zip(wanted, wanted[1:])):
+        return None
+    return a.t[a.span(wanted[0])[0] : a.span(wanted[-1])[1]]
+
+
 def _r_cat(cx, lay, tensors, dim=0):
+    fast = _cat_into(cx, lay, tensors, dim)
+    if fast is not None:
+        return fast
+
     def combine(parts, rows):
         return torch.cat(_zero_parts(parts, rows, tensors), _shift(dim))
 

@@ -149,6 +149,7 @@ OP_CASES = {
     ),  # fmt: skip
     "repeat": (lambda x: x.repeat(1, 2) * torch.cat([x, x * x], 1), {"repeat"}),
     "cat-const": (lambda x: torch.cat([x, torch.ones(_b(x), 1, dtype=x.dtype), torch.sin(x)], 1) * 2, {"cat"}),
+    "cat-jets": (lambda x: torch.cat([torch.sin(x), x * x], -1) ** 2, {"cat"}),  # every block at hand: one cat
     "where": (lambda x: torch.where(x > 1, x**2, 3 * x), {"where", "gt"}),
     "add-sub": (lambda x: x + torch.sin(x) + 1.5 + c - 2 * torch.exp(x) - c, {"add", "sub"}),
     "affine-plus-curved": (lambda x: x @ C + torch.tanh(x), {"add"}),  # a sum with a zero second-order term
