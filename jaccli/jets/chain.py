@@ -3,7 +3,8 @@
 :func:`_unary` makes a rule of a derivative-table entry (:mod:`.elementwise`):
 
 - orders 1 and 2, in every mode of :class:`~.jet._Call`: ``y₁ = f′ x₁`` and ``y₂ = f′ x₂ +
-  h f″ x₁⊗x₁`` (one product per block, written into the result);
+  h f″ x₁⊗x₁`` (one product per block, written into the result); for ``f′ = g(f)``
+  (:func:`_ode_low`) as ``y₂ = f′ (x₂ + h g′(y) x₁⊗x₁)``, ``f″`` never built;
 - past order 2 (series): Faà di Bruno, ``y_k = Σ_j f⁽ʲ⁾/j! · [tᵏ](x - x₀)ʲ``, the powers
   by Cauchy products of the blocks (:func:`_faa_di_bruno`), or, for a function with
   ``f′ = g(f)`` and ``g`` a quadratic (tanh, sigmoid, exp, …), the ODE's recurrence
