@@ -478,7 +478,7 @@ def _zero_jet(cx: _Call, shape, like: Tensor):
 def _seed(cx: _Call, lay: Layout, z: Tensor, tangents: Tensor | None, onehot: Tensor | None) -> Jet:
     jet = cx.empty(lay, z.shape, z)
     if lay.value:
-        jet.block(0)[0] = z
+        jet.block(0).copy_(z)  # [1, B, …] from [B, …] by broadcasting: no indexing from Python
     if lay.first:
         jet.block(1).copy_(tangents)
         jet.onehot = None if onehot is None else onehot.to(z.device)
