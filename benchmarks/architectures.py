@@ -62,9 +62,9 @@ sys.path.insert(0, str(ROOT / "examples" / "models"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import jaccli  # noqa: E402
-import make_examples  # noqa: E402
 from make_examples import SmallCNN, SmallTransformer  # noqa: E402
 from timing import blocks  # noqa: E402
+from zoo import func_hessian, saved  # noqa: E402
 
 
 def per_point(model, shape):
@@ -137,20 +137,10 @@ TRACE_CASES = (("laplacian", "auto"), ("jacobian", "auto"), ("jacobian", "forwar
 def traces_vs_pt2(names: list[str], points: int, repeats: int, cold: bool) -> None:
     """One line per (model, command): engines, warm medians, trace / .pt2, agreement."""
     import numpy as np
-    from architectures import ZOO, trace
 
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            shape = ZOO[name][1]
-            traced, module = trace(name)
-            files = {"pt": Path(tmp) / f"{name}.pt", "pt2": Path(tmp) / f"{name}.pt2"}
-            torch.jit.save(traced, files["pt"])
-            example = (torch.randn(2, *shape),)
-            try:
-                make_examples.save_export(module, example, files["pt2"])
-            except Exception:  # MultiheadAttention specialises the batch: static, as users must
-                make_examples.save_export(module, example, files["pt2"], dynamic=False)
-            x = torch.randn(points, *shape, generator=torch.Generator().manual_seed(0))
+        for m in saved(names, points, Path(tmp)):
+            name, files, x = m.name, m.files, m.x
             xfile = Path(tmp) / f"{name}_x.npy"
             np.save(xfile, x.numpy())
             nets = {fmt: jaccli.load_model(str(path)) for fmt, path in files.items()}
@@ -172,61 +162,16 @@ def traces_vs_pt2(names: list[str], points: int, repeats: int, cold: bool) -> No
 VS_FUNC_KINDS = {"hessian": lambda h: h, "laplacian": lambda h: h.diagonal(dim1=-2, dim2=-1).sum(-1)}
 
 
-def func_hessian(net, shape, static_batch: int | None):
-    """torch.func's per-sample Hessian of ``net``: ``vmap(hessian)`` of one point's outputs. A
-    ``.pt2`` exported with a static batch is called on that many copies of the point (row 0
-    read: the points are independent, so its derivatives are the point's own)."""
-    from torch.func import hessian
-
-    def one(xi):
-        xb = xi.reshape(1, *shape)
-        if static_batch is not None:
-            xb = xb.expand(static_batch, *shape)
-        return net(xb)[0].reshape(-1)
-
-    flat = vmap(hessian(one))
-    return lambda x: flat(x.reshape(x.shape[0], -1))  # [N, outputs, n, n] of n = one point's numel
-
-
-def _save_formats(name, traced, module, tmp: Path, formats) -> tuple[dict, int | None]:
-    """The model saved in each of ``formats``, and the batch a static ``.pt2`` was exported at."""
-    example, files, static = (torch.randn(2, *zoo_shape(name)),), {}, None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript's deprecation notes
-        if "pt" in formats:
-            files["pt"] = tmp / f"{name}.pt"
-            torch.jit.save(traced, files["pt"])
-        if "pt2" in formats:
-            files["pt2"] = tmp / f"{name}.pt2"
-            try:
-                make_examples.save_export(module, example, files["pt2"])
-            except Exception:  # MultiheadAttention specialises the batch: static, as users must
-                make_examples.save_export(module, example, files["pt2"], dynamic=False)
-                static = 2
-    return files, static
-
-
-def zoo_shape(name: str) -> tuple[int, ...]:
-    from architectures import ZOO
-
-    return ZOO[name][1]
-
-
 def vs_func(names: list[str], points: int, repeats: int, tol: float, formats=("pt", "pt2"), out=print) -> list[dict]:
     """jaccli's per-sample Hessian and Laplacian against ``vmap(hessian)`` on the same loaded
     model, each format, interleaved; both checked against float64. Returns one row per
     (model, format, kind) with ``jaccli``/``func`` medians (None where a result is wrong)."""
     import statistics
 
-    from architectures import ZOO, trace
-
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            shape = ZOO[name][1]
-            traced, module = trace(name)
-            files, static = _save_formats(name, traced, module, Path(tmp), formats)
-            x = torch.randn(points, *shape, generator=torch.Generator().manual_seed(0))
+        for m in saved(names, points, Path(tmp), formats):
+            name, shape, module, files, static, x = m.name, m.shape, m.module, m.files, m.static, m.x
             module.requires_grad_(False)  # as load_model leaves the parameters: derivatives of the input only
             ref64 = func_hessian(module.double(), shape, None)(x.double())
             module.float()

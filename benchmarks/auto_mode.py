@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import jaccli  # noqa: E402
 from jaccli.engine import planner, strategies  # noqa: E402
+from jaccli.load.weights import build_mlp  # noqa: E402
 
 ENGINES = (("taylor", "forward"), ("torch.func", "forward"), ("torch.func", "reverse"))
 
@@ -77,12 +78,9 @@ def default_grid(quick: bool) -> list[str]:
 
 
 def mlp(n_in: int, n_out: int, width: int = 50, depth: int = 3) -> nn.Module:
+    """A tanh MLP ``n_in → width × depth → n_out`` from jaccli's own builder, seeded."""
     torch.manual_seed(0)
-    sizes = [n_in, *[width] * depth, n_out]
-    layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), nn.Tanh()]
-    return nn.Sequential(*layers[:-1]).eval()
+    return build_mlp([n_in, *[width] * depth, n_out], "tanh").eval()
 
 
 def is_mlp(model: str) -> bool:

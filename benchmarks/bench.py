@@ -40,7 +40,7 @@ import jaccli  # noqa: E402
 from timing import status_kib as _status_kib  # noqa: E402
 from jaccli.engine import planner, probe, problem  # noqa: E402
 from jaccli import jets as taylor  # noqa: E402
-from jaccli.load.models import build_mlp  # noqa: E402
+from jaccli.load.weights import build_mlp  # noqa: E402
 
 try:
     import jax

@@ -92,6 +92,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from timing import rotated  # noqa: E402
 
 IN, CLASSES, K = 32, 10, 10
 
@@ -395,14 +398,12 @@ def interleaved_trace(a) -> None:
             ("pyhessian", pyhessian_trace, peers)]  # fmt: skip
     for _, fn, _ in pair:
         fn(net, x, y, a)  # warm-up
-    times = {name: [] for name, _, _ in pair}
-    got = {name: [] for name, _, _ in pair}
-    for r in range(a.repeats):
+
+    def seeded(r, fn):  # seed r in repeat r, for every estimator
         a.seed = r
-        for name, fn, _ in pair[r % len(pair):] + pair[: r % len(pair)]:  # rotate who goes first
-            t = time.perf_counter()
-            got[name].append(fn(net, x, y, a))
-            times[name].append(time.perf_counter() - t)
+        return fn(net, x, y, a)
+
+    times, got = rotated({name: lambda r, fn=fn: seeded(r, fn) for name, fn, _ in pair}, a.repeats, keep=True)
     p = sum(t.numel() for t in net.parameters())
     print(f"trace ({a.dtype}, {a.threads} thread(s)): P = {p:,}, N = {a.points:,}, {a.repeats} seeds; exact "
           f"{exact:.6g} (float64, {t_exact:.1f} s)")  # fmt: skip
@@ -447,12 +448,7 @@ def interleaved(task: str, a) -> None:
     own = {n: copy.deepcopy(net) if n in ("opacus", "backpack") else net for n in names}
     cands = [(n, CANDIDATES[(task, n)]) for n in names]
     got = {n: torch.as_tensor(fn(own[n], x, y, a)) for n, fn in cands}  # warm-up and the results
-    times = {n: [] for n in names}
-    for r in range(a.repeats):
-        for n, fn in cands[r % len(cands):] + cands[: r % len(cands)]:  # rotate who goes first
-            t0 = time.perf_counter()
-            fn(own[n], x, y, a)
-            times[n].append(time.perf_counter() - t0)
+    times, _ = rotated({n: lambda r, n=n, fn=fn: fn(own[n], x, y, a) for n, fn in cands}, a.repeats)
     med = {n: statistics.median(t) for n, t in times.items()}
     p = sum(t.numel() for t in net.parameters())
     print(f"{task} ({a.dtype}, {a.threads} thread(s)): P = {p:,}, N = {a.points:,}, medians of {a.repeats}")
@@ -485,7 +481,6 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.process:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import curvature_process
 
         return curvature_process.main(a.width, a.points, a.repeats, a.tol, a.samples,

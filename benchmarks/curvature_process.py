@@ -27,13 +27,10 @@ before and after a change, against the same peer.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 #: what every peer script starts with: argv = model, inputs, labels, the task's argument, width
@@ -88,23 +85,11 @@ def _files(folder: Path, width: int, points: int) -> tuple[Path, Path, Path]:
     return folder / "mlp.pt", folder / "x.npy", folder / "y.npy"
 
 
-def _timed(cmd: list[str], env: dict, cwd: Path | None = None) -> tuple[float, float]:
-    """Wall and CPU (user + system) seconds of one fresh process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
-    wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} … failed: {done.stderr.strip().splitlines()[-1:]}")
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
 def main(width: int, points: int, repeats: int, tol: float, samples: int, tasks: tuple[str, ...] | None = None,
          baseline: Path | None = None) -> None:
     import importlib.util
 
-    from timing import compile_checkouts
+    from timing import child_seconds, compile_checkouts
 
     # both checkouts as an install leaves them (else each jaccli process may compile its modules again)
     compile_checkouts([Path(__file__).resolve().parent.parent, *([baseline] if baseline is not None else [])])
@@ -139,7 +124,7 @@ def main(width: int, points: int, repeats: int, tol: float, samples: int, tasks:
             times: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in runs}
             for r in range(repeats + 1):  # round 0 warms the file cache
                 for name, cmd, e in runs:
-                    got = _timed(cmd, e, cwd=folder)
+                    got = child_seconds(cmd, e, cwd=folder)
                     if r:
                         times[name].append(got)
             med = {n: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)) for n, ts in times.items()}

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import jaccli  # noqa: E402
-from jaccli.load.models import build_mlp  # noqa: E402
+from jaccli.load.weights import build_mlp  # noqa: E402
 from timing import blocks  # noqa: E402
 
 

@@ -286,7 +286,7 @@ def build(job: Job, points: int, d: Path) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from jaccli.load.models import build_mlp
+    from jaccli.load.weights import build_mlp
 
     torch.manual_seed(sum(job.sizes))
     net = build_mlp(list(job.sizes), "tanh").eval().requires_grad_(False)

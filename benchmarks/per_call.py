@@ -82,45 +82,6 @@ def _wrap(spent: dict[str, float]):
     return restore
 
 
-def _save(name: str, shape, traced, module, tmp: Path) -> dict[str, Path]:
-    """The model saved as a trace and as a ``.pt2`` (as ``benchmarks/architectures.py`` saves it)."""
-    import make_examples
-    import torch
-
-    files = {"pt": tmp / f"{name}.pt", "pt2": tmp / f"{name}.pt2"}
-    example = (torch.randn(2, *shape),)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript's deprecation notes
-        torch.jit.save(traced, files["pt"])
-        try:
-            make_examples.save_export(module, example, files["pt2"])
-        except Exception:  # MultiheadAttention specialises the batch: static, as users must
-            make_examples.save_export(module, example, files["pt2"], dynamic=False)
-    return files
-
-
-def _reference(kind: str, module, x):
-    """The float64 answer of the eager module by torch.func, one point per call (vmapped)."""
-    import copy
-
-    import torch
-    from torch.func import hessian, jacrev, vmap
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    m = copy.deepcopy(module).double().requires_grad_(False)
-    shape = x.shape[1:]
-
-    def one(xi):
-        return m(xi.reshape(1, *shape))[0].reshape(-1)
-
-    flat = x.double().reshape(x.shape[0], -1)
-    with sdpa_kernel([SDPBackend.MATH]):  # torch.func's second derivatives need the math kernel
-        if kind == "jacobian":
-            return vmap(jacrev(one))(flat)
-        h = vmap(hessian(one))(flat)
-    return h if kind == "hessian" else h.diagonal(dim1=-2, dim2=-1).sum(-1)
-
-
 def breakdown(names: list[str], kind: str, points: int, calls: int, out=print, tol: float = 1e-4) -> list[dict]:
     """One row per (model, format): each stage's minimum over ``calls`` repeated calls (seconds),
     and the result's largest error relative to a float64 torch.func reference (a row whose
@@ -130,7 +91,7 @@ def breakdown(names: list[str], kind: str, points: int, calls: int, out=print, t
     import torch
 
     import jaccli
-    from architectures import ZOO, trace  # tests/architectures.py
+    from zoo import reference, saved
 
     spent = {c: 0.0 for c, _, _ in STAGES}
     cols = [c for c, _, _ in STAGES] + ["call"]
@@ -141,13 +102,10 @@ def breakdown(names: list[str], kind: str, points: int, calls: int, out=print, t
     restore = _wrap(spent)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for name in names:
-                shape = ZOO[name][1]
-                traced, module = trace(name)
-                files = _save(name, shape, traced, module, Path(tmp))
-                x = torch.randn(points, *shape, generator=torch.Generator().manual_seed(0))
-                ref = _reference(kind, module, x)
-                for fmt, path in files.items():
+            for m in saved(names, points, Path(tmp)):
+                name, x = m.name, m.x
+                ref = reference(kind, m.module, x)
+                for fmt, path in m.files.items():
                     net = jaccli.load_model(str(path))
                     fn = getattr(jaccli, kind)
                     fn(net, x, per_sample=True)  # records and keeps the program

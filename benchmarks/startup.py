@@ -45,18 +45,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from timing import compile_checkouts
+from timing import child_seconds, compile_checkouts
 
 ROOT = Path(__file__).resolve().parent.parent
 PINN = ROOT / "examples" / "models" / "pinn.pt"
@@ -115,16 +113,10 @@ def race(cmds: dict[str, list[str]], repeats: int, env: dict[str, str]) -> dict[
     times: dict[str, list[float]] = {k: [] for k in cmds}
     for round_ in range(repeats + 1):
         for name, cmd in cmds.items():
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+            wall, _ = child_seconds(cmd, env)
             if round_:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(wall)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _child_cpu() -> float:
-    used = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return used.ru_utime + used.ru_stime
 
 
 def fixed_costs(names: list[str], checkouts: dict[str, Path], repeats: int, warm_runs: int, clock: str = "cpu") -> dict:
@@ -140,9 +132,8 @@ def fixed_costs(names: list[str], checkouts: dict[str, Path], repeats: int, warm
             shutil.copy(PINN.parent / name, tmp)
 
         def timed(cmd, env) -> float:
-            t0, c0 = time.perf_counter(), _child_cpu()
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp)
-            return _child_cpu() - c0 if clock == "cpu" else time.perf_counter() - t0
+            wall, cpu = child_seconds(cmd, env, cwd=tmp)
+            return cpu if clock == "cpu" else wall
 
         for round_ in range(repeats + 1):
             keep = round_ > 0  # the first round warms the file cache

@@ -69,7 +69,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see
     from jaccli.engine import DivergenceEstimate, Plan, describe, divergence, hessian, jacobian, laplacian, plan
     from jaccli.io import Stream, load_tensor, load_tensors, save_tensors
     from jaccli.engine.partials import Partials, partials
-    from jaccli.load.models import Arch, LoadedModel, ModelInfo, load_model, save_mlp
+    from jaccli.load import Arch, LoadedModel, ModelInfo, load_model, save_mlp
     from jaccli.show.summary import Summary, summarize
     from jaccli.engine.check import CheckReport, check
     from jaccli.curvature import CurvatureResult, GradsResult, curvature, grads

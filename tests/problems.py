@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from jaccli.load.models import build_mlp
+from jaccli.load.weights import build_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"

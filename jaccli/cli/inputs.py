@@ -72,7 +72,8 @@ def load_request(source: Source, wrt=None):
     """Model and inputs on one device and dtype; returns (model, args, sources, wrt)."""
     from jaccli.io import DTYPES, as_float, gather_inputs, resolve_dtype
     from jaccli.load.cast import cast_model
-    from jaccli.load.models import info_of, resolve_device
+    from jaccli.load.loaders import resolve_device
+    from jaccli.load.models import info_of
 
     input, inputs, key, device, dtype = source.input, source.inputs, source.key, source.device, source.dtype
     dev = resolve_device(device)

@@ -332,7 +332,7 @@ def info(
 ) -> None:
     """What was loaded: format, parameters, dtype, shapes on INPUT, smoothness, batch independence."""
     from jaccli.show import render
-    from jaccli.load.models import resolve_device
+    from jaccli.load.loaders import resolve_device
 
     source = Source(model, input, tuple(inputs or ()), key, device, dtype, arch, activation, arch_kwargs)
     messages: list[str] = []

@@ -155,11 +155,11 @@ NoBatchCheck = Annotated[
 def _set_max_input(ctx: typer.Context, value: Optional[str]) -> None:
     if ctx.resilient_parsing:  # shell completion parses the line too, and must stay torch-free
         return None
-    if value is None and "jaccli.io.read" not in sys.modules:
+    if value is None and "jaccli.io.sources" not in sys.modules:
         # nothing set yet in this process: the default holds, and importing the reader (and
         # torch) now would make the refusal of a bad option value wait for torch
         return None
-    from jaccli.io.read import set_max_input_bytes
+    from jaccli.io.sources import set_max_input_bytes
 
     set_max_input_bytes(value)  # None: $JACCLI_MAX_INPUT_BYTES, else the 4 GiB default
     return None

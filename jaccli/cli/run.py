@@ -12,8 +12,6 @@ What differs between kinds is read from their :class:`~jaccli.request.kinds.Kind
 
 from __future__ import annotations
 
-import contextlib
-
 import importlib.util
 import io
 import json
@@ -198,21 +196,9 @@ def _name_results(k: Kind, value, wrt: list[str], in_ndims: list[int], per_sampl
     return results, axes, args
 
 
-@contextlib.contextmanager
-def compile_notes():
-    """The notes of fused-kernel use (:mod:`jaccli.jets.fused`) that a computation inside leaves."""
-    from jaccli.jets import fused
-
-    notes: list[str] = []
-    token = fused.NOTES.set(notes)
-    try:
-        yield notes
-    finally:
-        fused.NOTES.reset(token)
-
-
 def derivative(req: Request, *, world: int = 1, rank: int = 0) -> None:
     """Load, plan, compute and deliver one of the engine's derivative kinds."""
+    from jaccli.jets.fused import collect_notes as fused_notes
     from jaccli.show import render
     from jaccli.show.progress import ProgressBar
 
@@ -278,7 +264,7 @@ def derivative(req: Request, *, world: int = 1, rank: int = 0) -> None:
         with ProgressBar(label, force=bool(o.progress)) as bar:
             start = time.perf_counter()
             try:
-                with compile_notes() as notes:
+                with fused_notes() as notes:
                     value = k.engine()(
                         net, args, plan=plan, wrt=wrt_arg, per_sample=d.per_sample, mode=d.mode, chunk_size=d.chunk_size,
                         output=d.output, select=d.select, check_batch=d.check_batch, strict=d.strict, save=stream,
@@ -403,7 +389,8 @@ def deliver(req: Request, outcome: Outcome, *, saved: bool = False) -> None:
 
 def partials(req: Request) -> None:
     """``jaccli partials``: named partials, expressions and their gates."""
-    from jaccli.show import render
+    from jaccli.jets.fused import collect_notes as fused_notes
+    from jaccli.show import partials as partials_view, tables
 
     d, o, k = req.derivative, req.output, req.kind
     limits = dict(d.limits)
@@ -412,7 +399,7 @@ def partials(req: Request) -> None:
     with collect_warnings(messages):
         net, args, sources, wrt = load_request(req.source, d.wrt)
         start = time.perf_counter()
-        with compile_notes() as notes:
+        with fused_notes() as notes:
             result = k.engine()(
                 net, args, list(d.want), inputs=d.in_names, outputs=d.out_names, per_sample=d.per_sample,
                 wrt=None if wrt is None else (wrt if len(wrt) > 1 else wrt[0]), output=d.output, select=d.select,
@@ -427,7 +414,7 @@ def partials(req: Request) -> None:
             err_console().print(f"note: {escape(result.compiled)}")
     in_tensors = args if isinstance(args, dict) else {next(iter(sources)): args}
     coords = next(iter(in_tensors.values())) if wrt is None or len(wrt) == 1 else None
-    gates = [render.gate(name, result[name], tol, d.per_sample, inputs=result.inputs, x=coords) for name, tol in limits.items()]
+    gates = [partials_view.gate(name, result[name], tol, d.per_sample, inputs=result.inputs, x=coords) for name, tol in limits.items()]
     inputs = input_meta(args, sources)
     names = {"inputs": result.inputs, "outputs": result.outputs}
     axes = {n: axis_names(d.per_sample, t.dim()) for n, t in result.items()}
@@ -437,7 +424,7 @@ def partials(req: Request) -> None:
                       _plot_title(req, {"path": req.source.model}, result.points))  # fmt: skip
     deliver(req, outcome)
     if o.json or not o.quiet:
-        doc = render.partials_json(result, model_meta(net, req.source.model), inputs, d.per_sample, gates, messages,
+        doc = partials_view.partials_json(result, model_meta(net, req.source.model), inputs, d.per_sample, gates, messages,
                                    seconds, o.save)  # fmt: skip
         doc["names"] = names
         if outcome.summaries:
@@ -446,9 +433,9 @@ def partials(req: Request) -> None:
             typer.echo(json.dumps(doc))
         else:
             console = Console(stderr=o.save == STDIO, highlight=False)
-            render.show_partials(console, doc, result, show=o.show if o.show is not None else result.points, digits=o.digits)
+            partials_view.show_partials(console, doc, result, show=o.show if o.show is not None else result.points, digits=o.digits)
             for name, s in outcome.summaries.items():
-                render.show_value_summary(console, s, title=name, digits=o.digits)
+                tables.show_value_summary(console, s, title=name, digits=o.digits)
     failed = [g for g in gates if not g["passed"]]
     if failed:
-        raise GateFailed(render.gate_line(failed[0]), where=req.source.model)
+        raise GateFailed(partials_view.gate_line(failed[0]), where=req.source.model)

@@ -32,7 +32,7 @@ not mix. Applies where every selected parameter is a recognised linear layer's w
 elsewhere :func:`layer_trace` returns ``None`` and the caller takes the parameter-space
 estimators of :mod:`.spectral`.
 
-Imports: numpy, torch, :mod:`.layers`, :mod:`.params`, :mod:`.runtime`.
+Imports: numpy, torch, :mod:`.layers`, :mod:`.runtime` (and :mod:`.linear`'s recorded pass, through ``obj``).
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ import math
 import numpy as np
 import torch
 
-from jaccli.curvature.layers import find_layers, LayerRecorder, mutated, value
-from jaccli.curvature.params import take
+from jaccli.curvature.layers import value
 from jaccli.curvature.runtime import all_reduce
 
 
@@ -113,34 +112,23 @@ def applies(obj) -> bool:
 def _chunk_pass(obj, rows, a: int, b: int):
     """One batched forward of chunk ``[a, b)`` and the backward of its loss to the layer outputs,
     with its graph: ``(z per layer, δ per layer, √(w‖ãₙ‖²) per layer [n])``, or ``None`` where the
-    pass does not meet the layers the probe found."""
+    pass does not meet the layers the probe found, or one of them was changed in place
+    (:meth:`.linear.LinearRows.recorded_pass`)."""
     space = obj.space
-    theta = tuple(t.detach().requires_grad_() for t in space.values)
-    rec = LayerRecorder(theta)
-    with torch.enable_grad():
-        with rec:
-            out = space.call(theta, take(obj.args, a, b))
-        loss = obj.loss.raw(out, obj._y(a, b)).sum() * (obj.norm * obj.weight)
-    called = b - a
-    layers, _ = find_layers(rec.nodes, rec.params, space.names, rows=called)
-    mine = set(rows.weights) | set(rows.biases)
-    seen = {i for layer in layers for i in (layer.weight, layer.bias) if i in mine}
-    if seen != mine or any(mutated(layer) for layer in layers):
+    got = rows.recorded_pass(a, b, obj.norm * obj.weight)
+    if got is None:
         return None
     zs, norms = [], []
-    for layer in layers:
-        w, bias = layer.weight in mine, layer.bias in mine
-        if not (w or bias):
-            continue  # a layer whose parameters are held constant: its block is not in the trace
-        sq = torch.zeros(called, dtype=space.dtype, device=space.device)
-        if w:
+    for layer in got.layers:  # a layer whose parameters are held constant is not there: its block is not in the trace
+        sq = torch.zeros(got.called, dtype=space.dtype, device=space.device)
+        if layer.weight in got.where:
             sq = sq + value(layer.input).detach().pow(2).sum(1)
-        if bias:
+        if layer.bias in got.where:
             sq = sq + 1
         zs.append(value(layer.node))
         norms.append(sq.sqrt())
     with torch.enable_grad():
-        deltas = torch.autograd.grad(loss, zs, create_graph=True)
+        deltas = torch.autograd.grad(got.loss, zs, create_graph=True)
     return zs, deltas, norms
 
 

@@ -47,6 +47,20 @@ class Chunk:
     gradient: torch.Tensor
 
 
+@dataclass
+class Pass:
+    """One chunk's batched forward (:meth:`LinearRows.recorded_pass`): the parameters it ran on
+    (leaves requiring grad), its scaled loss with the graph, the layers holding a selected
+    parameter (in op order, each once), each selected parameter's layer, and the rows the model
+    was called with (more than the chunk's for a padded program)."""
+
+    theta: tuple[torch.Tensor, ...]
+    loss: torch.Tensor
+    layers: list[Layer]
+    where: dict[int, Layer]
+    called: int
+
+
 class LinearRows:
     """Per-sample gradient rows of an :class:`~.objective.Objective` by ``δₙ xₙᵀ`` for its
     linear layers' parameters and ``vmap(grad)`` for the rest."""
@@ -90,34 +104,61 @@ class LinearRows:
 
     # ------------------------------------------------------------------ one chunk
 
-    def chunk(self, a: int, b: int, out: torch.Tensor | None = None) -> Chunk:
-        """Rows ``a:b`` (written into ``out``, contiguous ``[b - a, P]``, when given)."""
+    def recorded_pass(self, a: int, b: int, scale) -> Pass | None:
+        """One batched forward of chunk ``[a, b)`` with its layers recorded, and its loss
+        ``Σ ℓᵢ · scale`` with the graph (the rows' :meth:`chunk` and
+        :func:`.layertrace.layer_trace` both start here); ``None`` where the pass does not meet
+        the layers the probe found, or a layer holding a selected parameter was changed in
+        place (:func:`.layers.mutated`: its ``z`` and ``δ`` are no longer that layer's).
+
+        The edge case, decided: a layer changed in place that holds none of the parameters taken
+        by ``δxᵀ`` does not refuse the pass — the rows read only those layers' ``x`` and ``δ``,
+        and the parameters left to ``vmap(grad)`` (:attr:`rest`) take theirs from the model
+        itself. For the trace this is the rule it always had, "any layer changed in place
+        refuses": the recorder sees only the selected parameters (the others are constants of
+        the call) and the trace applies only where none is left to ``vmap``
+        (:func:`.layertrace.applies`), so every layer its pass finds holds one (in another role
+        than the probe's, ``where`` comes out short: refused too). A first layer overwritten by
+        ``relu_`` thus sends the trace to the parameter-space estimators where its parameters
+        are selected (the probe leaves them to ``vmap``), and not where only the layers after
+        it are (they read that tensor, unchanged since, as their input)."""
         obj, space = self.obj, self.obj.space
-        n = b - a
-        rows = torch.empty(n, space.size, dtype=space.dtype, device=space.device) if out is None else out
         theta = tuple(t.detach().requires_grad_() for t in space.values)
         rec = LayerRecorder(theta)
         with torch.enable_grad():
             with rec:
                 z = space.call(theta, take(obj.args, a, b))
-            total = obj.loss.raw(z, obj._y(a, b)).sum() * obj.norm
-        called = space.static_batch or n  # a program exported for one batch size runs on padded chunks
+            loss = obj.loss.raw(z, obj._y(a, b)).sum() * scale
+        called = space.static_batch or b - a  # a program exported for one batch size runs on padded chunks
         # each recognised parameter's layer in this pass, by its role (the probe's op order is not relied on)
         layers, _ = find_layers(rec.nodes, rec.params, space.names, rows=called)
         where: dict[int, Layer] = {}
+        mine: list[Layer] = []
         for layer in layers:
-            for i, mine in ((layer.weight, self.weights), (layer.bias, self.biases)):
-                if i in mine:
-                    if mutated(layer):
-                        raise NotLinear
-                    where[i] = layer
+            held = [i for i, sel in ((layer.weight, self.weights), (layer.bias, self.biases)) if i in sel]
+            if held:
+                if mutated(layer):
+                    return None
+                mine.append(layer)
+            where.update(dict.fromkeys(held, layer))
         if len(where) != len(self.weights) + len(self.biases):
+            return None
+        return Pass(theta, loss, mine, where, called)
+
+    def chunk(self, a: int, b: int, out: torch.Tensor | None = None) -> Chunk:
+        """Rows ``a:b`` (written into ``out``, contiguous ``[b - a, P]``, when given)."""
+        obj, space = self.obj, self.obj.space
+        n = b - a
+        rows = torch.empty(n, space.size, dtype=space.dtype, device=space.device) if out is None else out
+        got = self.recorded_pass(a, b, obj.norm)
+        if got is None:
             raise NotLinear
+        theta, total, where = got.theta, got.loss, got.where
         xs = {i: value(where[i].input)[:n].detach() for i in self.weights}
-        zs = list({id(layer.node): value(layer.node) for layer in where.values()}.values())
-        got = torch.autograd.grad(total, [*zs, *theta], allow_unused=True, materialize_grads=True)
-        deltas = {id(z): d[:n].detach() for z, d in zip(zs, got[: len(zs)])}
-        gradient = space.flat(got[len(zs) :]).detach() * obj.weight
+        zs = [value(layer.node) for layer in got.layers]
+        grads = torch.autograd.grad(total, [*zs, *theta], allow_unused=True, materialize_grads=True)
+        deltas = {id(z): d[:n].detach() for z, d in zip(zs, grads[: len(zs)])}
+        gradient = space.flat(grads[len(zs) :]).detach() * obj.weight
         sq = torch.zeros(n, dtype=torch.float64, device=space.device)
         for i in self.weights:
             info, x, d = space.infos[i], xs[i], deltas[id(value(where[i].node))]

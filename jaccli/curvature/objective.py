@@ -154,7 +154,7 @@ class Objective:
         # the gradient's graph per chunk (its backward is the Hessian's product), kept between
         # products while it fits, as PyHessian keeps its one graph: a product then costs one
         # backward pass instead of a forward, a backward and a backward of that
-        self._pulls: dict | bool | None = None
+        self._graphs: dict | bool | None = None
         self._linear: LinearRows | bool | None = None
         #: how the last per-sample gradients were computed: linear (δxᵀ), linear+vmap, vmap or jacrev
         self.per_sample_path: str | None = None
@@ -192,11 +192,12 @@ class Objective:
 
     def value_and_grad(self, *, keep_hessian_graphs: bool = False) -> tuple[float, torch.Tensor]:
         """``L(θ)`` and ``∇L(θ)`` ``[P]`` (all ranks' sums); ``keep_hessian_graphs``: the gradient
-        taken with its graph, kept for the Hessian's products that follow (:meth:`_pull`)."""
+        taken with its graph, kept for the Hessian's products that follow (:meth:`_graph`)."""
         total = torch.zeros(self.space.size + 1, dtype=self.space.dtype, device=self.space.device)
         for a, b in self.chunks(self._graph_chunk() if keep_hessian_graphs else None):
             if keep_hessian_graphs and self._keeps_graphs():
-                v, g, _ = self._pull(a, b)
+                v, grads, (theta, _, _) = self._graph(a, b)
+                g = self.space.flat([torch.zeros_like(t) if d is None else d for d, t in zip(grads, theta)])
             else:
                 theta = self._leaves()
                 with torch.enable_grad():
@@ -294,13 +295,13 @@ class Objective:
 
     def _keeps_graphs(self) -> bool:
         """Whether this rank's gradients' graphs fit in a quarter of the memory budget (then kept)."""
-        if self._pulls is None:
+        if self._graphs is None:
             share = 6 * (self.hi - self.lo) * self.graph_bytes + 4 * self.space.size * self.space.values[0].element_size()
-            self._pulls = {} if share <= working_budget(self.space.device) // 4 else False
-        return self._pulls is not False
+            self._graphs = {} if share <= working_budget(self.space.device) // 4 else False
+        return self._graphs is not False
 
-    def _pull(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-        """Chunk ``[a, b)``'s loss, flat gradient (zeros where a tensor has none) and the
+    def _graph(self, a: int, b: int) -> tuple[torch.Tensor, tuple, tuple]:
+        """Chunk ``[a, b)``'s loss, its gradient per tensor (``None`` where a tensor has none) and the
         gradient's graph (``create_graph``): ``(θ leaves, flat live gradient, live tensors)``,
         kept for :meth:`_hvp` where it fits."""
         theta = self._leaves()
@@ -313,15 +314,14 @@ class Objective:
             flat_g = torch.cat([g[i].reshape(-1) for i in live]) if live else None
         graph = (theta, flat_g, live)
         if self._keeps_graphs():
-            self._pulls[(a, b)] = graph
-        full = [torch.zeros_like(t) if d is None else d.detach() for d, t in zip(g, theta)]
-        return v.detach(), self.space.flat(full), graph
+            self._graphs[(a, b)] = graph
+        return v, g, graph
 
     def _hvp(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
         # reverse over reverse, as PyHessian: the chunk's gradient with its graph, built once and
         # kept; H is symmetric, so the backward of ∇L_c · v through that graph is H_c v
-        graph = self._pulls.get((a, b)) if self._keeps_graphs() else None
-        theta, flat_g, live = graph if graph is not None else self._pull(a, b)[2]
+        graph = self._graphs.get((a, b)) if self._keeps_graphs() else None
+        theta, flat_g, live = graph if graph is not None else self._graph(a, b)[2]
         if flat_g is None:
             return self._backward([], theta, [], V.shape[1], b - a)
         return self._backward([flat_g], theta, [self._rows_of(V, live)], V.shape[1], b - a)

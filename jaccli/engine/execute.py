@@ -140,7 +140,7 @@ def _execute_taylor(kind: str, p: Problem, plan: Plan, program: taylor.TaylorPro
         for start, stop in sink.chunks(p.n):
             rows = torch.arange(start, stop, device=p.device)
             z, out = p.z(rows), sink.rows(start, stop)
-            with fz.chunk(program.fusion, stop - start):
+            with fz.chunk(stop - start):
                 if not hutchinson:
                     compute(z, directions=dpp, out=out)
                 else:

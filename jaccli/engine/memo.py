@@ -42,13 +42,12 @@ def state(module: torch.nn.Module) -> tuple:
     return (module.training, *((id(t), t.data_ptr(), tuple(t.shape), t.dtype, t._version) for t in tensors))
 
 
-def recall(module, request: tuple, now: tuple | None = None):
+def recall(module, request: tuple, now: tuple | None):
     """The facts kept for ``module`` and ``request``, or None (also for anything but a module);
-    ``now``: the module's :func:`state`, where the caller has it."""
+    ``now``: the module's :func:`state` (``Problem.state``, taken once per call for a module)."""
     if not isinstance(module, torch.nn.Module):
         return None
     key = (id(module), request)
-    now = state(module) if now is None else now
     with _LOCK:
         hit = _FACTS.get(key)
         if hit is None or hit[0]() is not module or hit[1] != now:
@@ -58,15 +57,15 @@ def recall(module, request: tuple, now: tuple | None = None):
     return hit[2]
 
 
-def keep(module, request: tuple, facts, now: tuple | None = None) -> None:
+def keep(module, request: tuple, facts, now: tuple | None) -> None:
     """Remember ``facts`` for ``module`` and ``request`` (modules only; the model held weakly),
-    under the module's :func:`state` ``now`` (taken before the probe ran, or else now)."""
+    under the module's :func:`state` ``now``, taken before the probe ran (``Problem.state``)."""
     STATS["probed"] += 1
     if not isinstance(module, torch.nn.Module):
         return
     key = (id(module), request)
     with _LOCK:
-        _FACTS[key] = (weakref.ref(module), state(module) if now is None else now, facts)
+        _FACTS[key] = (weakref.ref(module), now, facts)
         _FACTS.move_to_end(key)
         while len(_FACTS) > _SIZE:
             _FACTS.popitem(last=False)

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from jaccli.engine import planner
 from jaccli.engine.execute import _empty_result
-from jaccli.engine.programs import confirm, program_for
-from jaccli.engine.probe import model_failed, probe_rows, settle_batch_check
+from jaccli.engine.programs import program_for, settle
+from jaccli.engine.probe import model_failed, probe_rows
 from jaccli.engine.problem import Problem, check_inputs
 from jaccli.engine.results import NONSMOOTH_OPS
 from jaccli.errors import JaccliWarning, ModelError, NumericalError, UsageError
@@ -270,9 +270,7 @@ def partials(
     top = max(t.order for t in request.terms)
     need = _directions(request.terms, p.n_in)
     program, note = _program(p, top) if need else (None, None)
-    # a recalled model's batch check, unless the kept program vouched for these rows
-    if settle_batch_check(p) and program is not None:
-        confirm(p, program, top)
+    settle(p, program, top)
     wrong = sorted(p.ops & planner.FORWARD_OVER_FORWARD_WRONG)
     if program is None and top >= 2 and wrong:
         # nested forward mode through these ops gives wrong numbers in PyTorch, and so do
@@ -302,7 +300,7 @@ def partials(
     try:
         for start in range(0, p.n, ppc):
             stop = min(start + ppc, p.n)
-            chunk = fz.chunk(program.fusion, stop - start) if fz is not None else contextlib.nullcontext()
+            chunk = fz.chunk(stop - start) if fz is not None else contextlib.nullcontext()
             with chunk:
                 _chunk_into(p, program, request, need, single, with_value, flat, start, stop)
     except (NotImplementedError, RuntimeError) as exc:

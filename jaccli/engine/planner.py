@@ -21,8 +21,7 @@ import torch
 
 from jaccli import jets as taylor
 from jaccli.errors import format_bytes, ModelError, ResourceError, shape_str, UsageError
-from jaccli.engine.probe import settle_batch_check
-from jaccli.engine.programs import confirm, program_for
+from jaccli.engine.programs import program_for, settle
 from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_args
 from jaccli.request.choices import ESTIMATORS, KINDS, MODES
 from jaccli.request.kinds import kind as kind_of
@@ -430,10 +429,7 @@ def prepare(d: Derivative, f: Callable, x) -> Plan:
     )  # fmt: skip
     check_preconditions(kind, p, d.estimator, d.probes)
     plan, program = choose_plan(kind, p, d.mode, d.estimator, d.probes, d.chunk_size)
-    # a recalled model's batch check, unless the kept program vouched for these rows (its
-    # model passed the check, and the recheck found the model computing it on them)
-    if settle_batch_check(p) and program is not None:
-        confirm(p, program, d.kind.taylor_order)
+    settle(p, program, d.kind.taylor_order)
     return replace(plan, _request=Request(p, program, d))
 
 

@@ -42,7 +42,7 @@ import torch
 
 from jaccli import jets
 from jaccli.engine import memo
-from jaccli.engine.probe import probe_rows
+from jaccli.engine.probe import probe_rows, settle_batch_check
 from jaccli.engine.problem import Problem
 
 #: programs kept (least recently used dropped first)
@@ -96,6 +96,15 @@ def program_for(p: Problem, orders: int) -> jets.TaylorProgram:
             while len(_CACHE) > _SIZE:
                 _CACHE.popitem(last=False)
     return program
+
+
+def settle(p: Problem, program: jets.TaylorProgram | None, orders: int) -> None:
+    """A recalled model's pending batch check (:func:`.probe.settle_batch_check`), unless the
+    kept ``program`` vouched for these rows (its model passed the check, and the recheck found
+    the model computing it on them); where it ran and passed, ``program``'s entry vouches from
+    now on (:func:`confirm`)."""
+    if settle_batch_check(p) and program is not None:
+        confirm(p, program, orders)
 
 
 def confirm(p: Problem, program: jets.TaylorProgram, orders: int) -> None:

@@ -34,8 +34,11 @@ shared mapping count in the process's resident memory until written back, so a m
 How a chunk gets from where it was computed to ``pwrite`` is :mod:`.transfer`'s business
 (on CUDA: copied on a side stream while the next chunk computes).
 
-Imports: torch, numpy, :mod:`jaccli.errors`, :mod:`.write`, :mod:`.transfer`, :mod:`.records`;
-nothing of the engine.
+The file's layout (formats, header, the finished file as a tensor) is :mod:`.streamfile`'s;
+what the ranks exchange besides rows (rank, errors as payloads) is :mod:`.ranks`'.
+
+Imports: torch, numpy, :mod:`jaccli.errors`, :mod:`.write`, :mod:`.transfer`, :mod:`.records`,
+:mod:`.streamfile`, :mod:`.ranks`; nothing of the engine.
 """
 
 from __future__ import annotations
@@ -59,10 +62,10 @@ from jaccli.io import transfer
 from jaccli.io import records
 from jaccli.io.records import (_Stats, _atomic_json, _done_path, _done_paths, _fsync_dir, _meta_path, _ranges, lock,
                                 partial_path, read_records, remove_stale_temporaries)  # fmt: skip
+from jaccli.io.ranks import ERRORS, error_payload, rebuild_error, world_and_rank
+from jaccli.io.streamfile import STREAM_FORMATS, file_header, open_result
 from jaccli.io.write import _pause_for_tests, _place, check_writable, output_format
 
-#: result formats whose header is known before the data, so that rows can be written in place
-STREAM_FORMATS = ("npy", "safetensors")
 
 #: seconds between two resume records: each one flushes the data written so far to disk
 RECORD_INTERVAL = 1.0
@@ -76,7 +79,6 @@ KILL_HOOK = "JACCLI_TEST_KILL_AFTER_CHUNKS"
 #: test-only: ``R:K`` makes rank R fail with an error after writing K chunks
 FAIL_HOOK = "JACCLI_TEST_FAIL_AFTER_CHUNKS"
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64"}
 _FORMAT_VERSION = 1
 
 
@@ -112,55 +114,6 @@ class Stream:
     world_size: int = field(default=1, init=False)
 
 
-def _header(fmt: str, shape: tuple[int, ...], dtype: torch.dtype, name: str, metadata: Mapping) -> bytes:
-    """The bytes before the data of a ``.npy`` or ``.safetensors`` file of ``shape``."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if fmt == "npy":
-        import io
-
-        buf = io.BytesIO()
-        d = {"descr": np.lib.format.dtype_to_descr(np.dtype(str(dtype).removeprefix("torch."))),
-             "fortran_order": False, "shape": tuple(shape)}  # fmt: skip
-        try:
-            np.lib.format.write_array_header_1_0(buf, d)
-        except ValueError:  # a header over 64 KiB needs format 2.0
-            buf = io.BytesIO()
-            np.lib.format.write_array_header_2_0(buf, d)
-        return buf.getvalue()
-    if dtype not in _SAFETENSORS_DTYPES:
-        raise UsageError("cannot stream this dtype to .safetensors", got=str(dtype))
-    doc: dict = {}
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    if meta:
-        doc["__metadata__"] = meta
-    doc[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [0, nbytes]}
-    text = json.dumps(doc, separators=(",", ":")).encode()
-    text += b" " * (-(8 + len(text)) % 8)  # data start 8-byte aligned, as safetensors writes it
-    return len(text).to_bytes(8, "little") + text
-
-
-def open_result(path: str | os.PathLike, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The finished file as a tensor backed by it (copy-on-write: writes never reach the file)."""
-    name = os.fspath(path)
-    np_dtype = np.dtype(str(dtype).removeprefix("torch."))
-    if output_format(name) == "npy":
-        arr = np.load(name, mmap_mode="c", allow_pickle=False)
-    else:
-        with open(name, "rb") as fh:
-            offset = 8 + int.from_bytes(fh.read(8), "little")
-        arr = np.memmap(name, dtype=np_dtype, mode="c", offset=offset, shape=tuple(shape))
-    return torch.from_numpy(arr)
-
-
-def _dist():
-    """(world size, rank) of the torch.distributed group this process belongs to, if any."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 class FileSink:
     """Chunks of a per-sample result written straight into their rows of a file.
 
@@ -194,7 +147,7 @@ class FileSink:
         self.fingerprint = dict(fingerprint)
         self.progress = progress
         self.partial = partial_path(self.target)
-        self.world, self.rank = _dist()
+        self.world, self.rank = world_and_rank()
         stream.world_size = self.world
         self.fd: int | None = None
         self.copier = None  # a transfer.SyncChunks or DeviceChunks once open
@@ -235,7 +188,7 @@ class FileSink:
         for r, part in enumerate(parts):
             if part.get("error"):
                 self.failure = part["error"] if r == self.rank else f"rank {r}: {part['error']}"
-                raise _rebuild(_ERRORS.get(part.get("kind"), JaccliError), self.failure)
+                raise rebuild_error(ERRORS.get(part.get("kind"), JaccliError), self.failure)
         return parts
 
     def _lost(self) -> OutputError:
@@ -262,7 +215,7 @@ class FileSink:
             try:
                 info = self._create_or_resume(grid)
             except BaseException as exc:
-                info = _payload(exc)
+                info = error_payload(exc)
                 if not isinstance(exc, Exception):
                     raise
         parts = self._sync(info)
@@ -441,7 +394,7 @@ class FileSink:
         """Rank 0: lock the partial file, then either continue the run it holds (``--resume``)
         or start it afresh: request record (fsynced) first, then header, then space."""
         check_writable(self.target, force=self.stream.force)
-        header = _header(self.fmt, self.shape, self.dtype, self.stream.name, self.stream.metadata or {})
+        header = file_header(self.fmt, self.shape, self.dtype, self.stream.name, self.stream.metadata or {})
         self.offset = len(header)
         fingerprint = self._fingerprint()
         meta_file = _meta_path(self.partial)
@@ -538,9 +491,9 @@ class FileSink:
                 self.owned = False
             except OutputError as exc:
                 self._remove_partial()
-                info = _payload(exc)
+                info = error_payload(exc)
             except OSError as exc:
-                info = _payload(OutputError(f"cannot write: {exc.strerror or exc}", where=str(self.target)))
+                info = error_payload(OutputError(f"cannot write: {exc.strerror or exc}", where=str(self.target)))
             finally:
                 self._close_fd()
         self._sync(info)
@@ -561,7 +514,7 @@ class FileSink:
             except (OSError, signals.Interrupted):
                 pass
         elif self.world > 1:
-            payload = _payload(exc) if self.failure is None else {}
+            payload = error_payload(exc) if self.failure is None else {}
             while self.meetings < self._MEETINGS and not self.peer_lost:
                 try:
                     self._sync(payload)
@@ -598,26 +551,3 @@ def _record_interval() -> float:
     if not value > 0:
         raise UsageError(f"{RECORD_INTERVAL_ENV} must be a positive number of seconds", got=text)
     return value
-
-
-def _payload(exc: BaseException) -> dict:
-    if isinstance(exc, JaccliError):
-        return {"error": str(exc), "kind": type(exc).__name__}
-    return {"error": f"{type(exc).__name__}: {exc}", "kind": "JaccliError"}
-
-
-def _rebuild(cls: type[JaccliError], message: str) -> JaccliError:
-    """An error of ``cls`` whose message is exactly ``message`` (another rank's, already composed)."""
-    err = cls.__new__(cls)
-    Exception.__init__(err, message)
-    err.what, err.where, err.expected, err.got, err.hint = message, None, None, None, None
-    return err
-
-
-def _error_classes() -> dict[str, type[JaccliError]]:
-    from jaccli import errors
-
-    return {name: obj for name, obj in vars(errors).items() if isinstance(obj, type) and issubclass(obj, JaccliError)}
-
-
-_ERRORS = _error_classes()

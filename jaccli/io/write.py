@@ -30,7 +30,8 @@ import torch
 from jaccli import signals
 from jaccli.request.choices import STDIO
 from jaccli.errors import OutputClosed, OutputError, UsageError
-from jaccli.io.read import SUFFIXES, shown_path
+from jaccli.io.read import SUFFIXES
+from jaccli.io.sources import shown_path
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -3,7 +3,8 @@
 :func:`_unary` makes a rule of a derivative-table entry (:mod:`.elementwise`):
 
 - orders 1 and 2, in every mode of :class:`~.jet._Call`: ``y₁ = f′ x₁`` and ``y₂ = f′ x₂ +
-  h f″ x₁⊗x₁`` (one product per block, written into the result);
+  h f″ x₁⊗x₁`` (one product per block, written into the result); for ``f′ = g(f)``
+  (:func:`_ode_low`) as ``y₂ = f′ (x₂ + h g′(y) x₁⊗x₁)``, ``f″`` never built;
 - past order 2 (series): Faà di Bruno, ``y_k = Σ_j f⁽ʲ⁾/j! · [tᵏ](x - x₀)ʲ``, the powers
   by Cauchy products of the blocks (:func:`_faa_di_bruno`), or, for a function with
   ``f′ = g(f)`` and ``g`` a quadratic (tanh, sigmoid, exp, …), the ODE's recurrence
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from jaccli.jets import workspace
-from jaccli.jets.jet import Jet, Layout, _Call
+from jaccli.jets.jet import Jet, Layout, _Call, _scalar
 
 
 def _unary(derivs: Callable, ode: tuple[float, ...] | None = None) -> Callable:
@@ -36,14 +37,68 @@ def _unary(derivs: Callable, ode: tuple[float, ...] | None = None) -> Callable:
         v = x.block(0)
         out = cx.empty(lay, v.shape[1:], v)
         recurrence = ode is not None and lay.top > 2
-        y, fs = derivs(v, 1 if recurrence else lay.top, out.block(0), *params, **options)
+        y, fs = derivs(v, 0 if ode is not None and not recurrence else 1 if recurrence else lay.top,
+                       out.block(0), *params, **options)  # fmt: skip
         if lay.value and y.data_ptr() != out.block(0).data_ptr():
             out.block(0).copy_(y)
+        if ode is not None and not recurrence:
+            return _ode_low(cx, lay, x, y, ode, out)
         if recurrence:
             return _ode_chain(lay, x, y, fs[0], ode, out)
         return _chain(cx, lay, x, fs, out)
 
     return rule
+
+
+def _horner(coeffs: tuple[float, ...], y: Tensor) -> Tensor | None:
+    """The polynomial ``Σ cᵢ yⁱ`` (coefficients low to high; None where all are zero), one
+    pass per degree: ``c_{d-1} + c_d y`` is one ``add``, each later ``c + r y`` one ``addcmul``
+    (a tanh layer's ``f′, f″`` took 11 passes this way filled, multiplied and added one by one)."""
+    if not any(coeffs):
+        return None
+    top = max(i for i, c in enumerate(coeffs) if c)
+    if top == 1 and coeffs[0] == 0 and coeffs[1] == 1:
+        return y  # read only by every caller
+    r = workspace.empty_like(y)
+    if top == 0:
+        return r.fill_(coeffs[0])
+    c = coeffs[top - 1]
+    if top == 2 and not c and coeffs[0]:  # c₀ + c₂ y² (tanh′, tan′): one addcmul
+        return torch.addcmul(_scalar(coeffs[0], y), y, y, value=coeffs[2], out=r)
+    if c:
+        torch.add(_scalar(c, y), y, alpha=coeffs[top], out=r)
+    else:
+        torch.mul(y, coeffs[top], out=r)
+    for c in reversed(coeffs[: top - 1]):
+        if c:
+            torch.addcmul(_scalar(c, y), r, y, out=r)
+        else:
+            r.mul_(y)
+    return r
+
+
+def _ode_low(cx: _Call, lay: Layout, x: Jet, y: Tensor, g: tuple[float, ...], out: Jet) -> Jet:
+    """Orders 1 and 2 of ``y = f(x)`` with ``f′ = g(y)``, in every mode: ``y₁ = f′ x₁`` and
+    ``y₂ = f′ (x₂ + h g′(y) x₁⊗x₁)`` (``f″ = g′(y) f′``), written into ``out``. One pass per
+    block past the square, ``f′`` and ``h g′`` polynomials of the value row: a tanh layer's
+    Laplacian rows took 10 passes past the square (``f″`` built on its own), now 4."""
+    f1 = _horner(g, y)
+    if lay.first:
+        torch.mul(x.block(1), f1, out=out.block(1))
+    if lay.second:
+        d2, x2 = out.block(2), x.block(2)
+        dg = tuple(k * c * cx.half for k, c in enumerate(g))[1:]  # h g′, low to high
+        w = dg[0] if not any(dg[1:]) else _horner(dg, y)
+        if isinstance(w, Tensor):
+            cx.square(x.block(1), d2).mul_(w) if x2 is None else torch.addcmul(x2, cx.square(x.block(1), d2), w, out=d2)
+        elif w == 0:
+            d2.copy_(x2) if x2 is not None else d2.zero_()
+        elif x2 is None:
+            cx.square(x.block(1), d2).mul_(w) if w != 1 else cx.square(x.block(1), d2)
+        else:
+            torch.add(x2, cx.square(x.block(1), d2), alpha=w, out=d2)
+        d2.mul_(f1)
+    return out
 
 
 def _ode_chain(lay: Layout, x: Jet, y0: Tensor, f1: Tensor, g: tuple[float, ...], out: Jet) -> Jet:

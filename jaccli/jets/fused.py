@@ -44,6 +44,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,6 +212,8 @@ class Fuser:
     used: int = 0  # passes of a step through a fused kernel
     compile_s: float = 0.0
     notes: list = field(default_factory=list)
+    #: the program's ledger (:attr:`TaylorProgram.fusion`), kept across calls: what ``auto`` decides by
+    spent: dict = field(default_factory=dict, repr=False)
 
     def apply(self, name: str, cx: _Call, lay: Layout, x, eager) -> Jet | None:
         """The step's output jet from a fused kernel, or None: run the eager rule (``eager()``)."""
@@ -283,9 +286,9 @@ class Fuser:
         return kernel
 
     @contextlib.contextmanager
-    def chunk(self, spent: dict, points: int | None = None):
-        """One chunk's pass (of ``points`` points) under this fuser, ``spent`` being the
-        program's ledger, kept across calls. In ``auto``: an eager chunk's time counts towards
+    def chunk(self, points: int | None = None):
+        """One chunk's pass (of ``points`` points) under this fuser, accounted in the program's
+        ledger (:attr:`spent`). In ``auto``: an eager chunk's time counts towards
         the compile (ski rental), and once the policy says so the next chunk compiles; the
         program's fused full chunks are then timed against its eager ones, and where they are
         not faster (:data:`PROGRAM_MARGIN`, medians, from the :data:`PROGRAM_CHUNKS`-th on) the
@@ -295,7 +298,7 @@ class Fuser:
         if self.mode is False:  # nothing to observe or use
             yield
             return
-        use = self.active or not spent.get("keys")
+        use = self.active or not self.spent.get("keys")
         token = CURRENT.set(self) if use else None
         compiled, start = self.compile_s, time.perf_counter()
         try:
@@ -304,9 +307,10 @@ class Fuser:
             if token is not None:
                 CURRENT.reset(token)
             if self.mode == "auto":
-                self._account(spent, time.perf_counter() - start, points in (None, self.batch), compiled != self.compile_s)
+                self._account(time.perf_counter() - start, points in (None, self.batch), compiled != self.compile_s)
 
-    def _account(self, spent: dict, seconds: float, full: bool, compiled: bool) -> None:
+    def _account(self, seconds: float, full: bool, compiled: bool) -> None:
+        spent = self.spent
         if not self.active:
             spent["s"] = spent.get("s", 0.0) + seconds
             if full:
@@ -366,7 +370,7 @@ def fuser(mode, batch: int, spent: dict) -> Fuser:
     """The fuser of one computation in ``mode`` (``"auto"``, ``"on"``, ``"off"``, True, False)
     whose chunks have ``batch`` points; ``spent`` is the program's ledger (:attr:`TaylorProgram.fusion`)."""
     mode = MODES[mode]
-    return Fuser(batch=batch, mode=mode, active=mode is True or (mode == "auto" and _pays(spent)))
+    return Fuser(batch=batch, mode=mode, active=mode is True or (mode == "auto" and _pays(spent)), spent=spent)
 
 
 def _pays(spent: dict) -> bool:
@@ -393,8 +397,21 @@ def _first_line(exc: BaseException) -> str:
 CURRENT: contextvars.ContextVar[Fuser | None] = contextvars.ContextVar("jaccli_fuser", default=None)
 
 
-#: where :meth:`Fuser.finish` puts its note (a list set by the caller), if anywhere
+#: where :meth:`Fuser.finish` puts its note (the list :func:`collect_notes` set), if anywhere
 NOTES: contextvars.ContextVar[list | None] = contextvars.ContextVar("jaccli_fuser_notes", default=None)
+
+
+@contextlib.contextmanager
+def collect_notes() -> Iterator[list[str]]:
+    """The notes of fused-kernel use (:meth:`Fuser.note`) that the computations inside leave, one
+    per computation that used or tried kernels, in a list filled as they finish (the CLI's
+    ``--verbose`` and ``--json`` show them; a Python caller may read them the same way)."""
+    notes: list[str] = []
+    token = NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        NOTES.reset(token)
 
 
 def clear() -> None:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from jaccli.jets import fold, fused
 from jaccli.jets.jet import Jet, Layout, _Call, empty_layout
-from jaccli.jets.record import _INPUT, _Ref, _Step, _substitute
+from jaccli.jets.record import _INPUT, _BatchDim, _BatchScalar, _Ref, _Step, _substitute, _value_of, _walk
 from jaccli.jets.workspace import _CURRENT, Workspace, empty_like
 
 
@@ -79,6 +79,10 @@ class TaylorProgram:
     #: eager seconds spent on this program and the fused-kernel keys its passes met, in this
     #: process (what :func:`.fused.should_compile` weighs; kept with the program across calls)
     fusion: dict = field(default_factory=dict, repr=False)
+    #: step -> how its arguments bind (see :func:`_binding`), made on first use
+    _bindings: dict = field(default_factory=dict, repr=False, compare=False)
+    #: request -> its passes' seeds (:meth:`_seeds`)
+    _seed_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @staticmethod
     @contextlib.contextmanager
@@ -223,6 +227,7 @@ class TaylorProgram:
         cx.pool = _CURRENT.get()
         fuser = fused.CURRENT.get()
         folded: tuple[int, ...] = ()
+        bindings = self._bindings
         with torch.no_grad():
             for i in range(start, stop):
                 s = self.steps[i]
@@ -239,13 +244,20 @@ class TaylorProgram:
                     continue
                 if s.kind == _INPUT:
                     env[i] = _seed(cx, sched.layouts[i], z, tangents, onehot)
-                elif s.kind == "value":
-                    args = _substitute(s.args, env, batch, values=True)
-                    kwargs = _substitute(s.kwargs, env, batch, values=True)
+                    continue
+                bind = bindings.get(i)
+                if bind is None:
+                    bind = bindings[i] = _binding(s)
+                values = s.kind == "value"
+                if bind:  # top-level references only: no walk through the arguments
+                    args = [a if r is None else _value_of(env[r]) if values else env[r] for a, r in zip(s.args, bind)]
+                    kwargs = s.kwargs
+                else:
+                    args = _substitute(s.args, env, batch, values=values)
+                    kwargs = _substitute(s.kwargs, env, batch, values=values)
+                if values:
                     env[i] = s.op(*args, **kwargs)
                 else:
-                    args = _substitute(s.args, env, batch)
-                    kwargs = _substitute(s.kwargs, env, batch)
                     jet = None
                     if fuser is not None and s.name in fused.ODES and len(args) == 1 and not kwargs:
                         lay = sched.layouts[i]
@@ -308,36 +320,58 @@ class TaylorProgram:
 
     def laplacian(self, z: Tensor, *, directions: int | None = None, out: Tensor | None = None) -> Tensor:
         """``Σᵢ ∂²g/∂zᵢ²`` per point ``[B, n_out]``: one collapsed stream, ``directions`` per pass."""
-        b = z.shape[0]
+        b, n = z.shape[0], self.n_in
         out = z.new_empty((b, self.n_out), dtype=self.dtype) if out is None else out
-        for k, cols in enumerate(_chunks(self.n_in, directions)):
+
+        def passes():
+            return [(cols, _onehot_rows(cols, n, z)) for cols in _chunks(n, directions)]
+
+        for k, (cols, e) in enumerate(self._seeds(("laplacian", directions, z.dtype, z.device), passes)):
             cx = _Call((1, cols.numel(), 1), None, b, collapsed=True)
             # the first pass writes, later ones add
-            self._row_into(z, WANT["laplacian"], cx, _onehot(cols, b, self.n_in, z), cols, 2, out, add=k > 0)
+            self._row_into(z, WANT["laplacian"], cx, e[:, None, :].expand(-1, b, n), cols, 2, out, add=k > 0)
         return out
 
     def hessian(self, z: Tensor, *, directions: int | None = None, out: Tensor | None = None) -> Tensor:
         """Per-point Hessian ``[B, n_out, n_in, n_in]``, ``directions`` pairs ``i ≤ j`` per pass."""
         b, n = z.shape[0], self.n_in
         out = z.new_empty((b, self.n_out, n, n), dtype=self.dtype) if out is None else out
-        pairs = torch.triu_indices(n, n, device=z.device)
-        total = pairs.shape[1]
-        step = total if directions is None else max(1, int(directions))
-        for start in range(0, total, step):
-            i, j = pairs[:, start : start + step]
-            cols, inverse = torch.unique(torch.cat([i, j]), return_inverse=True)
-            local = (inverse[: i.numel()], inverse[i.numel() :])
+
+        def passes():
+            pairs = torch.triu_indices(n, n, device=z.device)
+            total = pairs.shape[1]
+            step = total if directions is None else max(1, int(directions))
+            made = []
+            for start in range(0, total, step):
+                i, j = pairs[:, start : start + step]
+                cols, inverse = torch.unique(torch.cat([i, j]), return_inverse=True)
+                made.append((i, j, cols, (inverse[: i.numel()], inverse[i.numel() :]), _onehot_rows(cols, n, z)))
+            return made
+
+        for i, j, cols, local, e in self._seeds(("hessian", directions, z.dtype, z.device), passes):
             cx = _Call((1, cols.numel(), i.numel()), local, b)
+            seed = e[:, None, :].expand(-1, b, n)
             if n == 1:  # one entry: the last product writes it into the result itself
-                self._row_into(z, WANT["hessian"], cx, _onehot(cols, b, n, z), cols, 2, out.view(b, self.n_out))
+                self._row_into(z, WANT["hessian"], cx, seed, cols, 2, out.view(b, self.n_out))
                 continue
-            res = self._run(z, WANT["hessian"], cx, _onehot(cols, b, n, z), onehot=cols)
+            res = self._run(z, WANT["hessian"], cx, seed, onehot=cols)
             block = self._out_block(res, 2, i.numel(), z)  # [P, B, n_out]
             block = block.permute(1, 2, 0).to(out.dtype)  # a model may answer in another dtype
             out[:, :, i, j] = block
             out[:, :, j, i] = block
         return out
 
+
+    def _seeds(self, key: tuple, make) -> list:
+        """The set-up of a request's passes (``make()``: columns, one-hot seed rows, pairs), kept
+        per ``key`` while the input is small (:data:`_KEEP_SEEDS`): a program called again with
+        the same request skips the ~10 ATen calls that build them (a small model's pass has ~170)."""
+        got = self._seed_cache.get(key)
+        if got is None:
+            got = make()
+            if self.n_in * self.n_in <= _KEEP_SEEDS:  # their one-hot rows hold at most n_in² entries
+                self._seed_cache[key] = got
+        return got
 
     # ---- univariate series, any order (partials)
 
@@ -427,6 +461,19 @@ class TaylorProgram:
         return i
 
 
+def _binding(s: _Step) -> tuple:
+    """How a step's arguments bind, per top-level argument: the index of the step it refers to,
+    or None for a constant passed as it is; ``()`` where a reference or a batch size sits
+    deeper (a list of jets, a shape), for :func:`~.record._substitute` to walk at each call.
+    Walking every step's arguments cost ~0.1 ms of a small model's pass."""
+    nested: list = []
+    deeper = [a for a in s.args if not isinstance(a, _Ref)] + list(s.kwargs.values())
+    _walk(deeper, lambda o: nested.append(o) if isinstance(o, (_Ref, _BatchDim, _BatchScalar)) else None)
+    if nested or not s.args:
+        return ()
+    return tuple(a.index if isinstance(a, _Ref) else None for a in s.args)
+
+
 #: ops that only reshape one jet (walked through to find the output's last product)
 _RESHAPES = frozenset({"view", "_unsafe_view", "reshape", "alias", "clone", "squeeze", "unsqueeze"})
 
@@ -441,18 +488,27 @@ def _zero_jet(cx: _Call, shape, like: Tensor):
 def _seed(cx: _Call, lay: Layout, z: Tensor, tangents: Tensor | None, onehot: Tensor | None) -> Jet:
     jet = cx.empty(lay, z.shape, z)
     if lay.value:
-        jet.block(0)[0] = z
+        jet.block(0).copy_(z)  # [1, B, …] from [B, …] by broadcasting: no indexing from Python
     if lay.first:
         jet.block(1).copy_(tangents)
         jet.onehot = None if onehot is None else onehot.to(z.device)
     return jet
 
 
-def _onehot(cols: Tensor, b: int, n: int, like: Tensor) -> Tensor:
-    """``[k, B, n]`` rows ``e_cols[k]``, the same for every point (a broadcast view)."""
+#: inputs whose seeds (n_in² entries at most) are kept with the program between calls
+_KEEP_SEEDS = 1 << 16
+
+
+def _onehot_rows(cols: Tensor, n: int, like: Tensor) -> Tensor:
+    """``[k, n]`` rows ``e_cols[k]``."""
     e = like.new_zeros((cols.numel(), n))
     e[torch.arange(cols.numel(), device=like.device), cols.to(like.device)] = 1
-    return e[:, None, :].expand(cols.numel(), b, n)
+    return e
+
+
+def _onehot(cols: Tensor, b: int, n: int, like: Tensor) -> Tensor:
+    """``[k, B, n]`` rows ``e_cols[k]``, the same for every point (a broadcast view)."""
+    return _onehot_rows(cols, n, like)[:, None, :].expand(cols.numel(), b, n)
 
 
 def _chunks(n: int, size: int | None):

@@ -2,7 +2,7 @@
 
 Plain tuples and strings, no torch: the CLI builds its options and ``--help`` from them
 without importing torch (which takes a second), and the core modules that give the names
-meaning (:mod:`jaccli.engine`, :mod:`jaccli.io`, :mod:`jaccli.load.models`) import them from
+meaning (:mod:`jaccli.engine`, :mod:`jaccli.io`, :mod:`jaccli.load.weights`) import them from
 here, so each list is written once.
 """
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaccli
-from problems import EXAMPLES, HANG_GUARD_S
+from problems import EXAMPLES, HANG_GUARD_S, tanh_mlp
 
 #: what the probe reports: torch and numpy (help must not load them) and the big imports a
 #: small command must not pay for (each 0.05-1 s of start-up)
@@ -154,8 +154,7 @@ def script_mlp(tmp_path_factory):
     import torch
 
     d = tmp_path_factory.mktemp("mlp")
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    net = tanh_mlp((3, 16, 1), dtype=torch.float32)
     with warnings.catch_warnings():  # torch's deprecation of TorchScript; users still bring such files
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.script(net).save(str(d / "mlp.pt"))
@@ -173,9 +172,7 @@ def test_a_trace_estimate_imports_neither_scipy_nor_sympy(tmp_path):
 
     import torch
 
-    torch.manual_seed(0)  # P = 4 481: past the exact trace's limit
-    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
-                              torch.nn.Linear(64, 1))  # fmt: skip
+    net = tanh_mlp((3, 64, 64, 1), dtype=torch.float32)  # P = 4 481: past the exact trace's limit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.script(net).save(str(tmp_path / "mlp.pt"))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from problems import tanh_mlp
+from test_structured import reference, SmallCNN
 from torch import nn
 
 import jaccli
@@ -17,19 +19,7 @@ F64 = torch.float64
 
 
 def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4)).double()
-
-
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(1)
-        self.conv = nn.Conv2d(1, 2, 3)
-        self.head = nn.Linear(2 * 3 * 3, 2)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.conv(x)).flatten(1))
+    return tanh_mlp((3, 6, 4))
 
 
 def _data():
@@ -39,7 +29,8 @@ def _data():
     return x, y
 
 
-def _loss_of_flat(net, x, lossfn):
+def _flat_params(net):
+    """The parameters as one flat vector, and the function back to the named tensors."""
     names = [k for k, _ in net.named_parameters()]
     shapes = [p.shape for _, p in net.named_parameters()]
     flat0 = torch.cat([p.detach().reshape(-1) for _, p in net.named_parameters()])
@@ -52,10 +43,7 @@ def _loss_of_flat(net, x, lossfn):
             o += n
         return out
 
-    def f(v):
-        return lossfn(torch.func.functional_call(net, unflat(v), (x,)))
-
-    return f, flat0, unflat
+    return flat0, unflat
 
 
 @pytest.mark.parametrize("case", ["mlp-ce", "cnn-mse"])
@@ -65,14 +53,14 @@ def test_hessian_ggn_and_ef_match_dense_references(case):
         lossfn = lambda out: nn.functional.cross_entropy(out, y)  # noqa: E731
         loss, tgt = "cross-entropy", y
     else:
-        net = SmallCNN().double()
+        net = SmallCNN(outputs=2).double()
         g = torch.Generator().manual_seed(2)
         x = torch.randn(12, 1, 5, 5, generator=g, dtype=F64)
         tgt = torch.randn(12, 2, generator=g, dtype=F64)
         lossfn = lambda out: nn.functional.mse_loss(out, tgt)  # noqa: E731
         loss = "mse"
-    f, flat0, unflat = _loss_of_flat(net, x, lossfn)
-    H = torch.autograd.functional.hessian(f, flat0).numpy()
+    flat0, unflat = _flat_params(net)
+    H = reference(net, x, tgt, loss, "mean")
     r = jaccli.curvature(net, x, tgt, loss=loss, full=True, chunk_size=7)
     np.testing.assert_allclose(r.full, H, rtol=1e-9, atol=1e-11)
     # GGN: Jᵀ H_L J with J the Jacobian of all outputs and H_L the loss's Hessian in them
@@ -214,18 +202,11 @@ def test_assembled_hessian_by_triangles_matches_autograd_and_the_products(monkey
     g = torch.Generator().manual_seed(4)
     x = torch.randn(11, 4, generator=g, dtype=F64)
     y = torch.randint(0, 3, (11,), generator=g) if loss == "cross-entropy" else torch.randn(11, 3, generator=g, dtype=F64)
-    lossfn = (lambda o: nn.functional.cross_entropy(o, y)) if loss == "cross-entropy" else (lambda o: nn.functional.mse_loss(o, y))
-    f, flat0, _ = _loss_of_flat(net, x, lossfn)
-    H = torch.autograd.functional.hessian(f, flat0).numpy()
-    names = [k for k, _ in net.named_parameters()]
-    sizes = [p.numel() for _, p in net.named_parameters()]
-    offsets = np.cumsum([0] + sizes)
-    keep = [k for k in names if params is None or k.startswith("head") or k == "gain"]
-    idx = np.concatenate([np.arange(offsets[names.index(k)], offsets[names.index(k) + 1]) for k in keep])
+    H = reference(net, x, y, loss, "mean", params)  # the selected parameters' block
     obj = _objective(net, x, y, loss=loss, reduction=None, params=params, chunk_size=6, output=None)
     assert obj.dense_columns == 4
     fast = spectral.dense(spectral.operator(obj, "hessian"))
-    np.testing.assert_allclose(fast, H[np.ix_(idx, idx)], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(fast, H, rtol=1e-10, atol=1e-12)
     assert np.array_equal(fast, fast.T)  # one triangle computed, the other its transpose
 
     def unbatchable(self):
@@ -233,36 +214,25 @@ def test_assembled_hessian_by_triangles_matches_autograd_and_the_products(monkey
 
     monkeypatch.setattr(type(obj), "dense_hessian", unbatchable)  # the products' path takes over
     slow = spectral.dense(spectral.operator(obj, "hessian"))
-    np.testing.assert_allclose(slow, H[np.ix_(idx, idx)], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(slow, H, rtol=1e-10, atol=1e-12)
 
 
 def test_hessian_products_keep_one_graph_per_rank_or_the_callers_chunks():
     """Where the graphs fit, the Hessian's products run through ONE kept graph over the samples
     (as PyHessian's), whatever the per-sample chunk; ``chunk_size`` keeps its chunks. Both equal
     the float64 Hessian of ``torch.autograd.functional`` times the block."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+    net = tanh_mlp((3, 6, 2))
     x = torch.randn(48, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (48,))
-    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
-
-    def loss(flat):
-        params, o = {}, 0
-        for n, p in net.named_parameters():
-            params[n] = flat[o : o + p.numel()].reshape(p.shape)
-            o += p.numel()
-        out = torch.func.functional_call(net, params, (x,))
-        return torch.nn.functional.cross_entropy(out, y)
-
-    H = torch.autograd.functional.hessian(loss, theta)
-    V = torch.randn(theta.numel(), 5, dtype=torch.float64)
+    H = torch.from_numpy(reference(net, x, y, "cross-entropy", "mean"))
+    V = torch.randn(H.shape[0], 5, dtype=torch.float64)
     for chunk_size, graphs in ((None, 1), (16, 3)):
         obj = _objective(net, x, y, loss="cross-entropy", reduction=None, params=None, chunk_size=chunk_size,
                          output=None)  # fmt: skip
         obj.chunk = 16  # as the per-sample rows of a large model size it: the graph need not follow
         obj.value_and_grad(keep_hessian_graphs=True)
         got = obj.matmat("hessian", V)
-        assert len(obj._pulls) == graphs, chunk_size
+        assert len(obj._graphs) == graphs, chunk_size
         torch.testing.assert_close(got, H @ V, rtol=1e-10, atol=1e-12)
 
 

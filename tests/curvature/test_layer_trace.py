@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from problems import tanh_mlp
+from test_per_sample import InPlace
 from test_structured import _data, BatchCentred, HandWritten, LogSoftmaxMLP, mlp, reference, Residual, SmallCNN
 from torch import nn
 
@@ -77,8 +79,7 @@ def test_exact_for_residual_and_hand_written_layers(make, params):
 def test_the_estimate_is_calibrated_over_seeds():
     """40 seeds of 6 rounds each: every estimate within 4 standard errors of the exact trace, and
     the squared z-scores average about 1 (the standard error is neither too small nor too large)."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    net = tanh_mlp((4, 16, 16, 3))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(200, 4, generator=g, dtype=F64), torch.randint(0, 3, (200,), generator=g)
     want = np.trace(reference(net, x, y, "cross-entropy", "mean"))
@@ -94,8 +95,7 @@ def test_the_estimate_is_calibrated_over_seeds():
 
 def test_more_accurate_than_parameter_probes_from_the_same_products():
     """The point of it: on this MLP one round has a fraction of a parameter probe's variance."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)).double()
+    net = tanh_mlp((4, 32, 32, 3))
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(300, 4, generator=g, dtype=F64), torch.randint(0, 3, (300,), generator=g)
     layers = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, samples=20)
@@ -136,6 +136,24 @@ def test_other_models_take_the_parameter_space_estimators(make, shape):
     assert abs(r.trace - np.trace(reference(net, x, y, "cross-entropy", "mean"))) < 4 * r.trace_stderr
     with pytest.raises(UsageError, match="--trace-method layers needs"):
         jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, trace_method="layers")
+
+
+def test_a_layer_changed_in_place_takes_the_parameter_space_estimators_where_its_parameters_are_selected():
+    """``relu_`` overwrites the first layer's output (its δ is not that tensor's gradient): with
+    every parameter selected the layers' trace does not apply and ``auto`` takes Hutch++ or
+    Hutchinson; with the second layer's alone (the overwritten tensor only its input, the first
+    layer's parameters constants) the layers' trace applies and is exact."""
+    torch.manual_seed(0)
+    net = InPlace().double()
+    g = torch.Generator().manual_seed(10)
+    x, y = torch.randn(12, 6, generator=g, dtype=F64), torch.randint(0, 3, (12,), generator=g)
+    r = jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, samples=30)
+    assert r.trace_estimator in ("Hutch++", "Hutchinson")
+    assert abs(r.trace - np.trace(reference(net, x, y, "cross-entropy", "mean"))) < 4 * r.trace_stderr
+    with pytest.raises(UsageError, match="--trace-method layers needs"):
+        jaccli.curvature(net, x, y, loss="cross-entropy", trace=True, trace_method="layers")
+    want = np.trace(reference(net, x, y, "cross-entropy", "mean", "b.*"))
+    assert _exact(net, x, y, params="b.*") == pytest.approx(want, rel=1e-10)
 
 
 def test_the_methods_the_cli_offers_are_the_ones_the_library_knows():

@@ -204,11 +204,11 @@ def test_float32_model_close_to_float64():
 
 
 class SmallCNN(nn.Module):
-    def __init__(self):
+    def __init__(self, outputs=4):
         super().__init__()
         torch.manual_seed(1)
         self.conv = nn.Conv2d(1, 2, 3)
-        self.head = nn.Linear(2 * 3 * 3, 4)
+        self.head = nn.Linear(2 * 3 * 3, outputs)
 
     def forward(self, x):
         return self.head(torch.tanh(self.conv(x)).flatten(1))

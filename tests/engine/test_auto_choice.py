@@ -222,8 +222,9 @@ def test_small_input_jacobians_and_hessians_with_several_outputs_take_taylor():
         assert engine_of(kind, net, x) == ("taylor", "forward")
 
 
-def _auto_mode_benchmark():
-    """``benchmarks/auto_mode.py`` as a module (its ``fit`` is where COSTS comes from)."""
+@pytest.fixture(scope="module")
+def auto_mode_benchmark():
+    """``benchmarks/auto_mode.py`` as a module, loaded once (its ``fit`` is where COSTS comes from)."""
     import importlib.util
     from pathlib import Path
 
@@ -235,11 +236,10 @@ def _auto_mode_benchmark():
 
 
 @pytest.mark.parametrize("kind", ["jacobian", "hessian", "laplacian"])
-def test_the_cost_fit_recovers_the_table_from_times_it_predicts(kind):
+def test_the_cost_fit_recovers_the_table_from_times_it_predicts(kind, auto_mode_benchmark):
     # times made by the table itself, each case slowed by its own factor (the planner's unit
     # is off by one per model, alike for every engine): the fit gives back the table up to
     # one scale for the kind, and the within-case spread it leaves is nil
-    bench = _auto_mode_benchmark()
     g = torch.Generator().manual_seed(5)
     rows = []
     for c, (n_in, n_out) in enumerate([(1, 1), (2, 1), (5, 1), (10, 1), (30, 1), (5, 4), (10, 8), (3, 20)]):
@@ -247,7 +247,7 @@ def test_the_cost_fit_recovers_the_table_from_times_it_predicts(kind):
         for engine, mode in planner._CANDIDATES:
             passes = strategies.passes_per_point(kind, engine, mode, n_in, n_out)
             rows.append((f"case {c}", kind, engine, mode, n_in, n_out, passes * factor))
-    figures, sd = bench.fit(rows)[kind]
+    figures, sd = auto_mode_benchmark.fit(rows)[kind]
     assert sd < 1e-6
     got, want = [], []
     for (engine, mode), values in figures.items():

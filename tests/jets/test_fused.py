@@ -13,6 +13,7 @@ import jaccli
 from jaccli.jets import fused
 from jaccli.jets.jet import Jet, Layout, _Call
 from jaccli.jets.table import RULES
+from problems import tanh_mlp
 
 HAS_COMPILER = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
@@ -109,7 +110,7 @@ def test_auto_turns_on_once_the_eager_time_pays_for_the_compile(cache, monkeypat
     assert not fz.active
     seen = []
     for _ in range(3):
-        with fz.chunk(spent):
+        with fz.chunk():
             fz.seen.add(("tanh", "key"))  # what a pass through a tanh step notes
         seen.append(fz.active)
     assert seen == [False, False, True]  # 4 s, 8 s < 10 s; 12 s ≥ 10 s
@@ -128,24 +129,24 @@ def test_auto_goes_back_to_eager_where_fused_passes_are_not_faster(cache, monkey
     spent: dict = {}
     fz = fused.fuser("auto", 8, spent)
     fz.seen.add(("tanh", "key"))
-    fz._account(spent, 6.0, True, False)  # one eager chunk of 6 s: 6 < 10 s predicted
+    fz._account(6.0, True, False)  # one eager chunk of 6 s: 6 < 10 s predicted
     assert not fz.active
-    fz._account(spent, 6.0, True, False)  # 12 s ≥ 10 s: compile from the next chunk on
+    fz._account(6.0, True, False)  # 12 s ≥ 10 s: compile from the next chunk on
     assert fz.active
-    fz._account(spent, 9.0, True, True)  # the chunk that compiled is not timed
-    fz._account(spent, 5.9, False, False)  # nor a short last chunk
+    fz._account(9.0, True, True)  # the chunk that compiled is not timed
+    fz._account(5.9, False, False)  # nor a short last chunk
     assert "fused" not in spent
     for _ in range(2):
-        fz._account(spent, 5.9, True, False)
+        fz._account(5.9, True, False)
         assert fz.active  # fewer than three fused chunks: not judged yet
-    fz._account(spent, 5.9, True, False)  # 5.9 > 0.95 × 6: back to eager
+    fz._account(5.9, True, False)  # 5.9 > 0.95 × 6: back to eager
     assert not fz.active and spent["rejected"]
     assert "0.98× the eager ones" in fz.note()
     assert not fused.fuser("auto", 8, spent).active
     faster: dict = {"keys": {("tanh", "key")}, "s": 12.0, "eager": [6.0]}
     fz = fused.fuser("auto", 8, faster)
     for _ in range(5):
-        fz._account(faster, 3.0, True, False)
+        fz._account(3.0, True, False)
     assert fz.active and not faster.get("rejected")
 
 
@@ -158,8 +159,7 @@ def test_compile_choice_is_checked():
 
 
 def _net():
-    torch.manual_seed(3)
-    return torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    return tanh_mlp((1, 8, 1), seed=3)
 
 
 def _closed_form_hessian(net, x):
@@ -171,12 +171,8 @@ def _closed_form_hessian(net, x):
 
 def test_a_failed_compile_runs_eager_with_a_note(failing_compile):
     net, x = _net(), torch.linspace(-1, 1, 7, dtype=torch.float64)[:, None]
-    notes: list = []
-    token = fused.NOTES.set(notes)
-    try:
+    with fused.collect_notes() as notes:
         got = jaccli.hessian(net, x, per_sample=True, mode="forward", compile="on")
-    finally:
-        fused.NOTES.reset(token)
     torch.testing.assert_close(got.reshape(-1), _closed_form_hessian(net, x).detach(), rtol=1e-10, atol=1e-12)
     assert len(notes) == 1 and "failed, ran eager: RuntimeError: no C++ compiler here" in notes[0]
 
@@ -190,12 +186,8 @@ def test_compiled_program_matches_eager_and_the_closed_form(monkeypatch, tmp_pat
     monkeypatch.setattr(fused, "_WHY", {})
     monkeypatch.setattr(fused, "MARGIN", float("inf"))  # keep the kernel however fast it is
     net, x = _net(), torch.linspace(-1, 1, 11, dtype=torch.float64)[:, None]
-    notes: list = []
-    token = fused.NOTES.set(notes)
-    try:
+    with fused.collect_notes() as notes:
         got = jaccli.hessian(net, x, per_sample=True, mode="forward", chunk_size=4, compile="on")
-    finally:
-        fused.NOTES.reset(token)
     eager = jaccli.hessian(net, x, per_sample=True, mode="forward", chunk_size=4, compile="off")
     assert "2 pass(es) through them, 1 compiled" in notes[0], notes
     torch.testing.assert_close(got, eager, rtol=1e-12, atol=1e-14)

@@ -132,7 +132,7 @@ OP_CASES = {
     "unbind-stack": (lambda x: (lambda a, b, cc: torch.stack([a * b, cc], 1))(*x.unbind(1)), {"unbind", "stack"}),
     "neg": (lambda x: -(x * x), {"neg"}),
     "sum-mean": (lambda x: (x * x).sum(1, keepdim=True) + torch.sin(x).mean(-1, keepdim=True) * x, {"sum", "mean"}),
-    "index": (lambda x: x.index_select(1, torch.tensor([2, 0])) * x[:, [1, 2]], {"index_select", "index"}),
+    "index": (lambda x: x.index_select(1, torch.tensor([2, 0])) * x[:, [1, 2]] + x[:, [-1, 0]], {"index_select", "index"}),
     "flip-roll": (lambda x: x.flip(1) * x.roll(1, 1), {"flip", "roll"}),
     "cumsum": (lambda x: torch.sin(x).cumsum(1) * x.cumsum(-1, dtype=x.dtype), {"cumsum"}),
     "masked-fill": (lambda x: torch.sin(x).masked_fill_(x > 1, 0.5) * x.masked_fill(x < 1, torch.tensor(2.0, dtype=x.dtype)), {"where"}),
@@ -149,6 +149,7 @@ OP_CASES = {
     ),  # fmt: skip
     "repeat": (lambda x: x.repeat(1, 2) * torch.cat([x, x * x], 1), {"repeat"}),
     "cat-const": (lambda x: torch.cat([x, torch.ones(_b(x), 1, dtype=x.dtype), torch.sin(x)], 1) * 2, {"cat"}),
+    "cat-jets": (lambda x: torch.cat([torch.sin(x), x * x], -1) ** 2, {"cat"}),  # every block at hand: one cat
     "where": (lambda x: torch.where(x > 1, x**2, 3 * x), {"where", "gt"}),
     "add-sub": (lambda x: x + torch.sin(x) + 1.5 + c - 2 * torch.exp(x) - c, {"add", "sub"}),
     "affine-plus-curved": (lambda x: x @ C + torch.tanh(x), {"add"}),  # a sum with a zero second-order term
@@ -362,6 +363,7 @@ def test_values_and_arbitrary_tangents_match_the_model_and_torch_func():
 
 
 def test_float32_tanh_is_within_a_few_ulp_of_float64_relative_to_itself():
+    from jaccli.jets import elementwise
     from jaccli.jets.elementwise import _tanh
 
     tiny = torch.logspace(-30, 0, 301)  # where a subtraction from 1 would lose every digit
@@ -371,6 +373,9 @@ def test_float32_tanh_is_within_a_few_ulp_of_float64_relative_to_itself():
     for got in (_tanh(x, None), _tanh(x, out)):
         assert got.dtype == torch.float32
         assert ((got.double() - want).abs() <= 4e-7 * want.abs()).all()  # relative: ~3 ulp, as torch.tanh
+    small = torch.cat([x[::7][:3000], tiny])  # below _TANH_KERNEL_BELOW: torch's kernel, as accurate
+    assert small.numel() < elementwise._TANH_KERNEL_BELOW <= x.numel()
+    assert ((_tanh(small, None).double() - torch.tanh(small.double())).abs() <= 4e-7 * torch.tanh(small.double()).abs()).all()
     assert _tanh(torch.tensor([-0.0]), None).signbit().item()
     assert out.abs().max().item() <= 1.0 and _tanh(x, out) is out
     ends = _tanh(torch.tensor([float("inf"), -float("inf"), float("nan")]), None)
@@ -407,9 +412,12 @@ def test_float32_tanh_mlp_derivatives_match_float64():
     ([0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2]),
     ([2, 0, 1, 0], [2, 1, 2, 0]),  # scattered: one run per pair
 ])
-def test_pair_runs_give_the_gathered_square(pairs):
+@pytest.mark.parametrize("gather_below", [0, 10**9], ids=["runs", "small-gathered"])
+def test_pair_runs_give_the_gathered_square(pairs, gather_below, monkeypatch):
+    from jaccli.jets import jet
     from jaccli.jets.jet import _Call
 
+    monkeypatch.setattr(jet, "_GATHER_BELOW", gather_below)  # blocks this small are gathered by default
     i, j = (torch.tensor(p) for p in pairs)
     d1 = torch.randn(3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     cx = _Call((1, 3, len(pairs[0])), (i, j), 5)
@@ -447,3 +455,34 @@ def test_ode_recurrence_to_order_six_matches_nested_derivatives(name):
     for k in range(1, 7):
         want = nested_derivative(g, z, v, k) / math.factorial(k)
         assert_rel(coeffs[k][0], want)
+
+
+def test_scalar_constants_are_kept_only_outside_dispatch_modes():
+    # a constant made while a mode traces (make_fx for fused kernels, fake tensors) is not kept
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from jaccli.jets import jet
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    like = torch.zeros(2, dtype=torch.float64)
+    with Passthrough():
+        first = jet._scalar(0.123, like)
+    assert (0.123, torch.float64, like.device) not in jet._SCALARS
+    kept = jet._scalar(0.123, like)
+    assert kept is jet._scalar(0.123, like) and kept is not first
+    assert kept.dim() == 0 and kept.dtype == torch.float64 and float(kept) == 0.123
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "tan", "exp", "expm1"])
+def test_ode_polynomials_match_their_coefficients(name):
+    # f′ and f″ of the ODE ops by one add/addcmul per degree, against the polynomial summed plainly
+    from jaccli.jets.chain import _horner
+    from jaccli.jets.elementwise import _ODES, _ode_polys
+
+    y = torch.linspace(-0.9, 0.9, 11, dtype=torch.float64)
+    for poly in _ode_polys(_ODES[name], 3):
+        expected = sum(cf * y**k for k, cf in enumerate(poly))
+        torch.testing.assert_close(_horner(poly, y), expected, rtol=1e-12, atol=1e-12)

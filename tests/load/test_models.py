@@ -220,9 +220,9 @@ def test_saved_models_on_cuda(tmp_path, square_net, fmt):
 # ----------------------------------------------------------------- weights files
 
 
-@pytest.mark.parametrize("activation", sorted(jaccli.load.models.ACTIVATIONS))
+@pytest.mark.parametrize("activation", sorted(jaccli.load.weights.ACTIVATIONS))
 def test_save_mlp_round_trip_for_every_activation(tmp_path, activation):
-    net = jaccli.load.models.build_mlp([2, 6, 6, 3], activation).double().eval()
+    net = jaccli.load.weights.build_mlp([2, 6, 6, 3], activation).double().eval()
     path = tmp_path / "net.safetensors"
     jaccli.save_mlp(net, path)
     model = jaccli.load_model(path)
@@ -239,7 +239,7 @@ def test_safetensors_metadata_documents_the_network(tmp_path):
     with safe_open(str(tmp_path / "n.safetensors"), "pt") as fh:
         meta = fh.metadata()
     assert meta == {"jaccli.arch": "mlp", "jaccli.sizes": "[3, 5, 2]", "jaccli.activation": "tanh", "jaccli.bias": "true"}
-    assert set(meta) == set(jaccli.load.models.MLP_METADATA)
+    assert set(meta) == set(jaccli.load.weights.MLP_METADATA)
 
 
 @pytest.mark.parametrize(

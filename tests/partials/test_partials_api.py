@@ -282,7 +282,7 @@ def test_a_single_series_written_into_the_result_equals_the_coefficient():
     """series_into: the last layer's product lands in the result (contiguous rows), or the
     program finishes as usual and the coefficient is scaled into it (any other layout)."""
     from jaccli import jets
-    from jaccli.load.models import build_mlp
+    from jaccli.load.weights import build_mlp
 
     torch.manual_seed(0)
     net = build_mlp([1, 8, 8, 3], "tanh").double().eval()

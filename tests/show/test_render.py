@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import jaccli
 from jaccli.show import render
+from jaccli.show import tables as show_tables
 from jaccli.cli.main import app
 from jaccli.errors import EXIT_CODES
 from jaccli.show.layout import Layout
@@ -67,7 +68,7 @@ def test_whole_input_jacobian_is_a_labelled_matrix(x0):
     table = tables(result.stdout)["Jacobian"]
     assert table["header"] == ["x[0]", "x[1]", "x[2]"]
     assert list(table["rows"]) == ["out[0]", "out[1]", "out[2]"]
-    want = render.format_numbers(J, 4)
+    want = show_tables.format_numbers(J, 4)
     for i in range(3):
         assert table["rows"][f"out[{i}]"] == want[3 * i : 3 * i + 3]
         np.testing.assert_allclose([float(v) for v in table["rows"][f"out[{i}]"]], J[i], atol=5e-4)
@@ -117,7 +118,7 @@ def test_many_output_components_end_with_a_note(tmp_path):
     result = run("hessian", tmp_path / "m.pt2", tmp_path / "x.npy", "-p")
     assert result.exit_code == 0, result.stderr
     titles = [t for t in tables(result.stdout) if t.startswith("Hessian of out[")]
-    assert titles == [f"Hessian of out[{k}], sample 0 at input = [0.3000, -0.2000]" for k in range(render.MAX_COMPONENTS)]
+    assert titles == [f"Hessian of out[{k}], sample 0 at input = [0.3000, -0.2000]" for k in range(show_tables.MAX_COMPONENTS)]
     assert "2 more output components (6 in all)" in result.stdout
 
 
@@ -135,7 +136,7 @@ def test_large_blocks_are_previews_with_labels():
 def test_previews_fit_the_console_width():
     lay = Layout.of("laplacian", ["sample", "out"], (3, 501))
     console = Console(width=60, record=True)
-    console.print(render.block_table(np.random.default_rng(0).standard_normal((3, 501)), lay, title="t", width=60))
+    console.print(show_tables.block_table(np.random.default_rng(0).standard_normal((3, 501)), lay, title="t", width=60))
     assert max(len(line) for line in console.export_text().splitlines()) <= 60
 
 
@@ -160,11 +161,11 @@ NUMBERS = [
 
 @pytest.mark.parametrize("values,digits,want", NUMBERS)
 def test_format_numbers(values, digits, want):
-    assert render.format_numbers(values, digits) == want
+    assert show_tables.format_numbers(values, digits) == want
 
 
 def test_shading_by_magnitude_and_sign():
-    lines = render.shade(np.array([[1.0, -0.5], [0.0, 0.2]]))
+    lines = show_tables.shade(np.array([[1.0, -0.5], [0.0, 0.2]]))
     assert [line.plain for line in lines] == ["██▒▒", " ·░░"]  # |v| / max in quarters; a dot for 0
     spans = {lines[0].plain[s.start : s.end]: str(s.style) for s in lines[0].spans}
     assert spans == {"██": "red", "▒▒": "blue"}
@@ -177,7 +178,7 @@ def test_colours_only_on_a_terminal(x0):
     lay = Layout.of("jacobian", ["out", "in"], (2, 2), args=("x",))
     console = Console(force_terminal=True, color_system="truecolor", width=100)
     with console.capture() as cap:
-        console.print(render.block_table(J.numpy(), lay, title="J"))
+        console.print(show_tables.block_table(J.numpy(), lay, title="J"))
     assert "\x1b[" in cap.get()
 
 
