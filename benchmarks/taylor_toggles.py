@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", default="earlier", choices=("earlier", "fold"),
                     help="which changes to toggle: the earlier ones (default) or the first-layer fold and addcmul derivatives")
     a = ap.parse_args(argv)
+    if a.eager and a.compile:
+        ap.error("--eager and --compile contradict each other (--compile's after side is compile='on')")
 
     import torch
 

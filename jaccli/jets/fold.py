@@ -18,7 +18,7 @@ Through the second product they are
 
 one batched GEMM per order whose left factor is shared (``f′`` or ``f″`` ``[B, n₁]``,
 broadcast, not copied) and whose right factors are the folded weights (``[rows, n₁, m]``,
-made once per pass set-up and kept across chunks). The FLOPs are those of the one GEMM
+made once per pass). The FLOPs are those of the one GEMM
 ``[rows·B, n₁] @ [n₁, m]`` they replace; what goes is ``f``'s rows written out
 elementwise (``f′ ⊙ cᵣ``, the pairs or the collapsed sum, ``f″ ⊙ …``) and the first
 product's rows copied out: on the 2→50³→1 PINN about 0.88 of the Laplacian's and 0.95 of
@@ -36,7 +36,7 @@ Imports: :mod:`.jet`, :mod:`.record`, :mod:`.elementwise`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -65,8 +65,6 @@ class Fold:
 
     steps: tuple[int, ...]
     run: Callable
-    #: folded weights kept between passes: (what they were folded from) -> the matrices
-    memo: dict = field(default_factory=dict, repr=False)
 
 
 def _product(s: _Step) -> tuple[object, object, object] | None:
@@ -153,10 +151,14 @@ def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
 
 
 def _folded(fold: Fold, cx: _Call, cols: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> list[Tensor]:
-    """``[diag(cᵣ) W₂]ᵣ`` and ``[diag(h (c ⊗ c)ₚ) W₂]ₚ`` (``[rows, n₁, m]`` each),
-    kept while the columns, pairs, mode and weights stay the same (every chunk of a pass)."""
-    key = (tuple(cols.tolist()), cx.pair_key, cx.collapsed, cx.half, w1._version, w2._version, dtype)
-    hit = fold.memo.get(key)
+    """``[diag(cᵣ) W₂]ᵣ`` and ``[diag(h (c ⊗ c)ₚ) W₂]ₚ`` (``[rows, n₁, m]`` each), made once
+    per pass (``cx``: its columns, pairs and mode) and dropped with it.
+
+    Not kept between passes: a weight changed through ``.data`` or a NumPy view keeps its
+    ``_version``, and the recheck compares values only (from the live weights), so folded
+    weights kept across calls could go stale unseen; making them costs a few small ops a pass."""
+    key = (id(fold), dtype)
+    hit = cx.folded.get(key)
     if hit is not None:
         return hit
     c = w1.index_select(0, cols.to(w1.device)).to(dtype)  # [k1, n1]: the first product's rows
@@ -164,9 +166,7 @@ def _folded(fold: Fold, cx: _Call, cols: Tensor, w1: Tensor, w2: Tensor, dtype: 
     if sq is not None:
         cx.square(c[:, None, :], sq).mul_(cx.half)
     weights = [r[:, :, None] * w2.to(dtype)[None] for r in (c, None if sq is None else sq[:, 0]) if r is not None]
-    if len(fold.memo) > 8:
-        fold.memo.clear()
-    fold.memo[key] = weights
+    cx.folded[key] = weights
     return weights
 
 

@@ -14,7 +14,7 @@ Imports: torch only.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -166,6 +166,8 @@ class _Call:
     collapsed: bool = False
     #: where :meth:`empty` takes its rows from (a :class:`~.workspace.Workspace`), if anywhere
     pool: object = None
+    #: what a pass makes once for all its steps (:func:`.fold._folded`'s weights), dropped with it
+    folded: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.order = len(self.counts) - 1
@@ -289,12 +291,12 @@ def _scalar(c: float, like: Tensor) -> Tensor:
     """``c`` as a 0-dim tensor of ``like``'s dtype and device (kept: made once per value), so that
     ``c + a·b`` is one ``addcmul`` and ``c + s·a`` one ``add`` where a Python number would cost a
     second pass. Not kept while a dispatch mode is on (a trace or fake tensors would be kept)."""
+    if torch._C._len_torch_dispatch_stack() != 0:  # neither kept nor handed out: a real tensor under fake ones
+        return torch.full((), c, dtype=like.dtype, device=like.device)
     key = (c, like.dtype, like.device)
     t = _SCALARS.get(key)
     if t is None:
-        t = torch.full((), c, dtype=like.dtype, device=like.device)
-        if torch._C._len_torch_dispatch_stack() == 0:
-            _SCALARS[key] = t
+        t = _SCALARS[key] = torch.full((), c, dtype=like.dtype, device=like.device)
     return t
 
 

@@ -369,7 +369,10 @@ class TaylorProgram:
         got = self._seed_cache.get(key)
         if got is None:
             got = make()
-            if self.n_in * self.n_in <= _KEEP_SEEDS:  # their one-hot rows hold at most n_in² entries
+            # a Hessian's one-hot rows are [columns, n_in] per pass: count what is kept, not n_in²
+            if sum(t.numel() for made in got for t in made if isinstance(t, Tensor)) <= _KEEP_SEEDS:
+                if len(self._seed_cache) >= 8:  # one entry per request shape; a sweep of them is not kept
+                    self._seed_cache.clear()
                 self._seed_cache[key] = got
         return got
 
@@ -495,7 +498,7 @@ def _seed(cx: _Call, lay: Layout, z: Tensor, tangents: Tensor | None, onehot: Te
     return jet
 
 
-#: inputs whose seeds (n_in² entries at most) are kept with the program between calls
+#: the most entries of a request's seeds (columns, one-hot rows, pairs) kept with the program between calls
 _KEEP_SEEDS = 1 << 16
 
 

@@ -186,3 +186,17 @@ def test_folded_weights_past_the_cap_run_unfolded(fresh_programs, runs, monkeypa
     monkeypatch.setattr(fold, "MAX_FOLDED_BYTES", 6 * 5 * 8 * 5)  # a Hessian pass of 2 inputs: 5 rows
     assert_rel(jaccli.hessian(net, x, per_sample=True), torch_func("hessian", net, x, per_sample=True))
     assert runs["first-layer"] == 1
+
+
+def test_weights_changed_through_data_are_folded_anew(runs):
+    # an edit through .data keeps the weight's _version, and the model's state key and the
+    # recheck (values, from the live weights) do not see it either: folded weights kept from
+    # the first call would give the second call the old weights' derivatives
+    net = tanh_mlp((3, 16, 16, 1), seed=5)
+    x = _x(3)
+    assert_rel(jaccli.hessian(net, x, per_sample=True), torch_func("hessian", net, x, per_sample=True))
+    with torch.no_grad():
+        net[0].weight.data.mul_(2)
+        net[2].weight.data.mul_(-0.5)
+    assert_rel(jaccli.hessian(net, x, per_sample=True), torch_func("hessian", net, x, per_sample=True))
+    assert runs["first-layer"] >= 2

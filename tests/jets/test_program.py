@@ -316,3 +316,22 @@ def test_indices_of_max_pooling_are_values_not_streams():
         assert jaccli.plan("hessian", f, x, per_sample=True, mode="forward").engine == "taylor"
         got = jaccli.hessian(f, x, per_sample=True, mode="forward")
     assert_rel(got, torch_func("hessian", f, x, per_sample=True, mode="reverse"))
+
+
+def test_kept_seeds_are_bounded_by_what_they_hold():
+    # a Hessian's passes keep [columns, n_in] one-hot rows each: a wide input's set-up is made
+    # per call, however small n_in² looks, and a sweep of request shapes keeps a few at most
+    from types import SimpleNamespace
+
+    from jaccli.jets.program import _KEEP_SEEDS, TaylorProgram
+
+    holder = SimpleNamespace(_seed_cache={})
+    small = lambda: [(torch.arange(4), torch.eye(4))]  # noqa: E731
+    wide = lambda: [(torch.arange(256), torch.zeros(256, 256))] * 2  # noqa: E731
+    assert TaylorProgram._seeds(holder, ("small",), small) is TaylorProgram._seeds(holder, ("small",), small)
+    assert 2 * 256 * 256 > _KEEP_SEEDS
+    TaylorProgram._seeds(holder, ("wide",), wide)
+    assert ("wide",) not in holder._seed_cache
+    for k in range(20):
+        TaylorProgram._seeds(holder, ("small", k), small)
+    assert len(holder._seed_cache) <= 8
