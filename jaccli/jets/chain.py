@@ -63,8 +63,9 @@ def _horner(coeffs: tuple[float, ...], y: Tensor) -> Tensor | None:
     if top == 0:
         return r.fill_(coeffs[0])
     c = coeffs[top - 1]
-    if top == 2 and not c and coeffs[0]:  # c₀ + c₂ y² (tanh′, tan′): one addcmul
-        return torch.addcmul(_scalar(coeffs[0], y), y, y, value=coeffs[2], out=r)
+    if top == 2 and c in (0.0, 1.0) and not (c and coeffs[0]):
+        # c₀ + c₂ y² (tanh′, tan′) or y + c₂ y² (sigmoid′): one addcmul
+        return torch.addcmul(y if c else _scalar(coeffs[0], y), y, y, value=coeffs[2], out=r)
     if c:
         torch.add(_scalar(c, y), y, alpha=coeffs[top], out=r)
     else:

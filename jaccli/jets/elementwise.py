@@ -26,7 +26,7 @@ from torch import Tensor
 
 from jaccli.jets.chain import _compose, _horner, _unary
 from jaccli.jets import workspace
-from jaccli.jets.jet import Jet, Unsupported
+from jaccli.jets.jet import Jet, Unsupported, _scalar
 
 
 # ---- derivatives of every order, from closed forms
@@ -58,17 +58,18 @@ def _ode_derivs(y: Tensor, order: int, g: tuple[float, ...]) -> list:
 
 def _low_derivs(y: Tensor, order: int, g: tuple[float, ...]) -> list | None:
     """``f′ = g(y)`` and ``f″ = g′(y) f′`` for a quadratic ``g`` in one ``addcmul`` pass each
-    (``g₀ + y·(g₁ + g₂ y)`` as ``base + g₂ y²``, ``base`` a constant or ``y`` itself); None
-    where ``g`` has no such form (Horner then). Why: Horner took four and five passes over
-    the value's row (a tanh layer of the 2→50³→1 Hessian: 71 µs against 22 µs a chunk)."""
+    (``g₀ + y·(g₁ + g₂ y)`` as ``base + g₂ y²``, ``base`` a constant or ``y`` itself: the form
+    :func:`.chain._horner` takes in one pass); None where ``g`` has no such form (Horner then).
+    Why: Horner took four and five passes over the value's row (a tanh layer of the 2→50³→1
+    Hessian: 71 µs against 22 µs a chunk)."""
     g0, g1, g2 = (*g, 0.0, 0.0)[:3]
-    if not g2 or g1 not in (0.0, 1.0) or (g1 and g0):
+    if not g2 or len(g) > 3 or g1 not in (0.0, 1.0) or (g1 and g0):
         return None
-    f1 = torch.addcmul(y if g1 else y.new_full((), g0), y, y, value=g2, out=workspace.empty_like(y))
+    f1 = _horner(g, y)
     if order == 1:
         return [f1]
     # g′(y) f′ = g₁ f′ + 2 g₂ y f′
-    return [f1, torch.addcmul(f1 if g1 else y.new_zeros(()), y, f1, value=2 * g2, out=workspace.empty_like(y))]
+    return [f1, torch.addcmul(f1 if g1 else _scalar(0.0, y), y, f1, value=2 * g2, out=workspace.empty_like(y))]
 
 
 _TANH, _SIGMOID, _TAN = (1.0, 0.0, -1.0), (0.0, 1.0, -1.0), (1.0, 0.0, 1.0)

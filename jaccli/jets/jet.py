@@ -237,16 +237,25 @@ class _Call:
         return beta(a.index_select(0, i), b.index_select(0, j)) + beta(a.index_select(0, j), b.index_select(0, i))
 
 
-def _take(jet: Jet, lay: Layout) -> Tensor:
-    """The rows of ``jet`` for ``lay``: a slice when adjacent, else a copy (absent blocks of order ≥ 2: zeros)."""
+def _take_view(jet: Jet, lay: Layout) -> Tensor | None:
+    """The rows of ``jet`` for ``lay`` as one slice (its blocks of ``lay`` present and adjacent), else None."""
     if jet.lay == lay:
         return jet.t
     wanted = [o for o in range(len(lay)) if lay[o]]
     present = [o for o in range(len(jet.lay)) if jet.lay[o]]
-    if set(wanted) <= set(present):
+    if wanted and set(wanted) <= set(present):
         lo, hi = present.index(wanted[0]), present.index(wanted[-1])
         if present[lo : hi + 1] == wanted:
             return jet.t[jet.span(wanted[0])[0] : jet.span(wanted[-1])[1]]
+    return None
+
+
+def _take(jet: Jet, lay: Layout) -> Tensor:
+    """The rows of ``jet`` for ``lay``: a slice when adjacent, else a copy (absent blocks of order ≥ 2: zeros)."""
+    view = _take_view(jet, lay)
+    if view is not None:
+        return view
+    wanted = [o for o in range(len(lay)) if lay[o]]
     parts = []
     for o in wanted:
         block = jet.block(o)

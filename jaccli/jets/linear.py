@@ -32,6 +32,7 @@ from jaccli.jets.jet import (
     _rows1,
     _shift,
     _take,
+    _take_view,
     broadcast_shapes,
 )
 from jaccli.jets.elementwise import _UNARY_RULES, _r_pow as _pow_one_jet
@@ -146,7 +147,7 @@ def _cat_into(cx: _Call, lay: Layout, tensors, dim: int) -> Jet | None:
         dtype = torch.promote_types(dtype, a.t.dtype if isinstance(a, Jet) else a.dtype)
     like = next(a.t for a in tensors if isinstance(a, Jet))
     out = cx.empty(lay, size, like, dtype)
-    rows = [_rows_of(a, lay) if isinstance(a, Jet) else None for a in tensors]
+    rows = [_take_view(a, lay) if isinstance(a, Jet) else None for a in tensors]
     if all(r is not None for r in rows):  # every block of every operand at hand: one call
         torch.cat(rows, d + 1, out=out.t)
         return out
@@ -166,18 +167,6 @@ def _cat_into(cx: _Call, lay: Layout, tensors, dim: int) -> Jet | None:
             src = a.block(k) if isinstance(a, Jet) else (a[None] if k == 0 else None)
             dst.copy_(src) if src is not None else dst.zero_()
     return out
-
-
-def _rows_of(a: Jet, lay: Layout) -> Tensor | None:
-    """``a``'s rows for ``lay`` as one view (its blocks of ``lay`` adjacent), else None."""
-    if a.lay == lay:
-        return a.t
-    wanted = [k for k in range(len(lay)) if lay[k]]
-    if not wanted or any(a.block(k) is None for k in wanted):
-        return None
-    if any(a.span(k)[1] != a.span(k2)[0] for k, k2 in zip(wanted, wanted[1:])):
-        return None
-    return a.t[a.span(wanted[0])[0] : a.span(wanted[-1])[1]]
 
 
 def _r_cat(cx, lay, tensors, dim=0):
