@@ -335,3 +335,13 @@ def test_kept_seeds_are_bounded_by_what_they_hold():
     for k in range(20):
         TaylorProgram._seeds(holder, ("small", k), small)
     assert len(holder._seed_cache) <= 8
+
+
+@pytest.mark.parametrize("kind", ["jacobian", "hessian", "laplacian"])
+def test_results_do_not_move_a_bit_with_the_chunk_size(kind):
+    # a resumed stream must equal a whole run, so no rule may choose its formula by the
+    # size of a block (which is the chunk's): 300-point chunks against one pass, float32
+    net = tanh_mlp((3, 16, 16, 4), dtype=torch.float32, seed=3)
+    x = torch.randn(3000, 3, generator=torch.Generator().manual_seed(3))
+    fn = getattr(jaccli, kind)
+    assert torch.equal(fn(net, x, per_sample=True, chunk_size=300), fn(net, x, per_sample=True))

@@ -363,7 +363,6 @@ def test_values_and_arbitrary_tangents_match_the_model_and_torch_func():
 
 
 def test_float32_tanh_is_within_a_few_ulp_of_float64_relative_to_itself():
-    from jaccli.jets import elementwise
     from jaccli.jets.elementwise import _tanh
 
     tiny = torch.logspace(-30, 0, 301)  # where a subtraction from 1 would lose every digit
@@ -373,9 +372,8 @@ def test_float32_tanh_is_within_a_few_ulp_of_float64_relative_to_itself():
     for got in (_tanh(x, None), _tanh(x, out)):
         assert got.dtype == torch.float32
         assert ((got.double() - want).abs() <= 4e-7 * want.abs()).all()  # relative: ~3 ulp, as torch.tanh
-    small = torch.cat([x[::7][:3000], tiny])  # below _TANH_KERNEL_BELOW: torch's kernel, as accurate
-    assert small.numel() < elementwise._TANH_KERNEL_BELOW <= x.numel()
-    assert ((_tanh(small, None).double() - torch.tanh(small.double())).abs() <= 4e-7 * torch.tanh(small.double()).abs()).all()
+    small = torch.cat([x[::7][:300], tiny])  # the same formula at every size: chunking moves no bit
+    assert torch.equal(_tanh(small, None), _tanh(x, None)[torch.cat([torch.arange(0, 2100, 7), torch.arange(20001, 20302)])])
     assert _tanh(torch.tensor([-0.0]), None).signbit().item()
     assert out.abs().max().item() <= 1.0 and _tanh(x, out) is out
     ends = _tanh(torch.tensor([float("inf"), -float("inf"), float("nan")]), None)
