@@ -43,6 +43,7 @@ The package, in the order a program is made (each module imports only those abov
 :mod:`.decompose`    norms, softmax, … written in ops with rules; in-place ops' twins
 :mod:`.record`       record a function's ATen ops; compile two records into steps
 :mod:`.fold`         runs of steps a pass computes together (the first layer into the second's GEMM)
+:mod:`.seeds`        what a pass starts from: the input jet, one-hot rows, each pass's columns
 :mod:`.program`      :class:`TaylorProgram`: the need analysis and the chunk runs
 :mod:`.builder`      :func:`build`: record, compile, verify against autograd
 :mod:`.workspace`    buffers the passes of one computation reuse, chunk after chunk

@@ -15,7 +15,7 @@ chunk after chunk (:mod:`.workspace`): no allocator setting is needed for speed.
 Passes inside a :class:`~.fused.Fuser` (:data:`.fused.CURRENT`) take the chain rule of
 elementwise ODE ops (tanh, sigmoid, …) from compiled kernels where the policy chose them.
 
-Imports: :mod:`.jet`, :mod:`.record`, :mod:`.workspace`, :mod:`.fused`.
+Imports: :mod:`.jet`, :mod:`.record`, :mod:`.seeds`, :mod:`.workspace`, :mod:`.fused`, :mod:`.fold`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch import Tensor
 from jaccli.jets import fold, fused
 from jaccli.jets.jet import Jet, Layout, _Call, empty_layout
 from jaccli.jets.record import _INPUT, _BatchDim, _BatchScalar, _Ref, _Step, _substitute, _value_of, _walk
+from jaccli.jets.seeds import _KEEP_SEEDS, _broadcast, _chunks, _onehot, _onehot_rows, _seed, _zero_jet
 from jaccli.jets.workspace import _CURRENT, Workspace, empty_like
 
 
@@ -329,7 +330,7 @@ class TaylorProgram:
         for k, (cols, e) in enumerate(self._seeds(("laplacian", directions, z.dtype, z.device), passes)):
             cx = _Call((1, cols.numel(), 1), None, b, collapsed=True)
             # the first pass writes, later ones add
-            self._row_into(z, WANT["laplacian"], cx, e[:, None, :].expand(-1, b, n), cols, 2, out, add=k > 0)
+            self._row_into(z, WANT["laplacian"], cx, _broadcast(e, b), cols, 2, out, add=k > 0)
         return out
 
     def hessian(self, z: Tensor, *, directions: int | None = None, out: Tensor | None = None) -> Tensor:
@@ -350,7 +351,7 @@ class TaylorProgram:
 
         for i, j, cols, local, e in self._seeds(("hessian", directions, z.dtype, z.device), passes):
             cx = _Call((1, cols.numel(), i.numel()), local, b)
-            seed = e[:, None, :].expand(-1, b, n)
+            seed = _broadcast(e, b)
             if n == 1:  # one entry: the last product writes it into the result itself
                 self._row_into(z, WANT["hessian"], cx, seed, cols, 2, out.view(b, self.n_out))
                 continue
@@ -479,42 +480,3 @@ def _binding(s: _Step) -> tuple:
 
 #: ops that only reshape one jet (walked through to find the output's last product)
 _RESHAPES = frozenset({"view", "_unsafe_view", "reshape", "alias", "clone", "squeeze", "unsqueeze"})
-
-
-def _zero_jet(cx: _Call, shape, like: Tensor):
-    """A jet with no rows: zero wherever it is read (a list of them for several results)."""
-    if isinstance(shape, list):
-        return [_zero_jet(cx, s, like) for s in shape]
-    return Jet(like.new_zeros(()).expand(0, *shape), empty_layout(cx.order), cx.counts)
-
-
-def _seed(cx: _Call, lay: Layout, z: Tensor, tangents: Tensor | None, onehot: Tensor | None) -> Jet:
-    jet = cx.empty(lay, z.shape, z)
-    if lay.value:
-        jet.block(0).copy_(z)  # [1, B, …] from [B, …] by broadcasting: no indexing from Python
-    if lay.first:
-        jet.block(1).copy_(tangents)
-        jet.onehot = None if onehot is None else onehot.to(z.device)
-    return jet
-
-
-#: the most entries of a request's seeds (columns, one-hot rows, pairs) kept with the program between calls
-_KEEP_SEEDS = 1 << 16
-
-
-def _onehot_rows(cols: Tensor, n: int, like: Tensor) -> Tensor:
-    """``[k, n]`` rows ``e_cols[k]``."""
-    e = like.new_zeros((cols.numel(), n))
-    e[torch.arange(cols.numel(), device=like.device), cols.to(like.device)] = 1
-    return e
-
-
-def _onehot(cols: Tensor, b: int, n: int, like: Tensor) -> Tensor:
-    """``[k, B, n]`` rows ``e_cols[k]``, the same for every point (a broadcast view)."""
-    return _onehot_rows(cols, n, like)[:, None, :].expand(cols.numel(), b, n)
-
-
-def _chunks(n: int, size: int | None):
-    size = n if size is None else max(1, int(size))
-    for start in range(0, n, size):
-        yield torch.arange(start, min(start + size, n))

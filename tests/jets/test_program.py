@@ -323,7 +323,8 @@ def test_kept_seeds_are_bounded_by_what_they_hold():
     # per call, however small n_in² looks, and a sweep of request shapes keeps a few at most
     from types import SimpleNamespace
 
-    from jaccli.jets.program import _KEEP_SEEDS, TaylorProgram
+    from jaccli.jets.program import TaylorProgram
+    from jaccli.jets.seeds import _KEEP_SEEDS
 
     holder = SimpleNamespace(_seed_cache={})
     small = lambda: [(torch.arange(4), torch.eye(4))]  # noqa: E731
