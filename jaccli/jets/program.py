@@ -362,7 +362,6 @@ class TaylorProgram:
             out[:, :, j, i] = block
         return out
 
-
     def _seeds(self, key: tuple, make) -> list:
         """The set-up of a request's passes (``make()``: columns, one-hot seed rows, pairs), kept
         per ``key`` while the input is small (:data:`_KEEP_SEEDS`): a program called again with

@@ -9,7 +9,6 @@ Imports: :mod:`.jet`.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -119,21 +118,11 @@ def _r_index(t, r, indices):
     return aten.index.Tensor(t, [None, *indices])
 
 
-#: id -> (weak reference, version, whether no entry is negative) of index tensors seen
-_SIGNS: dict[int, tuple] = {}
-
-
 def _nonnegative(i: torch.Tensor) -> bool:
-    """Whether no entry of ``i`` is negative (index_select takes no negative indices), known
-    once per index tensor and version: an index is usually a constant of the program."""
-    seen = _SIGNS.get(id(i))
-    if seen is not None and seen[0]() is i and seen[1] == i._version:
-        return seen[2]
-    ok = i.numel() == 0 or int(i.min()) >= 0
-    if len(_SIGNS) > 256:  # a bound, not a cache policy: indices made per call are not worth keeping
-        _SIGNS.clear()
-    _SIGNS[id(i)] = (weakref.ref(i), i._version, ok)
-    return ok
+    """Whether no entry of ``i`` is negative (index_select takes no negative indices). Asked
+    anew each time (one ``min`` of a short CPU index): a cache by tensor and version would miss
+    an index changed through ``.data``, which keeps its version."""
+    return i.numel() == 0 or int(i.min()) >= 0
 
 
 def _r_flip(t, r, dims):
