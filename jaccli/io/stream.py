@@ -33,7 +33,7 @@ CUDA: copied on a side stream while the next chunk computes); how its bytes get 
 (written whole, space reserved, writeback started as they land) is :mod:`.disk`'s.
 
 The file's layout (formats, header, the finished file as a tensor) is :mod:`.streamfile`'s;
-what the ranks exchange besides rows (rank, errors as payloads) is :mod:`.ranks`'.
+what the ranks exchange besides rows (rank, their meetings, errors as payloads) is :mod:`.ranks`'.
 
 Imports: torch, numpy, :mod:`jaccli.errors`, :mod:`.write`, :mod:`.transfer`, :mod:`.records`,
 :mod:`.streamfile`, :mod:`.ranks`, :mod:`.disk`; nothing of the engine.
@@ -124,8 +124,9 @@ class FileSink:
 
     Under ``torch.distributed`` every rank holds a sink: the chunks are split into
     contiguous shards, rank 0 creates the partial file and renames it, and the ranks
-    meet at four fixed points (:class:`~jaccli.io.ranks.Meetings`), where any rank's failure reaches all of
-    them; a failing rank still takes part in the remaining meetings, so none waits forever.
+    meet at four fixed points (:class:`~jaccli.io.ranks.Meetings`), where any rank's
+    failure reaches all of them; a failing rank still takes part in the remaining
+    meetings, so none waits forever.
     """
 
     _MEETINGS = 4
