@@ -1,13 +1,14 @@
 """What the ranks of a ``torch.distributed`` job (``torchrun``) exchange besides rows: this
-process's world size and rank, and an error carried to the other ranks as a payload and
-rebuilt there with its class and exact message (:meth:`~.stream.FileSink._sync`).
+process's world size and rank, the fixed points where they meet (:class:`Meetings`), and an
+error carried to the other ranks as a payload and rebuilt there with its class and exact
+message.
 
 Imports: torch.distributed (on use), :mod:`jaccli.errors`.
 """
 
 from __future__ import annotations
 
-from jaccli.errors import JaccliError
+from jaccli.errors import JaccliError, OutputError
 
 
 def world_and_rank():
@@ -17,6 +18,48 @@ def world_and_rank():
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
+
+
+class Meetings:
+    """The points where every rank of a streamed result meets the others (a single process
+    meets itself): each gives a payload and gets all of them; a payload with an error makes
+    every rank raise that error after the meeting. ``count`` meetings so far; ``peer_lost``
+    once a collective failed (another rank is gone: no more meetings are tried)."""
+
+    def __init__(self, world: int, rank: int, target: str) -> None:
+        self.world, self.rank, self.target = world, rank, target
+        self.count = 0
+        self.failure: str | None = None  # the error every rank raised, as this rank names it
+        self.peer_lost = False
+
+    def __call__(self, payload: dict) -> list[dict]:
+        """All ranks' payloads; raises the first failing rank's error after the meeting."""
+        self.count += 1
+        if self.world == 1:
+            parts = [payload]
+        else:
+            import torch.distributed as dist
+
+            parts = [None] * self.world
+            if self.peer_lost:
+                raise self._lost()
+            try:
+                dist.all_gather_object(parts, payload)
+            except Exception:  # gloo / nccl: a peer closed its connection or timed out
+                self.peer_lost = True
+                raise self._lost() from None
+        for r, part in enumerate(parts):
+            if part.get("error"):
+                self.failure = part["error"] if r == self.rank else f"rank {r}: {part['error']}"
+                raise rebuild_error(ERRORS.get(part.get("kind"), JaccliError), self.failure)
+        return parts
+
+    def _lost(self) -> OutputError:
+        return OutputError(
+            "lost contact with the other ranks of the job (one was stopped or killed)",
+            where=self.target,
+            hint="the rows written so far are kept: the same command with --resume continues",
+        )
 
 
 def error_payload(exc: BaseException) -> dict:

@@ -8,7 +8,7 @@ record, the chunk ranges records hold, and :class:`_Stats`: min / max / mean ove
 result gathered chunk by chunk (so a streamed result gets the summary an in-memory one
 gets, merged over ranks).
 
-Imports: torch, :mod:`jaccli.signals`, :mod:`jaccli.errors` and the test pause hook of :mod:`.write`.
+Imports: torch, numpy, :mod:`jaccli.signals`, :mod:`jaccli.errors` and the test pause hook of :mod:`.write`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from jaccli import signals
@@ -274,6 +275,15 @@ def _ranges(done: set[int]) -> list[list[int]]:
     return out
 
 
+def _sum64(flat: torch.Tensor) -> float:
+    """The float64 sum of a flat tensor. On CPU numpy's reduction, which casts to float64 a
+    buffer at a time: 0.3 ms for a million float32 values here, where torch's
+    ``sum(dtype=torch.float64)`` takes 1.5 ms (0.06 s of a 200 MB result's 51 chunks)."""
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        return float(np.add.reduce(flat.numpy(), dtype=np.float64))
+    return float(flat.sum(dtype=torch.float64))
+
+
 class _Stats:
     """min / max / sum / count over finite values, chunk by chunk, as render.stats gives them whole."""
 
@@ -287,23 +297,26 @@ class _Stats:
         self.nonzero = False
 
     def add(self, block: torch.Tensor) -> None:
-        flat = block.reshape(-1)
+        """Two passes over the chunk while it is still in cache: the sum (all finite where it
+        is finite: an Inf or NaN makes it one, and float64 cannot overflow on float32 values)
+        and min/max together; a chunk with non-finite values is masked and summed again."""
+        flat = block.detach().reshape(-1)
         if flat.numel() == 0:
             return
         self.numel += flat.numel()
-        total = flat.sum(dtype=torch.float64)
-        if not bool(torch.isfinite(total)):
+        total = _sum64(flat)
+        if not math.isfinite(total):
             finite = torch.isfinite(flat)
             self.all_finite &= bool(finite.all())
             flat = flat[finite]
             if flat.numel() == 0:
                 return
-            total = flat.sum(dtype=torch.float64)
-        lo, hi = torch.aminmax(flat)
-        self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
-        self.total += float(total)
+            total = _sum64(flat)
+        lo, hi = (float(v) for v in torch.aminmax(flat))
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.total += total
         self.count += flat.numel()
-        self.nonzero |= bool(float(lo) != 0 or float(hi) != 0)
+        self.nonzero |= lo != 0 or hi != 0
 
     @staticmethod
     def reduce(block: torch.Tensor) -> torch.Tensor | None:

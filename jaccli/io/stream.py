@@ -28,22 +28,19 @@ What a signal or a kill can leave, and what becomes of it (rank 0 does all of th
 * Under ``torchrun`` only rank 0 takes the lock; the other ranks open the file it created.
   A rank that loses contact with the others (one was killed) keeps the partial run.
 
-Rows go to the file with ``os.pwrite`` rather than through a memory map: dirty pages of a
-shared mapping count in the process's resident memory until written back, so a mapped
-1.3 GB result raises peak RSS by 1.3 GB while ``pwrite`` leaves them to the page cache.
-How a chunk gets from where it was computed to ``pwrite`` is :mod:`.transfer`'s business
-(on CUDA: copied on a side stream while the next chunk computes).
+How a chunk gets from where it was computed to the file is :mod:`.transfer`'s business (on
+CUDA: copied on a side stream while the next chunk computes); how its bytes get onto the disk
+(written whole, space reserved, writeback started as they land) is :mod:`.disk`'s.
 
 The file's layout (formats, header, the finished file as a tensor) is :mod:`.streamfile`'s;
-what the ranks exchange besides rows (rank, errors as payloads) is :mod:`.ranks`'.
+what the ranks exchange besides rows (rank, their meetings, errors as payloads) is :mod:`.ranks`'.
 
 Imports: torch, numpy, :mod:`jaccli.errors`, :mod:`.write`, :mod:`.transfer`, :mod:`.records`,
-:mod:`.streamfile`, :mod:`.ranks`; nothing of the engine.
+:mod:`.streamfile`, :mod:`.ranks`, :mod:`.disk`; nothing of the engine.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -56,13 +53,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jaccli.errors import format_bytes, JaccliError, OutputError, ResumeError, UsageError
+from jaccli.errors import JaccliError, OutputError, ResumeError, UsageError
 from jaccli import signals
 from jaccli.io import transfer
 from jaccli.io import records
 from jaccli.io.records import (_Stats, _atomic_json, _done_path, _done_paths, _fsync_dir, _meta_path, _ranges, lock,
                                 partial_path, read_records, remove_stale_temporaries)  # fmt: skip
-from jaccli.io.ranks import ERRORS, error_payload, rebuild_error, world_and_rank
+from jaccli.io.disk import DiskFile
+from jaccli.io.ranks import error_payload, Meetings, world_and_rank
 from jaccli.io.streamfile import STREAM_FORMATS, file_header, open_result
 from jaccli.io.write import _pause_for_tests, _place, check_writable, output_format
 
@@ -126,8 +124,9 @@ class FileSink:
 
     Under ``torch.distributed`` every rank holds a sink: the chunks are split into
     contiguous shards, rank 0 creates the partial file and renames it, and the ranks
-    meet at four fixed points (:meth:`_sync`), where any rank's failure reaches all of
-    them; a failing rank still takes part in the remaining meetings, so none waits forever.
+    meet at four fixed points (:class:`~jaccli.io.ranks.Meetings`), where any rank's
+    failure reaches all of them; a failing rank still takes part in the remaining
+    meetings, so none waits forever.
     """
 
     _MEETINGS = 4
@@ -150,10 +149,10 @@ class FileSink:
         self.world, self.rank = world_and_rank()
         stream.world_size = self.world
         self.fd: int | None = None
+        self.disk: DiskFile | None = None  # writes self.fd's bytes once it is open
         self.copier = None  # a transfer.SyncChunks or DeviceChunks once open
         self.owned = False  # this run created or adopted the partial file: it may delete it
-        self.meetings = 0
-        self.failure: str | None = None
+        self.meet = Meetings(self.world, self.rank, str(self.target))  # the ranks' fixed points
         self.done: set[int] = set()
         self.recorded: set[int] = set()
         self.last_record = time.monotonic()
@@ -161,54 +160,22 @@ class FileSink:
         self.stats = _Stats()
         self.written = 0
         self.meta_written = False  # the request record of this run's partial file is on disk
-        self.peer_lost = False  # a collective failed: another rank is gone
         kill = os.environ.get(KILL_HOOK, "").rpartition(":")
         self.kill_after = int(kill[2]) if kill[2] and (not kill[0] or int(kill[0]) == self.rank) else None
         fail = os.environ.get(FAIL_HOOK, "").partition(":")
         self.fail_after = int(fail[2]) if fail[2] and int(fail[0]) == self.rank else None
 
-    # ------------------------------------------------------------------ meetings
-
-    def _sync(self, payload: dict) -> list[dict]:
-        """All ranks' payloads; raises the first failing rank's error after the meeting."""
-        self.meetings += 1
-        if self.world == 1:
-            parts = [payload]
-        else:
-            import torch.distributed as dist
-
-            parts = [None] * self.world
-            if self.peer_lost:
-                raise self._lost()
-            try:
-                dist.all_gather_object(parts, payload)
-            except Exception:  # gloo / nccl: a peer closed its connection or timed out
-                self.peer_lost = True
-                raise self._lost() from None
-        for r, part in enumerate(parts):
-            if part.get("error"):
-                self.failure = part["error"] if r == self.rank else f"rank {r}: {part['error']}"
-                raise rebuild_error(ERRORS.get(part.get("kind"), JaccliError), self.failure)
-        return parts
-
-    def _lost(self) -> OutputError:
-        return OutputError(
-            "lost contact with the other ranks of the job (one was stopped or killed)",
-            where=str(self.target),
-            hint="the rows written so far are kept: the same command with --resume continues",
-        )
-
     # ------------------------------------------------------------------ the chunk loop's side
 
     def open(self, flat_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *,
              zero: bool, ppc: int) -> None:  # fmt: skip
-        if self.meetings:  # a fall-back plan reopens the sink: start again on the same file
+        if self.meet.count:  # a fall-back plan reopens the sink: start again on the same file
             self._reset(flat_shape, dtype, device, zero, ppc)
             return
         if flat_shape[0] != self.shape[0] or math.prod(flat_shape) != math.prod(self.shape):
             raise UsageError("internal: the streamed result's shape changed", got=str(flat_shape))
         self.dtype, self.device, self.zero = dtype, device, zero
-        parts = self._sync({"ppc": int(ppc)})
+        parts = self.meet({"ppc": int(ppc)})
         grid = min(p["ppc"] for p in parts)
         info: dict = {}
         if self.rank == 0:
@@ -218,13 +185,13 @@ class FileSink:
                 info = error_payload(exc)
                 if not isinstance(exc, Exception):
                     raise
-        parts = self._sync(info)
+        parts = self.meet(info)
         info = parts[0]
         self.grid = info["grid"]
         self.done = {i for a, b in info["done"] for i in range(a, b)}
         self.recorded = set(self.done)
         if self.rank != 0:
-            self.fd = os.open(self.partial, os.O_RDWR)
+            self._opened(os.open(self.partial, os.O_RDWR))
         self.offset = info["offset"]
         self.row_bytes = math.prod(flat_shape[1:]) * torch.empty((), dtype=dtype).element_size()
         self._open_copier(flat_shape, dtype, device)
@@ -302,7 +269,7 @@ class FileSink:
 
     def _write_rows(self, key: tuple[int, int], row0: int, host: torch.Tensor) -> None:
         data = host.detach().cpu().contiguous().numpy()
-        self._pwrite(memoryview(data).cast("B"), self.offset + (key[0] + row0) * self.row_bytes)
+        self.disk.write(memoryview(data).cast("B"), self.offset + (key[0] + row0) * self.row_bytes)
 
     def _finish(self, key: tuple[int, int], note: torch.Tensor | None, block: torch.Tensor) -> None:
         """All rows of the chunk are in the file: count it done (resume records, hooks, progress)."""
@@ -338,33 +305,12 @@ class FileSink:
 
     # ------------------------------------------------------------------ files
 
-    def _pwrite(self, data: memoryview, offset: int) -> None:
-        try:
-            while data:
-                n = os.pwrite(self.fd, data, offset)
-                data, offset = data[n:], offset + n
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise self._disk_full() from None
-            raise OutputError(f"cannot write: {exc.strerror or exc}", where=str(self.target)) from None
+    def _opened(self, fd: int) -> None:
+        self.fd = fd
+        self.disk = DiskFile(fd, str(self.target), self._file_bytes)
 
     def _file_bytes(self) -> int:
         return self.offset + math.prod(self.shape) * self._itemsize()
-
-    def _free_bytes(self) -> int:
-        """Space this result may use: what the file system has free for this user, plus what
-        the partial file already holds (it is this result's and is given back on failure)."""
-        st = os.statvfs(self.partial.parent)
-        held = os.fstat(self.fd).st_blocks * 512 if self.fd is not None else 0
-        return st.f_bavail * st.f_frsize + held
-
-    def _disk_full(self, free: int | None = None) -> OutputError:
-        return OutputError(
-            "not enough disk space for the result",
-            where=str(self.target),
-            expected=f"{format_bytes(self._file_bytes())} for the file",
-            got=f"{format_bytes(self._free_bytes() if free is None else free)} free",
-        )
 
     def _itemsize(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
@@ -374,7 +320,7 @@ class FileSink:
         new = self.done - self.recorded
         if not new or self.fd is None:
             return
-        os.fdatasync(self.fd)
+        self.disk.sync()
         _atomic_json(_done_path(self.partial, self.rank), {"chunks": _ranges(self.done)}, pause="done-record")
         self.recorded = set(self.done)
         self.last_record = time.monotonic()
@@ -406,7 +352,8 @@ class FileSink:
                 expected=f"{self.partial.name} beside it",
                 hint="run without --resume",
             )
-        self.fd, self.owned = lock(self.partial, self.target)  # ours to remove only if created here
+        fd, self.owned = lock(self.partial, self.target)  # ours to remove only if created here
+        self._opened(fd)
         _pause_for_tests("locked")
         remove_stale_temporaries(self.partial)  # a killed run's: the lock says none is live
         if self.stream.resume:
@@ -424,22 +371,13 @@ class FileSink:
             os.ftruncate(self.fd, 0)
         except OSError as exc:
             raise OutputError(f"cannot write: {exc.strerror or exc}", where=str(self.target)) from None
-        total = self._file_bytes()
-        free = self._free_bytes()
-        if free < total:  # before any allocation: a failed fallocate may hold the blocks it got
-            raise self._disk_full(free)
+        self.disk.check_space(self._file_bytes())
         _atomic_json(_meta_path(self.partial), {"fingerprint": fingerprint, "grid": grid, "offset": len(header)},
                      pause="meta-record")  # fmt: skip
         self.meta_written = True
         _pause_for_tests("meta-written")
-        self._pwrite(memoryview(header), 0)
-        try:  # reserve the space now: a full disk shows before any work, with the figure
-            os.posix_fallocate(self.fd, 0, total)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                os.ftruncate(self.fd, len(header))  # give back what the failed reservation took
-                raise self._disk_full() from None
-            os.ftruncate(self.fd, total)  # a filesystem without fallocate
+        self.disk.write(memoryview(header), 0)
+        self.disk.reserve(len(header), self._file_bytes())
         _pause_for_tests("allocated")
         return {"grid": grid, "done": [], "offset": len(header)}
 
@@ -460,9 +398,9 @@ class FileSink:
         """Flush this rank's rows and return the statistics of the whole result."""
         self.flush()
         self._close_copier()
-        if self.fd is not None:
-            os.fdatasync(self.fd)
-        parts = self._sync({"stats": self.stats.as_dict()})
+        if self.disk is not None:
+            self.disk.sync()
+        parts = self.meet({"stats": self.stats.as_dict()})
         stats = _Stats.merge([p["stats"] for p in parts])
         self.stream.stats = {k: stats[k] for k in ("min", "max", "mean", "all_finite")}
         return stats
@@ -496,7 +434,7 @@ class FileSink:
                 info = error_payload(OutputError(f"cannot write: {exc.strerror or exc}", where=str(self.target)))
             finally:
                 self._close_fd()
-        self._sync(info)
+        self.meet(info)
         self._close_fd()
         return open_result(self.target, self.shape, self.dtype).reshape(self.result_shape)
 
@@ -505,7 +443,7 @@ class FileSink:
         was interrupted or lost a rank (then ``--resume`` continues it). An interrupted run
         that had not yet recorded its request removes its partial file all the same: there
         is nothing in it to continue."""
-        interrupted = not isinstance(exc, Exception) or self.peer_lost
+        interrupted = not isinstance(exc, Exception) or self.meet.peer_lost
         self._close_copier(failed=True)  # chunks in flight are not done: a resumption redoes them
         if interrupted:
             try:
@@ -514,10 +452,10 @@ class FileSink:
             except (OSError, signals.Interrupted):
                 pass
         elif self.world > 1:
-            payload = error_payload(exc) if self.failure is None else {}
-            while self.meetings < self._MEETINGS and not self.peer_lost:
+            payload = error_payload(exc) if self.meet.failure is None else {}
+            while self.meet.count < self._MEETINGS and not self.meet.peer_lost:
                 try:
-                    self._sync(payload)
+                    self.meet(payload)
                 except JaccliError:
                     pass
                 payload = {}
@@ -537,7 +475,7 @@ class FileSink:
     def _close_fd(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
-            self.fd = None
+            self.fd, self.disk = None, None
 
 
 def _record_interval() -> float:
