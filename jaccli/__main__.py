@@ -68,6 +68,9 @@ def _alone() -> bool:
         return False
     if sys.getprofile() is not None or sys.gettrace() is not None or threading.active_count() > 1:
         return False
+    monitoring = getattr(sys, "monitoring", None)  # 3.12+: cProfile and coverage's sysmon core use it
+    if monitoring is not None and any(monitoring.get_tool(i) is not None for i in range(6)):
+        return False
     dist = sys.modules.get("torch.distributed")
     return not (dist is not None and dist.is_available() and dist.is_initialized())
 

@@ -26,6 +26,10 @@ class Meetings:
     every rank raise that error after the meeting. ``count`` meetings so far; ``peer_lost``
     once a collective failed (another rank is gone: no more meetings are tried)."""
 
+    #: how many times a stream's ranks meet in all (a failing rank attends the rest, so that
+    #: the others are not left waiting in a collective)
+    TOTAL = 4
+
     def __init__(self, world: int, rank: int, target: str) -> None:
         self.world, self.rank, self.target = world, rank, target
         self.count = 0
@@ -53,6 +57,17 @@ class Meetings:
                 self.failure = part["error"] if r == self.rank else f"rank {r}: {part['error']}"
                 raise rebuild_error(ERRORS.get(part.get("kind"), JaccliError), self.failure)
         return parts
+
+    def attend_rest(self, exc: BaseException) -> None:
+        """After ``exc`` on this rank: attend the meetings still to come, carrying the error to
+        the others at the first (unless it came from a meeting, where they all raised it)."""
+        payload = error_payload(exc) if self.failure is None else {}
+        while self.count < self.TOTAL and not self.peer_lost:
+            try:
+                self(payload)
+            except JaccliError:
+                pass
+            payload = {}
 
     def _lost(self) -> OutputError:
         return OutputError(

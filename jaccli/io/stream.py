@@ -129,8 +129,6 @@ class FileSink:
     meetings, so none waits forever.
     """
 
-    _MEETINGS = 4
-
     def __init__(self, stream: Stream, shape: tuple[int, ...], *, fingerprint: Mapping,
                  progress: Callable[[int, int], None] | None = None) -> None:  # fmt: skip
         self.stream = stream
@@ -452,13 +450,7 @@ class FileSink:
             except (OSError, signals.Interrupted):
                 pass
         elif self.world > 1:
-            payload = error_payload(exc) if self.meet.failure is None else {}
-            while self.meet.count < self._MEETINGS and not self.meet.peer_lost:
-                try:
-                    self.meet(payload)
-                except JaccliError:
-                    pass
-                payload = {}
+            self.meet.attend_rest(exc)
         if self.rank == 0 and self.owned and (not interrupted or not self.meta_written):
             self._remove_partial()
         self._close_fd()
