@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from collections.abc import Callable
 from typing import NamedTuple
@@ -42,11 +46,30 @@ _MEMORY_FACTOR = {
 }
 
 
+#: seconds a reading of the host's free memory is reused: reading ``/proc/meminfo`` takes
+#: 17-70 µs, a tenth of a small model's fixed cost per call, and a plan needs the figure to
+#: a quarter of itself (:func:`working_budget`), not to the millisecond
+MEMINFO_EVERY = 0.5
+#: the last reading of the host's free memory: (monotonic time, bytes)
+_HOST_FREE: list[tuple[float, int]] = [(-math.inf, 0)]
+
+
 def memory_available(device: torch.device) -> int:
-    """Bytes the machine (or GPU) can still hand out."""
+    """Bytes the machine (or GPU) can still hand out (the host's: read at most every
+    :data:`MEMINFO_EVERY` seconds)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
+    now = time.monotonic()
+    read_at, free = _HOST_FREE[0]
+    if now - read_at < MEMINFO_EVERY:
+        return free
+    free = _read_host_free()
+    _HOST_FREE[0] = (now, free)
+    return free
+
+
+def _read_host_free() -> int:
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -339,19 +362,50 @@ def _taylor_program(kind: str, p: Problem, mode: str) -> tuple[taylor.TaylorProg
         return None, f"Taylor path not used: {exc}"
 
 
+#: plans made for kept programs: a model called again with the same request and the same
+#: memory figures gets the same plan (a function of those alone) without the arithmetic
+#: and the dataclass (0.03-0.05 ms a call); (id of the program, the rest) -> (the program,
+#: weakly; the plan), least recently used dropped first
+_PLANS: OrderedDict[tuple, tuple[weakref.ref, Plan]] = OrderedDict()
+_PLANS_LOCK = threading.Lock()
+_PLANS_SIZE = 32
+
+
 def _taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, estimator: str, probes: int,
-                 chunk_size) -> Plan:  # fmt: skip
-    """Points per pass and directions per pass from the program's own memory estimate."""
+                 chunk_size, estimates: tuple[tuple[str, float], ...] = ()) -> Plan:  # fmt: skip
+    """Points per pass and directions per pass from the program's own memory estimate (kept
+    per program, keyed by everything else it is made from); ``estimates`` go into the plan."""
     if chunk_size is not None and int(chunk_size) < 1:
         raise UsageError("chunk size must be positive", got=str(chunk_size))
+    available = memory_available(p.device)  # read once (and at most every MEMINFO_EVERY s)
+    budget = working_budget(p.device, available)
+    key = (id(program), kind, estimator, probes, chunk_size, p.n, p.per_sample, p.in_shapes, p.out_shape, p.dtype,
+           p.device, available, budget, _CACHE_BYTES, _MIN_POINTS, estimates)  # fmt: skip
+    try:
+        with _PLANS_LOCK:
+            hit = _PLANS.get(key)
+            if hit is not None and hit[0]() is program:
+                _PLANS.move_to_end(key)
+                return hit[1]
+    except TypeError:  # an argument of a type that cannot key a dict: planned, not kept
+        return _make_taylor_plan(kind, p, program, estimator, probes, chunk_size, available, budget, estimates)
+    plan = _make_taylor_plan(kind, p, program, estimator, probes, chunk_size, available, budget, estimates)
+    with _PLANS_LOCK:
+        _PLANS[key] = (weakref.ref(program), plan)
+        _PLANS.move_to_end(key)
+        while len(_PLANS) > _PLANS_SIZE:
+            _PLANS.popitem(last=False)
+    return plan
+
+
+def _make_taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, estimator: str, probes: int,
+                      chunk_size, available: int, budget: int, estimates: tuple) -> Plan:  # fmt: skip
     tkind = _taylor_kind(kind, estimator)
     n_dirs = {"jvp": int(probes), "hessian": p.n_in * (p.n_in + 1) // 2}.get(tkind, p.n_in)
     shape = _result_shape(kind, p, estimator)
     itemsize = torch.empty((), dtype=p.dtype).element_size()
     result_bytes = math.prod(shape) * itemsize
     row_bytes = 16 if tkind == "jvp" else math.prod(shape[1:]) * itemsize
-    available = memory_available(p.device)  # read once: /proc/meminfo costs ~0.1 ms a call
-    budget = working_budget(p.device, available)
 
     def per_point(directions: int) -> int:
         return program.bytes_per_point(tkind, directions) + row_bytes
@@ -383,6 +437,7 @@ def _taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, estimator
         dtype=p.dtype,
         device=p.device,
         engine="taylor",
+        estimates=estimates,
     )
 
 
@@ -395,7 +450,7 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
     wanted = mode == "forward" or (mode == "auto" and cheapest(costs)[0] == "taylor")
     program, why_not = _taylor_program(kind, p, "forward" if wanted else mode)
     if program is not None:
-        return replace(_taylor_plan(kind, p, program, estimator, probes, chunk_size), estimates=shown), program
+        return _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown), program
     plan = make_plan(kind, p, mode, estimator, probes, chunk_size)
     if why_not is None and mode == "auto" and ("taylor", "forward") in costs:
         why_not = _why_not_taylor(p, plan.mode, costs)
