@@ -6,7 +6,8 @@ fast path (:mod:`jaccli.jets`, forward-mode requests on one per-sample input) an
 the torch.func strategies. A plan carries the normalised request it was made for, so
 that computing it probes and traces the model no second time.
 
-Imports: torch, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.probe`, :mod:`.programs`, :mod:`.strategies`.
+Imports: torch, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.probe`, :mod:`.programs`, :mod:`.strategies`,
+:mod:`.costs`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_ar
 from jaccli.request.choices import ESTIMATORS, KINDS, MODES
 from jaccli.request.kinds import kind as kind_of
 from jaccli.request.spec import Derivative, Selection
-from jaccli.engine.strategies import STRATEGIES, count_directions, estimate_seconds, point_seconds
+from jaccli.engine.costs import estimate_seconds, point_seconds
+from jaccli.engine.strategies import STRATEGIES, count_directions
 
 _MIB = 2**20
 
@@ -210,7 +212,7 @@ def fast_path_applies(p: Problem) -> bool:
 
 def estimates(kind: str, p: Problem, estimator: str, probes: int) -> dict[tuple[str, str], float]:
     """Predicted seconds of every (engine, mode) that can run the request, in
-    :data:`_CANDIDATES` order (the cost model is :data:`.strategies.COSTS`)."""
+    :data:`_CANDIDATES` order (the cost model is :data:`.costs.COSTS`)."""
     out = {}
     for engine, mode in _CANDIDATES:
         if engine == "taylor" and not fast_path_applies(p):
