@@ -1,7 +1,7 @@
 """The full parameter Hessian of a model whose parameters all sit in linear layers, by GEMMs.
 
 For ``--full`` with ``--matrix hessian`` the generic path
-(:meth:`~.objective.Objective.dense_hessian`) pays one forward-and-backward-sized pass over
+(:func:`.assembled.dense_hessian`) pays one forward-and-backward-sized pass over
 all samples per column. When every selected parameter is the weight or the bias of a linear
 layer used once (an MLP, a residual MLP, any DAG of such layers and elementwise ops), the
 Hessian has an exact layer-wise form that turns those passes into matrix products:
