@@ -7,7 +7,7 @@ requested, sharing the work: one assembled matrix serves ``full``, ``diag``, ``t
 ``eig`` and standard errors alike; an exact diagonal gives the trace and the per-layer traces.
 
 Imports: torch, numpy, :mod:`.assembled`, :mod:`.layertrace`, :mod:`.objective`, :mod:`.params`, :mod:`.spectral`,
-:mod:`jaccli.engine.planner` (memory), :mod:`jaccli.errors`.
+:mod:`jaccli.engine.memory` (memory), :mod:`jaccli.errors`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from jaccli.curvature import assembled, layertrace, spectral
 from jaccli.curvature.losses import get_loss
 from jaccli.curvature.objective import Objective, build_objective
 from jaccli.curvature.params import ParamInfo, ParamSpace
-from jaccli.engine.planner import memory_available
+from jaccli.engine.memory import memory_available
 from jaccli.errors import format_bytes, ResourceError, UsageError
 
 #: up to this many parameters a Hessian's diagonal and trace are exact (P products); beyond, estimated

@@ -35,7 +35,7 @@ its first backward, which a PyHessian script never pays; the same products by
 non-linear parameters, ``jacrev`` fallbacks, ``jvp``, and the assembled Hessian.
 
 Imports: torch, :mod:`.linear`, :mod:`.params`, :mod:`.losses`, :mod:`.runtime` (ranks, activation bytes),
-:mod:`jaccli.engine.planner` (the memory budget), :mod:`jaccli.errors`.
+:mod:`jaccli.engine.memory` (the memory budget), :mod:`jaccli.errors`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from jaccli.curvature.linear import LinearRows, NotLinear
 from jaccli.curvature.losses import Loss, get_loss
 from jaccli.curvature.params import ParamSpace, _rows, take
 from jaccli.curvature.runtime import _Bytes, all_reduce, dist_info
-from jaccli.engine.planner import working_budget
+from jaccli.engine.memory import working_budget
 from jaccli.engine.strategies import jvp
 from jaccli.errors import first_line, InputError, ModelError, NumericalError, shape_str, UsageError
 

@@ -1,13 +1,14 @@
 """Planning: mode, memory budget, chunk sizes and the engine (Taylor or torch.func).
 
-Owns :class:`Plan` (what a request will do, shown by ``--dry-run``), the memory budget
-of one pass, the refusal of results that cannot fit, and the choice between the Taylor
+Owns :class:`Plan` (what a request will do, shown by ``--dry-run``), the chunks that fit
+the memory budget of one pass (:mod:`.memory`'s), the refusal of results that cannot fit,
+the plans kept for kept programs, and the choice between the Taylor
 fast path (:mod:`jaccli.jets`, forward-mode requests on one per-sample input) and
 the torch.func strategies. A plan carries the normalised request it was made for, so
 that computing it probes and traces the model no second time.
 
 Imports: torch, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.probe`, :mod:`.programs`, :mod:`.strategies`,
-:mod:`.costs`.
+:mod:`.costs`, :mod:`.memory` (what the machine can hand out, what one pass may use).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -32,9 +32,8 @@ from jaccli.request.choices import ESTIMATORS, KINDS, MODES
 from jaccli.request.kinds import kind as kind_of
 from jaccli.request.spec import Derivative, Selection
 from jaccli.engine.costs import estimate_seconds, point_seconds
+from jaccli.engine.memory import MIB as _MIB, memory_available, working_budget
 from jaccli.engine.strategies import STRATEGIES, count_directions
-
-_MIB = 2**20
 
 #: working-memory multiple of one forward pass, per point and direction (empirical), by the
 #: Taylor order of the kind (first derivatives and their trace; second derivatives and
@@ -46,51 +45,6 @@ _MEMORY_FACTOR = {
     (2, "reverse"): 6.0,
     (2, "reverse-only"): 8.0,
 }
-
-
-#: seconds a reading of the host's free memory is reused: reading ``/proc/meminfo`` takes
-#: 17-70 µs, a tenth of a small model's fixed cost per call, and a plan needs the figure to
-#: a quarter of itself (:func:`working_budget`), not to the millisecond
-MEMINFO_EVERY = 0.5
-#: the last reading of the host's free memory: (monotonic time, bytes)
-_HOST_FREE: list[tuple[float, int]] = [(-math.inf, 0)]
-
-
-def memory_available(device: torch.device) -> int:
-    """Bytes the machine (or GPU) can still hand out (the host's: read at most every
-    :data:`MEMINFO_EVERY` seconds)."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    now = time.monotonic()
-    read_at, free = _HOST_FREE[0]
-    if now - read_at < MEMINFO_EVERY:
-        return free
-    free = _read_host_free()
-    _HOST_FREE[0] = (now, free)
-    return free
-
-
-def _read_host_free() -> int:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-
-
-def working_budget(device: torch.device, free: int | None = None) -> int:
-    """Bytes one pass may use: a quarter of what is free (``free``, else asked), at most 2 GiB on CPU.
-
-    Larger passes gain nothing on CPU (the products are already long matrix
-    multiplications) and leave the machine unusable; GPUs want big passes.
-    """
-    free = memory_available(device) if free is None else free
-    cap = free // 2 if device.type == "cuda" else 2 * 2**30
-    return max(64 * _MIB, min(free // 4, cap))
 
 
 #: the fields of a :class:`~jaccli.request.spec.Derivative` a plan fixes (the seed is the run's)

@@ -57,17 +57,19 @@ def test_plan_bounds_chunks_by_memory(monkeypatch):
 
 
 def test_the_hosts_free_memory_is_read_at_most_every_so_often(monkeypatch):
+    from jaccli.engine import memory
+
     reads = []
-    monkeypatch.setattr(planner, "_read_host_free", lambda: reads.append(1) or 1000 * len(reads))
-    monkeypatch.setattr(planner, "_HOST_FREE", [(-math.inf, 0)])
+    monkeypatch.setattr(memory, "_read_host_free", lambda: reads.append(1) or 1000 * len(reads))
+    monkeypatch.setattr(memory, "_HOST_FREE", [(-math.inf, 0)])
     clock = [100.0]
-    monkeypatch.setattr(planner.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(memory.time, "monotonic", lambda: clock[0])
     cpu = torch.device("cpu")
-    assert planner.memory_available(cpu) == 1000
-    clock[0] += planner.MEMINFO_EVERY / 2
-    assert planner.memory_available(cpu) == 1000 and len(reads) == 1  # the reading is reused
-    clock[0] += planner.MEMINFO_EVERY
-    assert planner.memory_available(cpu) == 2000 and len(reads) == 2  # and read again once old
+    assert memory.memory_available(cpu) == 1000
+    clock[0] += memory.MEMINFO_EVERY / 2
+    assert memory.memory_available(cpu) == 1000 and len(reads) == 1  # the reading is reused
+    clock[0] += memory.MEMINFO_EVERY
+    assert memory.memory_available(cpu) == 2000 and len(reads) == 2  # and read again once old
 
 
 def test_a_kept_plan_follows_the_memory_it_was_made_for(monkeypatch):
