@@ -17,7 +17,7 @@ warm-up, so no start cost is counted) and measured over predicted; ``auto/best``
 time of auto's pick over the fastest engine's. The goal: at most 1.1 on every case; the
 last line counts the cases that meet it.
 
-``--fit`` refits :data:`jaccli.engine.strategies.COSTS` from the run's MLP cases (see
+``--fit`` refits :data:`jaccli.engine.costs.COSTS` from the run's MLP cases (see
 :func:`fit`: the ratios between engines on each case, then one scale per kind in forward
 passes as the planner counts them). Run it on a quiet machine where there is one: on a
 shared CPU the medians of a few rounds still drift.
@@ -38,7 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import jaccli  # noqa: E402
-from jaccli.engine import planner, strategies  # noqa: E402
+from jaccli.engine import costs, planner  # noqa: E402
 from jaccli.load.weights import build_mlp  # noqa: E402
 
 ENGINES = (("taylor", "forward"), ("torch.func", "forward"), ("torch.func", "reverse"))
@@ -141,7 +141,7 @@ def forward_seconds(net: nn.Module, x: torch.Tensor, repeats: int) -> float:
 
 def terms(kind: str, engine: str, mode: str, n_in: int, n_out: int) -> list[float]:
     """The terms of a COSTS record at (n_in, n_out): 1, directions, directions x n_out."""
-    cost = strategies.COSTS[(engine, mode)][kind]
+    cost = costs.COSTS[(engine, mode)][kind]
     k = cost.directions(n_in, n_out, 0)
     return [1.0, float(k), float(k * n_out)]
 
@@ -151,7 +151,7 @@ def fit(rows: list[tuple]) -> dict[str, tuple[dict[tuple[str, str], dict[str, fl
 
     ``rows``: (case, kind, engine, mode, n_in, n_out, measured passes as the planner counts
     them). What decides auto's pick is the ratio between engines on the same case, and the
-    planner's unit (operations per point at one rate, :func:`~jaccli.engine.strategies.point_seconds`)
+    planner's unit (operations per point at one rate, :func:`~jaccli.engine.costs.point_seconds`)
     is off by a factor that depends on the model (narrow layers run below the rate, wide ones
     above it; a small convolution far below) but alike for every engine. So the fit takes a
     free factor per case: it minimises the spread of log(measured / predicted) within each
@@ -169,9 +169,9 @@ def fit(rows: list[tuple]) -> dict[str, tuple[dict[tuple[str, str], dict[str, fl
     for kind in sorted({r[1] for r in rows}):
         mine = [r for r in rows if r[1] == kind]
         records = sorted({(r[2], r[3]) for r in mine})
-        used = {e: (0, 1, 2) if strategies.COSTS[e][kind].per_output else (0, 1) for e in records}
+        used = {e: (0, 1, 2) if costs.COSTS[e][kind].per_output else (0, 1) for e in records}
         slots = [(e, j) for e in records for j in used[e]]
-        x0 = np.array([strategies.COSTS[e][kind][j] if j < 2 else strategies.COSTS[e][kind].per_output
+        x0 = np.array([costs.COSTS[e][kind][j] if j < 2 else costs.COSTS[e][kind].per_output
                        for e, j in slots]) + 0.1  # fmt: skip
         cases = sorted({r[0] for r in mine})
         a = np.array([[terms(kind, r[2], r[3], r[4], r[5])[j] if (r[2], r[3]) == e else 0.0 for e, j in slots]
@@ -226,7 +226,7 @@ def main() -> None:
         plan = jaccli.plan(kind, net, x, per_sample=True)  # warm: no start cost counted
         predicted = dict(plan.estimates)
         fwd = forward_seconds(net, x, args.repeats)
-        unit = x.shape[0] * strategies.point_seconds(plan._request.problem.flops, x.device.type)
+        unit = x.shape[0] * costs.point_seconds(plan._request.problem.flops, x.device.type)
         p = plan._request.problem
         medians = {e: statistics.median(t) for e, t in times.items()}
         best = min(medians.values())

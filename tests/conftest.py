@@ -1,7 +1,7 @@
 """Shared set-up for every test.
 
 auto mode counts torch.func's one-time start (importing torch._dynamo) only while it is
-unpaid in the process (:func:`jaccli.engine.strategies.torch_func_started`), so its
+unpaid in the process (:func:`jaccli.engine.costs.torch_func_started`), so its
 choice for a small request depends on what ran before. Tests see it as paid, the state
 of any process that ran torch.func once, so that their choices do not depend on their
 order; tests of the cold choice patch it back (tests/engine/test_auto_choice.py), and
@@ -20,9 +20,9 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def _torch_func_started(monkeypatch):
-    from jaccli.engine import strategies
+    from jaccli.engine import costs
 
-    monkeypatch.setattr(strategies, "torch_func_started", lambda: True)
+    monkeypatch.setattr(costs, "torch_func_started", lambda: True)
 
 
 @pytest.fixture(autouse=True, scope="session")

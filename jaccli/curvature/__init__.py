@@ -12,7 +12,10 @@ differentiates the *loss over a data set* with respect to the model's *parameter
                     allocated bytes (chunks, column blocks, kept graphs)
 :mod:`.objective`   the loss over the data, chunk by chunk and shard by shard (torchrun),
                     and its products: Hessian, GGN and empirical Fisher with a block of
-                    vectors; per-sample gradients and Jacobians; exact GGN/EF diagonals
+                    vectors; per-sample gradients and Jacobians
+:mod:`.assembled`   whole matrices from the objective: the Hessian ``[P, P]`` (layer by
+                    layer by :mod:`.structured`, else by unit vectors), a small Hessian
+                    from its products, the exact GGN/EF diagonals
 :mod:`.layers`      which parameters are the weights and biases of linear layers, read
                     off a graph of the model's ops (for :mod:`.linear` and :mod:`.structured`)
 :mod:`.linear`      per-sample gradients of linear layers' weights and biases as δxᵀ

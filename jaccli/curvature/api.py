@@ -6,8 +6,8 @@ tensor, or a dict of named tensors, samples along axis 0) and a target, builds a
 requested, sharing the work: one assembled matrix serves ``full``, ``diag``, ``trace``,
 ``eig`` and standard errors alike; an exact diagonal gives the trace and the per-layer traces.
 
-Imports: torch, numpy, :mod:`.layertrace`, :mod:`.objective`, :mod:`.params`, :mod:`.spectral`,
-:mod:`jaccli.engine.planner` (memory), :mod:`jaccli.errors`.
+Imports: torch, numpy, :mod:`.assembled`, :mod:`.layertrace`, :mod:`.objective`, :mod:`.params`, :mod:`.spectral`,
+:mod:`jaccli.engine.memory` (memory), :mod:`jaccli.errors`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from jaccli.curvature import layertrace, spectral
+from jaccli.curvature import assembled, layertrace, spectral
 from jaccli.curvature.losses import get_loss
 from jaccli.curvature.objective import Objective, build_objective
 from jaccli.curvature.params import ParamInfo, ParamSpace
-from jaccli.engine.planner import memory_available
+from jaccli.engine.memory import memory_available
 from jaccli.errors import format_bytes, ResourceError, UsageError
 
 #: up to this many parameters a Hessian's diagonal and trace are exact (P products); beyond, estimated
@@ -238,9 +238,9 @@ def curvature(
         exact_diag = np.diag(M).astype(np.float64)
     elif (diag or trace or by_layer) and (matrix != "hessian" or p <= EXACT_LIMIT):
         if matrix != "hessian":
-            exact_diag = obj.diagonal(matrix).detach().cpu().double().numpy()
+            exact_diag = assembled.diagonal(obj, matrix).detach().cpu().double().numpy()
         else:  # a small problem by products through the kept graph: no layer-wise trace, no torch._dynamo
-            H = obj.small_hessian()
+            H = assembled.small_hessian(obj)
             H = spectral.dense(spectral.operator(obj, matrix)) if H is None else H.detach().cpu().double().numpy()
             exact_diag = np.diag(H).astype(np.float64)
     if diag:

@@ -9,7 +9,7 @@ they stream into a :class:`jaccli.Stream` file through :class:`jaccli.io.stream.
 are then read back from the rows themselves (a file-backed tensor, in chunks), so an
 interrupted and resumed run reports the whole data set.
 
-Imports: torch, :mod:`.linear`, :mod:`.objective`, :mod:`.params`, :mod:`.runtime`, :mod:`jaccli.io`, :mod:`jaccli.engine.planner`
+Imports: torch, :mod:`.linear`, :mod:`.objective`, :mod:`.params`, :mod:`.runtime`, :mod:`jaccli.io`, :mod:`jaccli.engine.memory`
 (memory), :mod:`jaccli.errors`.
 """
 
@@ -27,7 +27,7 @@ from jaccli.curvature.linear import NotLinear
 from jaccli.curvature.objective import Objective, build_objective
 from jaccli.curvature.runtime import all_reduce, dist_info
 from jaccli.curvature.params import ParamInfo
-from jaccli.engine.planner import memory_available
+from jaccli.engine.memory import memory_available
 from jaccli.errors import format_bytes, NumericalError, ResourceError, ResumeError, UsageError
 
 #: the JSON schema of ``jaccli grads --json``

@@ -20,9 +20,9 @@ The gradient and the products, for a block of directions ``V`` ``[P, k]``:
   row's output-space product, one batched backward through the model's graph;
 * ``ef``: ``Σᵢ gᵢ gᵢᵀ V / N`` from the chunk's per-sample gradients (δxᵀ for linear layers, ``vmap(grad)`` otherwise).
 
-The assembled Hessian (:meth:`Objective.dense_hessian`, for ``--full``) is built apart: layer by
-layer by :mod:`.structured` where the parameters sit in linear layers, else forward-over-reverse
-with unit vectors, one parameter tensor at a time, one triangle.
+The assembled Hessian (``--full``), a small Hessian from these products and the exact GGN/EF
+diagonals are :mod:`.assembled`'s (layer by layer by :mod:`.structured` where the parameters sit
+in linear layers).
 
 A model ``vmap`` cannot batch (an op without a batching rule) falls back to one column
 (or one sample, by ``jacrev`` of the chunk's losses) at a time, with the same results.
@@ -35,7 +35,7 @@ its first backward, which a PyHessian script never pays; the same products by
 non-linear parameters, ``jacrev`` fallbacks, ``jvp``, and the assembled Hessian.
 
 Imports: torch, :mod:`.linear`, :mod:`.params`, :mod:`.losses`, :mod:`.runtime` (ranks, activation bytes),
-:mod:`jaccli.engine.planner` (the memory budget), :mod:`jaccli.errors`.
+:mod:`jaccli.engine.memory` (the memory budget), :mod:`jaccli.errors`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from jaccli.curvature.linear import LinearRows, NotLinear
 from jaccli.curvature.losses import Loss, get_loss
 from jaccli.curvature.params import ParamSpace, _rows, take
 from jaccli.curvature.runtime import _Bytes, all_reduce, dist_info
-from jaccli.engine.planner import working_budget
+from jaccli.engine.memory import working_budget
 from jaccli.engine.strategies import jvp
 from jaccli.errors import first_line, InputError, ModelError, NumericalError, shape_str, UsageError
 
@@ -60,7 +60,7 @@ from jaccli.errors import first_line, InputError, ModelError, NumericalError, sh
 #: Hessian products of a 7k-parameter MLP on 1024 points cost 4.7 ms a column in blocks of 32,
 #: 8.9 ms in blocks of 128, on one core); a GPU wants wide blocks
 MAX_COLUMNS = {"cpu": 32, "cuda": 256}
-#: the most unit vectors one pass of :meth:`Objective.dense_hessian` carries: forward-over-reverse
+#: the most unit vectors one pass of :func:`.assembled.dense_hessian` carries: forward-over-reverse
 #: keeps no graph per column, and wider blocks pay (measured on one core, a 6.2k-parameter MLP on
 #: 256 points: 128 columns a pass 2.7 s for the whole matrix, 32 a pass 3.3 s, 512 a pass 4.8 s)
 DENSE_COLUMNS = {"cpu": 128, "cuda": 1024}
@@ -72,13 +72,6 @@ PROBE_SAMPLES = 8
 #: one core, a 4.9k-parameter MLP, blocks of 32: 128 points 0.22 ms a column batched, 0.48 ms
 #: a backward each; 1024 points 3.3 ms batched, 2.0 ms each)
 BATCHED_BACKWARD_BYTES = 1 << 20
-#: the work (parameters × samples × activation bytes per sample) up to which the assembled
-#: Hessian comes from products with unit vectors through the kept graph rather than
-#: :mod:`.structured`, whose trace (``make_fx``) and ``jacfwd(grad)`` import ``torch._dynamo``
-#: (~1.4 s of CPU in a fresh process); the products cost about 1 s per GB of that work
-#: (measured on one core, TorchScript tanh MLPs: P 353 × 500 points 0.12 s against 0.05 s
-#: layer by layer once imported; P 1217 × 1000 points 1.4 s against 0.12 s)
-SMALL_DENSE_WORK = 256 << 20
 
 
 class Objective:
@@ -158,7 +151,7 @@ class Objective:
         self._linear: LinearRows | bool | None = None
         #: how the last per-sample gradients were computed: linear (δxᵀ), linear+vmap, vmap or jacrev
         self.per_sample_path: str | None = None
-        #: why :meth:`dense_hessian` took the generic path instead of :mod:`.structured` (None: it did not)
+        #: why :func:`.assembled.dense_hessian` took the generic path instead of :mod:`.structured` (None: it did not)
         self.dense_note: str | None = None
 
     # ------------------------------------------------------------------ chunks
@@ -407,78 +400,6 @@ class Objective:
         if (a, b) not in self._grad_cache:
             self._grad_cache[(a, b)] = self.per_sample_grads(a, b).detach()
         return self._grad_cache[(a, b)]
-
-    # ------------------------------------------------------------------ the assembled Hessian
-
-    def dense_hessian(self) -> torch.Tensor:
-        """The Hessian ``[P, P]``: by :mod:`.structured` where every selected parameter sits in a
-        linear layer, else (the reason in :attr:`dense_note`) from products with unit vectors, one
-        parameter tensor at a time.
-
-        For the unit vectors of tensor ``t`` only the rows of tensors ``t, t+1, …`` are
-        computed (forward-over-reverse: the ``jvp`` in ``θ_t`` of the gradient in
-        ``θ_t, θ_{t+1}, …`` with the earlier tensors held constant); the rows above come from
-        symmetry (and each diagonal block is averaged with its transpose). The tangent's forward pass and the backward pass then stop at the tensors the
-        block involves, so the later a tensor acts in the model the cheaper its columns; no
-        graph is kept between passes. Raises ``RuntimeError`` where ``vmap`` cannot batch the
-        model (the caller then assembles from :meth:`matmat`).
-        """
-        from jaccli.curvature.structured import NotStructured, structured_hessian
-
-        try:  # linear layers: the layer-wise form, GEMMs instead of a pass per column
-            return structured_hessian(self)
-        except NotStructured as why:
-            self.dense_note = f"full Hessian by products with unit vectors, not layer by layer: {why}"
-        space, values = self.space, self.space.values
-        out = torch.zeros(space.size, space.size, dtype=space.dtype, device=space.device)
-        for t, info in enumerate(space.infos):
-            lo = info.offset
-            for a, b in self.chunks():
-
-                def grad_later(w, a=a, b=b, t=t):
-                    # the gradient in θ_t, θ_{t+1}, … as a function of θ_t, earlier tensors constant
-                    later = grad(lambda th: self.chunk_loss(values[:t] + th, a, b))((w, *values[t + 1 :]))
-                    return self.space.flat(later)
-
-                col = lambda v, t=t, f=grad_later: jvp(f, (values[t],), (v.reshape(values[t].shape),))[1]  # noqa: E731
-                for j in range(0, info.size, self.dense_columns):
-                    k = min(self.dense_columns, info.size - j)
-                    E = torch.zeros(info.size, k, dtype=space.dtype, device=space.device)
-                    E[torch.arange(j, j + k), torch.arange(k)] = 1
-                    out[lo:, lo + j : lo + j + k] += vmap(col, in_dims=1, out_dims=1)(E) if k > 1 else col(E[:, 0])[:, None]
-            hi = lo + info.size
-            out[lo:hi, lo:hi] = (out[lo:hi, lo:hi] + out[lo:hi, lo:hi].T) / 2  # symmetric up to rounding
-            out[lo:hi, hi:] = out[hi:, lo:hi].T
-        self.products += space.size
-        return all_reduce(out)
-
-    # ------------------------------------------------------------------ exact diagonals
-
-    def small_hessian(self) -> torch.Tensor | None:
-        """The Hessian ``[P, P]`` from :meth:`matmat` with unit vectors where the problem is
-        small (:data:`SMALL_DENSE_WORK`), else ``None`` (the caller assembles it by
-        :meth:`dense_hessian`). Every rank decides alike: the whole data set, not its shard."""
-        if self.space.size * self.n * self.act_bytes > SMALL_DENSE_WORK:
-            return None
-        H = self.matmat("hessian", torch.eye(self.space.size, dtype=self.space.dtype, device=self.space.device))
-        return (H + H.T) / 2  # symmetric up to rounding
-
-    def diagonal(self, matrix: str) -> torch.Tensor:
-        """The exact diagonal of ``ggn`` or ``ef`` ``[P]`` (one pass of per-sample factors)."""
-        d = torch.zeros(self.space.size, dtype=self.space.dtype, device=self.space.device)
-        for a, b in self.chunks():
-            if matrix == "ef":
-                d += self._cached_grads(a, b).pow(2).sum(0) / self.n
-                continue
-            step = max(1, self.chunk // max(1, math.prod(self.out_shape)))  # [b, C, P] in the budget of [b, P]
-            for a2 in range(a, b, step):
-                b2 = min(a2 + step, b)
-                J = self.per_sample_jacobians(a2, b2)  # [b, C, P]
-                with torch.no_grad():
-                    out = self.space.call(self.space.values, take(self.args, a2, b2))
-                S = self.loss.sqrt(out, self._y(a2, b2)).reshape(b2 - a2, J.shape[1], -1)  # [b, C, K]
-                d += torch.einsum("bck,bcp->bkp", S, J).pow(2).sum((0, 1)) * (self.norm * self.weight)
-        return all_reduce(d)
 
 
 def build_objective(model, inputs, target, *, loss: str, reduction: str | None, params: str | None,

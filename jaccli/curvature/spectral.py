@@ -21,7 +21,7 @@ same ones (their products are all-reduced, the iterations stay in step).
 scipy is imported by the functions that use it, not with this module: ``scipy.linalg`` costs
 0.2-0.7 s of start-up, which ``jaccli grads`` (that imports this package) never needs.
 
-Imports: numpy, scipy (on first use), torch, :mod:`jaccli.errors`.
+Imports: numpy, scipy (on first use), torch, :mod:`jaccli.errors`; :mod:`.assembled` (on first use).
 """
 
 from __future__ import annotations
@@ -119,14 +119,16 @@ def dense(op: LinearOperator, block: int = 256) -> np.ndarray:
     """The matrix of ``op``, assembled from products with blocks of unit vectors.
 
     A Hessian operator whose model ``vmap`` can batch is assembled by its objective's
-    :meth:`~.objective.Objective.dense_hessian` (layer by layer, or one triangle by
+    :func:`.assembled.dense_hessian` (layer by layer, or one triangle by
     forward-over-reverse, the other by symmetry), in the model's float precision; any other
     operator, and that one where ``vmap`` fails, from ``op.matmat`` (float64).
     """
     if isinstance(op, _operator_class()) and op.matrix == "hessian" and op.objective._vmap_ok:
         try:
             # the model's own precision: a float32 P×P copy to float64 costs as much as a layer's block
-            H = op.objective.dense_hessian().detach().cpu()
+            from jaccli.curvature import assembled  # its torch.func and layer-wise paths: only here
+
+            H = assembled.dense_hessian(op.objective).detach().cpu()
             return (H if H.dtype in (torch.float32, torch.float64) else H.double()).numpy()
         except (RuntimeError, NotImplementedError):
             pass  # an op without a batching rule (or forward-mode rule): the products below

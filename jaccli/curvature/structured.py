@@ -1,7 +1,7 @@
 """The full parameter Hessian of a model whose parameters all sit in linear layers, by GEMMs.
 
 For ``--full`` with ``--matrix hessian`` the generic path
-(:meth:`~.objective.Objective.dense_hessian`) pays one forward-and-backward-sized pass over
+(:func:`.assembled.dense_hessian`) pays one forward-and-backward-sized pass over
 all samples per column. When every selected parameter is the weight or the bias of a linear
 layer used once (an MLP, a residual MLP, any DAG of such layers and elementwise ops), the
 Hessian has an exact layer-wise form that turns those passes into matrix products:
@@ -34,7 +34,7 @@ else a selected parameter feeds (a convolution, a parameter used twice, a sequen
 :class:`NotStructured` with the first reason found, and the caller falls back to the generic path. The
 assembled matrix is checked against one Hessian-vector product before it is returned.
 
-Imports: torch, :mod:`.layers`, :mod:`.objective` (the data, chunks, products), :mod:`.runtime` (all-reduce), :mod:`jaccli.engine.planner`
+Imports: torch, :mod:`.layers`, :mod:`.objective` (the data, chunks, products), :mod:`.runtime` (all-reduce), :mod:`jaccli.engine.memory`
 (the memory budget).
 """
 
@@ -49,7 +49,7 @@ from jaccli.curvature.layers import find_layers, Layer, shape
 from jaccli.curvature.objective import Objective
 from jaccli.curvature.params import take
 from jaccli.curvature.runtime import all_reduce
-from jaccli.engine.planner import working_budget
+from jaccli.engine.memory import working_budget
 from jaccli.engine.strategies import jvp_ready
 
 #: the most samples one pass carries: the GEMMs' inner dimension, longer is faster up to here

@@ -21,6 +21,10 @@ The pipeline, one module per stage:
 :mod:`.strategies`        the torch.func products (JVP, VJP and their second-order
                           compositions) and the ``(kind, mode)`` table saying which
                           directions each request takes and where their values go
+:mod:`.costs`             the cost model: each engine's products per point in forward
+                          passes (``COSTS``), start costs, a request's predicted seconds
+:mod:`.memory`            what the machine (or GPU) can still hand out, and what one pass
+                          may use of it (the working budget)
 :mod:`.planner`           mode, memory budget, points and directions per pass, and the
                           choice of engine: the Taylor fast path (:mod:`jaccli.jets`) for
                           forward-mode requests on one per-sample input, else torch.func
@@ -40,7 +44,7 @@ products with one-hot directions that are the same for every row, which never fo
 the cross-point blocks of the full Jacobian. Without it the whole input is one point.
 
 Inside, imports go one way, up the table (``check``, ``partials`` → ``api`` → ``execute`` →
-``planner`` → ``strategies`` → ``problem`` → ``probe`` → ``memo``, ``kernels``, ``paths``). The package may import the
+``planner`` → ``strategies``, ``costs``, ``memory`` → ``problem`` → ``probe`` → ``memo``, ``kernels``, ``paths``). The package may import the
 layers below it (:mod:`jaccli.jets`, :mod:`jaccli.load`, :mod:`jaccli.io`, :mod:`jaccli.request`,
 :mod:`jaccli.errors`); only :mod:`jaccli`, :mod:`jaccli.show` and :mod:`jaccli.cli` import it
 (``lint-imports`` checks this).

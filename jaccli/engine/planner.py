@@ -1,18 +1,23 @@
 """Planning: mode, memory budget, chunk sizes and the engine (Taylor or torch.func).
 
-Owns :class:`Plan` (what a request will do, shown by ``--dry-run``), the memory budget
-of one pass, the refusal of results that cannot fit, and the choice between the Taylor
+Owns :class:`Plan` (what a request will do, shown by ``--dry-run``), the chunks that fit
+the memory budget of one pass (:mod:`.memory`'s), the refusal of results that cannot fit,
+the plans kept for kept programs, and the choice between the Taylor
 fast path (:mod:`jaccli.jets`, forward-mode requests on one per-sample input) and
 the torch.func strategies. A plan carries the normalised request it was made for, so
 that computing it probes and traces the model no second time.
 
-Imports: torch, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.probe`, :mod:`.programs`, :mod:`.strategies`.
+Imports: torch, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.probe`, :mod:`.programs`, :mod:`.strategies`,
+:mod:`.costs`, :mod:`.memory` (what the machine can hand out, what one pass may use).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from collections.abc import Callable
 from typing import NamedTuple
@@ -26,9 +31,9 @@ from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_ar
 from jaccli.request.choices import ESTIMATORS, KINDS, MODES
 from jaccli.request.kinds import kind as kind_of
 from jaccli.request.spec import Derivative, Selection
-from jaccli.engine.strategies import STRATEGIES, count_directions, estimate_seconds, point_seconds
-
-_MIB = 2**20
+from jaccli.engine.costs import estimate_seconds, point_seconds
+from jaccli.engine.memory import MIB as _MIB, memory_available, working_budget
+from jaccli.engine.strategies import STRATEGIES, count_directions
 
 #: working-memory multiple of one forward pass, per point and direction (empirical), by the
 #: Taylor order of the kind (first derivatives and their trace; second derivatives and
@@ -40,32 +45,6 @@ _MEMORY_FACTOR = {
     (2, "reverse"): 6.0,
     (2, "reverse-only"): 8.0,
 }
-
-
-def memory_available(device: torch.device) -> int:
-    """Bytes the machine (or GPU) can still hand out."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-
-
-def working_budget(device: torch.device, free: int | None = None) -> int:
-    """Bytes one pass may use: a quarter of what is free (``free``, else asked), at most 2 GiB on CPU.
-
-    Larger passes gain nothing on CPU (the products are already long matrix
-    multiplications) and leave the machine unusable; GPUs want big passes.
-    """
-    free = memory_available(device) if free is None else free
-    cap = free // 2 if device.type == "cuda" else 2 * 2**30
-    return max(64 * _MIB, min(free // 4, cap))
 
 
 #: the fields of a :class:`~jaccli.request.spec.Derivative` a plan fixes (the seed is the run's)
@@ -187,7 +166,7 @@ def fast_path_applies(p: Problem) -> bool:
 
 def estimates(kind: str, p: Problem, estimator: str, probes: int) -> dict[tuple[str, str], float]:
     """Predicted seconds of every (engine, mode) that can run the request, in
-    :data:`_CANDIDATES` order (the cost model is :data:`.strategies.COSTS`)."""
+    :data:`_CANDIDATES` order (the cost model is :data:`.costs.COSTS`)."""
     out = {}
     for engine, mode in _CANDIDATES:
         if engine == "taylor" and not fast_path_applies(p):
@@ -339,19 +318,50 @@ def _taylor_program(kind: str, p: Problem, mode: str) -> tuple[taylor.TaylorProg
         return None, f"Taylor path not used: {exc}"
 
 
+#: plans made for kept programs: a model called again with the same request and the same
+#: memory figures gets the same plan (a function of those alone) without the arithmetic
+#: and the dataclass (0.03-0.05 ms a call); (id of the program, the rest) -> (the program,
+#: weakly; the plan), least recently used dropped first
+_PLANS: OrderedDict[tuple, tuple[weakref.ref, Plan]] = OrderedDict()
+_PLANS_LOCK = threading.Lock()
+_PLANS_SIZE = 32
+
+
 def _taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, estimator: str, probes: int,
-                 chunk_size) -> Plan:  # fmt: skip
-    """Points per pass and directions per pass from the program's own memory estimate."""
+                 chunk_size, estimates: tuple[tuple[str, float], ...] = ()) -> Plan:  # fmt: skip
+    """Points per pass and directions per pass from the program's own memory estimate (kept
+    per program, keyed by everything else it is made from); ``estimates`` go into the plan."""
     if chunk_size is not None and int(chunk_size) < 1:
         raise UsageError("chunk size must be positive", got=str(chunk_size))
+    available = memory_available(p.device)  # read once (and at most every MEMINFO_EVERY s)
+    budget = working_budget(p.device, available)
+    key = (id(program), kind, estimator, probes, chunk_size, p.n, p.per_sample, p.in_shapes, p.out_shape, p.dtype,
+           p.device, available, budget, _CACHE_BYTES, _MIN_POINTS, estimates)  # fmt: skip
+    try:
+        with _PLANS_LOCK:
+            hit = _PLANS.get(key)
+            if hit is not None and hit[0]() is program:
+                _PLANS.move_to_end(key)
+                return hit[1]
+    except TypeError:  # an argument of a type that cannot key a dict: planned, not kept
+        return _make_taylor_plan(kind, p, program, estimator, probes, chunk_size, available, budget, estimates)
+    plan = _make_taylor_plan(kind, p, program, estimator, probes, chunk_size, available, budget, estimates)
+    with _PLANS_LOCK:
+        _PLANS[key] = (weakref.ref(program), plan)
+        _PLANS.move_to_end(key)
+        while len(_PLANS) > _PLANS_SIZE:
+            _PLANS.popitem(last=False)
+    return plan
+
+
+def _make_taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, estimator: str, probes: int,
+                      chunk_size, available: int, budget: int, estimates: tuple) -> Plan:  # fmt: skip
     tkind = _taylor_kind(kind, estimator)
     n_dirs = {"jvp": int(probes), "hessian": p.n_in * (p.n_in + 1) // 2}.get(tkind, p.n_in)
     shape = _result_shape(kind, p, estimator)
     itemsize = torch.empty((), dtype=p.dtype).element_size()
     result_bytes = math.prod(shape) * itemsize
     row_bytes = 16 if tkind == "jvp" else math.prod(shape[1:]) * itemsize
-    available = memory_available(p.device)  # read once: /proc/meminfo costs ~0.1 ms a call
-    budget = working_budget(p.device, available)
 
     def per_point(directions: int) -> int:
         return program.bytes_per_point(tkind, directions) + row_bytes
@@ -383,6 +393,7 @@ def _taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, estimator
         dtype=p.dtype,
         device=p.device,
         engine="taylor",
+        estimates=estimates,
     )
 
 
@@ -395,7 +406,7 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
     wanted = mode == "forward" or (mode == "auto" and cheapest(costs)[0] == "taylor")
     program, why_not = _taylor_program(kind, p, "forward" if wanted else mode)
     if program is not None:
-        return replace(_taylor_plan(kind, p, program, estimator, probes, chunk_size), estimates=shown), program
+        return _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown), program
     plan = make_plan(kind, p, mode, estimator, probes, chunk_size)
     if why_not is None and mode == "auto" and ("taylor", "forward") in costs:
         why_not = _why_not_taylor(p, plan.mode, costs)

@@ -6,7 +6,7 @@ torchdiffeq's ``_check_inputs``: every later stage trusts what it returns), whic
 running :mod:`.probe` on the model (output shape, memory per point, ops, batch independence).
 
 Imports: torch, :mod:`jaccli.errors`, :mod:`jaccli.request.spec`, :mod:`jaccli.load.models`,
-:mod:`.kernels` and :mod:`.probe`; nothing else of the engine.
+:mod:`.kernels`, :mod:`.memo` (the model's state) and :mod:`.probe`; nothing else of the engine.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import nn
 from jaccli.errors import ModelError, NumericalError, UsageError, shape_str, JaccliWarning
 from jaccli.request.spec import Selection
 from jaccli.load.models import info_of, model_dtype
+from jaccli.engine import memo
 from jaccli.engine.kernels import differentiable
 from jaccli.engine.probe import run_probe, select_output, select_part
 
@@ -232,7 +233,9 @@ def check_inputs(
             "inputs differ in dtype or device",
             got=", ".join(f"{l}: {v.dtype}/{v.device}" for l, v in zip(labels, args.values)),
         )
-    mdtype = model_dtype(module)
+    # the model's state (the probe and program caches' key), taken once per call before the
+    # model runs, and its dtype: one walk of the module tree for both
+    now, mdtype = memo.state_and_dtype(module) if isinstance(module, nn.Module) else (None, model_dtype(module))
     if mdtype is not None and mdtype != dtype:
         raise UsageError(
             "the model's parameters and the input differ in dtype",
@@ -257,7 +260,7 @@ def check_inputs(
         n = 1
         in_shapes = tuple(tuple(args.values[i].shape) for i in wrt_idx)
     for label, v in zip(labels, args.values):
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+        if v.is_floating_point() and not _all_finite(v):
             if strict:
                 raise NumericalError(f"input {label!r} holds NaN or Inf values", where=where)
             warnings.warn(f"input {label!r} holds NaN or Inf values", JaccliWarning, stacklevel=3)
@@ -278,10 +281,19 @@ def check_inputs(
         device=device,
         static_batch=static_batch_of(module) if per_sample else None,
         select=Selection.parse(select),
+        state=now,
     )
     _check_exported_shapes(problem, names)
     run_probe(problem, check_batch=check_batch and per_sample, refuse_blocked=refuse_blocked, defer_batch=defer_batch)
     return problem
+
+
+def _all_finite(v: torch.Tensor) -> bool:
+    """Whether every entry of ``v`` is finite. A finite sum says so in one read without a
+    mask (a NaN or an Inf makes the sum NaN or Inf; 6-15 µs on a small input against
+    15-35, 33 µs against 0.7 ms on 200,000 values); only a non-finite sum, which finite
+    values can give by overflow, is checked entry by entry."""
+    return v.numel() == 0 or bool(v.sum().isfinite()) or bool(torch.isfinite(v).all())
 
 
 def _check_exported_shapes(problem: Problem, names: Sequence[str]) -> None:

@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 import jaccli
-from jaccli.engine import planner, strategies
+from jaccli.engine import costs as cost_model, planner
 from problems import make_examples, save_torchscript, tanh_mlp
 
 
 @pytest.fixture
 def cold(monkeypatch):
     """A fresh process, as a newcomer's command runs: torch.func's start is still to pay."""
-    monkeypatch.setattr(strategies, "torch_func_started", lambda: False)
+    monkeypatch.setattr(cost_model, "torch_func_started", lambda: False)
 
 
 def pinn(n_in: int = 2, n_out: int = 1, dtype=torch.float32) -> nn.Module:
@@ -51,7 +51,7 @@ def test_a_two_input_pinn_takes_the_taylor_engine(request, tmp_path, state, kind
     assert set(costs) == {"taylor forward", "torch.func forward", "torch.func reverse"}
     assert costs["taylor forward"] == min(costs.values())
     if state == "cold":  # the start of torch.func alone outweighs the whole Taylor computation
-        assert costs["torch.func reverse"] >= strategies.TORCH_FUNC_START > 10 * costs["taylor forward"]
+        assert costs["torch.func reverse"] >= cost_model.TORCH_FUNC_START > 10 * costs["taylor forward"]
 
 
 @pytest.mark.parametrize("n_in", [1, 2, 3, 5])
@@ -149,9 +149,9 @@ def test_the_hutchinson_estimate_is_planned_by_its_probes():
     net, x = tanh_mlp((64, 16, 64), dtype=torch.float32), torch.zeros(10, 64)
     plan = jaccli.plan("divergence", net, x, per_sample=True, estimator="hutchinson", probes=8)
     assert (plan.engine, plan.mode) == ("taylor", "forward")
-    cost = strategies.COSTS[("taylor", "forward")]["hutchinson"]
-    assert strategies.passes_per_point("hutchinson", "taylor", "forward", 64, 64, probes=8) == cost.base + 8 * cost.per_direction
-    assert strategies.passes_per_point("hutchinson", "taylor", "forward", 64, 64, probes=80) > 64 * cost.per_direction
+    cost = cost_model.COSTS[("taylor", "forward")]["hutchinson"]
+    assert cost_model.passes_per_point("hutchinson", "taylor", "forward", 64, 64, probes=8) == cost.base + 8 * cost.per_direction
+    assert cost_model.passes_per_point("hutchinson", "taylor", "forward", 64, 64, probes=80) > 64 * cost.per_direction
 
 
 # ----------------------------------------------------------------- the cost model itself
@@ -160,7 +160,7 @@ def test_the_hutchinson_estimate_is_planned_by_its_probes():
 def test_every_engine_has_one_cost_record_per_kind():
     kinds = {"jacobian", "hessian", "laplacian", "divergence", "hutchinson"}
     for engine_mode in planner._CANDIDATES:
-        assert set(strategies.COSTS[engine_mode]) == kinds
+        assert set(cost_model.COSTS[engine_mode]) == kinds
 
 
 @pytest.mark.parametrize("kind", ["hessian", "laplacian"])
@@ -168,8 +168,8 @@ def test_the_reverse_second_order_cost_shares_each_tangent_among_outputs(kind):
     # forward over reverse runs one direction per input (a forward pass and its tangent)
     # and, inside it, one pullback per output: linear in n_in for a fixed n_out and in
     # n_out for a fixed n_in, never a product per (output, input) pair at full price
-    cost = strategies.COSTS[("torch.func", "reverse")][kind]
-    passes = lambda i, o: strategies.passes_per_point(kind, "torch.func", "reverse", i, o)  # noqa: E731
+    cost = cost_model.COSTS[("torch.func", "reverse")][kind]
+    passes = lambda i, o: cost_model.passes_per_point(kind, "torch.func", "reverse", i, o)  # noqa: E731
     assert passes(64, 3) == pytest.approx(cost.base + 64 * (cost.per_direction + 3 * cost.per_output))
     assert passes(64, 1) - passes(32, 1) == pytest.approx(passes(32, 1) - passes(0, 1))
     assert passes(16, 8) - passes(16, 4) == pytest.approx(passes(16, 4) - passes(16, 0))
@@ -187,7 +187,7 @@ def test_predictions_scale_with_the_models_operations_per_point():
     flops = small._request.problem.flops, big._request.problem.flops
     assert flops[1] > 4 * flops[0]
     a, b = dict(small.estimates), dict(big.estimates)
-    start = {name: strategies.start_seconds(name.split()[0]) for name in a}
+    start = {name: cost_model.start_seconds(name.split()[0]) for name in a}
     for name in a:
         assert (b[name] - start[name]) / (a[name] - start[name]) == pytest.approx(flops[1] / flops[0], rel=1e-6)
 
@@ -245,13 +245,13 @@ def test_the_cost_fit_recovers_the_table_from_times_it_predicts(kind, auto_mode_
     for c, (n_in, n_out) in enumerate([(1, 1), (2, 1), (5, 1), (10, 1), (30, 1), (5, 4), (10, 8), (3, 20)]):
         factor = float(torch.empty(()).uniform_(0.3, 5.0, generator=g))
         for engine, mode in planner._CANDIDATES:
-            passes = strategies.passes_per_point(kind, engine, mode, n_in, n_out)
+            passes = cost_model.passes_per_point(kind, engine, mode, n_in, n_out)
             rows.append((f"case {c}", kind, engine, mode, n_in, n_out, passes * factor))
     figures, sd = auto_mode_benchmark.fit(rows)[kind]
     assert sd < 1e-6
     got, want = [], []
     for (engine, mode), values in figures.items():
-        cost = strategies.COSTS[(engine, mode)][kind]
+        cost = cost_model.COSTS[(engine, mode)][kind]
         for name, value in values.items():
             got.append(value)
             want.append(getattr(cost, name))

@@ -56,6 +56,38 @@ def test_plan_bounds_chunks_by_memory(monkeypatch):
     torch.testing.assert_close(jaccli.hessian(net, x, per_sample=True), small)
 
 
+def test_the_hosts_free_memory_is_read_at_most_every_so_often(monkeypatch):
+    from jaccli.engine import memory
+
+    reads = []
+    monkeypatch.setattr(memory, "_read_host_free", lambda: reads.append(1) or 1000 * len(reads))
+    monkeypatch.setattr(memory, "_HOST_FREE", [(-math.inf, 0)])
+    clock = [100.0]
+    monkeypatch.setattr(memory.time, "monotonic", lambda: clock[0])
+    cpu = torch.device("cpu")
+    assert memory.memory_available(cpu) == 1000
+    clock[0] += memory.MEMINFO_EVERY / 2
+    assert memory.memory_available(cpu) == 1000 and len(reads) == 1  # the reading is reused
+    clock[0] += memory.MEMINFO_EVERY
+    assert memory.memory_available(cpu) == 2000 and len(reads) == 2  # and read again once old
+
+
+def test_a_kept_plan_follows_the_memory_it_was_made_for(monkeypatch):
+    # the plan of a kept program is reused only for the same memory figures: less memory
+    # free (read anew) plans smaller chunks at once
+    net = tanh_mlp((2, 16, 1), dtype=torch.float32)
+    x = torch.rand(5000, 2)
+    free = [64 * 2**30]
+    monkeypatch.setattr(planner, "memory_available", lambda device: free[0])
+    first = jaccli.plan("laplacian", net, x, per_sample=True)
+    assert jaccli.plan("laplacian", net, x, per_sample=True) == first
+    free[0] = 300 * 2**20  # a budget of 75 MiB: still one chunk under the cache bound
+    assert jaccli.plan("laplacian", net, x, per_sample=True).available_bytes == 300 * 2**20
+    monkeypatch.setattr(planner, "working_budget", lambda device, free=None: 64 * 2**10)
+    small = jaccli.plan("laplacian", net, x, per_sample=True)
+    assert small.engine == "taylor" and small.points_per_chunk < first.points_per_chunk
+
+
 def test_every_strategy_is_reachable():
     kinds = {k for k, _ in STRATEGIES}
     assert kinds == {"jacobian", "hessian", "divergence", "laplacian", "hutchinson"}

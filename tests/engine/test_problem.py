@@ -109,6 +109,29 @@ def test_non_finite_results_warn_or_fail_when_strict():
         jaccli.jacobian(torch.sqrt, x, per_sample=True, strict=True)
 
 
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [
+        ([3e38, 3e38, 1.0], True),  # finite, but the float32 sum overflows: checked entry by entry
+        ([1.0, float("inf"), -float("inf")], False),  # the infinities cancel into a NaN sum
+        ([1.0, float("nan")], False),
+        ([-float("inf"), 2.0], False),
+    ],
+)
+def test_the_inputs_finiteness_check(values, finite):
+    import warnings
+
+    x = torch.tensor(values, dtype=torch.float32)[:, None]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        jaccli.jacobian(lambda v: v * 2, x, per_sample=True)
+    said = any("input" in str(w.message) and "NaN or Inf" in str(w.message) for w in seen)
+    assert said == (not finite)
+    if not finite:
+        with pytest.raises(jaccli.NumericalError, match="holds NaN or Inf"):
+            jaccli.jacobian(lambda v: v * 2, x, per_sample=True, strict=True)
+
+
 def test_result_too_large_is_refused_before_any_derivative():
     calls = []
 

@@ -90,6 +90,36 @@ def test_an_in_place_update_of_the_weights_is_not_served_a_stale_program():
     assert_rel(got, torch_func("hessian", f, x, per_sample=True, mode="forward"))
 
 
+class _BufferFirst(nn.Module):
+    """A float64 buffer ahead of float32 parameters, a shared layer, a child's buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(3, dtype=torch.float64))
+        self.a = nn.Linear(3, 3)
+        self.b = self.a
+        self.norm = nn.BatchNorm1d(3)
+
+
+@pytest.mark.parametrize("make", [_BufferFirst, lambda: nn.Sequential(), lambda: tanh_mlp((2, 4, 1))])
+def test_the_state_walk_sees_what_the_key_needs(make):
+    # one walk gives the cache key and the model's dtype: the dtype is load.models.model_dtype's
+    # answer, and any in-place change of a parameter or buffer, or train()/eval(), changes the key
+    from jaccli.load.models import model_dtype
+
+    m = make()
+    before, dtype = memo.state_and_dtype(m)
+    assert dtype == model_dtype(m) and before == memo.state(m)
+    tensors = [*m.parameters(), *m.buffers()]
+    for t in tensors:
+        with torch.no_grad():
+            t.add_(0)  # the same values, a new version
+        assert memo.state(m) != before
+        before = memo.state(m)
+    m.train(not m.training)
+    assert memo.state(m) != before
+
+
 class _Switch(nn.Module):
     """A Python flag the key cannot see changes the function: the recheck must catch it."""
 
