@@ -121,7 +121,8 @@ def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
         if max(cx.counts[1:]) < MIN_ROWS or sum(cx.counts[1:]) * w2.numel() * w2.element_size() > MAX_FOLDED_BYTES:
             return None
         z = seed.block(0)[0]
-        a1 = torch.mm(z, w1) if bias1 is None else torch.addmm(bias1, z, w1)
+        a1 = cx.tensor((batch, w1.shape[1]), z, torch.result_type(z, w1))  # the workspace's: no page faults
+        torch.mm(z, w1, out=a1) if bias1 is None else torch.addmm(bias1, z, w1, out=a1)
         dtype = torch.result_type(a1, w2)
         top = lay.top
         y, fs = derivs(a1, top, None, *su.args[1:], **su.kwargs)
