@@ -95,7 +95,7 @@ def _tanh(x: Tensor, out: Tensor | None) -> Tensor:
         return torch.tanh(x, out=out)
     y = workspace.empty_like(x) if out is None else out
     torch.clamp(x, -9.0, 9.0, out=y).mul_(2.0).expm1_()
-    return y.div_(torch.add(y, 2.0, out=workspace.empty_like(y)))
+    return y.div_(y + 2.0)
 
 
 def _d_tanh(x, order, out):
