@@ -162,6 +162,8 @@ def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
 
 
 def _first_rows(steps: list[_Step], layouts: list[Layout], live: list[bool], output) -> list[Fold]:
+    """``x @ W₁ (+ b₁) → f`` with a constant ``W₁``, the product read by ``f`` alone (its rows are
+    then never needed); whether ``x`` is the one-hot seed only a pass can tell."""
     readers = _readers(steps, live)
     folds = []
     for a, s in enumerate(steps):
