@@ -30,6 +30,15 @@ point-major buffer whose transpose is the jet; the strided rows made every eleme
 rule after it slower than the wide GEMM saved. Orders past 2 (series of ``partials``,
 which have no one-hot seed) are not folded.
 
+**The first activation's rows** (``"first-rows"``, tried where ``"first-layer"`` declines: one
+row per order, or folded weights past :data:`MAX_FOLDED_BYTES`): ``seed → x @ W₁ (+ b₁) → f``
+with one-hot seeds computes ``f``'s jet directly, its rows ``f′ ⊙ cᵣ`` and ``f″ ⊙ h (c ⊗ c)ₚ``
+each one broadcasting multiply of ``[rows, 1, n₁]`` constants by ``[B, n₁]``. The rules would
+first copy the constants out to ``[rows, B, n₁]`` (the one-hot product), read them back for
+``f′ ⊙ ·`` and square and sum them again for ``f″``'s term: on the 100→256³→1 Laplacian three
+passes over 100 rows of every point, gone. Eager passes only: where fused kernels are on
+(:mod:`.fused`), the activation is one of theirs.
+
 Imports: :mod:`.jet`, :mod:`.record`, :mod:`.elementwise`.
 """
 
@@ -65,6 +74,8 @@ class Fold:
 
     steps: tuple[int, ...]
     run: Callable
+    #: left to the rules where fused kernels are on (the pattern's activation is one of theirs)
+    eager_only: bool = False
 
 
 def _product(s: _Step) -> tuple[object, object, object] | None:
@@ -150,6 +161,70 @@ def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
     return run
 
 
+def _first_rows(steps: list[_Step], layouts: list[Layout], live: list[bool], output) -> list[Fold]:
+    """``x @ W₁ (+ b₁) → f`` with a constant ``W₁``, the product read by ``f`` alone (its rows are
+    then never needed); whether ``x`` is the one-hot seed only a pass can tell."""
+    readers = _readers(steps, live)
+    folds = []
+    for a, s in enumerate(steps):
+        if _product(s) is None or not live[a] or len(readers.get(a, ())) != 1:
+            continue
+        u = readers[a][0]
+        su, lay = steps[u], layouts[u]
+        if su.kind != "jet" or su.name not in _UNARY_DERIVS or su.args[:1] != (_Ref(a),) or not 1 <= lay.top <= 2:
+            continue
+        if any(isinstance(p, _Ref) for p in (*su.args[1:], *su.kwargs.values())):
+            continue
+        folds.append(Fold((a, u), _first_rows_run(s, su, lay), eager_only=True))
+    return folds
+
+
+def _first_rows_run(sa: _Step, su: _Step, lay: Layout) -> Callable:
+    derivs = _UNARY_DERIVS[su.name]
+    bias1, seed_ref, w1 = _product(sa)
+
+    def run(fold: Fold, cx: _Call, env: list, batch: int) -> Jet | None:
+        seed = env[seed_ref.index]
+        if not isinstance(seed, Jet) or seed.onehot is None or seed.lay.top != 1 or cx.order > 2:
+            return None
+        z = seed.block(0)[0]
+        a1 = torch.mm(z, w1) if bias1 is None else torch.addmm(bias1, z, w1)
+        out = cx.empty(lay, a1.shape, a1)
+        value = out.block(0)
+        y, fs = derivs(a1, lay.top, None if value is None else value[0], *su.args[1:], **su.kwargs)
+        if value is not None and y.data_ptr() != value.data_ptr():
+            value[0].copy_(y)
+        rows = _constant_rows(fold, cx, seed.onehot, w1, a1.dtype)
+        fs = [*fs, None, None]
+        for order in (1, 2):
+            dest = out.block(order)
+            if dest is None:
+                continue
+            if fs[order - 1] is None:
+                dest.zero_()
+            else:  # [rows, 1, n₁] ⊙ [B, n₁]: each row made where it is written, none copied first
+                torch.mul(rows[order - 1], fs[order - 1], out=dest)
+        return out
+
+    return run
+
+
+def _constant_rows(fold: Fold, cx: _Call, cols: Tensor, w1: Tensor, dtype: torch.dtype) -> list[Tensor]:
+    """The first product's rows ``cᵣ = W₁[colᵣ]`` and ``h (c ⊗ c)ₚ`` (``[rows, 1, n₁]`` each; the
+    second only for a pass of order 2), made once per pass and dropped with it (as :func:`_folded`)."""
+    key = (id(fold), "rows", dtype)
+    hit = cx.folded.get(key)
+    if hit is not None:
+        return hit
+    c = w1.index_select(0, cols.to(w1.device)).to(dtype)[:, None, :]  # [k1, 1, n1]
+    rows = [c]
+    if cx.order >= 2:
+        sq = c.new_empty((cx.counts[2], 1, c.shape[2]))
+        rows.append(cx.square(c, sq).mul_(cx.half))
+    cx.folded[key] = rows
+    return rows
+
+
 def _folded(fold: Fold, cx: _Call, cols: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> list[Tensor]:
     """``[diag(cᵣ) W₂]ᵣ`` and ``[diag(h (c ⊗ c)ₚ) W₂]ₚ`` (``[rows, n₁, m]`` each), made once
     per pass (``cx``: its columns, pairs and mode) and dropped with it.
@@ -161,19 +236,20 @@ def _folded(fold: Fold, cx: _Call, cols: Tensor, w1: Tensor, w2: Tensor, dtype: 
     hit = cx.folded.get(key)
     if hit is not None:
         return hit
-    c = w1.index_select(0, cols.to(w1.device)).to(dtype)  # [k1, n1]: the first product's rows
-    sq = c.new_empty((cx.counts[2], 1, c.shape[1])) if cx.order >= 2 else None
-    if sq is not None:
-        cx.square(c[:, None, :], sq).mul_(cx.half)
-    weights = [r[:, :, None] * w2.to(dtype)[None] for r in (c, None if sq is None else sq[:, 0]) if r is not None]
+    weights = [r[:, 0, :, None] * w2.to(dtype)[None] for r in _constant_rows(fold, cx, cols, w1, dtype)]
     cx.folded[key] = weights
     return weights
 
 
-#: pattern name -> finder ``(steps, layouts, live, output) -> [Fold]``
-FOLDS: dict[str, Callable] = {"first-layer": _first_layer}
+#: pattern name -> finder ``(steps, layouts, live, output) -> [Fold]``; where two start at one
+#: step, a pass tries them in this order (``first-rows`` where ``first-layer`` declines)
+FOLDS: dict[str, Callable] = {"first-layer": _first_layer, "first-rows": _first_rows}
 
 
-def find(steps: list[_Step], layouts: list[Layout], live: list[bool], output) -> dict[int, Fold]:
-    """The folds of one schedule, by the step each starts at."""
-    return {f.steps[0]: f for finder in FOLDS.values() for f in finder(steps, layouts, live, output)}
+def find(steps: list[_Step], layouts: list[Layout], live: list[bool], output) -> dict[int, list[Fold]]:
+    """The folds of one schedule, by the step they start at (in :data:`FOLDS`' order)."""
+    found: dict[int, list[Fold]] = {}
+    for finder in FOLDS.values():
+        for f in finder(steps, layouts, live, output):
+            found.setdefault(f.steps[0], []).append(f)
+    return found

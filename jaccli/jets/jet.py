@@ -213,8 +213,8 @@ class _Call:
     def square(self, d1: Tensor, out: Tensor) -> Tensor:
         """``d1 ⊗ d1`` into ``out``: ``d1_i d1_j`` per pair, ``Σ d1_k²``, or ``d1²`` row by row
         (times :attr:`half` ``· f''`` it is a unary op's order-2 term)."""
-        if self.collapsed:
-            return torch.sum(d1 * d1, 0, keepdim=True, out=out)
+        if self.collapsed:  # the squares into a workspace buffer: a fresh [rows, B, n] each call page-faults
+            return torch.sum(torch.mul(d1, d1, out=self.tensor(d1.shape, d1)), 0, keepdim=True, out=out)
         if self.pairs is None or self.counts[1] == 1:  # series, or one direction and one pair (0, 0)
             return torch.mul(d1, d1, out=out)
         runs = self.runs if out.numel() > _GATHER_BELOW else None
@@ -235,6 +235,21 @@ class _Call:
             return beta(a, b)
         i, j = self.pairs
         return beta(a.index_select(0, i), b.index_select(0, j)) + beta(a.index_select(0, j), b.index_select(0, i))
+
+    def cross_into(self, a: Tensor, b: Tensor, dst: Tensor, first: bool) -> Tensor:
+        """:meth:`cross` for ``β = ·``, written into ``dst`` (``first``: ``dst`` is uninitialised)
+        or added to it, with no new tensor for the sum: the products of pairs by ``addcmul_``,
+        the collapsed row's ``2 Σᵢ aᵢ bᵢ`` with its 2 riding on the write."""
+        r = max(_rank(a), _rank(b))
+        if self.collapsed:
+            total = _b_mul(a, b).sum(0, keepdim=True)
+            return torch.mul(total, 2, out=dst) if first else dst.add_(total, alpha=2)
+        if self.pairs is None:
+            return torch.mul(_lift(a, r), _lift(b, r), out=dst) if first else dst.addcmul_(_lift(a, r), _lift(b, r))
+        i, j = self.pairs
+        x, y = _lift(a.index_select(0, i), r), _lift(b.index_select(0, j), r)
+        torch.mul(x, y, out=dst) if first else dst.addcmul_(x, y)
+        return dst.addcmul_(_lift(a.index_select(0, j), r), _lift(b.index_select(0, i), r))
 
 
 def _take_view(jet: Jet, lay: Layout) -> Tensor | None:

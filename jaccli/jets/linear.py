@@ -256,7 +256,7 @@ def _product(cx: _Call, lay: Layout, a, b, beta: Callable) -> Jet:
 def _leibniz_mul(cx: _Call, lay: Layout, a: Jet, b: Jet) -> Jet:
     """``a * b`` of two jets, each block of the product written in place: its first term by
     ``mul(out=)``, the others by ``addcmul_`` (a cross term of pairs or of the collapsed row
-    through :meth:`~.jet._Call.cross`). The general path built every term as a new tensor,
+    through :meth:`~.jet._Call.cross_into`). The general path built every term as a new tensor,
     summed them and concatenated the blocks: 27 ATen calls for a flow's ``x · exp(s)``."""
     r = max(len(a.shape), len(b.shape))
     out = cx.empty(lay, broadcast_shapes(a.shape, b.shape), a.t, torch.result_type(a.t, b.t))
@@ -273,14 +273,8 @@ def _leibniz_mul(cx: _Call, lay: Layout, a: Jet, b: Jet) -> Jet:
                     torch.mul(_lift(ai, r), _lift(bj, r), out=dst)
                 else:
                     dst.addcmul_(_lift(ai, r), _lift(bj, r))
-            elif cx.collapsed:  # 2 Σᵢ aᵢ bᵢ, the 2 riding on the add
-                total = _b_mul(ai, bj).sum(0, keepdim=True)
-                torch.mul(total, 2, out=dst) if first else dst.add_(total, alpha=2)
-            else:  # pairs: a_i b_j + a_j b_i, both added in place
-                i_, j_ = cx.pairs
-                x, y = _lift(ai.index_select(0, i_), r), _lift(bj.index_select(0, j_), r)
-                torch.mul(x, y, out=dst) if first else dst.addcmul_(x, y)
-                dst.addcmul_(_lift(ai.index_select(0, j_), r), _lift(bj.index_select(0, i_), r))
+            else:  # pairs or the collapsed row, written or added in place
+                cx.cross_into(ai, bj, dst, first)
             first = False
         if first:
             dst.zero_()

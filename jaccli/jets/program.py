@@ -232,9 +232,12 @@ class TaylorProgram:
         with torch.no_grad():
             for i in range(start, stop):
                 s = self.steps[i]
-                f = sched.folds.get(i)
-                if f is not None and f.steps[-1] < stop and (jet := f.run(f, cx, env, batch)) is not None:
-                    env[f.steps[-1]], folded = jet, f.steps
+                for f in sched.folds.get(i, ()):  # the first whose run computes its steps
+                    if f.eager_only and fuser is not None and fuser.active:
+                        continue
+                    if f.steps[-1] < stop and (jet := f.run(f, cx, env, batch)) is not None:
+                        env[f.steps[-1]], folded = jet, f.steps
+                        break
                 if i in folded:  # computed by the fold: only its frees are left
                     for r in sched.frees[i]:
                         env[r] = None

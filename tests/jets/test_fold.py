@@ -38,6 +38,27 @@ def runs(monkeypatch):
     return counts
 
 
+@pytest.fixture
+def row_runs(monkeypatch):
+    """How many passes the ``first-rows`` pattern computed (the first activation's rows made
+    from the constants by broadcasting, where the whole fold declines)."""
+    counts = {"first-rows": 0}
+    finder = fold._first_rows_run
+
+    def counting(*args):
+        run = finder(*args)
+
+        def wrapped(*a):
+            jet = run(*a)
+            counts["first-rows"] += jet is not None
+            return jet
+
+        return wrapped
+
+    monkeypatch.setattr(fold, "_first_rows_run", counting)
+    return counts
+
+
 def _x(n_in: int, dtype=torch.float64, n: int = 7) -> torch.Tensor:
     return torch.randn(n, n_in, dtype=dtype, generator=torch.Generator().manual_seed(n_in))
 
@@ -149,7 +170,7 @@ def test_fold_applies_only_where_the_rows_are_not_needed(fresh_programs, runs, n
     assert (runs["first-layer"] > 0) == folds
 
 
-def test_series_passes_run_unfolded(fresh_programs, runs):
+def test_series_passes_run_unfolded(fresh_programs, runs, row_runs):
     # no one-hot seed rows (the series of partials): the steps run one by one
     from torch.func import jacfwd, vmap
 
@@ -164,7 +185,7 @@ def test_series_passes_run_unfolded(fresh_programs, runs):
     want = {"u_xx": vmap(d2)(x[:, 0]), "u_xxxx": vmap(jacfwd(jacfwd(d2)))(x[:, 0])}
     for name in ("u_xxxx", "u_xx"):
         assert_rel(torch.as_tensor(got[name]).reshape(-1), want[name].reshape(-1))
-    assert runs["first-layer"] == 0
+    assert runs["first-layer"] == 0 and row_runs["first-rows"] == 0
 
 
 def test_one_row_per_order_runs_unfolded(fresh_programs, runs):
@@ -200,3 +221,19 @@ def test_weights_changed_through_data_are_folded_anew(runs):
         net[2].weight.data.mul_(-0.5)
     assert_rel(jaccli.hessian(net, x, per_sample=True), torch_func("hessian", net, x, per_sample=True))
     assert runs["first-layer"] >= 2
+
+
+@pytest.mark.parametrize("n_in", [1, 3])
+@pytest.mark.parametrize("act", ["tanh", "softplus", "sin"])
+def test_first_rows_where_the_fold_declines(fresh_programs, runs, row_runs, monkeypatch, n_in, act):
+    # one input (fold.MIN_ROWS) or folded weights past the cap: the first activation's rows are
+    # made from the constants by broadcasting, and its input's rows are never written
+    monkeypatch.setattr(fold, "MAX_FOLDED_BYTES", 0)
+    net = tanh_mlp((n_in, 9, 8, 2), seed=n_in, act=act)
+    x = _x(n_in)
+    for kind in KINDS3:
+        got = getattr(jaccli, kind)(net, x, per_sample=True, chunk_size=3)
+        assert_rel(got, torch_func(kind, net, x, per_sample=True))
+    assert runs["first-layer"] == 0
+    assert row_runs["first-rows"] >= 3 * len(KINDS3)  # every chunk of every kind
+
