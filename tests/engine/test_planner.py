@@ -63,7 +63,7 @@ def test_the_hosts_free_memory_is_read_at_most_every_so_often(monkeypatch):
     monkeypatch.setattr(memory, "_read_host_free", lambda: reads.append(1) or 1000 * len(reads))
     monkeypatch.setattr(memory, "_HOST_FREE", [(-math.inf, 0)])
     clock = [100.0]
-    monkeypatch.setattr(memory.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(memory, "_clock", lambda: clock[0])
     cpu = torch.device("cpu")
     assert memory.memory_available(cpu) == 1000
     clock[0] += memory.MEMINFO_EVERY / 2
