@@ -173,6 +173,13 @@ class Objective:
         """The targets of points ``a:b`` (None for a loss without targets)."""
         return None if self.target is None else self.target[a:b]
 
+    def loss_sqrt(self, a: int, b: int) -> torch.Tensor:
+        """A factor ``S`` ``[b - a, C, K]`` of the loss Hessian at the model's outputs on
+        points ``a:b`` (:class:`~.losses.Loss` ``sqrt``): the GGN is ``Σ Jᵀ S Sᵀ J``."""
+        with torch.no_grad():
+            out = self.space.call(self.space.values, take(self.args, a, b))
+        return self.loss.sqrt(out, self.targets(a, b))
+
     def chunk_loss(self, theta, a: int, b: int) -> torch.Tensor:
         """``w Σ_{i∈[a,b)} ℓᵢ(θ)``."""
         out = self.space.call(theta, take(self.args, a, b))

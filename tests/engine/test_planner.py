@@ -88,6 +88,23 @@ def test_a_kept_plan_follows_the_memory_it_was_made_for(monkeypatch):
     assert small.engine == "taylor" and small.points_per_chunk < first.points_per_chunk
 
 
+def test_a_kept_plan_is_recalled_for_the_same_chunk_size(monkeypatch):
+    # 64, numpy's 64 and 64.0 ask for the same plan: planned once, then recalled from the
+    # program's one slot; another chunk size plans anew
+    import numpy as np
+
+    made = []
+    make = planner._make_taylor_plan
+    monkeypatch.setattr(planner, "_make_taylor_plan", lambda *a, **k: made.append(1) or make(*a, **k))
+    net = tanh_mlp((2, 8, 1), dtype=torch.float32)
+    x = torch.rand(300, 2)
+    plans = [jaccli.plan("laplacian", net, x, per_sample=True, chunk_size=c) for c in (64, np.int64(64), 64.0)]
+    assert plans[0].engine == "taylor" and plans[0].points_per_chunk == 64
+    assert plans[1] == plans[0] and plans[2] == plans[0] and len(made) == 1
+    assert jaccli.plan("laplacian", net, x, per_sample=True, chunk_size=32).points_per_chunk == 32
+    assert len(made) == 2
+
+
 def test_every_strategy_is_reachable():
     kinds = {k for k, _ in STRATEGIES}
     assert kinds == {"jacobian", "hessian", "divergence", "laplacian", "hutchinson"}
