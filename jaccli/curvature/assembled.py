@@ -11,7 +11,7 @@ The objective itself (the loss over the data, its products with a block of vecto
 :mod:`.objective`'s; this module only assembles what those products and its per-sample
 rows give.
 
-Imports: torch, :mod:`.params`, :mod:`.runtime`, :mod:`.structured`, :mod:`jaccli.engine.strategies` (``jvp``).
+Imports: torch, :mod:`.runtime`, :mod:`.structured`, :mod:`jaccli.engine.strategies` (``jvp``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch.func import grad, vmap
 
-from jaccli.curvature.params import take
 from jaccli.curvature.runtime import all_reduce
 from jaccli.curvature.structured import NotStructured, structured_hessian
 from jaccli.engine.strategies import jvp
@@ -96,14 +95,12 @@ def diagonal(obj: Objective, matrix: str) -> torch.Tensor:
     d = torch.zeros(obj.space.size, dtype=obj.space.dtype, device=obj.space.device)
     for a, b in obj.chunks():
         if matrix == "ef":
-            d += obj._cached_grads(a, b).pow(2).sum(0) / obj.n
+            d += obj.kept_grads(a, b).pow(2).sum(0) / obj.n
             continue
         step = max(1, obj.chunk // max(1, math.prod(obj.out_shape)))  # [b, C, P] in the budget of [b, P]
         for a2 in range(a, b, step):
             b2 = min(a2 + step, b)
             J = obj.per_sample_jacobians(a2, b2)  # [b, C, P]
-            with torch.no_grad():
-                out = obj.space.call(obj.space.values, take(obj.args, a2, b2))
-            S = obj.loss.sqrt(out, obj._y(a2, b2)).reshape(b2 - a2, J.shape[1], -1)  # [b, C, K]
+            S = obj.loss_sqrt(a2, b2).reshape(b2 - a2, J.shape[1], -1)  # [b, C, K]
             d += torch.einsum("bck,bcp->bkp", S, J).pow(2).sum((0, 1)) * (obj.norm * obj.weight)
     return all_reduce(d)

@@ -128,7 +128,7 @@ class LinearRows:
         with torch.enable_grad():
             with rec:
                 z = space.call(theta, take(obj.args, a, b))
-            loss = obj.loss.raw(z, obj._y(a, b)).sum() * scale
+            loss = obj.loss.raw(z, obj.targets(a, b)).sum() * scale
         called = space.static_batch or b - a  # a program exported for one batch size runs on padded chunks
         # each recognised parameter's layer in this pass, by its role (the probe's op order is not relied on)
         layers, _ = find_layers(rec.nodes, rec.params, space.names, rows=called)
@@ -193,7 +193,7 @@ class LinearRows:
 
         sub = tuple(theta[i] for i in rest)
         if self._vmap_ok and space.static_batch is None:
-            x, y = take(obj.args, a, b), obj._y(a, b)
+            x, y = take(obj.args, a, b), obj.targets(a, b)
 
             def one(s, xi, yi):
                 z = space.call(full(s), {k: v[None] for k, v in xi.items()} if isinstance(xi, dict) else xi[None])

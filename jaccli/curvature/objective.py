@@ -169,17 +169,25 @@ class Objective:
             return max(self.hi - self.lo, 1)
         return self.chunk
 
-    def _y(self, a: int, b: int):
+    def targets(self, a: int, b: int):
+        """The targets of points ``a:b`` (None for a loss without targets)."""
         return None if self.target is None else self.target[a:b]
+
+    def loss_sqrt(self, a: int, b: int) -> torch.Tensor:
+        """A factor ``S`` ``[b - a, C, K]`` of the loss Hessian at the model's outputs on
+        points ``a:b`` (:class:`~.losses.Loss` ``sqrt``): the GGN is ``Σ Jᵀ S Sᵀ J``."""
+        with torch.no_grad():
+            out = self.space.call(self.space.values, take(self.args, a, b))
+        return self.loss.sqrt(out, self.targets(a, b))
 
     def chunk_loss(self, theta, a: int, b: int) -> torch.Tensor:
         """``w Σ_{i∈[a,b)} ℓᵢ(θ)``."""
         out = self.space.call(theta, take(self.args, a, b))
-        return self.loss.raw(out, self._y(a, b)).sum() * (self.norm * self.weight)
+        return self.loss.raw(out, self.targets(a, b)).sum() * (self.norm * self.weight)
 
     def sample_losses(self, theta, a: int, b: int) -> torch.Tensor:
         """``ℓᵢ(θ)`` for ``i`` in ``[a, b)``, ``[b - a]``."""
-        return self.loss.raw(self.space.call(theta, take(self.args, a, b)), self._y(a, b)) * self.norm
+        return self.loss.raw(self.space.call(theta, take(self.args, a, b)), self.targets(a, b)) * self.norm
 
     # ------------------------------------------------------------------ loss and gradient
 
@@ -224,7 +232,7 @@ class Objective:
         theta = self.space.values
         self.per_sample_path = "vmap" if self._vmap_ok and self.space.static_batch is None else "jacrev"
         if self._vmap_ok and self.space.static_batch is None:
-            x, y = take(self.args, a, b), self._y(a, b)
+            x, y = take(self.args, a, b), self.targets(a, b)
 
             def one(th, xi, yi):
                 out = self.space.call(th, _unsqueeze(xi))
@@ -335,7 +343,7 @@ class Objective:
         return rows
 
     def _ggn(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        values, x, y = self.space.values, take(self.args, a, b), self._y(a, b)
+        values, x, y = self.space.values, take(self.args, a, b), self.targets(a, b)
         theta = self._leaves()
         with torch.enable_grad():
             out = self.space.call(theta, x)
@@ -386,12 +394,13 @@ class Objective:
         return out.T
 
     def _ef(self, V: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        G = self._cached_grads(a, b)
+        G = self.kept_grads(a, b)
         return ((G @ V).T @ G).T / self.n  # the product's rows contiguous, as matmat adds them
 
-    def _cached_grads(self, a: int, b: int) -> torch.Tensor:
-        """Per-sample gradients of a chunk, kept between products while this rank's share of
-        ``[N, P]`` fits in a quarter of the working budget (else recomputed each time)."""
+    def kept_grads(self, a: int, b: int) -> torch.Tensor:
+        """Per-sample gradients ``[b - a, P]`` of points ``a:b``, kept between products when
+        they fit: while this rank's share of ``[N, P]`` fits in a quarter of the working
+        budget (else recomputed each time)."""
         if self._grad_cache is None:
             share = (self.hi - self.lo) * self.space.size * self.space.values[0].element_size()
             self._grad_cache = {} if share <= working_budget(self.space.device) // 4 else False

@@ -205,7 +205,7 @@ def structured_hessian(obj: Objective) -> torch.Tensor:
     d_acc: dict[tuple[int, int], torch.Tensor] = {}
     for a0 in range(obj.lo, obj.hi, chunk):
         b0 = min(a0 + chunk, obj.hi)
-        x, y = take(obj.args, a0, b0), obj._y(a0, b0)
+        x, y = take(obj.args, a0, b0), obj.targets(a0, b0)
         S, T = [], []
         try:
             for p in range(L):

@@ -30,9 +30,10 @@ from torch import Tensor
 
 from jaccli.engine import planner
 from jaccli.engine.execute import _empty_result
+from jaccli.engine.memory import working_budget
 from jaccli.engine.programs import program_for, settle
 from jaccli.engine.probe import model_failed, probe_rows
-from jaccli.engine.problem import Problem, check_inputs
+from jaccli.engine.problem import Problem, all_finite, check_inputs
 from jaccli.engine.results import NONSMOOTH_OPS
 from jaccli.errors import JaccliWarning, ModelError, NumericalError, UsageError
 from jaccli import jets
@@ -164,7 +165,7 @@ def _chunk_points(p: Problem, chunk_size: int | None, order: int, rows_per_point
             raise UsageError("chunk size must be positive", got=str(chunk_size))
         return min(int(chunk_size), p.n)
     per_point = max(p.act_bytes, 1.0) * (order + 2) * 3 * rows_per_point
-    ppc = int(planner.working_budget(p.device) // per_point)
+    ppc = int(working_budget(p.device) // per_point)
     if p.device.type == "cpu":
         ppc = min(ppc, max(_MIN_POINTS, int(_PASS_BYTES // per_point)))
     return max(1, min(ppc, p.n))
@@ -345,9 +346,7 @@ def _chunk_into(p: Problem, program, request: Request, need, single, with_value:
 
 
 def _finish(p: Problem, out: Partials, top: int, strict: bool) -> None:
-    # a sum is NaN or Inf when any element is (or, rarely, when finite values overflow it):
-    # one read of each result, and the exact test only for the suspects
-    bad = [name for name, v in out.items() if not bool(torch.isfinite(v.sum())) and not bool(torch.isfinite(v).all())]
+    bad = [name for name, v in out.items() if not all_finite(v)]
     if bad:
         msg = f"{', '.join(bad)} hold NaN or Inf values"
         if strict:

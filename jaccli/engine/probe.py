@@ -306,8 +306,6 @@ def run_probe(problem: Problem, *, check_batch: bool, refuse_blocked: bool = Tru
     kept program vouches for these rows (:func:`jaccli.engine.programs.program_for`)."""
     rows = probe_rows(problem)
     request = _probe_request(problem)
-    if problem.state is None and isinstance(problem.module, torch.nn.Module):
-        problem.state = memo.state(problem.module)  # once per call: the program cache keys it too
     facts = memo.recall(problem.module, request, problem.state)
     if facts is not None and facts.native_rnn:
         problem.f = differentiable(problem.module, native_rnn=True)

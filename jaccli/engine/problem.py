@@ -23,7 +23,7 @@ from torch import nn
 
 from jaccli.errors import ModelError, NumericalError, UsageError, shape_str, JaccliWarning
 from jaccli.request.spec import Selection
-from jaccli.load.models import info_of, model_dtype
+from jaccli.load.models import info_of
 from jaccli.engine import memo
 from jaccli.engine.kernels import differentiable
 from jaccli.engine.probe import run_probe, select_output, select_part
@@ -235,7 +235,7 @@ def check_inputs(
         )
     # the model's state (the probe and program caches' key), taken once per call before the
     # model runs, and its dtype: one walk of the module tree for both
-    now, mdtype = memo.state_and_dtype(module) if isinstance(module, nn.Module) else (None, model_dtype(module))
+    now, mdtype = memo.state_and_dtype(module) if isinstance(module, nn.Module) else (None, None)
     if mdtype is not None and mdtype != dtype:
         raise UsageError(
             "the model's parameters and the input differ in dtype",
@@ -260,7 +260,7 @@ def check_inputs(
         n = 1
         in_shapes = tuple(tuple(args.values[i].shape) for i in wrt_idx)
     for label, v in zip(labels, args.values):
-        if v.is_floating_point() and not _all_finite(v):
+        if v.is_floating_point() and not all_finite(v):
             if strict:
                 raise NumericalError(f"input {label!r} holds NaN or Inf values", where=where)
             warnings.warn(f"input {label!r} holds NaN or Inf values", JaccliWarning, stacklevel=3)
@@ -288,8 +288,8 @@ def check_inputs(
     return problem
 
 
-def _all_finite(v: torch.Tensor) -> bool:
-    """Whether every entry of ``v`` is finite. A finite sum says so in one read without a
+def all_finite(v: torch.Tensor) -> bool:
+    """Whether every entry of ``v`` is finite (inputs, results, partials: the one check). A finite sum says so in one read without a
     mask (a NaN or an Inf makes the sum NaN or Inf; 6-15 µs on a small input against
     15-35, 33 µs against 0.7 ms on 200,000 values); only a non-finite sum, which finite
     values can give by overflow, is checked entry by entry."""

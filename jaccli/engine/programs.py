@@ -28,7 +28,7 @@ that matters only away from the probe points — a fresh recording would not see
 the model's weights) and hold no buffers between calls (the workspace is let go after
 each computation).
 
-Imports: :mod:`jaccli.jets`, :mod:`.memo`, :mod:`.problem`, :mod:`.probe`.
+Imports: :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.probe`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from collections import OrderedDict
 import torch
 
 from jaccli import jets
-from jaccli.engine import memo
 from jaccli.engine.probe import probe_rows, settle_batch_check
 from jaccli.engine.problem import Problem
 
@@ -69,10 +68,9 @@ def program_for(p: Problem, orders: int) -> jets.TaylorProgram:
     rows = probe_rows(p)
     key = _key(p, orders)
     if key is not None:
-        state = memo.state(p.module) if p.state is None else p.state
         with _LOCK:
             hit = _CACHE.get(key)
-        if hit is not None and hit[0]() is p.module and hit[1] == state:
+        if hit is not None and hit[0]() is p.module and hit[1] == p.state:
             seen = _seen(p, rows)
             try:
                 jets.recheck(hit[2], p.fn(rows), p.z(rows), orders, value=seen)
@@ -91,7 +89,7 @@ def program_for(p: Problem, orders: int) -> jets.TaylorProgram:
     STATS["built"] += 1
     if key is not None:
         with _LOCK:
-            _CACHE[key] = (weakref.ref(p.module, functools.partial(_forget, key)), state, program, p.batch_checked)
+            _CACHE[key] = (weakref.ref(p.module, functools.partial(_forget, key)), p.state, program, p.batch_checked)
             _CACHE.move_to_end(key)
             while len(_CACHE) > _SIZE:
                 _CACHE.popitem(last=False)

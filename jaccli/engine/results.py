@@ -1,6 +1,6 @@
 """What a finished result is checked for and how it is shaped for the caller.
 
-Owns the NaN/Inf check, the warnings about non-smooth models (ReLU networks, whose
+Owns the NaN/Inf warning (the check itself is :func:`.problem.all_finite`), the warnings about non-smooth models (ReLU networks, whose
 second derivatives vanish almost everywhere), and the reshaping of the flat
 ``[N, out, in]`` result into per-argument shapes (nested tuples for several ``wrt``).
 
@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from jaccli.errors import JaccliWarning, NumericalError
-from jaccli.engine.problem import Problem
+from jaccli.engine.problem import Problem, all_finite
 from jaccli.request.kinds import kind as kind_of
 
 #: ops whose second derivative is zero almost everywhere (or undefined at a kink)
@@ -31,21 +31,11 @@ NONSMOOTH_OPS = frozenset(
 )  # fmt: skip
 
 
-def _all_finite(value: torch.Tensor) -> bool:
-    # the extremes say it all (NaN propagates into both, ±Inf is one of them) and cost one
-    # read of the result, where isfinite().all() writes a mask as large as the result:
-    # on a 200 MB Jacobian that scan took as long as computing it
-    if value.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(value)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
-
-
 def finish(kind: str, p: Problem, value: torch.Tensor | None, strict: bool, *, facts: dict | None = None) -> None:
     """Warn (or with ``strict`` fail) about NaN/Inf and non-smooth models. ``facts``
     (``all_finite``, ``nonzero``) stand in for ``value`` when the result was streamed to disk
     and its statistics were gathered chunk by chunk."""
-    finite = facts["all_finite"] if facts is not None else _all_finite(value)
+    finite = facts["all_finite"] if facts is not None else all_finite(value)
     if not finite:
         msg = f"the {kind} holds NaN or Inf values"
         if strict:

@@ -63,7 +63,7 @@ def test_the_hosts_free_memory_is_read_at_most_every_so_often(monkeypatch):
     monkeypatch.setattr(memory, "_read_host_free", lambda: reads.append(1) or 1000 * len(reads))
     monkeypatch.setattr(memory, "_HOST_FREE", [(-math.inf, 0)])
     clock = [100.0]
-    monkeypatch.setattr(memory.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(memory, "_clock", lambda: clock[0])
     cpu = torch.device("cpu")
     assert memory.memory_available(cpu) == 1000
     clock[0] += memory.MEMINFO_EVERY / 2
@@ -86,6 +86,23 @@ def test_a_kept_plan_follows_the_memory_it_was_made_for(monkeypatch):
     monkeypatch.setattr(planner, "working_budget", lambda device, free=None: 64 * 2**10)
     small = jaccli.plan("laplacian", net, x, per_sample=True)
     assert small.engine == "taylor" and small.points_per_chunk < first.points_per_chunk
+
+
+def test_a_kept_plan_is_recalled_for_the_same_chunk_size(monkeypatch):
+    # 64, numpy's 64 and 64.0 ask for the same plan: planned once, then recalled from the
+    # program's one slot; another chunk size plans anew
+    import numpy as np
+
+    made = []
+    make = planner._make_taylor_plan
+    monkeypatch.setattr(planner, "_make_taylor_plan", lambda *a, **k: made.append(1) or make(*a, **k))
+    net = tanh_mlp((2, 8, 1), dtype=torch.float32)
+    x = torch.rand(300, 2)
+    plans = [jaccli.plan("laplacian", net, x, per_sample=True, chunk_size=c) for c in (64, np.int64(64), 64.0)]
+    assert plans[0].engine == "taylor" and plans[0].points_per_chunk == 64
+    assert plans[1] == plans[0] and plans[2] == plans[0] and len(made) == 1
+    assert jaccli.plan("laplacian", net, x, per_sample=True, chunk_size=32).points_per_chunk == 32
+    assert len(made) == 2
 
 
 def test_every_strategy_is_reachable():
