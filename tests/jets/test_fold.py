@@ -223,3 +223,14 @@ def test_first_rows_where_the_fold_declines(fresh_programs, runs, monkeypatch, n
     assert runs["first-rows"] >= 3 * len(KINDS3)  # every chunk of every kind
 
 
+
+def test_first_rows_stay_under_compile_where_the_activation_has_no_kernel(fresh_programs, runs, monkeypatch):
+    # softplus has no fused kernel (jets/fused.py ODES): with kernels on, its rows are still
+    # the fold's to make (no compile happens: the net has no op a kernel serves)
+    monkeypatch.setattr(fold, "MAX_FOLDED_BYTES", 0)
+    net = tanh_mlp((3, 9, 8, 2), seed=3, act="softplus")
+    x = _x(3)
+    for kind in KINDS3:
+        got = getattr(jaccli, kind)(net, x, per_sample=True, chunk_size=3, compile="on")
+        assert_rel(got, torch_func(kind, net, x, per_sample=True))
+    assert runs["first-rows"] >= 3 * len(KINDS3)  # every chunk of every kind
