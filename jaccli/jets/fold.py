@@ -36,21 +36,21 @@ with one-hot seeds computes ``f``'s jet directly, its rows ``f′ ⊙ cᵣ`` and
 each one broadcasting multiply of ``[rows, 1, n₁]`` constants by ``[B, n₁]``. The rules would
 first copy the constants out to ``[rows, B, n₁]`` (the one-hot product), read them back for
 ``f′ ⊙ ·`` and square and sum them again for ``f″``'s term: on the 100→256³→1 Laplacian three
-passes over 100 rows of every point, gone. Eager passes only: where fused kernels are on
-(:mod:`.fused`), the activation is one of theirs.
+passes over 100 rows of every point, gone. Where fused kernels are on (:mod:`.fused`) and the
+activation has one (an ODE op), the pattern is left to its kernel (:attr:`Fold.eager_only`).
 
 Imports: :mod:`.jet`, :mod:`.record`, :mod:`.elementwise`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from jaccli.jets.elementwise import _UNARY_DERIVS
+from jaccli.jets.elementwise import _ODES, _UNARY_DERIVS
 from jaccli.jets.jet import Jet, Layout, _Call
 from jaccli.jets.record import _Ref, _Step
 
@@ -74,7 +74,8 @@ class Fold:
 
     steps: tuple[int, ...]
     run: Callable
-    #: left to the rules where fused kernels are on (the pattern's activation is one of theirs)
+    #: skipped where fused kernels are on (the pattern's activation has one: its steps then run
+    #: as steps, the activation by its kernel); a chunk that only notes kernel keys still folds
     eager_only: bool = False
 
 
@@ -98,19 +99,41 @@ def _readers(steps: list[_Step], live: list[bool]) -> dict[int, list[int]]:
     return readers
 
 
-def _first_layer(steps: list[_Step], layouts: list[Layout], live: list[bool], output) -> list[Fold]:
-    readers = _readers(steps, live)
+def _activated(steps: list[_Step], live: list[bool], readers: dict[int, list[int]]) -> Iterator[tuple[int, int]]:
+    """``(a, u)``: a live product ``a`` (:func:`_product`) read by one step ``u`` alone, a
+    unary elementwise jet rule of ``a`` (:data:`.elementwise._UNARY_DERIVS`) whose other
+    parameters are constants: the start both patterns share."""
+    for a, s in enumerate(steps):
+        if _product(s) is None or not live[a] or len(readers.get(a, ())) != 1:
+            continue
+        u = readers[a][0]
+        su = steps[u]
+        if su.kind != "jet" or su.name not in _UNARY_DERIVS or su.args[:1] != (_Ref(a),):
+            continue
+        if any(isinstance(p, _Ref) for p in (*su.args[1:], *su.kwargs.values())):
+            continue
+        yield a, u
+
+
+def _first_product(seed_ref: _Ref, bias1, w1: Tensor, cx: _Call, env: list,
+                   fits: Callable[[_Call], bool] | None = None) -> tuple[Jet, Tensor] | None:  # fmt: skip
+    """``(seed, a1)``: the pass's seed jet (one-hot first-order rows, orders ≤ 2) and the first
+    product's values ``a1 = z W₁ (+ b₁)``; None where the pass has no such seed or ``fits``
+    (asked after the seed's checks, before the product is made) says no."""
+    seed = env[seed_ref.index]  # one-hot rows only where it is the seed (through identity views)
+    if not isinstance(seed, Jet) or seed.onehot is None or seed.lay.top != 1 or cx.order > 2:
+        return None
+    if fits is not None and not fits(cx):
+        return None
+    z = seed.block(0)[0]
+    return seed, torch.mm(z, w1) if bias1 is None else torch.addmm(bias1, z, w1)
+
+
+def _first_layer(steps: list[_Step], layouts: list[Layout], live: list[bool], readers: dict, output) -> list[Fold]:
     out = output.index if isinstance(output, _Ref) else None
     folds = []
-    for a, s in enumerate(steps):
-        pa = _product(s)
-        if pa is None or not live[a] or not readers.get(a):
-            continue
-        (u,) = readers[a] if len(readers[a]) == 1 else (None,)
-        if u is None or u == out or steps[u].name not in _UNARY_DERIVS or steps[u].kind != "jet":
-            continue
-        params = (*steps[u].args[1:], *steps[u].kwargs.values())
-        if steps[u].args[:1] != (_Ref(a),) or any(isinstance(p, _Ref) for p in params) or len(readers.get(u, [])) != 1:
+    for a, u in _activated(steps, live, readers):
+        if u == out or len(readers.get(u, ())) != 1:
             continue
         m = readers[u][0]
         pm = _product(steps[m])
@@ -125,14 +148,14 @@ def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
     bias1, seed_ref, w1 = _product(sa)
     bias2, _, w2 = _product(sm)
 
+    def fits(cx: _Call) -> bool:
+        return max(cx.counts[1:]) >= MIN_ROWS and sum(cx.counts[1:]) * w2.numel() * w2.element_size() <= MAX_FOLDED_BYTES
+
     def run(fold: Fold, cx: _Call, env: list, batch: int) -> Jet | None:
-        seed = env[seed_ref.index]  # one-hot rows only where it is the seed (through identity views)
-        if not isinstance(seed, Jet) or seed.onehot is None or seed.lay.top != 1 or cx.order > 2:
+        first = _first_product(seed_ref, bias1, w1, cx, env, fits)
+        if first is None:
             return None
-        if max(cx.counts[1:]) < MIN_ROWS or sum(cx.counts[1:]) * w2.numel() * w2.element_size() > MAX_FOLDED_BYTES:
-            return None
-        z = seed.block(0)[0]
-        a1 = torch.mm(z, w1) if bias1 is None else torch.addmm(bias1, z, w1)
+        seed, a1 = first
         dtype = torch.result_type(a1, w2)
         top = lay.top
         y, fs = derivs(a1, top, None, *su.args[1:], **su.kwargs)
@@ -161,21 +184,18 @@ def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
     return run
 
 
-def _first_rows(steps: list[_Step], layouts: list[Layout], live: list[bool], output) -> list[Fold]:
+def _first_rows(steps: list[_Step], layouts: list[Layout], live: list[bool], readers: dict, output) -> list[Fold]:
     """``x @ W₁ (+ b₁) → f`` with a constant ``W₁``, the product read by ``f`` alone (its rows are
-    then never needed); whether ``x`` is the one-hot seed only a pass can tell."""
-    readers = _readers(steps, live)
+    then never needed); whether ``x`` is the one-hot seed only a pass can tell. Skipped where
+    fused kernels are on and ``f`` has one (the test made before :meth:`.fused.Fuser.apply`:
+    an ODE op, one argument, no keywords)."""
     folds = []
-    for a, s in enumerate(steps):
-        if _product(s) is None or not live[a] or len(readers.get(a, ())) != 1:
-            continue
-        u = readers[a][0]
+    for a, u in _activated(steps, live, readers):
         su, lay = steps[u], layouts[u]
-        if su.kind != "jet" or su.name not in _UNARY_DERIVS or su.args[:1] != (_Ref(a),) or not 1 <= lay.top <= 2:
+        if not 1 <= lay.top <= 2:
             continue
-        if any(isinstance(p, _Ref) for p in (*su.args[1:], *su.kwargs.values())):
-            continue
-        folds.append(Fold((a, u), _first_rows_run(s, su, lay), eager_only=True))
+        has_kernel = su.name in _ODES and len(su.args) == 1 and not su.kwargs
+        folds.append(Fold((a, u), _first_rows_run(steps[a], su, lay), eager_only=has_kernel))
     return folds
 
 
@@ -184,17 +204,16 @@ def _first_rows_run(sa: _Step, su: _Step, lay: Layout) -> Callable:
     bias1, seed_ref, w1 = _product(sa)
 
     def run(fold: Fold, cx: _Call, env: list, batch: int) -> Jet | None:
-        seed = env[seed_ref.index]
-        if not isinstance(seed, Jet) or seed.onehot is None or seed.lay.top != 1 or cx.order > 2:
+        first = _first_product(seed_ref, bias1, w1, cx, env)
+        if first is None:
             return None
-        z = seed.block(0)[0]
-        a1 = torch.mm(z, w1) if bias1 is None else torch.addmm(bias1, z, w1)
+        seed, a1 = first
         out = cx.empty(lay, a1.shape, a1)
         value = out.block(0)
         y, fs = derivs(a1, lay.top, None if value is None else value[0], *su.args[1:], **su.kwargs)
         if value is not None and y.data_ptr() != value.data_ptr():
             value[0].copy_(y)
-        rows = _constant_rows(fold, cx, seed.onehot, w1, a1.dtype)
+        rows = _constant_rows(cx, seed.onehot, w1, a1.dtype)
         fs = [*fs, None, None]
         for order in (1, 2):
             dest = out.block(order)
@@ -209,19 +228,15 @@ def _first_rows_run(sa: _Step, su: _Step, lay: Layout) -> Callable:
     return run
 
 
-def _constant_rows(fold: Fold, cx: _Call, cols: Tensor, w1: Tensor, dtype: torch.dtype) -> list[Tensor]:
+def _constant_rows(cx: _Call, cols: Tensor, w1: Tensor, dtype: torch.dtype) -> list[Tensor]:
     """The first product's rows ``cᵣ = W₁[colᵣ]`` and ``h (c ⊗ c)ₚ`` (``[rows, 1, n₁]`` each; the
-    second only for a pass of order 2), made once per pass and dropped with it (as :func:`_folded`)."""
-    key = (id(fold), "rows", dtype)
-    hit = cx.folded.get(key)
-    if hit is not None:
-        return hit
+    second only for a pass of order 2). Not cached: one fold runs once per pass, and
+    :func:`_folded` keeps what it makes of them."""
     c = w1.index_select(0, cols.to(w1.device)).to(dtype)[:, None, :]  # [k1, 1, n1]
     rows = [c]
     if cx.order >= 2:
         sq = c.new_empty((cx.counts[2], 1, c.shape[2]))
         rows.append(cx.square(c, sq).mul_(cx.half))
-    cx.folded[key] = rows
     return rows
 
 
@@ -236,12 +251,12 @@ def _folded(fold: Fold, cx: _Call, cols: Tensor, w1: Tensor, w2: Tensor, dtype: 
     hit = cx.folded.get(key)
     if hit is not None:
         return hit
-    weights = [r[:, 0, :, None] * w2.to(dtype)[None] for r in _constant_rows(fold, cx, cols, w1, dtype)]
+    weights = [r[:, 0, :, None] * w2.to(dtype)[None] for r in _constant_rows(cx, cols, w1, dtype)]
     cx.folded[key] = weights
     return weights
 
 
-#: pattern name -> finder ``(steps, layouts, live, output) -> [Fold]``; where two start at one
+#: pattern name -> finder ``(steps, layouts, live, readers, output) -> [Fold]``; where two start at one
 #: step, a pass tries them in this order (``first-rows`` where ``first-layer`` declines)
 FOLDS: dict[str, Callable] = {"first-layer": _first_layer, "first-rows": _first_rows}
 
@@ -249,7 +264,8 @@ FOLDS: dict[str, Callable] = {"first-layer": _first_layer, "first-rows": _first_
 def find(steps: list[_Step], layouts: list[Layout], live: list[bool], output) -> dict[int, list[Fold]]:
     """The folds of one schedule, by the step they start at (in :data:`FOLDS`' order)."""
     found: dict[int, list[Fold]] = {}
+    readers = _readers(steps, live)  # step -> the live steps that read it
     for finder in FOLDS.values():
-        for f in finder(steps, layouts, live, output):
+        for f in finder(steps, layouts, live, readers, output):
             found.setdefault(f.steps[0], []).append(f)
     return found

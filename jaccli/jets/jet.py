@@ -236,20 +236,19 @@ class _Call:
         i, j = self.pairs
         return beta(a.index_select(0, i), b.index_select(0, j)) + beta(a.index_select(0, j), b.index_select(0, i))
 
-    def cross_into(self, a: Tensor, b: Tensor, dst: Tensor, first: bool) -> Tensor:
-        """:meth:`cross` for ``β = ·``, written into ``dst`` (``first``: ``dst`` is uninitialised)
-        or added to it, with no new tensor for the sum: the products of pairs by ``addcmul_``,
-        the collapsed row's ``2 Σᵢ aᵢ bᵢ`` with its 2 riding on the write."""
-        r = max(_rank(a), _rank(b))
+    def cross_into(self, a: Tensor, b: Tensor, dst: Tensor, first: bool, rank: int) -> Tensor:
+        """:meth:`cross` for ``β = ·`` of pairs or the collapsed row (a series pass multiplies
+        row by row, not here), written into ``dst`` (``first``: ``dst`` is uninitialised) or
+        added to it, with no new tensor for the sum: the products of pairs by ``addcmul_``, the
+        collapsed row's ``2 Σᵢ aᵢ bᵢ`` with its 2 riding on the write. ``rank``: the per-row
+        dimensions of the broadcast product (the caller's, not recomputed)."""
         if self.collapsed:
             total = _b_mul(a, b).sum(0, keepdim=True)
             return torch.mul(total, 2, out=dst) if first else dst.add_(total, alpha=2)
-        if self.pairs is None:
-            return torch.mul(_lift(a, r), _lift(b, r), out=dst) if first else dst.addcmul_(_lift(a, r), _lift(b, r))
         i, j = self.pairs
-        x, y = _lift(a.index_select(0, i), r), _lift(b.index_select(0, j), r)
+        x, y = _lift(a.index_select(0, i), rank), _lift(b.index_select(0, j), rank)
         torch.mul(x, y, out=dst) if first else dst.addcmul_(x, y)
-        return dst.addcmul_(_lift(a.index_select(0, j), r), _lift(b.index_select(0, i), r))
+        return dst.addcmul_(_lift(a.index_select(0, j), rank), _lift(b.index_select(0, i), rank))
 
 
 def _take_view(jet: Jet, lay: Layout) -> Tensor | None:

@@ -274,7 +274,7 @@ def _leibniz_mul(cx: _Call, lay: Layout, a: Jet, b: Jet) -> Jet:
                 else:
                     dst.addcmul_(_lift(ai, r), _lift(bj, r))
             else:  # pairs or the collapsed row, written or added in place
-                cx.cross_into(ai, bj, dst, first)
+                cx.cross_into(ai, bj, dst, first, r)
             first = False
         if first:
             dst.zero_()

@@ -44,8 +44,9 @@ class _Schedule:
     frees: list[list[int]]
     #: jets with no rows that a live step reads (a sum with an affine term): zero placeholders
     zero: list[bool]
-    #: runs of steps computed together (:mod:`.fold`), by the step each starts at
-    folds: dict = field(default_factory=dict)
+    #: runs of steps computed together (:mod:`.fold`): step -> the folds that may start
+    #: there, tried in order (the first whose ``run`` returns a jet computes its steps)
+    folds: dict[int, list[fold.Fold]] = field(default_factory=dict)
 
 
 #: what each kind needs at the output: the orders of its rows (``series`` asks its own)
@@ -237,8 +238,10 @@ class TaylorProgram:
                 s = self.steps[i]
                 for f in sched.folds.get(i, ()):  # the first whose run computes its steps
                     if f.eager_only and fuser is not None and fuser.active:
-                        continue
+                        continue  # the activation is the fuser's
                     if f.steps[-1] < stop and (jet := f.run(f, cx, env, batch)) is not None:
+                        if f.eager_only and fuser is not None:  # observing: price what the rules would meet
+                            self._observe(f, sched, env, cx, batch, fuser)
                         env[f.steps[-1]], folded = jet, f.steps
                         break
                 if i in folded:  # computed by the fold: only its frees are left
@@ -273,6 +276,18 @@ class TaylorProgram:
                 for r in sched.frees[i]:
                     env[r] = None
         return env
+
+    def _observe(self, f: fold.Fold, sched: _Schedule, env: list, cx: _Call, batch: int, fuser: fused.Fuser) -> None:
+        """Note the kernel key of ``f``'s activation, as the rules' pass would (its input is the
+        fold's first product, made here by its rule and dropped): the fold still computes the
+        steps, so the observing chunk's bits are every eager chunk's, and ``auto`` prices the
+        kernel it may compile later. Only the program's first full chunk observes."""
+        if cx.batch != fuser.batch:
+            return  # no kernel serves this pass (Fuser.apply)
+        a, u = f.steps[:2]
+        s = self.steps[a]
+        x = s.rule.fn(cx, sched.layouts[a], *_substitute(s.args, env, batch), **_substitute(s.kwargs, env, batch))
+        fuser.apply(self.steps[u].name, cx, sched.layouts[u], x, None)
 
     def _out_block(self, res, order: int, rows: int, z: Tensor) -> Tensor:
         """Rows of one order at the output as ``[rows, B, n_out]`` (zeros where the output does not depend on them)."""

@@ -21,41 +21,23 @@ KINDS3 = ("jacobian", "hessian", "laplacian")
 @pytest.fixture
 def runs(monkeypatch):
     """How many passes each fold pattern computed (its ``run`` returned a jet)."""
-    counts = {"first-layer": 0}
-    finder = fold._first_layer_run
+    counts = {"first-layer": 0, "first-rows": 0}
 
-    def counting(*args):
-        run = finder(*args)
+    def counting(pattern: str, finder):
+        def made(*args):
+            run = finder(*args)
 
-        def wrapped(*a):
-            jet = run(*a)
-            counts["first-layer"] += jet is not None
-            return jet
+            def wrapped(*a):
+                jet = run(*a)
+                counts[pattern] += jet is not None
+                return jet
 
-        return wrapped
+            return wrapped
 
-    monkeypatch.setattr(fold, "_first_layer_run", counting)
-    return counts
+        return made
 
-
-@pytest.fixture
-def row_runs(monkeypatch):
-    """How many passes the ``first-rows`` pattern computed (the first activation's rows made
-    from the constants by broadcasting, where the whole fold declines)."""
-    counts = {"first-rows": 0}
-    finder = fold._first_rows_run
-
-    def counting(*args):
-        run = finder(*args)
-
-        def wrapped(*a):
-            jet = run(*a)
-            counts["first-rows"] += jet is not None
-            return jet
-
-        return wrapped
-
-    monkeypatch.setattr(fold, "_first_rows_run", counting)
+    monkeypatch.setattr(fold, "_first_layer_run", counting("first-layer", fold._first_layer_run))
+    monkeypatch.setattr(fold, "_first_rows_run", counting("first-rows", fold._first_rows_run))
     return counts
 
 
@@ -170,7 +152,7 @@ def test_fold_applies_only_where_the_rows_are_not_needed(fresh_programs, runs, n
     assert (runs["first-layer"] > 0) == folds
 
 
-def test_series_passes_run_unfolded(fresh_programs, runs, row_runs):
+def test_series_passes_run_unfolded(fresh_programs, runs):
     # no one-hot seed rows (the series of partials): the steps run one by one
     from torch.func import jacfwd, vmap
 
@@ -185,7 +167,7 @@ def test_series_passes_run_unfolded(fresh_programs, runs, row_runs):
     want = {"u_xx": vmap(d2)(x[:, 0]), "u_xxxx": vmap(jacfwd(jacfwd(d2)))(x[:, 0])}
     for name in ("u_xxxx", "u_xx"):
         assert_rel(torch.as_tensor(got[name]).reshape(-1), want[name].reshape(-1))
-    assert runs["first-layer"] == 0 and row_runs["first-rows"] == 0
+    assert runs["first-layer"] == 0 and runs["first-rows"] == 0
 
 
 def test_one_row_per_order_runs_unfolded(fresh_programs, runs):
@@ -209,10 +191,13 @@ def test_folded_weights_past_the_cap_run_unfolded(fresh_programs, runs, monkeypa
     assert runs["first-layer"] == 1
 
 
-def test_weights_changed_through_data_are_folded_anew(runs):
+@pytest.mark.parametrize("pattern", ["first-layer", "first-rows"])
+def test_weights_changed_through_data_are_folded_anew(runs, monkeypatch, pattern):
     # an edit through .data keeps the weight's _version, and the model's state key and the
-    # recheck (values, from the live weights) do not see it either: folded weights kept from
-    # the first call would give the second call the old weights' derivatives
+    # recheck (values, from the live weights) do not see it either: folded weights or constant
+    # rows kept from the first call would give the second call the old weights' derivatives
+    if pattern == "first-rows":
+        monkeypatch.setattr(fold, "MAX_FOLDED_BYTES", 0)  # the whole fold declines
     net = tanh_mlp((3, 16, 16, 1), seed=5)
     x = _x(3)
     assert_rel(jaccli.hessian(net, x, per_sample=True), torch_func("hessian", net, x, per_sample=True))
@@ -220,12 +205,12 @@ def test_weights_changed_through_data_are_folded_anew(runs):
         net[0].weight.data.mul_(2)
         net[2].weight.data.mul_(-0.5)
     assert_rel(jaccli.hessian(net, x, per_sample=True), torch_func("hessian", net, x, per_sample=True))
-    assert runs["first-layer"] >= 2
+    assert runs[pattern] >= 2
 
 
 @pytest.mark.parametrize("n_in", [1, 3])
 @pytest.mark.parametrize("act", ["tanh", "softplus", "sin"])
-def test_first_rows_where_the_fold_declines(fresh_programs, runs, row_runs, monkeypatch, n_in, act):
+def test_first_rows_where_the_fold_declines(fresh_programs, runs, monkeypatch, n_in, act):
     # one input (fold.MIN_ROWS) or folded weights past the cap: the first activation's rows are
     # made from the constants by broadcasting, and its input's rows are never written
     monkeypatch.setattr(fold, "MAX_FOLDED_BYTES", 0)
@@ -235,5 +220,17 @@ def test_first_rows_where_the_fold_declines(fresh_programs, runs, row_runs, monk
         got = getattr(jaccli, kind)(net, x, per_sample=True, chunk_size=3)
         assert_rel(got, torch_func(kind, net, x, per_sample=True))
     assert runs["first-layer"] == 0
-    assert row_runs["first-rows"] >= 3 * len(KINDS3)  # every chunk of every kind
+    assert runs["first-rows"] >= 3 * len(KINDS3)  # every chunk of every kind
 
+
+
+def test_first_rows_stay_under_compile_where_the_activation_has_no_kernel(fresh_programs, runs, monkeypatch):
+    # softplus has no fused kernel (jets/fused.py ODES): with kernels on, its rows are still
+    # the fold's to make (no compile happens: the net has no op a kernel serves)
+    monkeypatch.setattr(fold, "MAX_FOLDED_BYTES", 0)
+    net = tanh_mlp((3, 9, 8, 2), seed=3, act="softplus")
+    x = _x(3)
+    for kind in KINDS3:
+        got = getattr(jaccli, kind)(net, x, per_sample=True, chunk_size=3, compile="on")
+        assert_rel(got, torch_func(kind, net, x, per_sample=True))
+    assert runs["first-rows"] >= 3 * len(KINDS3)  # every chunk of every kind

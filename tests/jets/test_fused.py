@@ -150,6 +150,32 @@ def test_auto_goes_back_to_eager_where_fused_passes_are_not_faster(cache, monkey
     assert fz.active and not faster.get("rejected")
 
 
+def test_auto_prices_the_first_activation_that_a_fold_would_make(cache, fresh_programs, monkeypatch):
+    """The chunk that notes the keys ``auto`` prices runs the rules of every activation a kernel
+    serves, the first one included, which the ``first-rows`` fold computes in eager passes: the
+    keys priced are those of the program with no folds (compiling never pays here: 10 s a key)."""
+    from jaccli.jets import fold
+
+    priced: list[set] = []
+    predicted = fused.predicted_cost
+    monkeypatch.setattr(fused, "predicted_cost", lambda keys: priced.append(set(keys)) or predicted(keys))
+    monkeypatch.setattr(fold, "MAX_FOLDED_BYTES", 0)  # the first layer by first-rows
+    net = tanh_mlp((3, 16, 16, 1), dtype=torch.float32, seed=2)
+    x = torch.randn(12, 3, generator=torch.Generator().manual_seed(2))
+
+    def keys(folds: dict) -> set:
+        monkeypatch.setattr(fold, "FOLDS", folds)
+        priced.clear()
+        jaccli.hessian(net, x, per_sample=True, mode="forward", chunk_size=6)
+        from jaccli.engine import programs
+
+        programs.clear()
+        return set().union(*priced)
+
+    with_folds = keys(dict(fold.FOLDS))
+    assert with_folds == keys({}) and len(with_folds) == 2  # both tanh layers' keys
+
+
 def test_compile_choice_is_checked():
     with pytest.raises(jaccli.UsageError):
         jaccli.laplacian(torch.tanh, torch.zeros(3, 2), per_sample=True, compile="sometimes")

@@ -12,6 +12,7 @@ from torch import nn
 
 import jaccli
 from jaccli import jets as taylor
+from jaccli.jets import fold
 from jaccli.engine import planner
 from jaccli.jets.elementwise import _nonlinear, _unary
 from compare import KINDS, REL, assert_rel, mlp3, points, square, torch_func
@@ -338,10 +339,14 @@ def test_kept_seeds_are_bounded_by_what_they_hold():
     assert len(holder._seed_cache) <= 8
 
 
+@pytest.mark.parametrize("pattern", ["first-layer", "first-rows"])
 @pytest.mark.parametrize("kind", ["jacobian", "hessian", "laplacian"])
-def test_results_do_not_move_a_bit_with_the_chunk_size(kind):
+def test_results_do_not_move_a_bit_with_the_chunk_size(kind, pattern, monkeypatch):
     # a resumed stream must equal a whole run, so no rule may choose its formula by the
-    # size of a block (which is the chunk's): 300-point chunks against one pass, float32
+    # size of a block (which is the chunk's): 300-point chunks against one pass, float32;
+    # with no folded weights allowed the first layer is made by the "first-rows" fold instead
+    if pattern == "first-rows":
+        monkeypatch.setattr(fold, "MAX_FOLDED_BYTES", 0)
     net = tanh_mlp((3, 16, 16, 4), dtype=torch.float32, seed=3)
     x = torch.randn(3000, 3, generator=torch.Generator().manual_seed(3))
     fn = getattr(jaccli, kind)
