@@ -36,8 +36,9 @@ with one-hot seeds computes ``f``'s jet directly, its rows ``f′ ⊙ cᵣ`` and
 each one broadcasting multiply of ``[rows, 1, n₁]`` constants by ``[B, n₁]``. The rules would
 first copy the constants out to ``[rows, B, n₁]`` (the one-hot product), read them back for
 ``f′ ⊙ ·`` and square and sum them again for ``f″``'s term: on the 100→256³→1 Laplacian three
-passes over 100 rows of every point, gone. Where fused kernels are on (:mod:`.fused`) and the
-activation has one (an ODE op), the pattern is left to its kernel (:attr:`Fold.eager_only`).
+passes over 100 rows of every point, gone. It runs where fused kernels are on too (:mod:`.fused`):
+a fold computes its activation itself, so a failed compile gives the eager result to the bit,
+and ``auto`` prices only the kernels the pass will meet.
 
 Imports: :mod:`.jet`, :mod:`.record`, :mod:`.elementwise`.
 """
@@ -50,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from jaccli.jets.elementwise import _ODES, _UNARY_DERIVS
+from jaccli.jets.elementwise import _UNARY_DERIVS
 from jaccli.jets.jet import Jet, Layout, _Call
 from jaccli.jets.record import _Ref, _Step
 
@@ -74,9 +75,6 @@ class Fold:
 
     steps: tuple[int, ...]
     run: Callable
-    #: skipped where fused kernels are on (the pattern's activation has one: its steps then run
-    #: as steps, the activation by its kernel); a chunk that only notes kernel keys still folds
-    eager_only: bool = False
 
 
 def _product(s: _Step) -> tuple[object, object, object] | None:
@@ -186,16 +184,13 @@ def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
 
 def _first_rows(steps: list[_Step], layouts: list[Layout], live: list[bool], readers: dict, output) -> list[Fold]:
     """``x @ W₁ (+ b₁) → f`` with a constant ``W₁``, the product read by ``f`` alone (its rows are
-    then never needed); whether ``x`` is the one-hot seed only a pass can tell. Skipped where
-    fused kernels are on and ``f`` has one (the test made before :meth:`.fused.Fuser.apply`:
-    an ODE op, one argument, no keywords)."""
+    then never needed); whether ``x`` is the one-hot seed only a pass can tell."""
     folds = []
     for a, u in _activated(steps, live, readers):
         su, lay = steps[u], layouts[u]
         if not 1 <= lay.top <= 2:
             continue
-        has_kernel = su.name in _ODES and len(su.args) == 1 and not su.kwargs
-        folds.append(Fold((a, u), _first_rows_run(steps[a], su, lay), eager_only=has_kernel))
+        folds.append(Fold((a, u), _first_rows_run(steps[a], su, lay)))
     return folds
 
 

@@ -237,11 +237,7 @@ class TaylorProgram:
             for i in range(start, stop):
                 s = self.steps[i]
                 for f in sched.folds.get(i, ()):  # the first whose run computes its steps
-                    if f.eager_only and fuser is not None and fuser.active:
-                        continue  # the activation is the fuser's
                     if f.steps[-1] < stop and (jet := f.run(f, cx, env, batch)) is not None:
-                        if f.eager_only and fuser is not None:  # observing: price what the rules would meet
-                            self._observe(f, sched, env, cx, batch, fuser)
                         env[f.steps[-1]], folded = jet, f.steps
                         break
                 if i in folded:  # computed by the fold: only its frees are left
@@ -276,18 +272,6 @@ class TaylorProgram:
                 for r in sched.frees[i]:
                     env[r] = None
         return env
-
-    def _observe(self, f: fold.Fold, sched: _Schedule, env: list, cx: _Call, batch: int, fuser: fused.Fuser) -> None:
-        """Note the kernel key of ``f``'s activation, as the rules' pass would (its input is the
-        fold's first product, made here by its rule and dropped): the fold still computes the
-        steps, so the observing chunk's bits are every eager chunk's, and ``auto`` prices the
-        kernel it may compile later. Only the program's first full chunk observes."""
-        if cx.batch != fuser.batch:
-            return  # no kernel serves this pass (Fuser.apply)
-        a, u = f.steps[:2]
-        s = self.steps[a]
-        x = s.rule.fn(cx, sched.layouts[a], *_substitute(s.args, env, batch), **_substitute(s.kwargs, env, batch))
-        fuser.apply(self.steps[u].name, cx, sched.layouts[u], x, None)
 
     def _out_block(self, res, order: int, rows: int, z: Tensor) -> Tensor:
         """Rows of one order at the output as ``[rows, B, n_out]`` (zeros where the output does not depend on them)."""

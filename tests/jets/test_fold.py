@@ -224,9 +224,9 @@ def test_first_rows_where_the_fold_declines(fresh_programs, runs, monkeypatch, n
 
 
 
-def test_first_rows_stay_under_compile_where_the_activation_has_no_kernel(fresh_programs, runs, monkeypatch):
-    # softplus has no fused kernel (jets/fused.py ODES): with kernels on, its rows are still
-    # the fold's to make (no compile happens: the net has no op a kernel serves)
+def test_first_rows_stay_under_compile(fresh_programs, runs, monkeypatch):
+    # with kernels on, the first activation's rows are still the fold's to make (softplus: no
+    # compile happens, the net has no op a kernel serves; tanh: tests/cli/test_cli_compile.py)
     monkeypatch.setattr(fold, "MAX_FOLDED_BYTES", 0)
     net = tanh_mlp((3, 9, 8, 2), seed=3, act="softplus")
     x = _x(3)

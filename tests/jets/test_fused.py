@@ -150,10 +150,10 @@ def test_auto_goes_back_to_eager_where_fused_passes_are_not_faster(cache, monkey
     assert fz.active and not faster.get("rejected")
 
 
-def test_auto_prices_the_first_activation_that_a_fold_would_make(cache, fresh_programs, monkeypatch):
-    """The chunk that notes the keys ``auto`` prices runs the rules of every activation a kernel
-    serves, the first one included, which the ``first-rows`` fold computes in eager passes: the
-    keys priced are those of the program with no folds (compiling never pays here: 10 s a key)."""
+def test_auto_prices_only_the_kernels_a_pass_meets(cache, fresh_programs, monkeypatch):
+    """The ``first-rows`` fold computes the first activation itself, kernels on or off: ``auto``
+    prices the second layer's tanh only, where the program with no folds meets both
+    (compiling never pays here: 10 s a key)."""
     from jaccli.jets import fold
 
     priced: list[set] = []
@@ -172,8 +172,8 @@ def test_auto_prices_the_first_activation_that_a_fold_would_make(cache, fresh_pr
         programs.clear()
         return set().union(*priced)
 
-    with_folds = keys(dict(fold.FOLDS))
-    assert with_folds == keys({}) and len(with_folds) == 2  # both tanh layers' keys
+    with_folds, without = keys(dict(fold.FOLDS)), keys({})
+    assert len(without) == 2 and with_folds < without and len(with_folds) == 1
 
 
 def test_compile_choice_is_checked():
@@ -184,7 +184,11 @@ def test_compile_choice_is_checked():
 # ----------------------------------------------------------------- compiled programs
 
 
-def _net():
+def _net(monkeypatch):
+    """One tanh layer, its activation left to the rules (a fold would compute it with no kernel)."""
+    from jaccli.jets import fold
+
+    monkeypatch.setattr(fold, "FOLDS", {})
     return tanh_mlp((1, 8, 1), seed=3)
 
 
@@ -195,8 +199,8 @@ def _closed_form_hessian(net, x):
     return ((w2 * w1**2) * (-2 * t * (1 - t * t))).sum(-1)
 
 
-def test_a_failed_compile_runs_eager_with_a_note(failing_compile):
-    net, x = _net(), torch.linspace(-1, 1, 7, dtype=torch.float64)[:, None]
+def test_a_failed_compile_runs_eager_with_a_note(failing_compile, monkeypatch):
+    net, x = _net(monkeypatch), torch.linspace(-1, 1, 7, dtype=torch.float64)[:, None]
     with fused.collect_notes() as notes:
         got = jaccli.hessian(net, x, per_sample=True, mode="forward", compile="on")
     torch.testing.assert_close(got.reshape(-1), _closed_form_hessian(net, x).detach(), rtol=1e-10, atol=1e-12)
@@ -211,7 +215,7 @@ def test_compiled_program_matches_eager_and_the_closed_form(monkeypatch, tmp_pat
     monkeypatch.setattr(fused, "_KERNELS", {})
     monkeypatch.setattr(fused, "_WHY", {})
     monkeypatch.setattr(fused, "MARGIN", float("inf"))  # keep the kernel however fast it is
-    net, x = _net(), torch.linspace(-1, 1, 11, dtype=torch.float64)[:, None]
+    net, x = _net(monkeypatch), torch.linspace(-1, 1, 11, dtype=torch.float64)[:, None]
     with fused.collect_notes() as notes:
         got = jaccli.hessian(net, x, per_sample=True, mode="forward", chunk_size=4, compile="on")
     eager = jaccli.hessian(net, x, per_sample=True, mode="forward", chunk_size=4, compile="off")
