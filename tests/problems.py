@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +27,26 @@ EXAMPLES = ROOT / "examples" / "models"
 HANG_GUARD_S = 900
 
 
-def _load_make_examples():
-    spec = importlib.util.spec_from_file_location("make_examples", EXAMPLES / "make_examples.py")
+def load_module(name: str, path: Path):
+    """The Python file ``path`` as a module called ``name``, registered in ``sys.modules``
+    (a dataclass in it looks its module up there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-make_examples = _load_make_examples()
+def benchmark(stem: str):
+    """``benchmarks/<stem>.py`` as the module ``bench_<stem>``, with ``benchmarks/`` on the path
+    for its own imports (appended, not prepended: tests/architectures.py, the models, must win
+    over a benchmark's name)."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.append(str(ROOT / "benchmarks"))
+    return load_module(f"bench_{stem}", ROOT / "benchmarks" / f"{stem}.py")
+
+
+make_examples = load_module("make_examples", EXAMPLES / "make_examples.py")
 save_torchscript = make_examples.save_torchscript
 save_export = make_examples.save_export
 

@@ -4,26 +4,16 @@ one (no timing is asserted: the machine is shared)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-ROOT = Path(__file__).resolve().parent.parent
+from problems import benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    # appended, not prepended: tests/architectures.py (the models) must win over the benchmark's own name
-    sys.path.append(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_architectures", ROOT / "benchmarks" / "architectures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules["bench_architectures"] = module
-    return module
+    return benchmark("architectures")
 
 
 @pytest.mark.parametrize("name", ["groupnorm_residual", "multihead_attention", "realnvp"])

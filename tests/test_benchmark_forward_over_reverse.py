@@ -5,23 +5,14 @@ asserted: the machine is shared)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from problems import benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    # appended, not prepended: tests/architectures.py (the models) must win over the benchmark's own name
-    sys.path.append(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_forward_over_reverse", ROOT / "benchmarks" / "forward_over_reverse.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("forward_over_reverse")
 
 
 @pytest.mark.parametrize("name", ["silu_mlp", "maf", "bert", "groupnorm_residual"])

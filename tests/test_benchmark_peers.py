@@ -4,24 +4,20 @@ asserted: the machine is shared; JAX and folx, when installed, are left out by `
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from problems import benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "benchmarks" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_peers"] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("peers")
 
 
 def test_the_quick_run_measures_both_ways_and_prints_the_table(bench, tmp_path, capsys):
@@ -125,9 +121,7 @@ def test_children_are_pinned_to_as_many_cpus_as_threads(bench):
 
 
 def test_the_toggle_benchmark_runs_both_sides(capsys):
-    spec = importlib.util.spec_from_file_location("taylor_toggles", ROOT / "benchmarks" / "taylor_toggles.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark("taylor_toggles")
     import jaccli.jets.elementwise as elementwise
 
     import jaccli.jets.chain as chain
@@ -140,9 +134,7 @@ def test_the_toggle_benchmark_runs_both_sides(capsys):
 
 
 def test_the_toggle_benchmark_toggles_the_fold(capsys):
-    spec = importlib.util.spec_from_file_location("taylor_toggles", ROOT / "benchmarks" / "taylor_toggles.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark("taylor_toggles")
     import jaccli.jets.elementwise as elementwise
     import jaccli.jets.fold as fold
 

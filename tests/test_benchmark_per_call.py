@@ -4,22 +4,14 @@ right result and marks a wrong one (no timing is asserted: the machine is shared
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from problems import benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.append(str(ROOT / "benchmarks"))  # appended: tests/architectures.py must win
-    spec = importlib.util.spec_from_file_location("bench_per_call", ROOT / "benchmarks" / "per_call.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("per_call")
 
 
 def test_rows_of_every_stage_and_format_agree_with_float64(bench):

@@ -225,14 +225,9 @@ def test_small_input_jacobians_and_hessians_with_several_outputs_take_taylor():
 @pytest.fixture(scope="module")
 def auto_mode_benchmark():
     """``benchmarks/auto_mode.py`` as a module, loaded once (its ``fit`` is where COSTS comes from)."""
-    import importlib.util
-    from pathlib import Path
+    from problems import benchmark
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "auto_mode.py"
-    spec = importlib.util.spec_from_file_location("auto_mode_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("auto_mode")
 
 
 @pytest.mark.parametrize("kind", ["jacobian", "hessian", "laplacian"])
