@@ -289,10 +289,10 @@ def check_inputs(
 
 
 def all_finite(v: torch.Tensor) -> bool:
-    """Whether every entry of ``v`` is finite (inputs, results, partials: the one check). A finite sum says so in one read without a
-    mask (a NaN or an Inf makes the sum NaN or Inf; 6-15 µs on a small input against
-    15-35, 33 µs against 0.7 ms on 200,000 values); only a non-finite sum, which finite
-    values can give by overflow, is checked entry by entry."""
+    """Whether every entry of ``v`` is finite (inputs, results, partials: the one check). A
+    finite sum says so in one read without a mask (a NaN or an Inf makes the sum NaN or Inf;
+    6-15 µs on a small input against 15-35, 33 µs against 0.7 ms on 200,000 values); only a
+    non-finite sum, which finite values can give by overflow, is checked entry by entry."""
     return v.numel() == 0 or bool(v.sum().isfinite()) or bool(torch.isfinite(v).all())
 
 

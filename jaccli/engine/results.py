@@ -1,8 +1,9 @@
 """What a finished result is checked for and how it is shaped for the caller.
 
-Owns the NaN/Inf warning (the check itself is :func:`.problem.all_finite`), the warnings about non-smooth models (ReLU networks, whose
-second derivatives vanish almost everywhere), and the reshaping of the flat
-``[N, out, in]`` result into per-argument shapes (nested tuples for several ``wrt``).
+Owns the NaN/Inf warning (the check itself is :func:`.problem.all_finite`), the warnings
+about non-smooth models (ReLU networks, whose second derivatives vanish almost everywhere),
+and the reshaping of the flat ``[N, out, in]`` result into per-argument shapes (nested
+tuples for several ``wrt``).
 
 Imports: torch and :mod:`.problem`.
 """

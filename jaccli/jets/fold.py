@@ -149,7 +149,7 @@ def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
     def fits(cx: _Call) -> bool:
         return max(cx.counts[1:]) >= MIN_ROWS and sum(cx.counts[1:]) * w2.numel() * w2.element_size() <= MAX_FOLDED_BYTES
 
-    def run(fold: Fold, cx: _Call, env: list, batch: int) -> Jet | None:
+    def run(cx: _Call, env: list, batch: int) -> Jet | None:
         first = _first_product(seed_ref, bias1, w1, cx, env, fits)
         if first is None:
             return None
@@ -158,7 +158,7 @@ def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
         top = lay.top
         y, fs = derivs(a1, top, None, *su.args[1:], **su.kwargs)
         fs = [*fs, None, None]
-        weights = _folded(fold, cx, seed.onehot, w1, w2, a1.dtype)
+        weights = _folded(cx, seed.onehot, w1, w2, a1.dtype)
         m = w2.shape[1]
         out = cx.empty(lay, (batch, m), a1, dtype)
         for order in range(top + 1):
@@ -198,7 +198,7 @@ def _first_rows_run(sa: _Step, su: _Step, lay: Layout) -> Callable:
     derivs = _UNARY_DERIVS[su.name]
     bias1, seed_ref, w1 = _product(sa)
 
-    def run(fold: Fold, cx: _Call, env: list, batch: int) -> Jet | None:
+    def run(cx: _Call, env: list, batch: int) -> Jet | None:
         first = _first_product(seed_ref, bias1, w1, cx, env)
         if first is None:
             return None
@@ -225,8 +225,7 @@ def _first_rows_run(sa: _Step, su: _Step, lay: Layout) -> Callable:
 
 def _constant_rows(cx: _Call, cols: Tensor, w1: Tensor, dtype: torch.dtype) -> list[Tensor]:
     """The first product's rows ``cᵣ = W₁[colᵣ]`` and ``h (c ⊗ c)ₚ`` (``[rows, 1, n₁]`` each; the
-    second only for a pass of order 2). Not cached: one fold runs once per pass, and
-    :func:`_folded` keeps what it makes of them."""
+    second only for a pass of order 2), made where a pass runs the fold (once a pass)."""
     c = w1.index_select(0, cols.to(w1.device)).to(dtype)[:, None, :]  # [k1, 1, n1]
     rows = [c]
     if cx.order >= 2:
@@ -235,20 +234,14 @@ def _constant_rows(cx: _Call, cols: Tensor, w1: Tensor, dtype: torch.dtype) -> l
     return rows
 
 
-def _folded(fold: Fold, cx: _Call, cols: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> list[Tensor]:
-    """``[diag(cᵣ) W₂]ᵣ`` and ``[diag(h (c ⊗ c)ₚ) W₂]ₚ`` (``[rows, n₁, m]`` each), made once
-    per pass (``cx``: its columns, pairs and mode) and dropped with it.
+def _folded(cx: _Call, cols: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> list[Tensor]:
+    """``[diag(cᵣ) W₂]ᵣ`` and ``[diag(h (c ⊗ c)ₚ) W₂]ₚ`` (``[rows, n₁, m]`` each), made for the
+    one pass that runs the fold (each pass runs a fold once) and dropped with it.
 
     Not kept between passes: a weight changed through ``.data`` or a NumPy view keeps its
     ``_version``, and the recheck compares values only (from the live weights), so folded
     weights kept across calls could go stale unseen; making them costs a few small ops a pass."""
-    key = (id(fold), dtype)
-    hit = cx.folded.get(key)
-    if hit is not None:
-        return hit
-    weights = [r[:, 0, :, None] * w2.to(dtype)[None] for r in _constant_rows(cx, cols, w1, dtype)]
-    cx.folded[key] = weights
-    return weights
+    return [r[:, 0, :, None] * w2.to(dtype)[None] for r in _constant_rows(cx, cols, w1, dtype)]
 
 
 #: pattern name -> finder ``(steps, layouts, live, readers, output) -> [Fold]``; where two start at one

@@ -14,7 +14,7 @@ Imports: torch only.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -166,8 +166,6 @@ class _Call:
     collapsed: bool = False
     #: where :meth:`empty` takes its rows from (a :class:`~.workspace.Workspace`), if anywhere
     pool: object = None
-    #: what a pass makes once for all its steps (:func:`.fold._folded`'s weights), dropped with it
-    folded: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.order = len(self.counts) - 1

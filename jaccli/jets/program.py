@@ -237,7 +237,7 @@ class TaylorProgram:
             for i in range(start, stop):
                 s = self.steps[i]
                 for f in sched.folds.get(i, ()):  # the first whose run computes its steps
-                    if f.steps[-1] < stop and (jet := f.run(f, cx, env, batch)) is not None:
+                    if f.steps[-1] < stop and (jet := f.run(cx, env, batch)) is not None:
                         env[f.steps[-1]], folded = jet, f.steps
                         break
                 if i in folded:  # computed by the fold: only its frees are left
