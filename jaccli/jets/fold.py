@@ -266,32 +266,40 @@ def _first_series_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
             return None
         z = seed.block(0)[0]
         a1 = torch.mm(z, w1) if bias1 is None else torch.addmm(bias1, z, w1)
-        dtype = torch.result_type(a1, w2)
+        w = w2 if w2.dtype == a1.dtype else w2.to(torch.result_type(a1, w2))
         if ode is not None:  # f′ only from the table; the rest by the ODE, scales left to the weights
             y, fs = derivs(a1, 1 if top else 0, None, *params, **options)
             coeffs = _ode_unit(ode, y, fs[0], top) if top else []
         else:
             y, fs = derivs(a1, top, None, *params, **options)
             coeffs = [None if f is None else (f, 1 / math.factorial(j)) for j, f in enumerate(fs, 1)]
-        w = w2.to(dtype)
-        out = cx.empty(lay, (batch, w.shape[1]), a1, dtype)
-        value = out.block(0)
-        if value is not None:
-            torch.mm(y, w, out=value[0]) if bias2 is None else torch.addmm(bias2, y, w, out=value[0])
-        orders = [o for o in range(1, top + 1) if out.block(o) is not None and coeffs[o - 1] is not None]
+        out = cx.empty(lay, (batch, w.shape[1]), a1, w.dtype)
+        dests = [out.block(o) for o in range(top + 1)]
+        if dests[0] is not None:
+            torch.mm(y, w, out=dests[0][0]) if bias2 is None else torch.addmm(bias2, y, w, out=dests[0][0])
+        orders, scales = [], []
         for o in range(1, top + 1):
-            if out.block(o) is not None and coeffs[o - 1] is None:
-                out.block(o).zero_()
+            if dests[o] is None:
+                continue
+            if coeffs[o - 1] is None:
+                dests[o].zero_()
+            else:
+                orders.append(o)
+                scales.append(coeffs[o - 1][1])
         if not orders:
             return out
         # every order's diag(s cᵣᵏ) W₂ in three small ops: [orders, k, n₁, m]
-        c = seed.rows1.to(dtype) @ w1.to(dtype)  # [k, n₁]: the first product's rows
-        exps, scales = _constants((tuple(orders), tuple(coeffs[o - 1][1] for o in orders)), c)
-        folded = torch.pow(c, exps).mul_(scales)[..., None] * w
+        c = seed.rows1.to(w1.dtype) @ w1  # [k, n₁]: the first product's rows
+        if c.dtype != w.dtype:
+            c = c.to(w.dtype)
+        exps, scale = _constants((tuple(orders), tuple(scales)), c)
+        folded = torch.pow(c, exps).mul_(scale)[..., None] * w
+        if k == 1:
+            folded = folded[:, 0]
         for i, o in enumerate(orders):
-            t, dest = coeffs[o - 1][0], out.block(o)
+            t, dest = coeffs[o - 1][0], dests[o]
             if k == 1:
-                torch.mm(t, folded[i, 0], out=dest[0])
+                torch.mm(t, folded[i], out=dest[0])
             else:  # the left factor shared (a stride-0 batch, not copied)
                 torch.bmm(t.expand(k, *t.shape), folded[i], out=dest)
         return out
