@@ -17,7 +17,9 @@ the same load, which separate runs do not; it prints medians of wall and CPU sec
 program and its ledger, which may compile mid-run). ``--set fold`` toggles the later changes
 instead: the first layer folded into the second layer's GEMM (:mod:`jaccli.jets.fold`, off as
 ``fold.MIN_ROWS`` past any pass) and ``f′``, ``f″`` of tanh, sigmoid and tan by ``addcmul``
-(``elementwise._low_derivs``, off: Horner).
+(``elementwise._low_derivs``, off: Horner). ``--set tanh-series`` toggles NumPy's float32 tanh
+(``elementwise.NUMPY_TANH``, off: the five ``expm1`` passes) and the first layer of a series
+folded (``fold``'s ``first-series``, off: its run declines).
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="main", help="git revision whose ODE recurrence is 'before' (default main)")
     ap.add_argument("--eager", action="store_true",
                     help="compile='off' on both sides: auto's ledger, shared by the sides, may compile mid-run")
-    ap.add_argument("--set", default="earlier", choices=("earlier", "fold"),
-                    help="which changes to toggle: the earlier ones (default) or the first-layer fold and addcmul derivatives")
+    ap.add_argument("--set", default="earlier", choices=("earlier", "fold", "tanh-series"),
+                    help="which changes to toggle: the earlier ones (default), the first-layer fold and addcmul "
+                         "derivatives, or NumPy's tanh and the series fold")
     a = ap.parse_args(argv)
     if a.eager and a.compile:
         ap.error("--eager and --compile contradict each other (--compile's after side is compile='on')")
@@ -81,10 +84,22 @@ def main(argv=None) -> int:
     import jaccli.jets.fold as fold
 
     later = (fold.MIN_ROWS, elementwise._low_derivs)
+    numpy_tanh, series_run = elementwise.NUMPY_TANH, fold._first_series_run
+    series_on = [True]
+
+    def series_toggled(*args):  # made where a schedule is (the first call): asks the switch at each pass
+        run = series_run(*args)
+        return lambda cx, env, batch: run(cx, env, batch) if series_on[0] else None
+
+    if a.set == "tanh-series":
+        fold._first_series_run = series_toggled
 
     def before():
         if a.set == "fold":
             fold.MIN_ROWS, elementwise._low_derivs = 2**62, lambda *args: None
+            return
+        if a.set == "tanh-series":
+            elementwise.NUMPY_TANH, series_on[0] = False, False
             return
         elementwise._tanh = lambda x, out: torch.tanh(x, out=out)
         jet._Call.runs = property(lambda self: None)
@@ -95,6 +110,7 @@ def main(argv=None) -> int:
     def after():
         elementwise._tanh, jet._Call.runs, partials._PASS_BYTES, chain._ode_chain = now
         fold.MIN_ROWS, elementwise._low_derivs = later
+        elementwise.NUMPY_TANH, series_on[0] = numpy_tanh, True
 
     with tempfile.TemporaryDirectory(prefix="taylor-toggles-") as tmp:
         for name in a.jobs.split(","):
@@ -129,6 +145,7 @@ def main(argv=None) -> int:
             print(f"{name:<14} CPU s {m['before'][1]:.4f} -> {m['after'][1]:.4f} ({m['after'][1] / m['before'][1]:.3f})"
                   f"   wall s {m['before'][0]:.4f} -> {m['after'][0]:.4f} ({m['after'][0] / m['before'][0]:.3f})",
                   flush=True)  # fmt: skip
+    fold._first_series_run = series_run
     return 0
 
 

@@ -142,3 +142,14 @@ def test_the_toggle_benchmark_toggles_the_fold(capsys):
     assert module.main(["--set", "fold", "--eager", "--jobs", "hessian", "--points", "32", "--rounds", "1"]) == 0
     assert capsys.readouterr().out.count("CPU s") == 1
     assert (fold.MIN_ROWS, elementwise._low_derivs) == kept  # the current behaviour is restored
+
+
+def test_the_toggle_benchmark_toggles_numpy_tanh_and_the_series_fold(capsys):
+    module = benchmark("taylor_toggles")
+    import jaccli.jets.elementwise as elementwise
+    import jaccli.jets.fold as fold
+
+    kept = (elementwise.NUMPY_TANH, fold._first_series_run)
+    assert module.main(["--set", "tanh-series", "--eager", "--jobs", "u_xxxx", "--points", "32", "--rounds", "1"]) == 0
+    assert capsys.readouterr().out.count("CPU s") == 1
+    assert (elementwise.NUMPY_TANH, fold._first_series_run) == kept  # the current behaviour is restored

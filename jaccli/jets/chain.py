@@ -167,6 +167,46 @@ def _poly_of_series(g: tuple[float, ...], ys: list, m: int) -> tuple[Tensor, flo
     return t, scale
 
 
+def _ode_unit(g: tuple[float, ...], y0: Tensor, f1: Tensor, top: int) -> list:
+    """Coefficients ``y_1 … y_top`` of ``t ↦ f(a + t)`` for ``f′ = g(f)`` (the unit direction:
+    ``x₁ = 1``, nothing past it), each as ``(t, s)`` with ``y_k = s·t`` (None: zero), from
+    ``y₀ = f(a)`` and ``f1 = f′(a)``: ``y_k = h_{k-1} / k`` (the recurrence of
+    :func:`_ode_chain` with one term), so only the ``h_m`` cost passes (tanh to order 4: five).
+    The scales are the caller's to apply (the first-layer fold puts them into its weights)."""
+    ys: list = [(y0, 1.0), (f1, 1.0)]
+    for m in range(1, top):
+        h = _poly_of_scaled(g, ys, m)
+        ys.append(None if h is None else (h[0], h[1] / (m + 1)))
+    return ys[1 : top + 1]
+
+
+def _poly_of_scaled(g: tuple[float, ...], ys: list, m: int) -> tuple[Tensor, float] | None:
+    """:func:`_poly_of_series` of scaled coefficients ``ys[i] = (t, s)`` (None: zero): each
+    product's constant rides on its ``addcmul``, the first's on the returned scale."""
+    g1 = g[1] if len(g) > 1 else 0.0
+    g2 = g[2] if len(g) > 2 else 0.0
+    lin = ys[m] if g1 else None
+    # g₂ Σ_{i+j=m} y_i y_j: each pair i < m-i twice, the middle once
+    pairs = [(ys[i], ys[m - i], 2.0) for i in range((m + 1) // 2)]
+    if m % 2 == 0:
+        pairs.append((ys[m // 2], ys[m // 2], 1.0))
+    t, c0 = None, 1.0
+    for p, q, w in pairs if g2 else ():
+        if p is None or q is None:
+            continue
+        c = w * p[1] * q[1]
+        if t is None:
+            t, c0 = workspace.mul(p[0], q[0]), c
+        else:
+            t.addcmul_(p[0], q[0], value=c / c0)
+    if t is None:
+        return None if lin is None else (lin[0], g1 * lin[1])
+    scale = g2 * c0
+    if lin is not None:
+        t.add_(lin[0], alpha=g1 * lin[1] / scale)
+    return t, scale
+
+
 def _chain(cx: _Call, lay: Layout, x: Jet, fs: list, out: Jet) -> Jet:
     """Orders ``≥ 1`` of ``out = f(x)`` from ``fs[k-1] = f⁽ᵏ⁾(x₀)``, written into ``out``.
 

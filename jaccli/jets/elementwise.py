@@ -12,7 +12,7 @@ Gaussian CDF, falling factorials for powers. The derivatives are of the value ro
 To add an elementwise op, add its table entry to ``_UNARY_DERIVS`` and its name to the
 rule table.
 
-Imports: :mod:`.jet`, :mod:`.chain`, :mod:`.workspace`.
+Imports: :mod:`.jet`, :mod:`.chain`, :mod:`.workspace`; NumPy (its float32 ``tanh`` loop).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import functools
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -75,12 +76,33 @@ def _low_derivs(y: Tensor, order: int, g: tuple[float, ...]) -> list | None:
 _TANH, _SIGMOID, _TAN = (1.0, 0.0, -1.0), (0.0, 1.0, -1.0), (1.0, 0.0, 1.0)
 
 
-def _tanh(x: Tensor, out: Tensor | None) -> Tensor:
-    """``tanh x``; on a float32 CPU tensor as ``e / (e + 2)`` with ``e = expm1(2x)``, five passes
-    that take about 60 % of ``torch.tanh``'s time (its float32 CPU kernel costs 4-6 ns an element).
+def _numpy_tanh_is_vector512() -> bool:
+    """Whether NumPy's float32 ``tanh`` loop runs an AVX-512 build on this CPU (NumPy ≥ 2.0 says so
+    through ``numpy.lib.introspect``; an older NumPy, or any other target: False)."""
+    try:
+        from numpy.lib.introspect import opt_func_info
 
-    Why: tanh was 15-22 % of the Taylor passes of the PINN jobs (``benchmarks/peers.py``).
-    Why this form and not the quicker ``2σ(2x) - 1`` (a quarter of tanh's time): that one
+        info = opt_func_info(func_name="^tanh$", signature="float32")["tanh"]
+        current = next(iter(info.values()))["current"]
+    except Exception:  # no introspection (NumPy < 2.0) or another layout of its answer
+        return False
+    return current.startswith(("X86_V4", "AVX512"))
+
+
+#: float32 CPU tanh by NumPy's ufunc (None: decided at the first call, by :func:`_numpy_tanh_is_vector512`)
+NUMPY_TANH: bool | None = None
+
+
+def _tanh(x: Tensor, out: Tensor | None) -> Tensor:
+    """``tanh x``; on a float32 CPU tensor by NumPy's AVX-512 ``tanh`` where NumPy has one (one
+    pass, about 0.4 ns an element here, relative error ≤ 1.1e-7 at every ``x``), else as
+    ``e / (e + 2)`` with ``e = expm1(2x)``, five passes that take about 60 % of ``torch.tanh``'s
+    time (its float32 CPU kernel costs 2.5-6 ns an element).
+
+    Why: tanh was 15-22 % of the Taylor passes of the PINN jobs (``benchmarks/peers.py``), and the
+    five passes still 12-14 % of u_xxxx's (``expm1`` alone 1.2 ns an element). NumPy's own AVX2
+    loop costs as much as the five passes, so elsewhere they stay.
+    Why not the quicker ``2σ(2x) - 1`` (a quarter of tanh's time): that one
     subtracts 1 from σ's rounding near ½, an absolute error of ~2e-7 that is a relative 2.5 %
     at ``|x| = 1e-5`` (``tanh 1e-8`` came out 0), and the Hessian of ``tanh(w·x)`` near 0 is
     about ``-2 tanh(w·x) wwᵀ``: it carried that error. ``expm1`` keeps relative accuracy at
@@ -90,10 +112,21 @@ def _tanh(x: Tensor, out: Tensor | None) -> Tensor:
     Not by size: below ~8k elements torch's kernel costs less than the five calls (11 against
     17 µs at 4096), but a choice by the block's size is a choice by the chunk's, and a result
     must not change in its last bits with the chunk size (a resumed stream equals a whole run).
+    NumPy's loop gives every element the same bits wherever it sits in the array (checked at
+    every offset and length in ``tests/jets/test_rules.py``).
     """
+    global NUMPY_TANH
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return torch.tanh(x, out=out)
     y = workspace.empty_like(x) if out is None else out
+    if NUMPY_TANH is None:
+        NUMPY_TANH = _numpy_tanh_is_vector512()
+    if NUMPY_TANH and y.dtype == torch.float32 and torch._C._len_torch_dispatch_stack() == 0:
+        try:  # plain tensors only: no autograd, fake or functorch tensors (.numpy() refuses them)
+            np.tanh(x.numpy(), out=y.numpy())
+            return y
+        except (RuntimeError, TypeError):
+            pass
     torch.clamp(x, -9.0, 9.0, out=y).mul_(2.0).expm1_()
     return y.div_(y + 2.0)
 

@@ -28,7 +28,21 @@ The result is an ordinary contiguous jet, so whatever reads the second product r
 as before. Tried and dropped: one wide GEMM per order (``[B, n₁] @ [n₁, rows·m]``) into a
 point-major buffer whose transpose is the jet; the strided rows made every elementwise
 rule after it slower than the wide GEMM saved. Orders past 2 (series of ``partials``,
-which have no one-hot seed) are not folded.
+which have no one-hot seed) are the next pattern's.
+
+**The first layer of a series** (``"first-series"``): the same three steps in a series pass
+(``partials``) whose seed directions ``vᵣ`` are the same at every point (the seed's
+:attr:`~.jet.Jet.rows1`). The first product's rows are ``cᵣ = vᵣ W₁`` and nothing past order 1,
+so ``f``'s coefficients are ``f⁽ᵏ⁾(a)/k! · cᵣᵏ`` and through the second product
+
+    ``(f⁽ᵏ⁾(a)/k!) @ diag(cᵣᵏ) W₂``,
+
+one GEMM per order (batched over the directions) whose left factor is one ``[B, n₁]`` row
+for every direction. For ``f′ = g(f)`` (tanh, sigmoid, …) the coefficients come from the ODE
+with a unit direction (:func:`.chain._ode_unit`: tanh to order 4 in five passes, their
+constants riding on the folded weights); else from the derivative table. What goes: the
+first product's copied rows and its bias pass, and the recurrence's products with ``cᵣ``
+(u_xxxx's first tanh layer: 12 passes over its rows → 5).
 
 **The first activation's rows** (``"first-rows"``, tried where ``"first-layer"`` declines: one
 row per order, or folded weights past :data:`MAX_FOLDED_BYTES`): ``seed → x @ W₁ (+ b₁) → f``
@@ -40,18 +54,20 @@ passes over 100 rows of every point, gone. It runs where fused kernels are on to
 a fold computes its activation itself, so a failed compile gives the eager result to the bit,
 and ``auto`` prices only the kernels the pass will meet.
 
-Imports: :mod:`.jet`, :mod:`.record`, :mod:`.elementwise`.
+Imports: :mod:`.jet`, :mod:`.record`, :mod:`.elementwise`, :mod:`.chain`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from jaccli.jets.elementwise import _UNARY_DERIVS
+from jaccli.jets.chain import _ode_unit
+from jaccli.jets.elementwise import _ODES, _UNARY_DERIVS
 from jaccli.jets.jet import Jet, Layout, _Call
 from jaccli.jets.record import _Ref, _Step
 
@@ -127,18 +143,22 @@ def _first_product(seed_ref: _Ref, bias1, w1: Tensor, cx: _Call, env: list,
     return seed, torch.mm(z, w1) if bias1 is None else torch.addmm(bias1, z, w1)
 
 
-def _first_layer(steps: list[_Step], layouts: list[Layout], live: list[bool], readers: dict, output) -> list[Fold]:
+def _layers(steps: list[_Step], layouts: list[Layout], live: list[bool], readers: dict, output) -> Iterator[tuple[int, int, int]]:
+    """``(a, u, m)``: :func:`_activated`'s ``a → u`` whose activation ``u`` (not the output) is
+    read by one product ``m`` alone, as its left operand, ``m`` with rows to make."""
     out = output.index if isinstance(output, _Ref) else None
-    folds = []
     for a, u in _activated(steps, live, readers):
         if u == out or len(readers.get(u, ())) != 1:
             continue
         m = readers[u][0]
         pm = _product(steps[m])
-        if pm is None or pm[1] != _Ref(u) or layouts[m].top > 2 or not any(layouts[m]):
-            continue
-        folds.append(Fold((a, u, m), _first_layer_run(steps[a], steps[u], steps[m], layouts[m])))
-    return folds
+        if pm is not None and pm[1] == _Ref(u) and any(layouts[m]):
+            yield a, u, m
+
+
+def _first_layer(steps: list[_Step], layouts: list[Layout], live: list[bool], readers: dict, output) -> list[Fold]:
+    return [Fold((a, u, m), _first_layer_run(steps[a], steps[u], steps[m], layouts[m]))
+            for a, u, m in _layers(steps, layouts, live, readers, output) if layouts[m].top <= 2]  # fmt: skip
 
 
 def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
@@ -223,6 +243,87 @@ def _first_rows_run(sa: _Step, su: _Step, lay: Layout) -> Callable:
     return run
 
 
+def _first_series(steps: list[_Step], layouts: list[Layout], live: list[bool], readers: dict, output) -> list[Fold]:
+    """The first layer of a series pass: whether the seed's directions are constant only a pass can tell."""
+    return [Fold((a, u, m), _first_series_run(steps[a], steps[u], steps[m], layouts[m]))
+            for a, u, m in _layers(steps, layouts, live, readers, output)]  # fmt: skip
+
+
+def _first_series_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
+    derivs, ode = _UNARY_DERIVS[su.name], _ODES.get(su.name)
+    params, options = su.args[1:], su.kwargs
+    bias1, seed_ref, w1 = _product(sa)
+    bias2, _, w2 = _product(sm)
+
+    def run(cx: _Call, env: list, batch: int) -> Jet | None:
+        seed = env[seed_ref.index]
+        if not (cx.series and isinstance(seed, Jet) and seed.rows1 is not None and seed.onehot is None
+                and seed.lay.value and seed.lay.top == 1 and seed.rows1.dim() == 2):  # fmt: skip
+            return None
+        top = lay.top
+        k = seed.rows1.shape[0]
+        if k * top * w2.numel() * w2.element_size() > MAX_FOLDED_BYTES:
+            return None
+        z = seed.block(0)[0]
+        a1 = torch.mm(z, w1) if bias1 is None else torch.addmm(bias1, z, w1)
+        w = w2 if w2.dtype == a1.dtype else w2.to(torch.result_type(a1, w2))
+        if ode is not None:  # f′ only from the table; the rest by the ODE, scales left to the weights
+            y, fs = derivs(a1, 1 if top else 0, None, *params, **options)
+            coeffs = _ode_unit(ode, y, fs[0], top) if top else []
+        else:
+            y, fs = derivs(a1, top, None, *params, **options)
+            coeffs = [None if f is None else (f, 1 / math.factorial(j)) for j, f in enumerate(fs, 1)]
+        out = cx.empty(lay, (batch, w.shape[1]), a1, w.dtype)
+        dests = [out.block(o) for o in range(top + 1)]
+        if dests[0] is not None:
+            torch.mm(y, w, out=dests[0][0]) if bias2 is None else torch.addmm(bias2, y, w, out=dests[0][0])
+        orders, scales = [], []
+        for o in range(1, top + 1):
+            if dests[o] is None:
+                continue
+            if coeffs[o - 1] is None:
+                dests[o].zero_()
+            else:
+                orders.append(o)
+                scales.append(coeffs[o - 1][1])
+        if not orders:
+            return out
+        # every order's diag(s cᵣᵏ) W₂ in three small ops: [orders, k, n₁, m]
+        c = seed.rows1.to(w1.dtype) @ w1  # [k, n₁]: the first product's rows
+        if c.dtype != w.dtype:
+            c = c.to(w.dtype)
+        exps, scale = _constants((tuple(orders), tuple(scales)), c)
+        folded = torch.pow(c, exps).mul_(scale)[..., None] * w
+        if k == 1:
+            folded = folded[:, 0]
+        for i, o in enumerate(orders):
+            t, dest = coeffs[o - 1][0], dests[o]
+            if k == 1:
+                torch.mm(t, folded[i], out=dest[0])
+            else:  # the left factor shared (a stride-0 batch, not copied)
+                torch.bmm(t.expand(k, *t.shape), folded[i], out=dest)
+        return out
+
+    return run
+
+
+_CONSTANTS: dict = {}
+
+
+def _constants(values: tuple[tuple[float, ...], ...], like: Tensor) -> list[Tensor]:
+    """Each tuple of numbers as a ``[len, 1, 1]`` tensor like ``like`` (made once per value:
+    ``torch.tensor`` from a list costs more than the product it serves)."""
+    if torch._C._len_torch_dispatch_stack() != 0:  # under a trace or fake tensors: made, not kept
+        return [torch.tensor(v, dtype=like.dtype, device=like.device)[:, None, None] for v in values]
+    key = (values, like.dtype, like.device)
+    got = _CONSTANTS.get(key)
+    if got is None:
+        if len(_CONSTANTS) > 64:
+            _CONSTANTS.clear()
+        got = _CONSTANTS[key] = [torch.tensor(v, dtype=like.dtype, device=like.device)[:, None, None] for v in values]
+    return got
+
+
 def _constant_rows(cx: _Call, cols: Tensor, w1: Tensor, dtype: torch.dtype) -> list[Tensor]:
     """The first product's rows ``cᵣ = W₁[colᵣ]`` and ``h (c ⊗ c)ₚ`` (``[rows, 1, n₁]`` each; the
     second only for a pass of order 2), made where a pass runs the fold (once a pass)."""
@@ -245,8 +346,9 @@ def _folded(cx: _Call, cols: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype)
 
 
 #: pattern name -> finder ``(steps, layouts, live, readers, output) -> [Fold]``; where two start at one
-#: step, a pass tries them in this order (``first-rows`` where ``first-layer`` declines)
-FOLDS: dict[str, Callable] = {"first-layer": _first_layer, "first-rows": _first_rows}
+#: step, a pass tries them in this order (``first-rows`` where ``first-layer`` declines; a series
+#: pass, with no one-hot seed, declines both and takes ``first-series``)
+FOLDS: dict[str, Callable] = {"first-layer": _first_layer, "first-rows": _first_rows, "first-series": _first_series}
 
 
 def find(steps: list[_Step], layouts: list[Layout], live: list[bool], output) -> dict[int, list[Fold]]:

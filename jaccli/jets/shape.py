@@ -22,13 +22,14 @@ def _rowwise(fn: Callable, view: bool = False, identity: bool = False) -> Rule:
     """An op that acts on every row alike (views, reductions, casts): ``fn(t, rank, *args)``.
 
     ``identity`` ops (reshapes, aliases) that leave the shape as it was keep a seed's
-    one-hot mark, so the first linear layer can skip its product with the identity.
+    one-hot mark, so the first linear layer can skip its product with the identity, and its
+    constant directions (``rows1``), so that a series pass can fold its first layer.
     """
 
     def rule(cx, lay, x, *args, **kwargs):
         out = cx.jet(fn(_take(x, lay), len(x.shape), *args, **kwargs), lay)
-        if identity and x.onehot is not None and out.shape == x.shape:
-            out.onehot = x.onehot
+        if identity and out.shape == x.shape:
+            out.onehot, out.rows1 = x.onehot, x.rows1
         return out
 
     return Rule(rule, _always, view)

@@ -6,6 +6,8 @@ says whether the fold ran, so that a pattern that silently stops matching fails 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -21,7 +23,7 @@ KINDS3 = ("jacobian", "hessian", "laplacian")
 @pytest.fixture
 def runs(monkeypatch):
     """How many passes each fold pattern computed (its ``run`` returned a jet)."""
-    counts = {"first-layer": 0, "first-rows": 0}
+    counts = {"first-layer": 0, "first-rows": 0, "first-series": 0}
 
     def counting(pattern: str, finder):
         def made(*args):
@@ -38,6 +40,7 @@ def runs(monkeypatch):
 
     monkeypatch.setattr(fold, "_first_layer_run", counting("first-layer", fold._first_layer_run))
     monkeypatch.setattr(fold, "_first_rows_run", counting("first-rows", fold._first_rows_run))
+    monkeypatch.setattr(fold, "_first_series_run", counting("first-series", fold._first_series_run))
     return counts
 
 
@@ -152,22 +155,117 @@ def test_fold_applies_only_where_the_rows_are_not_needed(fresh_programs, runs, n
     assert (runs["first-layer"] > 0) == folds
 
 
-def test_series_passes_run_unfolded(fresh_programs, runs):
-    # no one-hot seed rows (the series of partials): the steps run one by one
+def _nested(net, x: torch.Tensor, names: list[str]) -> dict:
+    """Partials of output 0 by nested ``jacfwd`` in float64, per point: ``u_x…`` and ``u_x…y…``."""
     from torch.func import jacfwd, vmap
 
-    net = tanh_mlp((1, 7, 6, 1), seed=4).requires_grad_(False)
-    x = _x(1)
-    got = jaccli.partials(net, x, ["u_xxxx", "u_xx"], inputs=["x"], outputs=["u"], per_sample=True)
-
     def u(p):
-        return net(p.reshape(1, 1))[0, 0]
+        return net(p.reshape(1, -1))[0, 0]
 
-    d2 = jacfwd(jacfwd(u))
-    want = {"u_xx": vmap(d2)(x[:, 0]), "u_xxxx": vmap(jacfwd(jacfwd(d2)))(x[:, 0])}
-    for name in ("u_xxxx", "u_xx"):
+    out = {}
+    for name in names:
+        d = u
+        for c in name[2:]:
+            d = jacfwd(d)
+        idx = [("x", "y").index(c) for c in name[2:]]
+        out[name] = vmap(d)(x).reshape(x.shape[0], -1)[:, _flat(idx, x.shape[1])]
+    return out
+
+
+def _flat(idx: list[int], n: int) -> int:
+    # nested jacfwd puts the innermost derivative last: d/dx_{i1} d/dx_{i2} … → index (i_k, …, i_1)
+    f = 0
+    for i in reversed(idx):
+        f = f * n + i
+    return f
+
+
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "softplus", "sin"])
+def test_series_passes_fold_their_first_layer(fresh_programs, runs, act):
+    # the seed's directions are constant (partials): the first activation's coefficients
+    # f⁽ᵏ⁾(a)/k! go through the second layer's GEMM on weights diag(s cᵏ) W₂; tanh and sigmoid
+    # by the ODE's unit recurrence, softplus and sin by their derivative tables
+    net = tanh_mlp((1, 7, 6, 1), seed=4, act=act).requires_grad_(False)
+    x = _x(1)
+    names = ["u_xxxx", "u_xxx", "u_xx", "u_x"]
+    got = jaccli.partials(net, x, names, inputs=["x"], outputs=["u"], per_sample=True, chunk_size=3)
+    want = _nested(net, x, names)
+    for name in names:
         assert_rel(torch.as_tensor(got[name]).reshape(-1), want[name].reshape(-1))
+    assert runs["first-series"] == 3  # every chunk (one pass each), the one-point chunk too
     assert runs["first-layer"] == 0 and runs["first-rows"] == 0
+
+
+def test_series_fold_without_biases(fresh_programs, runs):
+    # mm, not addmm, on both sides of the folded activation
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Linear(1, 6, bias=False), nn.Tanh(), nn.Linear(6, 5, bias=False), nn.Tanh(), nn.Linear(5, 1))
+    net = net.double().eval().requires_grad_(False)
+    x = _x(1)
+    names = ["u_xxxx", "u_xx"]
+    got = jaccli.partials(net, x, names, inputs=["x"], outputs=["u"], per_sample=True)
+    want = _nested(net, x, names)
+    for name in names:
+        assert_rel(torch.as_tensor(got[name]).reshape(-1), want[name].reshape(-1))
+    assert runs["first-series"] > 0
+
+
+def test_series_passes_of_several_directions_fold(fresh_programs, runs):
+    # mixed partials of two inputs: several directions in one pass (one batched GEMM per order)
+    net = tanh_mlp((2, 7, 6, 1), seed=5).requires_grad_(False)
+    x = _x(2)
+    names = ["u_xxyy", "u_xyy", "u_xy", "u_yyyy"]
+    got = jaccli.partials(net, x, names, inputs=["x", "y"], outputs=["u"], per_sample=True)
+    want = _nested(net, x, names)
+    for name in names:
+        assert_rel(torch.as_tensor(got[name]).reshape(-1), want[name].reshape(-1))
+    assert runs["first-series"] > 0
+
+
+def test_series_of_arbitrary_tangents_run_unfolded(fresh_programs, runs):
+    # directions that differ from point to point (a jvp's tangents): no constant rows to fold
+    from jaccli import jets
+
+    net = tanh_mlp((2, 7, 6, 3), seed=6).requires_grad_(False)
+    x = _x(2)
+    program = jets.build(net, x, orders=4)
+    v = torch.randn(2, *x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    got = program.series(x, v, 4)
+    for i in range(2):
+        def line(t, i=i):
+            return net(x + t * v[i])
+
+        d = line
+        for k in range(1, 5):
+            d = _derivative(d)
+            assert_rel(got[k][i], d(torch.zeros(())) / math.factorial(k))
+    assert runs["first-series"] == 0
+
+
+def _derivative(f):
+    from torch.func import jacfwd
+
+    return jacfwd(f)
+
+
+def test_series_fold_declines_where_the_first_product_is_not_fed_the_seed(fresh_programs, runs):
+    net = _Squared().double().eval().requires_grad_(False)
+    x = _x(2)
+    names = ["u_xxxx", "u_xy"]
+    got = jaccli.partials(net, x, names, inputs=["x", "y"], outputs=["u"], per_sample=True)
+    want = _nested(net, x, names)
+    for name in names:
+        assert_rel(torch.as_tensor(got[name]).reshape(-1), want[name].reshape(-1))
+    assert runs["first-series"] == 0
+
+
+def test_series_results_do_not_move_a_bit_with_the_chunk_size(fresh_programs, runs):
+    net = tanh_mlp((1, 16, 16, 1), dtype=torch.float32, seed=3).requires_grad_(False)
+    x = torch.linspace(-2, 2, 3000)[:, None]
+    a = jaccli.partials(net, x, ["u_xxxx"], inputs=["x"], outputs=["u"], per_sample=True, chunk_size=300)
+    b = jaccli.partials(net, x, ["u_xxxx"], inputs=["x"], outputs=["u"], per_sample=True, chunk_size=3000)
+    assert torch.equal(torch.as_tensor(a["u_xxxx"]), torch.as_tensor(b["u_xxxx"]))
+    assert runs["first-series"] == 11
 
 
 def test_one_row_per_order_runs_unfolded(fresh_programs, runs):

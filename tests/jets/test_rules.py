@@ -362,9 +362,13 @@ def test_values_and_arbitrary_tangents_match_the_model_and_torch_func():
     assert_rel(program.jvp(x, v), want)
 
 
-def test_float32_tanh_is_within_a_few_ulp_of_float64_relative_to_itself():
+@pytest.mark.parametrize("numpy_tanh", [False, True], ids=["expm1", "numpy"])
+def test_float32_tanh_is_within_a_few_ulp_of_float64_relative_to_itself(monkeypatch, numpy_tanh):
+    # both forms, whichever this CPU would pick (NumPy's loop on one without AVX-512 is its AVX2 one)
+    from jaccli.jets import elementwise
     from jaccli.jets.elementwise import _tanh
 
+    monkeypatch.setattr(elementwise, "NUMPY_TANH", numpy_tanh)
     tiny = torch.logspace(-30, 0, 301)  # where a subtraction from 1 would lose every digit
     x = torch.cat([torch.linspace(-12, 12, 20001), tiny, -tiny, torch.tensor([0.0, -0.0, 50.0, -50.0])])
     want = torch.tanh(x.double())
@@ -380,6 +384,22 @@ def test_float32_tanh_is_within_a_few_ulp_of_float64_relative_to_itself():
     assert ends[:2].tolist() == [1.0, -1.0] and ends[2].isnan()
     # float64 keeps torch's kernel: bitwise equal
     assert torch.equal(_tanh(x.double(), None), torch.tanh(x.double()))
+    # every element gets the same bits at any offset and length of the block (SIMD body or tail)
+    for start in (0, 1, 5, 13):
+        for n in (1, 3, 15, 16, 17, 31, 1000):
+            assert torch.equal(_tanh(x[start : start + n].clone(), None), _tanh(x, None)[start : start + n])
+    # a tensor NumPy cannot see (autograd) takes the five passes, still within the bound
+    xg = x.clone().requires_grad_(True)
+    with torch.no_grad():
+        got = _tanh(xg, None)
+    assert ((got.double() - want).abs() <= 4e-7 * want.abs()).all()
+
+
+def test_numpy_tanh_is_chosen_by_its_build_only():
+    from jaccli.jets.elementwise import _numpy_tanh_is_vector512
+
+    assert _numpy_tanh_is_vector512() in (True, False)
+    assert _numpy_tanh_is_vector512() == _numpy_tanh_is_vector512()  # the CPU's, not a timing's
 
 
 def test_float32_hessian_of_tanh_near_zero_keeps_its_relative_accuracy():
