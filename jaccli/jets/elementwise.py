@@ -91,6 +91,10 @@ def _numpy_tanh_is_vector512() -> bool:
 
 #: float32 CPU tanh by NumPy's ufunc (None: decided at the first call, by :func:`_numpy_tanh_is_vector512`)
 NUMPY_TANH: bool | None = None
+#: NumPy's loop runs on one thread: taken only while torch runs on at most this many (at two,
+#: it still took 57 µs against the five passes' 134 µs on a [2979, 50] block; more threads
+#: share the passes out, and were not measured on this 2-core machine)
+NUMPY_TANH_THREADS = 2
 
 
 def _tanh(x: Tensor, out: Tensor | None) -> Tensor:
@@ -121,7 +125,8 @@ def _tanh(x: Tensor, out: Tensor | None) -> Tensor:
     y = workspace.empty_like(x) if out is None else out
     if NUMPY_TANH is None:
         NUMPY_TANH = _numpy_tanh_is_vector512()
-    if NUMPY_TANH and y.dtype == torch.float32 and torch._C._len_torch_dispatch_stack() == 0:
+    if (NUMPY_TANH and y.dtype == torch.float32 and torch._C._len_torch_dispatch_stack() == 0
+            and torch.get_num_threads() <= NUMPY_TANH_THREADS):  # fmt: skip
         try:  # plain tensors only: no autograd, fake or functorch tensors (.numpy() refuses them)
             np.tanh(x.numpy(), out=y.numpy())
             return y

@@ -369,6 +369,7 @@ def test_float32_tanh_is_within_a_few_ulp_of_float64_relative_to_itself(monkeypa
     from jaccli.jets.elementwise import _tanh
 
     monkeypatch.setattr(elementwise, "NUMPY_TANH", numpy_tanh)
+    monkeypatch.setattr(elementwise, "NUMPY_TANH_THREADS", torch.get_num_threads())  # whatever this machine runs
     tiny = torch.logspace(-30, 0, 301)  # where a subtraction from 1 would lose every digit
     x = torch.cat([torch.linspace(-12, 12, 20001), tiny, -tiny, torch.tensor([0.0, -0.0, 50.0, -50.0])])
     want = torch.tanh(x.double())
@@ -504,3 +505,20 @@ def test_ode_polynomials_match_their_coefficients(name):
     for poly in _ode_polys(_ODES[name], 3):
         expected = sum(cf * y**k for k, cf in enumerate(poly))
         torch.testing.assert_close(_horner(poly, y), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_numpys_tanh_steps_aside_for_more_threads_than_it_was_measured_on(monkeypatch):
+    # NumPy's loop is one thread: with torch on more threads than NUMPY_TANH_THREADS the five
+    # passes (which torch shares out) run, whatever NumPy offers
+    from jaccli.jets import elementwise
+
+    calls = []
+    monkeypatch.setattr(elementwise, "NUMPY_TANH", True)
+    monkeypatch.setattr(elementwise.np, "tanh", lambda *a, **k: calls.append(1))
+    x = torch.linspace(-3, 3, 101)
+    monkeypatch.setattr(elementwise, "NUMPY_TANH_THREADS", 0)
+    got = elementwise._tanh(x, None)
+    assert not calls and ((got.double() - torch.tanh(x.double())).abs() <= 4e-7 * torch.tanh(x.double()).abs()).all()
+    monkeypatch.setattr(elementwise, "NUMPY_TANH_THREADS", torch.get_num_threads())
+    elementwise._tanh(x, None)
+    assert calls
