@@ -120,8 +120,9 @@ def confirm(p: Problem, program: jets.TaylorProgram, orders: int) -> None:
 
 def adjoint_agrees(program: jets.TaylorProgram, p: Problem) -> bool:
     """Whether the Hessian by adjoints (:mod:`jaccli.jets.adjoint`) serves ``program``: checked
-    once per program against its forward Hessian on ``p``'s probe rows."""
-    return adjoint.agrees(program, p.z(probe_rows(p)))
+    once per program against its forward Hessian on ``p``'s probe rows. Not under
+    ``torch.inference_mode``, where no reverse sweep can be recorded."""
+    return not torch.is_inference_mode_enabled() and adjoint.agrees(program, p.z(probe_rows(p)))
 
 
 def _seen(p: Problem, rows: torch.Tensor) -> torch.Tensor | None:

@@ -112,7 +112,9 @@ def _first(x, shape: torch.Size, axis: int, n: int, b: int) -> Tensor | None:
     x1 = x.block(1)
     lead = len(shape) - (x1.dim() - 1)
     x1 = x1.reshape(n, *(1,) * lead, *x1.shape[1:]).expand(n, *shape)
-    return _per_point(x1, axis, b).transpose(0, 1)
+    # points outermost in memory: a batched product over strides that follow the batch size
+    # rounds differently as the size changes, and results must not move with the chunk size
+    return _per_point(x1, axis, b).transpose(0, 1).contiguous()
 
 
 def _adjoints(program: TaylorProgram, z: Tensor, keys: list[int]) -> dict[tuple[int, int | None], Tensor]:
@@ -152,7 +154,7 @@ def _unary(cx, lay, s, args, kwargs, w, axis, out, n, b):
     f2 = fs[1] if len(fs) > 1 else None
     if f2 is not None:
         a = _first(x, x.shape, axis, n, b)  # [B, n, K]
-        weight = _per_point(w * f2, axis, b).transpose(0, 1)  # [B, m, K]
+        weight = _per_point(w * f2, axis, b).transpose(0, 1).contiguous()  # [B, m, K]
         aw = (a[:, None] * weight[:, :, None]).reshape(b, -1, a.shape[-1])
         out += torch.bmm(aw, a.transpose(1, 2)).view_as(out)
     return s.rule.fn(cx, lay, *args, **kwargs)
@@ -164,7 +166,7 @@ def _product(cx, lay, s, args, kwargs, w, axis, out, n, b):
     shape = res.shape
     fa, fb = _first(args[0], shape, axis, n, b), _first(args[1], shape, axis, n, b)
     if fa is not None and fb is not None:
-        weight = _per_point(w, axis, b).transpose(0, 1)  # [B, m, K]
+        weight = _per_point(w, axis, b).transpose(0, 1).contiguous()  # [B, m, K]
         aw = (fa[:, None] * weight[:, :, None]).reshape(b, -1, fa.shape[-1])
         g = torch.bmm(aw, fb.transpose(1, 2)).view_as(out)
         out += g
@@ -184,10 +186,14 @@ def _pairs(cx, lay, s, args, kwargs, w, axis, out, n, b):
         t2, we = jet.block(2), w.get(e) if isinstance(w, dict) else w
         if t2 is not None and we is not None:
             i, j = cx.pairs
-            h = torch.einsum("pbk,obk->bop", _per_point(t2, axis, b), _per_point(we.to(t2.dtype), axis, b))
+            # each pair (i, j) goes to both triangles, half each on the diagonal (no mask to
+            # index by, which would wait for a GPU)
+            rows = _per_point(t2, axis, b).transpose(0, 1).contiguous()  # [B, P, K]
+            weight = _per_point(we.to(t2.dtype), axis, b).transpose(0, 1).contiguous()  # [B, m, K]
+            h = torch.bmm(weight, rows.transpose(1, 2))  # [B, m, P]
+            h = h * torch.where(i == j, 0.5, 1.0).to(h.dtype)
             out[:, :, i, j] += h
-            off = i != j
-            out[:, :, j[off], i[off]] += h[:, :, off]
+            out[:, :, j, i] += h
         kept.append(Jet(jet.t[: jet.span(1)[1] if lay.first else jet.span(0)[1]], lay, cx.counts))
     return type(res)(kept) if many else kept[0]
 
