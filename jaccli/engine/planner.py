@@ -28,6 +28,7 @@ from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_ar
 from jaccli.request.choices import ESTIMATORS, KINDS, MODES
 from jaccli.request.kinds import kind as kind_of
 from jaccli.request.spec import Derivative, Selection
+from jaccli.engine import measure
 from jaccli.engine.costs import COSTS, estimate_seconds, point_seconds
 from jaccli.engine.memory import MIB as _MIB, memory_available, working_budget
 from jaccli.engine.strategies import STRATEGIES, count_directions
@@ -396,10 +397,15 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
     best = cheapest(costs) if mode == "auto" else ("taylor", mode)
     wanted = best[0] == "taylor" and best in costs or mode == "forward"
     program, why_not = _taylor_program(kind, p, "forward" if wanted else mode)
+    note = None
+    if program is not None and mode == "auto" and measure.ambiguous(costs):
+        taylor_mode, note = measure.hessian_mode(program, p, best[1])
+        best = ("taylor", taylor_mode)
     if program is not None and best[1] == "reverse" and not adjoint_agrees(program, p):
         program, why_not = None, "Taylor reverse mode not used: a nonlinear step's points cannot be told apart"
     if program is not None:
-        return _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, best[1]), program
+        plan = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, best[1])
+        return (plan if note is None else replace(plan, engine_note=note)), program
     plan = make_plan(kind, p, mode, estimator, probes, chunk_size)
     if why_not is None and mode == "auto" and ("taylor", "forward") in costs:
         why_not = _why_not_taylor(p, plan.mode, costs)

@@ -95,7 +95,7 @@ def bytes_per_point(program: TaylorProgram) -> int:
     tape = sum(s.numel for s in program.steps)
     adj = m * sum(program.steps[i].numel for i in src)
     pairs = n * (n + 1) // 2
-    widest = max(((pairs if CONTRACTIONS.get(program.steps[i].name, _pairs) is _pairs else (m + 2) * n)
+    widest = max(((pairs if program.steps[i].name not in CONTRACTIONS else (m + 2) * n)
                   * program.steps[i].numel for i in src), default=0)  # fmt: skip
     return program.bytes_per_point("jacobian", n) + int((tape + adj + widest + m * n * n) * size)
 
@@ -147,30 +147,71 @@ def _adjoints(program: TaylorProgram, z: Tensor, keys: list[int]) -> dict[tuple[
             for k, gs in got.items() if any(g is not None for g in gs)}  # fmt: skip
 
 
+def _bilinear_into(out: Tensor, fa: Tensor, fb: Tensor, weight: Tensor, axis: int, b: int, both: bool) -> None:
+    """``out[p, o] += Σ_k weight[o, k] fa[p, :, k] ⊗ fb[p, :, k]`` over each point's entries ``k``
+    (``both``: and its transpose). ``fa``, ``fb`` ``[B, n, K]`` (:func:`_first`), ``weight`` the
+    step's ``[m, *shape]``; one batched product for every output."""
+    weight = _per_point(weight, axis, b).transpose(0, 1).contiguous()  # [B, m, K]
+    g = torch.bmm((fa[:, None] * weight[:, :, None]).reshape(b, -1, fa.shape[-1]), fb.transpose(1, 2)).view_as(out)
+    out += g
+    if both:
+        out += g.transpose(-1, -2)
+
+
 def _unary(cx, lay, s, args, kwargs, w, axis, out, n, b):
-    """``f(x)``: ``Σ_k f″(x_k) ḡ_k x₁ₖ x₁ₖᵀ`` per point, one batched product for every output."""
+    """``f(x)``: ``Σ_k f″(x_k) ḡ_k x₁ₖ x₁ₖᵀ`` per point."""
     x = args[0]
     _, fs = _UNARY_DERIVS[s.name](x.block(0), 2, None, *args[1:], **kwargs)
     f2 = fs[1] if len(fs) > 1 else None
     if f2 is not None:
-        a = _first(x, x.shape, axis, n, b)  # [B, n, K]
-        weight = _per_point(w * f2, axis, b).transpose(0, 1).contiguous()  # [B, m, K]
-        aw = (a[:, None] * weight[:, :, None]).reshape(b, -1, a.shape[-1])
-        out += torch.bmm(aw, a.transpose(1, 2)).view_as(out)
+        a = _first(x, x.shape, axis, n, b)
+        _bilinear_into(out, a, a, w * f2, axis, b, both=False)
     return s.rule.fn(cx, lay, *args, **kwargs)
 
 
 def _product(cx, lay, s, args, kwargs, w, axis, out, n, b):
-    """``a · b`` of two jets: ``Σ_k ḡ_k (a₁ₖ b₁ₖᵀ + b₁ₖ a₁ₖᵀ)`` per point."""
+    """``a · c`` of two jets: ``Σ_k ḡ_k (a₁ₖ c₁ₖᵀ + c₁ₖ a₁ₖᵀ)`` per point."""
     res = s.rule.fn(cx, lay, *args, **kwargs)
-    shape = res.shape
-    fa, fb = _first(args[0], shape, axis, n, b), _first(args[1], shape, axis, n, b)
-    if fa is not None and fb is not None:
-        weight = _per_point(w, axis, b).transpose(0, 1).contiguous()  # [B, m, K]
-        aw = (fa[:, None] * weight[:, :, None]).reshape(b, -1, fa.shape[-1])
-        g = torch.bmm(aw, fb.transpose(1, 2)).view_as(out)
-        out += g
-        out += g.transpose(-1, -2)
+    fa, fc = _first(args[0], res.shape, axis, n, b), _first(args[1], res.shape, axis, n, b)
+    if fa is not None and fc is not None:
+        _bilinear_into(out, fa, fc, w, axis, b, both=True)
+    return res
+
+
+def _quotient(cx, lay, s, args, kwargs, w, axis, out, n, b):
+    """``a / d`` with ``d`` a jet: ``Σ_k ḡ_k (2a d₁ₖ d₁ₖᵀ / d³ - (a₁ₖ d₁ₖᵀ + d₁ₖ a₁ₖᵀ) / d²)`` per point
+    (``a`` a jet or a constant)."""
+    res = s.rule.fn(cx, lay, *args, **kwargs)
+    a, d = args
+    av, dv = (a.block(0) if isinstance(a, Jet) else a), d.block(0)
+    fd = _first(d, res.shape, axis, n, b)
+    if fd is None:
+        return res
+    inv = dv.reciprocal()
+    _bilinear_into(out, fd, fd, (2 * w) * av * inv * inv * inv, axis, b, both=False)
+    fa = _first(a, res.shape, axis, n, b)
+    if fa is not None:
+        _bilinear_into(out, fa, fd, -w * inv * inv, axis, b, both=True)
+    return res
+
+
+def _batched_product(cx, lay, s, args, kwargs, w, axis, out, n, b):
+    """``A @ C`` of two jets ``[B·H, r, t] @ [B·H, t, c]``: ``Σ ḡ ⊙ (A₁ᵢ C₁ⱼ + A₁ⱼ C₁ᵢ)`` per point
+    as ``⟨A₁ᵢ, ḡ C₁ⱼᵀ⟩``: the ``ḡ C₁ⱼᵀ`` of every output and row first, then one product per point."""
+    res = s.rule.fn(cx, lay, *args, **kwargs)
+    a1, c1 = args[0].block(1), args[1].block(1)
+    if a1 is None or c1 is None:
+        return res
+    m = w.shape[0]
+    bh, r, t = a1.shape[1:]
+    c, h = c1.shape[-1], bh // b
+    g = torch.bmm(w.permute(1, 0, 2, 3).reshape(bh, m * r, c),
+                  c1.permute(1, 3, 0, 2).reshape(bh, c, n * t).contiguous())  # [B·H, m·r, n·t]  # fmt: skip
+    g = g.view(b, h, m, r, n, t).permute(0, 1, 3, 5, 2, 4).reshape(b, h * r * t, m * n)
+    a = a1.reshape(n, b, h * r * t).transpose(0, 1).contiguous()  # [B, n, H·r·t]
+    term = torch.bmm(a, g).view(b, n, m, n).transpose(1, 2)  # [B, m, i, j]
+    out += term
+    out += term.transpose(-1, -2)
     return res
 
 
@@ -198,18 +239,35 @@ def _pairs(cx, lay, s, args, kwargs, w, axis, out, n, b):
     return type(res)(kept) if many else kept[0]
 
 
-#: op name -> how its source is contracted (anything else: :func:`_pairs`)
-CONTRACTIONS = {**dict.fromkeys(_UNARY_DERIVS, _unary), "mul": _product}
+def _fits_unary(args, kwargs, axis) -> bool:
+    return isinstance(args[0], Jet) and not any(isinstance(v, Jet) for v in (*args[1:], *kwargs.values()))
 
 
-def _contraction(s, args, kwargs):
-    jets = [a for a in args if isinstance(a, Jet)]
-    how = CONTRACTIONS.get(s.name, _pairs)
-    if how is _unary and not (isinstance(args[0], Jet) and len(jets) == 1 and not any(isinstance(v, Jet) for v in kwargs.values())):
-        return _pairs
-    if how is _product and not (len(args) == 2 and len(jets) == 2):
-        return _pairs
-    return how
+def _fits_product(args, kwargs, axis) -> bool:
+    return len(args) == 2 and not kwargs and all(isinstance(a, Jet) for a in args)
+
+
+def _fits_quotient(args, kwargs, axis) -> bool:
+    return len(args) == 2 and not kwargs and isinstance(args[1], Jet)
+
+
+def _fits_batched(args, kwargs, axis) -> bool:
+    return _fits_product(args, kwargs, axis) and axis == 0 and all(a.block(1) is not None and a.block(1).dim() == 4 for a in args)
+
+
+#: op name -> how its source is contracted, and when that way fits its arguments (any other
+#: op, or arguments that do not fit: :func:`_pairs`)
+CONTRACTIONS = {
+    **dict.fromkeys(_UNARY_DERIVS, (_unary, _fits_unary)),
+    "mul": (_product, _fits_product),
+    "div": (_quotient, _fits_quotient),
+    "bmm": (_batched_product, _fits_batched),
+}
+
+
+def _contraction(s, args, kwargs, axis):
+    how, fits = CONTRACTIONS.get(s.name, (_pairs, None))
+    return how if fits is None or fits(args, kwargs, axis) else _pairs
 
 
 def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None, out: Tensor | None = None) -> Tensor:
@@ -255,12 +313,13 @@ def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None,
             elif i not in at:
                 env[i] = s.rule.fn(cx, sched.layouts[i], *args, **kwargs)
             else:
-                how = _contraction(s, args, kwargs)
+                axis = _batch_axis(s.shape)
+                how = _contraction(s, args, kwargs, axis)
                 w = ({e: g for (k, e), g in adj.items() if k == i} if how is _pairs else adj.get((i, None)))
                 if w is None or (how is _pairs and not w):
                     env[i] = s.rule.fn(cx, sched.layouts[i], *args, **kwargs)
                 else:
-                    env[i] = how(cx, sched.layouts[i], s, args, kwargs, w, _batch_axis(s.shape), acc, n, b)
+                    env[i] = how(cx, sched.layouts[i], s, args, kwargs, w, axis, acc, n, b)
             for r in sched.frees[i]:
                 env[r] = None
     if acc is not out:

@@ -86,6 +86,9 @@ class TaylorProgram:
     fusion: dict = field(default_factory=dict, repr=False)
     #: whether the Hessian by adjoints serves this program (:func:`.adjoint.agrees`; None: not asked yet)
     adjoint: bool | None = field(default=None, repr=False, compare=False)
+    #: (kind, dtype, device) -> seconds of one pass of each Taylor mode on a few points
+    #: (auto mode's measured choice, :mod:`jaccli.engine.measure`)
+    measured: dict = field(default_factory=dict, repr=False, compare=False)
     #: step -> how its arguments bind (see :func:`_binding`), made on first use
     _bindings: dict = field(default_factory=dict, repr=False, compare=False)
     #: request -> its passes' seeds (:meth:`_seeds`)

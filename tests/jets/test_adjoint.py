@@ -60,9 +60,10 @@ def _mlp():
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 3), nn.Sigmoid())
 
 
-def _quotient(x):  # products and quotients of two jets, a square
+def _quotient(x):  # products and quotients of two jets, a square, a constant over a jet, a power (pair rows)
     a, b = x[:, :2], x[:, 2:]
-    return torch.stack([(a * b).sum(1) / (1.5 + torch.cos(b).sum(1)), (a[:, 0] * a[:, 0]) * torch.exp(b[:, 1])], 1)
+    return torch.stack([(a * b).sum(1) / (1.5 + torch.cos(b).sum(1)), (a[:, 0] * a[:, 0]) * torch.exp(b[:, 1]),
+                        torch.full_like(a[:, 0], 3.0) / (2.0 + (a * a).sum(1)), (b**3).sum(1)], 1)  # fmt: skip
 
 
 MODELS = {
@@ -149,3 +150,25 @@ def test_a_tight_memory_budget_splits_the_points_not_the_rows(monkeypatch):
     plan = jaccli.plan("hessian", f, x, per_sample=True, mode="reverse")
     assert plan.directions_per_pass == plan.directions == 5 and 1 <= plan.points_per_chunk < 40
     torch.testing.assert_close(jaccli.hessian(f, x, per_sample=True, mode="reverse"), reference(f, x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:.*second derivatives through those units:jaccli.JaccliWarning")
+def test_every_contraction_serves_a_model_above(monkeypatch):
+    # the closed-form contractions, each spied on, and the pair rows of any other op (the
+    # norms' reductions): every one is exercised by test_the_hessian_by_adjoints_is_exact
+    used = set()
+
+    def spy(how):
+        def run(*args):
+            used.add(how.__name__)
+            return how(*args)
+        return run
+
+    table = {name: (spy(how), fits) for name, (how, fits) in adjoint.CONTRACTIONS.items()}
+    monkeypatch.setattr(adjoint, "CONTRACTIONS", table)
+    monkeypatch.setattr(adjoint, "_pairs", spy(adjoint._pairs))
+    for make, n in MODELS.values():
+        f = make()
+        f = f.double().eval().requires_grad_(False) if isinstance(f, nn.Module) else f
+        jaccli.hessian(f, torch.randn(3, n, dtype=torch.float64), per_sample=True, mode="reverse")
+    assert used == {"_unary", "_product", "_quotient", "_batched_product", "_pairs"}
