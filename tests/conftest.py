@@ -5,7 +5,8 @@ unpaid in the process (:func:`jaccli.engine.costs.torch_func_started`), so its
 choice for a small request depends on what ran before. Tests see it as paid, the state
 of any process that ran torch.func once, so that their choices do not depend on their
 order; tests of the cold choice patch it back (tests/engine/test_auto_choice.py), and
-tests that run the command in a fresh process see the real state.
+tests that run the command in a fresh process see the real state. Likewise auto mode's
+timed choice between the Taylor engine's two Hessians is off (:mod:`jaccli.engine.measure`).
 
 jaccli loads torch's forward-AD decompositions only before its first forward-mode product
 (:func:`jaccli.engine.strategies.jvp_ready`); tests load them once up front, so that a test
@@ -23,6 +24,16 @@ def _torch_func_started(monkeypatch):
     from jaccli.engine import costs
 
     monkeypatch.setattr(costs, "torch_func_started", lambda: True)
+
+
+@pytest.fixture(autouse=True)
+def _no_measured_choice(monkeypatch):
+    # auto mode times the Taylor engine's two Hessians where their predictions are close
+    # (jaccli.engine.measure): a choice by the clock is not a test's to depend on. Tests see
+    # the cost records' choice; tests/engine/test_measure.py sets a clock of its own
+    from jaccli.engine import measure
+
+    monkeypatch.setattr(measure, "WITHIN", 0.0)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -86,6 +86,15 @@ COSTS: dict[tuple[str, str], dict[str, Cost]] = {
         "laplacian": Cost(6.6, 0.84, _inputs),
         "hutchinson": Cost(2.7, 0.60, _probes),
     },
+    # the Taylor engine's reverse mode is the Hessian by adjoints (:mod:`jaccli.jets.adjoint`):
+    # n_in first-order streams, one reverse sweep per output, each nonlinear step's source
+    # contracted in place. Fitted (by hand, 2026-12-07, under load) to its time against the
+    # forward Hessian on tanh MLPs n_in -> 50^3 -> n_out: 1.65x at (2, 1), 0.72 at (4, 1),
+    # 0.58 at (8, 1), 0.26 at (16, 1), 0.11 at (32, 1), 2.9 at (8, 8); it ran 1.1-28x faster
+    # than torch.func's forward over reverse on the models of tests/architectures.py
+    ("taylor", "reverse"): {
+        "hessian": Cost(10.0, 0.5, _inputs, per_output=2.25),
+    },
     ("torch.func", "forward"): {
         "jacobian": Cost(1.4, 2.6, _inputs),
         "divergence": Cost(1.4, 2.6, _inputs),

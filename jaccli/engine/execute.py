@@ -11,6 +11,8 @@ Imports: torch, numpy, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.probe`, :mod:
 
 from __future__ import annotations
 
+import functools
+
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -140,7 +142,8 @@ def _execute_taylor(kind: str, p: Problem, plan: Plan, program: taylor.TaylorPro
         # every entry is written by its pass: no zero fill of what may be gigabytes
         row_shape = STRATEGIES[(kind, "forward")].result_shape(p)
         sink.open((p.n, *row_shape), p.dtype, p.device, zero=False, ppc=plan.points_per_chunk)
-        compute = getattr(program, kind)
+        # reverse mode on the Taylor engine: the Hessian by adjoints
+        compute = functools.partial(taylor.adjoint.hessian, program) if plan.mode == "reverse" else getattr(program, kind)
     fz = fused.fuser(compile, plan.points_per_chunk, program.fusion)
     # the passes reuse their buffers from chunk to chunk (see jaccli.jets.workspace)
     with torch.no_grad(), program.workspace():

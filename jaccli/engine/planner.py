@@ -23,12 +23,13 @@ import torch
 
 from jaccli import jets as taylor
 from jaccli.errors import format_bytes, ModelError, ResourceError, shape_str, UsageError
-from jaccli.engine.programs import program_for, settle
+from jaccli.engine.programs import adjoint_agrees, program_for, settle
 from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_args
 from jaccli.request.choices import ESTIMATORS, KINDS, MODES
 from jaccli.request.kinds import kind as kind_of
 from jaccli.request.spec import Derivative, Selection
-from jaccli.engine.costs import estimate_seconds, point_seconds
+from jaccli.engine import measure
+from jaccli.engine.costs import COSTS, estimate_seconds, point_seconds
 from jaccli.engine.memory import MIB as _MIB, memory_available, working_budget
 from jaccli.engine.strategies import STRATEGIES, count_directions
 
@@ -153,7 +154,7 @@ FORWARD_OVER_FORWARD_WRONG = frozenset({"native_layer_norm", "native_batch_norm"
 
 #: the engines auto mode weighs, in the order that breaks ties (Taylor first: no tape, one
 #: pass for all directions)
-_CANDIDATES = (("taylor", "forward"), ("torch.func", "forward"), ("torch.func", "reverse"))
+_CANDIDATES = (("taylor", "forward"), ("taylor", "reverse"), ("torch.func", "forward"), ("torch.func", "reverse"))
 
 
 def fast_path_applies(p: Problem) -> bool:
@@ -170,8 +171,11 @@ def estimates(kind: str, p: Problem, estimator: str, probes: int) -> dict[tuple[
             continue
         if (engine, mode) == ("torch.func", "forward") and _forward_wrong(kind, p):
             continue
+        record = strategy_key(kind, estimator, mode)[0]
+        if record not in COSTS[(engine, mode)]:  # the Taylor engine's reverse mode makes Hessians only
+            continue
         out[(engine, mode)] = estimate_seconds(
-            strategy_key(kind, estimator, mode)[0], engine, mode, n_in=p.n_in, n_out=p.n_out,
+            record, engine, mode, n_in=p.n_in, n_out=p.n_out,
             points=p.n, seconds_per_point=point_seconds(p.flops, p.device.type), probes=int(probes),
         )  # fmt: skip
     return out
@@ -316,7 +320,7 @@ def _taylor_program(kind: str, p: Problem, mode: str) -> tuple[taylor.TaylorProg
 
 
 def _taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, estimator: str, probes: int,
-                 chunk_size, estimates: tuple[tuple[str, float], ...] = ()) -> Plan:  # fmt: skip
+                 chunk_size, estimates: tuple[tuple[str, float], ...] = (), mode: str = "forward") -> Plan:  # fmt: skip
     """Points per pass and directions per pass from the program's own memory estimate;
     ``estimates`` go into the plan. The last plan is kept on the program itself
     (``program._plan``: it lives and dies with it), keyed by everything else it is made
@@ -328,31 +332,34 @@ def _taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, estimator
         chunk_size = int(chunk_size)  # an int keys the kept plan whatever type it came as
     available = memory_available(p.device)  # read once (and at most every MEMINFO_EVERY s)
     budget = working_budget(p.device, available)
-    key = (kind, estimator, probes, chunk_size, p.n, p.per_sample, p.in_shapes, p.out_shape, p.dtype,
+    key = (kind, mode, estimator, probes, chunk_size, p.n, p.per_sample, p.in_shapes, p.out_shape, p.dtype,
            p.device, available, budget, _CACHE_BYTES, _MIN_POINTS, estimates)  # fmt: skip
     kept = program._plan
     if kept is not None and kept[0] == key:
         return kept[1]
-    plan = _make_taylor_plan(kind, p, program, estimator, probes, chunk_size, available, budget, estimates)
+    plan = _make_taylor_plan(kind, p, program, estimator, probes, chunk_size, available, budget, estimates, mode)
     program._plan = (key, plan)
     return plan
 
 
 def _make_taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, estimator: str, probes: int,
-                      chunk_size, available: int, budget: int, estimates: tuple) -> Plan:  # fmt: skip
+                      chunk_size, available: int, budget: int, estimates: tuple, mode: str = "forward") -> Plan:  # fmt: skip
     tkind = _taylor_kind(kind, estimator)
-    n_dirs = {"jvp": int(probes), "hessian": p.n_in * (p.n_in + 1) // 2}.get(tkind, p.n_in)
+    adjoints = mode == "reverse"  # the Hessian by adjoints: every first-order row in one pass
+    n_dirs = p.n_in if adjoints else {"jvp": int(probes), "hessian": p.n_in * (p.n_in + 1) // 2}.get(tkind, p.n_in)
     shape = _result_shape(kind, p, estimator)
     itemsize = torch.empty((), dtype=p.dtype).element_size()
     result_bytes = math.prod(shape) * itemsize
     row_bytes = 16 if tkind == "jvp" else math.prod(shape[1:]) * itemsize
 
     def per_point(directions: int) -> int:
+        if adjoints:
+            return taylor.adjoint.bytes_per_point(program) + row_bytes
         return program.bytes_per_point(tkind, directions) + row_bytes
 
     lead = int(chunk_size) if chunk_size is not None else min(p.n, _MIN_POINTS)
     dpp = n_dirs
-    while dpp > 1 and per_point(dpp) * lead > budget:
+    while not adjoints and dpp > 1 and per_point(dpp) * lead > budget:
         dpp = math.ceil(dpp / 2)
     if chunk_size is not None:
         ppc = int(chunk_size)
@@ -363,7 +370,7 @@ def _make_taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, esti
     ppc = max(1, min(ppc, p.n))
     return Plan(
         kind=kind,
-        mode="forward",
+        mode=mode,
         estimator=estimator,
         per_sample=True,
         points=p.n,
@@ -387,10 +394,18 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
     with forward mode, or cheapest in auto mode), else the torch.func plan."""
     costs = estimates(kind, p, estimator, probes)
     shown = tuple((f"{e} {m}", s) for (e, m), s in costs.items())
-    wanted = mode == "forward" or (mode == "auto" and cheapest(costs)[0] == "taylor")
+    best = cheapest(costs) if mode == "auto" else ("taylor", mode)
+    wanted = best[0] == "taylor" and best in costs or mode == "forward"
     program, why_not = _taylor_program(kind, p, "forward" if wanted else mode)
+    note = None
+    if program is not None and mode == "auto" and measure.ambiguous(costs):
+        taylor_mode, note = measure.hessian_mode(program, p, best[1])
+        best = ("taylor", taylor_mode)
+    if program is not None and best[1] == "reverse" and not adjoint_agrees(program, p):
+        program, why_not = None, "Taylor reverse mode not used: a nonlinear step's points cannot be told apart"
     if program is not None:
-        return _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown), program
+        plan = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, best[1])
+        return (plan if note is None else replace(plan, engine_note=note)), program
     plan = make_plan(kind, p, mode, estimator, probes, chunk_size)
     if why_not is None and mode == "auto" and ("taylor", "forward") in costs:
         why_not = _why_not_taylor(p, plan.mode, costs)

@@ -41,6 +41,7 @@ from collections import OrderedDict
 import torch
 
 from jaccli import jets
+from jaccli.jets import adjoint
 from jaccli.engine.probe import probe_rows, settle_batch_check
 from jaccli.engine.problem import Problem
 
@@ -115,6 +116,13 @@ def confirm(p: Problem, program: jets.TaylorProgram, orders: int) -> None:
         entry = _CACHE.get(key)
         if entry is not None and entry[2] is program:
             _CACHE[key] = (*entry[:3], True)
+
+
+def adjoint_agrees(program: jets.TaylorProgram, p: Problem) -> bool:
+    """Whether the Hessian by adjoints (:mod:`jaccli.jets.adjoint`) serves ``program``: checked
+    once per program against its forward Hessian on ``p``'s probe rows. Not under
+    ``torch.inference_mode``, where no reverse sweep can be recorded."""
+    return not torch.is_inference_mode_enabled() and adjoint.agrees(program, p.z(probe_rows(p)))
 
 
 def _seen(p: Problem, rows: torch.Tensor) -> torch.Tensor | None:

@@ -48,6 +48,7 @@ The package, in the order a program is made (each module imports only those abov
 :mod:`.builder`      :func:`build`: record, compile, verify against autograd
 :mod:`.workspace`    buffers the passes of one computation reuse, chunk after chunk
 :mod:`.fused`        elementwise chain rules as ``torch.compile``'d kernels, and when to compile
+:mod:`.adjoint`      Hessians by adjoints: each step's second-order source contracted in place
 ===================  ==================================================================
 
 To add a rule: write it in the family's module, add one line to :data:`RULES` and one
@@ -58,6 +59,7 @@ torch.func in float64 at orders 1 to 4 (and in the Hessian and Laplacian modes).
 from jaccli.jets.builder import build, recheck
 from jaccli.jets.jet import Layout, Rule, Unsupported
 from jaccli.jets.program import WANT, TaylorProgram
+from jaccli.jets import adjoint  # noqa: E402 - after program, which it reads
 from jaccli.jets.record import PROBE_BATCHES
 from jaccli.jets.table import RULES, VALUE_OPS
 

@@ -84,6 +84,11 @@ class TaylorProgram:
     #: eager seconds spent on this program and the fused-kernel keys its passes met, in this
     #: process (what :func:`.fused.should_compile` weighs; kept with the program across calls)
     fusion: dict = field(default_factory=dict, repr=False)
+    #: whether the Hessian by adjoints serves this program (:func:`.adjoint.agrees`; None: not asked yet)
+    adjoint: bool | None = field(default=None, repr=False, compare=False)
+    #: (kind, dtype, device) -> seconds of one pass of each Taylor mode on a few points
+    #: (auto mode's measured choice, :mod:`jaccli.engine.measure`)
+    measured: dict = field(default_factory=dict, repr=False, compare=False)
     #: step -> how its arguments bind (see :func:`_binding`), made on first use
     _bindings: dict = field(default_factory=dict, repr=False, compare=False)
     #: request -> its passes' seeds (:meth:`_seeds`)

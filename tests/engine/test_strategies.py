@@ -79,10 +79,17 @@ def test_hutchinson_needs_two_probes():
 
 
 # ----------------------------------------------------------------- reverse-mode Hessian
+# torch.func's forward over reverse: where the Taylor engine applies, a Hessian's reverse
+# mode is its Hessian by adjoints (tests/jets/test_adjoint.py), so these run without it
+
+
+@pytest.fixture
+def torch_func_only(monkeypatch):
+    monkeypatch.setattr(planner, "FAST_PATH", False)
 
 
 @pytest.mark.parametrize("kind", ["hessian", "laplacian"])
-def test_reverse_second_derivatives_share_each_tangent_among_the_outputs(kind, monkeypatch):
+def test_reverse_second_derivatives_share_each_tangent_among_the_outputs(kind, monkeypatch, torch_func_only):
     """Forward over reverse takes one direction per input (each tangent serves every output),
     not one per (output, input) pair; exact against autograd's Hessian in float64, with the
     directions split over many passes and points over several chunks."""
@@ -102,7 +109,7 @@ def test_reverse_second_derivatives_share_each_tangent_among_the_outputs(kind, m
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_reverse_hessian_memory_counts_every_output_of_a_direction(monkeypatch):
+def test_reverse_hessian_memory_counts_every_output_of_a_direction(monkeypatch, torch_func_only):
     """A shared tangent holds all the outputs' products at once: the planner sizes a pass for
     ``n_out`` products per direction (8 here), not one."""
     from dataclasses import replace
@@ -116,7 +123,7 @@ def test_reverse_hessian_memory_counts_every_output_of_a_direction(monkeypatch):
     assert shared.peak_bytes - shared.result_bytes > 6 * (single.peak_bytes - single.result_bytes)
 
 
-def test_reverse_hessian_through_silu_stays_forward_over_reverse():
+def test_reverse_hessian_through_silu_stays_forward_over_reverse(torch_func_only):
     """SiLU's backward has no forward-mode formula of its own, only torch's jvp
     decomposition: the chunk loop's no_grad must not switch that off (the request would go
     to reverse over reverse, with a warning, at 2-4x the time)."""

@@ -1,0 +1,327 @@
+"""Per-sample Hessians by adjoints: each step's second-order rows contracted where they are made.
+
+A pass that carries the ``n(n+1)/2`` second-order rows of a Hessian pushes every one of them
+through every later step, a matrix product per linear layer. But those rows are linear in
+what each nonlinear step *adds* to them. Call that addition the step's source ``T`` (its
+second-order rows when its inputs carry none: ``f″(x) x₁⊗x₁`` for a unary op,
+``a₁⊗b₁ + b₁⊗a₁`` for a product). Then the Hessian of output ``o`` is
+``Σ_steps ⟨ḡ_o, T⟩``, where ``ḡ_o`` is the step's adjoint ``∂out_o/∂step``. So a pass needs:
+
+- the first-order rows (``n`` of them, as a Jacobian's pass);
+- one reverse sweep per output for the adjoints (autograd on the program's values);
+- at each nonlinear step, ``T`` contracted with its adjoint and dropped.
+
+For a unary op and a product, the contraction is one batched matrix product per step:
+``J_xᵀ diag(ḡ f″) J_x`` and ``J_aᵀ diag(ḡ) J_b`` plus its transpose. Any other op makes its
+pair rows with its own rule (in the Hessian's *pairs* mode) and contracts them.
+Piecewise-linear ops (max pooling, maxima) add nothing.
+
+Against forward over reverse (torch.func's ``vmap(hessian)``, ``n`` tangents through forward and
+backward per output) this needs no tangent of the backward pass. Against the forward Hessian,
+no second-order row ever reaches a linear layer. The planner offers it as the Taylor engine's
+*reverse* mode (:data:`jaccli.engine.costs.COSTS`); ``docs/performance.md`` has the figures.
+
+Which point an element belongs to comes from the step's recorded shape: the one entry that
+is a multiple of the batch (:class:`~.record._BatchDim`), points outermost in it (as views
+of a batch-first tensor are). :func:`applies` refuses a program with a nonlinear step whose
+shape has no such single entry. The planner also checks a program's first use against the
+forward Hessian on the probe rows.
+
+Imports: :mod:`.jet`, :mod:`.record`, :mod:`.seeds`, :mod:`.elementwise`, :mod:`.program`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from jaccli.jets.elementwise import _UNARY_DERIVS
+from jaccli.jets.jet import Jet, Layout, Unsupported, _Call
+from jaccli.jets.program import WANT, TaylorProgram
+from jaccli.jets.record import _INPUT, _BatchDim, _Ref, _substitute
+from jaccli.jets.seeds import _onehot, _seed, _zero_jet
+
+#: ops whose second derivative is zero wherever it exists: no source to contract
+PIECEWISE_LINEAR = frozenset({
+    "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices", "amax", "amin", "max", "min",
+    "maximum", "minimum", "relu", "hardtanh", "clamp", "clamp_min", "clamp_max", "leaky_relu", "abs",
+})  # fmt: skip
+
+
+def sources(program: TaylorProgram) -> list[int]:
+    """The steps whose second-order rows are a source: nonlinear in an input-dependent argument
+    and live in a Jacobian's pass (a step still affine in the input adds nothing)."""
+    sched = program.schedule(WANT["jacobian"])
+    return [i for i, s in enumerate(program.steps)
+            if s.kind == "jet" and not s.linear and not s.affine and sched.live[i] and s.name not in PIECEWISE_LINEAR]  # fmt: skip
+
+
+def _batch_axis(shape) -> int | None:
+    """The axis of a recorded shape that is a multiple of the batch, if exactly one is."""
+    if not isinstance(shape, tuple):
+        return None
+    axes = [k for k, d in enumerate(shape) if isinstance(d, _BatchDim)]
+    return axes[0] if len(axes) == 1 else None
+
+
+def applies(program: TaylorProgram) -> bool:
+    """Whether :func:`hessian` can take ``program``: its output is a step, and each source's
+    shape tells its points apart (one batch-sized axis)."""
+    if not isinstance(program.output, _Ref):
+        return False
+    return all(_batch_axis(program.steps[i].shape) is not None for i in sources(program))
+
+
+def agrees(program: TaylorProgram, z: Tensor) -> bool:
+    """Whether :func:`hessian` applies to ``program`` and agrees with the forward Hessian at the
+    points ``z`` (to the program's tolerance); asked once per program, the answer kept on it."""
+    if program.adjoint is None:
+        ok = applies(program)
+        if ok:
+            with torch.no_grad():
+                got, want = hessian(program, z).double(), program.hessian(z).double()
+            scale = want.abs().max().clamp_min(1e-30)
+            ok = bool(torch.isfinite(got).all()) and float((got - want).abs().max() / scale) <= program.tol
+        program.adjoint = ok
+    return program.adjoint
+
+
+def bytes_per_point(program: TaylorProgram) -> int:
+    """Peak bytes one point needs in :func:`hessian` (an estimate): the Jacobian's pass, the
+    values autograd keeps, each output's adjoints of the sources, and the largest step's
+    contraction (its factors weighted per output, or its pair rows)."""
+    n, m, size = program.n_in, program.n_out, program.itemsize
+    src = sources(program)
+    tape = sum(s.numel for s in program.steps)
+    adj = m * sum(program.steps[i].numel for i in src)
+    pairs = n * (n + 1) // 2
+    widest = max(((pairs if program.steps[i].name not in CONTRACTIONS else (m + 2) * n)
+                  * program.steps[i].numel for i in src), default=0)  # fmt: skip
+    return program.bytes_per_point("jacobian", n) + int((tape + adj + widest + m * n * n) * size)
+
+
+def _per_point(t: Tensor, axis: int, b: int) -> Tensor:
+    """``[R, *shape]`` (``R`` rows before the shape's ``axis``) as ``[R, B, K]``: each point's elements."""
+    return t.movedim(axis + 1, 1).reshape(t.shape[0], b, -1)
+
+
+def _first(x, shape: torch.Size, axis: int, n: int, b: int) -> Tensor | None:
+    """A factor's first-order rows broadcast to ``shape`` (a step's, batch included) as ``[B, n, K]``."""
+    if not isinstance(x, Jet) or x.block(1) is None:
+        return None
+    x1 = x.block(1)
+    lead = len(shape) - (x1.dim() - 1)
+    x1 = x1.reshape(n, *(1,) * lead, *x1.shape[1:]).expand(n, *shape)
+    # points outermost in memory: a batched product over strides that follow the batch size
+    # rounds differently as the size changes, and results must not move with the chunk size
+    return _per_point(x1, axis, b).transpose(0, 1).contiguous()
+
+
+def _adjoints(program: TaylorProgram, z: Tensor, keys: list[int]) -> dict[tuple[int, int | None], Tensor]:
+    """``(step, result index) -> [n_out, *shape]``: each output's adjoint of each of ``keys``' results
+    (None where no output depends on it), by one reverse sweep per output over the values."""
+    b, m = z.shape[0], program.n_out
+    env: list = [None] * len(program.steps)
+    with torch.enable_grad():
+        for i, s in enumerate(program.steps):
+            if s.kind == _INPUT:
+                env[i] = z.detach().requires_grad_(True)
+                continue
+            env[i] = s.op(*_substitute(s.args, env, b, values=True), **_substitute(s.kwargs, env, b, values=True))
+        out = env[program.output.index].reshape(b, m)
+        where, nodes = [], []
+        for i in keys:
+            v = env[i]
+            for e, t in enumerate(v) if isinstance(v, (list, tuple)) else [(None, v)]:
+                if isinstance(t, Tensor) and t.requires_grad:
+                    where.append((i, e))
+                    nodes.append(t)
+        got: dict = {}
+        if not nodes or not out.requires_grad:
+            return got
+        for o in range(m):
+            grads = torch.autograd.grad(out[:, o].sum(), nodes, retain_graph=o < m - 1, allow_unused=True)
+            for key, g in zip(where, grads):
+                got.setdefault(key, [None] * m)[o] = g
+    return {k: torch.stack([g if g is not None else torch.zeros_like(next(x for x in gs if x is not None)) for g in gs])
+            for k, gs in got.items() if any(g is not None for g in gs)}  # fmt: skip
+
+
+def _bilinear_into(out: Tensor, fa: Tensor, fb: Tensor, weight: Tensor, axis: int, b: int, both: bool) -> None:
+    """``out[p, o] += Σ_k weight[o, k] fa[p, :, k] ⊗ fb[p, :, k]`` over each point's entries ``k``
+    (``both``: and its transpose). ``fa``, ``fb`` ``[B, n, K]`` (:func:`_first`), ``weight`` the
+    step's ``[m, *shape]``; one batched product for every output."""
+    weight = _per_point(weight, axis, b).transpose(0, 1).contiguous()  # [B, m, K]
+    g = torch.bmm((fa[:, None] * weight[:, :, None]).reshape(b, -1, fa.shape[-1]), fb.transpose(1, 2)).view_as(out)
+    out += g
+    if both:
+        out += g.transpose(-1, -2)
+
+
+def _unary(cx, lay, s, args, kwargs, w, axis, out, n, b):
+    """``f(x)``: ``Σ_k f″(x_k) ḡ_k x₁ₖ x₁ₖᵀ`` per point."""
+    x = args[0]
+    _, fs = _UNARY_DERIVS[s.name](x.block(0), 2, None, *args[1:], **kwargs)
+    f2 = fs[1] if len(fs) > 1 else None
+    if f2 is not None:
+        a = _first(x, x.shape, axis, n, b)
+        _bilinear_into(out, a, a, w * f2, axis, b, both=False)
+    return s.rule.fn(cx, lay, *args, **kwargs)
+
+
+def _product(cx, lay, s, args, kwargs, w, axis, out, n, b):
+    """``a · c`` of two jets: ``Σ_k ḡ_k (a₁ₖ c₁ₖᵀ + c₁ₖ a₁ₖᵀ)`` per point."""
+    res = s.rule.fn(cx, lay, *args, **kwargs)
+    fa, fc = _first(args[0], res.shape, axis, n, b), _first(args[1], res.shape, axis, n, b)
+    if fa is not None and fc is not None:
+        _bilinear_into(out, fa, fc, w, axis, b, both=True)
+    return res
+
+
+def _quotient(cx, lay, s, args, kwargs, w, axis, out, n, b):
+    """``a / d`` with ``d`` a jet: ``Σ_k ḡ_k (2a d₁ₖ d₁ₖᵀ / d³ - (a₁ₖ d₁ₖᵀ + d₁ₖ a₁ₖᵀ) / d²)`` per point
+    (``a`` a jet or a constant)."""
+    res = s.rule.fn(cx, lay, *args, **kwargs)
+    a, d = args
+    av, dv = (a.block(0) if isinstance(a, Jet) else a), d.block(0)
+    fd = _first(d, res.shape, axis, n, b)
+    if fd is None:
+        return res
+    inv = dv.reciprocal()
+    _bilinear_into(out, fd, fd, (2 * w) * av * inv * inv * inv, axis, b, both=False)
+    fa = _first(a, res.shape, axis, n, b)
+    if fa is not None:
+        _bilinear_into(out, fa, fd, -w * inv * inv, axis, b, both=True)
+    return res
+
+
+def _batched_product(cx, lay, s, args, kwargs, w, axis, out, n, b):
+    """``A @ C`` of two jets ``[B·H, r, t] @ [B·H, t, c]``: ``Σ ḡ ⊙ (A₁ᵢ C₁ⱼ + A₁ⱼ C₁ᵢ)`` per point
+    as ``⟨A₁ᵢ, ḡ C₁ⱼᵀ⟩``: the ``ḡ C₁ⱼᵀ`` of every output and row first, then one product per point."""
+    res = s.rule.fn(cx, lay, *args, **kwargs)
+    a1, c1 = args[0].block(1), args[1].block(1)
+    if a1 is None or c1 is None:
+        return res
+    m = w.shape[0]
+    bh, r, t = a1.shape[1:]
+    c, h = c1.shape[-1], bh // b
+    g = torch.bmm(w.permute(1, 0, 2, 3).reshape(bh, m * r, c),
+                  c1.permute(1, 3, 0, 2).reshape(bh, c, n * t).contiguous())  # [B·H, m·r, n·t]  # fmt: skip
+    g = g.view(b, h, m, r, n, t).permute(0, 1, 3, 5, 2, 4).reshape(b, h * r * t, m * n)
+    a = a1.reshape(n, b, h * r * t).transpose(0, 1).contiguous()  # [B, n, H·r·t]
+    term = torch.bmm(a, g).view(b, n, m, n).transpose(1, 2)  # [B, m, i, j]
+    out += term
+    out += term.transpose(-1, -2)
+    return res
+
+
+def _pairs(cx, lay, s, args, kwargs, w, axis, out, n, b):
+    """Any other op: its rule makes the pair rows ``(i ≤ j)``, contracted with the adjoint here."""
+    res = s.rule.fn(cx, Layout(lay.value, lay.first, True), *args, **kwargs)
+    many = isinstance(res, (list, tuple))
+    kept = []
+    for e, jet in enumerate(res) if many else [(None, res)]:
+        if not isinstance(jet, Jet):
+            kept.append(jet)
+            continue
+        t2, we = jet.block(2), w.get(e) if isinstance(w, dict) else w
+        if t2 is not None and we is not None:
+            i, j = cx.pairs
+            # each pair (i, j) goes to both triangles, half each on the diagonal (no mask to
+            # index by, which would wait for a GPU)
+            rows = _per_point(t2, axis, b).transpose(0, 1).contiguous()  # [B, P, K]
+            weight = _per_point(we.to(t2.dtype), axis, b).transpose(0, 1).contiguous()  # [B, m, K]
+            h = torch.bmm(weight, rows.transpose(1, 2))  # [B, m, P]
+            h = h * torch.where(i == j, 0.5, 1.0).to(h.dtype)
+            out[:, :, i, j] += h
+            out[:, :, j, i] += h
+        kept.append(Jet(jet.t[: jet.span(1)[1] if lay.first else jet.span(0)[1]], lay, cx.counts))
+    return type(res)(kept) if many else kept[0]
+
+
+def _fits_unary(args, kwargs, axis) -> bool:
+    return isinstance(args[0], Jet) and not any(isinstance(v, Jet) for v in (*args[1:], *kwargs.values()))
+
+
+def _fits_product(args, kwargs, axis) -> bool:
+    return len(args) == 2 and not kwargs and all(isinstance(a, Jet) for a in args)
+
+
+def _fits_quotient(args, kwargs, axis) -> bool:
+    return len(args) == 2 and not kwargs and isinstance(args[1], Jet)
+
+
+def _fits_batched(args, kwargs, axis) -> bool:
+    return _fits_product(args, kwargs, axis) and axis == 0 and all(a.block(1) is not None and a.block(1).dim() == 4 for a in args)
+
+
+#: op name -> how its source is contracted, and when that way fits its arguments (any other
+#: op, or arguments that do not fit: :func:`_pairs`)
+CONTRACTIONS = {
+    **dict.fromkeys(_UNARY_DERIVS, (_unary, _fits_unary)),
+    "mul": (_product, _fits_product),
+    "div": (_quotient, _fits_quotient),
+    "bmm": (_batched_product, _fits_batched),
+}
+
+
+def _contraction(s, args, kwargs, axis):
+    how, fits = CONTRACTIONS.get(s.name, (_pairs, None))
+    return how if fits is None or fits(args, kwargs, axis) else _pairs
+
+
+def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None, out: Tensor | None = None) -> Tensor:
+    """Per-point Hessian ``[B, n_out, n_in, n_in]`` of ``program`` at ``z`` ``[B, n_in]`` (see the
+    module docstring); ``directions`` is accepted for the engine's call and not used (every
+    first-order row is needed at once).
+
+    >>> import torch; from jaccli.jets import build
+    >>> f = lambda x: torch.tanh(x @ torch.ones(2, 1))
+    >>> p = build(f, torch.zeros(3, 2), orders=2)
+    >>> hessian(p, torch.zeros(2, 2)).abs().max().item()
+    0.0
+    """
+    if not applies(program):
+        raise Unsupported("adjoint", "a nonlinear step's points cannot be told apart by its shape")
+    b, n, m = z.shape[0], program.n_in, program.n_out
+    out = z.new_empty((b, m, n, n), dtype=program.dtype) if out is None else out
+    acc = out if out.dtype == z.dtype else z.new_empty(out.shape)
+    acc.zero_()
+    steps = program.steps
+    src = sources(program)
+    adj = _adjoints(program, z, src)
+    sched = program.schedule(WANT["jacobian"])
+    pairs = torch.triu_indices(n, n, device=z.device)
+    cx = _Call((1, n, pairs.shape[1]), (pairs[0], pairs[1]), b)
+    cols = torch.arange(n, device=z.device)
+    env: list = [None] * len(steps)
+    at = set(src)
+    with torch.no_grad():
+        for i, s in enumerate(steps):
+            if not sched.live[i]:
+                if sched.zero[i]:
+                    env[i] = _zero_jet(cx, _substitute(s.shape, env, b), z)
+                continue
+            if s.kind == _INPUT:
+                env[i] = _seed(cx, sched.layouts[i], z, _onehot(cols, b, n, z), cols)
+                continue
+            values = s.kind == "value"
+            args = _substitute(s.args, env, b, values=values)
+            kwargs = _substitute(s.kwargs, env, b, values=values)
+            if values:
+                env[i] = s.op(*args, **kwargs)
+            elif i not in at:
+                env[i] = s.rule.fn(cx, sched.layouts[i], *args, **kwargs)
+            else:
+                axis = _batch_axis(s.shape)
+                how = _contraction(s, args, kwargs, axis)
+                w = ({e: g for (k, e), g in adj.items() if k == i} if how is _pairs else adj.get((i, None)))
+                if w is None or (how is _pairs and not w):
+                    env[i] = s.rule.fn(cx, sched.layouts[i], *args, **kwargs)
+                else:
+                    env[i] = how(cx, sched.layouts[i], s, args, kwargs, w, axis, acc, n, b)
+            for r in sched.frees[i]:
+                env[r] = None
+    if acc is not out:
+        out.copy_(acc)
+    return out

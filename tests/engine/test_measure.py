@@ -1,0 +1,70 @@
+"""Auto mode's measured choice between the Taylor engine's two Hessians (jaccli/engine/measure.py),
+on a clock the test sets: the faster pass wins, a near tie keeps the prediction, the times are
+taken once per program, and a program the adjoints do not serve is never timed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import jaccli
+from jaccli.engine import measure
+from jaccli.jets import adjoint
+from problems import tanh_mlp
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """Pass seconds by mode: the forward pass runs first, so ticks alternate forward, reverse."""
+    monkeypatch.setattr(measure, "WITHIN", 4.0)
+    ticks = {"forward": 1.0, "reverse": 1.0, "calls": 0}
+    now = [0.0]
+
+    def fake():
+        ticks["calls"] += 1
+        step = ticks["forward"] if (ticks["calls"] - 1) % 4 < 2 else ticks["reverse"]
+        if ticks["calls"] % 2 == 0:
+            now[0] += step
+        return now[0]
+
+    monkeypatch.setattr(measure, "_clock", fake)
+    return ticks
+
+
+def _plan(net, n_in):
+    x = torch.randn(200, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return jaccli.plan("hessian", net, x, per_sample=True), x
+
+
+@pytest.mark.parametrize("fwd,rev,want", [(2.0, 1.0, "reverse"), (1.0, 2.0, "forward"), (1.0, 0.95, None)])
+def test_the_faster_taylor_hessian_is_taken(clock, fwd, rev, want):
+    # 5 inputs, 1 output: the two predictions are within 4x (a tie keeps the prediction)
+    net = tanh_mlp((5, 16, 1), seed=2)
+    predicted = jaccli.plan("hessian", net, torch.zeros(200, 5, dtype=torch.float64), per_sample=True, mode="auto")
+    clock.update(forward=fwd, reverse=rev)
+    plan, x = _plan(tanh_mlp((5, 16, 1), seed=2), 5)
+    assert plan.engine == "taylor" and plan.mode == (want or predicted.mode)
+    assert plan.engine_note.startswith("measured on 64 points: taylor forward")
+    torch.testing.assert_close(jaccli.hessian(net, x, per_sample=True, plan=None), jaccli.hessian(net, x, per_sample=True, mode="forward"),
+                               rtol=1e-10, atol=1e-12)  # fmt: skip
+
+
+def test_the_times_are_taken_once_per_program(clock):
+    net = tanh_mlp((5, 16, 1), seed=2)
+    clock.update(forward=2.0, reverse=1.0)
+    _plan(net, 5)
+    calls = clock["calls"]
+    clock.update(forward=1.0, reverse=2.0)  # a later clock is not read: the kept times decide
+    plan, _ = _plan(net, 5)
+    assert clock["calls"] == calls and plan.mode == "reverse"
+
+
+def test_far_apart_predictions_are_not_timed(clock):
+    plan, _ = _plan(tanh_mlp((1, 16, 8), seed=2), 1)  # one input: the forward Hessian, clearly
+    assert clock["calls"] == 0 and plan.mode == "forward" and plan.engine_note is None
+
+
+def test_a_program_the_adjoints_do_not_serve_is_not_timed(clock, monkeypatch):
+    monkeypatch.setattr(adjoint, "applies", lambda program: False)
+    plan, _ = _plan(tanh_mlp((5, 16, 1), seed=3), 5)
+    assert clock["calls"] == 0 and (plan.engine, plan.mode) == ("taylor", "forward")

@@ -1,0 +1,174 @@
+"""The Hessian by adjoints (jaccli/jets/adjoint.py, the Taylor engine's reverse mode): exact
+against torch.func's float64 ``vmap(hessian)`` for every way a step's source is contracted
+(unary ops, products of two jets, any other op's pair rows, piecewise-linear ops adding none),
+for steps whose points share an axis with other entries (norms over a ``[1, B·C, L]`` view),
+bitwise the same whatever the chunk size, and refused where its points cannot be told apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import hessian, vmap
+
+import jaccli
+from jaccli.engine import planner
+from jaccli.jets import adjoint
+from problems import tanh_mlp
+
+
+def reference(f, x):
+    return vmap(hessian(lambda xi: f(xi[None])[0].reshape(-1)))(x)
+
+
+class Attention(nn.Module):
+    """Softmax attention over 3 tokens of 2 features: bmm of two jets, exp, a division by a
+    sum of jets (pair rows), a product of jets and a tanh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.q, self.k, self.v = nn.Linear(2, 4), nn.Linear(2, 4), nn.Linear(2, 4)
+        self.out = nn.Linear(12, 2)
+
+    def forward(self, x):  # [B, 6] -> [B, 2]
+        t = x.reshape(-1, 3, 2)
+        a = torch.softmax(self.q(t) @ self.k(t).transpose(1, 2) / 2.0, dim=-1)
+        h = a @ self.v(t)
+        return torch.tanh(self.out((h * torch.sin(h)).flatten(1)))
+
+
+class Norms(nn.Module):
+    """InstanceNorm (its statistics over a ``[1, B·C, L]`` view), GroupNorm, ReLU, max pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv = nn.Conv1d(2, 4, 3, padding=1)
+        self.inorm = nn.InstanceNorm1d(4, affine=True)
+        self.gnorm = nn.GroupNorm(2, 4)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # [B, 10] -> [B, 3]
+        h = self.conv(x.reshape(-1, 2, 5))
+        h = torch.relu(self.inorm(h)) + nn.functional.gelu(self.gnorm(h))
+        return self.head(nn.functional.max_pool1d(torch.nn.functional.softplus(h), 2).flatten(1))
+
+
+def _mlp():
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 3), nn.Sigmoid())
+
+
+def _quotient(x):  # products and quotients of two jets, a square, a constant over a jet, a power (pair rows)
+    a, b = x[:, :2], x[:, 2:]
+    return torch.stack([(a * b).sum(1) / (1.5 + torch.cos(b).sum(1)), (a[:, 0] * a[:, 0]) * torch.exp(b[:, 1]),
+                        torch.full_like(a[:, 0], 3.0) / (2.0 + (a * a).sum(1)), (b**3).sum(1)], 1)  # fmt: skip
+
+
+MODELS = {
+    "mlp": (_mlp, 5),
+    "attention": (Attention, 6),
+    "norms": (Norms, 10),
+    "quotient": (lambda: _quotient, 4),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*second derivatives through those units:jaccli.JaccliWarning")
+@pytest.mark.parametrize("name", MODELS)
+def test_the_hessian_by_adjoints_is_exact(name):
+    make, n = MODELS[name]
+    f = make()
+    if isinstance(f, nn.Module):
+        f = f.double().eval().requires_grad_(False)
+    x = torch.randn(7, n, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    plan = jaccli.plan("hessian", f, x, per_sample=True, mode="reverse")
+    assert (plan.engine, plan.mode) == ("taylor", "reverse")
+    got = jaccli.hessian(f, x, per_sample=True, mode="reverse")
+    torch.testing.assert_close(got.reshape(7, -1, n, n), reference(f, x).reshape(7, -1, n, n), rtol=1e-10, atol=1e-12)
+
+
+def test_piecewise_linear_steps_add_nothing_and_a_linear_model_has_a_zero_hessian():
+    relu = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    p, program, _ = jaccli.plan("hessian", relu, x, per_sample=True, mode="reverse")._request
+    assert adjoint.sources(program) == []  # relu is a source of nothing
+    with pytest.warns(jaccli.JaccliWarning, match="piecewise linear"):
+        assert jaccli.hessian(relu, x, per_sample=True, mode="reverse").abs().max() == 0
+
+
+@pytest.mark.parametrize("make,n", [(lambda: tanh_mlp((3, 16, 16, 4), dtype=torch.float32, seed=3), 3), (Attention, 6)])
+def test_results_do_not_move_a_bit_with_the_chunk_size(make, n):
+    # as the forward passes' (tests/jets/test_program.py): a resumed stream must equal a
+    # whole run; every batched product runs on operands laid out points first (a layout that
+    # follows the batch size rounds differently). Not promised where torch's own elementwise
+    # kernels round a block's last entries apart (GELU, softplus: see docs/performance.md)
+    f = make().requires_grad_(False)
+    x = torch.randn(3000, n, generator=torch.Generator().manual_seed(3))
+    whole = jaccli.hessian(f, x, per_sample=True, mode="reverse")
+    for chunk in (300, 1001):
+        assert torch.equal(jaccli.hessian(f, x, per_sample=True, mode="reverse", chunk_size=chunk), whole)
+
+
+@pytest.mark.filterwarnings("ignore:.*second derivatives through those units:jaccli.JaccliWarning")
+def test_float32_agrees_with_float64():
+    f = Norms().eval().requires_grad_(False)
+    x = torch.randn(6, 10, generator=torch.Generator().manual_seed(8))
+    got = jaccli.hessian(f, x, per_sample=True, mode="reverse").double()
+    want = reference(f.double(), x.double())
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_points_inside_an_axis_are_refused_and_the_answer_stays_right():
+    # the tanh runs on a [n·B] view with the points innermost (a transpose first): its
+    # recorded shape cannot say whose entry is whose, and the check against the forward
+    # Hessian on the probe rows finds the contraction wrong: reverse mode is torch.func's
+    def f(x):
+        inner = torch.tanh(x.t().reshape(-1) * 0.7)
+        return inner.reshape(x.shape[1], x.shape[0]).t() * x[:, :1]
+
+    x = torch.randn(6, 3, dtype=torch.float64)
+    plan = jaccli.plan("hessian", f, x, per_sample=True, mode="reverse")
+    assert plan.engine == "torch.func"
+    p, program, _ = jaccli.plan("hessian", f, x, per_sample=True, mode="forward")._request
+    assert adjoint.applies(program) and not adjoint.agrees(program, x[:3])
+    torch.testing.assert_close(jaccli.hessian(f, x, per_sample=True, mode="reverse"), reference(f, x), rtol=1e-10, atol=1e-12)
+
+
+def test_not_under_inference_mode():
+    f = _mlp().double().requires_grad_(False)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    with torch.inference_mode():
+        plan = jaccli.plan("hessian", f, x, per_sample=True, mode="reverse")
+    assert plan.engine == "torch.func"
+
+
+def test_a_tight_memory_budget_splits_the_points_not_the_rows(monkeypatch):
+    f = _mlp().double().requires_grad_(False)
+    x = torch.randn(40, 5, dtype=torch.float64)
+    monkeypatch.setattr(planner, "working_budget", lambda device, free=None: 20_000)
+    plan = jaccli.plan("hessian", f, x, per_sample=True, mode="reverse")
+    assert plan.directions_per_pass == plan.directions == 5 and 1 <= plan.points_per_chunk < 40
+    torch.testing.assert_close(jaccli.hessian(f, x, per_sample=True, mode="reverse"), reference(f, x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:.*second derivatives through those units:jaccli.JaccliWarning")
+def test_every_contraction_serves_a_model_above(monkeypatch):
+    # the closed-form contractions, each spied on, and the pair rows of any other op (the
+    # norms' reductions): every one is exercised by test_the_hessian_by_adjoints_is_exact
+    used = set()
+
+    def spy(how):
+        def run(*args):
+            used.add(how.__name__)
+            return how(*args)
+        return run
+
+    table = {name: (spy(how), fits) for name, (how, fits) in adjoint.CONTRACTIONS.items()}
+    monkeypatch.setattr(adjoint, "CONTRACTIONS", table)
+    monkeypatch.setattr(adjoint, "_pairs", spy(adjoint._pairs))
+    for make, n in MODELS.values():
+        f = make()
+        f = f.double().eval().requires_grad_(False) if isinstance(f, nn.Module) else f
+        jaccli.hessian(f, torch.randn(3, n, dtype=torch.float64), per_sample=True, mode="reverse")
+    assert used == {"_unary", "_product", "_quotient", "_batched_product", "_pairs"}
