@@ -121,7 +121,7 @@ def _seen(p: Problem, rows: torch.Tensor) -> torch.Tensor | None:
     """The model's output on ``rows`` where the probe's forward (the batch check's, most often)
     ran on those very rows of this input, else None (the recheck then runs the model itself)."""
     seen = p.probe_output
-    if seen is None or seen[0].shape != rows.shape or not torch.equal(seen[0], rows):
+    if seen is None or (seen[0] is not rows and (seen[0].shape != rows.shape or not torch.equal(seen[0], rows))):
         return None
     return seen[1]
 

@@ -108,21 +108,21 @@ def _r_index_select(t, r, dim, index):
 def _r_index(t, r, indices):
     # one 1-D integer index (x[:, perm]) selects along its dim: index_select is the same
     # result at a fifth of advanced indexing's time (a MAF's permutation: 60 µs -> 14 µs); on
-    # CPU only, where that was measured: the sign check is a device sync elsewhere
+    # CPU only, where index_select refuses a negative index with an IndexError (on a GPU it
+    # is a device-side assert), which sends the index to advanced indexing, whose negative
+    # indices count from the end. Not asked beforehand: a ``min`` and its ``.item()`` cost two
+    # ATen calls a step and a call, and a cache by tensor and version would miss an index
+    # changed through ``.data``, which keeps its version.
     picked = [(d, i) for d, i in enumerate(indices) if i is not None]
     if len(picked) == 1:
         d, i = picked[0]
         if (isinstance(i, torch.Tensor) and i.dim() == 1 and i.dtype in (torch.long, torch.int)
-                and i.device.type == t.device.type == "cpu" and _nonnegative(i)):  # fmt: skip
-            return t.index_select(d + 1, i)
+                and i.device.type == t.device.type == "cpu"):  # fmt: skip
+            try:
+                return t.index_select(d + 1, i)
+            except IndexError:  # a negative index (or one out of range: advanced indexing says so)
+                pass
     return aten.index.Tensor(t, [None, *indices])
-
-
-def _nonnegative(i: torch.Tensor) -> bool:
-    """Whether no entry of ``i`` is negative (index_select takes no negative indices). Asked
-    anew each time (one ``min`` of a short CPU index): a cache by tensor and version would miss
-    an index changed through ``.data``, which keeps its version."""
-    return i.numel() == 0 or int(i.min()) >= 0
 
 
 def _r_flip(t, r, dims):
