@@ -70,6 +70,21 @@ def _r_slice(t, r, dim=0, start=None, end=None, step=1):
     return aten.slice.Tensor(t, _shift(dim), start, end, step)
 
 
+def _slice_rule() -> Rule:
+    """``slice``; one that keeps the whole axis (``x[:, :2]`` traces a slice of all the points
+    first) is its input's jet itself: no op and no jet, in the pass (a step of ~10 µs on a
+    small model) and in nothing after it (jets are never written in place)."""
+    rowwise = _rowwise(_r_slice, view=True, identity=True)
+
+    def rule(cx, lay, x, dim=0, start=None, end=None, step=1):
+        if (step == 1 and start in (None, 0) and x.lay == lay
+                and (end is None or end >= x.shape[_norm(dim, len(x.shape))])):  # fmt: skip
+            return x
+        return rowwise.fn(cx, lay, x, dim, start, end, step)
+
+    return Rule(rule, _always, view=True)
+
+
 def _r_select(t, r, dim, index):
     return t.select(_shift(dim), index)
 
