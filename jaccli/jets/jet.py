@@ -92,12 +92,15 @@ class Jet:
     value or first-order blocks are never read (the need analysis says so).
     """
 
-    __slots__ = ("t", "lay", "counts", "onehot", "_blocks")
+    __slots__ = ("t", "lay", "counts", "onehot", "rows1", "_blocks")
 
     def __init__(self, t: Tensor, lay: Layout, counts: tuple[int, ...]) -> None:
         self.t, self.lay, self.counts = t, lay, counts
         #: first-order row r is e_onehot[r] at every point (the seed, through identity views)
         self.onehot: Tensor | None = None
+        #: the first-order rows where they are the same at every point, ``[k1, *shape[1:]]``
+        #: (the seed's one-hot rows, through reshapes that keep the points' axis)
+        self.rows1: Tensor | None = None
         #: order -> its block, sliced once: rules read a jet's blocks again and again (a
         #: small model's Laplacian pass asked ~90 times, each a Python span and a slice op)
         self._blocks: dict[int, Tensor | None] = {}

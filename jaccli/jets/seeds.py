@@ -29,6 +29,7 @@ def _seed(cx: _Call, lay: Layout, z: Tensor, tangents: Tensor | None, onehot: Te
     if lay.first:
         jet.block(1).copy_(tangents)
         jet.onehot = None if onehot is None else onehot.to(z.device)
+        jet.rows1 = None if onehot is None else tangents[:, 0]  # one-hot seeds are broadcast rows
     return jet
 
 

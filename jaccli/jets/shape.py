@@ -22,13 +22,18 @@ def _rowwise(fn: Callable, view: bool = False, identity: bool = False) -> Rule:
     """An op that acts on every row alike (views, reductions, casts): ``fn(t, rank, *args)``.
 
     ``identity`` ops (reshapes, aliases) that leave the shape as it was keep a seed's
-    one-hot mark, so the first linear layer can skip its product with the identity.
+    one-hot mark, so the first linear layer can skip its product with the identity; those
+    that keep the points' axis (and so each point's values, in order) reshape the rows
+    that are the same at every point (:attr:`~.jet.Jet.rows1`), for the first convolution.
     """
 
     def rule(cx, lay, x, *args, **kwargs):
         out = cx.jet(fn(_take(x, lay), len(x.shape), *args, **kwargs), lay)
         if identity and x.onehot is not None and out.shape == x.shape:
-            out.onehot = x.onehot
+            out.onehot, out.rows1 = x.onehot, x.rows1
+        elif (identity and x.rows1 is not None and out.shape[:1] == x.shape[:1]
+                and out.shape[1:].numel() == x.shape[1:].numel()):  # fmt: skip
+            out.rows1 = x.rows1.reshape(x.rows1.shape[0], *out.shape[1:])
         return out
 
     return Rule(rule, _always, view)
