@@ -93,7 +93,10 @@ def _r_constant_pad(cx, lay, x, pad, value=0.0):
     out = aten.constant_pad_nd(t, pad, 0.0)
     if lay.value and value != 0:  # the padding constant is part of the value only
         out[0] = aten.constant_pad_nd(t[0], pad, value)
-    return cx.jet(out, lay)
+    jet = cx.jet(out, lay)
+    if x.rows1 is not None and lay.first and len(pad) // 2 < len(x.shape):  # the points' axis unpadded
+        jet.rows1 = aten.constant_pad_nd(x.rows1, pad, 0.0)  # rows the same at every point stay so
+    return jet
 
 
 # ---- maxima: gather each row where the value is largest

@@ -356,18 +356,21 @@ def test_results_do_not_move_a_bit_with_the_chunk_size(kind, pattern, monkeypatc
 class _FirstConv(nn.Module):
     """A convolution of the input itself (its points reshaped to images), then tanh and a head."""
 
-    def __init__(self, dims: int) -> None:
+    def __init__(self, dims: int, pad: bool = False) -> None:
         super().__init__()
         torch.manual_seed(30 + dims)
         conv = nn.Conv1d(2, 3, 3, padding=1, stride=2) if dims == 1 else nn.Conv2d(2, 4, 2, padding=1, groups=2)
         self.conv = conv.double()
         self.head = nn.LazyLinear(2).double()
+        self.pad = pad
 
     def forward(self, x):  # [B, 2, 5] or [B, 2, 2, 3]
+        if self.pad:  # a causal convolution's left padding (the value's constant: 0.5)
+            x = F.pad(x, (2, 0), value=0.5)
         return self.head(torch.tanh(self.conv(x)).flatten(1))
 
 
-@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("dims", [1, 2, "1-padded"])
 def test_the_first_convolution_of_the_seed_convolves_its_rows_once(monkeypatch, dims):
     # the seed's first-order rows are the same at every point, through the reshape to images:
     # the convolution takes them once beside the value's images, not once per point
@@ -376,7 +379,9 @@ def test_the_first_convolution_of_the_seed_convolves_its_rows_once(monkeypatch, 
     seeded = []
     original = spatial._seeded_convolution
     monkeypatch.setattr(spatial, "_seeded_convolution", lambda *a: seeded.append(1) or original(*a))
-    f = _FirstConv(dims)
+    padded = dims == "1-padded"
+    dims = 1 if padded else dims
+    f = _FirstConv(dims, padded)
     x = torch.randn(7, 2, *((5,) if dims == 1 else (2, 3)), dtype=torch.float64, generator=torch.Generator().manual_seed(dims))
     f(x)  # the lazy head takes its size
     for kind in ("jacobian", "hessian", "laplacian"):
