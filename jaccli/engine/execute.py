@@ -148,13 +148,13 @@ def _execute_taylor(kind: str, p: Problem, plan: Plan, program: taylor.TaylorPro
     # the passes reuse their buffers from chunk to chunk (see jaccli.jets.workspace)
     with torch.no_grad(), program.workspace():
         for start, stop in sink.chunks(p.n):
-            rows = torch.arange(start, stop, device=p.device)
-            z, out = p.z(rows), sink.rows(start, stop)
+            # the chunk's points by a slice: a view of the input, where an index of rows copied them
+            z, out = p.z(slice(start, stop)), sink.rows(start, stop)
             with fz.chunk(stop - start):
                 if not hutchinson:
                     compute(z, directions=dpp, out=out)
                 else:
-                    ctx = {"seed": seed, "points": rows}
+                    ctx = {"seed": seed, "points": torch.arange(start, stop, device=p.device)}
                     for d0 in range(0, int(probes), dpp):
                         idx = torch.arange(d0, min(d0 + dpp, int(probes)))[:, None]
                         out += estimate(None, z, idx, ctx)

@@ -149,11 +149,29 @@ class _Recorder(QuietDispatchMode):
 
 
 def probe_rows(problem: Problem) -> torch.Tensor:
-    """Rows of a small probe batch; at least two points so batch mixing shows."""
-    if not problem.per_sample:
-        return torch.zeros(1, dtype=torch.long, device=problem.device)
-    want = problem.static_batch or min(max(problem.n, 2), _PROBE_POINTS)
-    return torch.arange(want, device=problem.device) % problem.n
+    """Rows of a small probe batch; at least two points so batch mixing shows.
+
+    The same tensor for the same sizes (kept, :data:`_ROWS`): a call asks twice (the probe,
+    the kept program's recheck), each an ``arange`` and a remainder otherwise, and the
+    recheck knows rows it saw by identity (:func:`jaccli.engine.programs._seen`). Nothing
+    writes into them. Not kept while a dispatch mode is on (a fake tensor would be kept)."""
+    want = 1 if not problem.per_sample else problem.static_batch or min(max(problem.n, 2), _PROBE_POINTS)
+    key = (problem.per_sample, want, problem.n, problem.device)
+    rows = _ROWS.get(key)
+    if rows is None:
+        if not problem.per_sample:
+            rows = torch.zeros(1, dtype=torch.long, device=problem.device)
+        else:
+            rows = torch.arange(want, device=problem.device) % problem.n
+        if torch._C._len_torch_dispatch_stack() == 0:
+            if len(_ROWS) >= 64:  # one entry per input size met: a sweep of sizes is not all kept
+                _ROWS.clear()
+            _ROWS[key] = rows
+    return rows
+
+
+#: (per_sample, probe points, points, device) -> the probe rows (:func:`probe_rows`)
+_ROWS: dict[tuple, torch.Tensor] = {}
 
 
 def _call(problem: Problem, values: list[torch.Tensor]) -> torch.Tensor:

@@ -152,12 +152,16 @@ class Problem:
     def n_out(self) -> int:
         return math.prod(self.out_shape)
 
-    def z(self, rows: torch.Tensor) -> torch.Tensor:
-        """The differentiated arguments of ``rows`` as one ``[B, n_in]`` matrix."""
+    def z(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """The differentiated arguments of ``rows`` as one ``[B, n_in]`` matrix; a ``slice`` of
+        points (a chunk) is a view where one argument is differentiated (no copy, no index)."""
         parts = []
         for i in self.wrt:
             v = self.args.values[i]
-            v = v.index_select(0, rows) if self.per_sample else v[None]
+            if not self.per_sample:
+                v = v[None]
+            else:
+                v = v[rows] if isinstance(rows, slice) else v.index_select(0, rows)
             parts.append(v.reshape(v.shape[0], -1))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 

@@ -26,7 +26,8 @@ call whose recheck passes on distinct probe rows: the check left pending is not 
 (docs/reuse.md says what this no longer catches). What the check cannot see — a change
 that matters only away from the probe points — a fresh recording would not see either. Entries are few (:data:`_SIZE`), dropped with their model (a program holds
 the model's weights) and hold no buffers between calls (the workspace is let go after
-each computation).
+each computation), only what a fold made from small weights (≤ 256 KiB a fold, see
+:class:`jaccli.jets.fold._Kept`).
 
 Imports: :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.probe`.
 """
@@ -129,7 +130,7 @@ def _seen(p: Problem, rows: torch.Tensor) -> torch.Tensor | None:
     """The model's output on ``rows`` where the probe's forward (the batch check's, most often)
     ran on those very rows of this input, else None (the recheck then runs the model itself)."""
     seen = p.probe_output
-    if seen is None or seen[0].shape != rows.shape or not torch.equal(seen[0], rows):
+    if seen is None or (seen[0] is not rows and (seen[0].shape != rows.shape or not torch.equal(seen[0], rows))):
         return None
     return seen[1]
 

@@ -18,7 +18,8 @@ Through the second product they are
 
 one batched GEMM per order whose left factor is shared (``f′`` or ``f″`` ``[B, n₁]``,
 broadcast, not copied) and whose right factors are the folded weights (``[rows, n₁, m]``,
-made once per pass). The FLOPs are those of the one GEMM
+made once and kept from pass to pass
+while the weights keep their values, :class:`_Kept`). The FLOPs are those of the one GEMM
 ``[rows·B, n₁] @ [n₁, m]`` they replace; what goes is ``f``'s rows written out
 elementwise (``f′ ⊙ cᵣ``, the pairs or the collapsed sum, ``f″ ⊙ …``) and the first
 product's rows copied out: on the 2→50³→1 PINN about 0.88 of the Laplacian's and 0.95 of
@@ -169,6 +170,8 @@ def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
     def fits(cx: _Call) -> bool:
         return max(cx.counts[1:]) >= MIN_ROWS and sum(cx.counts[1:]) * w2.numel() * w2.element_size() <= MAX_FOLDED_BYTES
 
+    kept = _Kept()
+
     def run(cx: _Call, env: list, batch: int) -> Jet | None:
         first = _first_product(seed_ref, bias1, w1, cx, env, fits)
         if first is None:
@@ -178,7 +181,7 @@ def _first_layer_run(sa: _Step, su: _Step, sm: _Step, lay: Layout) -> Callable:
         top = lay.top
         y, fs = derivs(a1, top, None, *su.args[1:], **su.kwargs)
         fs = [*fs, None, None]
-        weights = _folded(cx, seed.onehot, w1, w2, a1.dtype)
+        weights = kept.get(cx, seed.onehot, a1.dtype, (w1, w2), lambda: _folded(cx, seed.onehot, w1, w2, a1.dtype))
         m = w2.shape[1]
         out = cx.empty(lay, (batch, m), a1, dtype)
         for order in range(top + 1):
@@ -218,6 +221,8 @@ def _first_rows_run(sa: _Step, su: _Step, lay: Layout) -> Callable:
     derivs = _UNARY_DERIVS[su.name]
     bias1, seed_ref, w1 = _product(sa)
 
+    kept = _Kept()
+
     def run(cx: _Call, env: list, batch: int) -> Jet | None:
         first = _first_product(seed_ref, bias1, w1, cx, env)
         if first is None:
@@ -228,7 +233,7 @@ def _first_rows_run(sa: _Step, su: _Step, lay: Layout) -> Callable:
         y, fs = derivs(a1, lay.top, None if value is None else value[0], *su.args[1:], **su.kwargs)
         if value is not None and y.data_ptr() != value.data_ptr():
             value[0].copy_(y)
-        rows = _constant_rows(cx, seed.onehot, w1, a1.dtype)
+        rows = kept.get(cx, seed.onehot, a1.dtype, (w1,), lambda: _constant_rows(cx, seed.onehot, w1, a1.dtype))
         fs = [*fs, None, None]
         for order in (1, 2):
             dest = out.block(order)
@@ -336,13 +341,58 @@ def _constant_rows(cx: _Call, cols: Tensor, w1: Tensor, dtype: torch.dtype) -> l
 
 
 def _folded(cx: _Call, cols: Tensor, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> list[Tensor]:
-    """``[diag(cᵣ) W₂]ᵣ`` and ``[diag(h (c ⊗ c)ₚ) W₂]ₚ`` (``[rows, n₁, m]`` each), made for the
-    one pass that runs the fold (each pass runs a fold once) and dropped with it.
-
-    Not kept between passes: a weight changed through ``.data`` or a NumPy view keeps its
-    ``_version``, and the recheck compares values only (from the live weights), so folded
-    weights kept across calls could go stale unseen; making them costs a few small ops a pass."""
+    """``[diag(cᵣ) W₂]ᵣ`` and ``[diag(h (c ⊗ c)ₚ) W₂]ₚ`` (``[rows, n₁, m]`` each), made where a
+    pass runs the fold and kept for the next pass by :class:`_Kept`."""
     return [r[:, 0, :, None] * w2.to(dtype)[None] for r in _constant_rows(cx, cols, w1, dtype)]
+
+
+#: the most bytes a fold keeps from one pass to the next (what it made and the copies of the
+#: weights, :class:`_Kept`): past it, making them is small beside the pass that reads them
+KEEP_BYTES = 256 << 10
+
+
+class _Kept:
+    """What a fold made from the weights for its last pass (folded weights, constant rows),
+    with what it was made from: the pass's counts and mode, its one-hot columns and pairs,
+    the dtype, and a copy of each weight's values. A pass that matches every one takes them
+    (a chunk after the first, a model called again: the ~10 small ops that make them, a
+    tenth of a small model's pass, are gone); any other makes them anew.
+
+    The weights are compared by value (``torch.equal`` with the copy), not by version or
+    address: a weight changed through ``.data`` or a NumPy view keeps both, and the recheck
+    (values, from the live weights) cannot see stale folded weights. Each entry replaces
+    the last one whole, so two threads running one program read one consistent entry.
+    Nothing is kept or taken while a dispatch mode is on (fake tensors would be kept)."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self) -> None:
+        self.entry: tuple | None = None
+
+    def get(self, cx: _Call, cols: Tensor, dtype: torch.dtype, weights: tuple[Tensor, ...],
+            make: Callable[[], list[Tensor]]) -> list[Tensor]:  # fmt: skip
+        quiet = torch._C._len_torch_dispatch_stack() == 0
+        key = (cx.counts, cx.collapsed, dtype)
+        entry = self.entry
+        if quiet and entry is not None and _matches(entry, key, cols, cx.pairs, weights):
+            return entry[-1]
+        made = make()
+        if quiet and sum(t.numel() * t.element_size() for t in (*made, *weights)) <= KEEP_BYTES:
+            self.entry = (key, cols, cx.pairs, tuple(w.clone() for w in weights), made)
+        return made
+
+
+def _matches(entry: tuple, key: tuple, cols: Tensor, pairs, weights: tuple[Tensor, ...]) -> bool:
+    k, c, p, copies, _ = entry
+    if k != key or not _same(c, cols) or (p is None) != (pairs is None):
+        return False
+    if pairs is not None and not (_same(p[0], pairs[0]) and _same(p[1], pairs[1])):
+        return False
+    return all(_same(copy, w) for copy, w in zip(copies, weights))
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
 
 
 #: pattern name -> finder ``(steps, layouts, live, readers, output) -> [Fold]``; where two start at one

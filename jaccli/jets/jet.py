@@ -98,7 +98,8 @@ class Jet:
         self.t, self.lay, self.counts = t, lay, counts
         #: first-order row r is e_onehot[r] at every point (the seed, through identity views)
         self.onehot: Tensor | None = None
-        #: ``[k, n]``: first-order row r is ``rows1[r]`` at every point (the seed of constant directions)
+        #: the first-order rows where they are the same at every point, ``[k1, *shape[1:]]``
+        #: (the seed's one-hot rows, through reshapes that keep the points' axis)
         self.rows1: Tensor | None = None
         #: order -> its block, sliced once: rules read a jet's blocks again and again (a
         #: small model's Laplacian pass asked ~90 times, each a Python span and a slice op)

@@ -23,13 +23,18 @@ def _rowwise(fn: Callable, view: bool = False, identity: bool = False) -> Rule:
 
     ``identity`` ops (reshapes, aliases) that leave the shape as it was keep a seed's
     one-hot mark, so the first linear layer can skip its product with the identity, and its
-    constant directions (``rows1``), so that a series pass can fold its first layer.
+    rows that are the same at every point (:attr:`~.jet.Jet.rows1`), so that a series pass can
+    fold its first layer; those that keep the points' axis (and so each point's values, in
+    order) reshape those rows, for the first convolution.
     """
 
     def rule(cx, lay, x, *args, **kwargs):
         out = cx.jet(fn(_take(x, lay), len(x.shape), *args, **kwargs), lay)
         if identity and out.shape == x.shape:
             out.onehot, out.rows1 = x.onehot, x.rows1
+        elif (identity and x.rows1 is not None and out.shape[:1] == x.shape[:1]
+                and out.shape[1:].numel() == x.shape[1:].numel()):  # fmt: skip
+            out.rows1 = x.rows1.reshape(x.rows1.shape[0], *out.shape[1:])
         return out
 
     return Rule(rule, _always, view)
@@ -71,6 +76,21 @@ def _r_slice(t, r, dim=0, start=None, end=None, step=1):
     return aten.slice.Tensor(t, _shift(dim), start, end, step)
 
 
+def _slice_rule() -> Rule:
+    """``slice``; one that keeps the whole axis (``x[:, :2]`` traces a slice of all the points
+    first) is its input's jet itself: no op and no jet, in the pass (a step of ~10 µs on a
+    small model) and in nothing after it (jets are never written in place)."""
+    rowwise = _rowwise(_r_slice, view=True, identity=True)
+
+    def rule(cx, lay, x, dim=0, start=None, end=None, step=1):
+        if (step == 1 and start in (None, 0) and x.lay == lay
+                and (end is None or end >= x.shape[_norm(dim, len(x.shape))])):  # fmt: skip
+            return x
+        return rowwise.fn(cx, lay, x, dim, start, end, step)
+
+    return Rule(rule, _always, view=True)
+
+
 def _r_select(t, r, dim, index):
     return t.select(_shift(dim), index)
 
@@ -109,21 +129,21 @@ def _r_index_select(t, r, dim, index):
 def _r_index(t, r, indices):
     # one 1-D integer index (x[:, perm]) selects along its dim: index_select is the same
     # result at a fifth of advanced indexing's time (a MAF's permutation: 60 µs -> 14 µs); on
-    # CPU only, where that was measured: the sign check is a device sync elsewhere
+    # CPU only, where index_select refuses a negative index with an IndexError (on a GPU it
+    # is a device-side assert), which sends the index to advanced indexing, whose negative
+    # indices count from the end. Not asked beforehand: a ``min`` and its ``.item()`` cost two
+    # ATen calls a step and a call, and a cache by tensor and version would miss an index
+    # changed through ``.data``, which keeps its version.
     picked = [(d, i) for d, i in enumerate(indices) if i is not None]
     if len(picked) == 1:
         d, i = picked[0]
         if (isinstance(i, torch.Tensor) and i.dim() == 1 and i.dtype in (torch.long, torch.int)
-                and i.device.type == t.device.type == "cpu" and _nonnegative(i)):  # fmt: skip
-            return t.index_select(d + 1, i)
+                and i.device.type == t.device.type == "cpu"):  # fmt: skip
+            try:
+                return t.index_select(d + 1, i)
+            except IndexError:  # a negative index (or one out of range: advanced indexing says so)
+                pass
     return aten.index.Tensor(t, [None, *indices])
-
-
-def _nonnegative(i: torch.Tensor) -> bool:
-    """Whether no entry of ``i`` is negative (index_select takes no negative indices). Asked
-    anew each time (one ``min`` of a short CPU index): a cache by tensor and version would miss
-    an index changed through ``.data``, which keeps its version."""
-    return i.numel() == 0 or int(i.min()) >= 0
 
 
 def _r_flip(t, r, dims):

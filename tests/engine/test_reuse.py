@@ -142,6 +142,30 @@ def test_a_change_the_key_cannot_see_is_caught_by_the_recheck():
     assert_rel(got, torch_func("hessian", f, x, per_sample=True, mode="forward"))
 
 
+class _Permuted(nn.Module):
+    """``tanh(x)[:, perm]`` by a buffer of indices: the Taylor rule selects by ``index_select``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3).double()
+        self.register_buffer("perm", torch.tensor([2, 0, 1]))
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))[:, self.perm] * x
+
+
+def test_an_index_made_negative_through_data_still_selects_the_same_entries():
+    # the same permutation written with negative indices, through .data (the version stays):
+    # the key and the recheck see nothing, and index_select takes no negative index
+    f, x = _Permuted(), _points(20, 3)
+    jaccli.laplacian(f, x, per_sample=True, mode="forward")
+    f.perm.data.copy_(torch.tensor([-1, -3, -2]))
+    for kind in ("laplacian", "hessian"):
+        got = getattr(jaccli, kind)(f, x, per_sample=True, mode="forward")
+        assert_rel(got, torch_func(kind, f, x, per_sample=True, mode="forward"))
+    assert programs.STATS["hits"] >= 1
+
+
 def test_plain_functions_are_not_kept():
     f = tanh_mlp((2, 16, 1))
     x = _points(10, 2)

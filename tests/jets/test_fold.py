@@ -306,6 +306,36 @@ def test_weights_changed_through_data_are_folded_anew(runs, monkeypatch, pattern
     assert runs[pattern] >= 2
 
 
+@pytest.mark.parametrize("pattern", ["first-layer", "first-rows"])
+def test_what_a_fold_makes_from_the_weights_is_kept_while_their_values_are(fresh_programs, runs, monkeypatch,
+                                                                           pattern):  # fmt: skip
+    # made by the first pass, taken by the next chunks and calls; made anew for other columns
+    # (another kind of pass) and for weights changed in place, through .data too
+    if pattern == "first-rows":
+        monkeypatch.setattr(fold, "MAX_FOLDED_BYTES", 0)  # the whole fold declines
+    maker = "_folded" if pattern == "first-layer" else "_constant_rows"
+    made = []
+    original = getattr(fold, maker)
+    monkeypatch.setattr(fold, maker, lambda *a: made.append(1) or original(*a))
+    net = tanh_mlp((3, 16, 16, 1), seed=5)
+    x = _x(3, n=9)
+    for _ in range(2):
+        assert_rel(jaccli.laplacian(net, x, per_sample=True, chunk_size=3),
+                   torch_func("laplacian", net, x, per_sample=True))  # fmt: skip
+    assert len(made) == 1 and runs[pattern] == 6
+    assert_rel(jaccli.hessian(net, x, per_sample=True), torch_func("hessian", net, x, per_sample=True))
+    assert len(made) == 2
+    with torch.no_grad():
+        net[0].weight.data[0, 0] += 0.25
+    assert_rel(jaccli.hessian(net, x, per_sample=True), torch_func("hessian", net, x, per_sample=True))
+    assert len(made) == 3
+    if pattern == "first-layer":
+        with torch.no_grad():
+            net[2].weight.data[1, 2] -= 0.5
+        assert_rel(jaccli.hessian(net, x, per_sample=True), torch_func("hessian", net, x, per_sample=True))
+        assert len(made) == 4
+
+
 @pytest.mark.parametrize("n_in", [1, 3])
 @pytest.mark.parametrize("act", ["tanh", "softplus", "sin"])
 def test_first_rows_where_the_fold_declines(fresh_programs, runs, monkeypatch, n_in, act):

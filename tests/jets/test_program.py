@@ -351,3 +351,40 @@ def test_results_do_not_move_a_bit_with_the_chunk_size(kind, pattern, monkeypatc
     x = torch.randn(3000, 3, generator=torch.Generator().manual_seed(3))
     fn = getattr(jaccli, kind)
     assert torch.equal(fn(net, x, per_sample=True, chunk_size=300), fn(net, x, per_sample=True))
+
+
+class _FirstConv(nn.Module):
+    """A convolution of the input itself (its points reshaped to images), then tanh and a head."""
+
+    def __init__(self, dims: int, pad: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(30 + dims)
+        conv = nn.Conv1d(2, 3, 3, padding=1, stride=2) if dims == 1 else nn.Conv2d(2, 4, 2, padding=1, groups=2)
+        self.conv = conv.double()
+        self.head = nn.LazyLinear(2).double()
+        self.pad = pad
+
+    def forward(self, x):  # [B, 2, 5] or [B, 2, 2, 3]
+        if self.pad:  # a causal convolution's left padding (the value's constant: 0.5)
+            x = F.pad(x, (2, 0), value=0.5)
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("dims", [1, 2, "1-padded"])
+def test_the_first_convolution_of_the_seed_convolves_its_rows_once(monkeypatch, dims):
+    # the seed's first-order rows are the same at every point, through the reshape to images:
+    # the convolution takes them once beside the value's images, not once per point
+    from jaccli.jets import spatial
+
+    seeded = []
+    original = spatial._seeded_convolution
+    monkeypatch.setattr(spatial, "_seeded_convolution", lambda *a: seeded.append(1) or original(*a))
+    padded = dims == "1-padded"
+    dims = 1 if padded else dims
+    f = _FirstConv(dims, padded)
+    x = torch.randn(7, 2, *((5,) if dims == 1 else (2, 3)), dtype=torch.float64, generator=torch.Generator().manual_seed(dims))
+    f(x)  # the lazy head takes its size
+    for kind in ("jacobian", "hessian", "laplacian"):
+        got = getattr(jaccli, kind)(f, x, per_sample=True, mode="forward", chunk_size=3)
+        assert_rel(got, torch_func(kind, f, x, per_sample=True, mode="forward"))
+    assert len(seeded) >= 3 * 3  # every chunk of every kind

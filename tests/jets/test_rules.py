@@ -124,6 +124,7 @@ OP_CASES = {
     "squeeze": (lambda x: torch.sin(x[:, None, :, None]).squeeze(1).squeeze() * x, {"squeeze", "unsqueeze"}),
     "expand": (lambda x: x[:, :1].expand(-1, 3) * x, {"expand"}),
     "slice-select": (lambda x: torch.cat([x[:, 1:] * x[:, :2], x[:, 0:1] * x[:, 2, None]], 1), {"slice", "select"}),
+    "slice-whole": (lambda x: x[:, 0:] * torch.tanh(x[:, :3]) + x[:, -3:], {"slice"}),  # the jet itself
     "diagonal": (lambda x: (x[:, :, None] * x[:, None, :]).diagonal(dim1=1, dim2=2), {"diagonal"}),
     "clone-alias": (lambda x: torch.ops.aten.alias(x.clone()) * x, {"clone", "alias"}),
     "to-copy": (lambda x: x.float().double() * x, {"_to_copy"}),
