@@ -9,13 +9,13 @@ float32. The default grid varies one of input dimension, output dimension, width
 points at a time around a centre case per kind (``--quick``: 14 of its 39 cases, about 4
 minutes on a loaded 2-core machine), plus a BatchNorm CNN where forward over reverse wins.
 
-For each case the engines auto mode weighs (the Taylor fast path, torch.func forward mode,
-torch.func reverse mode: those the planner would consider) run round-robin after one
-warm-up round, in this one process. The table shows each engine's median seconds, the
-planner's prediction for it (``Plan.estimates``, warm: torch._dynamo is loaded by the
-warm-up, so no start cost is counted) and measured over predicted; ``auto/best`` is the
-time of auto's pick over the fastest engine's. The goal: at most 1.1 on every case; the
-last line counts the cases that meet it.
+For each case the engines auto mode weighs (the Taylor fast path's forward mode and, for a
+Hessian, its reverse mode, the Hessian by adjoints; torch.func forward and reverse mode: those
+the planner would consider) run round-robin after one warm-up round, in this one process. The
+table shows each engine's median seconds, the planner's prediction for it (``Plan.estimates``,
+warm: torch._dynamo is loaded by the warm-up, so no start cost is counted) and measured over
+predicted; ``auto/best`` is the time of auto's pick over the fastest engine's. The goal: at
+most 1.1 on every case; the last line counts the cases that meet it.
 
 ``--fit`` refits :data:`jaccli.engine.costs.COSTS` from the run's MLP cases (see
 :func:`fit`: the ratios between engines on each case, then one scale per kind in forward
@@ -41,7 +41,7 @@ import jaccli  # noqa: E402
 from jaccli.engine import costs, planner  # noqa: E402
 from jaccli.load.weights import build_mlp  # noqa: E402
 
-ENGINES = (("taylor", "forward"), ("torch.func", "forward"), ("torch.func", "reverse"))
+ENGINES = (("taylor", "forward"), ("taylor", "reverse"), ("torch.func", "forward"), ("torch.func", "reverse"))
 
 
 def _sweep(kind: str, centre: dict, **axes) -> list[str]:
@@ -123,8 +123,10 @@ def runnable(kind: str, net: nn.Module, x: torch.Tensor, estimates: dict) -> lis
     for engine, mode in ENGINES:
         if f"{engine} {mode}" not in estimates:
             continue
-        if engine == "taylor" and jaccli.plan(kind, net, x, per_sample=True, mode="forward").engine != "taylor":
-            continue
+        if engine == "taylor":
+            forced = jaccli.plan(kind, net, x, per_sample=True, mode=mode)
+            if (forced.engine, forced.mode) != (engine, mode):  # not traced, or the adjoints do not serve it
+                continue
         out.append((engine, mode))
     return out
 
