@@ -111,6 +111,23 @@ def test_results_do_not_move_a_bit_with_the_chunk_size(make, n):
 
 
 @pytest.mark.filterwarnings("ignore:.*second derivatives through those units:jaccli.JaccliWarning")
+@pytest.mark.parametrize("name", ["attention", "norms", "quotient"])
+def test_one_sweep_vmapped_over_the_outputs_gives_the_bits_of_a_sweep_per_output(name, monkeypatch):
+    make, n = MODELS[name]
+    f = make()
+    if isinstance(f, nn.Module):
+        f = f.eval().requires_grad_(False)
+    x = torch.randn(9, n, generator=torch.Generator().manual_seed(10))
+    swept = []
+    real = adjoint._batched_sweep
+    monkeypatch.setattr(adjoint, "_batched_sweep", lambda *a: swept.append(1) or real(*a))
+    batched = jaccli.hessian(f, x, per_sample=True, mode="reverse")
+    assert swept  # several outputs: the vmapped sweep ran (and returned, or the loop below ran)
+    monkeypatch.setattr(adjoint, "_batched_sweep", lambda *a: None)  # as where an op does not batch
+    assert torch.equal(jaccli.hessian(f, x, per_sample=True, mode="reverse"), batched)
+
+
+@pytest.mark.filterwarnings("ignore:.*second derivatives through those units:jaccli.JaccliWarning")
 def test_float32_agrees_with_float64():
     f = Norms().eval().requires_grad_(False)
     x = torch.randn(6, 10, generator=torch.Generator().manual_seed(8))
