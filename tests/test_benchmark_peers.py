@@ -133,23 +133,19 @@ def test_the_toggle_benchmark_runs_both_sides(capsys):
     assert elementwise._tanh is kept and chain._ode_chain is kept_chain  # the current behaviour is restored
 
 
-def test_the_toggle_benchmark_toggles_the_fold(capsys):
+@pytest.mark.parametrize(
+    "toggle,job,names",
+    [("fold", "hessian", ("MIN_ROWS", "_low_derivs")), ("tanh-series", "u_xxxx", ("_first_series_run", "NUMPY_TANH"))],
+)
+def test_the_toggle_benchmark_toggles_and_restores(capsys, toggle, job, names):
     module = benchmark("taylor_toggles")
     import jaccli.jets.elementwise as elementwise
     import jaccli.jets.fold as fold
 
-    kept = (fold.MIN_ROWS, elementwise._low_derivs)
-    assert module.main(["--set", "fold", "--eager", "--jobs", "hessian", "--points", "32", "--rounds", "1"]) == 0
+    def state():
+        return [getattr(fold if hasattr(fold, n) else elementwise, n) for n in names]
+
+    kept = state()
+    assert module.main(["--set", toggle, "--eager", "--jobs", job, "--points", "32", "--rounds", "1"]) == 0
     assert capsys.readouterr().out.count("CPU s") == 1
-    assert (fold.MIN_ROWS, elementwise._low_derivs) == kept  # the current behaviour is restored
-
-
-def test_the_toggle_benchmark_toggles_numpy_tanh_and_the_series_fold(capsys):
-    module = benchmark("taylor_toggles")
-    import jaccli.jets.elementwise as elementwise
-    import jaccli.jets.fold as fold
-
-    kept = (elementwise.NUMPY_TANH, fold._first_series_run)
-    assert module.main(["--set", "tanh-series", "--eager", "--jobs", "u_xxxx", "--points", "32", "--rounds", "1"]) == 0
-    assert capsys.readouterr().out.count("CPU s") == 1
-    assert (elementwise.NUMPY_TANH, fold._first_series_run) == kept  # the current behaviour is restored
+    assert state() == kept  # the current behaviour is restored

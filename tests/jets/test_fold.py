@@ -196,26 +196,26 @@ def test_series_passes_fold_their_first_layer(fresh_programs, runs, act):
     assert runs["first-layer"] == 0 and runs["first-rows"] == 0
 
 
-def test_series_fold_without_biases(fresh_programs, runs):
-    # mm, not addmm, on both sides of the folded activation
+def _no_bias_net():
     torch.manual_seed(8)
     net = nn.Sequential(nn.Linear(1, 6, bias=False), nn.Tanh(), nn.Linear(6, 5, bias=False), nn.Tanh(), nn.Linear(5, 1))
-    net = net.double().eval().requires_grad_(False)
-    x = _x(1)
-    names = ["u_xxxx", "u_xx"]
-    got = jaccli.partials(net, x, names, inputs=["x"], outputs=["u"], per_sample=True)
-    want = _nested(net, x, names)
-    for name in names:
-        assert_rel(torch.as_tensor(got[name]).reshape(-1), want[name].reshape(-1))
-    assert runs["first-series"] > 0
+    return net.double().eval().requires_grad_(False)
 
 
-def test_series_passes_of_several_directions_fold(fresh_programs, runs):
-    # mixed partials of two inputs: several directions in one pass (one batched GEMM per order)
-    net = tanh_mlp((2, 7, 6, 1), seed=5).requires_grad_(False)
-    x = _x(2)
-    names = ["u_xxyy", "u_xyy", "u_xy", "u_yyyy"]
-    got = jaccli.partials(net, x, names, inputs=["x", "y"], outputs=["u"], per_sample=True)
+@pytest.mark.parametrize(
+    "make,inputs,names",
+    [
+        # mm, not addmm, on both sides of the folded activation
+        (_no_bias_net, ["x"], ["u_xxxx", "u_xx"]),
+        # mixed partials of two inputs: several directions in one pass (one batched GEMM per order)
+        (lambda: tanh_mlp((2, 7, 6, 1), seed=5).requires_grad_(False), ["x", "y"], ["u_xxyy", "u_xyy", "u_xy", "u_yyyy"]),
+    ],
+    ids=["without-biases", "several-directions"],
+)
+def test_series_passes_fold(fresh_programs, runs, make, inputs, names):
+    net = make()
+    x = _x(len(inputs))
+    got = jaccli.partials(net, x, names, inputs=inputs, outputs=["u"], per_sample=True)
     want = _nested(net, x, names)
     for name in names:
         assert_rel(torch.as_tensor(got[name]).reshape(-1), want[name].reshape(-1))
