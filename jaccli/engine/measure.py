@@ -8,11 +8,12 @@ contracts those in one product each. So on the 12-input, 4-output transformers o
 ``tests/architectures.py`` the adjoints ran 1.3-2x faster than the forward Hessian, though
 the records, fitted on tanh MLPs, predict the forward one faster.
 
-Where the two predictions are within :data:`WITHIN` of each other, auto times one pass of
-each on the first :data:`POINTS` points. It takes the faster one unless the two are within
-:data:`MARGIN`; then the prediction stands. This runs once per program, and the times are
-kept on it (:attr:`~jaccli.jets.TaylorProgram.measured`). Both passes are exact, so the
-choice moves the result's last bits at most, never its value.
+Where the two predictions are within :data:`WITHIN` of each other, auto times one pass of each
+on the first :data:`POINTS` points. It takes the faster one unless the two are within
+:data:`MARGIN`; then the prediction stands. This runs once per program (again where a later
+request has more points to time than the first had), and the times are kept on it
+(:attr:`~jaccli.jets.TaylorProgram.measured`). Both passes are exact, so the choice moves the
+result's last bits at most, never its value.
 
 Imports: :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.programs`.
 """
@@ -54,9 +55,10 @@ def hessian_mode(program: jets.TaylorProgram, p: Problem, predicted: str) -> tup
     if not adjoint_agrees(program, p):
         return "forward", None
     key = ("hessian", p.dtype, str(p.device))
+    points = min(p.n, POINTS)
     times = program.measured.get(key)
-    if times is None:
-        z = p.z(torch.arange(min(p.n, POINTS), device=p.device))
+    if times is None or times["points"] < points:  # a few points' times say little about more
+        z = p.z(torch.arange(points, device=p.device))
         runs = {"forward": program.hessian, "reverse": functools.partial(jets.adjoint.hessian, program)}
         times = {}
         with torch.no_grad(), program.workspace():
@@ -66,9 +68,9 @@ def hessian_mode(program: jets.TaylorProgram, p: Problem, predicted: str) -> tup
                 if z.device.type == "cuda":
                     torch.cuda.synchronize(z.device)
                 times[mode] = _clock() - start
+        times["points"] = points
         program.measured[key] = times
-    fwd, rev = times["forward"], times["reverse"]
+    fwd, rev, points = times["forward"], times["reverse"], times["points"]
     chosen = "reverse" if rev <= MARGIN * fwd else "forward" if fwd <= MARGIN * rev else predicted
-    points = min(p.n, POINTS)
     return chosen, (f"measured on {points} point{'s' * (points != 1)}: taylor forward "
                     f"{fwd * 1e3:.3g} ms, taylor reverse {rev * 1e3:.3g} ms")  # fmt: skip

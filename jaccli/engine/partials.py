@@ -197,7 +197,7 @@ def _coefficients(p: Problem, rows: Tensor, need: dict[tuple[int, ...], set[int]
         keep = frozenset().union(*(need[prim] for prim in group)) | ({0} if with_value and not cache else set())
         dirs = torch.tensor(group, dtype=z.dtype, device=z.device)  # [m, n_in]
         # one row per direction in every coefficient block (the value row is shared)
-        run = program.series(z, dirs[:, None, :].expand(len(group), b, -1), order, keep)
+        run = program.series(z, _along_points(dirs, b), order, keep)
         for i, prim in enumerate(group):
             coeffs[prim] = [None if c is None or k == 0 else c[i] for k, c in enumerate(run)]
         if run[0] is not None and not cache:
@@ -328,6 +328,13 @@ def partials(
     return out
 
 
+def _along_points(dirs: torch.Tensor, b: int) -> torch.Tensor:
+    """``[m, b, n_in]``: each direction of ``dirs`` ``[m, n_in]`` at every point, by stride 0
+    along the points, one point too (``expand`` gives a size-1 axis a stride of its own):
+    the Taylor seed reads stride 0 as directions that are the same at every point."""
+    return torch.as_strided(dirs, (dirs.shape[0], b, dirs.shape[1]), (dirs.stride(0), 0, dirs.stride(1)))
+
+
 def _chunk_into(p: Problem, program, request: Request, need, single, with_value: bool, flat: dict,
                 start: int, stop: int) -> None:  # fmt: skip
     """The terms of the points ``start`` to ``stop`` written into their rows of ``flat``."""
@@ -337,7 +344,7 @@ def _chunk_into(p: Problem, program, request: Request, need, single, with_value:
     if single is not None:
         t, prim, factor = single
         z = p.z(rows)
-        v = torch.tensor(prim, dtype=z.dtype, device=z.device).expand(z.shape[0], -1)
+        v = _along_points(torch.tensor([prim], dtype=z.dtype, device=z.device), z.shape[0])[0]
         program.series_into(z, v, t.order, flat[t.name][start:stop], factor)
         return
     value, coeffs = _coefficients(p, rows, need, program, with_value)

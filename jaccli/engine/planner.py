@@ -402,7 +402,15 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
         taylor_mode, note = measure.hessian_mode(program, p, best[1])
         best = ("taylor", taylor_mode)
     if program is not None and best[1] == "reverse" and not adjoint_agrees(program, p):
-        program, why_not = None, "Taylor reverse mode not used: a nonlinear step's points cannot be told apart"
+        why_not = ("Taylor reverse mode not used: the Hessian by adjoints does not serve this model (a nonlinear "
+                   "step's points cannot be told apart by its shape, it disagreed with the forward Hessian on "
+                   "the probe points, or inference mode is on)")  # fmt: skip
+        # auto: the next cheapest engine, the forward Hessian on this very program where it is that
+        best = cheapest({k: v for k, v in costs.items() if k != best}) if mode == "auto" else best
+        if best != ("taylor", "forward"):
+            program = None
+        else:
+            note = why_not
     if program is not None:
         plan = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, best[1])
         return (plan if note is None else replace(plan, engine_note=note)), program

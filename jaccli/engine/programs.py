@@ -123,7 +123,11 @@ def adjoint_agrees(program: jets.TaylorProgram, p: Problem) -> bool:
     """Whether the Hessian by adjoints (:mod:`jaccli.jets.adjoint`) serves ``program``: checked
     once per program against its forward Hessian on ``p``'s probe rows. Not under
     ``torch.inference_mode``, where no reverse sweep can be recorded."""
-    return not torch.is_inference_mode_enabled() and adjoint.agrees(program, p.z(probe_rows(p)))
+    if torch.is_inference_mode_enabled():
+        return False
+    if program.adjoint is not None:  # known: no probe rows to gather
+        return program.adjoint
+    return adjoint.agrees(program, p.z(probe_rows(p)))
 
 
 def _seen(p: Problem, rows: torch.Tensor) -> torch.Tensor | None:

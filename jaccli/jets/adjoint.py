@@ -128,7 +128,7 @@ def _adjoints(program: TaylorProgram, z: Tensor, keys: list[int]) -> dict[tuple[
     with torch.enable_grad():
         for i, s in enumerate(program.steps):
             if s.kind == _INPUT:
-                env[i] = z.detach().requires_grad_(True)
+                env[i] = z.detach().clone().requires_grad_(True)  # a view of an inference tensor cannot
                 continue
             env[i] = s.op(*_substitute(s.args, env, b, values=True), **_substitute(s.kwargs, env, b, values=True))
         out = env[program.output.index].reshape(b, m)

@@ -362,7 +362,8 @@ class _Kept:
     address: a weight changed through ``.data`` or a NumPy view keeps both, and the recheck
     (values, from the live weights) cannot see stale folded weights. Each entry replaces
     the last one whole, so two threads running one program read one consistent entry.
-    Nothing is kept or taken while a dispatch mode is on (fake tensors would be kept)."""
+    Nothing is kept or taken while a dispatch mode is on (fake tensors would be kept), nor off
+    the CPU (``torch.equal`` there is a device sync per weight and pass)."""
 
     __slots__ = ("entry",)
 
@@ -371,7 +372,8 @@ class _Kept:
 
     def get(self, cx: _Call, cols: Tensor, dtype: torch.dtype, weights: tuple[Tensor, ...],
             make: Callable[[], list[Tensor]]) -> list[Tensor]:  # fmt: skip
-        quiet = torch._C._len_torch_dispatch_stack() == 0
+        # on a GPU, comparing the weights would wait for the device every pass: made anew there
+        quiet = torch._C._len_torch_dispatch_stack() == 0 and cols.device.type == "cpu"
         key = (cx.counts, cx.collapsed, dtype)
         entry = self.entry
         if quiet and entry is not None and _matches(entry, key, cols, cx.pairs, weights):

@@ -99,7 +99,8 @@ class Jet:
         #: first-order row r is e_onehot[r] at every point (the seed, through identity views)
         self.onehot: Tensor | None = None
         #: the first-order rows where they are the same at every point, ``[k1, *shape[1:]]``
-        #: (the seed's one-hot rows, through reshapes that keep the points' axis)
+        #: (a one-hot seed's rows or a series pass's constant directions, through identity
+        #: views, reshapes that keep the points' axis and constant padding)
         self.rows1: Tensor | None = None
         #: order -> its block, sliced once: rules read a jet's blocks again and again (a
         #: small model's Laplacian pass asked ~90 times, each a Python span and a slice op)

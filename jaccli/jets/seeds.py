@@ -29,8 +29,10 @@ def _seed(cx: _Call, lay: Layout, z: Tensor, tangents: Tensor | None, onehot: Te
     if lay.first:
         jet.block(1).copy_(tangents)
         jet.onehot = None if onehot is None else onehot.to(z.device)
-        if onehot is not None or (tangents.dim() >= 2 and (tangents.stride(1) == 0 or tangents.shape[1] == 1)):
-            jet.rows1 = tangents[:, 0]  # one-hot seeds and constant directions: the same rows at every point
+        # one-hot seeds, and directions broadcast along the points (stride 0, which the caller
+        # gives them even for one point; a single point's own direction is not a constant one)
+        if onehot is not None or (tangents.dim() >= 2 and tangents.stride(1) == 0):
+            jet.rows1 = tangents[:, 0]
     return jet
 
 

@@ -68,3 +68,18 @@ def test_a_program_the_adjoints_do_not_serve_is_not_timed(clock, monkeypatch):
     monkeypatch.setattr(adjoint, "applies", lambda program: False)
     plan, _ = _plan(tanh_mlp((5, 16, 1), seed=3), 5)
     assert clock["calls"] == 0 and (plan.engine, plan.mode) == ("taylor", "forward")
+
+
+def test_a_request_with_more_points_than_the_first_had_times_them_again(clock):
+    # a first call on 3 points times 3 points: a pass's fixed cost is most of that; a later
+    # call with more points times again, on more, and keeps those times
+    net = tanh_mlp((5, 16, 1), seed=4)
+    clock.update(forward=1.0, reverse=2.0)
+    few = jaccli.plan("hessian", net, torch.randn(3, 5, dtype=torch.float64), per_sample=True)
+    assert few.mode == "forward" and few.engine_note.startswith("measured on 3 points")
+    clock.update(forward=2.0, reverse=1.0)
+    plan, _ = _plan(net, 5)
+    assert plan.mode == "reverse" and plan.engine_note.startswith(f"measured on {min(200, measure.POINTS)} points")
+    calls = clock["calls"]
+    again = jaccli.plan("hessian", net, torch.randn(3, 5, dtype=torch.float64), per_sample=True)
+    assert clock["calls"] == calls and again.mode == "reverse"  # fewer points: the kept times stand

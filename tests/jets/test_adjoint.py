@@ -152,6 +152,22 @@ def test_points_inside_an_axis_are_refused_and_the_answer_stays_right():
     torch.testing.assert_close(jaccli.hessian(f, x, per_sample=True, mode="reverse"), reference(f, x), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [3, 20])
+def test_auto_goes_on_to_the_next_cheapest_engine_where_the_adjoints_do_not_serve(n):
+    # the model above with n inputs and one output: the records put the adjoints first at 20
+    # inputs; their check fails, and auto takes the engine predicted next (with a note)
+    def f(x):
+        inner = torch.tanh(x.t().reshape(-1) * 0.7)
+        return (inner.reshape(x.shape[1], x.shape[0]).t() * x[:, :1]).sum(1, keepdim=True)
+
+    x = torch.randn(6, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    plan = jaccli.plan("hessian", f, x, per_sample=True)
+    assert (plan.engine, plan.mode) != ("taylor", "reverse")
+    if n == 20:
+        assert "does not serve this model" in plan.engine_note
+    torch.testing.assert_close(jaccli.hessian(f, x, per_sample=True), reference(f, x), rtol=1e-10, atol=1e-12)
+
+
 def test_not_under_inference_mode():
     f = _mlp().double().requires_grad_(False)
     x = torch.randn(4, 5, dtype=torch.float64)
@@ -189,3 +205,12 @@ def test_every_contraction_serves_a_model_above(monkeypatch):
         f = f.double().eval().requires_grad_(False) if isinstance(f, nn.Module) else f
         jaccli.hessian(f, torch.randn(3, n, dtype=torch.float64), per_sample=True, mode="reverse")
     assert used == {"_unary", "_product", "_quotient", "_batched_product", "_pairs"}
+
+
+def test_an_input_made_under_inference_mode():
+    # a chunk is a view of the input, and a view of an inference tensor cannot require grad
+    f = tanh_mlp((3, 8, 2), seed=4).requires_grad_(False)
+    with torch.inference_mode():
+        x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got = jaccli.hessian(f, x, per_sample=True, mode="reverse")
+    torch.testing.assert_close(got, reference(f, x.clone()), rtol=1e-10, atol=1e-12)

@@ -239,6 +239,11 @@ def test_series_of_arbitrary_tangents_run_unfolded(fresh_programs, runs):
         for k in range(1, 5):
             d = _derivative(d)
             assert_rel(got[k][i], d(torch.zeros(())) / math.factorial(k))
+    # one point's own direction is not a constant one either (a chunk of one point must
+    # round as it does inside a larger chunk)
+    one = program.series(x[:1], v[:, :1].clone(), 4)
+    for k in range(1, 5):
+        assert torch.equal(one[k], got[k][:, :1])
     assert runs["first-series"] == 0
 
 
