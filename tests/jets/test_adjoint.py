@@ -214,3 +214,27 @@ def test_an_input_made_under_inference_mode():
         x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     got = jaccli.hessian(f, x, per_sample=True, mode="reverse")
     torch.testing.assert_close(got, reference(f, x.clone()), rtol=1e-10, atol=1e-12)
+
+
+def test_many_inputs_are_checked_on_pairs_of_a_few_columns_not_the_whole_forward_hessian(monkeypatch):
+    # 40 inputs: the check compares the pairs among 16 columns (one pass of their pair rows),
+    # never the 820 pair rows of the whole forward Hessian; a wrong layout is still caught
+    from jaccli.jets.program import TaylorProgram
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the whole forward Hessian was run by the check")
+
+    net = tanh_mlp((40, 12, 3), seed=7).requires_grad_(False)
+    x = torch.randn(6, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(TaylorProgram, "hessian", whole)
+    plan = jaccli.plan("hessian", net, x, per_sample=True, mode="reverse")
+    assert (plan.engine, plan.mode) == ("taylor", "reverse")
+    torch.testing.assert_close(jaccli.hessian(net, x, per_sample=True, mode="reverse"), reference(net, x),
+                               rtol=1e-10, atol=1e-12)  # fmt: skip
+
+    def f(x):  # the points innermost in the tanh's view (as in the test above), 40 inputs
+        inner = torch.tanh(x.t().reshape(-1) * 0.7)
+        return inner.reshape(x.shape[1], x.shape[0]).t() * x[:, :1]
+
+    p, program, _ = jaccli.plan("hessian", f, x, per_sample=True, mode="forward")._request
+    assert adjoint.applies(program) and not adjoint.agrees(program, x[:3])
