@@ -388,6 +388,10 @@ def _make_taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, esti
     )
 
 
+#: the widest input of the cases the adjoints' cost record was fitted on (:data:`.costs.COSTS`)
+_ADJOINT_FIT_INPUTS = 32
+
+
 def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
                  chunk_size) -> tuple[Plan, taylor.TaylorProgram | None]:  # fmt: skip
     """The Taylor plan and program where the fast path applies and is wanted (asked for
@@ -398,7 +402,28 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
     wanted = best[0] == "taylor" and best in costs or mode == "forward"
     program, why_not = _taylor_program(kind, p, "forward" if wanted else mode)
     note = None
-    if program is not None and mode == "auto" and measure.ambiguous(costs):
+    timed = program is not None and mode == "auto" and measure.ambiguous(costs)
+    contractions = (taylor.adjoint.contraction_flops(program)
+                    if program is not None and not timed and ("taylor", "reverse") in costs else 0.0)  # fmt: skip
+    if contractions and mode in ("auto", "reverse"):
+        # the adjoints' contractions grow as n² times the activations, which the record (fitted
+        # on inputs up to _ADJOINT_FIT_INPUTS, where it absorbs them) leaves out: known once the
+        # program is. Where the two Taylor Hessians are timed instead, the clock has the last word
+        beyond = max(0.0, 1.0 - (_ADJOINT_FIT_INPUTS / p.n_in) ** 2)
+        extra = p.n * point_seconds(2 * contractions * beyond, p.device.type)
+        costs[("taylor", "reverse")] += extra
+        shown = tuple((f"{e} {m}", s) for (e, m), s in costs.items())
+        if best == ("taylor", "reverse"):
+            # asked for reverse mode, the adjoints run it unless their n² term alone costs more
+            # than forward over reverse does in all (as on a 3,072-input CNN)
+            others = {k: v for k, v in costs.items() if k[1] == "reverse" and k[0] != "taylor"}
+            if mode == "auto":
+                best = cheapest(costs)
+            elif others and extra > min(others.values()):
+                best = cheapest(others)
+            if best[0] != "taylor":
+                program, why_not = None, None
+    if timed:
         taylor_mode, note = measure.hessian_mode(program, p, best[1])
         best = ("taylor", taylor_mode)
     if program is not None and best[1] == "reverse" and not adjoint_agrees(program, p):

@@ -82,9 +82,10 @@ def agrees(program: TaylorProgram, z: Tensor) -> bool:
     """Whether :func:`hessian` applies to ``program`` and agrees with the forward Hessian at the
     points ``z`` (to the program's tolerance); asked once per program, the answer kept on it.
 
-    Where the inputs are many, on two points and the pairs among :data:`CHECK_COLUMNS`
-    columns spread over the inputs: the whole forward Hessian of a 1,024-input transformer is
-    half a million pair rows, minutes where the request it guards may take seconds."""
+    Where the inputs are many, on two points and the entries among :data:`CHECK_COLUMNS`
+    columns spread over the inputs, both sides from those columns' rows alone: the whole
+    forward Hessian of a 1,024-input transformer is half a million pair rows, and the whole
+    adjoint Hessian of a 3,072-input CNN ten outputs of 3,072² entries a point."""
     if program.adjoint is None:
         ok = applies(program)
         if ok:
@@ -92,13 +93,12 @@ def agrees(program: TaylorProgram, z: Tensor) -> bool:
             if n > CHECK_COLUMNS:
                 z = z[:2]
             with torch.no_grad():
-                got = hessian(program, z)
                 if n <= CHECK_COLUMNS:
-                    got, want = got.double(), program.hessian(z).double()
+                    got, want = hessian(program, z).double(), program.hessian(z).double()
                 else:
                     cols = torch.linspace(0, n - 1, CHECK_COLUMNS, device=z.device).round().long().unique()
                     i, j, want = _forward_entries(program, z, cols)
-                    got, want = got[:, :, i, j].double(), want.double()
+                    got, want = hessian(program, z, columns=cols)[:, :, i, j].double(), want.double()
             scale = want.abs().max().clamp_min(1e-30)
             ok = bool(torch.isfinite(got).all()) and float((got - want).abs().max() / scale) <= program.tol
         program.adjoint = ok
@@ -106,14 +106,14 @@ def agrees(program: TaylorProgram, z: Tensor) -> bool:
 
 
 def _forward_entries(program: TaylorProgram, z: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The forward Hessian's entries ``(i, j)``, ``i ≤ j`` both in ``cols``, by one pass of their
-    pairs: ``i``, ``j`` and the entries ``[B, n_out, pairs]``."""
+    """The forward Hessian's entries among ``cols``, by one pass of their pairs: the pairs'
+    positions ``i ≤ j`` in ``cols`` and the entries ``[B, n_out, pairs]``."""
     b, k = z.shape[0], cols.numel()
     local = torch.triu_indices(k, k, device=z.device)
     cx = _Call((1, k, local.shape[1]), (local[0], local[1]), b)
     res = program._run(z, WANT["hessian"], cx, _onehot(cols, b, program.n_in, z), onehot=cols)
     entries = program._out_block(res, 2, local.shape[1], z).permute(1, 2, 0)
-    return cols[local[0]], cols[local[1]], entries
+    return local[0], local[1], entries
 
 
 def bytes_per_point(program: TaylorProgram) -> int:
@@ -128,6 +128,19 @@ def bytes_per_point(program: TaylorProgram) -> int:
     widest = max(((pairs if program.steps[i].name not in CONTRACTIONS else (m + 2) * n)
                   * program.steps[i].numel for i in src), default=0)  # fmt: skip
     return program.bytes_per_point("jacobian", n) + int((tape + adj + widest + m * n * n) * size)
+
+
+def contraction_flops(program: TaylorProgram) -> float:
+    """Multiply-adds one point's contractions take in :func:`hessian`: each source's entries
+    times ``n²`` per output (its pair rows and their contraction where it has no entry in
+    :data:`CONTRACTIONS`). The cost record (:data:`jaccli.engine.costs.COSTS`, fitted on
+    inputs in the tens) leaves this term out; past a few hundred inputs it is most of the
+    time: a 3,072-input CNN's activations make it ~10¹³ a point, where forward over reverse
+    takes thousands of times less."""
+    n, m = program.n_in, program.n_out
+    pairs = n * (n + 1) // 2
+    return float(sum((m * n * n if program.steps[i].name in CONTRACTIONS else pairs * (m + 1))
+                     * program.steps[i].numel for i in sources(program)))  # fmt: skip
 
 
 def _per_point(t: Tensor, axis: int, b: int) -> Tensor:
@@ -320,10 +333,12 @@ def _contraction(s, args, kwargs, axis):
     return how if fits is None or fits(args, kwargs, axis) else _pairs
 
 
-def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None, out: Tensor | None = None) -> Tensor:
+def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None, out: Tensor | None = None,
+            columns: Tensor | None = None) -> Tensor:  # fmt: skip
     """Per-point Hessian ``[B, n_out, n_in, n_in]`` of ``program`` at ``z`` ``[B, n_in]`` (see the
     module docstring); ``directions`` is accepted for the engine's call and not used (every
-    first-order row is needed at once).
+    first-order row is needed at once). ``columns`` (``k`` input indices): only the entries
+    among them, ``[B, n_out, k, k]``, from their ``k`` first-order rows.
 
     >>> import torch; from jaccli.jets import build
     >>> f = lambda x: torch.tanh(x @ torch.ones(2, 1))
@@ -333,7 +348,9 @@ def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None,
     """
     if not applies(program):
         raise Unsupported("adjoint", "a nonlinear step's points cannot be told apart by its shape")
-    b, n, m = z.shape[0], program.n_in, program.n_out
+    b, n_in, m = z.shape[0], program.n_in, program.n_out
+    cols = torch.arange(n_in, device=z.device) if columns is None else columns
+    n = cols.numel()  # first-order rows
     out = z.new_empty((b, m, n, n), dtype=program.dtype) if out is None else out
     acc = out if out.dtype == z.dtype else z.new_empty(out.shape)
     acc.zero_()
@@ -343,7 +360,6 @@ def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None,
     sched = program.schedule(WANT["jacobian"])
     pairs = torch.triu_indices(n, n, device=z.device)
     cx = _Call((1, n, pairs.shape[1]), (pairs[0], pairs[1]), b)
-    cols = torch.arange(n, device=z.device)
     env: list = [None] * len(steps)
     at = set(src)
     with torch.no_grad():
@@ -353,7 +369,7 @@ def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None,
                     env[i] = _zero_jet(cx, _substitute(s.shape, env, b), z)
                 continue
             if s.kind == _INPUT:
-                env[i] = _seed(cx, sched.layouts[i], z, _onehot(cols, b, n, z), cols)
+                env[i] = _seed(cx, sched.layouts[i], z, _onehot(cols, b, n_in, z), cols)
                 continue
             values = s.kind == "value"
             args = _substitute(s.args, env, b, values=values)

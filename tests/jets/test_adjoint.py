@@ -83,7 +83,7 @@ def test_the_hessian_by_adjoints_is_exact(name):
         f = f.double().eval().requires_grad_(False)
     x = torch.randn(7, n, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     plan = jaccli.plan("hessian", f, x, per_sample=True, mode="reverse")
-    assert (plan.engine, plan.mode) == ("taylor", "reverse")
+    assert (plan.engine, plan.mode) == ("taylor", "reverse"), (plan.estimates, plan.engine_note)
     got = jaccli.hessian(f, x, per_sample=True, mode="reverse")
     torch.testing.assert_close(got.reshape(7, -1, n, n), reference(f, x).reshape(7, -1, n, n), rtol=1e-10, atol=1e-12)
 
@@ -153,9 +153,11 @@ def test_points_inside_an_axis_are_refused_and_the_answer_stays_right():
 
 
 @pytest.mark.parametrize("n", [3, 20])
-def test_auto_goes_on_to_the_next_cheapest_engine_where_the_adjoints_do_not_serve(n):
+def test_auto_goes_on_to_the_next_cheapest_engine_where_the_adjoints_do_not_serve(n, monkeypatch):
     # the model above with n inputs and one output: the records put the adjoints first at 20
-    # inputs; their check fails, and auto takes the engine predicted next (with a note)
+    # inputs (their contractions' n² term left out: this tiny model's tanh is most of it);
+    # their check fails, and auto takes the engine predicted next (with a note)
+    monkeypatch.setattr(adjoint, "contraction_flops", lambda program: 0.0)
     def f(x):
         inner = torch.tanh(x.t().reshape(-1) * 0.7)
         return (inner.reshape(x.shape[1], x.shape[0]).t() * x[:, :1]).sum(1, keepdim=True)
@@ -228,7 +230,7 @@ def test_many_inputs_are_checked_on_pairs_of_a_few_columns_not_the_whole_forward
     x = torch.randn(6, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     monkeypatch.setattr(TaylorProgram, "hessian", whole)
     plan = jaccli.plan("hessian", net, x, per_sample=True, mode="reverse")
-    assert (plan.engine, plan.mode) == ("taylor", "reverse")
+    assert (plan.engine, plan.mode) == ("taylor", "reverse"), (plan.estimates, plan.engine_note)
     torch.testing.assert_close(jaccli.hessian(net, x, per_sample=True, mode="reverse"), reference(net, x),
                                rtol=1e-10, atol=1e-12)  # fmt: skip
 
@@ -238,3 +240,30 @@ def test_many_inputs_are_checked_on_pairs_of_a_few_columns_not_the_whole_forward
 
     p, program, _ = jaccli.plan("hessian", f, x, per_sample=True, mode="forward")._request
     assert adjoint.applies(program) and not adjoint.agrees(program, x[:3])
+
+
+class _WideConv(nn.Module):
+    """256 inputs (a 16x16 image), 16 tanh channels of 16x16, 10 outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.conv, self.head = nn.Conv2d(1, 16, 3, padding=1), nn.Linear(16 * 256, 10)
+
+    def forward(self, x):  # [B, 256] -> [B, 10]
+        return self.head(torch.tanh(self.conv(x.reshape(-1, 1, 16, 16))).flatten(1))
+
+
+def test_auto_weighs_the_contractions_n_squared_term(monkeypatch):
+    # the records alone put the adjoints first; their contractions (10 outputs x 256² x 4,096
+    # activations a point) cost thousands of forward passes, and torch.func's reverse mode wins
+    net = _WideConv().eval().requires_grad_(False)
+    x = torch.randn(20, 256, generator=torch.Generator().manual_seed(5))
+    plan = jaccli.plan("hessian", net, x, per_sample=True)
+    assert (plan.engine, plan.mode) == ("torch.func", "reverse")
+    assert jaccli.plan("hessian", net, x, per_sample=True, mode="reverse").engine == "torch.func"  # reverse mode too
+    p, program, _ = jaccli.plan("hessian", net, x, per_sample=True, mode="forward")._request
+    assert adjoint.contraction_flops(program) >= 10 * 256 * 256 * 4096
+    monkeypatch.setattr(adjoint, "contraction_flops", lambda program: 0.0)
+    assert jaccli.plan("hessian", net, x, per_sample=True).mode == "reverse"
+    assert jaccli.plan("hessian", net, x, per_sample=True).engine == "taylor"
