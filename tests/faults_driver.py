@@ -37,12 +37,14 @@ def _sigcgt(pid: int) -> int:
 
 
 def _as_from_a_terminal() -> None:
-    """In the child before exec: SIGINT and SIGQUIT at their defaults, as a command typed at a
-    terminal has them. A test run started in the background of a non-interactive shell (a CI
-    job's ``cmd &``) inherits them ignored, and jaccli keeps an ignored signal ignored (as it
-    should, for ``nohup``), so a Ctrl-C case would otherwise run to its end."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    """In the child before exec: SIGINT, SIGQUIT and SIGHUP at their defaults, as a command
+    typed at a terminal has them. A test run started in the background of a non-interactive
+    shell (a CI job's ``cmd &``) inherits SIGINT and SIGQUIT ignored, one started by ``nohup``
+    SIGHUP, and jaccli keeps an ignored signal ignored (as it should, for ``nohup``), so a
+    Ctrl-C or hang-up case would otherwise run to its end (under ``nohup bash .ci/run`` the
+    SIGHUP case ended 0)."""
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _zygote() -> None:
