@@ -9,8 +9,9 @@ contracts those in one product each. So on the 12-input, 4-output transformers o
 the records, fitted on tanh MLPs, predict the forward one faster.
 
 Where the two predictions are within :data:`WITHIN` of each other, auto times one pass of each
-on the first :data:`POINTS` points. It takes the faster one unless the two are within
-:data:`MARGIN`; then the prediction stands. This runs once per program (again where a later
+on the first points, each as its plan would run it (its points per pass, at most
+:data:`POINTS`, and its directions per pass). It takes the one faster per point unless the two
+are within :data:`MARGIN`; then the prediction stands. This runs once per program (again where a later
 request has more points to time than the first had), and the times are kept on it
 (:attr:`~jaccli.jets.TaylorProgram.measured`). Both passes are exact, so the choice moves the
 result's last bits at most, never its value.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -31,11 +33,16 @@ from jaccli.engine.programs import adjoint_agrees
 
 #: the two Taylor Hessians' predictions within this factor of each other are measured (0: never)
 WITHIN = 4.0
-#: points each pass is timed on (at most): enough that the per-point cost shows through a
-#: pass's fixed cost. On 64 points the BERT-like model of the architecture tests timed its
-#: forward Hessian 13.5 ms against the adjoints' 11.6 (a tie), on 256 points 51 against 19,
-#: as at 512 (89 against 36); a 4-input flow's 1.5 against 3.3 ms kept its sign throughout
-POINTS = 256
+#: points a timed pass takes at most (fewer where its plan's passes are smaller). Too few hide
+#: the per-point cost behind a pass's fixed cost: on 64 points the BERT-like model of the
+#: architecture tests timed its forward Hessian 13.5 ms against the adjoints' 11.6 (a tie), on
+#: 256 points 51 against 19, as at 512 (89 against 36). A 5-input tanh MLP's forward Hessian
+#: took 0.58x the adjoints' time on 64 points, 0.99x on 256, 1.09x on 1,024 and 1.47x on
+#: 4,096: timed at 256 points, auto kept the forward Hessian where its plan's passes (512 and
+#: 900 points) ran 1.14x slower than the adjoints'
+POINTS = 1024
+#: passes of each mode timed, alternately (the fastest counts)
+ROUNDS = 2
 #: a mode is taken only where it took at most this fraction of the other's time
 MARGIN = 0.9
 #: the clock (tests set it)
@@ -48,29 +55,45 @@ def ambiguous(costs: dict[tuple[str, str], float]) -> bool:
     return a is not None and b is not None and max(a, b) <= WITHIN * min(a, b)
 
 
-def hessian_mode(program: jets.TaylorProgram, p: Problem, predicted: str) -> tuple[str, str | None]:
-    """``"forward"`` or ``"reverse"`` for ``p``'s Hessian on ``program``, by their times on the
-    first points (``predicted`` where they are close, or the adjoints do not serve the
-    program), and a note saying so (None where nothing was measured)."""
+def hessian_mode(program: jets.TaylorProgram, p: Problem, predicted: str,
+                 chunk: Callable[[str], tuple[int, int]] | None = None) -> tuple[str, str | None]:  # fmt: skip
+    """``"forward"`` or ``"reverse"`` for ``p``'s Hessian on ``program``, by their times per
+    point on the first points (``predicted`` where they are close, or the adjoints do not
+    serve the program), and a note saying so (None where nothing was measured).
+
+    ``chunk(mode)`` gives the points and directions of one pass as the plan of that mode
+    would run it: each mode is timed on its own pass (at most :data:`POINTS` points), since
+    a pass's cost per point moves with its size (cache, fixed costs), and not alike for the
+    two (a 5-input MLP: forward 0.58x the adjoints' time on 64 points, 1.47x on 4,096)."""
     if not adjoint_agrees(program, p):
         return "forward", None
     key = ("hessian", p.dtype, str(p.device))
     points = min(p.n, POINTS)
     times = program.measured.get(key)
     if times is None or times["points"] < points:  # a few points' times say little about more
-        z = p.z(torch.arange(points, device=p.device))
         runs = {"forward": program.hessian, "reverse": functools.partial(jets.adjoint.hessian, program)}
-        times = {}
+        times = {"points": points}
+        passes = {}
+        for mode in runs:
+            size, directions = chunk(mode) if chunk is not None else (points, None)
+            size = max(1, min(size, points))
+            passes[mode] = (p.z(torch.arange(size, device=p.device)), directions)
         with torch.no_grad(), program.workspace():
-            for mode, run in runs.items():
-                start = _clock()
-                run(z)
-                if z.device.type == "cuda":
-                    torch.cuda.synchronize(z.device)
-                times[mode] = _clock() - start
-        times["points"] = points
+            for _ in range(ROUNDS):  # alternately; the first pass of a size pays its allocations
+                for mode, run in runs.items():
+                    z, directions = passes[mode]
+                    start = _clock()
+                    run(z, directions=directions)
+                    if z.device.type == "cuda":
+                        torch.cuda.synchronize(z.device)
+                    took = _clock() - start
+                    times[mode] = min(took, times[mode][0]) if mode in times else took, z.shape[0]
         program.measured[key] = times
-    fwd, rev, points = times["forward"], times["reverse"], times["points"]
-    chosen = "reverse" if rev <= MARGIN * fwd else "forward" if fwd <= MARGIN * rev else predicted
-    return chosen, (f"measured on {points} point{'s' * (points != 1)}: taylor forward "
-                    f"{fwd * 1e3:.3g} ms, taylor reverse {rev * 1e3:.3g} ms")  # fmt: skip
+    (fwd, nf), (rev, nr) = times["forward"], times["reverse"]
+    per_f, per_r = fwd / nf, rev / nr
+    chosen = "reverse" if per_r <= MARGIN * per_f else "forward" if per_f <= MARGIN * per_r else predicted
+    if nf == nr:
+        return chosen, (f"measured on {nf} point{'s' * (nf != 1)}: taylor forward "
+                        f"{fwd * 1e3:.3g} ms, taylor reverse {rev * 1e3:.3g} ms")  # fmt: skip
+    return chosen, (f"measured on a pass of each: taylor forward {fwd * 1e3:.3g} ms on {nf} points, "
+                    f"taylor reverse {rev * 1e3:.3g} ms on {nr} points")  # fmt: skip

@@ -424,7 +424,11 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
             if best[0] != "taylor":
                 program, why_not = None, None
     if timed:
-        taylor_mode, note = measure.hessian_mode(program, p, best[1])
+        def chunk(m: str) -> tuple[int, int]:  # one pass of the plan of mode m
+            pl = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, m)
+            return pl.points_per_chunk, pl.directions_per_pass
+
+        taylor_mode, note = measure.hessian_mode(program, p, best[1], chunk)
         best = ("taylor", taylor_mode)
     if program is not None and best[1] == "reverse" and not adjoint_agrees(program, p):
         why_not = ("Taylor reverse mode not used: the Hessian by adjoints does not serve this model (a nonlinear "

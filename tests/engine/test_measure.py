@@ -83,3 +83,24 @@ def test_a_request_with_more_points_than_the_first_had_times_them_again(clock):
     calls = clock["calls"]
     again = jaccli.plan("hessian", net, torch.randn(3, 5, dtype=torch.float64), per_sample=True)
     assert clock["calls"] == calls and again.mode == "reverse"  # fewer points: the kept times stand
+
+
+def test_each_mode_is_timed_on_its_own_plans_pass_and_compared_per_point(clock, monkeypatch):
+    # the planner hands each mode's points and directions per pass; a pass of 200 points that
+    # took twice a pass of 50 is the faster per point
+    net, x = tanh_mlp((5, 16, 1), seed=5), torch.randn(200, 5, dtype=torch.float64)
+    real, seen = measure.hessian_mode, {}
+
+    def spy(program, p, predicted, chunk):
+        seen.update({m: chunk(m) for m in ("forward", "reverse")})
+        return real(program, p, predicted, lambda m: (50, None) if m == "forward" else (200, None))
+
+    monkeypatch.setattr(measure, "hessian_mode", spy)
+    clock.update(forward=1.0, reverse=2.0)
+    plan = jaccli.plan("hessian", net, x, per_sample=True)
+    assert plan.mode == "reverse"
+    assert plan.engine_note == ("measured on a pass of each: taylor forward 1e+03 ms on 50 points, "
+                                "taylor reverse 2e+03 ms on 200 points")  # fmt: skip
+    for m in ("forward", "reverse"):
+        forced = jaccli.plan("hessian", net, x, per_sample=True, mode=m)
+        assert seen[m] == (forced.points_per_chunk, forced.directions_per_pass)
