@@ -43,7 +43,7 @@ WITHIN = 4.0
 POINTS = 1024
 #: passes of each mode timed, alternately (the fastest counts)
 ROUNDS = 2
-#: a mode is taken only where it took at most this fraction of the other's time
+#: a mode is taken only where it took at most this fraction of the other's time per point
 MARGIN = 0.9
 #: the clock (tests set it)
 _clock = time.perf_counter
@@ -56,7 +56,7 @@ def ambiguous(costs: dict[tuple[str, str], float]) -> bool:
 
 
 def hessian_mode(program: jets.TaylorProgram, p: Problem, predicted: str,
-                 chunk: Callable[[str], tuple[int, int]] | None = None) -> tuple[str, str | None]:  # fmt: skip
+                 chunk: Callable[[str], tuple[int, int]] | None = None, chunk_size=None) -> tuple[str, str | None]:  # fmt: skip
     """``"forward"`` or ``"reverse"`` for ``p``'s Hessian on ``program``, by their times per
     point on the first points (``predicted`` where they are close, or the adjoints do not
     serve the program), and a note saying so (None where nothing was measured).
@@ -64,13 +64,18 @@ def hessian_mode(program: jets.TaylorProgram, p: Problem, predicted: str,
     ``chunk(mode)`` gives the points and directions of one pass as the plan of that mode
     would run it: each mode is timed on its own pass (at most :data:`POINTS` points), since
     a pass's cost per point moves with its size (cache, fixed costs), and not alike for the
-    two (a 5-input MLP: forward 0.58x the adjoints' time on 64 points, 1.47x on 4,096)."""
+    two (a 5-input MLP: forward 0.58x the adjoints' time on 64 points, 1.47x on 4,096).
+    The times are kept per dtype, device and ``chunk_size`` (the user's points per pass, which
+    sets both plans' passes), and taken again where a timed pass took every point of the
+    request it was timed for and a later request has more."""
     if not adjoint_agrees(program, p):
         return "forward", None
-    key = ("hessian", p.dtype, str(p.device))
+    key = ("hessian", p.dtype, str(p.device), None if chunk_size is None else str(chunk_size))
     points = min(p.n, POINTS)
     times = program.measured.get(key)
-    if times is None or times["points"] < points:  # a few points' times say little about more
+    # a pass that took every point an earlier request had is timed again where this one has more
+    if times is None or points > times["points"] and any(size >= times["points"] for _, size in
+                                                         (times["forward"], times["reverse"])):  # fmt: skip
         runs = {"forward": program.hessian, "reverse": functools.partial(jets.adjoint.hessian, program)}
         times = {"points": points}
         passes = {}

@@ -402,33 +402,35 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
     wanted = best[0] == "taylor" and best in costs or mode == "forward"
     program, why_not = _taylor_program(kind, p, "forward" if wanted else mode)
     note = None
-    timed = program is not None and mode == "auto" and measure.ambiguous(costs)
-    contractions = (taylor.adjoint.contraction_flops(program)
-                    if program is not None and not timed and ("taylor", "reverse") in costs else 0.0)  # fmt: skip
-    if contractions and mode in ("auto", "reverse"):
-        # the adjoints' contractions grow as n² times the activations, which the record (fitted
-        # on inputs up to _ADJOINT_FIT_INPUTS, where it absorbs them) leaves out: known once the
-        # program is. Where the two Taylor Hessians are timed instead, the clock has the last word
-        beyond = max(0.0, 1.0 - (_ADJOINT_FIT_INPUTS / p.n_in) ** 2)
-        extra = p.n * point_seconds(2 * contractions * beyond, p.device.type)
+    beyond = max(0.0, 1.0 - (_ADJOINT_FIT_INPUTS / p.n_in) ** 2)
+    if program is not None and beyond and mode in ("auto", "reverse") and ("taylor", "reverse") in costs:
+        # the adjoints' contractions grow as n² times the activations, which their record
+        # (fitted on inputs up to _ADJOINT_FIT_INPUTS, where it absorbs them) leaves out:
+        # known once the program is
+        contractions = taylor.adjoint.contraction_flops(program) * beyond
+        extra = p.n * point_seconds(2 * contractions, p.device.type)
         costs[("taylor", "reverse")] += extra
         shown = tuple((f"{e} {m}", s) for (e, m), s in costs.items())
-        if best == ("taylor", "reverse"):
+        others = {k: v for k, v in costs.items() if k[1] == "reverse" and k[0] != "taylor"}
+        if mode == "auto":
+            best = cheapest(costs)
+        elif others and extra > min(others.values()):
             # asked for reverse mode, the adjoints run it unless their n² term alone costs more
             # than forward over reverse does in all (as on a 3,072-input CNN)
-            others = {k: v for k, v in costs.items() if k[1] == "reverse" and k[0] != "taylor"}
-            if mode == "auto":
-                best = cheapest(costs)
-            elif others and extra > min(others.values()):
-                best = cheapest(others)
-            if best[0] != "taylor":
-                program, why_not = None, None
+            best = cheapest(others)
+            why_not = (f"Taylor reverse mode not used: the Hessian by adjoints' contractions ({p.n_in:,} inputs "
+                       f"squared times the activations) predict {costs[('taylor', 'reverse')]:.3g} s against "
+                       f"{others[best]:.3g} s by torch.func reverse mode")  # fmt: skip
+        if best[0] != "taylor":
+            program = None
+    # where the two Taylor Hessians are predicted close, the clock decides between them
+    timed = program is not None and mode == "auto" and measure.ambiguous(costs)
     if timed:
         def chunk(m: str) -> tuple[int, int]:  # one pass of the plan of mode m
             pl = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, m)
             return pl.points_per_chunk, pl.directions_per_pass
 
-        taylor_mode, note = measure.hessian_mode(program, p, best[1], chunk)
+        taylor_mode, note = measure.hessian_mode(program, p, best[1], chunk, chunk_size)
         best = ("taylor", taylor_mode)
     if program is not None and best[1] == "reverse" and not adjoint_agrees(program, p):
         why_not = ("Taylor reverse mode not used: the Hessian by adjoints does not serve this model (a nonlinear "

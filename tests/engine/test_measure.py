@@ -91,9 +91,9 @@ def test_each_mode_is_timed_on_its_own_plans_pass_and_compared_per_point(clock, 
     net, x = tanh_mlp((5, 16, 1), seed=5), torch.randn(200, 5, dtype=torch.float64)
     real, seen = measure.hessian_mode, {}
 
-    def spy(program, p, predicted, chunk):
+    def spy(program, p, predicted, chunk, chunk_size):
         seen.update({m: chunk(m) for m in ("forward", "reverse")})
-        return real(program, p, predicted, lambda m: (50, None) if m == "forward" else (200, None))
+        return real(program, p, predicted, lambda m: (50, None) if m == "forward" else (200, None), chunk_size)
 
     monkeypatch.setattr(measure, "hessian_mode", spy)
     clock.update(forward=1.0, reverse=2.0)
@@ -104,3 +104,19 @@ def test_each_mode_is_timed_on_its_own_plans_pass_and_compared_per_point(clock, 
     for m in ("forward", "reverse"):
         forced = jaccli.plan("hessian", net, x, per_sample=True, mode=m)
         assert seen[m] == (forced.points_per_chunk, forced.directions_per_pass)
+
+
+def test_times_are_kept_per_chunk_size_and_taken_again_for_larger_passes(clock):
+    # a request with 8 points per pass times passes of 8; the default plan's passes are
+    # larger, so its request times again, and a later one like it does not
+    net, x = tanh_mlp((5, 16, 1), seed=6), torch.randn(200, 5, dtype=torch.float64)
+    clock.update(forward=1.0, reverse=2.0)
+    small = jaccli.plan("hessian", net, x, per_sample=True, chunk_size=8)
+    assert small.engine_note.startswith("measured on 8 points")
+    calls = clock["calls"]
+    jaccli.plan("hessian", net, x, per_sample=True)
+    assert clock["calls"] > calls
+    calls = clock["calls"]
+    jaccli.plan("hessian", net, x, per_sample=True)
+    jaccli.plan("hessian", net, x, per_sample=True, chunk_size=8)
+    assert clock["calls"] == calls

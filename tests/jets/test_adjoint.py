@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import hessian, vmap
 
 import jaccli
-from jaccli.engine import planner
+from jaccli.engine import measure, planner
 from jaccli.jets import adjoint
 from problems import tanh_mlp
 
@@ -153,11 +153,9 @@ def test_points_inside_an_axis_are_refused_and_the_answer_stays_right():
 
 
 @pytest.mark.parametrize("n", [3, 20])
-def test_auto_goes_on_to_the_next_cheapest_engine_where_the_adjoints_do_not_serve(n, monkeypatch):
+def test_auto_goes_on_to_the_next_cheapest_engine_where_the_adjoints_do_not_serve(n):
     # the model above with n inputs and one output: the records put the adjoints first at 20
-    # inputs (their contractions' n² term left out: this tiny model's tanh is most of it);
-    # their check fails, and auto takes the engine predicted next (with a note)
-    monkeypatch.setattr(adjoint, "contraction_flops", lambda program: 0.0)
+    # inputs; their check fails, and auto takes the engine predicted next (with a note)
     def f(x):
         inner = torch.tanh(x.t().reshape(-1) * 0.7)
         return (inner.reshape(x.shape[1], x.shape[0]).t() * x[:, :1]).sum(1, keepdim=True)
@@ -261,7 +259,14 @@ def test_auto_weighs_the_contractions_n_squared_term(monkeypatch):
     x = torch.randn(20, 256, generator=torch.Generator().manual_seed(5))
     plan = jaccli.plan("hessian", net, x, per_sample=True)
     assert (plan.engine, plan.mode) == ("torch.func", "reverse")
-    assert jaccli.plan("hessian", net, x, per_sample=True, mode="reverse").engine == "torch.func"  # reverse mode too
+    reverse = jaccli.plan("hessian", net, x, per_sample=True, mode="reverse")  # reverse mode too, saying why
+    assert reverse.engine == "torch.func"
+    assert reverse.engine_note.startswith("Taylor reverse mode not used: the Hessian by adjoints' contractions (256 inputs")
+    # predicted close to the forward Hessian or not, the term is weighed before any timing
+    monkeypatch.setattr(measure, "WITHIN", 1e30)
+    monkeypatch.setattr(measure, "hessian_mode", lambda *a, **k: pytest.fail("timed"))
+    assert jaccli.plan("hessian", net, x, per_sample=True).engine == "torch.func"
+    monkeypatch.undo()
     p, program, _ = jaccli.plan("hessian", net, x, per_sample=True, mode="forward")._request
     assert adjoint.contraction_flops(program) >= 10 * 256 * 256 * 4096
     monkeypatch.setattr(adjoint, "contraction_flops", lambda program: 0.0)
