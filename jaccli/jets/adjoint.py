@@ -41,7 +41,7 @@ from jaccli.jets.elementwise import _UNARY_DERIVS
 from jaccli.jets.jet import Jet, Layout, Unsupported, _Call
 from jaccli.jets.program import WANT, TaylorProgram
 from jaccli.jets.record import _INPUT, _BatchDim, _Ref, _substitute
-from jaccli.jets.seeds import _onehot, _seed, _zero_jet
+from jaccli.jets.seeds import _broadcast, _onehot, _onehot_rows, _seed, _zero_jet
 
 #: ops whose second derivative is zero wherever it exists: no source to contract
 PIECEWISE_LINEAR = frozenset({
@@ -349,7 +349,16 @@ def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None,
     if not applies(program):
         raise Unsupported("adjoint", "a nonlinear step's points cannot be told apart by its shape")
     b, n_in, m = z.shape[0], program.n_in, program.n_out
-    cols = torch.arange(n_in, device=z.device) if columns is None else columns
+
+    def setup():  # every chunk's columns, pairs and one-hot rows: kept on the program
+        cols = torch.arange(n_in, device=z.device) if columns is None else columns
+        k = cols.numel()
+        return [(cols, torch.triu_indices(k, k, device=z.device), _onehot_rows(cols, n_in, z))]
+
+    if columns is None:
+        ((cols, pairs, rows),) = program._seeds(("adjoint", z.dtype, z.device), setup)
+    else:
+        ((cols, pairs, rows),) = setup()
     n = cols.numel()  # first-order rows
     out = z.new_empty((b, m, n, n), dtype=program.dtype) if out is None else out
     acc = out if out.dtype == z.dtype else z.new_empty(out.shape)
@@ -358,7 +367,6 @@ def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None,
     src = sources(program)
     adj = _adjoints(program, z, src)
     sched = program.schedule(WANT["jacobian"])
-    pairs = torch.triu_indices(n, n, device=z.device)
     cx = _Call((1, n, pairs.shape[1]), (pairs[0], pairs[1]), b)
     env: list = [None] * len(steps)
     at = set(src)
@@ -369,7 +377,7 @@ def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None,
                     env[i] = _zero_jet(cx, _substitute(s.shape, env, b), z)
                 continue
             if s.kind == _INPUT:
-                env[i] = _seed(cx, sched.layouts[i], z, _onehot(cols, b, n_in, z), cols)
+                env[i] = _seed(cx, sched.layouts[i], z, _broadcast(rows, b), cols)
                 continue
             values = s.kind == "value"
             args = _substitute(s.args, env, b, values=values)
