@@ -56,7 +56,7 @@ def ambiguous(costs: dict[tuple[str, str], float]) -> bool:
 
 
 def hessian_mode(program: jets.TaylorProgram, p: Problem, predicted: str,
-                 chunk: Callable[[str], tuple[int, int]] | None = None, chunk_size=None) -> tuple[str, str | None]:  # fmt: skip
+                 chunk: Callable[[str], tuple[int, int]], chunk_size=None) -> tuple[str, str | None]:  # fmt: skip
     """``"forward"`` or ``"reverse"`` for ``p``'s Hessian on ``program``, by their times per
     point on the first points (``predicted`` where they are close, or the adjoints do not
     serve the program), and a note saying so (None where nothing was measured).
@@ -80,7 +80,7 @@ def hessian_mode(program: jets.TaylorProgram, p: Problem, predicted: str,
         times = {"points": points}
         passes = {}
         for mode in runs:
-            size, directions = chunk(mode) if chunk is not None else (points, None)
+            size, directions = chunk(mode)
             size = max(1, min(size, points))
             passes[mode] = (p.z(torch.arange(size, device=p.device)), directions)
         with torch.no_grad(), program.workspace():

@@ -343,26 +343,31 @@ class TaylorProgram:
             self._row_into(z, WANT["laplacian"], cx, _broadcast(e, b), cols, 2, out, add=k > 0)
         return out
 
-    def hessian(self, z: Tensor, *, directions: int | None = None, out: Tensor | None = None) -> Tensor:
-        """Per-point Hessian ``[B, n_out, n_in, n_in]``, ``directions`` pairs ``i ≤ j`` per pass."""
+    def hessian(self, z: Tensor, *, directions: int | None = None, out: Tensor | None = None,
+                columns: Tensor | None = None) -> Tensor:  # fmt: skip
+        """Per-point Hessian ``[B, n_out, n_in, n_in]``, ``directions`` pairs ``i ≤ j`` per pass;
+        ``columns`` (``k`` input indices): only the entries among them, ``[B, n_out, k, k]``."""
         b, n = z.shape[0], self.n_in
-        out = z.new_empty((b, self.n_out, n, n), dtype=self.dtype) if out is None else out
+        k = n if columns is None else columns.numel()
+        out = z.new_empty((b, self.n_out, k, k), dtype=self.dtype) if out is None else out
 
         def passes():
-            pairs = torch.triu_indices(n, n, device=z.device)
+            pairs = torch.triu_indices(k, k, device=z.device)
             total = pairs.shape[1]
             step = total if directions is None else max(1, int(directions))
             made = []
             for start in range(0, total, step):
-                i, j = pairs[:, start : start + step]
-                cols, inverse = torch.unique(torch.cat([i, j]), return_inverse=True)
+                i, j = pairs[:, start : start + step]  # positions in the result
+                gi, gj = (i, j) if columns is None else (columns[i], columns[j])  # input indices
+                cols, inverse = torch.unique(torch.cat([gi, gj]), return_inverse=True)
                 made.append((i, j, cols, (inverse[: i.numel()], inverse[i.numel() :]), _onehot_rows(cols, n, z)))
             return made
 
-        for i, j, cols, local, e in self._seeds(("hessian", directions, z.dtype, z.device), passes):
+        made = self._seeds(("hessian", directions, z.dtype, z.device), passes) if columns is None else passes()
+        for i, j, cols, local, e in made:
             cx = _Call((1, cols.numel(), i.numel()), local, b)
             seed = _broadcast(e, b)
-            if n == 1:  # one entry: the last product writes it into the result itself
+            if k == 1:  # one entry: the last product writes it into the result itself
                 self._row_into(z, WANT["hessian"], cx, seed, cols, 2, out.view(b, self.n_out))
                 continue
             res = self._run(z, WANT["hessian"], cx, seed, onehot=cols)

@@ -221,8 +221,12 @@ def test_many_inputs_are_checked_on_pairs_of_a_few_columns_not_the_whole_forward
     # never the 820 pair rows of the whole forward Hessian; a wrong layout is still caught
     from jaccli.jets.program import TaylorProgram
 
-    def whole(*args, **kwargs):
-        raise AssertionError("the whole forward Hessian was run by the check")
+    real = TaylorProgram.hessian
+
+    def whole(self, z, **kwargs):
+        if kwargs.get("columns") is None:
+            raise AssertionError("the whole forward Hessian was run by the check")
+        return real(self, z, **kwargs)
 
     net = tanh_mlp((40, 12, 3), seed=7).requires_grad_(False)
     x = torch.randn(6, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -238,6 +242,19 @@ def test_many_inputs_are_checked_on_pairs_of_a_few_columns_not_the_whole_forward
 
     p, program, _ = jaccli.plan("hessian", f, x, per_sample=True, mode="forward")._request
     assert adjoint.applies(program) and not adjoint.agrees(program, x[:3])
+
+
+@pytest.mark.parametrize("directions", [None, 4])
+def test_both_hessians_of_a_few_columns_are_the_block_among_them(directions):
+    net = tanh_mlp((20, 12, 3), seed=8).requires_grad_(False)
+    x = torch.randn(5, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    _, program, _ = jaccli.plan("hessian", net, x, per_sample=True, mode="forward")._request
+    cols = torch.tensor([0, 3, 7, 19])
+    block = reference(net, x).reshape(5, 3, 20, 20)[:, :, cols][:, :, :, cols]
+    torch.testing.assert_close(program.hessian(x, columns=cols, directions=directions), block, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(adjoint.hessian(program, x, columns=cols), block, rtol=1e-10, atol=1e-12)
+    one = torch.tensor([7])
+    torch.testing.assert_close(program.hessian(x, columns=one), block[:, :, 2:3, 2:3], rtol=1e-10, atol=1e-12)
 
 
 class _WideConv(nn.Module):
