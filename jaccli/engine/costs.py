@@ -75,16 +75,20 @@ def _probes(n_in: int, n_out: int, probes: int) -> int:
 #: planner's unit is off by a factor per model, alike for every engine: 0.2-6x) and one
 #: scale per kind; within a case, log(measured/predicted) has a spread of 0.13-0.19. With
 #: these figures auto's pick is within 10% of the fastest engine on 39 of 39 cases of that
-#: run (docs/auto-mode.md). Records with no case of their own share the one that does the
+#: run (docs/auto-mode.md). The Jacobian's records were fitted again on 2026-12-07 on a quiet
+#: machine (two runs of its 14 cases, the mean of the two fits; within cases sd 0.22-0.23):
+#: the 2026-12-06 figures put the crossover between Taylor forward and torch.func reverse
+#: mode at 2.5 inputs of a one-output width-50 MLP, measured at 4.5-5.3, so a 4-input
+#: Jacobian ran by torch.func 1.17-1.58x slower. Records with no case of their own share the one that does the
 #: same products: the divergence (the Jacobian's diagonal) and "hutchinson" (the
 #: stochastic divergence, one product per probe) take the Jacobian's.
 COSTS: dict[tuple[str, str], dict[str, Cost]] = {
     ("taylor", "forward"): {
-        "jacobian": Cost(2.7, 0.60, _inputs),
-        "divergence": Cost(2.7, 0.60, _inputs),
+        "jacobian": Cost(0.56, 0.33, _inputs),
+        "divergence": Cost(0.56, 0.33, _inputs),
         "hessian": Cost(4.4, 1.0, lambda i, o, k: i + _pairs(i, o, k)),
         "laplacian": Cost(6.6, 0.84, _inputs),
-        "hutchinson": Cost(2.7, 0.60, _probes),
+        "hutchinson": Cost(0.56, 0.33, _probes),
     },
     # the Taylor engine's reverse mode is the Hessian by adjoints (:mod:`jaccli.jets.adjoint`):
     # n_in first-order streams, one reverse sweep per output, each nonlinear step's source
@@ -96,21 +100,21 @@ COSTS: dict[tuple[str, str], dict[str, Cost]] = {
         "hessian": Cost(10.0, 0.5, _inputs, per_output=2.25),
     },
     ("torch.func", "forward"): {
-        "jacobian": Cost(1.4, 2.6, _inputs),
-        "divergence": Cost(1.4, 2.6, _inputs),
+        "jacobian": Cost(0.79, 1.4, _inputs),
+        "divergence": Cost(0.79, 1.4, _inputs),
         "hessian": Cost(6.9, 9.3, _pairs),
         "laplacian": Cost(9.1, 7.6, _inputs),
-        "hutchinson": Cost(1.4, 2.6, _probes),
+        "hutchinson": Cost(0.79, 1.4, _probes),
     },
     ("torch.func", "reverse"): {
-        "jacobian": Cost(3.1, 1.1, _outputs),
-        "divergence": Cost(3.1, 1.1, _outputs),
+        "jacobian": Cost(1.5, 0.68, _outputs),
+        "divergence": Cost(1.5, 0.68, _outputs),
         "hessian": Cost(9.3, 0.95, _inputs, per_output=3.2),
         # the same products as the Hessian's (its diagonal is gathered from them); the
         # Laplacian's cases, all but one with one output, fix only their sum per input at
         # one output (3.1), split as the Hessian's is (0.95 : 3.2)
         "laplacian": Cost(15.0, 0.71, _inputs, per_output=2.4),
-        "hutchinson": Cost(3.1, 1.1, _probes),
+        "hutchinson": Cost(1.5, 0.68, _probes),
     },
 }
 
