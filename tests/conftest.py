@@ -28,12 +28,14 @@ def _torch_func_started(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _no_measured_choice(monkeypatch):
-    # auto mode times the Taylor engine's two Hessians where their predictions are close
-    # (jaccli.engine.measure): a choice by the clock is not a test's to depend on. Tests see
+    # auto mode times the Taylor engine's two Hessians, and its pick against torch.func's
+    # reverse mode, where their predictions are close (jaccli.engine.measure): a choice by
+    # the clock is not a test's to depend on. Tests see
     # the cost records' choice; tests/engine/test_measure.py sets a clock of its own
     from jaccli.engine import measure
 
     monkeypatch.setattr(measure, "WITHIN", 0.0)
+    monkeypatch.setattr(measure, "FUNC_WITHIN", 0.0)
 
 
 @pytest.fixture(autouse=True, scope="session")

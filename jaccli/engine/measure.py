@@ -1,4 +1,5 @@
-"""Auto mode's measured choice between the Taylor engine's two Hessians.
+"""Auto mode's measured choices: between the Taylor engine's two Hessians, and between the
+Taylor engine's pick and torch.func's reverse mode.
 
 The cost records of the forward Hessian and of the Hessian by adjoints
 (:data:`.costs.COSTS`) count streams and sweeps from the request's sizes alone. What they
@@ -6,14 +7,16 @@ cost also depends on the model's ops. A tanh's pair rows are cheap. Pair rows th
 attention's products and quotients cost many times more, and the Hessian by adjoints
 contracts those in one product each. So on the 12-input, 4-output transformers of
 ``tests/architectures.py`` the adjoints ran 1.3-2x faster than the forward Hessian, though
-the records, fitted on tanh MLPs, predict the forward one faster.
+the records, fitted on tanh MLPs, predict the forward one faster. Alike between engines:
+torch.func's vmapped products cost more per forward pass on convolutions than on the MLPs
+the records were fitted on (:func:`against_func`).
 
-Where the two predictions are within :data:`WITHIN` of each other, auto times one pass of each
+Where two predictions are within :data:`WITHIN` of each other, auto times one pass of each
 on the first points, each as its plan would run it (its points per pass, at most
 :data:`POINTS`, and its directions per pass). It takes the one faster per point unless the two
 are within :data:`MARGIN`; then the prediction stands. This runs once per program (again where a later
 request has more points to time than the first had), and the times are kept on it
-(:attr:`~jaccli.jets.TaylorProgram.measured`). Both passes are exact, so the choice moves the
+(:attr:`~jaccli.jets.TaylorProgram.measured`). Every pass is exact, so the choice moves the
 result's last bits at most, never its value.
 
 Imports: :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.programs`.
@@ -33,6 +36,12 @@ from jaccli.engine.programs import adjoint_agrees
 
 #: the two Taylor Hessians' predictions within this factor of each other are measured (0: never)
 WITHIN = 4.0
+#: torch.func's reverse mode predicted cheaper than the Taylor engine's pick by at most this
+#: factor, or dearer by at most :data:`FUNC_BEHIND`, is timed against it (0: never). The records
+#: put torch.func 2x ahead of the adjoints on a depthwise-separable CNN where it ran 6x behind;
+#: where they put it behind, on the MLPs they were fitted to, they are off by 20-30 %
+FUNC_WITHIN = 8.0
+FUNC_BEHIND = 1.25
 #: points a timed pass takes at most (fewer where its plan's passes are smaller). Too few hide
 #: the per-point cost behind a pass's fixed cost: on 64 points the BERT-like model of the
 #: architecture tests timed its forward Hessian 13.5 ms against the adjoints' 11.6 (a tie), on
@@ -47,12 +56,25 @@ ROUNDS = 2
 MARGIN = 0.9
 #: the clock (tests set it)
 _clock = time.perf_counter
+#: torch.func's candidate against the Taylor engine's pick
+FUNC = ("torch.func", "reverse")
+FUNC_NAME = "torch.func reverse"
+#: points of torch.func's first timed pass (:func:`against_func`: doubled up to its plan's pass)
+FIRST_POINTS = 8
 
 
 def ambiguous(costs: dict[tuple[str, str], float]) -> bool:
     """Whether the two Taylor Hessians are both predicted, within :data:`WITHIN` of each other."""
     a, b = costs.get(("taylor", "forward")), costs.get(("taylor", "reverse"))
     return a is not None and b is not None and max(a, b) <= WITHIN * min(a, b)
+
+
+def rivals(costs: dict[tuple[str, str], float], pick: tuple[str, str]) -> bool:
+    """Whether torch.func's reverse mode and the Taylor engine's ``pick`` are both predicted, torch.func
+    at most :data:`FUNC_WITHIN` times cheaper and :data:`FUNC_BEHIND` times dearer (:func:`against_func`
+    then times them)."""
+    a, b = costs.get(pick), costs.get(FUNC)
+    return a is not None and b is not None and a <= FUNC_WITHIN * b and b <= FUNC_BEHIND * a
 
 
 def hessian_mode(program: jets.TaylorProgram, p: Problem, predicted: str,
@@ -70,35 +92,120 @@ def hessian_mode(program: jets.TaylorProgram, p: Problem, predicted: str,
     request it was timed for and a later request has more."""
     if not adjoint_agrees(program, p):
         return "forward", None
+    runs = {"forward": program.hessian, "reverse": functools.partial(jets.adjoint.hessian, program)}
+    passes = {}
+    for mode, run in runs.items():
+        size, directions = chunk(mode)
+        passes[f"taylor {mode}"] = (size, functools.partial(_taylor_pass, run, p, directions))
     key = ("hessian", p.dtype, str(p.device), None if chunk_size is None else str(chunk_size))
+    times = _times(program, p, key, passes)
+    chosen = _faster(times, "taylor forward", "taylor reverse", f"taylor {predicted}")
+    return chosen.removeprefix("taylor "), _note(times, ("taylor forward", "taylor reverse"))
+
+
+def against_func(program: jets.TaylorProgram, p: Problem, kind: str, pick: tuple[str, str], predicted: tuple[str, str],
+                 taylor_pass: tuple[int, Callable[[int], object]], func_pass: tuple[int, Callable[[int], object]],
+                 chunk_size=None) -> tuple[tuple[str, str], str]:  # fmt: skip
+    """The faster per point of the Taylor engine's ``pick`` and torch.func's reverse mode, timed
+    on a pass of each (``(points, run)``: ``run(k)`` computes a pass of ``k`` points as the mode's
+    plan would, on passes of ``points``), ``predicted`` where the two are within :data:`MARGIN`;
+    and the note.
+
+    The cost records count forward passes alike for every engine, but what a forward pass
+    costs under each differs by model: on the depthwise-separable CNN of the architecture
+    tests (75 inputs) torch.func's vmapped forward over reverse took 15x its prediction, the
+    Hessian by adjoints 3.6x, so the records put torch.func first where it ran 6x slower.
+
+    The Taylor pass is timed first (:data:`ROUNDS` times, the fastest counts), which prices
+    the whole request by it; torch.func's passes then grow from :data:`FIRST_POINTS` points,
+    doubling up to its plan's pass, and stop as soon as one took longer than the whole request
+    would by the Taylor engine (torch.func cannot be the faster then: its request holds that
+    pass's points at least). So timing a loser costs a few times the request at most (on that
+    CNN's Laplacian, 512 points: 1.3 s of torch.func passes before, against the request's
+    34 ms). Timed only where torch.func has started (nothing to pay for its first product);
+    kept on the program as :func:`hessian_mode`'s times are."""
+    name = f"{pick[0]} {pick[1]}"
+    key = ("vs torch.func", kind, pick[1], p.dtype, str(p.device), None if chunk_size is None else str(chunk_size))
+    points = min(p.n, POINTS)
+    # torch.func loses once a pass of it takes longer than the whole request by Taylor (by the
+    # margin, which favours the prediction)
+    bound = MARGIN if predicted[0] == "taylor" else 1 / MARGIN
+    times = program.measured.get(key)
+    if times is not None and times["stopped"] and times[FUNC_NAME][0] <= bound * _whole(times[name], p.n):
+        times = None  # stopped for a smaller request: what stopped it is no proof for this one
+    if times is None or points > times["points"] and any(times[n][1] >= times["points"] for n in (name, FUNC_NAME)):
+        times = {"points": points}
+        with torch.no_grad(), program.workspace():
+            size = max(1, min(taylor_pass[0], points))
+            for _ in range(ROUNDS):
+                took = _timed(p, taylor_pass[1], size)
+                times[name] = (min(took, times[name][0]) if name in times else took, size)
+            whole = _whole(times[name], p.n)  # the request by the Taylor engine
+            last, size = max(1, min(func_pass[0], points)), max(1, min(FIRST_POINTS, func_pass[0], points))
+            while True:
+                took = _timed(p, func_pass[1], size)
+                times[FUNC_NAME], times["stopped"] = (took, size), took > bound * whole
+                if times["stopped"]:
+                    break
+                if size == last:  # a second pass of the full size: the faster counts
+                    times[FUNC_NAME] = (min(took, _timed(p, func_pass[1], size)), size)
+                    break
+                size = min(2 * size, last)
+        program.measured[key] = times
+    note = _note(times, (name, FUNC_NAME))
+    if times["stopped"]:  # torch.func's pass alone took longer than the whole request by Taylor
+        return pick, f"{note} (more than the whole request by {name})"
+    chosen = _faster(times, name, FUNC_NAME, f"{predicted[0]} {predicted[1]}")
+    return (pick if chosen == name else FUNC), note
+
+
+def _whole(timed: tuple[float, int], n: int) -> float:
+    """Seconds of a request of ``n`` points at the time per point of a timed pass ``(seconds, points)``."""
+    return timed[0] / timed[1] * n
+
+
+def _timed(p: Problem, run: Callable[[int], object], size: int) -> float:
+    start = _clock()
+    run(size)
+    if p.device.type == "cuda":
+        torch.cuda.synchronize(p.device)
+    return _clock() - start
+
+
+def _taylor_pass(run: Callable, p: Problem, directions: int | None, size: int) -> None:
+    run(p.z(torch.arange(size, device=p.device)), directions=directions)
+
+
+def _times(program: jets.TaylorProgram, p: Problem, key: tuple,
+           passes: dict[str, tuple[int, Callable[[int], object]]]) -> dict:  # fmt: skip
+    """Each pass's fastest time of :data:`ROUNDS`, taken alternately, and its points: ``passes``
+    maps a name to ``(points of its plan's pass, run(points))``, each pass capped at
+    :data:`POINTS` and at ``p``'s points.
+    Kept on ``program`` under ``key``, and taken again only where a timed pass took every point
+    of the request it was timed for and this request has more."""
     points = min(p.n, POINTS)
     times = program.measured.get(key)
-    # a pass that took every point an earlier request had is timed again where this one has more
-    if times is None or points > times["points"] and any(size >= times["points"] for _, size in
-                                                         (times["forward"], times["reverse"])):  # fmt: skip
-        runs = {"forward": program.hessian, "reverse": functools.partial(jets.adjoint.hessian, program)}
+    if times is None or points > times["points"] and any(times[name][1] >= times["points"] for name in passes):
         times = {"points": points}
-        passes = {}
-        for mode in runs:
-            size, directions = chunk(mode)
-            size = max(1, min(size, points))
-            passes[mode] = (p.z(torch.arange(size, device=p.device)), directions)
+        sizes = {name: max(1, min(size, points)) for name, (size, _) in passes.items()}
         with torch.no_grad(), program.workspace():
             for _ in range(ROUNDS):  # alternately; the first pass of a size pays its allocations
-                for mode, run in runs.items():
-                    z, directions = passes[mode]
-                    start = _clock()
-                    run(z, directions=directions)
-                    if z.device.type == "cuda":
-                        torch.cuda.synchronize(z.device)
-                    took = _clock() - start
-                    times[mode] = min(took, times[mode][0]) if mode in times else took, z.shape[0]
+                for name, (_, run) in passes.items():
+                    took = _timed(p, run, sizes[name])
+                    times[name] = (min(took, times[name][0]) if name in times else took, sizes[name])
         program.measured[key] = times
-    (fwd, nf), (rev, nr) = times["forward"], times["reverse"]
-    per_f, per_r = fwd / nf, rev / nr
-    chosen = "reverse" if per_r <= MARGIN * per_f else "forward" if per_f <= MARGIN * per_r else predicted
-    if nf == nr:
-        return chosen, (f"measured on {nf} point{'s' * (nf != 1)}: taylor forward "
-                        f"{fwd * 1e3:.3g} ms, taylor reverse {rev * 1e3:.3g} ms")  # fmt: skip
-    return chosen, (f"measured on a pass of each: taylor forward {fwd * 1e3:.3g} ms on {nf} points, "
-                    f"taylor reverse {rev * 1e3:.3g} ms on {nr} points")  # fmt: skip
+    return times
+
+
+def _faster(times: dict, a: str, b: str, predicted: str) -> str:
+    """``a`` or ``b``, whichever took at most :data:`MARGIN` of the other's time per point; else ``predicted``."""
+    per_a, per_b = times[a][0] / times[a][1], times[b][0] / times[b][1]
+    return b if per_b <= MARGIN * per_a else a if per_a <= MARGIN * per_b else predicted
+
+
+def _note(times: dict, names: tuple[str, str]) -> str:
+    (ta, na), (tb, nb) = (times[n] for n in names)
+    if na == nb:
+        return f"measured on {na} point{'s' * (na != 1)}: {names[0]} {ta * 1e3:.3g} ms, {names[1]} {tb * 1e3:.3g} ms"
+    return (f"measured on a pass of each: {names[0]} {ta * 1e3:.3g} ms on {na} points, "
+            f"{names[1]} {tb * 1e3:.3g} ms on {nb} points")  # fmt: skip

@@ -13,6 +13,7 @@ Imports: torch, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.probe`, :mod:`.progr
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ from jaccli.request.choices import ESTIMATORS, KINDS, MODES
 from jaccli.request.kinds import kind as kind_of
 from jaccli.request.spec import Derivative, Selection
 from jaccli.engine import measure
+from jaccli.engine import costs as cost_model
 from jaccli.engine.costs import COSTS, estimate_seconds, point_seconds
 from jaccli.engine.memory import MIB as _MIB, memory_available, working_budget
 from jaccli.engine.strategies import STRATEGIES, count_directions
@@ -397,11 +399,14 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
     """The Taylor plan and program where the fast path applies and is wanted (asked for
     with forward mode, or cheapest in auto mode), else the torch.func plan."""
     costs = estimates(kind, p, estimator, probes)
-    shown = tuple((f"{e} {m}", s) for (e, m), s in costs.items())
     best = cheapest(costs) if mode == "auto" else ("taylor", mode)
-    wanted = best[0] == "taylor" and best in costs or mode == "forward"
+    # with torch.func started, a Taylor mode predicted near its reverse mode is timed against it
+    rival = (mode == "auto" and bool(measure.FUNC_WITHIN) and estimator != "hutchinson" and cost_model.torch_func_started()
+             and any(measure.rivals(costs, k) for k in costs if k[0] == "taylor"))  # fmt: skip
+    wanted = best[0] == "taylor" and best in costs or mode == "forward" or rival
     program, why_not = _taylor_program(kind, p, "forward" if wanted else mode)
     note = None
+    record = dict(costs)  # before the adjoints' n² term: the two Taylor Hessians' timing weighs these
     beyond = max(0.0, 1.0 - (_ADJOINT_FIT_INPUTS / p.n_in) ** 2)
     if program is not None and beyond and mode in ("auto", "reverse") and ("taylor", "reverse") in costs:
         # the adjoints' contractions grow as n² times the activations, which their record
@@ -410,7 +415,6 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
         contractions = taylor.adjoint.contraction_flops(program) * beyond
         extra = p.n * point_seconds(2 * contractions, p.device.type)
         costs[("taylor", "reverse")] += extra
-        shown = tuple((f"{e} {m}", s) for (e, m), s in costs.items())
         others = {k: v for k, v in costs.items() if k[1] == "reverse" and k[0] != "taylor"}
         if mode == "auto":
             best = cheapest(costs)
@@ -421,34 +425,91 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
             why_not = (f"Taylor reverse mode not used: the Hessian by adjoints' contractions ({p.n_in:,} inputs "
                        f"squared times the activations) predict {costs[('taylor', 'reverse')]:.3g} s against "
                        f"{others[best]:.3g} s by torch.func reverse mode")  # fmt: skip
-        if best[0] != "taylor":
-            program = None
-    # where the two Taylor Hessians are predicted close, the clock decides between them
-    timed = program is not None and mode == "auto" and measure.ambiguous(costs)
-    if timed:
+    shown = tuple((f"{e} {m}", s) for (e, m), s in costs.items())
+    # the Taylor engine's own pick: its cheaper mode in auto mode, else the mode asked for (none
+    # where the fast path does not apply, torch.func is cheaper by far, or the adjoints' n² term
+    # sent reverse mode to torch.func)
+    if program is None or best[0] != "taylor" and (mode != "auto" or not rival):
+        pick = None
+    else:
+        pick = cheapest(costs, "taylor") if mode == "auto" else best
+    if pick is not None and mode == "auto" and (best[0] == "taylor" or rival) and measure.ambiguous(record):
+        # the two Taylor Hessians predicted close (by their records: the n² term does not
+        # make the forward Hessian cheaper): the clock decides between them
         def chunk(m: str) -> tuple[int, int]:  # one pass of the plan of mode m
             pl = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, m)
             return pl.points_per_chunk, pl.directions_per_pass
 
-        taylor_mode, note = measure.hessian_mode(program, p, best[1], chunk, chunk_size)
-        best = ("taylor", taylor_mode)
-    if program is not None and best[1] == "reverse" and not adjoint_agrees(program, p):
+        taylor_mode, note = measure.hessian_mode(program, p, pick[1], chunk, chunk_size)
+        pick = ("taylor", taylor_mode)
+    if pick is not None and pick[1] == "reverse" and not adjoint_agrees(program, p):
         why_not = ("Taylor reverse mode not used: the Hessian by adjoints does not serve this model (a nonlinear "
                    "step's points cannot be told apart by its shape, it disagreed with the forward Hessian on "
                    "the probe points, or inference mode is on)")  # fmt: skip
         # auto: the next cheapest engine, the forward Hessian on this very program where it is that
-        best = cheapest({k: v for k, v in costs.items() if k != best}) if mode == "auto" else best
-        if best != ("taylor", "forward"):
-            program = None
+        nxt = cheapest({k: v for k, v in costs.items() if k != pick}) if mode == "auto" else None
+        if best == pick:
+            best = nxt or best
+        pick, note = (nxt, why_not) if nxt == ("taylor", "forward") else (None, None)
+    func_mode = mode
+    if mode == "auto" and pick is not None and best[0] != "taylor":
+        if rival and measure.rivals(costs, pick):  # predicted near torch.func: the clock decides
+            chosen, timed = measure.against_func(
+                program, p, kind, pick, best,
+                _taylor_pass(kind, p, program, estimator, probes, chunk_size, shown, pick[1]),
+                _func_pass(kind, p, estimator, probes, chunk_size), chunk_size,
+            )  # fmt: skip
+            if chosen[0] == "taylor":
+                note = timed
+            else:
+                pick, func_mode, why_not = None, "reverse", f"Taylor path not used: {timed}"
         else:
-            note = why_not
-    if program is not None:
-        plan = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, best[1])
+            pick = None
+    elif mode == "auto" and pick is not None and rival and measure.rivals(costs, pick):
+        chosen, timed = measure.against_func(
+            program, p, kind, pick, pick,
+            _taylor_pass(kind, p, program, estimator, probes, chunk_size, shown, pick[1]),
+            _func_pass(kind, p, estimator, probes, chunk_size), chunk_size,
+        )  # fmt: skip
+        if chosen[0] == "taylor":
+            note = timed if note is None else f"{note}; {timed}"
+        else:
+            pick, func_mode, why_not = None, "reverse", f"Taylor path not used: {timed}"
+    if pick is not None:
+        plan = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, pick[1])
         return (plan if note is None else replace(plan, engine_note=note)), program
-    plan = make_plan(kind, p, mode, estimator, probes, chunk_size)
+    plan = make_plan(kind, p, func_mode, estimator, probes, chunk_size)
     if why_not is None and mode == "auto" and ("taylor", "forward") in costs:
         why_not = _why_not_taylor(p, plan.mode, costs)
     return replace(plan, engine_note=why_not, estimates=shown), None
+
+
+def _taylor_pass(kind: str, p: Problem, program: taylor.TaylorProgram, estimator: str, probes: int, chunk_size,
+                 shown: tuple, mode: str) -> tuple[int, Callable[[int], object]]:  # fmt: skip
+    """One pass of the Taylor plan of ``mode``: its points per pass and a run of a pass of so many points."""
+    pl = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, mode)
+    compute = functools.partial(taylor.adjoint.hessian, program) if mode == "reverse" else getattr(program, kind)
+
+    def run(size: int) -> None:
+        compute(p.z(torch.arange(size, device=p.device)), directions=pl.directions_per_pass)
+
+    return pl.points_per_chunk, run
+
+
+def _func_pass(kind: str, p: Problem, estimator: str, probes: int, chunk_size) -> tuple[int, Callable[[int], object]]:
+    """One pass of torch.func's reverse-mode plan: its points per pass and a run of a pass of so many points."""
+    pl = make_plan(kind, p, "reverse", estimator, probes, chunk_size)
+    strategy = STRATEGIES[strategy_key(kind, estimator, "reverse")]
+    dirs = strategy.directions(p, 0, probes).to(p.device)
+    dpp = pl.directions_per_pass
+
+    def run(size: int) -> None:
+        rows = torch.arange(size, device=p.device)
+        g, z, ctx = p.fn(rows), p.z(rows), {"n_out": p.n_out, "seed": 0, "points": rows}
+        for d0 in range(0, dirs.shape[0], dpp):
+            strategy.product(g, z, dirs[d0 : d0 + dpp], ctx)
+
+    return pl.points_per_chunk, run
 
 
 def _why_not_taylor(p: Problem, mode: str, costs: dict[tuple[str, str], float]) -> str:

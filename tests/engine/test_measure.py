@@ -120,3 +120,97 @@ def test_times_are_kept_per_chunk_size_and_taken_again_for_larger_passes(clock):
     jaccli.plan("hessian", net, x, per_sample=True)
     jaccli.plan("hessian", net, x, per_sample=True, chunk_size=8)
     assert clock["calls"] == calls
+
+
+# ---- the Taylor engine's pick against torch.func's reverse mode (measure.against_func)
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """Each timed pass runs, and takes ``fixed + per_point * points`` seconds by engine; the
+    passes timed are listed as (engine, points)."""
+    from jaccli.engine import costs
+
+    monkeypatch.setattr(measure, "FUNC_WITHIN", 8.0)
+    monkeypatch.setattr(costs, "torch_func_started", lambda: True)
+    cost = {"taylor": (0.0, 1.0), "torch.func": (0.0, 1.0)}
+    seen: list[tuple[str, int]] = []
+
+    def timed(p, run, size):
+        run(size)
+        engine = "torch.func" if "_func_pass" in run.__qualname__ else "taylor"
+        seen.append((engine, size))
+        fixed, per = cost[engine]
+        return fixed + per * size
+
+    monkeypatch.setattr(measure, "_timed", timed)
+    return cost, seen
+
+
+def _wide(n_in=30, points=300):
+    # a one-output Jacobian of 30 inputs: the records put torch.func's reverse mode 4.8x ahead
+    net = tanh_mlp((n_in, 16, 1), seed=7)
+    return net, torch.randn(points, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+
+def test_torch_func_predicted_ahead_but_slower_loses_to_the_taylor_pick(passes):
+    cost, seen = passes
+    net, x = _wide()
+    cost.update(taylor=(0.0, 1.0), **{"torch.func": (0.0, 3.0)})
+    plan = jaccli.plan("jacobian", net, x, per_sample=True)
+    assert (plan.engine, plan.mode) == ("taylor", "forward")
+    assert "torch.func reverse" in plan.engine_note and plan.engine_note.startswith("measured on")
+    # torch.func's passes grew from 8 points and stopped once one took longer than the whole
+    # request by Taylor (300 s): its pass of 128 points took 384 s
+    assert [s for e, s in seen if e == "torch.func"] == [8, 16, 32, 64, 128]
+    assert plan.engine_note.endswith("(more than the whole request by taylor forward)")
+    torch.testing.assert_close(jaccli.jacobian(net, x, per_sample=True), jaccli.jacobian(net, x, per_sample=True, mode="reverse"))
+
+
+def test_torch_func_faster_per_point_is_taken_saying_so(passes):
+    cost, seen = passes
+    net, x = _wide()
+    cost.update(taylor=(0.0, 1.0), **{"torch.func": (0.0, 0.5)})
+    plan = jaccli.plan("jacobian", net, x, per_sample=True)
+    assert (plan.engine, plan.mode) == ("torch.func", "reverse")
+    assert plan.engine_note.startswith("Taylor path not used: measured on")
+    full = max(s for e, s in seen if e == "torch.func")
+    assert [s for e, s in seen if e == "torch.func"][-2:] == [full, full]  # the full pass twice: the faster counts
+    calls = len(seen)
+    assert jaccli.plan("jacobian", net, x, per_sample=True).engine == "torch.func" and len(seen) == calls  # kept
+
+
+def test_a_near_tie_keeps_the_prediction(passes):
+    cost, _ = passes
+    net, x = _wide()
+    cost.update(taylor=(0.0, 1.0), **{"torch.func": (0.0, 0.95)})  # 5 % apart: within the margin
+    predicted = jaccli.plan("jacobian", net, x, per_sample=True, mode="auto")
+    assert predicted.engine == "torch.func"  # the records' pick stands
+
+
+def test_torch_func_is_not_timed_before_it_has_started(passes, monkeypatch):
+    from jaccli.engine import costs
+
+    _, seen = passes
+    monkeypatch.setattr(costs, "torch_func_started", lambda: False)
+    net, x = _wide()
+    plan = jaccli.plan("jacobian", net, x, per_sample=True)
+    assert seen == [] and not (plan.engine_note or "").startswith(("measured", "Taylor path not used: measured"))
+
+
+def test_torch_func_predicted_far_behind_is_not_timed(passes):
+    _, seen = passes
+    net = tanh_mlp((1, 16, 8), seed=2)  # one input, eight outputs: Taylor forward by far
+    plan = jaccli.plan("jacobian", net, torch.randn(300, 1, dtype=torch.float64), per_sample=True)
+    assert seen == [] and (plan.engine, plan.mode) == ("taylor", "forward") and plan.engine_note is None
+
+
+def test_a_stop_for_a_small_request_is_not_kept_for_a_larger_one(passes):
+    cost, seen = passes
+    net, _ = _wide()
+    cost.update(taylor=(0.0, 1.0), **{"torch.func": (40.0, 0.5)})  # a pass's fixed cost hides its per point
+    few = torch.randn(20, 30, dtype=torch.float64)
+    assert jaccli.plan("jacobian", net, few, per_sample=True).engine == "taylor"  # its first pass: 44 s > 20 s
+    many = torch.randn(1000, 30, dtype=torch.float64)
+    plan = jaccli.plan("jacobian", net, many, per_sample=True)
+    assert plan.engine == "torch.func" and max(s for e, s in seen if e == "torch.func") > 8
