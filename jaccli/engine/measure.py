@@ -19,7 +19,7 @@ request has more points to time than the first had), and the times are kept on i
 (:attr:`~jaccli.jets.TaylorProgram.measured`). Every pass is exact, so the choice moves the
 result's last bits at most, never its value.
 
-Imports: :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.programs`.
+Imports: :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.programs`, :mod:`.strategies`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 from jaccli import jets
 from jaccli.engine.problem import Problem
 from jaccli.engine.programs import adjoint_agrees
+from jaccli.engine.strategies import STRATEGIES
 
 #: the two Taylor Hessians' predictions within this factor of each other are measured (0: never)
 WITHIN = 4.0
@@ -170,6 +171,30 @@ def _timed(p: Problem, run: Callable[[int], object], size: int) -> float:
     if p.device.type == "cuda":
         torch.cuda.synchronize(p.device)
     return _clock() - start
+
+
+def taylor_pass(kind: str, p: Problem, program: jets.TaylorProgram, mode: str, points: int,
+                directions: int | None) -> tuple[int, Callable[[int], object]]:  # fmt: skip
+    """A pass of the Taylor plan of ``mode`` (its ``points`` and ``directions`` per pass) for
+    :func:`against_func`: ``(points, run)``, ``run(k)`` computing a pass of ``k`` points."""
+    compute = functools.partial(jets.adjoint.hessian, program) if mode == "reverse" else getattr(program, kind)
+    return points, functools.partial(_taylor_pass, compute, p, directions)
+
+
+def func_pass(kind: str, p: Problem, probes: int, points: int,
+              directions: int) -> tuple[int, Callable[[int], object]]:  # fmt: skip
+    """A pass of torch.func's reverse-mode plan (its ``points`` and ``directions`` per pass), as
+    :func:`taylor_pass` gives one of the Taylor plan's."""
+    strategy = STRATEGIES[(kind, "reverse")]
+    dirs = strategy.directions(p, 0, probes).to(p.device)
+
+    def run(size: int) -> None:
+        rows = torch.arange(size, device=p.device)
+        g, z, ctx = p.fn(rows), p.z(rows), {"n_out": p.n_out, "seed": 0, "points": rows}
+        for d0 in range(0, dirs.shape[0], directions):
+            strategy.product(g, z, dirs[d0 : d0 + directions], ctx)
+
+    return points, run
 
 
 def _taylor_pass(run: Callable, p: Problem, directions: int | None, size: int) -> None:

@@ -13,7 +13,6 @@ Imports: torch, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.probe`, :mod:`.progr
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -452,29 +451,22 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
             best = nxt or best
         pick, note = (nxt, why_not) if nxt == ("taylor", "forward") else (None, None)
     func_mode = mode
-    if mode == "auto" and pick is not None and best[0] != "taylor":
-        if rival and measure.rivals(costs, pick):  # predicted near torch.func: the clock decides
+    if mode == "auto" and pick is not None:
+        if rival and measure.rivals(costs, pick):  # predicted near torch.func's reverse mode: the clock decides
+            mine = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, pick[1])
+            theirs = make_plan(kind, p, "reverse", estimator, probes, chunk_size)
             chosen, timed = measure.against_func(
-                program, p, kind, pick, best,
-                _taylor_pass(kind, p, program, estimator, probes, chunk_size, shown, pick[1]),
-                _func_pass(kind, p, estimator, probes, chunk_size), chunk_size,
+                program, p, kind, pick, pick if best[0] == "taylor" else best,
+                measure.taylor_pass(kind, p, program, pick[1], mine.points_per_chunk, mine.directions_per_pass),
+                measure.func_pass(kind, p, probes, theirs.points_per_chunk, theirs.directions_per_pass),
+                chunk_size,
             )  # fmt: skip
             if chosen[0] == "taylor":
-                note = timed
+                note = timed if note is None else f"{note}; {timed}"
             else:
                 pick, func_mode, why_not = None, "reverse", f"Taylor path not used: {timed}"
-        else:
+        elif best[0] != "taylor":
             pick = None
-    elif mode == "auto" and pick is not None and rival and measure.rivals(costs, pick):
-        chosen, timed = measure.against_func(
-            program, p, kind, pick, pick,
-            _taylor_pass(kind, p, program, estimator, probes, chunk_size, shown, pick[1]),
-            _func_pass(kind, p, estimator, probes, chunk_size), chunk_size,
-        )  # fmt: skip
-        if chosen[0] == "taylor":
-            note = timed if note is None else f"{note}; {timed}"
-        else:
-            pick, func_mode, why_not = None, "reverse", f"Taylor path not used: {timed}"
     if pick is not None:
         plan = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, pick[1])
         return (plan if note is None else replace(plan, engine_note=note)), program
@@ -482,34 +474,6 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
     if why_not is None and mode == "auto" and ("taylor", "forward") in costs:
         why_not = _why_not_taylor(p, plan.mode, costs)
     return replace(plan, engine_note=why_not, estimates=shown), None
-
-
-def _taylor_pass(kind: str, p: Problem, program: taylor.TaylorProgram, estimator: str, probes: int, chunk_size,
-                 shown: tuple, mode: str) -> tuple[int, Callable[[int], object]]:  # fmt: skip
-    """One pass of the Taylor plan of ``mode``: its points per pass and a run of a pass of so many points."""
-    pl = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, mode)
-    compute = functools.partial(taylor.adjoint.hessian, program) if mode == "reverse" else getattr(program, kind)
-
-    def run(size: int) -> None:
-        compute(p.z(torch.arange(size, device=p.device)), directions=pl.directions_per_pass)
-
-    return pl.points_per_chunk, run
-
-
-def _func_pass(kind: str, p: Problem, estimator: str, probes: int, chunk_size) -> tuple[int, Callable[[int], object]]:
-    """One pass of torch.func's reverse-mode plan: its points per pass and a run of a pass of so many points."""
-    pl = make_plan(kind, p, "reverse", estimator, probes, chunk_size)
-    strategy = STRATEGIES[strategy_key(kind, estimator, "reverse")]
-    dirs = strategy.directions(p, 0, probes).to(p.device)
-    dpp = pl.directions_per_pass
-
-    def run(size: int) -> None:
-        rows = torch.arange(size, device=p.device)
-        g, z, ctx = p.fn(rows), p.z(rows), {"n_out": p.n_out, "seed": 0, "points": rows}
-        for d0 in range(0, dirs.shape[0], dpp):
-            strategy.product(g, z, dirs[d0 : d0 + dpp], ctx)
-
-    return pl.points_per_chunk, run
 
 
 def _why_not_taylor(p: Problem, mode: str, costs: dict[tuple[str, str], float]) -> str:

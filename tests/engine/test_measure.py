@@ -138,7 +138,7 @@ def passes(monkeypatch):
 
     def timed(p, run, size):
         run(size)
-        engine = "torch.func" if "_func_pass" in run.__qualname__ else "taylor"
+        engine = "torch.func" if "func_pass" in getattr(run, "__qualname__", "") else "taylor"
         seen.append((engine, size))
         fixed, per = cost[engine]
         return fixed + per * size
