@@ -432,6 +432,8 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
         pick = None
     else:
         pick = cheapest(costs, "taylor") if mode == "auto" else best
+        if best[0] != "taylor" and not measure.rivals(costs, pick):
+            pick = None  # torch.func's lead grew past timing (the adjoints' n² term): nothing to time
     if pick is not None and mode == "auto" and (best[0] == "taylor" or rival) and measure.ambiguous(record):
         # the two Taylor Hessians predicted close (by their records: the n² term does not
         # make the forward Hessian cheaper): the clock decides between them
