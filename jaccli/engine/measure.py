@@ -132,7 +132,7 @@ def against_func(program: jets.TaylorProgram, p: Problem, kind: str, pick: tuple
     # margin, which favours the prediction)
     bound = MARGIN if predicted[0] == "taylor" else 1 / MARGIN
     times = program.measured.get(key)
-    if times is not None and times["stopped"] and times[FUNC_NAME][0] <= bound * _whole(times[name], p.n):
+    if times is not None and times.get("stopped") and times[FUNC_NAME][0] <= bound * _whole(times[name], p.n):
         times = None  # stopped for a smaller request: what stopped it is no proof for this one
     if times is None or points > times["points"] and any(times[n][1] >= times["points"] for n in (name, FUNC_NAME)):
         times = {"points": points}
@@ -143,16 +143,22 @@ def against_func(program: jets.TaylorProgram, p: Problem, kind: str, pick: tuple
                 times[name] = (min(took, times[name][0]) if name in times else took, size)
             whole = _whole(times[name], p.n)  # the request by the Taylor engine
             last, size = max(1, min(func_pass[0], points)), max(1, min(FIRST_POINTS, func_pass[0], points))
-            while True:
-                took = _timed(p, func_pass[1], size)
-                times[FUNC_NAME], times["stopped"] = (took, size), took > bound * whole
-                if times["stopped"]:
-                    break
-                if size == last:  # a second pass of the full size: the faster counts
-                    times[FUNC_NAME] = (min(took, _timed(p, func_pass[1], size)), size)
-                    break
-                size = min(2 * size, last)
+            try:
+                while True:
+                    took = _timed(p, func_pass[1], size)
+                    times[FUNC_NAME], times["stopped"] = (took, size), took > bound * whole
+                    if times["stopped"]:
+                        break
+                    if size == last:  # a second pass of the full size: the faster counts
+                        times[FUNC_NAME] = (min(took, _timed(p, func_pass[1], size)), size)
+                        break
+                    size = min(2 * size, last)
+            except Exception as exc:  # noqa: BLE001 - torch.func cannot run it (an op without a rule): Taylor stands
+                times["failed"] = f"{type(exc).__name__} on a pass of {size} point{'s' * (size != 1)}"
         program.measured[key] = times
+    if "failed" in times:
+        ms = times[name][0] * 1e3
+        return pick, f"measured {name} {ms:.3g} ms on {times[name][1]} points; torch.func reverse failed: {times['failed']}"
     note = _note(times, (name, FUNC_NAME))
     if times["stopped"]:  # torch.func's pass alone took longer than the whole request by Taylor
         return pick, f"{note} (more than the whole request by {name})"

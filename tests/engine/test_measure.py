@@ -214,3 +214,20 @@ def test_a_stop_for_a_small_request_is_not_kept_for_a_larger_one(passes):
     many = torch.randn(1000, 30, dtype=torch.float64)
     plan = jaccli.plan("jacobian", net, many, per_sample=True)
     assert plan.engine == "torch.func" and max(s for e, s in seen if e == "torch.func") > 8
+
+
+def test_torch_func_failing_on_its_pass_leaves_the_taylor_pick(passes, monkeypatch):
+    _, seen = passes
+
+    def failing(*args, **kwargs):
+        def run(size):
+            raise NotImplementedError("no forward AD rule")
+
+        return 300, run
+
+    monkeypatch.setattr(measure, "func_pass", failing)
+    net, x = _wide()
+    plan = jaccli.plan("jacobian", net, x, per_sample=True)
+    assert (plan.engine, plan.mode) == ("taylor", "forward")
+    assert "torch.func reverse failed: NotImplementedError on a pass of 8 points" in plan.engine_note
+    assert [e for e, _ in seen] == ["taylor", "taylor"]
