@@ -62,6 +62,9 @@ FUNC = ("torch.func", "reverse")
 FUNC_NAME = "torch.func reverse"
 #: points of torch.func's first timed pass (:func:`against_func`: doubled up to its plan's pass)
 FIRST_POINTS = 8
+#: torch.func's request projected from its last two timed passes at more than this many times
+#: the whole request by Taylor stops its timing (the factor: room for a noisy pass)
+PROJECTED = 2.0
 
 
 def ambiguous(costs: dict[tuple[str, str], float]) -> bool:
@@ -121,9 +124,10 @@ def against_func(program: jets.TaylorProgram, p: Problem, kind: str, pick: tuple
     the whole request by it; torch.func's passes then grow from :data:`FIRST_POINTS` points,
     doubling up to its plan's pass, and stop as soon as one took longer than the whole request
     would by the Taylor engine (torch.func cannot be the faster then: its request holds that
-    pass's points at least). So timing a loser costs a few times the request at most (on that
-    CNN's Laplacian, 512 points: 1.3 s of torch.func passes before, against the request's
-    34 ms). Timed only where torch.func has started (nothing to pay for its first product);
+    pass's points at least), or its request, projected from what a point added between its last
+    two passes, would take :data:`PROJECTED` times as long. So timing a loser costs a few times
+    the request at most, and mostly far less (on that CNN's Laplacian, 512 points: 1.3 s of
+    torch.func passes before, against the request's 34 ms). Timed only where torch.func has started (nothing to pay for its first product);
     kept on the program as :func:`hessian_mode`'s times are."""
     name = f"{pick[0]} {pick[1]}"
     key = ("vs torch.func", kind, pick[1], p.dtype, str(p.device), None if chunk_size is None else str(chunk_size))
@@ -132,21 +136,23 @@ def against_func(program: jets.TaylorProgram, p: Problem, kind: str, pick: tuple
     # margin, which favours the prediction)
     bound = MARGIN if predicted[0] == "taylor" else 1 / MARGIN
     times = program.measured.get(key)
-    if times is not None and times.get("stopped") and times[FUNC_NAME][0] <= bound * _whole(times[name], p.n):
+    if times is not None and times.get("stopped") and not _stops(times, name, p.n, bound):
         times = None  # stopped for a smaller request: what stopped it is no proof for this one
     if times is None or points > times["points"] and any(times[n][1] >= times["points"] for n in (name, FUNC_NAME)):
-        times = {"points": points}
+        times = {"points": points, "stopped": None}
         with torch.no_grad(), program.workspace():
             size = max(1, min(taylor_pass[0], points))
             for _ in range(ROUNDS):
                 took = _timed(p, taylor_pass[1], size)
                 times[name] = (min(took, times[name][0]) if name in times else took, size)
-            whole = _whole(times[name], p.n)  # the request by the Taylor engine
             last, size = max(1, min(func_pass[0], points)), max(1, min(FIRST_POINTS, func_pass[0], points))
             try:
                 while True:
                     took = _timed(p, func_pass[1], size)
-                    times[FUNC_NAME], times["stopped"] = (took, size), took > bound * whole
+                    if FUNC_NAME in times:  # what a point adds, from the last two passes (their fixed cost cancels)
+                        times["per_point"] = max(0.0, (took - times[FUNC_NAME][0]) / (size - times[FUNC_NAME][1]))
+                    times[FUNC_NAME] = (took, size)
+                    times["stopped"] = _stops(times, name, p.n, bound)
                     if times["stopped"]:
                         break
                     if size == last:  # a second pass of the full size: the faster counts
@@ -160,10 +166,30 @@ def against_func(program: jets.TaylorProgram, p: Problem, kind: str, pick: tuple
         ms = times[name][0] * 1e3
         return pick, f"measured {name} {ms:.3g} ms on {times[name][1]} points; torch.func reverse failed: {times['failed']}"
     note = _note(times, (name, FUNC_NAME))
-    if times["stopped"]:  # torch.func's pass alone took longer than the whole request by Taylor
+    if times["stopped"] == "projected":
+        projected = _projected(times, p.n)
+        return pick, f"{note} (its request projected at {projected:.3g} s, past the whole request by {name})"
+    if times["stopped"]:
         return pick, f"{note} (more than the whole request by {name})"
     chosen = _faster(times, name, FUNC_NAME, f"{predicted[0]} {predicted[1]}")
     return (pick if chosen == name else FUNC), note
+
+
+def _stops(times: dict, name: str, n: int, bound: float) -> str | None:
+    """Why torch.func's timing stops, for a request of ``n`` points: ``"pass"`` where its last pass
+    alone took longer than the whole request by Taylor (``bound`` times it), ``"projected"`` where
+    its request, projected from its last two passes, is :data:`PROJECTED` times that; else None."""
+    whole = bound * _whole(times[name], n)
+    if times[FUNC_NAME][0] > whole:
+        return "pass"
+    if "per_point" in times and _projected(times, n) > PROJECTED * whole:
+        return "projected"
+    return None
+
+
+def _projected(times: dict, n: int) -> float:
+    took, size = times[FUNC_NAME]
+    return took + times["per_point"] * max(0, n - size)
 
 
 def _whole(timed: tuple[float, int], n: int) -> float:

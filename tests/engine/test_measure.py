@@ -160,10 +160,10 @@ def test_torch_func_predicted_ahead_but_slower_loses_to_the_taylor_pick(passes):
     plan = jaccli.plan("jacobian", net, x, per_sample=True)
     assert (plan.engine, plan.mode) == ("taylor", "forward")
     assert "torch.func reverse" in plan.engine_note and plan.engine_note.startswith("measured on")
-    # torch.func's passes grew from 8 points and stopped once one took longer than the whole
-    # request by Taylor (300 s): its pass of 128 points took 384 s
-    assert [s for e, s in seen if e == "torch.func"] == [8, 16, 32, 64, 128]
-    assert plan.engine_note.endswith("(more than the whole request by taylor forward)")
+    # torch.func's passes grew from 8 points and stopped at the second: 3 s a point more from 8
+    # to 16 points projects its request at 900 s, past twice the whole request by Taylor (300 s)
+    assert [s for e, s in seen if e == "torch.func"] == [8, 16]
+    assert plan.engine_note.endswith("(its request projected at 900 s, past the whole request by taylor forward)")
     torch.testing.assert_close(jaccli.jacobian(net, x, per_sample=True), jaccli.jacobian(net, x, per_sample=True, mode="reverse"))
 
 
@@ -231,3 +231,16 @@ def test_torch_func_failing_on_its_pass_leaves_the_taylor_pick(passes, monkeypat
     assert (plan.engine, plan.mode) == ("taylor", "forward")
     assert "torch.func reverse failed: NotImplementedError on a pass of 8 points" in plan.engine_note
     assert [e for e, _ in seen] == ["taylor", "taylor"]
+
+
+def test_a_pass_of_torch_func_longer_than_the_whole_request_stops_it(passes):
+    # a pass's fixed cost: 200 s, then 0.5 s a point; projected under twice the Taylor request
+    # (300 s) at every size, but its pass of all 300 points alone takes 350 s, past the
+    # request by Taylor with the margin that favours the records' pick, torch.func (333 s)
+    cost, seen = passes
+    net, x = _wide()
+    cost.update(taylor=(0.0, 1.0), **{"torch.func": (200.0, 0.5)})
+    plan = jaccli.plan("jacobian", net, x, per_sample=True)
+    assert (plan.engine, plan.mode) == ("taylor", "forward")
+    assert [s for e, s in seen if e == "torch.func"] == [8, 16, 32, 64, 128, 256, 300]
+    assert plan.engine_note.endswith("(more than the whole request by taylor forward)")
