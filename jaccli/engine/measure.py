@@ -65,6 +65,9 @@ FIRST_POINTS = 8
 #: torch.func's request projected from its last two timed passes at more than this many times
 #: the whole request by Taylor stops its timing (the factor: room for a noisy pass)
 PROJECTED = 2.0
+#: a projection only from a pass of at least this many seconds, and this much longer than the pass before
+PROJECT_FROM = 0.005
+GROWN = 1.3
 
 
 def ambiguous(costs: dict[tuple[str, str], float]) -> bool:
@@ -149,8 +152,13 @@ def against_func(program: jets.TaylorProgram, p: Problem, kind: str, pick: tuple
             try:
                 while True:
                     took = _timed(p, func_pass[1], size)
-                    if FUNC_NAME in times:  # what a point adds, from the last two passes (their fixed cost cancels)
-                        times["per_point"] = max(0.0, (took - times[FUNC_NAME][0]) / (size - times[FUNC_NAME][1]))
+                    before = times.get(FUNC_NAME)
+                    if before is not None and took >= max(PROJECT_FROM, GROWN * before[0]):
+                        # what a point adds, from the last two passes (their fixed cost cancels);
+                        # only where a pass is long and grew with its points: below that the
+                        # difference is the clock's noise (a 10-input MLP: 8 and 16 points 0.1
+                        # and 1.0 ms projected 0.64 s for a request that took 7 ms)
+                        times["per_point"] = max(0.0, (took - before[0]) / (size - before[1]))
                     times[FUNC_NAME] = (took, size)
                     times["stopped"] = _stops(times, name, p.n, bound)
                     if times["stopped"]:
