@@ -244,3 +244,14 @@ def test_a_pass_of_torch_func_longer_than_the_whole_request_stops_it(passes):
     assert (plan.engine, plan.mode) == ("taylor", "forward")
     assert [s for e, s in seen if e == "torch.func"] == [8, 16, 32, 64, 128, 256, 300]
     assert plan.engine_note.endswith("(more than the whole request by taylor forward)")
+
+
+@pytest.mark.parametrize("func_per_point,want", [(0.8, "taylor"), (0.7, "torch.func")])
+def test_torch_func_must_be_a_quarter_faster_to_displace_a_predicted_taylor_pick(passes, func_per_point, want):
+    # four inputs, one output: the records put Taylor forward 16 % ahead, close enough to time
+    cost, _ = passes
+    net = tanh_mlp((4, 16, 1), seed=8)
+    x = torch.randn(300, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    cost.update(taylor=(0.0, 1.0), **{"torch.func": (0.0, func_per_point)})
+    plan = jaccli.plan("jacobian", net, x, per_sample=True)
+    assert plan.engine == want and "torch.func reverse" in plan.engine_note
