@@ -244,7 +244,8 @@ def main() -> None:
         fastest = min(medians, key=medians.__getitem__)
         met += ratio <= 1.1
         summary.append((case, f"{pick[0]} {pick[1]}", f"{fastest[0]} {fastest[1]}", ratio))
-        print(f"{case:34s} auto -> {pick[0]} {pick[1]}: auto/best = {ratio:.2f}\n", flush=True)
+        print(f"{case:34s} auto -> {pick[0]} {pick[1]}: auto/best = {ratio:.2f}"
+              + (f" ({plan.engine_note})" if plan.engine_note else "") + "\n", flush=True)  # fmt: skip
     print(f"{'case':34s} {'auto':19s} {'best':19s} auto/best")
     for case, pick, fastest, ratio in summary:
         print(f"{case:34s} {pick:19s} {fastest:19s} {ratio:9.2f}{'' if ratio <= 1.1 else '  > 1.1'}")
