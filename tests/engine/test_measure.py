@@ -153,39 +153,38 @@ def _wide(n_in=30, points=300):
     return net, torch.randn(points, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
 
 
-def test_torch_func_predicted_ahead_but_slower_loses_to_the_taylor_pick(passes):
+def _wide_plan(passes, func: tuple[float, float]):
+    """The wide Jacobian's auto plan with torch.func's passes taking ``fixed + per_point * points``
+    seconds (Taylor's 1 s a point), and the points of torch.func's timed passes."""
     cost, seen = passes
     net, x = _wide()
-    cost.update(taylor=(0.0, 1.0), **{"torch.func": (0.0, 3.0)})
-    plan = jaccli.plan("jacobian", net, x, per_sample=True)
+    cost.update(taylor=(0.0, 1.0), **{"torch.func": func})
+    return jaccli.plan("jacobian", net, x, per_sample=True), [s for e, s in seen if e == "torch.func"], net, x
+
+
+def test_torch_func_predicted_ahead_but_slower_loses_to_the_taylor_pick(passes):
+    plan, sizes, net, x = _wide_plan(passes, (0.0, 3.0))
     assert (plan.engine, plan.mode) == ("taylor", "forward")
     assert "torch.func reverse" in plan.engine_note and plan.engine_note.startswith("measured on")
     # torch.func's passes grew from 8 points and stopped at the second: 3 s a point more from 8
     # to 16 points projects its request at 900 s, past twice the whole request by Taylor (300 s)
-    assert [s for e, s in seen if e == "torch.func"] == [8, 16]
+    assert sizes == [8, 16]
     assert plan.engine_note.endswith("(its request projected at 900 s, past the whole request by taylor forward)")
     torch.testing.assert_close(jaccli.jacobian(net, x, per_sample=True), jaccli.jacobian(net, x, per_sample=True, mode="reverse"))
 
 
 def test_torch_func_faster_per_point_is_taken_saying_so(passes):
-    cost, seen = passes
-    net, x = _wide()
-    cost.update(taylor=(0.0, 1.0), **{"torch.func": (0.0, 0.5)})
-    plan = jaccli.plan("jacobian", net, x, per_sample=True)
+    plan, sizes, net, x = _wide_plan(passes, (0.0, 0.5))
     assert (plan.engine, plan.mode) == ("torch.func", "reverse")
     assert plan.engine_note.startswith("Taylor path not used: measured on")
-    full = max(s for e, s in seen if e == "torch.func")
-    assert [s for e, s in seen if e == "torch.func"][-2:] == [full, full]  # the full pass twice: the faster counts
-    calls = len(seen)
-    assert jaccli.plan("jacobian", net, x, per_sample=True).engine == "torch.func" and len(seen) == calls  # kept
+    assert sizes[-2:] == [max(sizes)] * 2  # the full pass twice: the faster counts
+    calls = len(passes[1])
+    assert jaccli.plan("jacobian", net, x, per_sample=True).engine == "torch.func" and len(passes[1]) == calls  # kept
 
 
 def test_a_near_tie_keeps_the_prediction(passes):
-    cost, _ = passes
-    net, x = _wide()
-    cost.update(taylor=(0.0, 1.0), **{"torch.func": (0.0, 0.95)})  # 5 % apart: within the margin
-    predicted = jaccli.plan("jacobian", net, x, per_sample=True, mode="auto")
-    assert predicted.engine == "torch.func"  # the records' pick stands
+    plan, _, _, _ = _wide_plan(passes, (0.0, 0.95))  # 5 % apart: within the margin
+    assert plan.engine == "torch.func"  # the records' pick stands
 
 
 def test_torch_func_is_not_timed_before_it_has_started(passes, monkeypatch):
@@ -237,12 +236,9 @@ def test_a_pass_of_torch_func_longer_than_the_whole_request_stops_it(passes):
     # a pass's fixed cost: 200 s, then 0.5 s a point; projected under twice the Taylor request
     # (300 s) at every size, but its pass of all 300 points alone takes 350 s, past the
     # request by Taylor with the margin that favours the records' pick, torch.func (333 s)
-    cost, seen = passes
-    net, x = _wide()
-    cost.update(taylor=(0.0, 1.0), **{"torch.func": (200.0, 0.5)})
-    plan = jaccli.plan("jacobian", net, x, per_sample=True)
+    plan, sizes, _, _ = _wide_plan(passes, (200.0, 0.5))
     assert (plan.engine, plan.mode) == ("taylor", "forward")
-    assert [s for e, s in seen if e == "torch.func"] == [8, 16, 32, 64, 128, 256, 300]
+    assert sizes == [8, 16, 32, 64, 128, 256, 300]
     assert plan.engine_note.endswith("(more than the whole request by taylor forward)")
 
 
