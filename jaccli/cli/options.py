@@ -48,7 +48,7 @@ Dtype = Annotated[
 ]
 Mode = Annotated[
     Literal[MODES],
-    typer.Option(help="auto picks the engine and mode predicted fastest (--json shows the estimates)."),
+    typer.Option(help="auto picks the engine and mode predicted fastest, timing the close ones (--json shows the estimates and --verbose what was timed)."),
 ]
 CompileOpt = Annotated[
     Literal[COMPILE],
