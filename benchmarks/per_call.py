@@ -13,7 +13,8 @@ each figure is the minimum over ``--calls`` calls (minima: the machine is shared
 preempted call is not the code's cost):
 
 - *batch check*: ``probe.check_batch_independence``;
-- *check_inputs*: the whole of ``planner.check_inputs`` (the batch check included);
+- *check_inputs*: the whole of ``check_inputs`` as the request's entry calls it (``choice``'s,
+  ``planner``'s in a checkout from before ``choice.py``; the batch check included);
 - *recheck*: ``jets.recheck`` (a kept program checked against the model);
 - *lookup*: ``planner.program_for`` (the recheck included);
 - *plan*: ``planner._taylor_plan``;
@@ -45,7 +46,8 @@ ROOT = HERE.parent
 #: (column, module, attribute) of each stage timed
 STAGES = (
     ("batch check", "jaccli.engine.probe", "check_batch_independence"),
-    ("check_inputs", "jaccli.engine.planner", "check_inputs"),
+    ("check_inputs", "jaccli.engine.choice", "check_inputs"),
+    ("check_inputs", "jaccli.engine.planner", "check_inputs"),  # checkouts from before choice.py
     ("recheck", "jaccli.jets", "recheck"),
     ("lookup", "jaccli.engine.planner", "program_for"),
     ("plan", "jaccli.engine.planner", "_taylor_plan"),

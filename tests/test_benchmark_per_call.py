@@ -15,12 +15,12 @@ def bench():
 
 
 def test_rows_of_every_stage_and_format_agree_with_float64(bench):
-    from jaccli.engine import planner
+    from jaccli.engine import choice
 
-    check_inputs = planner.check_inputs
+    check_inputs = choice.check_inputs
     lines: list[str] = []
     rows = bench.breakdown(["silu_mlp"], "laplacian", points=9, calls=2, out=lines.append)
-    assert planner.check_inputs is check_inputs  # the wrappers are gone
+    assert choice.check_inputs is check_inputs  # the wrappers are gone
     assert [r["format"] for r in rows] == ["pt", "pt2"]
     for r in rows:
         assert r["err"] <= 1e-4 and not r["wrong"]

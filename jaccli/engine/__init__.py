@@ -25,9 +25,14 @@ The pipeline, one module per stage:
                           passes (``COSTS``), start costs, a request's predicted seconds
 :mod:`.memory`            what the machine (or GPU) can still hand out, and what one pass
                           may use of it (the working budget)
-:mod:`.planner`           mode, memory budget, points and directions per pass, and the
-                          choice of engine: the Taylor fast path (:mod:`jaccli.jets`) for
-                          forward-mode requests on one per-sample input, else torch.func
+:mod:`.planner`           each engine's predicted time, mode, memory budget, points and
+                          directions per pass: the plan of the Taylor fast path
+                          (:mod:`jaccli.jets`, requests on one per-sample input) or of
+                          torch.func
+:mod:`.measure`           the clock where two engines are predicted close: the Taylor
+                          engine's two Hessians, its pick against torch.func's reverse mode
+:mod:`.choice`            auto's choice of engine (predictions, the adjoints' n² term, the
+                          clock, fall-backs), and a request's way in (``prepare``, ``reuse``)
 :mod:`.execute`           the chunk loops that fill the result, and the fall-backs when an
                           op has no forward-mode derivative
 :mod:`.results`           NaN/Inf and non-smoothness warnings; per-argument shapes
@@ -44,7 +49,8 @@ products with one-hot directions that are the same for every row, which never fo
 the cross-point blocks of the full Jacobian. Without it the whole input is one point.
 
 Inside, imports go one way, up the table (``check``, ``partials`` → ``api`` → ``execute`` →
-``planner`` → ``strategies``, ``costs``, ``memory`` → ``problem`` → ``probe`` → ``memo``, ``kernels``, ``paths``). The package may import the
+``choice`` → ``planner``, ``measure`` → ``strategies``, ``costs``, ``memory`` → ``problem`` → ``probe`` →
+``memo``, ``kernels``, ``paths``). The package may import the
 layers below it (:mod:`jaccli.jets`, :mod:`jaccli.load`, :mod:`jaccli.io`, :mod:`jaccli.request`,
 :mod:`jaccli.errors`); only :mod:`jaccli`, :mod:`jaccli.show` and :mod:`jaccli.cli` import it
 (``lint-imports`` checks this).

@@ -23,7 +23,8 @@ from jaccli.request.choices import compile_choice
 from jaccli.request.spec import Derivative, Selection
 from jaccli.load.models import count_parameters, describe_expected_input, info_of, model_dtype
 from jaccli.engine.execute import MemorySink, compute
-from jaccli.engine.planner import Plan, prepare
+from jaccli.engine.choice import prepare
+from jaccli.engine.planner import Plan
 from jaccli.engine.probe import check_batch_independence, probe_rows
 from jaccli.engine.problem import arg_names, check_inputs, normalise_args
 from jaccli.engine.results import NONSMOOTH_OPS, finish, lead_axes, unflatten_in

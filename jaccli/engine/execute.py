@@ -6,7 +6,8 @@ the torch.func loop over chunks of points and directions, and falls back to reve
 mode where an op has no forward-mode derivative. Failures inside the model become
 :class:`~jaccli.errors.ModelError`, memory exhaustion :class:`~jaccli.errors.ResourceError`.
 
-Imports: torch, numpy, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.probe`, :mod:`.strategies`, :mod:`.planner`.
+Imports: torch, numpy, :mod:`jaccli.jets`, :mod:`.problem`, :mod:`.probe`, :mod:`.strategies`, :mod:`.planner`,
+:mod:`.choice`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 from jaccli import jets as taylor
 from jaccli.jets import fused
 from jaccli.errors import first_line, JaccliError, JaccliWarning, ResourceError
-from jaccli.engine.planner import Plan, check_fits, make_plan, prepare, reuse, strategy_key
+from jaccli.engine.choice import prepare, reuse
+from jaccli.engine.planner import Plan, check_fits, make_plan, strategy_key
 from jaccli.engine.probe import model_failed, probe_rows
 from jaccli.engine.problem import Problem
 from jaccli.request.spec import Derivative
