@@ -17,7 +17,7 @@ preempted call is not the code's cost):
   ``planner``'s in a checkout from before ``choice.py``; the batch check included);
 - *recheck*: ``jets.recheck`` (a kept program checked against the model);
 - *lookup*: ``planner.program_for`` (the recheck included);
-- *plan*: ``planner._taylor_plan``;
+- *plan*: ``_taylor_plan`` (``choice``'s and ``planner``'s: one of them calls it);
 - *compute*: ``execute._execute_taylor`` (the chunk loop);
 - *call*: the whole public call.
 
@@ -50,7 +50,8 @@ STAGES = (
     ("check_inputs", "jaccli.engine.planner", "check_inputs"),  # checkouts from before choice.py
     ("recheck", "jaccli.jets", "recheck"),
     ("lookup", "jaccli.engine.planner", "program_for"),
-    ("plan", "jaccli.engine.planner", "_taylor_plan"),
+    ("plan", "jaccli.engine.choice", "_taylor_plan"),
+    ("plan", "jaccli.engine.planner", "_taylor_plan"),  # checkouts from before choice.py
     ("compute", "jaccli.engine.execute", "_execute_taylor"),
 )
 
@@ -62,7 +63,10 @@ def _wrap(spent: dict[str, float]):
 
     originals = []
     for column, modname, attr in STAGES:
-        mod = importlib.import_module(modname)
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError:  # a checkout from before that module
+            continue
         fn = getattr(mod, attr, None)
         if fn is None:
             continue
@@ -96,7 +100,7 @@ def breakdown(names: list[str], kind: str, points: int, calls: int, out=print, t
     from zoo import reference, saved
 
     spent = {c: 0.0 for c, _, _ in STAGES}
-    cols = [c for c, _, _ in STAGES] + ["call"]
+    cols = [*dict.fromkeys(c for c, _, _ in STAGES), "call"]
     rows: list[dict] = []
     out(f"jaccli from {Path(jaccli.__file__).parent.parent}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s); {kind}, N = {points}, min of {calls} calls (ms)")  # fmt: skip

@@ -98,14 +98,14 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
     func_mode = mode
     if mode == "auto" and pick is not None:
         if rival and measure.rivals(costs, pick):  # predicted near torch.func's reverse mode: the clock decides
-            mine = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, pick[1])
-            theirs = make_plan(kind, p, "reverse", estimator, probes, chunk_size)
-            chosen, timed = measure.against_func(
-                program, p, kind, pick, pick if best[0] == "taylor" else best,
-                measure.taylor_pass(kind, p, program, pick[1], mine.points_per_chunk, mine.directions_per_pass),
-                measure.func_pass(kind, p, probes, theirs.points_per_chunk, theirs.directions_per_pass),
-                chunk_size,
-            )  # fmt: skip
+            def passes(mode: str = pick[1]) -> tuple[measure.Pass, measure.Pass]:  # one of each plan's
+                mine = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, mode)
+                theirs = make_plan(kind, p, "reverse", estimator, probes, chunk_size)
+                return (measure.taylor_pass(kind, p, program, mode, mine.points_per_chunk, mine.directions_per_pass),
+                        measure.func_pass(kind, p, probes, theirs.points_per_chunk, theirs.directions_per_pass))
+
+            predicted = pick if best[0] == "taylor" else best
+            chosen, timed = measure.against_func(program, p, kind, pick, predicted, passes, chunk_size)
             if chosen[0] == "taylor":
                 note = timed if note is None else f"{note}; {timed}"
             else:
@@ -130,7 +130,6 @@ def _why_not_taylor(p: Problem, mode: str, costs: dict[tuple[str, str], float]) 
 
 def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}" + ("" if n == 1 else "s")
-
 
 
 def prepare(d: Derivative, f: Callable, x) -> Plan:

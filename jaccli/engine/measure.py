@@ -59,7 +59,9 @@ MARGIN = 0.9
 _clock = time.perf_counter
 #: torch.func's candidate against the Taylor engine's pick
 FUNC = ("torch.func", "reverse")
-FUNC_NAME = "torch.func reverse"
+FUNC_NAME = " ".join(FUNC)
+#: a pass to time: the points of its plan's pass, and ``run(k)`` computing a pass of ``k`` points
+Pass = tuple[int, Callable[[int], object]]
 #: the Taylor pick and torch.func timed to the end: the one predicted stands unless the other
 #: took at most this fraction of its time per point. Wider than :data:`MARGIN`: the passes are
 #: timed at :data:`POINTS` points at most, and torch.func's vmapped products gain more from a
@@ -105,24 +107,22 @@ def hessian_mode(program: jets.TaylorProgram, p: Problem, predicted: str,
     request it was timed for and a later request has more."""
     if not adjoint_agrees(program, p):
         return "forward", None
-    runs = {"forward": program.hessian, "reverse": functools.partial(jets.adjoint.hessian, program)}
-    passes = {}
-    for mode, run in runs.items():
-        size, directions = chunk(mode)
-        passes[f"taylor {mode}"] = (size, functools.partial(_taylor_pass, run, p, directions))
+    names = ("taylor forward", "taylor reverse")
     key = ("hessian", p.dtype, str(p.device), None if chunk_size is None else str(chunk_size))
-    times = _times(program, p, key, passes)
-    chosen = _faster(times, "taylor forward", "taylor reverse", f"taylor {predicted}")
-    return chosen.removeprefix("taylor "), _note(times, ("taylor forward", "taylor reverse"))
+    times = program.measured.get(key)
+    if _stale(times, p, names):  # the passes (two plans) are made only to be timed
+        passes = {f"taylor {m}": taylor_pass("hessian", p, program, m, *chunk(m)) for m in ("forward", "reverse")}
+        times = program.measured[key] = _alternately(program, p, passes)
+    chosen = _faster(times, *names, f"taylor {predicted}")
+    return chosen.removeprefix("taylor "), _note(times, names)
 
 
 def against_func(program: jets.TaylorProgram, p: Problem, kind: str, pick: tuple[str, str], predicted: tuple[str, str],
-                 taylor_pass: tuple[int, Callable[[int], object]], func_pass: tuple[int, Callable[[int], object]],
-                 chunk_size=None) -> tuple[tuple[str, str], str]:  # fmt: skip
+                 passes: Callable[[], tuple[Pass, Pass]], chunk_size=None) -> tuple[tuple[str, str], str]:  # fmt: skip
     """The faster per point of the Taylor engine's ``pick`` and torch.func's reverse mode, timed
-    on a pass of each (``(points, run)``: ``run(k)`` computes a pass of ``k`` points as the mode's
-    plan would, on passes of ``points``), ``predicted`` where the two are within :data:`MARGIN`;
-    and the note.
+    on a pass of each, ``predicted`` where the two are within :data:`FUNC_MARGIN`; and the note.
+    ``passes()`` makes the two passes (:func:`taylor_pass`, :func:`func_pass`), called only
+    where they are to be timed (not for a request whose times are kept).
 
     The cost records count forward passes alike for every engine, but what a forward pass
     costs under each differs by model: on the depthwise-separable CNN of the architecture
@@ -136,8 +136,9 @@ def against_func(program: jets.TaylorProgram, p: Problem, kind: str, pick: tuple
     pass's points at least), or its request, projected from what a point added between its last
     two passes, would take :data:`PROJECTED` times as long. So timing a loser costs a few times
     the request at most, and mostly far less (on that CNN's Laplacian, 512 points: 1.3 s of
-    torch.func passes before, against the request's 34 ms). Timed only where torch.func has started (nothing to pay for its first product);
-    kept on the program as :func:`hessian_mode`'s times are."""
+    torch.func passes before, against the request's 34 ms). Timed only where torch.func has
+    started (nothing to pay for its first product); kept on the program as
+    :func:`hessian_mode`'s times are."""
     name = f"{pick[0]} {pick[1]}"
     key = ("vs torch.func", kind, pick[1], p.dtype, str(p.device), None if chunk_size is None else str(chunk_size))
     points = min(p.n, POINTS)
@@ -147,13 +148,11 @@ def against_func(program: jets.TaylorProgram, p: Problem, kind: str, pick: tuple
     times = program.measured.get(key)
     if times is not None and times.get("stopped") and not _stops(times, name, p.n, bound):
         times = None  # stopped for a smaller request: what stopped it is no proof for this one
-    if times is None or points > times["points"] and any(times[n][1] >= times["points"] for n in (name, FUNC_NAME)):
-        times = {"points": points, "stopped": None}
+    if _stale(times, p, (name, FUNC_NAME)):
+        taylor_pass, func_pass = passes()
+        times = _alternately(program, p, {name: taylor_pass})
+        times["stopped"] = None
         with torch.no_grad(), program.workspace():
-            size = max(1, min(taylor_pass[0], points))
-            for _ in range(ROUNDS):
-                took = _timed(p, taylor_pass[1], size)
-                times[name] = (min(took, times[name][0]) if name in times else took, size)
             last, size = max(1, min(func_pass[0], points)), max(1, min(FIRST_POINTS, func_pass[0], points))
             try:
                 while True:
@@ -220,15 +219,18 @@ def _timed(p: Problem, run: Callable[[int], object], size: int) -> float:
 
 
 def taylor_pass(kind: str, p: Problem, program: jets.TaylorProgram, mode: str, points: int,
-                directions: int | None) -> tuple[int, Callable[[int], object]]:  # fmt: skip
-    """A pass of the Taylor plan of ``mode`` (its ``points`` and ``directions`` per pass) for
-    :func:`against_func`: ``(points, run)``, ``run(k)`` computing a pass of ``k`` points."""
+                directions: int | None) -> Pass:  # fmt: skip
+    """A pass of the Taylor plan of ``mode`` (its ``points`` and ``directions`` per pass):
+    ``(points, run)``, ``run(k)`` computing a pass of the first ``k`` points."""
     compute = functools.partial(jets.adjoint.hessian, program) if mode == "reverse" else getattr(program, kind)
-    return points, functools.partial(_taylor_pass, compute, p, directions)
+
+    def run(size: int) -> None:
+        compute(p.z(slice(0, size)), directions=directions)  # a view, as the chunk loop takes its points
+
+    return points, run
 
 
-def func_pass(kind: str, p: Problem, probes: int, points: int,
-              directions: int) -> tuple[int, Callable[[int], object]]:  # fmt: skip
+def func_pass(kind: str, p: Problem, probes: int, points: int, directions: int) -> Pass:
     """A pass of torch.func's reverse-mode plan (its ``points`` and ``directions`` per pass), as
     :func:`taylor_pass` gives one of the Taylor plan's."""
     strategy = STRATEGIES[(kind, "reverse")]
@@ -243,28 +245,25 @@ def func_pass(kind: str, p: Problem, probes: int, points: int,
     return points, run
 
 
-def _taylor_pass(run: Callable, p: Problem, directions: int | None, size: int) -> None:
-    run(p.z(torch.arange(size, device=p.device)), directions=directions)
+def _stale(times: dict | None, p: Problem, names: tuple[str, ...]) -> bool:
+    """Whether ``times`` (kept for ``names``) are to be taken (again) for ``p``: none kept, or a
+    timed pass took every point of the request it was timed for and this request has more."""
+    return times is None or min(p.n, POINTS) > times["points"] and any(
+        n in times and times[n][1] >= times["points"] for n in names  # a failed pass has no time
+    )
 
 
-def _times(program: jets.TaylorProgram, p: Problem, key: tuple,
-           passes: dict[str, tuple[int, Callable[[int], object]]]) -> dict:  # fmt: skip
-    """Each pass's fastest time of :data:`ROUNDS`, taken alternately, and its points: ``passes``
-    maps a name to ``(points of its plan's pass, run(points))``, each pass capped at
-    :data:`POINTS` and at ``p``'s points.
-    Kept on ``program`` under ``key``, and taken again only where a timed pass took every point
-    of the request it was timed for and this request has more."""
+def _alternately(program: jets.TaylorProgram, p: Problem, passes: dict[str, Pass]) -> dict:
+    """Each pass's fastest time of :data:`ROUNDS`, taken alternately, and its points (``passes``
+    maps a name to a :data:`Pass`, each capped at :data:`POINTS` and at ``p``'s points)."""
     points = min(p.n, POINTS)
-    times = program.measured.get(key)
-    if times is None or points > times["points"] and any(times[name][1] >= times["points"] for name in passes):
-        times = {"points": points}
-        sizes = {name: max(1, min(size, points)) for name, (size, _) in passes.items()}
-        with torch.no_grad(), program.workspace():
-            for _ in range(ROUNDS):  # alternately; the first pass of a size pays its allocations
-                for name, (_, run) in passes.items():
-                    took = _timed(p, run, sizes[name])
-                    times[name] = (min(took, times[name][0]) if name in times else took, sizes[name])
-        program.measured[key] = times
+    times: dict = {"points": points}
+    sizes = {name: max(1, min(size, points)) for name, (size, _) in passes.items()}
+    with torch.no_grad(), program.workspace():
+        for _ in range(ROUNDS):  # alternately; the first pass of a size pays its allocations
+            for name, (_, run) in passes.items():
+                took = _timed(p, run, sizes[name])
+                times[name] = (min(took, times[name][0]) if name in times else took, sizes[name])
     return times
 
 
