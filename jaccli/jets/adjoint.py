@@ -27,7 +27,7 @@ of a batch-first tensor are). :func:`applies` refuses a program with a nonlinear
 shape has no such single entry. The planner also checks a program's first use against the
 forward Hessian on the probe rows.
 
-Imports: :mod:`.jet`, :mod:`.record`, :mod:`.seeds`, :mod:`.elementwise`, :mod:`.program`.
+Imports: :mod:`.jet`, :mod:`.record`, :mod:`.seeds`, :mod:`.elementwise`, :mod:`.program`, :mod:`.workspace`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from jaccli.jets.jet import Jet, Layout, Unsupported, _Call
 from jaccli.jets.program import WANT, TaylorProgram
 from jaccli.jets.record import _INPUT, _BatchDim, _Ref, _substitute
 from jaccli.jets.seeds import _broadcast, _onehot_rows, _seed, _zero_jet
+from jaccli.jets.workspace import empty_like
 
 #: ops whose second derivative is zero wherever it exists: no source to contract
 PIECEWISE_LINEAR = frozenset({
@@ -195,38 +196,60 @@ def _batched_sweep(out: Tensor, nodes: list[Tensor]) -> tuple | None:
         return None
 
 
-def _bilinear_into(out: Tensor, fa: Tensor, fb: Tensor, weight: Tensor, axis: int, b: int, both: bool) -> None:
-    """``out[p, o] += Σ_k weight[o, k] fa[p, :, k] ⊗ fb[p, :, k]`` over each point's entries ``k``
-    (``both``: and its transpose). ``fa``, ``fb`` ``[B, n, K]`` (:func:`_first`), ``weight`` the
-    step's ``[m, *shape]``; one batched product for every output."""
+class _Sums:
+    """Where the contractions add up, per point and output: ``whole``, terms symmetric in
+    themselves (``xᵀ D x``); ``half``, made on first use, terms ``S`` whose Hessian term is
+    ``S + Sᵀ`` (``aᵀ D c``, the batched products, the pair rows' upper triangle), so that each
+    is added once, in place, and transposed once for all at the end (:meth:`into`)."""
+
+    def __init__(self, whole: Tensor) -> None:
+        self.whole, self._half = whole, None
+
+    def half(self) -> Tensor:
+        if self._half is None:
+            self._half = empty_like(self.whole).zero_()
+        return self._half
+
+    def into(self, out: Tensor) -> Tensor:
+        if self._half is not None:
+            self.whole += self._half
+            self.whole += self._half.transpose(-1, -2)
+        if out is not self.whole:
+            out.copy_(self.whole)
+        return out
+
+
+def _bilinear_into(out: Tensor, fa: Tensor, fb: Tensor, weight: Tensor, axis: int, b: int) -> None:
+    """``out[p, o] += Σ_k weight[o, k] fa[p, :, k] ⊗ fb[p, :, k]`` over each point's entries ``k``.
+    ``fa``, ``fb`` ``[B, n, K]`` (:func:`_first`), ``weight`` the step's ``[m, *shape]``; one
+    batched product for every output, accumulated in place (``baddbmm``: no product tensor,
+    no separate sum)."""
     weight = _per_point(weight, axis, b).transpose(0, 1).contiguous()  # [B, m, K]
-    g = torch.bmm((fa[:, None] * weight[:, :, None]).reshape(b, -1, fa.shape[-1]), fb.transpose(1, 2)).view_as(out)
-    out += g
-    if both:
-        out += g.transpose(-1, -2)
+    left = (fa[:, None] * weight[:, :, None]).reshape(b, -1, fa.shape[-1])  # [B, m·n, K]
+    out.view(b, -1, out.shape[-1]).baddbmm_(left, fb.transpose(1, 2))
 
 
-def _unary(cx, lay, s, args, kwargs, w, axis, out, n, b):
+def _unary(cx, lay, s, args, kwargs, w, axis, sums, n, b):
     """``f(x)``: ``Σ_k f″(x_k) ḡ_k x₁ₖ x₁ₖᵀ`` per point."""
     x = args[0]
     _, fs = _UNARY_DERIVS[s.name](x.block(0), 2, None, *args[1:], **kwargs)
     f2 = fs[1] if len(fs) > 1 else None
     if f2 is not None:
         a = _first(x, x.shape, axis, n, b)
-        _bilinear_into(out, a, a, w * f2, axis, b, both=False)
+        _bilinear_into(sums.whole, a, a, w * f2, axis, b)
     return s.rule.fn(cx, lay, *args, **kwargs)
 
 
-def _product(cx, lay, s, args, kwargs, w, axis, out, n, b):
+def _product(cx, lay, s, args, kwargs, w, axis, sums, n, b):
     """``a · c`` of two jets: ``Σ_k ḡ_k (a₁ₖ c₁ₖᵀ + c₁ₖ a₁ₖᵀ)`` per point."""
     res = s.rule.fn(cx, lay, *args, **kwargs)
     fa, fc = _first(args[0], res.shape, axis, n, b), _first(args[1], res.shape, axis, n, b)
     if fa is not None and fc is not None:
-        _bilinear_into(out, fa, fc, w, axis, b, both=True)
+        _bilinear_into(sums.half(), fa, fc, w, axis, b)
     return res
 
 
-def _quotient(cx, lay, s, args, kwargs, w, axis, out, n, b):
+def _quotient(cx, lay, s, args, kwargs, w, axis, sums, n, b):
     """``a / d`` with ``d`` a jet: ``Σ_k ḡ_k (2a d₁ₖ d₁ₖᵀ / d³ - (a₁ₖ d₁ₖᵀ + d₁ₖ a₁ₖᵀ) / d²)`` per point
     (``a`` a jet or a constant)."""
     res = s.rule.fn(cx, lay, *args, **kwargs)
@@ -236,14 +259,14 @@ def _quotient(cx, lay, s, args, kwargs, w, axis, out, n, b):
     if fd is None:
         return res
     inv = dv.reciprocal()
-    _bilinear_into(out, fd, fd, (2 * w) * av * inv * inv * inv, axis, b, both=False)
+    _bilinear_into(sums.whole, fd, fd, (2 * w) * av * inv * inv * inv, axis, b)
     fa = _first(a, res.shape, axis, n, b)
     if fa is not None:
-        _bilinear_into(out, fa, fd, -w * inv * inv, axis, b, both=True)
+        _bilinear_into(sums.half(), fa, fd, -w * inv * inv, axis, b)
     return res
 
 
-def _batched_product(cx, lay, s, args, kwargs, w, axis, out, n, b):
+def _batched_product(cx, lay, s, args, kwargs, w, axis, sums, n, b):
     """``A @ C`` of two jets ``[B·H, r, t] @ [B·H, t, c]``: ``Σ ḡ ⊙ (A₁ᵢ C₁ⱼ + A₁ⱼ C₁ᵢ)`` per point
     as ``⟨A₁ᵢ, ḡ C₁ⱼᵀ⟩``: the ``ḡ C₁ⱼᵀ`` of every output and row first, then one product per point."""
     res = s.rule.fn(cx, lay, *args, **kwargs)
@@ -258,12 +281,11 @@ def _batched_product(cx, lay, s, args, kwargs, w, axis, out, n, b):
     g = g.view(b, h, m, r, n, t).permute(0, 1, 3, 5, 2, 4).reshape(b, h * r * t, m * n)
     a = a1.reshape(n, b, h * r * t).transpose(0, 1).contiguous()  # [B, n, H·r·t]
     term = torch.bmm(a, g).view(b, n, m, n).transpose(1, 2)  # [B, m, i, j]
-    out += term
-    out += term.transpose(-1, -2)
+    sums.half().add_(term)
     return res
 
 
-def _pairs(cx, lay, s, args, kwargs, w, axis, out, n, b):
+def _pairs(cx, lay, s, args, kwargs, w, axis, sums, n, b):
     """Any other op: its rule makes the pair rows ``(i ≤ j)``, contracted with the adjoint here."""
     res = s.rule.fn(cx, Layout(lay.value, lay.first, True), *args, **kwargs)
     many = isinstance(res, (list, tuple))
@@ -275,14 +297,14 @@ def _pairs(cx, lay, s, args, kwargs, w, axis, out, n, b):
         t2, we = jet.block(2), w.get(e) if isinstance(w, dict) else w
         if t2 is not None and we is not None:
             i, j = cx.pairs
-            # each pair (i, j) goes to both triangles, half each on the diagonal (no mask to
-            # index by, which would wait for a GPU)
+            # each pair (i ≤ j) to the upper triangle, half on the diagonal: the transpose of
+            # the half sums fills the lower one (no mask to index by, which would wait for a GPU)
             rows = _per_point(t2, axis, b).transpose(0, 1).contiguous()  # [B, P, K]
             weight = _per_point(we.to(t2.dtype), axis, b).transpose(0, 1).contiguous()  # [B, m, K]
             h = torch.bmm(weight, rows.transpose(1, 2))  # [B, m, P]
             h = h * torch.where(i == j, 0.5, 1.0).to(h.dtype)
-            out[:, :, i, j] += h
-            out[:, :, j, i] += h
+            half = sums.half()
+            half[:, :, i, j] += h
         kept.append(Jet(jet.t[: jet.span(1)[1] if lay.first else jet.span(0)[1]], lay, cx.counts))
     return type(res)(kept) if many else kept[0]
 
@@ -346,8 +368,7 @@ def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None,
         ((cols, pairs, rows),) = setup()
     n = cols.numel()  # first-order rows
     out = z.new_empty((b, m, n, n), dtype=program.dtype) if out is None else out
-    acc = out if out.dtype == z.dtype else z.new_empty(out.shape)
-    acc.zero_()
+    sums = _Sums((out if out.dtype == z.dtype and out.is_contiguous() else z.new_empty(out.shape)).zero_())
     steps = program.steps
     src = sources(program)
     adj = _adjoints(program, z, src)
@@ -378,9 +399,7 @@ def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None,
                 if w is None or (how is _pairs and not w):
                     env[i] = s.rule.fn(cx, sched.layouts[i], *args, **kwargs)
                 else:
-                    env[i] = how(cx, sched.layouts[i], s, args, kwargs, w, axis, acc, n, b)
+                    env[i] = how(cx, sched.layouts[i], s, args, kwargs, w, axis, sums, n, b)
             for r in sched.frees[i]:
                 env[r] = None
-    if acc is not out:
-        out.copy_(acc)
-    return out
+    return sums.into(out)
