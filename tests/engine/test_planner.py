@@ -57,6 +57,20 @@ def test_plan_bounds_chunks_by_memory(monkeypatch):
     torch.testing.assert_close(jaccli.hessian(net, x, per_sample=True), small)
 
 
+def test_cpu_passes_of_the_adjoint_hessian_may_hold_more_than_a_forward_pass():
+    # the adjoints pay a fixed cost per pass (their vmapped reverse sweep): their passes are
+    # kept under _ADJOINT_CACHE_BYTES, a forward pass's under _CACHE_BYTES
+    net = tanh_mlp((12, 64, 64, 4), dtype=torch.float32)
+    x = torch.zeros(20_000, 12)
+    plans = {mode: jaccli.plan("hessian", net, x, per_sample=True, mode=mode) for mode in ("forward", "reverse")}
+    for mode, cap in (("forward", planner._CACHE_BYTES), ("reverse", planner._ADJOINT_CACHE_BYTES)):
+        p = plans[mode]
+        per_point = (p.peak_bytes - p.result_bytes) / p.points_per_chunk
+        assert p.points_per_chunk == max(planner._MIN_POINTS, int(cap // per_point)), mode
+    reverse = plans["reverse"]
+    assert reverse.points_per_chunk < x.shape[0] and reverse.peak_bytes - reverse.result_bytes > planner._CACHE_BYTES
+
+
 def test_the_hosts_free_memory_is_read_at_most_every_so_often(monkeypatch):
     from jaccli.engine import memory
 
