@@ -42,7 +42,7 @@ from jaccli.jets.jet import Jet, Layout, Unsupported, _Call
 from jaccli.jets.program import WANT, TaylorProgram
 from jaccli.jets.record import _INPUT, _BatchDim, _Ref, _substitute
 from jaccli.jets.seeds import _broadcast, _onehot_rows, _seed, _zero_jet
-from jaccli.jets.workspace import empty_like
+from jaccli.jets.workspace import _CURRENT, empty_like
 
 #: ops whose second derivative is zero wherever it exists: no source to contract
 PIECEWISE_LINEAR = frozenset({
@@ -129,9 +129,25 @@ def contraction_flops(program: TaylorProgram) -> float:
                      * program.steps[i].numel for i in sources(program)))  # fmt: skip
 
 
-def _per_point(t: Tensor, axis: int, b: int) -> Tensor:
-    """``[R, *shape]`` (``R`` rows before the shape's ``axis``) as ``[R, B, K]``: each point's elements."""
-    return t.movedim(axis + 1, 1).reshape(t.shape[0], b, -1)
+def _buffer(shape, like: Tensor) -> Tensor:
+    """An uninitialised tensor from the computation's workspace (:mod:`.workspace`): the
+    contractions' temporaries are megabytes a step, and fresh ones page-fault every pass
+    (multi-head attention's Hessian: 40 ms a call against 30 with glibc's thresholds raised)."""
+    pool = _CURRENT.get()
+    return like.new_empty(shape) if pool is None else pool.empty(shape, like.dtype, like)
+
+
+def _dense(view: Tensor) -> Tensor:
+    """``view`` copied into a contiguous workspace buffer of its shape."""
+    return _buffer(view.shape, view).copy_(view)
+
+
+def _points_first(t: Tensor, axis: int, b: int) -> Tensor:
+    """``[R, *shape]`` (``R`` rows before the shape's ``axis``, a multiple of the batch ``b``,
+    points outermost) as a contiguous ``[B, R, K]``: each point's rows of its elements, in one copy."""
+    v = t.movedim(axis + 1, 1)
+    v = v.unflatten(1, (b, v.shape[1] // b)).transpose(0, 1)  # [B, R, D/B, rest…]: a view
+    return _dense(v).view(b, t.shape[0], -1)
 
 
 def _first(x, shape: torch.Size, axis: int, n: int, b: int) -> Tensor | None:
@@ -143,7 +159,7 @@ def _first(x, shape: torch.Size, axis: int, n: int, b: int) -> Tensor | None:
     x1 = x1.reshape(n, *(1,) * lead, *x1.shape[1:]).expand(n, *shape)
     # points outermost in memory: a batched product over strides that follow the batch size
     # rounds differently as the size changes, and results must not move with the chunk size
-    return _per_point(x1, axis, b).transpose(0, 1).contiguous()
+    return _points_first(x1, axis, b)
 
 
 def _adjoints(program: TaylorProgram, z: Tensor, keys: list[int]) -> dict[tuple[int, int | None], Tensor]:
@@ -224,8 +240,9 @@ def _bilinear_into(out: Tensor, fa: Tensor, fb: Tensor, weight: Tensor, axis: in
     ``fa``, ``fb`` ``[B, n, K]`` (:func:`_first`), ``weight`` the step's ``[m, *shape]``; one
     batched product for every output, accumulated in place (``baddbmm``: no product tensor,
     no separate sum)."""
-    weight = _per_point(weight, axis, b).transpose(0, 1).contiguous()  # [B, m, K]
-    left = (fa[:, None] * weight[:, :, None]).reshape(b, -1, fa.shape[-1])  # [B, m·n, K]
+    weight = _points_first(weight, axis, b)  # [B, m, K]
+    m, k = weight.shape[1], fa.shape[-1]
+    left = torch.mul(fa[:, None], weight[:, :, None], out=_buffer((b, m, fa.shape[1], k), fa)).view(b, -1, k)  # [B, m·n, K]
     out.view(b, -1, out.shape[-1]).baddbmm_(left, fb.transpose(1, 2))
 
 
@@ -276,11 +293,11 @@ def _batched_product(cx, lay, s, args, kwargs, w, axis, sums, n, b):
     m = w.shape[0]
     bh, r, t = a1.shape[1:]
     c, h = c1.shape[-1], bh // b
-    g = torch.bmm(w.permute(1, 0, 2, 3).reshape(bh, m * r, c),
-                  c1.permute(1, 3, 0, 2).reshape(bh, c, n * t).contiguous())  # [B·H, m·r, n·t]  # fmt: skip
-    g = g.view(b, h, m, r, n, t).permute(0, 1, 3, 5, 2, 4).reshape(b, h * r * t, m * n)
-    a = a1.reshape(n, b, h * r * t).transpose(0, 1).contiguous()  # [B, n, H·r·t]
-    term = torch.bmm(a, g).view(b, n, m, n).transpose(1, 2)  # [B, m, i, j]
+    g = torch.bmm(_dense(w.permute(1, 0, 2, 3)).view(bh, m * r, c), _dense(c1.permute(1, 3, 0, 2)).view(bh, c, n * t),
+                  out=_buffer((bh, m * r, n * t), a1))  # [B·H, m·r, n·t]  # fmt: skip
+    g = _dense(g.view(b, h, m, r, n, t).permute(0, 1, 3, 5, 2, 4)).view(b, h * r * t, m * n)
+    a = _dense(a1.reshape(n, b, h * r * t).transpose(0, 1))  # [B, n, H·r·t]
+    term = torch.bmm(a, g, out=_buffer((b, n, m * n), a)).view(b, n, m, n).transpose(1, 2)  # [B, m, i, j]
     sums.half().add_(term)
     return res
 
@@ -299,10 +316,10 @@ def _pairs(cx, lay, s, args, kwargs, w, axis, sums, n, b):
             i, j = cx.pairs
             # each pair (i ≤ j) to the upper triangle, half on the diagonal: the transpose of
             # the half sums fills the lower one (no mask to index by, which would wait for a GPU)
-            rows = _per_point(t2, axis, b).transpose(0, 1).contiguous()  # [B, P, K]
-            weight = _per_point(we.to(t2.dtype), axis, b).transpose(0, 1).contiguous()  # [B, m, K]
-            h = torch.bmm(weight, rows.transpose(1, 2))  # [B, m, P]
-            h = h * torch.where(i == j, 0.5, 1.0).to(h.dtype)
+            rows = _points_first(t2, axis, b)  # [B, P, K]
+            weight = _points_first(we.to(t2.dtype), axis, b)  # [B, m, K]
+            h = torch.bmm(weight, rows.transpose(1, 2), out=_buffer((b, weight.shape[1], rows.shape[1]), rows))  # [B, m, P]
+            h.mul_(torch.where(i == j, 0.5, 1.0).to(h.dtype))
             half = sums.half()
             half[:, :, i, j] += h
         kept.append(Jet(jet.t[: jet.span(1)[1] if lay.first else jet.span(0)[1]], lay, cx.counts))
@@ -368,7 +385,7 @@ def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None,
         ((cols, pairs, rows),) = setup()
     n = cols.numel()  # first-order rows
     out = z.new_empty((b, m, n, n), dtype=program.dtype) if out is None else out
-    sums = _Sums((out if out.dtype == z.dtype and out.is_contiguous() else z.new_empty(out.shape)).zero_())
+    sums = _Sums((out if out.dtype == z.dtype and out.is_contiguous() else _buffer(out.shape, z)).zero_())
     steps = program.steps
     src = sources(program)
     adj = _adjoints(program, z, src)

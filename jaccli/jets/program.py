@@ -49,6 +49,11 @@ class _Schedule:
     folds: dict[int, list[fold.Fold]] = field(default_factory=dict)
 
 
+#: the most bytes of buffers a program keeps between computations (:meth:`TaylorProgram.workspace`):
+#: a CPU pass's working set is sized near 8-32 MiB by the planner, past it only where a
+#: single point needs more
+KEEP_BYTES = 64 * 2**20
+
 #: what each kind needs at the output: the orders of its rows (``series`` asks its own)
 WANT = {
     "value": frozenset({0}),
@@ -93,27 +98,40 @@ class TaylorProgram:
     _bindings: dict = field(default_factory=dict, repr=False, compare=False)
     #: request -> its passes' seeds (:meth:`_seeds`)
     _seed_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    #: the workspace of the last computation, for the next (:meth:`workspace`)
+    _kept: list = field(default_factory=list, repr=False, compare=False)
 
-    @staticmethod
     @contextlib.contextmanager
-    def workspace() -> Iterator[Workspace]:
-        """Passes inside reuse their buffers chunk after chunk; they are let go on leaving.
+    def workspace(self) -> Iterator[Workspace]:
+        """Passes inside reuse their buffers chunk after chunk, and the program's next
+        computation reuses them again: a computation of one pass (512 points of a
+        transformer's Hessian) would otherwise page-fault all of its buffers on every call
+        (multi-head attention's: 40 ms a call, 30 with glibc's thresholds raised). What is
+        kept is one pass's working set, as the planner sized it, and at most
+        :data:`KEEP_BYTES`; it goes with the program.
 
-        The workspace belongs to the thread (a context variable), not to the program: a
+        The workspace belongs to the thread (a context variable) while it computes: a
         program kept for a model may run in two threads at once, and a buffer must never
-        be handed to both. Reentrant: an inner use shares the outer one's buffers.
+        be handed to both (the second takes a new workspace; the kept one is taken by one
+        thread at a time). Reentrant: an inner use shares the outer one's buffers.
         """
         pool = _CURRENT.get()
         if pool is not None:
             yield pool
             return
-        pool = Workspace()
+        try:
+            pool = self._kept.pop()  # one list operation: no other thread gets the same one
+        except IndexError:
+            pool = Workspace()
         token = _CURRENT.set(pool)
         try:
             yield pool
         finally:
             _CURRENT.reset(token)
-            pool.clear()
+            if pool.allocated <= KEEP_BYTES and not self._kept:
+                self._kept.append(pool)
+            else:
+                pool.clear()
 
     # ---- analysis
 

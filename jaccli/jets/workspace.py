@@ -15,8 +15,11 @@ a buffer whose rows are still in an environment, or were returned to a caller th
 keeps them (a series' coefficients), is never reused, so reuse changes no result. Free
 buffers are matched best-fit by size (a last, smaller chunk reuses the big ones), so
 the pool holds what the largest moment of a pass holds, as the planner budgets it.
-It is emptied when the computation ends (:meth:`TaylorProgram.workspace
-<jaccli.jets.program.TaylorProgram.workspace>`): nothing stays allocated between calls.
+When the computation ends the program keeps its workspace for its next computation
+(:meth:`TaylorProgram.workspace <jaccli.jets.program.TaylorProgram.workspace>`, at most
+``KEEP_BYTES``): a call of one pass, which a repeated call of a small request is, would
+otherwise page-fault its whole working set every time. It goes with the program (eight
+kept per process, least recently used dropped first).
 
 Only CPU tensors are pooled: CUDA's caching allocator already reuses its blocks.
 

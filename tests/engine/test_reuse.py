@@ -12,6 +12,7 @@ from torch import nn
 
 import jaccli
 from jaccli.engine import memo, planner, programs
+from jaccli.jets import program as program_module
 from jaccli.jets.workspace import Workspace
 from compare import assert_rel, torch_func
 from problems import tanh_mlp
@@ -424,3 +425,27 @@ def test_partials_are_vouched_for_and_refuse_a_model_that_now_couples(monkeypatc
     f.grad = True
     with pytest.raises(ModelError, match="mixes batch elements"):
         jaccli.partials(f, x, "y_xx", inputs="x,t", outputs="y", per_sample=True)
+
+
+def test_a_program_keeps_its_workspace_for_its_next_computation(monkeypatch):
+    # a computation of one pass would page-fault its buffers afresh on every call
+    made = []
+    init = Workspace.__init__
+
+    def counted(self):
+        init(self)
+        made.append(self)
+
+    monkeypatch.setattr(Workspace, "__init__", counted)
+    f, x = tanh_mlp((3, 64, 64, 2), dtype=torch.float32), torch.randn(2000, 3, generator=torch.Generator().manual_seed(1))
+    first = jaccli.laplacian(f, x, per_sample=True, mode="forward")
+    kept = first.clone()
+    assert made and made[-1].allocated > 0
+    count, held = len(made), made[-1].allocated
+    second = jaccli.laplacian(f, x, per_sample=True, mode="forward")
+    assert len(made) == count and made[-1].allocated == held and made[-1].reused > 0
+    assert torch.equal(first, kept) and torch.equal(second, first)  # the first result was not written over
+    monkeypatch.setattr(program_module, "KEEP_BYTES", 0)  # past the bound: let go, the next call starts anew
+    jaccli.laplacian(f, x, per_sample=True, mode="forward")
+    jaccli.laplacian(f, x, per_sample=True, mode="forward")
+    assert len(made) == count + 1  # the kept one served the first of the two
