@@ -246,6 +246,43 @@ def _bilinear_into(out: Tensor, fa: Tensor, fb: Tensor, weight: Tensor, axis: in
     out.view(b, -1, out.shape[-1]).baddbmm_(left, fb.transpose(1, 2))
 
 
+def _has_rows(x) -> bool:
+    return isinstance(x, Jet) and x.block(1) is not None
+
+
+def _cross(out: Tensor, x: Jet, y: Jet, weight: Tensor, shape, axis: int, b: int, n: int, swap: bool) -> None:
+    """``out[p, o] += Σ_k weight[o, k] x₁[p, :, k] ⊗ y₁[p, :, k]`` over the elements ``k`` of
+    ``shape`` (``x``, ``y`` broadcast to it), first summed over the axes a factor is constant
+    along: ``weight`` alone where both are; ``weight ⊙ x₁`` where only ``y`` is (a norm's
+    ``(x − μ)·σ⁻¹``, a softmax's division by its sum), so that the batched product runs over
+    ``y``'s elements, not the product's (the GroupNorm block's 64 elements a point against its
+    groups'). ``swap``: where only ``x`` is constant, the roles swap (``out`` a half sum, whose
+    transpose counts too)."""
+    rank = len(shape)
+    xs = (1,) * (rank - len(x.shape)) + tuple(x.shape)
+    ys = (1,) * (rank - len(y.shape)) + tuple(y.shape)
+    both = tuple(d for d in range(rank) if shape[d] > 1 and xs[d] == 1 and ys[d] == 1 and d != axis)
+    if both:
+        weight = weight.sum(dim=tuple(d + 1 for d in both), keepdim=True)
+        shape = tuple(1 if d in both else size for d, size in enumerate(shape))
+    only_y = tuple(d for d in range(rank) if shape[d] > 1 and ys[d] == 1 and xs[d] > 1)
+    only_x = tuple(d for d in range(rank) if shape[d] > 1 and xs[d] == 1 and ys[d] > 1)
+    if swap and only_x and not only_y:
+        x, y, only_y = y, x, only_x
+    if x is y or not only_y or axis in only_y:
+        fx = _first(x, shape, axis, n, b)
+        _bilinear_into(out, fx, fx if x is y else _first(y, shape, axis, n, b), weight, axis, b)
+        return
+    m, x1 = weight.shape[0], x.block(1)
+    x1 = x1.reshape(n, *(1,) * (rank - (x1.dim() - 1)), *x1.shape[1:])
+    wx = torch.mul(weight[:, None], x1[None], out=_buffer((m, n, *shape), x1)).sum(dim=tuple(d + 2 for d in only_y))
+    kept = tuple(size for d, size in enumerate(shape) if d not in only_y)  # y's own elements
+    at = axis - sum(d < axis for d in only_y)
+    left = _points_first(wx.view(m * n, *kept), at, b)  # [B, m·n, K_y]
+    fy = _first(y, tuple(1 if d in only_y else size for d, size in enumerate(shape)), axis, n, b)  # [B, n, K_y]
+    out.view(b, -1, out.shape[-1]).baddbmm_(left, fy.transpose(1, 2))
+
+
 def _unary(cx, lay, s, args, kwargs, w, axis, sums, n, b):
     """``f(x)``: ``Σ_k f″(x_k) ḡ_k x₁ₖ x₁ₖᵀ`` per point."""
     x = args[0]
@@ -260,9 +297,8 @@ def _unary(cx, lay, s, args, kwargs, w, axis, sums, n, b):
 def _product(cx, lay, s, args, kwargs, w, axis, sums, n, b):
     """``a · c`` of two jets: ``Σ_k ḡ_k (a₁ₖ c₁ₖᵀ + c₁ₖ a₁ₖᵀ)`` per point."""
     res = s.rule.fn(cx, lay, *args, **kwargs)
-    fa, fc = _first(args[0], res.shape, axis, n, b), _first(args[1], res.shape, axis, n, b)
-    if fa is not None and fc is not None:
-        _bilinear_into(sums.half(), fa, fc, w, axis, b)
+    if _has_rows(args[0]) and _has_rows(args[1]):
+        _cross(sums.half(), args[0], args[1], w, res.shape, axis, b, n, swap=True)
     return res
 
 
@@ -272,14 +308,12 @@ def _quotient(cx, lay, s, args, kwargs, w, axis, sums, n, b):
     res = s.rule.fn(cx, lay, *args, **kwargs)
     a, d = args
     av, dv = (a.block(0) if isinstance(a, Jet) else a), d.block(0)
-    fd = _first(d, res.shape, axis, n, b)
-    if fd is None:
+    if not _has_rows(d):
         return res
     inv = dv.reciprocal()
-    _bilinear_into(sums.whole, fd, fd, (2 * w) * av * inv * inv * inv, axis, b)
-    fa = _first(a, res.shape, axis, n, b)
-    if fa is not None:
-        _bilinear_into(sums.half(), fa, fd, -w * inv * inv, axis, b)
+    _cross(sums.whole, d, d, (2 * w) * av * inv * inv * inv, res.shape, axis, b, n, swap=False)
+    if _has_rows(a):
+        _cross(sums.half(), a, d, -w * inv * inv, res.shape, axis, b, n, swap=True)
     return res
 
 

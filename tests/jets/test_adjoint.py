@@ -289,3 +289,24 @@ def test_auto_weighs_the_contractions_n_squared_term(monkeypatch):
     monkeypatch.setattr(adjoint, "contraction_flops", lambda program: 0.0)
     assert jaccli.plan("hessian", net, x, per_sample=True).mode == "reverse"
     assert jaccli.plan("hessian", net, x, per_sample=True).engine == "taylor"
+
+
+def test_a_factor_constant_along_axes_is_contracted_over_its_own_elements(monkeypatch):
+    # (x − μ)·σ⁻¹ and a softmax's e / Σe: the other factor, weighted, is summed over the axes
+    # the broadcast one is constant along first; the products run over its elements only
+    asked = []
+    first = adjoint._first
+    monkeypatch.setattr(adjoint, "_first", lambda x, shape, *a: asked.append((tuple(x.shape), tuple(shape))) or first(x, shape, *a))
+
+    def f(x):  # [B, 6] -> [B, 2]: a normalisation over groups of 3, then a softmax over them
+        g = torch.tanh(x).view(-1, 2, 3)
+        c = g - g.mean(-1, keepdim=True)
+        y = c * torch.rsqrt((c * c).mean(-1, keepdim=True) + 0.5)
+        e = torch.exp(y)
+        return (e / e.sum(-1, keepdim=True) * y).sum(-1)
+
+    x = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got = jaccli.hessian(f, x, per_sample=True, mode="reverse")
+    torch.testing.assert_close(got, reference(f, x), rtol=1e-10, atol=1e-12)
+    # σ⁻¹ and Σe (one entry per group) taken at their own shape, never broadcast to the product's
+    assert ((5, 2, 1), (5, 2, 1)) in asked and ((5, 2, 1), (5, 2, 3)) not in asked
