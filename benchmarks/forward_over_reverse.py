@@ -58,7 +58,7 @@ for _p in (ROOT, ROOT / "benchmarks", ROOT / "tests", ROOT / "examples" / "model
     sys.path.insert(0, str(_p))
 
 import jaccli  # noqa: E402
-from jaccli.jets import RULES, TaylorProgram, Unsupported, build  # noqa: E402
+from jaccli.jets import RULES, Unsupported, build  # noqa: E402
 from jaccli.jets import decompose, record  # noqa: E402
 from jaccli.jets.table import _op_name  # noqa: E402
 from zoo import func_hessian, saved  # noqa: E402
@@ -218,7 +218,7 @@ def compare(names: list[str], points: int, repeats: int, formats: tuple[str, ...
             for fmt, path in m.files.items():
                 net = jaccli.load_model(str(path))
                 n_out = net(x[:2]).reshape(2, -1).shape[1]
-                fns, notes = {}, {}
+                fns, notes, recorded = {}, {}, []
                 for label, each in variants.items():
                     try:
                         with gradient_recording():
@@ -227,12 +227,15 @@ def compare(names: list[str], points: int, repeats: int, formats: tuple[str, ...
                         steps = sum(1 for s in program.steps if s.kind == "jet")
                         notes[label] = f"{steps} jet steps, recorded and checked in {time.perf_counter() - t0:.2f} s"
                         fns[label] = lambda program=program: program.jacobian(z)
+                        recorded.append(program)
                     except Unsupported as exc:
                         out(f"{m.name} {fmt} {label}: not recorded: {exc}")
                 h_func = func_hessian(net, m.shape, m.static if fmt == "pt2" else None)
                 fns["jaccli"] = lambda net=net: jaccli.hessian(net, x, per_sample=True)
                 fns["func"] = lambda h_func=h_func: h_func(x)
-                with TaylorProgram.workspace(), sdpa_kernel([SDPBackend.MATH]):
+                # the gradient programs' passes reuse one workspace, as the engine's do
+                shared = recorded[0].workspace() if recorded else contextlib.nullcontext()
+                with shared, sdpa_kernel([SDPBackend.MATH]):
                     errs = {k: float((fn().double().reshape(ref.shape) - ref).abs().max() / ref.abs().max()) for k, fn in fns.items()}
                     runs: dict[str, list[float]] = {k: [] for k in fns}
                     for _ in range(max(1, repeats)):
