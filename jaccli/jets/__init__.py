@@ -46,7 +46,7 @@ The package, in the order a program is made (each module imports only those abov
 :mod:`.seeds`        what a pass starts from: the input jet, one-hot rows, each pass's columns
 :mod:`.program`      :class:`TaylorProgram`: the need analysis and the chunk runs
 :mod:`.builder`      :func:`build`: record, compile, verify against autograd
-:mod:`.workspace`    buffers the passes of one computation reuse, chunk after chunk
+:mod:`.workspace`    buffers the passes reuse, chunk after chunk (kept by the program for its next call)
 :mod:`.fused`        elementwise chain rules as ``torch.compile``'d kernels, and when to compile
 :mod:`.adjoint`      Hessians by adjoints: each step's second-order source contracted in place
 ===================  ==================================================================
