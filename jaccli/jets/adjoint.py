@@ -42,7 +42,7 @@ from jaccli.jets.jet import Jet, Layout, Unsupported, _Call
 from jaccli.jets.program import WANT, TaylorProgram
 from jaccli.jets.record import _INPUT, _BatchDim, _Ref, _substitute
 from jaccli.jets.seeds import _broadcast, _onehot_rows, _seed, _zero_jet
-from jaccli.jets.workspace import _CURRENT, empty_like
+from jaccli.jets.workspace import empty, empty_like
 
 #: ops whose second derivative is zero wherever it exists: no source to contract
 PIECEWISE_LINEAR = frozenset({
@@ -129,17 +129,14 @@ def contraction_flops(program: TaylorProgram) -> float:
                      * program.steps[i].numel for i in sources(program)))  # fmt: skip
 
 
-def _buffer(shape, like: Tensor) -> Tensor:
-    """An uninitialised tensor from the computation's workspace (:mod:`.workspace`): the
-    contractions' temporaries are megabytes a step, and fresh ones page-fault every pass
-    (multi-head attention's Hessian: 40 ms a call against 30 with glibc's thresholds raised)."""
-    pool = _CURRENT.get()
-    return like.new_empty(shape) if pool is None else pool.empty(shape, like.dtype, like)
+# The contractions' temporaries come from the computation's workspace (``empty``, ``empty_like``):
+# they are megabytes a step, and fresh ones page-fault every pass (multi-head attention's
+# Hessian: 40 ms a call against 30 with glibc's thresholds raised).
 
 
 def _dense(view: Tensor) -> Tensor:
     """``view`` copied into a contiguous workspace buffer of its shape."""
-    return _buffer(view.shape, view).copy_(view)
+    return empty_like(view).copy_(view)
 
 
 def _points_first(t: Tensor, axis: int, b: int) -> Tensor:
@@ -242,7 +239,7 @@ def _bilinear_into(out: Tensor, fa: Tensor, fb: Tensor, weight: Tensor, axis: in
     no separate sum)."""
     weight = _points_first(weight, axis, b)  # [B, m, K]
     m, k = weight.shape[1], fa.shape[-1]
-    left = torch.mul(fa[:, None], weight[:, :, None], out=_buffer((b, m, fa.shape[1], k), fa)).view(b, -1, k)  # [B, m·n, K]
+    left = torch.mul(fa[:, None], weight[:, :, None], out=empty((b, m, fa.shape[1], k), fa)).view(b, -1, k)  # [B, m·n, K]
     out.view(b, -1, out.shape[-1]).baddbmm_(left, fb.transpose(1, 2))
 
 
@@ -275,7 +272,7 @@ def _cross(out: Tensor, x: Jet, y: Jet, weight: Tensor, shape, axis: int, b: int
         return
     m, x1 = weight.shape[0], x.block(1)
     x1 = x1.reshape(n, *(1,) * (rank - (x1.dim() - 1)), *x1.shape[1:])
-    wx = torch.mul(weight[:, None], x1[None], out=_buffer((m, n, *shape), x1)).sum(dim=tuple(d + 2 for d in only_y))
+    wx = torch.mul(weight[:, None], x1[None], out=empty((m, n, *shape), x1)).sum(dim=tuple(d + 2 for d in only_y))
     kept = tuple(size for d, size in enumerate(shape) if d not in only_y)  # y's own elements
     at = axis - sum(d < axis for d in only_y)
     left = _points_first(wx.view(m * n, *kept), at, b)  # [B, m·n, K_y]
@@ -328,10 +325,10 @@ def _batched_product(cx, lay, s, args, kwargs, w, axis, sums, n, b):
     bh, r, t = a1.shape[1:]
     c, h = c1.shape[-1], bh // b
     g = torch.bmm(_dense(w.permute(1, 0, 2, 3)).view(bh, m * r, c), _dense(c1.permute(1, 3, 0, 2)).view(bh, c, n * t),
-                  out=_buffer((bh, m * r, n * t), a1))  # [B·H, m·r, n·t]  # fmt: skip
+                  out=empty((bh, m * r, n * t), a1))  # [B·H, m·r, n·t]  # fmt: skip
     g = _dense(g.view(b, h, m, r, n, t).permute(0, 1, 3, 5, 2, 4)).view(b, h * r * t, m * n)
     a = _dense(a1.reshape(n, b, h * r * t).transpose(0, 1))  # [B, n, H·r·t]
-    term = torch.bmm(a, g, out=_buffer((b, n, m * n), a)).view(b, n, m, n).transpose(1, 2)  # [B, m, i, j]
+    term = torch.bmm(a, g, out=empty((b, n, m * n), a)).view(b, n, m, n).transpose(1, 2)  # [B, m, i, j]
     sums.half().add_(term)
     return res
 
@@ -352,7 +349,7 @@ def _pairs(cx, lay, s, args, kwargs, w, axis, sums, n, b):
             # the half sums fills the lower one (no mask to index by, which would wait for a GPU)
             rows = _points_first(t2, axis, b)  # [B, P, K]
             weight = _points_first(we.to(t2.dtype), axis, b)  # [B, m, K]
-            h = torch.bmm(weight, rows.transpose(1, 2), out=_buffer((b, weight.shape[1], rows.shape[1]), rows))  # [B, m, P]
+            h = torch.bmm(weight, rows.transpose(1, 2), out=empty((b, weight.shape[1], rows.shape[1]), rows))  # [B, m, P]
             h.mul_(torch.where(i == j, 0.5, 1.0).to(h.dtype))
             half = sums.half()
             half[:, :, i, j] += h
@@ -419,7 +416,7 @@ def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None,
         ((cols, pairs, rows),) = setup()
     n = cols.numel()  # first-order rows
     out = z.new_empty((b, m, n, n), dtype=program.dtype) if out is None else out
-    sums = _Sums((out if out.dtype == z.dtype and out.is_contiguous() else _buffer(out.shape, z)).zero_())
+    sums = _Sums((out if out.dtype == z.dtype and out.is_contiguous() else empty(out.shape, z)).zero_())
     steps = program.steps
     src = sources(program)
     adj = _adjoints(program, z, src)

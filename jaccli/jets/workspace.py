@@ -89,10 +89,16 @@ class Workspace:
 _CURRENT: contextvars.ContextVar[Workspace | None] = contextvars.ContextVar("jaccli_workspace", default=None)
 
 
+def empty(shape, like: Tensor) -> Tensor:
+    """An uninitialised contiguous tensor of ``shape`` with ``like``'s dtype and device, from the
+    current workspace if there is one."""
+    pool = _CURRENT.get()
+    return like.new_empty(shape) if pool is None else pool.empty(shape, like.dtype, like)
+
+
 def empty_like(x: Tensor) -> Tensor:
     """An uninitialised tensor like ``x`` (contiguous), from the current workspace if there is one."""
-    pool = _CURRENT.get()
-    return torch.empty_like(x, memory_format=torch.contiguous_format) if pool is None else pool.empty(x.shape, x.dtype, x)
+    return empty(x.shape, x)
 
 
 def mul(a: Tensor, b: Tensor) -> Tensor:
