@@ -149,14 +149,14 @@ def against_func(program: jets.TaylorProgram, p: Problem, kind: str, pick: tuple
     if times is not None and times.get("stopped") and not _stops(times, name, p.n, bound):
         times = None  # stopped for a smaller request: what stopped it is no proof for this one
     if _stale(times, p, (name, FUNC_NAME)):
-        taylor_pass, func_pass = passes()
-        times = _alternately(program, p, {name: taylor_pass})
+        mine, theirs = passes()
+        times = _alternately(program, p, {name: mine})
         times["stopped"] = None
-        with torch.no_grad(), program.workspace():
-            last, size = max(1, min(func_pass[0], points)), max(1, min(FIRST_POINTS, func_pass[0], points))
+        with torch.no_grad():  # torch.func's passes take no buffer of the Taylor workspace
+            last, size = max(1, min(theirs[0], points)), max(1, min(FIRST_POINTS, theirs[0], points))
             try:
                 while True:
-                    took = _timed(p, func_pass[1], size)
+                    took = _timed(p, theirs[1], size)
                     before = times.get(FUNC_NAME)
                     if before is not None and took >= max(PROJECT_FROM, GROWN * before[0]):
                         # what a point adds, from the last two passes (their fixed cost cancels);
@@ -169,7 +169,7 @@ def against_func(program: jets.TaylorProgram, p: Problem, kind: str, pick: tuple
                     if times["stopped"]:
                         break
                     if size == last:  # a second pass of the full size: the faster counts
-                        times[FUNC_NAME] = (min(took, _timed(p, func_pass[1], size)), size)
+                        times[FUNC_NAME] = (min(took, _timed(p, theirs[1], size)), size)
                         break
                     size = min(2 * size, last)
             except Exception as exc:  # noqa: BLE001 - torch.func cannot run it (an op without a rule): Taylor stands
