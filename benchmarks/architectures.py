@@ -36,10 +36,18 @@ whole CLI command in a fresh process for each format (load, imports and all).
 saved as a trace and as a ``.pt2`` and loaded by ``jaccli.load_model``; for each format the
 per-sample Hessian and Laplacian by jaccli's public API (auto mode) against torch.func's
 ``vmap(hessian)`` of the same loaded callable (one point per call, the Laplacian its trace),
-interleaved call by call in one process (``--repeats`` rounds, medians). Both results are
+interleaved call by call in one process (``--repeats`` rounds, medians), and each alone: a
+block of ``--repeats`` calls per candidate, the blocks run twice in turn (jaccli, func, func,
+jaccli), the lower of each candidate's two medians (``timing.blocks``). The two differ on the
+small models: a call of a few milliseconds right after the other candidate's starts with its
+code and data out of the caches (the SiLU MLP's Laplacian, 512 points: 0.77 ms alone, 1.5 ms
+right after ``vmap(hessian)``, no page fault in either), while ``vmap(hessian)`` after jaccli
+meets far less of that; the issue's peers are timed each in a process of its own
+(``peers.py``), which the blocks come closer to. Both results are
 compared with a float64 ``vmap(hessian)`` of the eager module in float64; a result off by
 more than ``--tol`` (relative to the reference's largest entry) gets no ratio. One line per
-(model, format, kind): jaccli's engine and mode, both medians, func / jaccli (target ≥ 5).
+(model, format, kind): jaccli's engine and mode, both medians and func / jaccli interleaved,
+the same alone (target ≥ 5).
 """
 
 from __future__ import annotations
@@ -164,8 +172,9 @@ VS_FUNC_KINDS = {"hessian": lambda h: h, "laplacian": lambda h: h.diagonal(dim1=
 
 def vs_func(names: list[str], points: int, repeats: int, tol: float, formats=("pt", "pt2"), out=print) -> list[dict]:
     """jaccli's per-sample Hessian and Laplacian against ``vmap(hessian)`` on the same loaded
-    model, each format, interleaved; both checked against float64. Returns one row per
-    (model, format, kind) with ``jaccli``/``func`` medians (None where a result is wrong)."""
+    model, each format, interleaved and each alone; both checked against float64. Returns one
+    row per (model, format, kind) with ``jaccli``/``func`` medians interleaved and
+    ``jaccli_alone``/``func_alone`` in blocks (None where a result is wrong)."""
     import statistics
 
     rows: list[dict] = []
@@ -194,10 +203,18 @@ def vs_func(names: list[str], points: int, repeats: int, tol: float, formats=("p
                             t0 = time.perf_counter()
                             fn()
                             runs[k].append(time.perf_counter() - t0)
+                    # each alone: a block of calls per candidate, the blocks run twice in turn
+                    # (jaccli, func, func, jaccli) and the lower median of each kept
+                    first, _ = blocks(fns, repeats)
+                    second, _ = blocks(dict(reversed(fns.items())), repeats)
                     med = {k: (statistics.median(v) if errs[k] <= tol else None) for k, v in runs.items()}
+                    alone = {k: (min(first[k], second[k]) if errs[k] <= tol else None) for k in fns}
                     ratio = med["func"] / med["jaccli"] if None not in med.values() else None
+                    ratio_alone = alone["func"] / alone["jaccli"] if None not in alone.values() else None
                     row = {"model": name, "format": fmt, "kind": kind, "engine": pl.engine, "mode": pl.mode,
-                           **med, "err_jaccli": errs["jaccli"], "err_func": errs["func"], "ratio": ratio}  # fmt: skip
+                           **med, "err_jaccli": errs["jaccli"], "err_func": errs["func"], "ratio": ratio,
+                           "jaccli_alone": alone["jaccli"], "func_alone": alone["func"],
+                           "ratio_alone": ratio_alone}  # fmt: skip
                     rows.append(row)
                     out(_vs_func_line(row))
     return rows
@@ -207,9 +224,12 @@ def _vs_func_line(r: dict) -> str:
     def sec(v):
         return "   wrong  " if v is None else f"{v:8.4f} s"
 
-    ratio = "    -" if r["ratio"] is None else f"{r['ratio']:5.2f}x"
+    def times(v) -> str:
+        return "    -" if v is None else f"{v:5.2f}x"
+
     return (f"{r['model']:22s} {r['format']:3s} {r['kind']:9s} {r['engine']:8s} {r['mode']:8s} "
-            f"jaccli {sec(r['jaccli'])}  func {sec(r['func'])}  func/jaccli {ratio}  "
+            f"jaccli {sec(r['jaccli'])}  func {sec(r['func'])}  func/jaccli {times(r['ratio'])}  "
+            f"alone: jaccli {sec(r['jaccli_alone'])}  func {sec(r['func_alone'])}  {times(r['ratio_alone'])}  "
             f"f64 err jaccli {r['err_jaccli']:.1e} func {r['err_func']:.1e}")  # fmt: skip
 
 

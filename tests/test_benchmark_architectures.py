@@ -27,6 +27,8 @@ def test_rows_of_every_format_and_kind_agree_with_float64(bench, name):
         assert r["err_jaccli"] <= 1e-4 and r["err_func"] <= 1e-4
         assert r["jaccli"] > 0 and r["func"] > 0
         assert r["ratio"] == pytest.approx(r["func"] / r["jaccli"])
+        assert r["jaccli_alone"] > 0 and r["func_alone"] > 0
+        assert r["ratio_alone"] == pytest.approx(r["func_alone"] / r["jaccli_alone"])
     assert len(lines) == len(rows) and all(name in line and "func/jaccli" in line for line in lines)
 
 
@@ -41,6 +43,7 @@ def test_a_result_off_the_float64_reference_gets_no_figure(bench, monkeypatch):
     assert by_kind["hessian"]["ratio"] is not None
     lap = by_kind["laplacian"]
     assert lap["err_jaccli"] > 1e-3 and lap["jaccli"] is None and lap["ratio"] is None
+    assert lap["jaccli_alone"] is None and lap["ratio_alone"] is None
     assert "wrong" in bench._vs_func_line(lap)
 
 
