@@ -17,7 +17,8 @@ preempted call is not the code's cost):
   ``planner``'s in a checkout from before ``choice.py``; the batch check included);
 - *recheck*: ``jets.recheck`` (a kept program checked against the model);
 - *lookup*: ``planner.program_for`` (the recheck included);
-- *plan*: ``_taylor_plan`` (``choice``'s and ``planner``'s: one of them calls it);
+- *plan*: ``taylor_plan`` as ``choice`` calls it (``_taylor_plan`` in older checkouts, ``planner``'s
+  before ``choice.py``);
 - *compute*: ``execute._execute_taylor`` (the chunk loop);
 - *call*: the whole public call.
 
@@ -50,7 +51,8 @@ STAGES = (
     ("check_inputs", "jaccli.engine.planner", "check_inputs"),  # checkouts from before choice.py
     ("recheck", "jaccli.jets", "recheck"),
     ("lookup", "jaccli.engine.planner", "program_for"),
-    ("plan", "jaccli.engine.choice", "_taylor_plan"),
+    ("plan", "jaccli.engine.choice", "taylor_plan"),
+    ("plan", "jaccli.engine.choice", "_taylor_plan"),  # checkouts from before the name was public
     ("plan", "jaccli.engine.planner", "_taylor_plan"),  # checkouts from before choice.py
     ("compute", "jaccli.engine.execute", "_execute_taylor"),
 )

@@ -23,7 +23,7 @@ from jaccli.engine import costs as cost_model
 from jaccli.engine import measure
 from jaccli.engine.costs import point_seconds
 from jaccli.engine.planner import (
-    PLANNED_FIELDS, Plan, Request, _seconds, _taylor_plan, _taylor_program, check_mode, check_preconditions,
+    PLANNED_FIELDS, Plan, Request, seconds_text, taylor_plan, taylor_program, check_mode, check_preconditions,
     cheapest, estimates, make_plan,
 )  # fmt: skip
 from jaccli.engine.problem import Problem, arg_names, check_inputs, normalise_args
@@ -46,7 +46,7 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
     rival = (mode == "auto" and bool(measure.FUNC_WITHIN) and estimator != "hutchinson" and cost_model.torch_func_started()
              and any(measure.rivals(costs, k) for k in costs if k[0] == "taylor"))  # fmt: skip
     wanted = best[0] == "taylor" and best in costs or mode == "forward" or rival
-    program, why_not = _taylor_program(kind, p, "forward" if wanted else mode)
+    program, why_not = taylor_program(kind, p, "forward" if wanted else mode)
     note = None
     record = dict(costs)  # before the adjoints' n² term: the two Taylor Hessians' timing weighs these
     beyond = max(0.0, 1.0 - (_ADJOINT_FIT_INPUTS / p.n_in) ** 2)
@@ -81,7 +81,7 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
         # the two Taylor Hessians predicted close (by their records: the n² term does not
         # make the forward Hessian cheaper): the clock decides between them
         def chunk(m: str) -> tuple[int, int]:  # one pass of the plan of mode m
-            pl = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, m)
+            pl = taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, m)
             return pl.points_per_chunk, pl.directions_per_pass
 
         taylor_mode, note = measure.hessian_mode(program, p, pick[1], chunk, chunk_size)
@@ -99,7 +99,7 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
     if mode == "auto" and pick is not None:
         if rival and measure.rivals(costs, pick):  # predicted near torch.func's reverse mode: the clock decides
             def passes(mode: str = pick[1]) -> tuple[measure.Pass, measure.Pass]:  # one of each plan's
-                mine = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, mode)
+                mine = taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, mode)
                 theirs = make_plan(kind, p, "reverse", estimator, probes, chunk_size)
                 return (measure.taylor_pass(kind, p, program, mode, mine.points_per_chunk, mine.directions_per_pass),
                         measure.func_pass(kind, p, probes, theirs.points_per_chunk, theirs.directions_per_pass))
@@ -113,7 +113,7 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
         elif best[0] != "taylor":
             pick = None
     if pick is not None:
-        plan = _taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, pick[1])
+        plan = taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, pick[1])
         return (plan if note is None else replace(plan, engine_note=note)), program
     plan = make_plan(kind, p, func_mode, estimator, probes, chunk_size)
     if why_not is None and mode == "auto" and ("taylor", "forward") in costs:
@@ -123,8 +123,8 @@ def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
 
 def _why_not_taylor(p: Problem, mode: str, costs: dict[tuple[str, str], float]) -> str:
     """What auto mode weighed when it chose torch.func over the Taylor fast path."""
-    return (f"{mode} mode: {_seconds(costs[('torch.func', mode)])} predicted against "
-            f"{_seconds(costs[('taylor', 'forward')])} by the Taylor fast path ({_count(p.n_in, 'input')}, "
+    return (f"{mode} mode: {seconds_text(costs[('torch.func', mode)])} predicted against "
+            f"{seconds_text(costs[('taylor', 'forward')])} by the Taylor fast path ({_count(p.n_in, 'input')}, "
             f"{_count(p.n_out, 'output')}, {_count(p.n, 'point')}); --mode forward takes the fast path")
 
 

@@ -100,7 +100,7 @@ class Plan:
     def predicted(self) -> str:
         """The engines auto mode weighed with their predicted times, cheapest first, as ``--verbose``
         prints them (``"taylor forward 4 ms, torch.func reverse 500 ms"``; ``""`` where none were weighed)."""
-        return ", ".join(f"{name} {_seconds(s)}" for name, s in sorted(self.estimates, key=lambda e: e[1]))
+        return ", ".join(f"{name} {seconds_text(s)}" for name, s in sorted(self.estimates, key=lambda e: e[1]))
 
     def as_dict(self) -> dict:
         return {
@@ -309,7 +309,7 @@ def _taylor_kind(kind: str, estimator: str) -> str:
     return "jvp" if estimator == "hutchinson" else kind
 
 
-def _taylor_program(kind: str, p: Problem, mode: str) -> tuple[taylor.TaylorProgram | None, str | None]:
+def taylor_program(kind: str, p: Problem, mode: str) -> tuple[taylor.TaylorProgram | None, str | None]:
     """The traced program where the fast path applies; else None and why (None if never tried).
 
     The fast path is forward mode (forward-over-forward for second derivatives), so it
@@ -324,7 +324,7 @@ def _taylor_program(kind: str, p: Problem, mode: str) -> tuple[taylor.TaylorProg
         return None, f"Taylor path not used: {exc}"
 
 
-def _taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, estimator: str, probes: int,
+def taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, estimator: str, probes: int,
                  chunk_size, estimates: tuple[tuple[str, float], ...] = (), mode: str = "forward") -> Plan:  # fmt: skip
     """Points per pass and directions per pass from the program's own memory estimate;
     ``estimates`` go into the plan. The last plan is kept on the program itself
@@ -393,5 +393,5 @@ def _make_taylor_plan(kind: str, p: Problem, program: taylor.TaylorProgram, esti
     )
 
 
-def _seconds(s: float) -> str:
+def seconds_text(s: float) -> str:
     return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"

@@ -79,7 +79,7 @@ class TaylorProgram:
     #: (kind, directions) -> bytes_per_point: a kept program is planned again on every call
     _per_point: dict = field(default_factory=dict, repr=False)
     #: (what the plan was made from, the plan): the planner's last plan of this program
-    #: (:func:`jaccli.engine.planner._taylor_plan`), kept with it
+    #: (:func:`jaccli.engine.planner.taylor_plan`), kept with it
     _plan: Any = field(default=None, repr=False, compare=False)
     #: the relative tolerance :func:`~.builder.build` checked it to, and up to which order
     tol: float = field(default=1e-4, repr=False)
