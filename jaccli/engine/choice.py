@@ -5,8 +5,9 @@ for it.
 Owns what auto weighs beyond :mod:`.planner`'s predictions: the adjoints' n² term (known
 once the Taylor program is), the clock where two candidates are predicted close
 (:mod:`.measure`: the two Taylor Hessians, and the Taylor pick against torch.func's reverse
-mode), and the fall-backs where the adjoints do not serve a model. :mod:`.planner` sizes the
-plan of whichever engine is chosen.
+mode), and the fall-backs where the adjoints do not serve a model: one stage each, run in
+the order of :data:`_STAGES` over the request's :class:`_Weighing`. :mod:`.planner` sizes
+the plan of whichever engine is chosen.
 
 Imports: :mod:`jaccli.jets`, :mod:`jaccli.request`, :mod:`.problem`, :mod:`.programs`,
 :mod:`.measure`, :mod:`.costs`, :mod:`.planner`.
@@ -15,7 +16,7 @@ Imports: :mod:`jaccli.jets`, :mod:`jaccli.request`, :mod:`.problem`, :mod:`.prog
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from jaccli import jets as taylor
 from jaccli.errors import UsageError
@@ -36,89 +37,163 @@ from jaccli.request.spec import Derivative, Selection
 _ADJOINT_FIT_INPUTS = 32
 
 
-def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
-                 chunk_size) -> tuple[Plan, taylor.TaylorProgram | None]:  # fmt: skip
-    """The Taylor plan and program where the fast path applies and is wanted (asked for
-    with forward mode, or cheapest in auto mode), else the torch.func plan."""
+#: why auto or a forced reverse mode did not take the adjoints their records predicted cheapest
+_ADJOINTS_REFUSED = ("Taylor reverse mode not used: the Hessian by adjoints does not serve this model (a nonlinear "
+                     "step's points cannot be told apart by its shape, it disagreed with the forward Hessian on "
+                     "the probe points, or inference mode is on)")  # fmt: skip
+
+
+@dataclass
+class _Weighing:
+    """One request's choice as the stages of :data:`_STAGES` refine it: the predicted costs,
+    the candidate they put first (``best``: for a forced mode, that mode), and the Taylor
+    engine's pick (``(engine, mode)``; None: torch.func runs, in ``func_mode``)."""
+
+    kind: str
+    p: Problem
+    mode: str
+    estimator: str
+    probes: int
+    chunk_size: object
+    #: predicted seconds of each candidate (the adjoints' n² term added by :func:`_contractions`)
+    costs: dict[tuple[str, str], float]
+    #: the records' own predictions, before that term (the two Taylor Hessians' timing weighs these)
+    record: dict[tuple[str, str], float]
+    best: tuple[str, str]
+    #: torch.func has started and a Taylor mode is predicted near its reverse mode: the clock may decide
+    rival: bool
+    program: taylor.TaylorProgram | None
+    pick: tuple[str, str] | None = None
+    #: how the pick was measured (the plan's engine note)
+    note: str | None = None
+    #: why the Taylor path was not taken (the note of a torch.func plan)
+    why_not: str | None = None
+    func_mode: str = "auto"
+
+    @property
+    def shown(self) -> tuple[tuple[str, float], ...]:
+        return tuple((f"{e} {m}", s) for (e, m), s in self.costs.items())
+
+    def taylor_plan(self, mode: str) -> Plan:
+        return taylor_plan(self.kind, self.p, self.program, self.estimator, self.probes, self.chunk_size,
+                           self.shown, mode)  # fmt: skip
+
+
+def _weighing(kind: str, p: Problem, mode: str, estimator: str, probes: int, chunk_size) -> _Weighing:
+    """The predictions, and the Taylor program where the fast path applies and may be wanted
+    (asked for with forward mode, predicted cheapest in auto mode, or near torch.func)."""
     costs = estimates(kind, p, estimator, probes)
     best = cheapest(costs) if mode == "auto" else ("taylor", mode)
-    # with torch.func started, a Taylor mode predicted near its reverse mode is timed against it
     rival = (mode == "auto" and bool(measure.FUNC_WITHIN) and estimator != "hutchinson" and cost_model.torch_func_started()
              and any(measure.rivals(costs, k) for k in costs if k[0] == "taylor"))  # fmt: skip
     wanted = best[0] == "taylor" and best in costs or mode == "forward" or rival
     program, why_not = taylor_program(kind, p, "forward" if wanted else mode)
-    note = None
-    record = dict(costs)  # before the adjoints' n² term: the two Taylor Hessians' timing weighs these
-    beyond = max(0.0, 1.0 - (_ADJOINT_FIT_INPUTS / p.n_in) ** 2)
-    if program is not None and beyond and mode in ("auto", "reverse") and ("taylor", "reverse") in costs:
-        # the adjoints' contractions grow as n² times the activations, which their record
-        # (fitted on inputs up to _ADJOINT_FIT_INPUTS, where it absorbs them) leaves out:
-        # known once the program is
-        contractions = taylor.adjoint.contraction_flops(program) * beyond
-        extra = p.n * point_seconds(2 * contractions, p.device.type)
-        costs[("taylor", "reverse")] += extra
-        others = {k: v for k, v in costs.items() if k[1] == "reverse" and k[0] != "taylor"}
-        if mode == "auto":
-            best = cheapest(costs)
-        elif others and extra > min(others.values()):
-            # asked for reverse mode, the adjoints run it unless their n² term alone costs more
-            # than forward over reverse does in all (as on a 3,072-input CNN)
-            best = cheapest(others)
-            why_not = (f"Taylor reverse mode not used: the Hessian by adjoints' contractions ({p.n_in:,} inputs "
-                       f"squared times the activations) predict {costs[('taylor', 'reverse')]:.3g} s against "
-                       f"{others[best]:.3g} s by torch.func reverse mode")  # fmt: skip
-    shown = tuple((f"{e} {m}", s) for (e, m), s in costs.items())
-    # the Taylor engine's own pick: its cheaper mode in auto mode, else the mode asked for (none
-    # where the fast path does not apply, torch.func is cheaper by far, or the adjoints' n² term
-    # sent reverse mode to torch.func)
-    if program is None or best[0] != "taylor" and (mode != "auto" or not rival):
-        pick = None
+    return _Weighing(kind, p, mode, estimator, probes, chunk_size, costs, dict(costs), best, rival, program,
+                     why_not=why_not, func_mode=mode)  # fmt: skip
+
+
+def _contractions(w: _Weighing) -> None:
+    """The adjoints' contractions grow as n² times the activations, which their record (fitted
+    on inputs up to :data:`_ADJOINT_FIT_INPUTS`, where it absorbs them) leaves out: known once
+    the program is. A forced reverse mode runs the adjoints unless that term alone costs more
+    than forward over reverse does in all (as on a 3,072-input CNN)."""
+    beyond = max(0.0, 1.0 - (_ADJOINT_FIT_INPUTS / w.p.n_in) ** 2)
+    if w.program is None or not beyond or w.mode not in ("auto", "reverse") or ("taylor", "reverse") not in w.costs:
+        return
+    extra = w.p.n * point_seconds(2 * taylor.adjoint.contraction_flops(w.program) * beyond, w.p.device.type)
+    w.costs[("taylor", "reverse")] += extra
+    others = {k: v for k, v in w.costs.items() if k[1] == "reverse" and k[0] != "taylor"}
+    if w.mode == "auto":
+        w.best = cheapest(w.costs)
+    elif others and extra > min(others.values()):
+        w.best = cheapest(others)
+        w.why_not = (f"Taylor reverse mode not used: the Hessian by adjoints' contractions ({w.p.n_in:,} inputs "
+                     f"squared times the activations) predict {w.costs[('taylor', 'reverse')]:.3g} s against "
+                     f"{others[w.best]:.3g} s by torch.func reverse mode")  # fmt: skip
+
+
+def _taylor_pick(w: _Weighing) -> None:
+    """The Taylor engine's own pick: its cheaper mode in auto mode, else the mode asked for;
+    none where the fast path does not apply, torch.func is cheaper by far, or the n² term sent
+    a forced reverse mode to torch.func."""
+    if w.program is None or w.best[0] != "taylor" and (w.mode != "auto" or not w.rival):
+        return
+    w.pick = cheapest(w.costs, "taylor") if w.mode == "auto" else w.best
+    if w.best[0] != "taylor" and not measure.rivals(w.costs, w.pick):
+        w.pick = None  # torch.func's lead grew past timing (the adjoints' n² term): nothing to time
+
+
+def _taylor_hessians(w: _Weighing) -> None:
+    """The two Taylor Hessians predicted close by their records (the n² term does not make the
+    forward Hessian cheaper): the clock decides between them."""
+    if w.pick is None or w.mode != "auto" or not (w.best[0] == "taylor" or w.rival) or not measure.ambiguous(w.record):
+        return
+
+    def chunk(m: str) -> tuple[int, int]:  # one pass of the plan of mode m
+        pl = w.taylor_plan(m)
+        return pl.points_per_chunk, pl.directions_per_pass
+
+    taylor_mode, w.note = measure.hessian_mode(w.program, w.p, w.pick[1], chunk, w.chunk_size)
+    w.pick = ("taylor", taylor_mode)
+
+
+def _adjoints_serve(w: _Weighing) -> None:
+    """The adjoints picked where they do not serve the model: auto takes the next cheapest
+    engine (the forward Hessian on this very program where that is it)."""
+    if w.pick is None or w.pick[1] != "reverse" or adjoint_agrees(w.program, w.p):
+        return
+    w.why_not = _ADJOINTS_REFUSED
+    nxt = cheapest({k: v for k, v in w.costs.items() if k != w.pick}) if w.mode == "auto" else None
+    if w.best == w.pick:
+        w.best = nxt or w.best
+    w.pick, w.note = (nxt, w.why_not) if nxt == ("taylor", "forward") else (None, None)
+
+
+def _against_func(w: _Weighing) -> None:
+    """In auto mode, a Taylor pick predicted near torch.func's reverse mode is timed against
+    it (:func:`.measure.against_func`); one predicted behind it by more gives way."""
+    if w.mode != "auto" or w.pick is None:
+        return
+    if not (w.rival and measure.rivals(w.costs, w.pick)):
+        if w.best[0] != "taylor":
+            w.pick = None
+        return
+    program, pick = w.program, w.pick
+
+    def passes(mode: str = pick[1]) -> tuple[measure.Pass, measure.Pass]:  # one of each plan's
+        mine = w.taylor_plan(mode)
+        theirs = make_plan(w.kind, w.p, "reverse", w.estimator, w.probes, w.chunk_size)
+        return (measure.taylor_pass(w.kind, w.p, program, mode, mine.points_per_chunk, mine.directions_per_pass),
+                measure.func_pass(w.kind, w.p, w.probes, theirs.points_per_chunk, theirs.directions_per_pass))
+
+    predicted = pick if w.best[0] == "taylor" else w.best
+    chosen, timed = measure.against_func(program, w.p, w.kind, pick, predicted, passes, w.chunk_size)
+    if chosen[0] == "taylor":
+        w.note = timed if w.note is None else f"{w.note}; {timed}"
     else:
-        pick = cheapest(costs, "taylor") if mode == "auto" else best
-        if best[0] != "taylor" and not measure.rivals(costs, pick):
-            pick = None  # torch.func's lead grew past timing (the adjoints' n² term): nothing to time
-    if pick is not None and mode == "auto" and (best[0] == "taylor" or rival) and measure.ambiguous(record):
-        # the two Taylor Hessians predicted close (by their records: the n² term does not
-        # make the forward Hessian cheaper): the clock decides between them
-        def chunk(m: str) -> tuple[int, int]:  # one pass of the plan of mode m
-            pl = taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, m)
-            return pl.points_per_chunk, pl.directions_per_pass
+        w.pick, w.func_mode, w.why_not = None, "reverse", f"Taylor path not used: {timed}"
 
-        taylor_mode, note = measure.hessian_mode(program, p, pick[1], chunk, chunk_size)
-        pick = ("taylor", taylor_mode)
-    if pick is not None and pick[1] == "reverse" and not adjoint_agrees(program, p):
-        why_not = ("Taylor reverse mode not used: the Hessian by adjoints does not serve this model (a nonlinear "
-                   "step's points cannot be told apart by its shape, it disagreed with the forward Hessian on "
-                   "the probe points, or inference mode is on)")  # fmt: skip
-        # auto: the next cheapest engine, the forward Hessian on this very program where it is that
-        nxt = cheapest({k: v for k, v in costs.items() if k != pick}) if mode == "auto" else None
-        if best == pick:
-            best = nxt or best
-        pick, note = (nxt, why_not) if nxt == ("taylor", "forward") else (None, None)
-    func_mode = mode
-    if mode == "auto" and pick is not None:
-        if rival and measure.rivals(costs, pick):  # predicted near torch.func's reverse mode: the clock decides
-            def passes(mode: str = pick[1]) -> tuple[measure.Pass, measure.Pass]:  # one of each plan's
-                mine = taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, mode)
-                theirs = make_plan(kind, p, "reverse", estimator, probes, chunk_size)
-                return (measure.taylor_pass(kind, p, program, mode, mine.points_per_chunk, mine.directions_per_pass),
-                        measure.func_pass(kind, p, probes, theirs.points_per_chunk, theirs.directions_per_pass))
 
-            predicted = pick if best[0] == "taylor" else best
-            chosen, timed = measure.against_func(program, p, kind, pick, predicted, passes, chunk_size)
-            if chosen[0] == "taylor":
-                note = timed if note is None else f"{note}; {timed}"
-            else:
-                pick, func_mode, why_not = None, "reverse", f"Taylor path not used: {timed}"
-        elif best[0] != "taylor":
-            pick = None
-    if pick is not None:
-        plan = taylor_plan(kind, p, program, estimator, probes, chunk_size, shown, pick[1])
-        return (plan if note is None else replace(plan, engine_note=note)), program
-    plan = make_plan(kind, p, func_mode, estimator, probes, chunk_size)
-    if why_not is None and mode == "auto" and ("taylor", "forward") in costs:
-        why_not = _why_not_taylor(p, plan.mode, costs)
-    return replace(plan, engine_note=why_not, estimates=shown), None
+#: what auto (or a forced mode) weighs after the predictions, in order; each stage may change
+#: the pick. Timing comes last, where the predictions left candidates close.
+_STAGES = (_contractions, _taylor_pick, _taylor_hessians, _adjoints_serve, _against_func)
+
+
+def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
+                 chunk_size) -> tuple[Plan, taylor.TaylorProgram | None]:  # fmt: skip
+    """The Taylor plan and program where the fast path applies and is wanted (asked for
+    with forward mode, or cheapest in auto mode), else the torch.func plan."""
+    w = _weighing(kind, p, mode, estimator, probes, chunk_size)
+    for stage in _STAGES:
+        stage(w)
+    if w.pick is not None:
+        plan = w.taylor_plan(w.pick[1])
+        return (plan if w.note is None else replace(plan, engine_note=w.note)), w.program
+    plan = make_plan(kind, p, w.func_mode, estimator, probes, chunk_size)
+    why_not = w.why_not
+    if why_not is None and mode == "auto" and ("taylor", "forward") in w.costs:
+        why_not = _why_not_taylor(p, plan.mode, w.costs)
+    return replace(plan, engine_note=why_not, estimates=w.shown), None
 
 
 def _why_not_taylor(p: Problem, mode: str, costs: dict[tuple[str, str], float]) -> str:
