@@ -2,15 +2,15 @@
 probes a request once and plans it (:func:`choose_plan`), :func:`reuse` takes a plan made
 for it.
 
-Owns what auto weighs beyond :mod:`.planner`'s predictions: the adjoints' n² term (known
-once the Taylor program is), the clock where two candidates are predicted close
-(:mod:`.measure`: the two Taylor Hessians, and the Taylor pick against torch.func's reverse
-mode), and the fall-backs where the adjoints do not serve a model: one stage each, run in
-the order of :data:`_STAGES` over the request's :class:`_Weighing`. :mod:`.planner` sizes
-the plan of whichever engine is chosen.
+Owns what auto (and a forced reverse mode) weighs beyond :mod:`.planner`'s predictions: the
+adjoints' n² term (known once the Taylor program is), the Taylor engine's own pick, the clock
+where two candidates are predicted close (:mod:`.measure`: the two Taylor Hessians, and the
+Taylor pick against torch.func's reverse mode), and the fall-back where the adjoints do not
+serve a model; run as the stages of :data:`_STAGES` over the request's :class:`_Weighing`.
+:mod:`.planner` sizes the plan of whichever engine is chosen.
 
-Imports: :mod:`jaccli.jets`, :mod:`jaccli.request`, :mod:`.problem`, :mod:`.programs`,
-:mod:`.measure`, :mod:`.costs`, :mod:`.planner`.
+Imports: :mod:`jaccli.jets`, :mod:`jaccli.request`, :mod:`jaccli.errors`, :mod:`.problem`,
+:mod:`.programs`, :mod:`.measure`, :mod:`.costs`, :mod:`.planner`.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ from jaccli.request.spec import Derivative, Selection
 _ADJOINT_FIT_INPUTS = 32
 
 
-#: why auto or a forced reverse mode did not take the adjoints their records predicted cheapest
+#: why the adjoints, once picked (predicted, timed or asked for), were not run
 _ADJOINTS_REFUSED = ("Taylor reverse mode not used: the Hessian by adjoints does not serve this model (a nonlinear "
                      "step's points cannot be told apart by its shape, it disagreed with the forward Hessian on "
                      "the probe points, or inference mode is on)")  # fmt: skip
 
 
-@dataclass
+@dataclass(slots=True)
 class _Weighing:
     """One request's choice as the stages of :data:`_STAGES` refine it: the predicted costs,
     the candidate they put first (``best``: for a forced mode, that mode), and the Taylor
@@ -54,13 +54,16 @@ class _Weighing:
     mode: str
     estimator: str
     probes: int
-    chunk_size: object
-    #: predicted seconds of each candidate (the adjoints' n² term added by :func:`_contractions`)
+    chunk_size: int | None
+    #: predicted seconds of each candidate, the adjoints' n² term added by :func:`_contractions`
+    #: and not changed after it (:attr:`shown`, made from them, keys the program's kept plan)
     costs: dict[tuple[str, str], float]
     #: the records' own predictions, before that term (the two Taylor Hessians' timing weighs these)
     record: dict[tuple[str, str], float]
     best: tuple[str, str]
-    #: torch.func has started and a Taylor mode is predicted near its reverse mode: the clock may decide
+    #: auto mode, torch.func timed against at all (``measure.FUNC_WITHIN``; not for Hutchinson's
+    #: estimator), torch.func already started and a Taylor mode predicted near its reverse mode:
+    #: the clock may decide between them
     rival: bool
     program: taylor.TaylorProgram | None
     pick: tuple[str, str] | None = None
@@ -68,20 +71,22 @@ class _Weighing:
     note: str | None = None
     #: why the Taylor path was not taken (the note of a torch.func plan)
     why_not: str | None = None
-    func_mode: str = "auto"
+    #: the mode of torch.func's plan where it runs (the mode asked for; reverse once timing sent auto there)
+    func_mode: str = ""
 
     @property
     def shown(self) -> tuple[tuple[str, float], ...]:
         return tuple((f"{e} {m}", s) for (e, m), s in self.costs.items())
 
-    def taylor_plan(self, mode: str) -> Plan:
+    def plan_for(self, mode: str) -> Plan:
+        """The Taylor plan of ``mode`` on this request's program."""
         return taylor_plan(self.kind, self.p, self.program, self.estimator, self.probes, self.chunk_size,
                            self.shown, mode)  # fmt: skip
 
 
-def _weighing(kind: str, p: Problem, mode: str, estimator: str, probes: int, chunk_size) -> _Weighing:
+def _weighing(kind: str, p: Problem, mode: str, estimator: str, probes: int, chunk_size: int | None) -> _Weighing:
     """The predictions, and the Taylor program where the fast path applies and may be wanted
-    (asked for with forward mode, predicted cheapest in auto mode, or near torch.func)."""
+    (forward mode or the adjoints asked for, predicted cheapest in auto mode, or near torch.func)."""
     costs = estimates(kind, p, estimator, probes)
     best = cheapest(costs) if mode == "auto" else ("taylor", mode)
     rival = (mode == "auto" and bool(measure.FUNC_WITHIN) and estimator != "hutchinson" and cost_model.torch_func_started()
@@ -120,26 +125,29 @@ def _taylor_pick(w: _Weighing) -> None:
         return
     w.pick = cheapest(w.costs, "taylor") if w.mode == "auto" else w.best
     if w.best[0] != "taylor" and not measure.rivals(w.costs, w.pick):
-        w.pick = None  # torch.func's lead grew past timing (the adjoints' n² term): nothing to time
+        w.pick = None  # the Taylor pick is not close enough to torch.func to time
 
 
 def _taylor_hessians(w: _Weighing) -> None:
-    """The two Taylor Hessians predicted close by their records (the n² term does not make the
-    forward Hessian cheaper): the clock decides between them."""
-    if w.pick is None or w.mode != "auto" or not (w.best[0] == "taylor" or w.rival) or not measure.ambiguous(w.record):
+    """The two Taylor Hessians predicted close: the clock decides between them. Closeness is
+    judged on the records, before the adjoints' n² term, because the clock measures that term
+    itself; only auto mode's pick is timed (a pick in auto mode is predicted cheapest or near
+    torch.func, :func:`_taylor_pick`)."""
+    if w.pick is None or w.mode != "auto" or not measure.ambiguous(w.record):
         return
 
     def chunk(m: str) -> tuple[int, int]:  # one pass of the plan of mode m
-        pl = w.taylor_plan(m)
+        pl = w.plan_for(m)
         return pl.points_per_chunk, pl.directions_per_pass
 
     taylor_mode, w.note = measure.hessian_mode(w.program, w.p, w.pick[1], chunk, w.chunk_size)
     w.pick = ("taylor", taylor_mode)
 
 
-def _adjoints_serve(w: _Weighing) -> None:
+def _adjoints_fall_back(w: _Weighing) -> None:
     """The adjoints picked where they do not serve the model: auto takes the next cheapest
-    engine (the forward Hessian on this very program where that is it)."""
+    engine (the forward Hessian on this very program where that is it); a forced reverse mode
+    runs torch.func's."""
     if w.pick is None or w.pick[1] != "reverse" or adjoint_agrees(w.program, w.p):
         return
     w.why_not = _ADJOINTS_REFUSED
@@ -151,7 +159,8 @@ def _adjoints_serve(w: _Weighing) -> None:
 
 def _against_func(w: _Weighing) -> None:
     """In auto mode, a Taylor pick predicted near torch.func's reverse mode is timed against
-    it (:func:`.measure.against_func`); one predicted behind it by more gives way."""
+    it (:func:`.measure.against_func`); where torch.func is predicted cheapest and the pick is
+    not close enough to time, torch.func runs."""
     if w.mode != "auto" or w.pick is None:
         return
     if not (w.rival and measure.rivals(w.costs, w.pick)):
@@ -160,10 +169,10 @@ def _against_func(w: _Weighing) -> None:
         return
     program, pick = w.program, w.pick
 
-    def passes(mode: str = pick[1]) -> tuple[measure.Pass, measure.Pass]:  # one of each plan's
-        mine = w.taylor_plan(mode)
+    def passes() -> tuple[measure.Pass, measure.Pass]:  # one of each plan's
+        mine = w.plan_for(pick[1])
         theirs = make_plan(w.kind, w.p, "reverse", w.estimator, w.probes, w.chunk_size)
-        return (measure.taylor_pass(w.kind, w.p, program, mode, mine.points_per_chunk, mine.directions_per_pass),
+        return (measure.taylor_pass(w.kind, w.p, program, pick[1], mine.points_per_chunk, mine.directions_per_pass),
                 measure.func_pass(w.kind, w.p, w.probes, theirs.points_per_chunk, theirs.directions_per_pass))
 
     predicted = pick if w.best[0] == "taylor" else w.best
@@ -174,25 +183,28 @@ def _against_func(w: _Weighing) -> None:
         w.pick, w.func_mode, w.why_not = None, "reverse", f"Taylor path not used: {timed}"
 
 
-#: what auto (or a forced mode) weighs after the predictions, in order; each stage may change
-#: the pick. Timing comes last, where the predictions left candidates close.
-_STAGES = (_contractions, _taylor_pick, _taylor_hessians, _adjoints_serve, _against_func)
+#: what is weighed after the predictions, in this order (it is load-bearing: the later stages
+#: rely on what :func:`_taylor_pick` left); each refines the costs, the best candidate, the pick
+#: or the notes. The timing against torch.func comes last, once the Taylor engine's own
+#: candidate is settled.
+_STAGES = (_contractions, _taylor_pick, _taylor_hessians, _adjoints_fall_back, _against_func)
 
 
 def choose_plan(kind: str, p: Problem, mode: str, estimator: str, probes: int,
-                 chunk_size) -> tuple[Plan, taylor.TaylorProgram | None]:  # fmt: skip
-    """The Taylor plan and program where the fast path applies and is wanted (asked for
-    with forward mode, or cheapest in auto mode), else the torch.func plan."""
+                 chunk_size: int | None) -> tuple[Plan, taylor.TaylorProgram | None]:  # fmt: skip
+    """The Taylor plan and program where the fast path applies and is wanted (forward mode or
+    the adjoints asked for, or auto's pick: predicted cheapest, or faster by the clock), else
+    the torch.func plan."""
     w = _weighing(kind, p, mode, estimator, probes, chunk_size)
     for stage in _STAGES:
         stage(w)
     if w.pick is not None:
-        plan = w.taylor_plan(w.pick[1])
+        plan = w.plan_for(w.pick[1])
         return (plan if w.note is None else replace(plan, engine_note=w.note)), w.program
-    plan = make_plan(kind, p, w.func_mode, estimator, probes, chunk_size)
+    plan = make_plan(w.kind, w.p, w.func_mode, w.estimator, w.probes, w.chunk_size)
     why_not = w.why_not
-    if why_not is None and mode == "auto" and ("taylor", "forward") in w.costs:
-        why_not = _why_not_taylor(p, plan.mode, w.costs)
+    if why_not is None and w.mode == "auto" and ("taylor", "forward") in w.costs:
+        why_not = _why_not_taylor(w.p, plan.mode, w.costs)
     return replace(plan, engine_note=why_not, estimates=w.shown), None
 
 
