@@ -223,8 +223,11 @@ def test_by_layer_traces_of_linear_tensors_by_their_layers_probes():
     offsets = np.cumsum([0] + [p.numel() for p in net.parameters()])
     blocks = [float(np.trace(H[a:b, a:b])) for a, b in zip(offsets[:-1], offsets[1:])]
     exact = jaccli.curvature(net, x, y, loss="cross-entropy", by_layer=True, samples=10)  # widths 6, 5, 4 ≤ 10
-    for row, want in zip(exact.by_layer, blocks):
+    names = [name for name, _ in net.named_parameters()]
+    assert [row["name"] for row in exact.by_layer] == names  # a row per tensor: none left out
+    for row, want in zip(exact.by_layer, blocks, strict=True):
         assert row["trace_stderr"] is None and row["trace"] == pytest.approx(want, rel=1e-10), row["name"]
     est = jaccli.curvature(net, x, y, loss="cross-entropy", by_layer=True, samples=3)  # 6 and 5 > 3: estimated
-    for row, want in zip(est.by_layer, blocks):
+    assert [row["name"] for row in est.by_layer] == names
+    for row, want in zip(est.by_layer, blocks, strict=True):
         assert abs(row["trace"] - want) <= 4 * (row["trace_stderr"] or 1e-12 * abs(want)), row["name"]

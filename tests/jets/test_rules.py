@@ -397,11 +397,21 @@ def test_float32_tanh_is_within_a_few_ulp_of_float64_relative_to_itself(monkeypa
     assert ((got.double() - want).abs() <= 4e-7 * want.abs()).all()
 
 
-def test_numpy_tanh_is_chosen_by_its_build_only():
-    from jaccli.jets.elementwise import _numpy_tanh_is_vector512
+@pytest.mark.parametrize("vector512", [True, False])
+def test_numpy_tanh_is_chosen_by_its_build_only(monkeypatch, vector512):
+    """The first float32 tanh decides once, by what NumPy's build says of this CPU (not by a
+    timing): NumPy's loop where it is an AVX-512 one, torch's five passes elsewhere."""
+    from jaccli.jets import elementwise
 
-    assert _numpy_tanh_is_vector512() in (True, False)
-    assert _numpy_tanh_is_vector512() == _numpy_tanh_is_vector512()  # the CPU's, not a timing's
+    monkeypatch.setattr(elementwise, "NUMPY_TANH", None)
+    monkeypatch.setattr(elementwise, "_numpy_tanh_is_vector512", lambda: vector512)
+    calls = []
+    real = elementwise.np.tanh
+    monkeypatch.setattr(elementwise.np, "tanh", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.linspace(-3, 3, 64)
+    got = elementwise._tanh(x, None)
+    assert elementwise.NUMPY_TANH is vector512 and bool(calls) is vector512
+    torch.testing.assert_close(got, torch.tanh(x), rtol=4e-7, atol=1e-7)
 
 
 def test_float32_hessian_of_tanh_near_zero_keeps_its_relative_accuracy():

@@ -150,6 +150,8 @@ def test_missing_matplotlib_is_one_line_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     out = tmp_path / "J.png"
     computed = []
+    # the command plans (jaccli.plan) and runs the plan: a spy there sees any work begun
+    monkeypatch.setattr(jaccli, "plan", lambda *a, **k: computed.append(1))
     monkeypatch.setattr(jaccli, "jacobian", lambda *a, **k: computed.append(1))
     result = run("jacobian", ex("field.pt"), ex("field_x.npy"), "-p", "--plot", out)
     assert result.exit_code == EXIT_CODES[jaccli.DependencyError] == 10
