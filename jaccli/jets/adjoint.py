@@ -42,7 +42,7 @@ from jaccli.jets.jet import Jet, Layout, Unsupported, _Call
 from jaccli.jets.program import WANT, TaylorProgram
 from jaccli.jets.record import _INPUT, _BatchDim, _Ref, _substitute
 from jaccli.jets.seeds import _broadcast, _onehot_rows, _seed, _zero_jet
-from jaccli.jets.workspace import empty, empty_like
+from jaccli.jets.workspace import empty, empty_like, mul
 
 #: ops whose second derivative is zero wherever it exists: no source to contract
 PIECEWISE_LINEAR = frozenset({
@@ -129,7 +129,7 @@ def contraction_flops(program: TaylorProgram) -> float:
                      * program.steps[i].numel for i in sources(program)))  # fmt: skip
 
 
-# The contractions' temporaries come from the computation's workspace (``empty``, ``empty_like``):
+# The contractions' temporaries come from the computation's workspace (``empty``, ``empty_like``, ``mul``):
 # they are megabytes a step, and fresh ones page-fault every pass (multi-head attention's
 # Hessian: 40 ms a call against 30 with glibc's thresholds raised).
 
@@ -238,8 +238,7 @@ def _bilinear_into(out: Tensor, fa: Tensor, fb: Tensor, weight: Tensor, axis: in
     batched product for every output, accumulated in place (``baddbmm``: no product tensor,
     no separate sum)."""
     weight = _points_first(weight, axis, b)  # [B, m, K]
-    m, k = weight.shape[1], fa.shape[-1]
-    left = torch.mul(fa[:, None], weight[:, :, None], out=empty((b, m, fa.shape[1], k), fa)).view(b, -1, k)  # [B, m·n, K]
+    left = mul(fa[:, None], weight[:, :, None]).view(b, -1, fa.shape[-1])  # [B, m·n, K]
     out.view(b, -1, out.shape[-1]).baddbmm_(left, fb.transpose(1, 2))
 
 
@@ -272,7 +271,7 @@ def _cross(out: Tensor, x: Jet, y: Jet, weight: Tensor, shape, axis: int, b: int
         return
     m, x1 = weight.shape[0], x.block(1)
     x1 = x1.reshape(n, *(1,) * (rank - (x1.dim() - 1)), *x1.shape[1:])
-    wx = torch.mul(weight[:, None], x1[None], out=empty((m, n, *shape), x1)).sum(dim=tuple(d + 2 for d in only_y))
+    wx = mul(weight[:, None], x1[None]).sum(dim=tuple(d + 2 for d in only_y))  # [m, n, *kept]
     kept = tuple(size for d, size in enumerate(shape) if d not in only_y)  # y's own elements
     at = axis - sum(d < axis for d in only_y)
     left = _points_first(wx.view(m * n, *kept), at, b)  # [B, m·n, K_y]
