@@ -224,6 +224,34 @@ def fd_jacobian(f, x: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
     return out.reshape(*out.shape[:-1], *x.shape)
 
 
+# --------------------------------------------------------------------------- the estimators' own errors
+# What an estimate's reported standard error should be, from the exact matrix: so that a test
+# comparing an estimate with the truth "within k of its standard errors" cannot pass on a
+# standard error that is wrong, or merely large.
+
+
+def hutchinson_se(a, products: int) -> float:
+    """The standard error of Rademacher Hutchinson's trace of ``a`` from ``products`` probes:
+    ``Var(zᵀAz) = 2(‖A‖²_F − Σ Aᵢᵢ²)``."""
+    a = torch.as_tensor(a, dtype=torch.float64)
+    return math.sqrt(2 * float((a * a).sum() - (a.diagonal() ** 2).sum()) / products)
+
+
+def trace_se_bound(a, products: int) -> float:
+    """A bound on the standard error of a trace of ``a`` from ``products`` products, Hutch++ or
+    Hutchinson: Hutch++'s deflated probes are the fewest, ``products − 2⌊products/3⌋``, and a
+    projected Rademacher vector ``Πg`` has ``Var(gᵀΠAΠg) ≤ 2‖ΠAΠ‖²_F ≤ 2‖A‖²_F``."""
+    a = torch.as_tensor(a, dtype=torch.float64)
+    return math.sqrt(2 * float((a * a).sum()) / max(2, products - 2 * (products // 3)))
+
+
+def diagonal_se(a, products: int) -> torch.Tensor:
+    """Each entry's standard error of Rademacher Hutchinson's diagonal of ``a`` from ``products``
+    probes: ``zᵢ(Az)ᵢ = Aᵢᵢ + Σⱼ≠ᵢ Aᵢⱼ zᵢzⱼ``, of variance ``Σⱼ≠ᵢ Aᵢⱼ²``."""
+    a = torch.as_tensor(a, dtype=torch.float64)
+    return (((a * a).sum(1) - a.diagonal() ** 2) / products).sqrt()
+
+
 # --------------------------------------------------------------------------- higher orders (jaccli partials)
 # Each: a batch model on points [N, n_in], input names, and closed forms of named partials.
 
