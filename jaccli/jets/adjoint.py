@@ -140,12 +140,19 @@ def _dense(view: Tensor) -> Tensor:
     return empty_like(view).copy_(view)
 
 
-def _points_first(t: Tensor, axis: int, b: int) -> Tensor:
+def _points_first(t: Tensor, axis: int, b: int, times: Tensor | None = None) -> Tensor:
     """``[R, *shape]`` (``R`` rows before the shape's ``axis``, a multiple of the batch ``b``,
-    points outermost) as a contiguous ``[B, R, K]``: each point's rows of its elements, in one copy."""
-    v = t.movedim(axis + 1, 1)
-    v = v.unflatten(1, (b, v.shape[1] // b)).transpose(0, 1)  # [B, R, D/B, rest…]: a view
-    return _dense(v).view(b, t.shape[0], -1)
+    points outermost) as a contiguous ``[B, R, K]``: each point's rows of its elements, in one copy;
+    ``times`` (broadcast to ``t``) multiplied in by that pass, where a product made first took a
+    pass of its own."""
+
+    def view(u: Tensor) -> Tensor:  # [B, R, D/B, rest…]
+        u = u.movedim(axis + 1, 1)
+        return u.unflatten(1, (b, u.shape[1] // b)).transpose(0, 1)
+
+    v = view(t)
+    dense = _dense(v) if times is None else torch.mul(v, view(times.expand(t.shape)), out=empty(v.shape, t))
+    return dense.view(b, t.shape[0], -1)
 
 
 def _first(x, shape: torch.Size, axis: int, n: int, b: int) -> Tensor | None:
@@ -233,12 +240,13 @@ class _Sums:
         return out
 
 
-def _bilinear_into(out: Tensor, fa: Tensor, fb: Tensor, weight: Tensor, axis: int, b: int) -> None:
+def _bilinear_into(out: Tensor, fa: Tensor, fb: Tensor, weight: Tensor, axis: int, b: int,
+                   times: Tensor | None = None) -> None:  # fmt: skip
     """``out[p, o] += Σ_k weight[o, k] fa[p, :, k] ⊗ fb[p, :, k]`` over each point's entries ``k``.
     ``fa``, ``fb`` ``[B, n, K]`` (:func:`_first`), ``weight`` the step's ``[m, *shape]``; one
     batched product for every output, accumulated in place (``baddbmm``: no product tensor,
-    no separate sum)."""
-    weight = _points_first(weight, axis, b)  # [B, m, K]
+    no separate sum); ``times``, where given, a factor of the weight (:func:`_points_first`)."""
+    weight = _points_first(weight, axis, b, times)  # [B, m, K]
     left = mul(fa[:, None], weight[:, :, None]).view(b, -1, fa.shape[-1])  # [B, m·n, K]
     out.view(b, -1, out.shape[-1]).baddbmm_(left, fb.transpose(1, 2))
 
@@ -320,7 +328,7 @@ def _unary(cx, lay, s, args, kwargs, w, axis, sums, n, b):
     f2 = fs[1] if len(fs) > 1 else None
     if f2 is not None:
         a = _first(x, x.shape, axis, n, b)
-        _bilinear_into(sums.whole, a, a, w * f2, axis, b)
+        _bilinear_into(sums.whole, a, a, w, axis, b, times=f2)
     return s.rule.fn(cx, lay, *args, **kwargs)
 
 
@@ -341,9 +349,11 @@ def _quotient(cx, lay, s, args, kwargs, w, axis, sums, n, b):
     if not _has_rows(d):
         return res
     inv = dv.reciprocal()
-    _cross(sums.whole, d, d, (2 * w) * av * inv * inv * inv, res.shape, axis, b, n, swap=False)
+    inv2 = inv * inv
+    # the factors multiplied first: a step's elements, not the m outputs' times as many
+    _cross(sums.whole, d, d, w * (2 * av * inv2 * inv), res.shape, axis, b, n, swap=False)
     if _has_rows(a):
-        _cross(sums.half(), a, d, -w * inv * inv, res.shape, axis, b, n, swap=True)
+        _cross(sums.half(), a, d, w * inv2.neg_(), res.shape, axis, b, n, swap=True)
     return res
 
 
