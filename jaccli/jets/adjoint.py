@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from jaccli.jets.elementwise import _UNARY_DERIVS
-from jaccli.jets.jet import Jet, Layout, Unsupported, _Call, broadcast_shapes
+from jaccli.jets.jet import FEW, Jet, Layout, Unsupported, _Call, broadcast_shapes, sum_few
 from jaccli.jets.program import WANT, TaylorProgram
 from jaccli.jets.record import _INPUT, _BatchDim, _Ref, _substitute
 from jaccli.jets.seeds import _broadcast, _onehot_rows, _seed, _zero_jet
@@ -268,7 +268,7 @@ def _cross(out: Tensor, x: Jet, y: Jet, weight: Tensor, shape, axis: int, b: int
     ys = (1,) * (rank - len(y.shape)) + tuple(y.shape)
     both = tuple(d for d in range(rank) if shape[d] > 1 and xs[d] == 1 and ys[d] == 1 and d != axis)
     if both:
-        weight = _summed(weight, tuple(d + 1 for d in both))
+        weight = sum_few(weight, tuple(d + 1 for d in both), keepdim=True)
         shape = tuple(1 if d in both else size for d, size in enumerate(shape))
     only_y = tuple(d for d in range(rank) if shape[d] > 1 and ys[d] == 1 and xs[d] > 1)
     only_x = tuple(d for d in range(rank) if shape[d] > 1 and xs[d] == 1 and ys[d] > 1)
@@ -288,37 +288,19 @@ def _cross(out: Tensor, x: Jet, y: Jet, weight: Tensor, shape, axis: int, b: int
     out.view(b, -1, out.shape[-1]).baddbmm_(left, fy.transpose(1, 2))
 
 
-#: the most elements a sum of products adds up per entry with those axes made outermost
-#: (:func:`_summed_product`); past it ATen's own sum is the faster (8 elements: even, 32: 5x)
-_OUTER_SUM_MOST = 4
-
-
 def _summed_product(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """``(a * b).sum(dims)``. Where ``dims`` hold at most :data:`_OUTER_SUM_MOST` elements, the
+    """``(a * b).sum(dims)``. Where ``dims`` hold at most :data:`~.jet.FEW` elements, the
     product is written with them outermost, so that the sum adds whole contiguous slices: ATen
-    sums a small innermost axis entry by entry (a softmax row of 3 under multi-head attention's
-    weights, ``[12, 12, 512, 2, 3, 3]``: 1.35 ms against 0.63; a norm's 4 features 0.70 against
-    0.41; the same bits, one thread)."""
+    sums a small innermost axis entry by entry (:func:`~.jet.sum_few`; a softmax row of 3 under
+    multi-head attention's weights, ``[12, 12, 512, 2, 3, 3]``: 1.35 ms against 0.63; a norm's 4
+    features 0.70 against 0.41, the same bits; 5 elements 1.67 against 1.04; past 8 ATen's sum
+    is the faster, 5x at 32)."""
     shape = broadcast_shapes(a.shape, b.shape)
-    if math.prod(shape[d] for d in dims) > _OUTER_SUM_MOST or a.dtype != b.dtype:
+    if math.prod(shape[d] for d in dims) > FEW or a.dtype != b.dtype:
         return mul(a, b).sum(dim=dims)
     front = tuple(range(len(dims)))
     a, b = a.movedim(dims, front), b.movedim(dims, front)
     return torch.mul(a, b, out=empty(broadcast_shapes(a.shape, b.shape), a)).sum(dim=front)
-
-
-def _summed(t: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """``t.sum(dims, keepdim=True)``; where ``dims`` hold at most :data:`_OUTER_SUM_MOST`
-    elements, by adding their slices in turn (the same order as ATen's sum, which goes entry by
-    entry over a small innermost axis: ``[12, 512, 2, 3, 3]`` over its last, 156 µs against 37)."""
-    if math.prod(t.shape[d] for d in dims) > _OUTER_SUM_MOST:
-        return t.sum(dim=dims, keepdim=True)
-    for d in dims:
-        acc = torch.add(t.narrow(d, 0, 1), t.narrow(d, 1, 1), out=empty(t.narrow(d, 0, 1).shape, t))
-        for i in range(2, t.shape[d]):
-            acc += t.narrow(d, i, 1)
-        t = acc
-    return t
 
 
 def _unary(cx, lay, s, args, kwargs, w, axis, sums, n, b):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from jaccli.jets.jet import Rule, Unsupported, _always, _lift, _norm, _shift, _take
+from jaccli.jets.jet import Rule, Unsupported, _always, _lift, _norm, _shift, _take, sum_few
 
 aten = torch.ops.aten
 
@@ -100,11 +100,15 @@ def _dims_all(dims, r):
 
 
 def _r_sum(t, r, dims=None, keepdim=False, dtype=None):
-    return t.sum(_dims_all(dims, r), keepdim=keepdim, dtype=dtype)
+    return sum_few(t if dtype is None else t.to(dtype), _dims_all(dims, r), keepdim)
 
 
 def _r_mean(t, r, dims=None, keepdim=False, dtype=None):
-    return t.mean(_dims_all(dims, r), keepdim=keepdim, dtype=dtype)
+    dims = _dims_all(dims, r)
+    count = 1
+    for d in dims:
+        count *= t.shape[d]
+    return sum_few(t if dtype is None else t.to(dtype), dims, keepdim).div_(count)
 
 
 def _r_same(t, r, *args, **kwargs):
