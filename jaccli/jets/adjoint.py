@@ -178,7 +178,8 @@ def _adjoints(program: TaylorProgram, z: Tensor, keys: list[int]) -> dict[tuple[
             if s.kind == _INPUT:
                 env[i] = z.detach().clone().requires_grad_(True)  # a view of an inference tensor cannot
                 continue
-            env[i] = s.op(*_substitute(s.args, env, b, values=True), **_substitute(s.kwargs, env, b, values=True))
+            args, kwargs = program.arguments(i, env, b, values=True)
+            env[i] = s.op(*args, **kwargs)
         out = env[program.output.index].reshape(b, m)
         where, nodes = [], []
         for i in keys:
@@ -459,8 +460,7 @@ def hessian(program: TaylorProgram, z: Tensor, *, directions: int | None = None,
                 env[i] = _seed(cx, sched.layouts[i], z, _broadcast(rows, b), cols)
                 continue
             values = s.kind == "value"
-            args = _substitute(s.args, env, b, values=values)
-            kwargs = _substitute(s.kwargs, env, b, values=values)
+            args, kwargs = program.arguments(i, env, b, values)
             if values:
                 env[i] = s.op(*args, **kwargs)
             elif i not in at:

@@ -255,7 +255,6 @@ class TaylorProgram:
         cx.pool = _CURRENT.get()
         fuser = fused.CURRENT.get()
         folded: tuple[int, ...] = ()
-        bindings = self._bindings
         with torch.no_grad():
             for i in range(start, stop):
                 s = self.steps[i]
@@ -274,16 +273,8 @@ class TaylorProgram:
                 if s.kind == _INPUT:
                     env[i] = _seed(cx, sched.layouts[i], z, tangents, onehot)
                     continue
-                bind = bindings.get(i)
-                if bind is None:
-                    bind = bindings[i] = _binding(s)
                 values = s.kind == "value"
-                if bind:  # top-level references only: no walk through the arguments
-                    args = [a if r is None else _value_of(env[r]) if values else env[r] for a, r in zip(s.args, bind)]
-                    kwargs = s.kwargs
-                else:
-                    args = _substitute(s.args, env, batch, values=values)
-                    kwargs = _substitute(s.kwargs, env, batch, values=values)
+                args, kwargs = self.arguments(i, env, batch, values)
                 if values:
                     env[i] = s.op(*args, **kwargs)
                 else:
@@ -295,6 +286,16 @@ class TaylorProgram:
                 for r in sched.frees[i]:
                     env[r] = None
         return env
+
+    def arguments(self, i: int, env: list, batch: int, values: bool) -> tuple[list, dict]:
+        """Step ``i``'s arguments and keyword arguments, its references taken from ``env`` (the
+        values of jets where ``values``) and batch entries sized for ``batch`` points."""
+        s, bind = self.steps[i], self._bindings.get(i)
+        if bind is None:
+            bind = self._bindings[i] = _binding(s)
+        if bind:  # top-level references only: no walk through the arguments
+            return [a if r is None else _value_of(env[r]) if values else env[r] for a, r in zip(s.args, bind)], s.kwargs
+        return _substitute(s.args, env, batch, values=values), _substitute(s.kwargs, env, batch, values=values)
 
     def _out_block(self, res, order: int, rows: int, z: Tensor) -> Tensor:
         """Rows of one order at the output as ``[rows, B, n_out]`` (zeros where the output does not depend on them)."""
