@@ -279,21 +279,21 @@ def _take(jet: Jet, lay: Layout) -> Tensor:
     return torch.cat(parts)
 
 
-#: the most elements :func:`sum_few` adds slice by slice, and the fewest sums it does so for
-FEW, FEW_OUTPUTS = 5, 4096
+#: the most elements :func:`sum_few` adds slice by slice
+FEW = 5
 
 
 def sum_few(t: Tensor, dims: Sequence[int], keepdim: bool = False) -> Tensor:
     """``t.sum(dims, keepdim=keepdim)`` (``dims`` non-negative). ATen sums a small innermost axis
     entry by entry at ~4 ns an output whatever its length (a ``[15, 512, 3, L]`` jet over ``L``:
-    ~100 µs for every ``L`` from 2 to 64); where ``dims`` hold at most :data:`FEW` elements and
-    the sums are many, their slices are added in turn instead (12 µs at ``L = 2``, 52 at 5; even
-    at 8). The same order of additions at any size of the other axes: the bits do not move with
-    the chunk of points."""
+    ~100 µs for every ``L`` from 2 to 64); where ``dims`` hold at most :data:`FEW` elements,
+    their slices are added in turn instead (12 µs at ``L = 2``, 52 at 5; even at 8). Whatever
+    the size of the other axes, so that the order of the additions, and the bits, do not move
+    with the chunk of points (a tiny tensor pays a few µs more than ATen's one call)."""
     size = 1
     for d in dims:
         size *= t.shape[d]
-    if size > FEW or size <= 1 or t.numel() < FEW_OUTPUTS * size:
+    if size > FEW or size <= 1:
         return t.sum(dim=tuple(dims), keepdim=keepdim)
     for d in dims:
         acc = t.narrow(d, 0, 1)

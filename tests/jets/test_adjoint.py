@@ -55,6 +55,29 @@ class Norms(nn.Module):
         return self.head(nn.functional.max_pool1d(torch.nn.functional.softplus(h), 2).flatten(1))
 
 
+class Normed(nn.Module):
+    """Means over a few elements (an instance norm over 5 positions, a layer norm over 4
+    features) and a softmax over 3, with no GELU or softplus (whose kernels round a block's
+    last entries apart): summed slice by slice (:func:`jaccli.jets.jet.sum_few`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+        self.inorm = nn.InstanceNorm1d(3, affine=True)
+        self.mid = nn.Linear(15, 12)
+        self.lnorm = nn.LayerNorm(4)
+        self.head = nn.Linear(12, 2)
+        with torch.no_grad():
+            self.inorm.weight.uniform_(0.5, 1.5)
+            self.lnorm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):  # [B, 10] -> [B, 2]
+        h = torch.tanh(self.inorm(self.conv(x.reshape(-1, 2, 5)))).flatten(1)
+        h = self.lnorm(self.mid(h).reshape(-1, 3, 4))
+        return self.head(torch.tanh(torch.softmax(h, dim=1) * h).flatten(1))
+
+
 def _mlp():
     torch.manual_seed(5)
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 3), nn.Sigmoid())
@@ -70,6 +93,7 @@ MODELS = {
     "mlp": (_mlp, 5),
     "attention": (Attention, 6),
     "norms": (Norms, 10),
+    "normed": (Normed, 10),
     "quotient": (lambda: _quotient, 4),
 }
 
@@ -97,7 +121,8 @@ def test_piecewise_linear_steps_add_nothing_and_a_linear_model_has_a_zero_hessia
         assert jaccli.hessian(relu, x, per_sample=True, mode="reverse").abs().max() == 0
 
 
-@pytest.mark.parametrize("make,n", [(lambda: tanh_mlp((3, 16, 16, 4), dtype=torch.float32, seed=3), 3), (Attention, 6)])
+@pytest.mark.parametrize("make,n", [(lambda: tanh_mlp((3, 16, 16, 4), dtype=torch.float32, seed=3), 3), (Attention, 6),
+                                    (Normed, 10)])  # fmt: skip
 def test_results_do_not_move_a_bit_with_the_chunk_size(make, n):
     # as the forward passes' (tests/jets/test_program.py): a resumed stream must equal a
     # whole run; every batched product runs on operands laid out points first (a layout that
