@@ -127,7 +127,7 @@ def test_results_do_not_move_a_bit_with_the_chunk_size(make, n):
     # as the forward passes' (tests/jets/test_program.py): a resumed stream must equal a
     # whole run; every batched product runs on operands laid out points first (a layout that
     # follows the batch size rounds differently). Not promised where torch's own elementwise
-    # kernels round a block's last entries apart (GELU, softplus: see docs/performance.md)
+    # kernels round a block's last entries apart (GELU, softplus, float32 sigmoid: docs/jets.md)
     f = make().requires_grad_(False)
     x = torch.randn(3000, n, generator=torch.Generator().manual_seed(3))
     whole = jaccli.hessian(f, x, per_sample=True, mode="reverse")
