@@ -345,7 +345,8 @@ def _quotient(cx, lay, s, args, kwargs, w, axis, sums, n, b):
 
 def _batched_product(cx, lay, s, args, kwargs, w, axis, sums, n, b):
     """``A @ C`` of two jets ``[B·H, r, t] @ [B·H, t, c]``: ``Σ ḡ ⊙ (A₁ᵢ C₁ⱼ + A₁ⱼ C₁ᵢ)`` per point
-    as ``⟨A₁ᵢ, ḡ C₁ⱼᵀ⟩``: the ``ḡ C₁ⱼᵀ`` of every output and row first, then one product per point."""
+    as ``⟨A₁ᵢ, ḡ C₁ⱼᵀ⟩``: the ``ḡ C₁ⱼᵀ`` of every output and row first, then one product per
+    point into the half sums."""
     res = s.rule.fn(cx, lay, *args, **kwargs)
     a1, c1 = args[0].block(1), args[1].block(1)
     if a1 is None or c1 is None:
@@ -357,8 +358,10 @@ def _batched_product(cx, lay, s, args, kwargs, w, axis, sums, n, b):
                   out=empty((bh, m * r, n * t), a1))  # [B·H, m·r, n·t]  # fmt: skip
     g = _dense(g.view(b, h, m, r, n, t).permute(0, 1, 3, 5, 2, 4)).view(b, h * r * t, m * n)
     a = _dense(a1.reshape(n, b, h * r * t).transpose(0, 1))  # [B, n, H·r·t]
-    term = torch.bmm(a, g, out=empty((b, n, m * n), a)).view(b, n, m, n).transpose(1, 2)  # [B, m, i, j]
-    sums.half().add_(term)
+    # the term's transpose, [B, m·j, i], accumulated by the product itself: a half sum counts
+    # S + Sᵀ either way, and its rows are the half sum's own (the term as it comes, [B, i, m·j],
+    # took a product into a buffer and a transposing add, ~0.5 ms a step at 512 points)
+    sums.half().view(b, m * n, n).baddbmm_(g.transpose(1, 2), a.transpose(1, 2))
     return res
 
 
