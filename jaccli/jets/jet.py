@@ -13,6 +13,7 @@ Imports: torch only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -290,9 +291,7 @@ def sum_few(t: Tensor, dims: Sequence[int], keepdim: bool = False) -> Tensor:
     their slices are added in turn instead (12 µs at ``L = 2``, 52 at 5; even at 8). Whatever
     the size of the other axes, so that the order of the additions, and the bits, do not move
     with the chunk of points (a tiny tensor pays a few µs more than ATen's one call)."""
-    size = 1
-    for d in dims:
-        size *= t.shape[d]
+    size = math.prod(t.shape[d] for d in dims)
     if size > FEW or size <= 1:
         return t.sum(dim=tuple(dims), keepdim=keepdim)
     for d in dims:

@@ -9,6 +9,7 @@ Imports: :mod:`.jet`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -105,10 +106,7 @@ def _r_sum(t, r, dims=None, keepdim=False, dtype=None):
 
 def _r_mean(t, r, dims=None, keepdim=False, dtype=None):
     dims = _dims_all(dims, r)
-    count = 1
-    for d in dims:
-        count *= t.shape[d]
-    return sum_few(t if dtype is None else t.to(dtype), dims, keepdim).div_(count)
+    return sum_few(t if dtype is None else t.to(dtype), dims, keepdim).div_(math.prod(t.shape[d] for d in dims))
 
 
 def _r_same(t, r, *args, **kwargs):
