@@ -357,7 +357,7 @@ def _batched_product(cx, lay, s, args, kwargs, w, axis, sums, n, b):
     g = torch.bmm(_dense(w.permute(1, 0, 2, 3)).view(bh, m * r, c), _dense(c1.permute(1, 3, 0, 2)).view(bh, c, n * t),
                   out=empty((bh, m * r, n * t), a1))  # [B·H, m·r, n·t]  # fmt: skip
     g = _dense(g.view(b, h, m, r, n, t).permute(0, 1, 3, 5, 2, 4)).view(b, h * r * t, m * n)
-    a = _dense(a1.reshape(n, b, h * r * t).transpose(0, 1))  # [B, n, H·r·t]
+    a = _dense(a1.unflatten(1, (b, h)).transpose(0, 1)).view(b, n, h * r * t)  # one copy: a reshape of a strided a1 made two
     # the term's transpose, [B, m·j, i], accumulated by the product itself: a half sum counts
     # S + Sᵀ either way, and its rows are the half sum's own (the term as it comes, [B, i, m·j],
     # took a product into a buffer and a transposing add, ~0.5 ms a step at 512 points)

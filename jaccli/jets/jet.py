@@ -382,7 +382,34 @@ def _b_div(x, y):
     return _lift(x, r) / _lift(y, r)
 
 
+#: ATen multiplies a batch of matrices of fewer multiply-adds than this in a scalar loop of
+#: its own (~60 ns a product of 3×2 by 2×3): :func:`small_bmm` takes those with a short contraction
+_SMALL_BMM = 400
+
+
+def small_bmm(x: Tensor, y: Tensor) -> bool:
+    """Whether ``x @ y`` of stacked rows of batched matrices (``[R, B, r, t] @ [R, B, t, c]``,
+    either factor one row) is small enough for :func:`bmm_into`: at most :data:`FEW` terms
+    in the contraction, fewer than :data:`_SMALL_BMM` multiply-adds a product."""
+    return x.dim() == 4 and y.dim() == 4 and x.shape[-1] <= FEW and x.shape[-2] * x.shape[-1] * y.shape[-1] < _SMALL_BMM
+
+
+def bmm_into(x: Tensor, y: Tensor, dst: Tensor, first: bool) -> Tensor:
+    """``dst = x @ y`` (``first``) or ``dst += x @ y`` for :func:`small_bmm` factors, ``dst``
+    ``[R, r, c, B]``: the batch innermost, so that each of the ``t`` broadcast multiply-adds
+    runs along it (attention's scores of 3 tokens and 2 features a head, 13 rows of 1,024
+    batches: 0.34 ms against ATen's 1.5)."""
+    xp, yp = x.permute(0, 2, 3, 1), y.permute(0, 2, 3, 1)  # [R, r, t, B], [R, t, c, B]
+    for k in range(xp.shape[2]):
+        u, v = xp[:, :, k, None], yp[:, None, k]
+        torch.mul(u, v, out=dst) if first and k == 0 else dst.addcmul_(u, v)
+    return dst
+
+
 def _b_mm(x: Tensor, y: Tensor) -> Tensor:
+    if small_bmm(x, y):  # the batch innermost in memory, the shape as bmm's
+        shape = (max(x.shape[0], y.shape[0]), x.shape[2], y.shape[3], max(x.shape[1], y.shape[1]))
+        return bmm_into(x, y, x.new_empty(shape, dtype=torch.result_type(x, y)), True).permute(0, 3, 1, 2)
     # one GEMM over all rows: a one-row operand is folded instead of being expanded per row
     if y.shape[0] == 1 and y.dim() == 3:
         return torch.matmul(x, y[0])

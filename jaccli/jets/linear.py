@@ -33,7 +33,9 @@ from jaccli.jets.jet import (
     _shift,
     _take,
     _take_view,
+    bmm_into,
     broadcast_shapes,
+    small_bmm,
 )
 from jaccli.jets.elementwise import _UNARY_RULES, _r_pow as _pow_one_jet
 
@@ -233,6 +235,8 @@ def _product(cx: _Call, lay: Layout, a, b, beta: Callable) -> Jet:
         return cx.jet(beta(_rows1(a), _take(b, lay)), lay)
     if beta is _b_mul:
         return _leibniz_mul(cx, lay, a, b)
+    if beta is _b_mm:
+        return _leibniz_mm(cx, lay, a, b)
     parts: list[Tensor | None] = []
     for k in range(len(lay)):
         if not lay[k]:
@@ -279,6 +283,57 @@ def _leibniz_mul(cx: _Call, lay: Layout, a: Jet, b: Jet) -> Jet:
         if first:
             dst.zero_()
     return out
+
+
+def _leibniz_mm(cx: _Call, lay: Layout, a: Jet, b: Jet) -> Jet:
+    """``a @ b`` of two jets (``mm``, ``bmm``), each block written in place: its first term a
+    product into it, the others added by the product itself where the factors are batches of
+    matrices (``baddbmm_``). The general path made every term a tensor, summed them and
+    concatenated the blocks: three more passes over the first-order rows of attention's scores."""
+    shape = (*broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+    dtype = torch.result_type(a.t, b.t)
+    if small_bmm(a.t, b.t):  # the batch innermost (bmm_into), the shape as bmm's
+        rows = lay.rows(cx.counts)
+        out = cx.jet(cx.tensor((rows, shape[1], shape[2], shape[0]), a.t, dtype).permute(0, 3, 1, 2), lay)
+    else:
+        out = cx.empty(lay, shape, a.t, dtype)
+    for k in range(len(lay)):
+        if not lay[k]:
+            continue
+        dst, first = out.block(k), True
+        for i in range(k + 1):
+            ai, bj = a.block(i), b.block(k - i)
+            if ai is None or bj is None:
+                continue
+            if i in (0, k):
+                _mm_into(ai, bj, dst, first)
+            else:
+                term = cx.cross(ai, bj, _b_mm)
+                dst.copy_(term) if first else dst.add_(term)
+            first = False
+        if first:
+            dst.zero_()
+    return out
+
+
+def _mm_into(x: Tensor, y: Tensor, dst: Tensor, first: bool) -> None:
+    """``dst = x @ y`` (``first``) or ``dst += x @ y`` for stacked rows, a one-row factor
+    broadcast to ``dst``'s rows."""
+    if small_bmm(x, y):
+        bmm_into(x, y, dst.permute(0, 2, 3, 1), first)
+        return
+    if x.dim() == 4 and dst.is_contiguous():  # bmm: one batched product over rows × batch
+        rows = dst.shape[0]
+        xs = x.expand(rows, *x.shape[1:]).reshape(-1, *x.shape[-2:])
+        ys = y.expand(rows, *y.shape[1:]).reshape(-1, *y.shape[-2:])
+        d = dst.view(-1, *dst.shape[-2:])
+        torch.bmm(xs, ys, out=d) if first else d.baddbmm_(xs, ys)
+        return
+    if first and x.dim() == 3 and y.shape[0] == 1 and x.shape[0] == dst.shape[0] and dst.is_contiguous():
+        torch.mm(x.reshape(-1, x.shape[-1]), y[0], out=dst.view(-1, dst.shape[-1]))  # the rows folded: one GEMM
+        return
+    p = _b_mm(x, y)
+    dst.copy_(p) if first else dst.add_(p)
 
 
 def _bilinear(beta: Callable) -> Rule:
