@@ -192,6 +192,10 @@ def _r_stack(cx, lay, tensors, dim=0):
 
 
 def _r_where(cx, lay, cond, a, b):
+    side = _one_side(lay, cond, a, b)
+    if side is not None:
+        return side
+
     def combine(parts, rows):
         pa, pb = parts
         r = max(_rank(pa), _rank(pb), cond.dim())
@@ -200,6 +204,25 @@ def _r_where(cx, lay, cond, a, b):
 
     like = a.t if isinstance(a, Jet) else b.t
     return _blocks(cx, lay, [a, b], combine, like)
+
+
+def _one_side(lay: Layout, cond, a, b) -> Jet | None:
+    """The jet ``where(cond, a, b)`` is, where ``cond`` picks that side everywhere: a safe
+    softmax's guard against rows that are all masked (``where(all_masked, 0, p)``) is a pass
+    over every row of ``p`` (two attention layers: 0.7 ms a Hessian at 512 points) that keeps
+    them as they are when no row is. Asked of a CPU mask only (a GPU's would wait for the
+    device) and outside dispatch modes (fake tensors have no values)."""
+    if not isinstance(cond, Tensor) or cond.device.type != "cpu" or torch._C._len_torch_dispatch_stack() != 0:
+        return None
+    for side, other, want in ((b, a, False), (a, b, True)):
+        if not (isinstance(side, Jet) and side.lay == lay):
+            continue
+        ot = other.t if isinstance(other, Jet) else other
+        same = (broadcast_shapes(cond.shape, side.shape, other.shape if isinstance(other, (Jet, Tensor)) else ()) == side.shape
+                and torch.result_type(side.t, ot) == side.t.dtype)  # fmt: skip
+        if same and bool(cond.all() if want else not cond.any()):
+            return side
+    return None
 
 
 # ---- products: bilinear maps (one input-dependent factor: linear; two: Leibniz rule)

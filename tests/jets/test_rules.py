@@ -45,6 +45,11 @@ b2 = torch.randn(4, generator=_g, dtype=torch.float64)
 RUNNING = (torch.rand(3, generator=_g, dtype=torch.float64), torch.rand(3, generator=_g, dtype=torch.float64) + 0.5)
 
 
+def _six(x):
+    """``[B, 3, 6]``: six curves of each input (a contraction too long for broadcast multiply-adds)."""
+    return torch.stack([x, torch.sin(x), x * x, torch.tanh(x), torch.exp(x / 3), torch.cos(x)], 2)
+
+
 def img(x):
     """``[B, 1, 3, 3]`` images with distinct entries (no ties for the maxima)."""
     return (x[:, :, None] * (x[:, None, :] + c[None, None, :]))[:, None]
@@ -152,12 +157,21 @@ OP_CASES = {
     "cat-const": (lambda x: torch.cat([x, torch.ones(_b(x), 1, dtype=x.dtype), torch.sin(x)], 1) * 2, {"cat"}),
     "cat-jets": (lambda x: torch.cat([torch.sin(x), x * x], -1) ** 2, {"cat"}),  # every block at hand: one cat
     "where": (lambda x: torch.where(x > 1, x**2, 3 * x), {"where", "gt"}),
+    # a mask that picks one side everywhere: that side's jet as it is; broadcast to a larger shape: not
+    "where-one-side": (
+        lambda x: torch.where(x != x, 0.0, torch.sin(x) * x) + torch.where(x == x, x**2, 1.0)
+        + torch.where((x != x)[:, :, None], 0.0, torch.tanh(x)[:, None, :]).sum(1),
+        {"where", "ne", "eq"},
+    ),  # fmt: skip
     "add-sub": (lambda x: x + torch.sin(x) + 1.5 + c - 2 * torch.exp(x) - c, {"add", "sub"}),
     "affine-plus-curved": (lambda x: x @ C + torch.tanh(x), {"add"}),  # a sum with a zero second-order term
     "rsub": (lambda x: (1 - x) * x, {"rsub"}),
     "div": (lambda x: x / c + c / x + torch.sin(x) / torch.exp(x) + x / 2, {"div"}),
     "mm": (lambda x: torch.tanh(x @ C) @ C.T + (C @ x.T).T, {"mm"}),
     "bmm": (lambda x: (x[:, :, None] @ torch.tanh(x)[:, None, :]).reshape(_b(x), 9), {"bmm", "_unsafe_view"}),
+    # two jets of small matrices (a short contraction: broadcast multiply-adds) and of longer ones (bmm)
+    "bmm-small": (lambda x: (torch.stack([x, torch.sin(x)], 1) @ torch.stack([torch.tanh(x), x * x], 2)).flatten(1), {"bmm"}),
+    "bmm-long": (lambda x: (_six(x) @ torch.cos(_six(x)).transpose(1, 2)).flatten(1), {"bmm"}),
     "bmm-const": (lambda x: (x[:, None, :] @ C.expand(_b(x), 3, 3)).reshape(_b(x), 3), {"bmm"}),
     "mv": (lambda x: (x @ c)[:, None] * x, {"mv"}),
     "addmm": (mlp3(), {"addmm"}),
