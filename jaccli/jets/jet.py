@@ -390,8 +390,10 @@ _SMALL_BMM = 400
 def small_bmm(x: Tensor, y: Tensor) -> bool:
     """Whether ``x @ y`` of stacked rows of batched matrices (``[R, B, r, t] @ [R, B, t, c]``,
     either factor one row) is small enough for :func:`bmm_into`: at most :data:`FEW` terms
-    in the contraction, fewer than :data:`_SMALL_BMM` multiply-adds a product."""
-    return x.dim() == 4 and y.dim() == 4 and x.shape[-1] <= FEW and x.shape[-2] * x.shape[-1] * y.shape[-1] < _SMALL_BMM
+    in the contraction, fewer than :data:`_SMALL_BMM` multiply-adds a product, on the CPU
+    (where ATen's loop was measured; a GPU's batched GEMM is one launch against ``t``)."""
+    return (x.dim() == 4 and y.dim() == 4 and x.device.type == "cpu" and x.shape[-1] <= FEW
+            and x.shape[-2] * x.shape[-1] * y.shape[-1] < _SMALL_BMM)  # fmt: skip
 
 
 def bmm_into(x: Tensor, y: Tensor, dst: Tensor, first: bool) -> Tensor:
