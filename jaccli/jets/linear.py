@@ -280,13 +280,11 @@ def _product(cx: _Call, lay: Layout, a, b, beta: Callable) -> Jet:
     return cx.jet(torch.cat(parts) if len(parts) > 1 else parts[0], lay)
 
 
-def _leibniz_mul(cx: _Call, lay: Layout, a: Jet, b: Jet) -> Jet:
-    """``a * b`` of two jets, each block of the product written in place: its first term by
-    ``mul(out=)``, the others by ``addcmul_`` (a cross term of pairs or of the collapsed row
-    through :meth:`~.jet._Call.cross_into`). The general path built every term as a new tensor,
-    summed them and concatenated the blocks: 27 ATen calls for a flow's ``x · exp(s)``."""
-    r = max(len(a.shape), len(b.shape))
-    out = cx.empty(lay, broadcast_shapes(a.shape, b.shape), a.t, torch.result_type(a.t, b.t))
+def _leibniz_into(cx: _Call, lay: Layout, a: Jet, b: Jet, out: Jet, direct: Callable, cross: Callable) -> Jet:
+    """The Leibniz rule block by block into ``out``: each block's terms ``aᵢ ⊗ b_{k−i}`` written
+    or added in place, by ``direct(aᵢ, bⱼ, dst, first)`` where a factor is a value row (and
+    every term of a series, row by row), by ``cross`` for the products of rows of order ≥ 1
+    (pairs or the collapsed row); ``first``: ``dst`` is uninitialised."""
     for k in range(len(lay)):
         if not lay[k]:
             continue
@@ -295,17 +293,25 @@ def _leibniz_mul(cx: _Call, lay: Layout, a: Jet, b: Jet) -> Jet:
             ai, bj = a.block(i), b.block(k - i)
             if ai is None or bj is None:
                 continue
-            if i in (0, k) or cx.series:  # row by row
-                if first:
-                    torch.mul(_lift(ai, r), _lift(bj, r), out=dst)
-                else:
-                    dst.addcmul_(_lift(ai, r), _lift(bj, r))
-            else:  # pairs or the collapsed row, written or added in place
-                cx.cross_into(ai, bj, dst, first, r)
+            (direct if i in (0, k) or cx.series else cross)(ai, bj, dst, first)
             first = False
         if first:
             dst.zero_()
     return out
+
+
+def _leibniz_mul(cx: _Call, lay: Layout, a: Jet, b: Jet) -> Jet:
+    """``a * b`` of two jets, each block of the product written in place: its first term by
+    ``mul(out=)``, the others by ``addcmul_`` (a cross term of pairs or of the collapsed row
+    through :meth:`~.jet._Call.cross_into`). The general path built every term as a new tensor,
+    summed them and concatenated the blocks: 27 ATen calls for a flow's ``x · exp(s)``."""
+    r = max(len(a.shape), len(b.shape))
+    out = cx.empty(lay, broadcast_shapes(a.shape, b.shape), a.t, torch.result_type(a.t, b.t))
+
+    def direct(ai, bj, dst, first):
+        torch.mul(_lift(ai, r), _lift(bj, r), out=dst) if first else dst.addcmul_(_lift(ai, r), _lift(bj, r))
+
+    return _leibniz_into(cx, lay, a, b, out, direct, lambda ai, bj, dst, first: cx.cross_into(ai, bj, dst, first, r))
 
 
 def _leibniz_mm(cx: _Call, lay: Layout, a: Jet, b: Jet) -> Jet:
@@ -320,23 +326,12 @@ def _leibniz_mm(cx: _Call, lay: Layout, a: Jet, b: Jet) -> Jet:
         out = cx.jet(cx.tensor((rows, shape[1], shape[2], shape[0]), a.t, dtype).permute(0, 3, 1, 2), lay)
     else:
         out = cx.empty(lay, shape, a.t, dtype)
-    for k in range(len(lay)):
-        if not lay[k]:
-            continue
-        dst, first = out.block(k), True
-        for i in range(k + 1):
-            ai, bj = a.block(i), b.block(k - i)
-            if ai is None or bj is None:
-                continue
-            if i in (0, k):
-                _mm_into(ai, bj, dst, first)
-            else:
-                term = cx.cross(ai, bj, _b_mm)
-                dst.copy_(term) if first else dst.add_(term)
-            first = False
-        if first:
-            dst.zero_()
-    return out
+
+    def cross(ai, bj, dst, first):
+        term = cx.cross(ai, bj, _b_mm)
+        dst.copy_(term) if first else dst.add_(term)
+
+    return _leibniz_into(cx, lay, a, b, out, _mm_into, cross)
 
 
 def _mm_into(x: Tensor, y: Tensor, dst: Tensor, first: bool) -> None:
